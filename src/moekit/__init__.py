@@ -1,0 +1,42 @@
+"""moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
+
+from moekit.analysis.routing_stats import RoutingStats
+from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
+from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
+from moekit.experts.dense import FeedForward
+from moekit.experts.shared import SharedExpertConfig, SharedExperts
+from moekit.layers import MoE, MoEConfig, MoEOutput
+from moekit.losses.collect import collect_moe_outputs
+from moekit.losses.config import AuxLossConfig, BalanceScope
+from moekit.routing.bias_balancing import update_expert_bias
+from moekit.routing.result import RoutingResult
+from moekit.routing.topk import Gating, GroupScore, RouterConfig, TopKRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "AuxLossConfig",
+    "BalanceScope",
+    "DispatchConfig",
+    "DispatchMode",
+    "DropPriority",
+    "ExpertBank",
+    "ExpertConfig",
+    "FeedForward",
+    "Gating",
+    "GroupScore",
+    "MoE",
+    "MoEConfig",
+    "MoEOutput",
+    "ModuleExperts",
+    "RouterConfig",
+    "RoutingResult",
+    "RoutingStats",
+    "SharedExpertConfig",
+    "SharedExperts",
+    "TopKRouter",
+    "collect_moe_outputs",
+    "update_expert_bias",
+]

@@ -1,0 +1,120 @@
+"""Local dispatch by sorting: group token-expert assignments by expert, run, scatter back.
+
+Legend: T = tokens, D = d_model, E = experts, K = experts per token, A = T*K assignments,
+M = kept assignments (A minus padding and drops), sorted by expert.
+
+No dense (T, E, C) tensors: assignments are ordered by one stable argsort (after a priority
+sort when capacity applies), an over-full expert's tail is cut, kept rows are gathered,
+computed by the expert bank in one grouped matmul, weighted and summed back with ``index_add``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.dispatch.config import DropPriority
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept assignment goes.
+
+    Attributes:
+        token_idx_M: ``(M,)`` source token of each kept assignment, grouped by expert.
+        weights_M: ``(M,)`` its combine weight (differentiable).
+        kept_per_expert_E: ``(E,)`` rows each expert computes (sums to M).
+        routed_per_expert_E: ``(E,)`` assignments the router sent to each expert (before drops).
+        num_assignments: A minus padding (the denominator of the dropped fraction).
+        capacity: C, or ``None`` when dropless.
+    """
+
+    token_idx_M: torch.Tensor
+    weights_M: torch.Tensor
+    kept_per_expert_E: torch.Tensor
+    routed_per_expert_E: torch.Tensor
+    num_assignments: int
+    capacity: int | None
+
+    @property
+    def num_dropped(self) -> int:
+        return self.num_assignments - self.token_idx_M.shape[0]
+
+
+def plan_dispatch(
+    expert_idx_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity: int | None = None,
+    priority: DropPriority = DropPriority.PROBABILITY,
+    token_mask_T: torch.Tensor | None = None,
+) -> DispatchPlan:
+    """Sort assignments by expert, dropping padding and (with ``capacity``) overflow.
+
+    Args:
+        expert_idx_TK: ``(T, K)`` chosen experts.
+        weights_TK: ``(T, K)`` combine weights.
+        num_experts: E.
+        capacity: per-expert limit C, or ``None`` for dropless.
+        priority: which assignments an over-full expert keeps (see ``DropPriority``).
+        token_mask_T: ``(T,)`` bool, ``True`` for real tokens; padding is never dispatched.
+
+    Returns:
+        A :class:`DispatchPlan`.
+    """
+    T, K = expert_idx_TK.shape
+    device = expert_idx_TK.device
+    expert_A = expert_idx_TK.reshape(-1)
+    if token_mask_T is not None:
+        # Padding goes to a sentinel bucket E that sorts last and is cut off below.
+        expert_A = expert_A.masked_fill(~token_mask_T.repeat_interleave(K), num_experts)
+    bucket_counts = torch.bincount(expert_A, minlength=num_experts + 1)
+    routed_per_expert_E = bucket_counts[:num_experts]
+    num_assignments = T * K - int(bucket_counts[num_experts])
+
+    if capacity is None:
+        order_A = torch.argsort(expert_A, stable=True)
+        order_M = order_A[:num_assignments]
+        kept_per_expert_E = routed_per_expert_E
+    else:
+        if priority is DropPriority.POSITION:
+            # Assignment a = t*K + j; visit all first choices (j=0) in token order, then j=1, ...
+            pre_A = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
+        else:
+            pre_A = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
+        order_A = pre_A[torch.argsort(expert_A[pre_A], stable=True)]
+        starts_E = torch.cumsum(bucket_counts, 0) - bucket_counts
+        sorted_expert_A = expert_A[order_A]
+        rank_in_expert_A = torch.arange(T * K, device=device) - starts_E[sorted_expert_A]
+        keep_A = (rank_in_expert_A < capacity) & (sorted_expert_A < num_experts)
+        order_M = order_A[keep_A]
+        kept_per_expert_E = routed_per_expert_E.clamp(max=capacity)
+
+    return DispatchPlan(
+        token_idx_M=torch.div(order_M, K, rounding_mode="floor"),
+        weights_M=weights_TK.reshape(-1)[order_M],
+        kept_per_expert_E=kept_per_expert_E,
+        routed_per_expert_E=routed_per_expert_E,
+        num_assignments=num_assignments,
+        capacity=capacity,
+    )
+
+
+def dispatch_and_combine(x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+    """Gather kept rows, run them through ``experts(x_MD, counts_E)``, weight and sum per token.
+
+    Args:
+        x_TD: ``(T, D)`` token inputs.
+        plan: from :func:`plan_dispatch`.
+        experts: an expert bank (``ExpertBank``, ``ModuleExperts`` or anything with that call).
+
+    Returns:
+        ``(T, D)``; a token whose assignments were all dropped (or padding) gets zeros, so the
+        caller's residual carries it unchanged.
+    """
+    x_MD = x_TD.index_select(0, plan.token_idx_M)
+    y_MD = experts(x_MD, plan.kept_per_expert_E)
+    y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD)

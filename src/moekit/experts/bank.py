@@ -1,0 +1,164 @@
+"""Expert banks: the routed experts of an MoE layer.
+
+Legend: M = expert-sorted rows (token-expert assignments), D = d_model, H = expert hidden width,
+E = experts, N = rows given to a single expert.
+
+Every bank has the same interface, so the dispatcher never cares which one it holds:
+``bank(x_MD, counts_E) -> y_MD`` for rows sorted by expert, and ``bank.forward_one(e, x_ND)`` that
+runs expert ``e`` alone (used by the looped reference and by readers who want the math).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.experts.activations import Activation, apply_activation, in_projection_width
+from moekit.experts.grouped_matmul import GroupedMatmulKernel, grouped_matmul
+
+
+@dataclass(kw_only=True)
+class ExpertConfig:
+    """Shape of each routed expert: a two-layer FFN ``w_out(act(x @ w_in))``.
+
+    Args:
+        hidden: expert hidden width H (the gated activations use ``2H`` columns in ``w_in``).
+        activation: ``relu``, ``gelu``, ``silu``, ``swiglu`` or ``geglu``.
+        bias: add a bias after each projection.
+        kernel: grouped-matmul kernel, ``auto``, ``grouped_mm`` or ``loop``.
+    """
+
+    hidden: int
+    activation: Activation = Activation.SWIGLU
+    bias: bool = False
+    kernel: GroupedMatmulKernel = GroupedMatmulKernel.AUTO
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        try:
+            self.activation = Activation(self.activation)
+        except ValueError:
+            allowed = ", ".join(a.value for a in Activation)
+            raise ValueError(
+                f"activation must be one of {allowed}, got {self.activation!r}"
+            ) from None
+        self.kernel = GroupedMatmulKernel(self.kernel)
+
+    def build(self, num_experts: int, d_model: int) -> ExpertBank:
+        return ExpertBank(
+            num_experts,
+            d_model,
+            self.hidden,
+            activation=self.activation,
+            bias=self.bias,
+            kernel=self.kernel,
+        )
+
+
+class ExpertBank(nn.Module):
+    """E feed-forward experts with stacked weights, computed with one grouped matmul per layer.
+
+    Parameters: ``w_in_EDH`` ``(E, D, H or 2H)``, ``w_out_EHD`` ``(E, H, D)``, and optional biases
+    ``b_in_EH``, ``b_out_ED``. Initialisation matches ``nn.Linear``: weights and biases uniform in
+    ``±1/sqrt(fan_in)``, so an expert is initialised like a dense FFN of the same shape.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        hidden: int,
+        *,
+        activation: Activation | str = Activation.SWIGLU,
+        bias: bool = False,
+        kernel: GroupedMatmulKernel | str = GroupedMatmulKernel.AUTO,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.hidden = hidden
+        self.activation = Activation(activation)
+        self.kernel = GroupedMatmulKernel(kernel)
+        width = in_projection_width(self.activation, hidden)
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, width))
+        self.w_out_EHD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.b_in_EH = nn.Parameter(torch.empty(num_experts, width)) if bias else None
+        self.b_out_ED = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound_in = 1.0 / math.sqrt(self.d_model)
+        bound_out = 1.0 / math.sqrt(self.hidden)
+        nn.init.uniform_(self.w_in_EDH, -bound_in, bound_in)
+        nn.init.uniform_(self.w_out_EHD, -bound_out, bound_out)
+        if self.b_in_EH is not None and self.b_out_ED is not None:
+            nn.init.uniform_(self.b_in_EH, -bound_in, bound_in)
+            nn.init.uniform_(self.b_out_ED, -bound_out, bound_out)
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Run rows sorted by expert through their experts.
+
+        Args:
+            x_MD: ``(M, D)`` rows, expert ``e`` owning ``counts_E[e]`` consecutive rows.
+            counts_E: ``(E,)`` integer counts summing to ``M``.
+
+        Returns:
+            ``(M, D)``.
+        """
+        h_MH = grouped_matmul(x_MD, self.w_in_EDH, counts_E, self.kernel)
+        expert_of_row_M = None
+        if self.b_in_EH is not None:
+            expert_of_row_M = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=len(x_MD)
+            )
+            h_MH = h_MH + self.b_in_EH[expert_of_row_M]
+        a_MH = apply_activation(self.activation, h_MH)
+        y_MD = grouped_matmul(a_MH, self.w_out_EHD, counts_E, self.kernel)
+        if self.b_out_ED is not None:
+            y_MD = y_MD + self.b_out_ED[expert_of_row_M]
+        return y_MD
+
+    def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert ``expert`` alone on ``x_ND`` ``(N, D)``; the plain math, for references."""
+        h = x_ND @ self.w_in_EDH[expert]
+        if self.b_in_EH is not None:
+            h = h + self.b_in_EH[expert]
+        y = apply_activation(self.activation, h) @ self.w_out_EHD[expert]
+        if self.b_out_ED is not None:
+            y = y + self.b_out_ED[expert]
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, "
+            f"activation={self.activation.value}, bias={self.b_in_EH is not None}"
+        )
+
+
+class ModuleExperts(nn.Module):
+    """Any modules as experts (each maps ``(N, D) -> (N, D)``), even MoE layers; looped, slower.
+
+    An expert that returns an object with an ``output`` attribute (a moekit ``MoEOutput``) is
+    unwrapped, so an MoE layer can serve as an expert (hierarchical MoE).
+    """
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(experts) < 1:
+            raise ValueError("experts must hold at least one module")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(x_MD, counts_E.tolist())
+        outputs = [self.forward_one(e, chunk) for e, chunk in enumerate(chunks) if len(chunk)]
+        return torch.cat(outputs) if outputs else x_MD.new_zeros(x_MD.shape)
+
+    def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        y = self.experts[expert](x_ND)
+        return getattr(y, "output", y)

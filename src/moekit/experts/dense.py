@@ -1,0 +1,59 @@
+"""Dense feed-forward network: the baseline an expert is measured against, and the shared expert.
+
+Legend: D = d_model, H = hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moekit.experts.activations import Activation, apply_activation, in_projection_width
+
+
+class FeedForward(nn.Module):
+    """``w_out(act(w_in(x)))`` on ``(..., D) -> (..., D)``; gated activations use ``[gate | up]``.
+
+    Weights are stored like the expert bank's (``w_in_DH`` ``(D, H or 2H)``, ``w_out_HD``
+    ``(H, D)``), so an expert and a dense FFN can share weights without transposes.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        *,
+        activation: Activation | str = Activation.SWIGLU,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if d_model < 1 or hidden < 1:
+            raise ValueError(f"d_model and hidden must be >= 1, got {d_model} and {hidden}")
+        self.d_model = d_model
+        self.hidden = hidden
+        self.activation = Activation(activation)
+        width = in_projection_width(self.activation, hidden)
+        self.w_in_DH = nn.Parameter(torch.empty(d_model, width))
+        self.w_out_HD = nn.Parameter(torch.empty(hidden, d_model))
+        self.b_in_H = nn.Parameter(torch.empty(width)) if bias else None
+        self.b_out_D = nn.Parameter(torch.empty(d_model)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound_in, bound_out = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.hidden)
+        nn.init.uniform_(self.w_in_DH, -bound_in, bound_in)
+        nn.init.uniform_(self.w_out_HD, -bound_out, bound_out)
+        if self.b_in_H is not None and self.b_out_D is not None:
+            nn.init.uniform_(self.b_in_H, -bound_in, bound_in)
+            nn.init.uniform_(self.b_out_D, -bound_out, bound_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w_in_DH
+        if self.b_in_H is not None:
+            h = h + self.b_in_H
+        y = apply_activation(self.activation, h) @ self.w_out_HD
+        if self.b_out_D is not None:
+            y = y + self.b_out_D
+        return y

@@ -1,0 +1,133 @@
+"""Grouped matrix multiply: rows sorted by expert times a stacked per-expert weight.
+
+Legend: M = rows (token-expert assignments, sorted by expert), K = input width, N = output
+width, E = experts.
+
+``grouped_matmul(x_MK, w_EKN, counts_E)`` returns ``y_MN``, ``y[rows of e] = x[rows of e] @ w[e]``.
+Two kernels compute it: ``torch.nn.functional.grouped_mm`` (one call, used for float32/bfloat16/
+float16 when present) and a loop of ``torch.mm`` over contiguous slices (float64, older torch, or
+when asked). Both sit behind one autograd function whose backward never indexes the stacked
+weight in a differentiable loop (that costs O(E^2) in autograd) and always hands the kernel a
+contiguous gradient (``grouped_mm`` rejects zero-stride gradients).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class GroupedMatmulKernel(str, Enum):
+    """Which kernel runs the per-expert products."""
+
+    AUTO = "auto"  # grouped_mm where it supports the dtype, else the loop
+    GROUPED_MM = "grouped_mm"
+    LOOP = "loop"
+
+
+def grouped_mm_available(dtype: torch.dtype, k: int = 16, n: int = 16) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` exists here and takes ``dtype`` with inner
+    width ``k`` and output width ``n`` (it needs row strides that are multiples of 16 bytes)."""
+    if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (k * itemsize) % 16 == 0 and (n * itemsize) % 16 == 0
+
+
+def _resolve(
+    kernel: GroupedMatmulKernel, dtype: torch.dtype, k: int, n: int
+) -> GroupedMatmulKernel:
+    kernel = GroupedMatmulKernel(kernel)
+    available = grouped_mm_available(dtype, k, n)
+    if kernel is GroupedMatmulKernel.AUTO:
+        return GroupedMatmulKernel.GROUPED_MM if available else GroupedMatmulKernel.LOOP
+    if kernel is GroupedMatmulKernel.GROUPED_MM and not available:
+        raise ValueError(
+            f"kernel='grouped_mm' is not available for dtype {dtype} with widths {k}x{n} in "
+            f"torch {torch.__version__} (needs float32/bfloat16/float16 and 16-byte row strides); "
+            "use kernel='auto' or 'loop'"
+        )
+    return kernel
+
+
+def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    # grouped_mm wants int32 cumulative group ends.
+    return torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+
+
+def _forward_kernel(
+    x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
+) -> torch.Tensor:
+    if kernel is GroupedMatmulKernel.GROUPED_MM:
+        return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
+    y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
+    start = 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            torch.mm(x_MK[start : start + count], w_EKN[e], out=y_MN[start : start + count])
+        start += count
+    return y_MN
+
+
+def _weight_grad_kernel(
+    x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
+) -> torch.Tensor:
+    if kernel is GroupedMatmulKernel.GROUPED_MM:
+        return _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
+    E = counts_E.shape[0]
+    gw_EKN = x_MK.new_empty(E, x_MK.shape[1], g_MN.shape[1])
+    start = 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            torch.mm(x_MK[start : start + count].t(), g_MN[start : start + count], out=gw_EKN[e])
+        else:
+            gw_EKN[e].zero_()
+        start += count
+    return gw_EKN
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_EKN, counts_E, kernel):  # type: ignore[override]
+        ctx.save_for_backward(x_MK, w_EKN, counts_E)
+        ctx.kernel = kernel
+        return _forward_kernel(x_MK, w_EKN, counts_E, kernel)
+
+    @staticmethod
+    def backward(ctx, g_MN):  # type: ignore[override]
+        x_MK, w_EKN, counts_E = ctx.saved_tensors
+        g_MN = g_MN.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _forward_kernel(g_MN, w_EKN.transpose(1, 2), counts_E, ctx.kernel)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad_kernel(x_MK, g_MN, counts_E, ctx.kernel)
+        return gx, gw, None, None
+
+
+def grouped_matmul(
+    x_MK: torch.Tensor,
+    w_EKN: torch.Tensor,
+    counts_E: torch.Tensor,
+    kernel: GroupedMatmulKernel | str = GroupedMatmulKernel.AUTO,
+) -> torch.Tensor:
+    """Multiply expert-sorted rows by their expert's weight.
+
+    Args:
+        x_MK: ``(M, K)`` rows sorted by expert; expert ``e`` owns ``counts_E[e]`` consecutive rows.
+        w_EKN: ``(E, K, N)`` stacked expert weights.
+        counts_E: ``(E,)`` integer row counts, summing to ``M``.
+        kernel: ``auto``, ``grouped_mm`` or ``loop``.
+
+    Returns:
+        ``(M, N)``.
+    """
+    if x_MK.dtype != w_EKN.dtype:
+        raise TypeError(f"x dtype {x_MK.dtype} differs from the expert weight dtype {w_EKN.dtype}")
+    resolved = _resolve(kernel, x_MK.dtype, w_EKN.shape[1], w_EKN.shape[2])
+    return _GroupedMatmul.apply(x_MK, w_EKN, counts_E, resolved)

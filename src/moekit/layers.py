@@ -1,0 +1,240 @@
+"""The MoE layer: router + dispatcher + expert bank (+ shared experts).
+
+Legend: T = tokens (all leading dims flattened), D = d_model, E = experts, K = experts per
+token, M = kept token-expert assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moekit.analysis.routing_stats import RoutingStats, router_entropy
+from moekit.dispatch.config import DispatchConfig
+from moekit.dispatch.sort import dispatch_and_combine, plan_dispatch
+from moekit.experts.bank import ExpertConfig
+from moekit.experts.shared import SharedExpertConfig
+from moekit.losses.config import AuxLossConfig, BalanceScope
+from moekit.losses.shazeer import importance_loss, load_loss
+from moekit.losses.switch import switch_load_balancing_loss
+from moekit.losses.z_loss import router_z_loss
+from moekit.routing.result import RoutingResult
+from moekit.routing.topk import RouterConfig
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Everything that builds an :class:`MoE` layer.
+
+    Args:
+        d_model: model width D.
+        num_experts: routed experts E.
+        top_k: experts per token K (1 <= K <= E).
+        experts: routed expert shape (hidden width, activation, bias).
+        router: router options.
+        dispatch: dropless or capacity, capacity factors, drop priority.
+        shared_experts: always-on experts, or ``None``.
+        aux_loss: auxiliary-loss weights.
+        check_finite: raise on NaN/Inf inputs (costs one reduction per call).
+    """
+
+    d_model: int
+    num_experts: int
+    top_k: int
+    experts: ExpertConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    shared_experts: SharedExpertConfig | None = None
+    aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {self.d_model}")
+        self.router.validate_for(self.num_experts, self.top_k)
+        if self.aux_loss.load > 0 and not self.router.noisy_gating:
+            raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
+
+    def build(self) -> MoE:
+        return MoE(
+            d_model=self.d_model,
+            router=self.router.build(self.d_model, self.num_experts, self.top_k),
+            experts=self.experts.build(self.num_experts, self.d_model),
+            dispatch=self.dispatch,
+            shared_experts=(
+                None if self.shared_experts is None else self.shared_experts.build(self.d_model)
+            ),
+            aux_loss=self.aux_loss,
+            check_finite=self.check_finite,
+        )
+
+
+@dataclass
+class MoEOutput:
+    """What one MoE call returns.
+
+    Attributes:
+        output: same shape as the input.
+        aux_loss: scalar, the weighted sum of ``losses`` (add it to the task loss).
+        losses: unweighted auxiliary losses by name (``switch``, ``z_loss``, ``importance``,
+            ``load``), only those with a non-zero weight.
+        stats: routing statistics of the call.
+        routing: the router's raw decision (indices, weights, logits, probabilities).
+    """
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats
+    routing: RoutingResult
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts layer ``(..., D) -> MoEOutput`` whose ``output`` is ``(..., D)``.
+
+    Forward steps:
+        1. score and select: the router gives each token K experts and combine weights;
+        2. plan: sort assignments by expert; drop padding and, in capacity mode, overflow;
+        3. dispatch and expert compute: gather rows, one grouped matmul per projection;
+        4. combine: weight each row and sum it into its token (dropped rows add zero, so the
+           caller's residual carries a dropped token unchanged);
+        5. add the shared experts;
+        6. auxiliary losses and routing statistics.
+
+    Built by composition: any router returning :class:`RoutingResult` and any expert bank with
+    ``bank(x_MD, counts_E)`` (``ExpertBank``, ``ModuleExperts``) fit.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        router: nn.Module,
+        experts: nn.Module,
+        dispatch: DispatchConfig | None = None,
+        shared_experts: nn.Module | None = None,
+        aux_loss: AuxLossConfig | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has {router.num_experts} experts but the expert bank has "
+                f"{experts.num_experts}"
+            )
+        self.d_model = d_model
+        self.num_experts = router.num_experts
+        self.top_k = router.top_k
+        self.router = router
+        self.experts = experts
+        self.shared_experts = shared_experts
+        self.dispatch = dispatch or DispatchConfig()
+        self.aux_loss = aux_loss or AuxLossConfig()
+        self.check_finite = check_finite
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
+        """Args:
+        x: ``(..., D)`` floating-point input.
+        padding_mask: ``x.shape[:-1]`` bool, ``True`` for real tokens. Padding is not
+            dispatched (its routed output is zero), uses no capacity and is left out of the
+            losses and statistics.
+        """
+        self._check_input(x, padding_mask)
+        x_TD = x.reshape(-1, self.d_model)
+        mask_T = None if padding_mask is None else padding_mask.reshape(-1)
+        num_tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
+
+        routing = self.router(x_TD)
+        capacity = self.dispatch.capacity(num_tokens, self.top_k, self.num_experts, self.training)
+        plan = plan_dispatch(
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            capacity=capacity,
+            priority=self.dispatch.drop_priority,
+            token_mask_T=mask_T,
+        )
+        y_TD = dispatch_and_combine(x_TD, plan, self.experts)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+
+        sequence_length = x.shape[-2] if x.dim() >= 3 else None
+        losses = self._aux_losses(routing, mask_T, sequence_length)
+        weights = self.aux_loss.weights()
+        aux_loss = sum(
+            (weights[name] * value for name, value in losses.items()),
+            start=routing.weights_TK.new_zeros(()),
+        )
+        stats = RoutingStats(
+            tokens_per_expert=plan.routed_per_expert_E.detach(),
+            kept_per_expert=plan.kept_per_expert_E.detach(),
+            dropped_fraction=torch.tensor(plan.num_dropped / max(plan.num_assignments, 1)),
+            router_entropy=router_entropy(routing.probs_TE, mask_T),
+            capacity=capacity,
+        )
+        if self.training and hasattr(self.router, "record_load"):
+            self.router.record_load(plan.routed_per_expert_E)
+        return MoEOutput(
+            output=y_TD.view(x.shape),
+            aux_loss=aux_loss,
+            losses=losses,
+            stats=stats,
+            routing=routing,
+        )
+
+    def _aux_losses(
+        self,
+        routing: RoutingResult,
+        mask_T: torch.Tensor | None,
+        sequence_length: int | None,
+    ) -> dict[str, torch.Tensor]:
+        weights = self.aux_loss.weights()
+        losses: dict[str, torch.Tensor] = {}
+        if "switch" in weights:
+            per_sequence = self.aux_loss.switch_scope is BalanceScope.SEQUENCE
+            losses["switch"] = switch_load_balancing_loss(
+                routing.probs_TE,
+                routing.expert_idx_TK,
+                token_mask_T=mask_T,
+                sequence_length=sequence_length if per_sequence else None,
+            )
+        if "z_loss" in weights:
+            losses["z_loss"] = router_z_loss(routing.logits_TE, token_mask_T=mask_T)
+        if "importance" in weights:
+            losses["importance"] = importance_loss(
+                routing.weights_TK, routing.expert_idx_TK, self.num_experts, token_mask_T=mask_T
+            )
+        if "load" in weights and routing.noise_std_TE is not None:
+            losses["load"] = load_loss(
+                routing.clean_logits_TE,
+                routing.logits_TE,
+                routing.noise_std_TE,
+                self.top_k,
+                token_mask_T=mask_T,
+            )
+        return losses
+
+    def _check_input(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have shape (..., d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        if padding_mask is not None:
+            if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+                raise TypeError(
+                    "padding_mask must be a bool tensor (True = real token), got "
+                    f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}"
+                )
+            if padding_mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"padding_mask must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
+                    f"got {tuple(padding_mask.shape)}"
+                )
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf values (check_finite=True)")

@@ -1,0 +1,64 @@
+"""Collect every MoE layer's output inside any model: one call for all auxiliary losses.
+
+    with collect_moe_outputs(model) as moe_outputs:
+        logits = model(x)
+    loss = task_loss + moe_outputs.aux_loss()
+
+Forward hooks are registered on entry and removed on exit; nothing is stored globally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from moekit.analysis.routing_stats import RoutingStats
+    from moekit.layers import MoEOutput
+
+
+class MoEOutputCollector:
+    """The MoE outputs seen during a ``collect_moe_outputs`` block, by module name."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[MoEOutput]] = {}
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of every collected call's weighted auxiliary loss (0 if none)."""
+        total = torch.zeros(())
+        for calls in self.outputs.values():
+            for out in calls:
+                total = total + out.aux_loss
+        return total
+
+    def stats(self) -> dict[str, RoutingStats]:
+        """The last call's routing statistics of each MoE layer."""
+        return {name: calls[-1].stats for name, calls in self.outputs.items() if calls}
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+
+@contextmanager
+def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
+    """Record the ``MoEOutput`` of every ``MoE`` module in ``model`` (nested ones included)."""
+    from moekit.layers import MoE
+
+    collector = MoEOutputCollector()
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+
+            def hook(_module, _args, output, name=name or "<root>"):
+                collector.outputs.setdefault(name, []).append(output)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield collector
+    finally:
+        for handle in handles:
+            handle.remove()

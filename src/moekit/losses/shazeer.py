@@ -1,0 +1,86 @@
+"""Importance and load losses of Shazeer et al. 2017, "Outrageously Large Neural Networks".
+
+Legend: T = tokens, E = experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cv_squared(values_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``var(v) / (mean(v)^2 + eps)`` (population variance).
+
+    Returns 0 for a single value.
+    """
+    if values_E.numel() <= 1:
+        return values_E.new_zeros(())
+    values_E = values_E.float() if values_E.dtype in (torch.float16, torch.bfloat16) else values_E
+    return values_E.var(unbiased=False) / (values_E.mean() ** 2 + eps)
+
+
+def _masked(values_TX: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
+    if token_mask_T is None:
+        return values_TX
+    return values_TX * token_mask_T.unsqueeze(-1).to(values_TX.dtype)
+
+
+def importance_loss(
+    weights_TK: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    num_experts: int,
+    *,
+    token_mask_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``L_importance = CV(Importance)^2`` with ``Importance_i = sum_x G(x)_i``.
+
+    ``G(x)`` is the sparse gate vector (the combine weights of the chosen experts, zero
+    elsewhere), summed over the batch.
+
+    Args:
+        weights_TK: ``(T, K)`` combine weights.
+        expert_idx_TK: ``(T, K)`` chosen experts.
+        num_experts: E.
+        token_mask_T: ``(T,)`` bool; padding is ignored.
+    """
+    gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
+    gates_TE = gates_TE.scatter_add(1, expert_idx_TK, weights_TK)
+    return cv_squared(_masked(gates_TE, token_mask_T).sum(dim=0))
+
+
+def load_loss(
+    clean_logits_TE: torch.Tensor,
+    noisy_logits_TE: torch.Tensor,
+    noise_std_TE: torch.Tensor,
+    top_k: int,
+    *,
+    token_mask_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``L_load = CV(Load)^2`` with the smooth load estimator of Shazeer et al. (Appendix A).
+
+    ``P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / std_i)``: the probability that expert
+    i would still be in the top K if its noise were redrawn, where the threshold is the K-th
+    largest noisy logit among the other experts (the (K+1)-th overall when i is in the top K,
+    else the K-th). ``Load_i = sum_x P(x, i)``. Needs noisy gating in training mode.
+
+    Args:
+        clean_logits_TE: ``(T, E)`` ``x W_g``.
+        noisy_logits_TE: ``(T, E)`` ``x W_g + noise``.
+        noise_std_TE: ``(T, E)`` ``softplus(x W_noise)``.
+        top_k: K (must be < E for the threshold to exist).
+        token_mask_T: ``(T,)`` bool; padding is ignored.
+    """
+    E = noisy_logits_TE.shape[-1]
+    if not 1 <= top_k < E:
+        raise ValueError(f"load_loss needs 1 <= top_k < num_experts={E}, got top_k={top_k}")
+    top_T2 = noisy_logits_TE.topk(top_k + 1, dim=-1).values
+    kth_T1 = top_T2[:, top_k - 1 : top_k]  # K-th largest
+    kplus1_T1 = top_T2[:, top_k : top_k + 1]  # (K+1)-th largest
+    in_top_TE = noisy_logits_TE >= kth_T1
+    threshold_TE = torch.where(in_top_TE, kplus1_T1, kth_T1)
+    normal = torch.distributions.Normal(
+        torch.zeros((), dtype=clean_logits_TE.dtype, device=clean_logits_TE.device),
+        torch.ones((), dtype=clean_logits_TE.dtype, device=clean_logits_TE.device),
+    )
+    prob_TE = normal.cdf((clean_logits_TE - threshold_TE) / noise_std_TE.clamp(min=1e-9))
+    return cv_squared(_masked(prob_TE, token_mask_T).sum(dim=0))

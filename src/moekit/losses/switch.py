@@ -1,0 +1,62 @@
+"""Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4; also GShard's l_aux).
+
+Legend: T = tokens, E = experts, K = experts per token, B = sequences, S = tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_load_balancing_loss(
+    probs_TE: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    *,
+    token_mask_T: torch.Tensor | None = None,
+    sequence_length: int | None = None,
+) -> torch.Tensor:
+    """``L = E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of the T*K assignments that chose expert i (so ``sum_i f_i = 1``) and
+    ``P_i`` the mean router probability of expert i. A perfectly uniform router gives exactly 1
+    whatever it picks; the minimum under balanced routing is 1. Gradients flow through ``P`` only.
+    (Hugging Face's ``load_balancing_loss_func`` counts ``f`` per choice slot and so reports K
+    times this value.)
+
+    With ``sequence_length`` S, the loss is computed within each sequence of S consecutive tokens
+    and averaged over sequences (the sequence-wise balance loss of DeepSeek-V2/V3).
+
+    Args:
+        probs_TE: ``(T, E)`` router probabilities (rows sum to 1).
+        expert_idx_TK: ``(T, K)`` chosen experts.
+        token_mask_T: ``(T,)`` bool, ``True`` for real tokens; padding is ignored.
+        sequence_length: S for the per-sequence form (T must be a multiple of S).
+
+    Returns:
+        Scalar loss.
+    """
+    T, E = probs_TE.shape
+    K = expert_idx_TK.shape[-1]
+    S = T if sequence_length is None else sequence_length
+    if S < 1 or T % S:
+        raise ValueError(f"sequence_length={sequence_length} must divide the token count {T}")
+    B = T // S
+    mask_T = (
+        torch.ones(T, dtype=probs_TE.dtype, device=probs_TE.device)
+        if token_mask_T is None
+        else token_mask_T.to(probs_TE.dtype)
+    )
+    mask_BS = mask_T.view(B, S)
+    valid_B = mask_BS.sum(dim=1)
+    counts_BE = torch.zeros(B, E, dtype=probs_TE.dtype, device=probs_TE.device)
+    counts_BE.scatter_add_(
+        1,
+        expert_idx_TK.reshape(B, S * K),
+        mask_BS.repeat_interleave(K, dim=1),
+    )
+    denom_B = valid_B.clamp(min=1)
+    f_BE = counts_BE / (K * denom_B).unsqueeze(-1)
+    P_BE = (probs_TE.view(B, S, E) * mask_BS.unsqueeze(-1)).sum(dim=1) / denom_B.unsqueeze(-1)
+    loss_B = E * (f_BE * P_BE).sum(dim=-1)
+    has_tokens_B = valid_B > 0
+    return (loss_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)

@@ -1,0 +1,40 @@
+"""What every router returns.
+
+Legend: T = tokens, E = experts, K = experts chosen per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingResult:
+    """A router's decision for T tokens.
+
+    Attributes:
+        expert_idx_TK: ``(T, K)`` long, the chosen experts of each token.
+        weights_TK: ``(T, K)`` combine weights (differentiable; router dtype).
+        logits_TE: ``(T, E)`` logits used for the choice (noisy ones under noisy gating).
+        probs_TE: ``(T, E)`` the router's full distribution over experts (rows sum to 1), what
+            the balancing losses measure: softmax of the logits, or normalised sigmoid scores.
+        clean_logits_TE: ``(T, E)`` logits before noise (noisy gating only, for the load loss).
+        noise_std_TE: ``(T, E)`` noise standard deviation (noisy gating only).
+    """
+
+    expert_idx_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    logits_TE: torch.Tensor
+    probs_TE: torch.Tensor
+    clean_logits_TE: torch.Tensor | None = None
+    noise_std_TE: torch.Tensor | None = None
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_idx_TK.shape[-1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits_TE.shape[-1]

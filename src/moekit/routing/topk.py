@@ -1,0 +1,248 @@
+"""Token-choice top-k routing: each token picks K of E experts.
+
+Legend: T = tokens, D = d_model, E = experts, K = experts per token, G = expert groups.
+
+One router covers the token-choice routers that shipped models use:
+
+* ``softmax_topk``: p = softmax(x W_g); keep the top K of p, optionally renormalised to sum 1
+  (Shazeer et al. 2017 without noise; Switch with K=1; Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2).
+* ``topk_softmax``: keep the top K logits, softmax over those K (Shazeer et al. 2017's
+  ``Softmax(KeepTopK(H, k))``; GPT-OSS).
+* ``sigmoid_topk``: s = sigmoid(x W_g); keep the top K, optionally renormalised (DeepSeek-V3).
+
+Options: a routed scaling factor on the weights; router math in at least float32; multiplicative
+input jitter in training (Switch Transformer, x * U(1-eps, 1+eps)); **noisy top-k gating**
+(Shazeer et al. 2017: H = x W_g + N(0, 1) * softplus(x W_noise), in training only);
+**group-limited selection** (DeepSeek-V2/V3: score G groups, keep the best ``topk_groups``, then
+pick K experts inside them); and an **expert bias used for selection only** (DeepSeek-V3's
+auxiliary-loss-free balancing: experts are chosen by ``score + b``, weighted by ``score``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.routing.result import RoutingResult
+
+
+class Gating(str, Enum):
+    """How scores become top-K weights."""
+
+    SOFTMAX_TOPK = "softmax_topk"
+    TOPK_SOFTMAX = "topk_softmax"
+    SIGMOID_TOPK = "sigmoid_topk"
+
+
+class GroupScore(str, Enum):
+    """How a group of experts is scored for group-limited selection."""
+
+    MAX = "max"  # DeepSeek-V2: best expert score in the group
+    TOP2_SUM = "top2_sum"  # DeepSeek-V3: sum of the group's two best scores
+
+
+def _allowed(enum_cls: type[Enum]) -> str:
+    return ", ".join(repr(m.value) for m in enum_cls)
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """Options of the token-choice top-k router (see the module docstring for the formulas).
+
+    Args:
+        gating: ``softmax_topk``, ``topk_softmax`` or ``sigmoid_topk``.
+        normalize_weights: renormalise the K weights to sum 1 (``softmax_topk``/``sigmoid_topk``).
+        routed_scaling_factor: multiply the combine weights by this (DeepSeek).
+        float32: compute the router in at least float32 whatever the input dtype.
+        jitter_eps: multiplicative input jitter U(1-eps, 1+eps) on the router input in training.
+        noisy_gating: Shazeer et al. 2017 noisy top-k gating (trainable noise, training only).
+        bias: a learned bias in the router projection (GPT-OSS).
+        num_groups: expert groups for group-limited selection (1 = off).
+        topk_groups: groups kept per token.
+        group_score: ``max`` or ``top2_sum``.
+        bias_balancing: keep an expert bias for auxiliary-loss-free balancing (DeepSeek-V3).
+        bias_update_rate: the fixed step ``u`` of ``b_i += u * sign(mean load - load_i)``.
+    """
+
+    gating: Gating = Gating.SOFTMAX_TOPK
+    normalize_weights: bool = True
+    routed_scaling_factor: float = 1.0
+    float32: bool = True
+    jitter_eps: float = 0.0
+    noisy_gating: bool = False
+    bias: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: GroupScore = GroupScore.MAX
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        try:
+            self.gating = Gating(self.gating)
+        except ValueError:
+            raise ValueError(
+                f"gating must be one of {_allowed(Gating)}, got {self.gating!r}"
+            ) from None
+        try:
+            self.group_score = GroupScore(self.group_score)
+        except ValueError:
+            raise ValueError(
+                f"group_score must be one of {_allowed(GroupScore)}, got {self.group_score!r}"
+            ) from None
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"topk_groups must be in [1, num_groups={self.num_groups}], got {self.topk_groups}"
+            )
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        """Check this config against the layer's E and K; raises ``ValueError`` naming the field."""
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if num_experts % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} must divide num_experts={num_experts}")
+        per_group = num_experts // self.num_groups
+        if top_k > self.topk_groups * per_group:
+            raise ValueError(
+                f"top_k={top_k} exceeds the {self.topk_groups * per_group} experts in "
+                f"topk_groups={self.topk_groups} groups of {per_group}"
+            )
+        if self.group_score is GroupScore.TOP2_SUM and self.num_groups > 1 and per_group < 2:
+            raise ValueError("group_score='top2_sum' needs at least 2 experts per group")
+
+    def build(self, d_model: int, num_experts: int, top_k: int) -> TopKRouter:
+        return TopKRouter(d_model, num_experts, top_k, self)
+
+
+class TopKRouter(nn.Module):
+    """Token-choice top-K router: ``(T, D) -> RoutingResult``.
+
+    Parameters: ``weight_ED`` ``(E, D)`` (``nn.Linear`` layout and initialisation), optional
+    ``bias_E``, and under noisy gating ``noise_weight_ED`` (zero-initialised, as in Shazeer et al.).
+    Buffers under bias balancing: ``expert_bias_E`` (selection only) and ``load_since_update_E``,
+    the tokens each expert received since the last :meth:`update_expert_bias`.
+    """
+
+    expert_bias_E: torch.Tensor | None
+    load_since_update_E: torch.Tensor | None
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+        super().__init__()
+        config.validate_for(num_experts, top_k)
+        self.config = config
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        proj = nn.Linear(d_model, num_experts, bias=config.bias)
+        self.weight_ED = nn.Parameter(proj.weight.detach().clone())
+        self.bias_E = nn.Parameter(proj.bias.detach().clone()) if config.bias else None
+        self.noise_weight_ED = (
+            nn.Parameter(torch.zeros(num_experts, d_model)) if config.noisy_gating else None
+        )
+        if config.bias_balancing:
+            self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+            self.register_buffer("load_since_update_E", torch.zeros(num_experts))
+        else:
+            self.expert_bias_E = None
+            self.load_since_update_E = None
+
+    def forward(self, x_TD: torch.Tensor) -> RoutingResult:
+        cfg = self.config
+        dtype = torch.promote_types(x_TD.dtype, torch.float32) if cfg.float32 else x_TD.dtype
+        x_TD = x_TD.to(dtype)
+        if self.training and cfg.jitter_eps > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(
+                1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps
+            )
+        bias = None if self.bias_E is None else self.bias_E.to(dtype)
+        logits_TE = F.linear(x_TD, self.weight_ED.to(dtype), bias)
+        clean_logits_TE = noise_std_TE = None
+        if self.noise_weight_ED is not None and self.training:
+            clean_logits_TE = logits_TE
+            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight_ED.to(dtype)))
+            logits_TE = clean_logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+
+        if cfg.gating is Gating.SIGMOID_TOPK:
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        elif cfg.gating is Gating.SOFTMAX_TOPK:
+            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE, probs_TE = logits_TE, torch.softmax(logits_TE, dim=-1)
+
+        expert_idx_TK = self._select(scores_TE.detach())
+        weights_TK = scores_TE.gather(-1, expert_idx_TK)
+        if cfg.gating is Gating.TOPK_SOFTMAX:
+            weights_TK = torch.softmax(weights_TK, dim=-1)
+        elif cfg.normalize_weights:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RoutingResult(
+            expert_idx_TK=expert_idx_TK,
+            weights_TK=weights_TK,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+            clean_logits_TE=clean_logits_TE,
+            noise_std_TE=noise_std_TE,
+        )
+
+    def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Indices of the K chosen experts, ``(T, K)``: bias-shifted, group-limited top-K."""
+        cfg = self.config
+        if self.expert_bias_E is not None:
+            scores_TE = scores_TE + self.expert_bias_E.to(scores_TE.dtype)
+        if cfg.num_groups > 1:
+            T = scores_TE.shape[0]
+            grouped_TGX = scores_TE.view(T, cfg.num_groups, -1)
+            if cfg.group_score is GroupScore.MAX:
+                group_scores_TG = grouped_TGX.amax(dim=-1)
+            else:
+                group_scores_TG = grouped_TGX.topk(2, dim=-1).values.sum(dim=-1)
+            kept_groups = group_scores_TG.topk(cfg.topk_groups, dim=-1).indices
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, kept_groups, True)
+            scores_TE = grouped_TGX.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+        return scores_TE.topk(self.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def record_load(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Add one training step's routed tokens per expert to the bias-balancing tally."""
+        if self.load_since_update_E is not None:
+            self.load_since_update_E += tokens_per_expert_E.to(self.load_since_update_E.dtype)
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float | None = None) -> None:
+        """DeepSeek-V3 auxiliary-loss-free balancing step (Wang et al. 2024, "Auxiliary-Loss-Free
+        Load Balancing Strategy for Mixture-of-Experts"): ``b_i += u * sign(mean(load) - load_i)``
+        over the load recorded since the last update, then clear the tally. Overloaded experts
+        become less likely to be selected, underloaded ones more. No-op without bias balancing.
+        """
+        if self.expert_bias_E is None or self.load_since_update_E is None:
+            return
+        load_E = self.load_since_update_E
+        if load_E.sum() == 0:
+            return
+        step = self.config.bias_update_rate if rate is None else rate
+        self.expert_bias_E += step * torch.sign(load_E.mean() - load_E)
+        load_E.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"gating={self.config.gating.value}"
+        )

@@ -1,0 +1,36 @@
+import torch
+
+import moekit
+from tests.conftest import make_moe
+
+
+class TwoLayerNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe1 = make_moe()
+        self.moe2 = make_moe(aux_loss=moekit.AuxLossConfig(switch=0.1, z_loss=0.01))
+        self.inner = torch.nn.ModuleDict({"moe3": make_moe(num_experts=6)})
+
+    def forward(self, x):
+        x = x + self.moe1(x).output
+        x = x + self.moe2(x).output
+        x = x + self.moe2(x).output  # a layer called twice counts twice
+        return x + self.inner["moe3"](x).output
+
+
+def test_collect_moe_outputs_sums_every_call():
+    net = TwoLayerNet()
+    x = torch.randn(2, 5, 8)
+    with moekit.collect_moe_outputs(net) as collected:
+        net(x)
+    assert set(collected.outputs) == {"moe1", "moe2", "inner.moe3"}
+    assert len(collected.outputs["moe2"]) == 2
+    manual = sum(o.aux_loss for calls in collected.outputs.values() for o in calls)
+    torch.testing.assert_close(collected.aux_loss(), manual)
+    assert collected.aux_loss().requires_grad
+    assert collected.stats()["inner.moe3"].tokens_per_expert.shape == (6,)
+    # hooks are removed on exit
+    with moekit.collect_moe_outputs(net) as again:
+        pass
+    net(x)
+    assert again.outputs == {}

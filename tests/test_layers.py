@@ -1,0 +1,220 @@
+"""The MoE layer against the looped reference, plus its defining properties and input errors."""
+
+import pytest
+import torch
+
+import moekit
+from moekit.dispatch.reference import reference_moe_output
+from moekit.experts.grouped_matmul import grouped_mm_available
+from tests.conftest import assert_grads_close, loss_and_grads, make_moe
+
+KERNELS = ["loop"] + (["grouped_mm"] if grouped_mm_available(torch.float32) else [])
+
+LAYER_OPTIONS = {
+    "dropless": dict(),
+    "capacity_probability": dict(
+        dispatch=moekit.DispatchConfig(mode="capacity", capacity_factor=0.5, min_capacity=1)
+    ),
+    "capacity_position": dict(
+        dispatch=moekit.DispatchConfig(
+            mode="capacity", capacity_factor=0.5, min_capacity=1, drop_priority="position"
+        )
+    ),
+    "shared_gated": dict(
+        shared_experts=moekit.SharedExpertConfig(hidden=10, gated=True, activation="gelu")
+    ),
+    "sigmoid_groups_bias": dict(
+        router=moekit.RouterConfig(
+            gating="sigmoid_topk", num_groups=2, topk_groups=1, routed_scaling_factor=1.5
+        )
+    ),
+    "topk_softmax_top1": dict(top_k=1, router=moekit.RouterConfig(gating="topk_softmax")),
+}
+ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
+
+
+def _compare_with_reference(moe, x, padding_mask=None):
+    def fast(x_):
+        return moe(x_, padding_mask).output
+
+    def reference(x_):
+        routing = moe.router(x_.reshape(-1, moe.d_model))
+        return reference_moe_output(moe, x_, routing, padding_mask)
+
+    out_fast, g_fast = loss_and_grads(moe, x, fast)
+    out_ref, g_ref = loss_and_grads(moe, x, reference)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name", sorted(LAYER_OPTIONS))
+def test_layer_matches_looped_reference(name, kernel):
+    options = dict(LAYER_OPTIONS[name])
+    top_k = options.pop("top_k", 2)
+    moe = make_moe(top_k=top_k, experts=moekit.ExpertConfig(hidden=12, kernel=kernel), **options)
+    _compare_with_reference(moe.train(), torch.randn(3, 7, 8))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_activation_and_bias_matches_reference(activation, bias):
+    moe = make_moe(experts=moekit.ExpertConfig(hidden=12, activation=activation, bias=bias))
+    _compare_with_reference(moe, torch.randn(2, 9, 8))
+
+
+@pytest.mark.parametrize(
+    "dispatch",
+    [
+        moekit.DispatchConfig(),
+        moekit.DispatchConfig(mode="capacity", capacity_factor=0.6, min_capacity=1),
+    ],
+)
+def test_padding_mask_is_not_dispatched(dispatch):
+    moe = make_moe(dispatch=dispatch)
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    _compare_with_reference(moe, x, mask)
+    out = moe(x, mask)
+    assert torch.count_nonzero(out.output[~mask]) == 0
+    assert int(out.stats.tokens_per_expert.sum()) == 10 * 2
+
+
+def test_module_experts_any_module():
+    experts = [
+        torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Tanh(), torch.nn.Linear(5, 8))
+        for _ in range(4)
+    ]
+    router = moekit.RouterConfig().build(8, 4, 2)
+    moe = moekit.MoE(d_model=8, router=router, experts=moekit.ModuleExperts(experts))
+    _compare_with_reference(moe, torch.randn(11, 8))
+
+
+def test_one_expert_top1_equals_dense_ffn():
+    dense = moekit.FeedForward(8, 16, activation="swiglu", bias=True)
+    moe = make_moe(num_experts=1, top_k=1, experts=moekit.ExpertConfig(hidden=16, bias=True))
+    with torch.no_grad():
+        moe.experts.w_in_EDH[0].copy_(dense.w_in_DH)
+        moe.experts.w_out_EHD[0].copy_(dense.w_out_HD)
+        moe.experts.b_in_EH[0].copy_(dense.b_in_H)
+        moe.experts.b_out_ED[0].copy_(dense.b_out_D)
+    x = torch.randn(4, 5, 8)
+    out_moe, g_moe = loss_and_grads(moe, x, lambda x_: moe(x_).output)
+    out_dense, g_dense = loss_and_grads(dense, x, dense)
+    torch.testing.assert_close(out_moe, out_dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_moe["x"], g_dense["x"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        g_moe["experts.w_in_EDH"][0], g_dense["w_in_DH"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_dropless_equals_capacity_with_enough_capacity():
+    moe = make_moe()
+    x = torch.randn(2, 10, 8)
+    out_dropless, g_dropless = loss_and_grads(moe, x, lambda x_: moe(x_).output)
+    moe.dispatch = moekit.DispatchConfig(mode="capacity", capacity_factor=4.0)  # C = T*K
+    out_capacity, g_capacity = loss_and_grads(moe, x, lambda x_: moe(x_).output)
+    assert moe(x).stats.dropped_fraction == 0
+    torch.testing.assert_close(out_dropless, out_capacity, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_dropless, g_capacity)
+
+
+def test_dropped_tokens_get_zero_and_are_counted():
+    moe = make_moe(
+        num_experts=2,
+        top_k=1,
+        dispatch=moekit.DispatchConfig(
+            mode="capacity", capacity_factor=0.25, min_capacity=1, drop_priority="position"
+        ),
+    ).train()
+    x = torch.randn(16, 8)
+    out = moe(x)
+    capacity = out.stats.capacity
+    assert capacity == 2  # ceil(0.25 * 16 * 1 / 2)
+    assert out.stats.kept_per_expert.tolist() == out.stats.tokens_per_expert.clamp(max=2).tolist()
+    kept_tokens = (out.output != 0).any(-1)
+    assert int(kept_tokens.sum()) == int(out.stats.kept_per_expert.sum())
+    # position priority keeps the earliest tokens of each expert
+    idx = out.routing.expert_idx_TK[:, 0]
+    for e in range(2):
+        tokens = torch.nonzero(idx == e).flatten()
+        assert kept_tokens[tokens[:capacity]].all() and not kept_tokens[tokens[capacity:]].any()
+    expected = 1 - out.stats.kept_per_expert.sum() / 16
+    torch.testing.assert_close(out.stats.dropped_fraction, expected.float())
+
+
+def test_eval_capacity_factor_is_used_in_eval():
+    moe = make_moe(
+        dispatch=moekit.DispatchConfig(
+            mode="capacity", capacity_factor=1.0, eval_capacity_factor=3.0, min_capacity=0
+        )
+    )
+    x = torch.randn(20, 8)
+    assert moe.train()(x).stats.capacity == 10
+    assert moe.eval()(x).stats.capacity == 30
+
+
+def test_layer_gradcheck_float64():
+    for dispatch in (
+        moekit.DispatchConfig(),
+        moekit.DispatchConfig(mode="capacity", capacity_factor=0.7, min_capacity=1),
+    ):
+        moe = make_moe(
+            d_model=4,
+            hidden=3,
+            shared_experts=moekit.SharedExpertConfig(hidden=2, gated=True),
+            aux_loss=moekit.AuxLossConfig(switch=0.1, z_loss=0.1, importance=0.1),
+            dispatch=dispatch,
+        ).double()
+        x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+        params = [p for p in moe.parameters()]
+
+        def fn(x_, *_, moe=moe):
+            out = moe(x_)
+            return out.output, out.aux_loss
+
+        assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_input_validation_errors_name_the_argument():
+    moe = make_moe()
+    with pytest.raises(ValueError, match="d_model=8"):
+        moe(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="floating-point"):
+        moe(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding_mask must have shape"):
+        moe(torch.randn(2, 3, 8), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="padding_mask must be a bool"):
+        moe(torch.randn(2, 3, 8), torch.ones(2, 3))
+    checked = make_moe(check_finite=True)
+    with pytest.raises(ValueError, match="NaN"):
+        checked(torch.full((2, 8), float("nan")))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_top_k_outside_one_to_num_experts_is_rejected(top_k):
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts=4\]"):
+        make_moe(top_k=top_k)
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan")])
+def test_capacity_factor_must_be_positive(factor):
+    with pytest.raises(ValueError, match="capacity_factor must be"):
+        moekit.DispatchConfig(mode="capacity", capacity_factor=factor)
+    with pytest.raises(ValueError, match="eval_capacity_factor must be"):
+        moekit.DispatchConfig(eval_capacity_factor=factor)
+
+
+def test_load_loss_requires_noisy_gating():
+    with pytest.raises(ValueError, match="noisy_gating"):
+        make_moe(aux_loss=moekit.AuxLossConfig(load=0.1))
+
+
+def test_any_leading_dims_and_bf16():
+    moe = make_moe()
+    for shape in [(8,), (5, 8), (2, 3, 4, 8)]:
+        assert moe(torch.randn(shape)).output.shape == shape
+    moe_bf16 = make_moe().to(torch.bfloat16)
+    out = moe_bf16(torch.randn(4, 6, 8, dtype=torch.bfloat16))
+    assert out.output.dtype == torch.bfloat16
+    assert out.routing.logits_TE.dtype == torch.float32  # router computed in float32
