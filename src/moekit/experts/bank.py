@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from moekit.experts.activations import Activation, apply_activation, in_projection_width
-from moekit.experts.grouped_matmul import GroupedMatmulKernel, grouped_matmul
+from moekit.experts.fused_ffn import expert_ffn
+from moekit.experts.grouped_matmul import GroupedMatmulKernel
 
 
 @dataclass(kw_only=True)
@@ -110,18 +111,16 @@ class ExpertBank(nn.Module):
         Returns:
             ``(M, D)``.
         """
-        h_MH = grouped_matmul(x_MD, self.w_in_EDH, counts_E, self.kernel)
-        expert_of_row_M = None
-        if self.b_in_EH is not None:
-            expert_of_row_M = torch.repeat_interleave(
-                torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=len(x_MD)
-            )
-            h_MH = h_MH + self.b_in_EH[expert_of_row_M]
-        a_MH = apply_activation(self.activation, h_MH)
-        y_MD = grouped_matmul(a_MH, self.w_out_EHD, counts_E, self.kernel)
-        if self.b_out_ED is not None:
-            y_MD = y_MD + self.b_out_ED[expert_of_row_M]
-        return y_MD
+        return expert_ffn(
+            x_MD,
+            counts_E,
+            self.w_in_EDH,
+            self.w_out_EHD,
+            b_in_EH=self.b_in_EH,
+            b_out_ED=self.b_out_ED,
+            activation=self.activation,
+            kernel=self.kernel,
+        )
 
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` alone on ``x_ND`` ``(N, D)``; the plain math, for references."""

@@ -39,7 +39,7 @@ def grouped_mm_available(dtype: torch.dtype, k: int = 16, n: int = 16) -> bool:
     return (k * itemsize) % 16 == 0 and (n * itemsize) % 16 == 0
 
 
-def _resolve(
+def resolve_kernel(
     kernel: GroupedMatmulKernel, dtype: torch.dtype, k: int, n: int
 ) -> GroupedMatmulKernel:
     kernel = GroupedMatmulKernel(kernel)
@@ -60,9 +60,10 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, dim=0, dtype=torch.int32)
 
 
-def _forward_kernel(
+def grouped_mm_forward(
     x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
 ) -> torch.Tensor:
+    """``y_MN`` with expert e's rows times ``w_EKN[e]`` (no autograd); ``kernel`` resolved."""
     if kernel is GroupedMatmulKernel.GROUPED_MM:
         return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
     y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
@@ -74,9 +75,10 @@ def _forward_kernel(
     return y_MN
 
 
-def _weight_grad_kernel(
+def grouped_mm_weight_grad(
     x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
 ) -> torch.Tensor:
+    """``gw_EKN[e] = x[rows of e]^T @ g[rows of e]`` (zero for empty experts; no autograd)."""
     if kernel is GroupedMatmulKernel.GROUPED_MM:
         return _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
     E = counts_E.shape[0]
@@ -96,7 +98,7 @@ class _GroupedMatmul(torch.autograd.Function):
     def forward(ctx, x_MK, w_EKN, counts_E, kernel):  # type: ignore[override]
         ctx.save_for_backward(x_MK, w_EKN, counts_E)
         ctx.kernel = kernel
-        return _forward_kernel(x_MK, w_EKN, counts_E, kernel)
+        return grouped_mm_forward(x_MK, w_EKN, counts_E, kernel)
 
     @staticmethod
     def backward(ctx, g_MN):  # type: ignore[override]
@@ -104,9 +106,9 @@ class _GroupedMatmul(torch.autograd.Function):
         g_MN = g_MN.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _forward_kernel(g_MN, w_EKN.transpose(1, 2), counts_E, ctx.kernel)
+            gx = grouped_mm_forward(g_MN, w_EKN.transpose(1, 2), counts_E, ctx.kernel)
         if ctx.needs_input_grad[1]:
-            gw = _weight_grad_kernel(x_MK, g_MN, counts_E, ctx.kernel)
+            gw = grouped_mm_weight_grad(x_MK, g_MN, counts_E, ctx.kernel)
         return gx, gw, None, None
 
 
@@ -129,5 +131,5 @@ def grouped_matmul(
     """
     if x_MK.dtype != w_EKN.dtype:
         raise TypeError(f"x dtype {x_MK.dtype} differs from the expert weight dtype {w_EKN.dtype}")
-    resolved = _resolve(kernel, x_MK.dtype, w_EKN.shape[1], w_EKN.shape[2])
+    resolved = resolve_kernel(kernel, x_MK.dtype, w_EKN.shape[1], w_EKN.shape[2])
     return _GroupedMatmul.apply(x_MK, w_EKN, counts_E, resolved)

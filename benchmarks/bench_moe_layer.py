@@ -1,0 +1,193 @@
+"""Time the moekit MoE layer against a dense SwiGLU FFN and Hugging Face's Mixtral MoE block.
+
+Workload (issue 2): fp32, 2 threads, d_model 512, expert hidden 1024, top-2, tokens 4096 and
+16384, experts 8 and 64. The dense FFN has the same active FLOPs (hidden = k * expert hidden).
+The three implementations are timed alternately in one process (these machines are noisy) and
+the medians of the per-round ratios are reported. Parameter gradients are zeroed in place, the
+same for all three. Forward peak memory is measured in a fresh subprocess per implementation
+(peak RSS during one forward with autograd on, minus RSS before it).
+
+    python benchmarks/bench_moe_layer.py                 # the full grid
+    python benchmarks/bench_moe_layer.py --tokens 4096 --experts 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import moekit
+
+D_MODEL, HIDDEN, TOP_K = 512, 1024, 2
+HF_EXPERTS_IMPLEMENTATION = "grouped_mm"
+
+
+def build(impl: str, num_experts: int, seed: int = 0):
+    """Return (module, forward) for 'moekit', 'dense' or 'hf', sharing weights across impls."""
+    torch.manual_seed(seed)
+    moe = moekit.MoEConfig(
+        d_model=D_MODEL,
+        num_experts=num_experts,
+        top_k=TOP_K,
+        experts=moekit.ExpertConfig(hidden=HIDDEN, activation="swiglu"),
+        aux_loss=moekit.AuxLossConfig(switch=0.0),
+    ).build()
+    if impl == "moekit":
+        return moe, lambda x: moe(x).output
+    if impl == "dense":
+        dense = moekit.FeedForward(D_MODEL, TOP_K * HIDDEN, activation="swiglu")
+        return dense, dense
+    if impl == "hf":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        cfg = MixtralConfig(
+            hidden_size=D_MODEL,
+            intermediate_size=HIDDEN,
+            num_local_experts=num_experts,
+            num_experts_per_tok=TOP_K,
+            hidden_act="silu",
+        )
+        # Inside a loaded model transformers picks "grouped_mm" by default; a block built alone
+        # would fall back to the eager per-expert loop, so set the model default explicitly.
+        cfg._experts_implementation = HF_EXPERTS_IMPLEMENTATION
+        block = MixtralSparseMoeBlock(cfg)
+        with torch.no_grad():
+            block.gate.weight.copy_(moe.router.weight_ED)
+            block.experts.gate_up_proj.copy_(moe.experts.w_in_EDH.transpose(1, 2))
+            block.experts.down_proj.copy_(moe.experts.w_out_EHD.transpose(1, 2))
+        return block, lambda x: block(x.unsqueeze(0)).squeeze(0)
+    raise ValueError(f"impl must be 'moekit', 'dense' or 'hf', got {impl!r}")
+
+
+def time_once(module, forward, x: torch.Tensor, backward: bool) -> float:
+    module.zero_grad(set_to_none=False)
+    start = time.perf_counter()
+    if backward:
+        xg = x.detach().requires_grad_(True)
+        y = forward(xg)
+        y.backward(torch.ones_like(y))
+    else:
+        with torch.no_grad():
+            forward(x)
+    return time.perf_counter() - start
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set size, to the current RSS
+
+
+def peak_forward_memory(impl: str, tokens: int, experts: int, experts_impl: str) -> int:
+    """Peak RSS increase (bytes) of one forward with autograd on, in a fresh process."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks');"
+        "import bench_moe_layer as b; torch.set_num_threads(2);"
+        f"b.HF_EXPERTS_IMPLEMENTATION = {experts_impl!r};"
+        f"m, f = b.build({impl!r}, {experts}); x = torch.randn({tokens}, {D_MODEL}, requires_grad=True);"
+        "b._reset_peak_rss(); before = b._status_kb('VmRSS'); y = f(x);"
+        "print((b._status_kb('VmHWM') - before) * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def check_same_outputs(tokens: int, experts: int) -> float:
+    x = torch.randn(min(tokens, 512), D_MODEL)
+    with torch.no_grad():
+        ours = build("moekit", experts)[1](x)
+        theirs = build("hf", experts)[1](x)
+    return float((ours - theirs).abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per workload")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers block")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--json", type=str, default=None, help="also write results here")
+    parser.add_argument(
+        "--hf-experts",
+        default="grouped_mm",
+        choices=["grouped_mm", "eager", "batched_mm"],
+        help="transformers experts implementation (grouped_mm is its default in a model)",
+    )
+    args = parser.parse_args()
+    global HF_EXPERTS_IMPLEMENTATION
+    HF_EXPERTS_IMPLEMENTATION = args.hf_experts
+    torch.set_num_threads(args.threads)
+    impls = ["moekit", "dense"] + ([] if args.no_hf else ["hf"])
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, d_model {D_MODEL}, "
+          f"expert hidden {HIDDEN}, top-{TOP_K}; medians over {args.rounds} rounds")
+    rows = []
+    for tokens in args.tokens:
+        for experts in args.experts:
+            if not args.no_hf:
+                diff = check_same_outputs(tokens, experts)
+                assert diff < 1e-4, f"moekit and HF outputs differ by {diff}"
+            modules = {impl: build(impl, experts) for impl in impls}
+            x = torch.randn(tokens, D_MODEL)
+            row = {"tokens": tokens, "experts": experts}
+            for backward in (False, True):
+                for impl in impls:  # warm-up
+                    time_once(*modules[impl], x, backward)
+                times = {impl: [] for impl in impls}
+                for _ in range(args.rounds):
+                    for impl in impls:
+                        times[impl].append(time_once(*modules[impl], x, backward))
+                tag = "fwd_bwd" if backward else "fwd"
+                for impl in impls:
+                    row[f"{tag}_ms_{impl}"] = 1000 * statistics.median(times[impl])
+                for other in impls[1:]:
+                    ratios = [a / b for a, b in zip(times["moekit"], times[other], strict=True)]
+                    row[f"{tag}_moekit_vs_{other}"] = statistics.median(ratios)
+                    if other == "hf":
+                        ratios = [a / b for a, b in zip(times["hf"], times["dense"], strict=True)]
+                        row[f"{tag}_hf_vs_dense"] = statistics.median(ratios)
+            if not args.no_memory:
+                for impl in impls:
+                    peak = peak_forward_memory(impl, tokens, experts, args.hf_experts)
+                    row[f"fwd_peak_mb_{impl}"] = peak / 2**20
+                row["fwd_memory_moekit_vs_dense"] = row["fwd_peak_mb_moekit"] / row["fwd_peak_mb_dense"]
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+            sys.stdout.flush()
+
+    print("\nratio = time(moekit) / time(other), median of per-round ratios")
+    header = f"{'tokens':>7}{'E':>4}{'fwd/dense':>10}{'f+b/dense':>10}"
+    if not args.no_hf:
+        header += f"{'fwd/hf':>8}{'f+b/hf':>8}{'hf f+b/dense':>13}"
+    if not args.no_memory:
+        header += f"{'mem/dense':>10}"
+    print(header)
+    for r in rows:
+        line = f"{r['tokens']:>7}{r['experts']:>4}{r['fwd_moekit_vs_dense']:>10.2f}{r['fwd_bwd_moekit_vs_dense']:>10.2f}"
+        if not args.no_hf:
+            line += f"{r['fwd_moekit_vs_hf']:>8.2f}{r['fwd_bwd_moekit_vs_hf']:>8.2f}{r['fwd_bwd_hf_vs_dense']:>13.2f}"
+        if not args.no_memory:
+            line += f"{r['fwd_memory_moekit_vs_dense']:>10.2f}"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line interface: ``moekit <subcommand>``, one module per subcommand."""
