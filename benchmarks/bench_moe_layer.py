@@ -129,7 +129,16 @@ def main() -> None:
         choices=["grouped_mm", "eager", "batched_mm"],
         help="transformers experts implementation (grouped_mm is its default in a model)",
     )
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="raise glibc's mmap/trim thresholds for all three (moekit.utils.allocator)",
+    )
     args = parser.parse_args()
+    if args.retain_freed_memory:
+        from moekit.utils.allocator import retain_freed_memory
+
+        print("glibc thresholds raised:", retain_freed_memory())
     global HF_EXPERTS_IMPLEMENTATION
     HF_EXPERTS_IMPLEMENTATION = args.hf_experts
     torch.set_num_threads(args.threads)

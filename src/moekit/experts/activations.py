@@ -53,18 +53,13 @@ def activation_backward(
     gate, up = h_NH.chunk(2, dim=-1)
     grad_h = torch.empty_like(h_NH)
     grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-    scalar = Activation.SILU if activation is Activation.SWIGLU else Activation.GELU
-    torch.mul(grad_a_NH, _scalar_activation(scalar, gate), out=grad_up)
-    grad_gate.copy_(_scalar_backward(scalar, grad_a_NH * up, gate))
+    if activation is Activation.SWIGLU:
+        torch.mul(grad_a_NH, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_a_NH * up, gate, grad_input=grad_gate)
+    else:
+        torch.mul(grad_a_NH, F.gelu(gate), out=grad_up)
+        torch.ops.aten.gelu_backward.grad_input(grad_a_NH * up, gate, grad_input=grad_gate)
     return grad_h
-
-
-def _scalar_activation(activation: Activation, h: torch.Tensor) -> torch.Tensor:
-    if activation is Activation.RELU:
-        return F.relu(h)
-    if activation is Activation.GELU:
-        return F.gelu(h)
-    return F.silu(h)
 
 
 def _scalar_backward(activation: Activation, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

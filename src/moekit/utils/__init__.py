@@ -1,0 +1,1 @@
+"""Small runtime helpers that belong to no single MoE concept."""
