@@ -98,7 +98,8 @@ def peak_forward_memory(impl: str, tokens: int, experts: int, experts_impl: str)
         "import sys, torch; sys.path.insert(0, 'benchmarks');"
         "import bench_moe_layer as b; torch.set_num_threads(2);"
         f"b.HF_EXPERTS_IMPLEMENTATION = {experts_impl!r};"
-        f"m, f = b.build({impl!r}, {experts}); x = torch.randn({tokens}, {D_MODEL}, requires_grad=True);"
+        f"m, f = b.build({impl!r}, {experts});"
+        f"x = torch.randn({tokens}, {D_MODEL}, requires_grad=True);"
         "b._reset_peak_rss(); before = b._status_kb('VmRSS'); y = f(x);"
         "print((b._status_kb('VmHWM') - before) * 1024)"
     )
@@ -143,8 +144,10 @@ def main() -> None:
     HF_EXPERTS_IMPLEMENTATION = args.hf_experts
     torch.set_num_threads(args.threads)
     impls = ["moekit", "dense"] + ([] if args.no_hf else ["hf"])
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, d_model {D_MODEL}, "
-          f"expert hidden {HIDDEN}, top-{TOP_K}; medians over {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, fp32, d_model {D_MODEL}, "
+        f"expert hidden {HIDDEN}, top-{TOP_K}; medians over {args.rounds} rounds"
+    )
     rows = []
     for tokens in args.tokens:
         for experts in args.experts:
@@ -174,9 +177,13 @@ def main() -> None:
                 for impl in impls:
                     peak = peak_forward_memory(impl, tokens, experts, args.hf_experts)
                     row[f"fwd_peak_mb_{impl}"] = peak / 2**20
-                row["fwd_memory_moekit_vs_dense"] = row["fwd_peak_mb_moekit"] / row["fwd_peak_mb_dense"]
+                row["fwd_memory_moekit_vs_dense"] = (
+                    row["fwd_peak_mb_moekit"] / row["fwd_peak_mb_dense"]
+                )
             rows.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+            print(
+                json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+            )
             sys.stdout.flush()
 
     print("\nratio = time(moekit) / time(other), median of per-round ratios")
@@ -187,9 +194,11 @@ def main() -> None:
         header += f"{'mem/dense':>10}"
     print(header)
     for r in rows:
-        line = f"{r['tokens']:>7}{r['experts']:>4}{r['fwd_moekit_vs_dense']:>10.2f}{r['fwd_bwd_moekit_vs_dense']:>10.2f}"
+        line = f"{r['tokens']:>7}{r['experts']:>4}"
+        line += f"{r['fwd_moekit_vs_dense']:>10.2f}{r['fwd_bwd_moekit_vs_dense']:>10.2f}"
         if not args.no_hf:
-            line += f"{r['fwd_moekit_vs_hf']:>8.2f}{r['fwd_bwd_moekit_vs_hf']:>8.2f}{r['fwd_bwd_hf_vs_dense']:>13.2f}"
+            line += f"{r['fwd_moekit_vs_hf']:>8.2f}{r['fwd_bwd_moekit_vs_hf']:>8.2f}"
+            line += f"{r['fwd_bwd_hf_vs_dense']:>13.2f}"
         if not args.no_memory:
             line += f"{r['fwd_memory_moekit_vs_dense']:>10.2f}"
         print(line)

@@ -26,7 +26,9 @@ def test_fused_ffn_matches_per_expert_math_float32(activation):
     results = []
     for fn in (
         lambda x_: bank(x_, counts),
-        lambda x_: torch.cat([bank.forward_one(e, c) for e, c in enumerate(torch.split(x_, counts.tolist()))]),
+        lambda x_: torch.cat(
+            [bank.forward_one(e, c) for e, c in enumerate(torch.split(x_, counts.tolist()))]
+        ),
     ):
         bank.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
@@ -41,6 +43,8 @@ def test_bias_pair_and_dtype_errors():
     w_in, w_out = torch.randn(2, 4, 6), torch.randn(2, 3, 4)
     counts = torch.tensor([1, 1])
     with pytest.raises(ValueError, match="together"):
-        expert_ffn(torch.randn(2, 4), counts, w_in, w_out, b_in_EH=torch.zeros(2, 6), activation="swiglu")
+        expert_ffn(
+            torch.randn(2, 4), counts, w_in, w_out, b_in_EH=torch.zeros(2, 6), activation="swiglu"
+        )
     with pytest.raises(TypeError, match="w_in_EDH dtype"):
         expert_ffn(torch.randn(2, 4, dtype=torch.float64), counts, w_in, w_out, activation="swiglu")

@@ -14,12 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in SUBCOMMANDS.items():
-        module.add_parser(sub.add_parser(
-            name,
-            help=module.HELP,
-            description=module.HELP,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        ))
+        module.add_parser(
+            sub.add_parser(
+                name,
+                help=module.HELP,
+                description=module.HELP,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            )
+        )
     return parser
 
 

@@ -28,7 +28,11 @@ from moekit.experts.grouped_matmul import (
 def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Tensor:
     if activation.is_gated:
         gate, up = h_MH.chunk(2, dim=-1)
-        a = torch.nn.functional.silu(gate) if activation is Activation.SWIGLU else torch.nn.functional.gelu(gate)
+        a = (
+            torch.nn.functional.silu(gate)
+            if activation is Activation.SWIGLU
+            else torch.nn.functional.gelu(gate)
+        )
         return a.mul_(up)
     if activation is Activation.RELU:
         return torch.relu(h_MH)
@@ -118,6 +122,13 @@ def expert_ffn(
     kernel_in = resolve_kernel(kernel, x_MD.dtype, w_in_EDH.shape[1], w_in_EDH.shape[2])
     kernel_out = resolve_kernel(kernel, x_MD.dtype, w_out_EHD.shape[1], w_out_EHD.shape[2])
     return _ExpertFFN.apply(
-        x_MD, counts_E, w_in_EDH, b_in_EH, w_out_EHD, b_out_ED,
-        Activation(activation), kernel_in, kernel_out,
+        x_MD,
+        counts_E,
+        w_in_EDH,
+        b_in_EH,
+        w_out_EHD,
+        b_out_ED,
+        Activation(activation),
+        kernel_in,
+        kernel_out,
     )
