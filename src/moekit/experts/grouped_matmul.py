@@ -78,8 +78,13 @@ def grouped_mm_forward(
 def grouped_mm_weight_grad(
     x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
 ) -> torch.Tensor:
-    """``gw_EKN[e] = x[rows of e]^T @ g[rows of e]`` (zero for empty experts; no autograd)."""
-    if kernel is GroupedMatmulKernel.GROUPED_MM:
+    """``gw_EKN[e] = x[rows of e]^T @ g[rows of e]`` (zero for empty experts; no autograd).
+
+    On the CPU the loop is used whatever ``kernel`` says: ``grouped_mm`` with a transposed 2-D
+    left operand measured 5x slower than the loop of ``torch.mm`` here (torch 2.13, 64 experts of
+    128 rows, 512x2048: 546 ms against 106 ms).
+    """
+    if kernel is GroupedMatmulKernel.GROUPED_MM and x_MK.device.type != "cpu":
         return _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
     E = counts_E.shape[0]
     gw_EKN = x_MK.new_empty(E, x_MK.shape[1], g_MN.shape[1])
