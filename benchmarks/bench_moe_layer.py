@@ -3,8 +3,8 @@
 Workload (issue 2): fp32, 2 threads, d_model 512, expert hidden 1024, top-2, tokens 4096 and
 16384, experts 8 and 64. The dense FFN has the same active FLOPs (hidden = k * expert hidden).
 The three implementations are timed alternately in one process (these machines are noisy) and
-the medians of the per-round ratios are reported. Parameter gradients are zeroed in place, the
-same for all three. Forward peak memory is measured in a fresh subprocess per implementation
+the medians of the per-round ratios are reported. Parameter gradients are set to None between
+steps (PyTorch's default; ``--grads zero`` zeroes them in place), the same for all three. Forward peak memory is measured in a fresh subprocess per implementation
 (peak RSS during one forward with autograd on, minus RSS before it).
 
     python benchmarks/bench_moe_layer.py                 # the full grid
@@ -66,8 +66,11 @@ def build(impl: str, num_experts: int, seed: int = 0):
     raise ValueError(f"impl must be 'moekit', 'dense' or 'hf', got {impl!r}")
 
 
+GRADS_TO_NONE = True
+
+
 def time_once(module, forward, x: torch.Tensor, backward: bool) -> float:
-    module.zero_grad(set_to_none=False)
+    module.zero_grad(set_to_none=GRADS_TO_NONE)
     start = time.perf_counter()
     if backward:
         xg = x.detach().requires_grad_(True)
@@ -135,7 +138,15 @@ def main() -> None:
         action="store_true",
         help="raise glibc's mmap/trim thresholds for all three (moekit.utils.allocator)",
     )
+    parser.add_argument(
+        "--grads",
+        choices=["none", "zero"],
+        default="none",
+        help="between steps set parameter grads to None (PyTorch's default) or zero them in place",
+    )
     args = parser.parse_args()
+    global GRADS_TO_NONE
+    GRADS_TO_NONE = args.grads == "none"
     if args.retain_freed_memory:
         from moekit.utils.allocator import retain_freed_memory
 
