@@ -4,8 +4,9 @@ Workload (issue 2): fp32, 2 threads, d_model 512, expert hidden 1024, top-2, tok
 16384, experts 8 and 64. The dense FFN has the same active FLOPs (hidden = k * expert hidden).
 The three implementations are timed alternately in one process (these machines are noisy) and
 the medians of the per-round ratios are reported. Parameter gradients are set to None between
-steps (PyTorch's default; ``--grads zero`` zeroes them in place), the same for all three. Forward peak memory is measured in a fresh subprocess per implementation
-(peak RSS during one forward with autograd on, minus RSS before it).
+steps (PyTorch's default; ``--grads zero`` zeroes them in place), the same for all three.
+Forward peak memory is measured in a fresh subprocess per implementation (peak RSS during one
+forward with autograd on, minus RSS before it).
 
     python benchmarks/bench_moe_layer.py                 # the full grid
     python benchmarks/bench_moe_layer.py --tokens 4096 --experts 8 --rounds 3

@@ -20,6 +20,11 @@ LAYER_OPTIONS = {
             mode="capacity", capacity_factor=0.5, min_capacity=1, drop_priority="position"
         )
     ),
+    "capacity_token": dict(
+        dispatch=moekit.DispatchConfig(
+            mode="capacity", capacity_factor=0.5, min_capacity=1, drop_priority="token"
+        )
+    ),
     "shared_gated": dict(
         shared_experts=moekit.SharedExpertConfig(hidden=10, gated=True, activation="gelu")
     ),

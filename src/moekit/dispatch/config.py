@@ -17,11 +17,14 @@ class DropPriority(str, Enum):
 
     ``probability``: the highest combine weights first (batch-prioritised routing, Riquelme et
     al. 2021). ``position``: every token's first choice before any second choice, and within a
-    choice rank earlier tokens first (GShard / Switch Transformer).
+    choice rank earlier tokens first (GShard / Switch Transformer). ``token``: token by token,
+    all of a token's choices before the next token's; the only order in which whether a token is
+    kept never depends on later tokens, so it is the one a causal model may use.
     """
 
     PROBABILITY = "probability"
     POSITION = "position"
+    TOKEN = "token"
 
 
 @dataclass(kw_only=True)

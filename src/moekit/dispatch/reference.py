@@ -40,6 +40,8 @@ def reference_moe_output(
     if capacity is not None:
         if moe.dispatch.drop_priority is DropPriority.POSITION:
             assignments.sort(key=lambda a: (a[1], a[0]))
+        elif moe.dispatch.drop_priority is DropPriority.TOKEN:
+            pass  # already in (token, choice) order
         else:
             weights = routing.weights_TK.detach()
             assignments.sort(key=lambda a: -float(weights[a[0], a[1]]))

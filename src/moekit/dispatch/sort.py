@@ -82,6 +82,8 @@ def plan_dispatch(
         if priority is DropPriority.POSITION:
             # Assignment a = t*K + j; visit all first choices (j=0) in token order, then j=1, ...
             pre_A = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
+        elif priority is DropPriority.TOKEN:
+            pre_A = torch.arange(T * K, device=device)
         else:
             pre_A = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
         order_A = pre_A[torch.argsort(expert_A[pre_A], stable=True)]

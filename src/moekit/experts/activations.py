@@ -42,7 +42,8 @@ def activation_backward(
     Args:
         activation: which activation.
         h_NH: the activation's input, ``(..., H)`` or ``(..., 2H)`` for gated ones.
-        grad_a_NH: gradient of the activation's output, ``(..., H)``.
+        grad_a_NH: gradient of the activation's output, ``(..., H)``; for gated activations it
+            is overwritten (pass a tensor the caller no longer needs).
 
     Returns:
         Gradient with respect to ``h_NH``, same shape as ``h_NH``.
@@ -50,15 +51,20 @@ def activation_backward(
     activation = Activation(activation)
     if not activation.is_gated:
         return _scalar_backward(activation, grad_a_NH, h_NH)
+    # Write straight into the halves of one (..., 2H) buffer; grad_a_NH is consumed in place.
     gate, up = h_NH.chunk(2, dim=-1)
     grad_h = torch.empty_like(h_NH)
     grad_gate, grad_up = grad_h.chunk(2, dim=-1)
     if activation is Activation.SWIGLU:
-        torch.mul(grad_a_NH, F.silu(gate), out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad_a_NH * up, gate, grad_input=grad_gate)
+        torch.ops.aten.silu.out(gate, out=grad_up)
+        grad_up.mul_(grad_a_NH)
+        grad_a_NH.mul_(up)
+        torch.ops.aten.silu_backward.grad_input(grad_a_NH, gate, grad_input=grad_gate)
     else:
-        torch.mul(grad_a_NH, F.gelu(gate), out=grad_up)
-        torch.ops.aten.gelu_backward.grad_input(grad_a_NH * up, gate, grad_input=grad_gate)
+        torch.ops.aten.gelu.out(gate, out=grad_up)
+        grad_up.mul_(grad_a_NH)
+        grad_a_NH.mul_(up)
+        torch.ops.aten.gelu_backward.grad_input(grad_a_NH, gate, grad_input=grad_gate)
     return grad_h
 
 

@@ -1,0 +1,126 @@
+"""``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``, no pickle.
+
+A save writes both files into a fresh sibling folder and swaps it into place, so an interrupted
+save leaves the previous checkpoint (or nothing) at the path, never a half-written mix. Loading
+checks the model type, the config keys, the safetensors header and every tensor name and shape,
+and names what is missing, unexpected or mismatched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moekit.utils.serialization import atomic_write_json, config_from_dict, config_to_dict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _registry() -> dict[str, tuple[type[nn.Module], type]]:
+    from moekit.models.transformer.config import TransformerConfig
+    from moekit.models.transformer.model import TransformerLM
+    from moekit.models.vision.vit import VisionMoE, VisionMoEConfig
+
+    return {
+        TransformerLM.model_type: (TransformerLM, TransformerConfig),
+        VisionMoE.model_type: (VisionMoE, VisionMoEConfig),
+    }
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save ``model`` (a moekit model with ``config`` and ``model_type``) to ``directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving."))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(staging / WEIGHTS_FILE, "rb+") as f:
+            os.fsync(f.fileno())
+        atomic_write_json(
+            staging / CONFIG_FILE,
+            {
+                "model_type": model.model_type,
+                "format_version": FORMAT_VERSION,
+                "config": config_to_dict(model.config),
+            },
+        )
+        _swap_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_into_place(staging: Path, directory: Path) -> None:
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(directory: str | os.PathLike) -> tuple[str, Any]:
+    """The ``(model_type, config)`` stored in a checkpoint folder."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    registry = _registry()
+    model_type = data.get("model_type")
+    if model_type not in registry:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not one of {', '.join(sorted(registry))}"
+        )
+    return model_type, config_from_dict(registry[model_type][1], data.get("config", {}))
+
+
+def from_pretrained(directory: str | os.PathLike) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained`."""
+    directory = Path(directory)
+    model_type, config = read_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is corrupt or not a safetensors file: {e}") from None
+    model = _registry()[model_type][0](config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append("missing: " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected: " + ", ".join(unexpected))
+        if wrong_shape:
+            problems.append("shape mismatch: " + "; ".join(wrong_shape))
+        raise ValueError(f"{weights} does not match its config.json ({' | '.join(problems)})")
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=True)
+    return model

@@ -1,0 +1,18 @@
+"""Decoder-only MoE transformer language model."""
+
+from moekit.models.transformer.attention import Attention, KVCache
+from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
+from moekit.models.transformer.generate import filter_logits, generate
+from moekit.models.transformer.model import Block, LMOutput, TransformerLM
+
+__all__ = [
+    "Attention",
+    "Block",
+    "KVCache",
+    "LMOutput",
+    "MoEPlacementConfig",
+    "TransformerConfig",
+    "TransformerLM",
+    "filter_logits",
+    "generate",
+]

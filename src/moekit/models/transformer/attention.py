@@ -1,0 +1,127 @@
+"""Causal (or bidirectional) self-attention with rotary positions, grouped-query heads and a
+key/value cache.
+
+Legend: B = batch, S = new positions, L = cached + new positions, H = query heads,
+G = key/value heads (H % G == 0), Dh = head dim, D = d_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotary_tables(
+    head_dim: int, max_positions: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` of shape ``(max_positions, head_dim)`` for rotate-half RoPE (Su et al.)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    half = x_BHSD.shape[-1] // 2
+    rotated = torch.cat([-x_BHSD[..., half:], x_BHSD[..., :half]], dim=-1)
+    return x_BHSD * cos_SD.to(x_BHSD.dtype) + rotated * sin_SD.to(x_BHSD.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for generation: ``(B, G, max_len, Dh)`` per layer.
+
+    ``length`` counts the positions already written; the model advances it after each call.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE and grouped-query heads, via
+    ``torch.nn.functional.scaled_dot_product_attention``; ``(B, S, D) -> (B, S, D)``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        causal: bool = True,
+        rotary: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.causal, self.rotary = causal, rotary
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Args:
+            x_BSD: ``(B, S, D)`` new positions ``start .. start+S-1``.
+            rope: ``(cos, sin)`` tables covering those positions, ``(S, Dh)`` each.
+            cache: this layer's ``(keys, values)`` buffers ``(B, G, max_len, Dh)``; the new keys
+                and values are written at ``start`` and attention covers ``0 .. start+S-1``.
+            start: position of the first new token.
+        """
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary and rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            keys, values = cache
+            keys[:, :, start : start + S] = k
+            values[:, :, start : start + S] = v
+            k, v = keys[:, :, : start + S], values[:, :, : start + S]
+        L = k.shape[2]
+        mask, is_causal = None, False
+        if self.causal and S > 1:
+            if L == S:
+                is_causal = True
+            else:  # new queries after cached positions: query i sees keys <= start + i
+                query_pos = torch.arange(start, start + S, device=x_BSD.device).unsqueeze(1)
+                mask = torch.arange(L, device=x_BSD.device).unsqueeze(0) <= query_pos
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

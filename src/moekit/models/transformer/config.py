@@ -1,0 +1,137 @@
+"""Configuration of the decoder-only MoE transformer (and of its dense twin)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
+from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
+from moekit.experts.shared import SharedExpertConfig
+from moekit.layers import MoEConfig
+from moekit.losses.config import AuxLossConfig
+from moekit.routing.topk import RouterConfig
+
+
+@dataclass(kw_only=True)
+class MoEPlacementConfig:
+    """Which FFNs are MoE layers and how they are built.
+
+    Args:
+        num_experts: routed experts per MoE layer; 0 makes every FFN dense (the baseline).
+        top_k: experts per token.
+        expert_hidden: hidden width of each routed expert.
+        every: an MoE layer in every n-th block (layer ``i`` is MoE when ``(i + 1) % every == 0``).
+        first_dense: the first n blocks always use a dense FFN (DeepSeek).
+        router: router options.
+        dispatch: dropless or capacity (capacity must use ``drop_priority='token'`` in a causal
+            model, the only order in which no token's capacity depends on later tokens).
+        shared_experts: always-on experts, or ``None``.
+        aux_loss: auxiliary-loss weights (the model returns their weighted sum).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    expert_hidden: int = 0
+    every: int = 1
+    first_dense: int = 0
+    router: RouterConfig = field(default_factory=RouterConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    shared_experts: SharedExpertConfig | None = None
+    aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0:
+            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and self.expert_hidden < 1:
+            raise ValueError(f"moe.expert_hidden must be >= 1, got {self.expert_hidden}")
+        if self.every < 1 or self.first_dense < 0:
+            raise ValueError("moe.every must be >= 1 and moe.first_dense >= 0")
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.num_experts > 0 and index >= self.first_dense and (index + 1) % self.every == 0
+
+    def layer_config(self, d_model: int, activation: Activation) -> MoEConfig:
+        return MoEConfig(
+            d_model=d_model,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            experts=ExpertConfig(hidden=self.expert_hidden, activation=activation),
+            router=self.router,
+            dispatch=self.dispatch,
+            shared_experts=self.shared_experts,
+            aux_loss=self.aux_loss,
+        )
+
+
+@dataclass(kw_only=True)
+class TransformerConfig:
+    """A pre-norm decoder-only transformer whose FFNs may be MoE layers.
+
+    Args:
+        vocab_size: tokens in the vocabulary.
+        d_model: model width.
+        n_layers: blocks.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (grouped-query attention); ``None`` means ``n_heads``.
+        head_dim: per-head width; ``None`` means ``d_model // n_heads``.
+        ffn_hidden: hidden width of the dense FFNs.
+        activation: FFN and expert activation.
+        max_seq_len: longest sequence (rotary table size, cache size).
+        rope_theta: rotary base.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: the output head reuses the token embedding.
+        moe: where the MoE layers are and how they are built.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    activation: Activation = Activation.SWIGLU
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.activation = Activation(self.activation)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                    "(or set head_dim)"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+        dispatch = self.moe.dispatch
+        if (
+            self.moe.num_experts
+            and dispatch.mode is DispatchMode.CAPACITY
+            and dispatch.drop_priority is not DropPriority.TOKEN
+        ):
+            raise ValueError(
+                f"moe.dispatch.drop_priority={dispatch.drop_priority.value!r} is not causal: a later "
+                "token could take an earlier token's capacity. Use drop_priority='token' or "
+                "mode='dropless' in a causal language model."
+            )
+        if self.moe.num_experts:
+            self.moe.layer_config(self.d_model, self.activation)  # validates top_k etc.
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe.num_experts > 0

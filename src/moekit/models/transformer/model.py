@@ -1,0 +1,174 @@
+"""Decoder-only MoE transformer language model.
+
+Legend: B = batch, S = sequence positions, D = d_model, V = vocabulary.
+
+``TransformerLM.forward`` reaches the expert matmul in four calls: model -> block -> MoE layer ->
+expert bank. Each block is pre-norm (RMSNorm): ``x + attn(norm(x))``, then ``x + ffn(norm(x))``
+where the FFN is an MoE layer or a dense FFN (``MoEPlacementConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.experts.dense import FeedForward
+from moekit.layers import MoE, MoEConfig, MoEOutput
+from moekit.models.transformer.attention import Attention, KVCache, rotary_tables
+from moekit.models.transformer.config import TransformerConfig
+
+
+@dataclass
+class LMOutput:
+    """What the language model returns.
+
+    Attributes:
+        logits: ``(B, S, V)``.
+        aux_loss: scalar, the sum of every MoE layer's weighted auxiliary loss (0 when dense).
+        moe_outputs: each MoE layer's output of this call, in layer order (statistics, losses).
+    """
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    moe_outputs: list[MoEOutput] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the FFN is an MoE layer when ``moe_config`` is given."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        ffn_hidden: int,
+        activation,
+        norm_eps: float,
+        moe_config: MoEConfig | None,
+        causal: bool = True,
+        rotary: bool = True,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn = Attention(d_model, n_heads, n_kv_heads, head_dim, causal=causal, rotary=rotary)
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn: nn.Module = (
+            moe_config.build()
+            if moe_config is not None
+            else FeedForward(d_model, ffn_hidden, activation=activation)
+        )
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        *,
+        rope=None,
+        cache=None,
+        start: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MoEOutput | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope=rope, cache=cache, start=start)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoE):
+            moe_out = self.ffn(h_BSD, padding_mask)
+            return x_BSD + moe_out.output, moe_out
+        return x_BSD + self.ffn(h_BSD), None
+
+
+class TransformerLM(nn.Module):
+    """``tokens (B, S) -> LMOutput`` with logits ``(B, S, V)``; see ``TransformerConfig``."""
+
+    model_type = "moekit_transformer_lm"
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(
+                config.d_model,
+                config.n_heads,
+                config.n_kv_heads,
+                config.head_dim,
+                ffn_hidden=config.ffn_hidden,
+                activation=config.activation,
+                norm_eps=config.norm_eps,
+                moe_config=(
+                    config.moe.layer_config(config.d_model, config.activation)
+                    if config.moe.is_moe_layer(i)
+                    else None
+                ),
+            )
+            for i in range(config.n_layers)
+        )
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> LMOutput:
+        """Args:
+            tokens: ``(B, S)`` token ids.
+            padding_mask: ``(B, S)`` bool, ``True`` for real tokens (padding is kept out of the
+                MoE dispatch, losses and statistics; use right padding).
+            kv_cache: continue from the cached positions and append these (generation).
+        """
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} "
+                f"{tokens.dtype}"
+            )
+        B, S = tokens.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
+        if start + S > min(limit, self.config.max_seq_len):
+            raise ValueError(
+                f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}"
+                + ("" if kv_cache is None else f" or the cache length {kv_cache.max_len}")
+            )
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        rope = (self.rope_cos[start : start + S], self.rope_sin[start : start + S])
+        x = self.embed(tokens)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        moe_outputs: list[MoEOutput] = []
+        for i, block in enumerate(self.blocks):
+            cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
+            x, moe_out = block(x, rope=rope, cache=cache, start=start, padding_mask=padding_mask)
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+                aux_loss = aux_loss + moe_out.aux_loss
+        if kv_cache is not None:
+            kv_cache.length = start + S
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return LMOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache.empty(
+            cfg.n_layers,
+            batch,
+            cfg.n_kv_heads,
+            max_len or cfg.max_seq_len,
+            cfg.head_dim,
+            dtype=self.embed.weight.dtype,
+            device=self.embed.weight.device,
+        )
