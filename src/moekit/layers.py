@@ -155,13 +155,13 @@ class MoE(nn.Module):
             capacity=capacity,
             priority=self.dispatch.drop_priority,
             token_mask_T=mask_T,
+            sequence_length=x.shape[-2] if x.dim() >= 3 else None,
         )
         y_TD = dispatch_and_combine(x_TD, plan, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 
-        sequence_length = x.shape[-2] if x.dim() >= 3 else None
-        losses = self._aux_losses(routing, mask_T, sequence_length)
+        losses = self._aux_losses(routing, mask_T, x.shape[-2] if x.dim() >= 3 else None)
         weights = self.aux_loss.weights()
         aux_loss = sum(
             (weights[name] * value for name, value in losses.items()),

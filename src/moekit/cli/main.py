@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from moekit.cli import example
+from moekit.cli import example, params
 
-SUBCOMMANDS = {"example": example}
+SUBCOMMANDS = {"example": example, "params": params}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,9 +17,10 @@ class DropPriority(str, Enum):
 
     ``probability``: the highest combine weights first (batch-prioritised routing, Riquelme et
     al. 2021). ``position``: every token's first choice before any second choice, and within a
-    choice rank earlier tokens first (GShard / Switch Transformer). ``token``: token by token,
-    all of a token's choices before the next token's; the only order in which whether a token is
-    kept never depends on later tokens, so it is the one a causal model may use.
+    choice rank earlier tokens first (GShard / Switch Transformer). ``token``: position by
+    position across the batch (every sequence's position 0, then every position 1, ...), a
+    token's choices in order; the only order in which whether a token is kept never depends on
+    later positions, so it is the one a causal model may use.
     """
 
     PROBABILITY = "probability"

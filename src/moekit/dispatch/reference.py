@@ -41,7 +41,8 @@ def reference_moe_output(
         if moe.dispatch.drop_priority is DropPriority.POSITION:
             assignments.sort(key=lambda a: (a[1], a[0]))
         elif moe.dispatch.drop_priority is DropPriority.TOKEN:
-            pass  # already in (token, choice) order
+            S = x.shape[-2] if x.dim() >= 3 else T
+            assignments.sort(key=lambda a: (a[0] % S, a[0] // S, a[1]))  # (position, seq, choice)
         else:
             weights = routing.weights_TK.detach()
             assignments.sort(key=lambda a: -float(weights[a[0], a[1]]))

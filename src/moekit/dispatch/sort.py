@@ -50,6 +50,7 @@ def plan_dispatch(
     capacity: int | None = None,
     priority: DropPriority = DropPriority.PROBABILITY,
     token_mask_T: torch.Tensor | None = None,
+    sequence_length: int | None = None,
 ) -> DispatchPlan:
     """Sort assignments by expert, dropping padding and (with ``capacity``) overflow.
 
@@ -60,6 +61,8 @@ def plan_dispatch(
         capacity: per-expert limit C, or ``None`` for dropless.
         priority: which assignments an over-full expert keeps (see ``DropPriority``).
         token_mask_T: ``(T,)`` bool, ``True`` for real tokens; padding is never dispatched.
+        sequence_length: S when the T tokens are B sequences of S (``token`` priority walks
+            positions across sequences); ``None`` means one sequence.
 
     Returns:
         A :class:`DispatchPlan`.
@@ -83,7 +86,9 @@ def plan_dispatch(
             # Assignment a = t*K + j; visit all first choices (j=0) in token order, then j=1, ...
             pre_A = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
         elif priority is DropPriority.TOKEN:
-            pre_A = torch.arange(T * K, device=device)
+            S = sequence_length or T
+            pre_A = torch.arange(T * K, device=device).view(T // S, S, K).transpose(0, 1)
+            pre_A = pre_A.reshape(-1)
         else:
             pre_A = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
         order_A = pre_A[torch.argsort(expert_A[pre_A], stable=True)]

@@ -96,11 +96,11 @@ class Attention(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         """Args:
-            x_BSD: ``(B, S, D)`` new positions ``start .. start+S-1``.
-            rope: ``(cos, sin)`` tables covering those positions, ``(S, Dh)`` each.
-            cache: this layer's ``(keys, values)`` buffers ``(B, G, max_len, Dh)``; the new keys
-                and values are written at ``start`` and attention covers ``0 .. start+S-1``.
-            start: position of the first new token.
+        x_BSD: ``(B, S, D)`` new positions ``start .. start+S-1``.
+        rope: ``(cos, sin)`` tables covering those positions, ``(S, Dh)`` each.
+        cache: this layer's ``(keys, values)`` buffers ``(B, G, max_len, Dh)``; the new keys
+            and values are written at ``start`` and attention covers ``0 .. start+S-1``.
+        start: position of the first new token.
         """
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)

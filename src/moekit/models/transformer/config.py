@@ -125,8 +125,8 @@ class TransformerConfig:
             and dispatch.drop_priority is not DropPriority.TOKEN
         ):
             raise ValueError(
-                f"moe.dispatch.drop_priority={dispatch.drop_priority.value!r} is not causal: a later "
-                "token could take an earlier token's capacity. Use drop_priority='token' or "
+                f"moe.dispatch.drop_priority={dispatch.drop_priority.value!r} is not causal: a "
+                "later token could take an earlier token's capacity. Use drop_priority='token' or "
                 "mode='dropless' in a causal language model."
             )
         if self.moe.num_experts:

@@ -125,17 +125,17 @@ class TransformerLM(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> LMOutput:
         """Args:
-            tokens: ``(B, S)`` token ids.
-            padding_mask: ``(B, S)`` bool, ``True`` for real tokens (padding is kept out of the
-                MoE dispatch, losses and statistics; use right padding).
-            kv_cache: continue from the cached positions and append these (generation).
+        tokens: ``(B, S)`` token ids.
+        padding_mask: ``(B, S)`` bool, ``True`` for real tokens (padding is kept out of the
+            MoE dispatch, losses and statistics; use right padding).
+        kv_cache: continue from the cached positions and append these (generation).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} "
                 f"{tokens.dtype}"
             )
-        B, S = tokens.shape
+        S = tokens.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
         limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
         if start + S > min(limit, self.config.max_seq_len):

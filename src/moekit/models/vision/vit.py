@@ -117,8 +117,10 @@ class VisionMoE(nn.Module):
         cfg = self.config
         expected = (cfg.channels, cfg.image_size, cfg.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape (B, {', '.join(map(str, expected))}), got "
+                f"{tuple(images.shape)}"
+            )
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed

@@ -1,0 +1,395 @@
+"""Parameter, FLOP and weight-memory accounting for MoE transformers.
+
+Works on moekit configs and models, and on Hugging Face ``config.json`` files of shipped MoE
+models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 with multi-head latent attention,
+DBRX, GPT-OSS), read as plain JSON: no ``transformers`` import, no download.
+
+Conventions: *total* counts every stored parameter; *active* counts what one token touches:
+everything except the routed experts it was not sent to, embedding and output head included
+(the convention of Mistral's and Qwen's model cards). Publishers who count compute rather than
+storage (OpenAI for GPT-OSS, DeepSeek, Databricks) leave the input embedding out, since a lookup
+is not a matmul: that is ``active_non_embedding``. Forward FLOPs per token are ``2 x`` the
+active matmul parameters (output head included, the embedding lookup excluded) plus attention scores and values over a context of
+``context`` tokens: ``2 x n_layers x context x (d_qk + d_v)`` with ``d_qk``/``d_v`` the summed
+query-key and value widths of all heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass
+class ArchSpec:
+    """What counting needs to know about a decoder-only MoE transformer (per-layer numbers)."""
+
+    name: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    tie_embeddings: bool
+    attention_per_layer: int
+    attention_qk_width: int  # sum over heads of the query/key width (score FLOPs)
+    attention_v_width: int  # sum over heads of the value width
+    norms_per_layer: int
+    final_norm: int
+    dense_ffn_layers: int
+    dense_ffn_params: int
+    moe_layers: int
+    num_experts: int
+    top_k: int
+    expert_params: int
+    shared_expert_params: int
+    router_params: int
+
+
+@dataclass
+class ParamReport:
+    """Counts for one architecture. All parameter numbers are plain counts."""
+
+    name: str
+    total: int
+    active: int
+    active_non_embedding: int
+    breakdown: dict[str, int]
+    active_breakdown: dict[str, int]
+    flops_per_token: int
+    context: int
+    weight_bytes: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
+    """Totals, active counts, breakdown, forward FLOPs per token and weight memory."""
+    embeddings = spec.vocab_size * spec.d_model
+    lm_head = 0 if spec.tie_embeddings else spec.vocab_size * spec.d_model
+    breakdown = {
+        "embeddings": embeddings,
+        "lm_head": lm_head,
+        "attention": spec.n_layers * spec.attention_per_layer,
+        "dense_ffn": spec.dense_ffn_layers * spec.dense_ffn_params,
+        "routed_experts": spec.moe_layers * spec.num_experts * spec.expert_params,
+        "shared_experts": spec.moe_layers * spec.shared_expert_params,
+        "routers": spec.moe_layers * spec.router_params,
+        "norms": spec.n_layers * spec.norms_per_layer + spec.final_norm,
+    }
+    active_breakdown = dict(breakdown)
+    active_breakdown["routed_experts"] = spec.moe_layers * spec.top_k * spec.expert_params
+    total = sum(breakdown.values())
+    active = sum(active_breakdown.values())
+    head_for_flops = spec.vocab_size * spec.d_model  # tied or not, the output matmul runs
+    matmul_active = active - embeddings - lm_head - active_breakdown["norms"] + head_for_flops
+    attention_flops = (
+        2 * spec.n_layers * context * (spec.attention_qk_width + spec.attention_v_width)
+    )
+    return ParamReport(
+        name=spec.name,
+        total=total,
+        active=active,
+        active_non_embedding=active - embeddings,
+        breakdown=breakdown,
+        active_breakdown=active_breakdown,
+        flops_per_token=2 * matmul_active + attention_flops,
+        context=context,
+        weight_bytes={k: total * b for k, b in BYTES_PER_PARAM.items()},
+    )
+
+
+# ---- moekit models -------------------------------------------------------------------------
+
+
+def _ffn_params(d_model: int, hidden: int, gated: bool, bias: bool = False) -> int:
+    width = 2 * hidden if gated else hidden
+    return d_model * width + hidden * d_model + ((width + d_model) if bias else 0)
+
+
+def spec_from_moekit(config) -> ArchSpec:
+    """An ``ArchSpec`` for a moekit ``TransformerConfig``."""
+    from moekit.experts.activations import Activation
+
+    gated = Activation(config.activation).is_gated
+    moe = config.moe
+    moe_layers = sum(moe.is_moe_layer(i) for i in range(config.n_layers))
+    d, hd = config.d_model, config.head_dim
+    q_width, kv_width = config.n_heads * hd, config.n_kv_heads * hd
+    shared = 0
+    if moe.shared_experts is not None:
+        s = moe.shared_experts
+        shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
+        shared += d if s.gated else 0
+    router = moe.num_experts * d + (moe.num_experts if moe.router.bias else 0)
+    router += moe.num_experts * d if moe.router.noisy_gating else 0
+    return ArchSpec(
+        name="moekit",
+        vocab_size=config.vocab_size,
+        d_model=d,
+        n_layers=config.n_layers,
+        tie_embeddings=config.tie_embeddings,
+        attention_per_layer=2 * d * q_width + 2 * d * kv_width,
+        attention_qk_width=q_width,
+        attention_v_width=q_width,
+        norms_per_layer=2 * d,
+        final_norm=d,
+        dense_ffn_layers=config.n_layers - moe_layers,
+        dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),
+        moe_layers=moe_layers,
+        num_experts=moe.num_experts,
+        top_k=moe.top_k if moe.num_experts else 0,
+        expert_params=_ffn_params(d, moe.expert_hidden, gated) if moe.num_experts else 0,
+        shared_expert_params=shared,
+        router_params=router if moe.num_experts else 0,
+    )
+
+
+# ---- Hugging Face config.json files ----------------------------------------------------------
+
+
+def _gqa_attention(c: dict, bias_qkv: bool = False, bias_o: bool = False) -> tuple[int, int, int]:
+    d, h = c["hidden_size"], c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or h
+    hd = c.get("head_dim") or d // h
+    params = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if bias_qkv:
+        params += h * hd + 2 * kv * hd
+    if bias_o:
+        params += d
+    return params, h * hd, h * hd
+
+
+def _mixtral(c: dict) -> ArchSpec:
+    d, L, E = c["hidden_size"], c["num_hidden_layers"], c["num_local_experts"]
+    attn, qk, v = _gqa_attention(c)
+    return ArchSpec(
+        "mixtral",
+        c["vocab_size"],
+        d,
+        L,
+        c.get("tie_word_embeddings", False),
+        attn,
+        qk,
+        v,
+        2 * d,
+        d,
+        0,
+        0,
+        L,
+        E,
+        c["num_experts_per_tok"],
+        3 * d * c["intermediate_size"],
+        0,
+        d * E,
+    )
+
+
+def _sparse_layers(c: dict) -> int:
+    L, step = c["num_hidden_layers"], c.get("decoder_sparse_step", 1) or 1
+    dense_only = set(c.get("mlp_only_layers") or [])
+    return sum((i + 1) % step == 0 and i not in dense_only for i in range(L))
+
+
+def _qwen_moe(c: dict, qwen3: bool) -> ArchSpec:
+    d, L, E = c["hidden_size"], c["num_hidden_layers"], c["num_experts"]
+    attn, qk, v = _gqa_attention(c, bias_qkv=not qwen3 or c.get("attention_bias", False))
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
+    norms = 2 * d + (2 * hd if qwen3 else 0)  # Qwen3 adds per-head q_norm and k_norm
+    moe_layers = _sparse_layers(c)
+    shared_hidden = c.get("shared_expert_intermediate_size", 0) or 0
+    shared = 3 * d * shared_hidden + (d if shared_hidden else 0)  # + sigmoid gate
+    return ArchSpec(
+        "qwen3_moe" if qwen3 else "qwen2_moe",
+        c["vocab_size"],
+        d,
+        L,
+        c.get("tie_word_embeddings", False),
+        attn,
+        qk,
+        v,
+        norms,
+        d,
+        L - moe_layers,
+        3 * d * c["intermediate_size"],
+        moe_layers,
+        E,
+        c["num_experts_per_tok"],
+        3 * d * c["moe_intermediate_size"],
+        shared,
+        d * E,
+    )
+
+
+def _olmoe(c: dict) -> ArchSpec:
+    d, L, E = c["hidden_size"], c["num_hidden_layers"], c["num_experts"]
+    attn, qk, v = _gqa_attention(c)
+    h = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or h
+    hd = d // h
+    norms = 2 * d + h * hd + kv * hd  # q_norm and k_norm over the whole projections
+    return ArchSpec(
+        "olmoe",
+        c["vocab_size"],
+        d,
+        L,
+        c.get("tie_word_embeddings", False),
+        attn,
+        qk,
+        v,
+        norms,
+        d,
+        0,
+        0,
+        L,
+        E,
+        c["num_experts_per_tok"],
+        3 * d * c["intermediate_size"],
+        0,
+        d * E,
+    )
+
+
+def _deepseek(c: dict) -> ArchSpec:
+    d, L, h = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    nope, rope, v_dim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    q_rank, kv_rank = c.get("q_lora_rank"), c["kv_lora_rank"]
+    q_head = nope + rope
+    # low-rank query: down projection, norm, up projection
+    q_params = d * q_rank + q_rank + q_rank * h * q_head if q_rank else d * h * q_head
+    kv_params = d * (kv_rank + rope) + kv_rank + kv_rank * h * (nope + v_dim)
+    attn = q_params + kv_params + h * v_dim * d
+    E = c["n_routed_experts"]
+    first_dense = c.get("first_k_dense_replace", 0)
+    freq = c.get("moe_layer_freq", 1) or 1
+    moe_layers = sum(i >= first_dense and i % freq == 0 for i in range(L))
+    expert = 3 * d * c["moe_intermediate_size"]
+    router = d * E + (E if c.get("topk_method") == "noaux_tc" else 0)  # V3 selection bias
+    return ArchSpec(
+        c.get("model_type", "deepseek"),
+        c["vocab_size"],
+        d,
+        L,
+        c.get("tie_word_embeddings", False),
+        attn,
+        h * q_head,
+        h * v_dim,
+        2 * d,
+        d,
+        L - moe_layers,
+        3 * d * c["intermediate_size"],
+        moe_layers,
+        E,
+        c["num_experts_per_tok"],
+        expert,
+        (c.get("n_shared_experts") or 0) * expert,
+        router,
+    )
+
+
+def _dbrx(c: dict) -> ArchSpec:
+    d, L, h = c["d_model"], c["n_layers"], c["n_heads"]
+    attn_cfg, ffn_cfg = c.get("attn_config", {}), c.get("ffn_config", {})
+    kv = attn_cfg.get("kv_n_heads", h)
+    hd = d // h
+    attn = d * (h * hd + 2 * kv * hd) + h * hd * d  # fused Wqkv + out_proj, no biases
+    E = ffn_cfg["moe_num_experts"]
+    return ArchSpec(
+        "dbrx",
+        c["vocab_size"],
+        d,
+        L,
+        c.get("tie_word_embeddings", False),
+        attn,
+        h * hd,
+        h * hd,
+        2 * d,
+        d,
+        0,
+        0,
+        L,
+        E,
+        ffn_cfg["moe_top_k"],
+        3 * d * ffn_cfg["ffn_hidden_size"],
+        0,
+        d * E,
+    )
+
+
+def _gpt_oss(c: dict) -> ArchSpec:
+    d, L = c["hidden_size"], c["num_hidden_layers"]
+    attn, qk, v = _gqa_attention(c, bias_qkv=True, bias_o=True)
+    attn += c["num_attention_heads"]  # attention sinks, one per head
+    E, inter = c["num_local_experts"], c["intermediate_size"]
+    expert = d * 2 * inter + 2 * inter + inter * d + d  # gate_up and down with biases
+    return ArchSpec(
+        "gpt_oss",
+        c["vocab_size"],
+        d,
+        L,
+        c.get("tie_word_embeddings", False),
+        attn,
+        qk,
+        v,
+        2 * d,
+        d,
+        0,
+        0,
+        L,
+        E,
+        c.get("num_experts_per_tok") or c["experts_per_token"],
+        expert,
+        0,
+        d * E + E,
+    )
+
+
+HF_FAMILIES: dict[str, Callable[[dict], ArchSpec]] = {
+    "mixtral": _mixtral,
+    "qwen2_moe": lambda c: _qwen_moe(c, qwen3=False),
+    "qwen3_moe": lambda c: _qwen_moe(c, qwen3=True),
+    "olmoe": _olmoe,
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
+    "dbrx": _dbrx,
+    "gpt_oss": _gpt_oss,
+}
+
+
+def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
+    """An ``ArchSpec`` from a Hugging Face ``config.json`` (a path, a folder or a dict)."""
+    if not isinstance(config, dict):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no Hugging Face config.json at {config}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
+        )
+    try:
+        return HF_FAMILIES[model_type](config)
+    except KeyError as e:
+        raise ValueError(f"{model_type} config.json lacks the field {e.args[0]!r}") from None
+
+
+def count_parameters(source: Any, context: int = 4096) -> ParamReport:
+    """Accounting for a moekit model or ``TransformerConfig``, or a Hugging Face config.json
+    (path, folder or dict)."""
+    from moekit.models.transformer.config import TransformerConfig
+
+    config = getattr(source, "config", source)
+    if isinstance(config, TransformerConfig):
+        return report(spec_from_moekit(config), context)
+    return report(spec_from_hf_config(source), context)

@@ -1,0 +1,72 @@
+"""``moekit params``: parameter, FLOP and memory accounting for a model config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from moekit.analysis.params import ParamReport, count_parameters
+
+HELP = (
+    "Count total and active parameters, forward FLOPs per token and weight memory of a "
+    "Hugging Face MoE config.json (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, DBRX, GPT-OSS) "
+    "or a moekit checkpoint folder."
+)
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="config.json file, or a folder holding one")
+    parser.add_argument(
+        "--context", type=int, default=4096, help="context length for attention FLOPs"
+    )
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _load(path: Path, context: int) -> ParamReport:
+    folder = path if path.is_dir() else path.parent
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise SystemExit(f"moekit params: no config.json at {path}")
+    data = json.loads(config_file.read_text())
+    if str(data.get("model_type", "")).startswith("moekit_"):
+        from moekit.models.checkpoint import read_config
+
+        _, config = read_config(folder)
+        return count_parameters(config, context)
+    return count_parameters(data, context)
+
+
+def format_report(r: ParamReport) -> str:
+    lines = [
+        f"{r.name}: {_human(r.total)} total, {_human(r.active)} active per token "
+        f"({_human(r.active_non_embedding)} without the input embedding)",
+        "",
+        f"{'component':<16}{'total':>12}{'active':>12}",
+    ]
+    for key, value in r.breakdown.items():
+        if value:
+            lines.append(f"{key:<16}{_human(value):>12}{_human(r.active_breakdown[key]):>12}")
+    lines += [
+        "",
+        f"forward FLOPs per token (context {r.context}): {_human(r.flops_per_token)}",
+        "weight memory: "
+        + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in r.weight_bytes.items()),
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = _load(Path(args.config), args.context)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"moekit params: {e}") from None
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_report(result))
+    return 0

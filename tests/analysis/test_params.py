@@ -1,0 +1,122 @@
+"""Accounting against published figures (configs written out from the published values) and
+against the actual parameter count of built moekit models."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import moekit
+from moekit.analysis.params import count_parameters
+from moekit.cli.main import main
+from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, save_pretrained
+
+CONFIGS = Path(__file__).parent / "hf_configs"
+
+# (file, published total, published active, which active the publisher counts, tolerance)
+# "active" includes the input embedding (Mistral, Qwen model cards); "active_non_embedding"
+# leaves it out (OpenAI, DeepSeek, Databricks count compute).
+PUBLISHED = [
+    ("mixtral-8x7b.json", 46.7e9, 12.9e9, "active", 0.01),
+    ("qwen1.5-moe-a2.7b.json", 14.3e9, 2.7e9, "active", 0.01),
+    ("qwen3-235b-a22b.json", 235e9, 22e9, "active", 0.01),
+    ("gpt-oss-120b.json", 116.83e9, 5.13e9, "active_non_embedding", 0.01),
+    ("gpt-oss-20b.json", 20.91e9, 3.61e9, "active_non_embedding", 0.01),
+    ("deepseek-v2.json", 236e9, 21e9, "active_non_embedding", 0.01),
+    ("deepseek-v3.json", 671e9, 37e9, "active_non_embedding", 0.011),  # 36.63B: 1.01% off
+    ("dbrx.json", 132e9, 36e9, "active_non_embedding", 0.01),
+    # Published to two digits only: OLMoE 6.9B/1.3B (we count 1.28B, 1.4% off but equal to
+    # the published precision); Qwen3-30B-A3B 30.5B/3.3B (we count 3.35B, the card truncates).
+    ("olmoe-1b-7b.json", 6.9e9, 1.3e9, "active", 0.015),
+    ("qwen3-30b-a3b.json", 30.5e9, 3.3e9, "active", 0.017),
+]
+
+
+@pytest.mark.parametrize(("name", "total", "active", "convention", "tol"), PUBLISHED)
+def test_published_totals_and_active_counts(name, total, active, convention, tol):
+    report = count_parameters(CONFIGS / name)
+    assert report.total == pytest.approx(total, rel=0.01)
+    assert getattr(report, convention) == pytest.approx(active, rel=tol)
+    assert report.weight_bytes["bf16"] == 2 * report.total
+    assert report.flops_per_token > 2 * report.active_non_embedding
+
+
+def test_qwen3_non_embedding_total_matches_model_card():
+    report = count_parameters(CONFIGS / "qwen3-30b-a3b.json")
+    non_embedding = report.total - report.breakdown["embeddings"] - report.breakdown["lm_head"]
+    assert non_embedding == pytest.approx(29.9e9, rel=0.005)
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        MoEPlacementConfig(),
+        MoEPlacementConfig(
+            num_experts=6,
+            top_k=2,
+            expert_hidden=24,
+            every=2,
+            shared_experts=moekit.SharedExpertConfig(hidden=16, gated=True),
+            router=moekit.RouterConfig(bias=True, noisy_gating=True),
+        ),
+        MoEPlacementConfig(num_experts=4, top_k=1, expert_hidden=8, first_dense=1),
+    ],
+)
+@pytest.mark.parametrize("tied", [False, True])
+def test_moekit_counts_equal_the_built_model(moe, tied):
+    cfg = TransformerConfig(
+        vocab_size=50,
+        d_model=16,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=40,
+        tie_embeddings=tied,
+        moe=moe,
+    )
+    model = TransformerLM(cfg)
+    report = count_parameters(model)
+    assert report.total == sum(p.numel() for p in model.parameters())
+    unused = sum(
+        (moe.num_experts - moe.top_k) * b.ffn.experts.w_in_EDH[0].numel()
+        + (moe.num_experts - moe.top_k) * b.ffn.experts.w_out_EHD[0].numel()
+        for b in model.blocks
+        if isinstance(b.ffn, moekit.MoE)
+    )
+    assert report.active == report.total - unused
+
+
+def test_unsupported_family_and_missing_field():
+    with pytest.raises(ValueError, match="not supported"):
+        count_parameters({"model_type": "llama"})
+    with pytest.raises(ValueError, match="lacks the field 'num_local_experts'"):
+        count_parameters(
+            {
+                "model_type": "mixtral",
+                "vocab_size": 1,
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 4,
+                "num_experts_per_tok": 1,
+            }
+        )
+
+
+def test_cli_table_and_json(capsys, tmp_path):
+    assert main(["params", str(CONFIGS / "mixtral-8x7b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "46.70B total" in out and "12.88B active" in out and "routed_experts" in out
+    assert main(["params", str(CONFIGS / "mixtral-8x7b.json"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == count_parameters(CONFIGS / "mixtral-8x7b.json").total
+    model = TransformerLM(
+        TransformerConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, ffn_hidden=8)
+    )
+    save_pretrained(model, tmp_path / "m")
+    assert main(["params", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == sum(
+        p.numel() for p in model.parameters()
+    )
+    with pytest.raises(SystemExit, match=r"no config\.json"):
+        main(["params", str(tmp_path / "missing.json")])
