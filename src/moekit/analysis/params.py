@@ -9,8 +9,8 @@ everything except the routed experts it was not sent to, embedding and output he
 (the convention of Mistral's and Qwen's model cards). Publishers who count compute rather than
 storage (OpenAI for GPT-OSS, DeepSeek, Databricks) leave the input embedding out, since a lookup
 is not a matmul: that is ``active_non_embedding``. Forward FLOPs per token are ``2 x`` the
-active matmul parameters (output head included, the embedding lookup excluded) plus attention scores and values over a context of
-``context`` tokens: ``2 x n_layers x context x (d_qk + d_v)`` with ``d_qk``/``d_v`` the summed
+active matmul parameters (output head included, the embedding lookup excluded) plus attention
+scores and values over a context of ``context`` tokens: ``2 x n_layers x context x (d_qk + d_v)`` with ``d_qk``/``d_v`` the summed
 query-key and value widths of all heads.
 """
 
