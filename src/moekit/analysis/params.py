@@ -10,8 +10,8 @@ everything except the routed experts it was not sent to, embedding and output he
 storage (OpenAI for GPT-OSS, DeepSeek, Databricks) leave the input embedding out, since a lookup
 is not a matmul: that is ``active_non_embedding``. Forward FLOPs per token are ``2 x`` the
 active matmul parameters (output head included, the embedding lookup excluded) plus attention
-scores and values over a context of ``context`` tokens: ``2 x n_layers x context x (d_qk + d_v)`` with ``d_qk``/``d_v`` the summed
-query-key and value widths of all heads.
+scores and values over a context of ``context`` tokens, ``2 x n_layers x context x (d_qk + d_v)``,
+with ``d_qk`` and ``d_v`` the summed query-key and value widths of all heads.
 """
 
 from __future__ import annotations
