@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moekit.utils.serialization import atomic_write_json, config_from_dict, config_to_dict
+from moekit.utils.serialization import (
+    atomic_write_json,
+    config_from_dict,
+    config_to_dict,
+    write_folder_atomically,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,38 +43,21 @@ def _registry() -> dict[str, tuple[type[nn.Module], type]]:
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Save ``model`` (a moekit model with ``config`` and ``model_type``) to ``directory``."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving."))
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(staging / WEIGHTS_FILE, "rb+") as f:
-            os.fsync(f.fileno())
-        atomic_write_json(
-            staging / CONFIG_FILE,
-            {
-                "model_type": model.model_type,
-                "format_version": FORMAT_VERSION,
-                "config": config_to_dict(model.config),
-            },
-        )
-        _swap_into_place(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    return write_folder_atomically(directory, lambda staging: write_model_files(model, staging))
 
 
-def _swap_into_place(staging: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+def write_model_files(model: nn.Module, folder: Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (no atomicity here)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    atomic_write_json(
+        folder / CONFIG_FILE,
+        {
+            "model_type": model.model_type,
+            "format_version": FORMAT_VERSION,
+            "config": config_to_dict(model.config),
+        },
+    )
 
 
 def read_config(directory: str | os.PathLike) -> tuple[str, Any]:

@@ -1,0 +1,120 @@
+"""Training checkpoints: model, optimizer, scheduler, RNG and data position, no pickle.
+
+A checkpoint is a folder ``<out_dir>/checkpoints/step_<N>/`` holding the model files of
+``save_pretrained`` (``config.json``, ``model.safetensors``), ``optimizer.safetensors`` (every
+optimizer tensor and the torch RNG state) and ``trainer_state.json`` (step, scheduler, optimizer
+hyper-parameters, the training config). Each folder is written through a staging folder and
+swapped in, then ``checkpoints/latest`` (a one-line file) is replaced atomically: a kill at any
+moment leaves the previous checkpoint complete and pointed to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moekit.models.checkpoint import from_pretrained, write_model_files
+from moekit.utils.serialization import (
+    atomic_write_bytes,
+    atomic_write_json,
+    write_folder_atomically,
+)
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for pid, entries in state["state"].items():
+        plain["state"][str(pid)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain["state"][str(pid)][key] = value
+    return tensors, plain
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in plain["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_training_checkpoint(
+    checkpoints_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_config: dict[str, Any],
+) -> Path:
+    """Write ``step_<step>`` under ``checkpoints_dir`` and point ``latest`` at it."""
+    checkpoints_dir = Path(checkpoints_dir)
+    tensors, plain = _split_optimizer_state(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+
+    def write(folder: Path) -> None:
+        write_model_files(model, folder)
+        save_file(tensors, str(folder / OPTIMIZER_FILE))
+        atomic_write_json(
+            folder / STATE_FILE,
+            {
+                "step": step,
+                "optimizer": plain,
+                "scheduler": scheduler.state_dict(),
+                "train_config": train_config,
+            },
+        )
+
+    folder = write_folder_atomically(checkpoints_dir / f"step_{step:07d}", write)
+    atomic_write_bytes(checkpoints_dir / LATEST, (folder.name + "\n").encode())
+    return folder
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The folder ``latest`` points to, or ``None`` when there is no checkpoint yet."""
+    pointer = Path(checkpoints_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(checkpoints_dir) / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{pointer} points to {folder.name}, which does not exist")
+    return folder
+
+
+def load_training_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``folder``; returns the trainer state."""
+    folder = Path(folder)
+    loaded = from_pretrained(folder)  # validates config, names and shapes
+    if loaded.config != model.config:
+        raise ValueError(f"{folder} holds a different model config than this run's")
+    model.load_state_dict(loaded.state_dict())
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"no {STATE_FILE} in {folder}")
+    state = json.loads(state_path.read_text())
+    try:
+        tensors = load_file(str(folder / OPTIMIZER_FILE))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{folder / OPTIMIZER_FILE} is missing or corrupt: {e}") from None
+    optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state

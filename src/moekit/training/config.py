@@ -1,0 +1,187 @@
+"""Training configuration: one dataclass tree, loaded from TOML/YAML/JSON plus ``key=value``
+overrides, validated before any training starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.models.transformer.config import TransformerConfig
+from moekit.training.data import ByteTokenizer, DataConfig
+from moekit.utils.serialization import config_from_dict
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with decoupled weight decay, linear warm-up then cosine decay.
+
+    Args:
+        lr: peak learning rate.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        warmup_steps: linear warm-up steps.
+        weight_decay: decoupled decay for matrices (not norms, biases or router biases).
+        beta1, beta2, eps: AdamW moments.
+        grad_clip: global gradient-norm clip (0 disables).
+        grad_accum: micro-batches per optimizer step.
+    """
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("optim.warmup_steps, weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+DEFAULT_MODEL = {
+    "vocab_size": ByteTokenizer.vocab_size,
+    "d_model": 128,
+    "n_layers": 4,
+    "n_heads": 4,
+    "ffn_hidden": 512,
+    "max_seq_len": 256,
+}
+
+
+def _default_model() -> TransformerConfig:
+    return TransformerConfig(**DEFAULT_MODEL)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run needs.
+
+    Args:
+        model: the transformer (its ``vocab_size`` must be 256 for byte tokens).
+        data: corpus and batch shape.
+        optim: optimizer and schedule.
+        steps: optimizer steps.
+        eval_every: validate every n steps (and at the end).
+        eval_batches: validation batches per evaluation.
+        log_every: write a metrics line every n steps.
+        checkpoint_every: save a checkpoint every n steps (0: only at the end).
+        out_dir: run folder (checkpoints, metrics.jsonl).
+        seed: seeds the model initialisation and the data order.
+        bf16: run forward and backward under bfloat16 autocast.
+        retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
+            ``moekit.utils.allocator``).
+    """
+
+    model: TransformerConfig = field(default_factory=_default_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 300
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 0
+    out_dir: str = "runs/train"
+    seed: int = 0
+    bf16: bool = False
+    retain_freed_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.model.vocab_size != ByteTokenizer.vocab_size:
+            raise ValueError(
+                f"model.vocab_size must be {ByteTokenizer.vocab_size} for byte tokens, got "
+                f"{self.model.vocab_size}"
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}"
+            )
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    if path.suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("YAML configs need PyYAML (pip install pyyaml)") from None
+        return yaml.safe_load(text) or {}
+    raise ValueError(f"config file must end in .toml, .yaml, .yml or .json, got {path.name}")
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as JSON where possible)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(raw.strip())
+    return data
+
+
+def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, updated by the file at ``path`` (if any), then by ``overrides``."""
+    # Start from the explicitly chosen defaults only, so derived fields (n_kv_heads, head_dim)
+    # follow whatever the file or the overrides set.
+    data: dict[str, Any] = {"model": dict(DEFAULT_MODEL)}
+    if path is not None:
+        _merge(data, _read_file(Path(path)))
+    apply_overrides(data, overrides or [])
+    return config_from_dict(TrainConfig, data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value

@@ -1,0 +1,235 @@
+"""One readable training loop for the MoE language model.
+
+Per optimizer step: ``grad_accum`` micro-batches of cross-entropy plus the model's weighted MoE
+auxiliary losses, gradient clipping, AdamW, the schedule, then the auxiliary-loss-free bias
+update of every bias-balancing router (DeepSeek-V3). Metrics go to ``metrics.jsonl`` (and to
+TensorBoard when it is installed); validation every ``eval_every`` steps; checkpoints every
+``checkpoint_every`` steps and at the end. ``resume=True`` continues from the latest checkpoint
+and gives the same losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from moekit.models.transformer.model import TransformerLM
+from moekit.routing.bias_balancing import update_expert_bias
+from moekit.training.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from moekit.training.config import TrainConfig
+from moekit.training.data import TokenStream, load_corpus
+from moekit.training.optim import build_optimizer, build_scheduler
+from moekit.utils.allocator import retain_freed_memory
+from moekit.utils.serialization import config_to_dict
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    model: TransformerLM
+    out_dir: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall_time: float = 0.0
+    train_time: float = 0.0
+    tokens: int = 0
+
+    @property
+    def evals(self) -> list[tuple[int, float]]:
+        return [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.evals[-1][1]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_time if self.train_time else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: TransformerLM, stream: TokenStream, batches: int, batch_size: int, seq_len: int
+) -> float:
+    """Mean next-token cross-entropy (nats) over fixed validation windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in stream.eval_batches(batches, batch_size, seq_len):
+        logits = model(x).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def _moe_record(outputs) -> list[dict[str, Any]]:
+    return [
+        {
+            "tokens_per_expert": o.stats.tokens_per_expert.tolist(),
+            "dropped_fraction": round(float(o.stats.dropped_fraction), 6),
+            "router_entropy": round(float(o.stats.router_entropy), 6),
+            "losses": {k: round(float(v.detach()), 6) for k, v in o.losses.items()},
+        }
+        for o in outputs
+    ]
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (truncated to the resumed step) and, if installed, TensorBoard."""
+
+    def __init__(self, out_dir: Path, start_step: int) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= start_step:
+                    kept.append(json.loads(line))
+        self.records = kept
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tensorboard = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.data``.
+
+    Args:
+        config: the run.
+        resume: continue from ``<out_dir>/checkpoints/latest`` if it exists.
+        progress: show a progress bar.
+        desc: progress-bar label.
+        on_record: called with every metrics record (callbacks, live plots).
+        stop_after: stop after this many steps in total (simulates an interrupted run).
+    """
+    start_time = time.perf_counter()
+    if config.retain_freed_memory:
+        retain_freed_memory()
+    train_stream, val_stream = load_corpus(config.data)  # fails before any model is built
+    torch.manual_seed(config.seed)
+    model = TransformerLM(config.model)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.steps, config.optim)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / "checkpoints"
+    start_step = 0
+    if resume and (folder := latest_checkpoint(checkpoints)) is not None:
+        start_step = load_training_checkpoint(folder, model, optimizer, scheduler)["step"]
+    elif not resume and checkpoints.exists() and any(checkpoints.iterdir()):
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints; pass resume=True (--resume) or choose "
+            "another out_dir"
+        )
+    log = _MetricsLog(out_dir, start_step)
+    result = TrainResult(model=model, out_dir=out_dir, records=log.records)
+    config_dict = config_to_dict(config)
+    data, optim = config.data, config.optim
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
+    )
+    last_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc=desc,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    model.train()
+    for step in range(start_step, last_step):
+        step_start = time.perf_counter()
+        ce_total, aux_total = 0.0, 0.0
+        for micro in range(optim.grad_accum):
+            x, y = train_stream.batch(
+                step * optim.grad_accum + micro, data.batch_size, data.seq_len, config.seed
+            )
+            with autocast:
+                out = model(x)
+                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+            ((ce + out.aux_loss) / optim.grad_accum).backward()
+            ce_total += ce.item() / optim.grad_accum
+            aux_total += float(out.aux_loss.detach()) / optim.grad_accum
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip))
+            if optim.grad_clip > 0
+            else float("nan")
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(model)
+        step_time = time.perf_counter() - step_start
+        result.train_time += step_time
+        result.tokens += optim.grad_accum * data.batch_size * data.seq_len
+        done = step + 1
+        if not math.isfinite(ce_total):
+            raise FloatingPointError(f"training loss became {ce_total} at step {done}")
+        is_eval = done % config.eval_every == 0 or done == config.steps
+        if done % config.log_every == 0 or is_eval or done == last_step:
+            record: dict[str, Any] = {
+                "step": done,
+                "loss": ce_total,
+                "aux_loss": aux_total,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_second": optim.grad_accum * data.batch_size * data.seq_len / step_time,
+                "moe": _moe_record(out.moe_outputs),
+            }
+            if is_eval:
+                record["val_loss"] = evaluate(
+                    model, val_stream, config.eval_batches, data.batch_size, data.seq_len
+                )
+            log.write(record)
+            if on_record is not None:
+                on_record(record)
+            bar.set_postfix(
+                loss=f"{ce_total:.3f}", **({"val": f"{record['val_loss']:.3f}"} if is_eval else {})
+            )
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == last_step:
+            save_training_checkpoint(checkpoints, done, model, optimizer, scheduler, config_dict)
+        bar.update(1)
+    bar.close()
+    log.close()
+    result.wall_time = time.perf_counter() - start_time
+    return result
