@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from moekit.cli import example, params
+from moekit.cli import demo, example, params
 
-SUBCOMMANDS = {"example": example, "params": params}
+SUBCOMMANDS = {"demo": demo, "example": example, "params": params}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,78 @@
+"""Plots of training runs (matplotlib, headless): loss curves, expert-load heat maps, drops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'moekit[report]'") from e
+    return plt
+
+
+def plot_val_loss(curves: dict[str, list[tuple[int, float]]], path: Path,
+                  target: float | None = None) -> Path:
+    """Validation loss against step, one line per run, optional horizontal target line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, points in curves.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=2.5,
+                label=name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8,
+                   label=f"dense final ({target:.3f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(records: list[dict[str, Any]], layer: int, path: Path) -> Path:
+    """Heat map of one MoE layer's share of routed tokens per expert over training."""
+    plt = _pyplot()
+    rows = [(r["step"], r["moe"][layer]["tokens_per_expert"]) for r in records if r.get("moe")]
+    steps = [s for s, _ in rows]
+    shares = [[c / max(sum(counts), 1) for c in counts] for _, counts in rows]
+    num_experts = len(shares[0])
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=120)
+    image = ax.imshow(
+        list(map(list, zip(*shares, strict=True))), aspect="auto", cmap="viridis",
+        extent=(steps[0], steps[-1], num_experts - 0.5, -0.5), vmin=0.0,
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("expert")
+    ax.set_title(f"MoE layer {layer}: share of routed tokens (uniform = {1 / num_experts:.3f})")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_dropped_fraction(records: list[dict[str, Any]], path: Path) -> Path:
+    """Dropped fraction of routed assignments per MoE layer over training."""
+    plt = _pyplot()
+    rows = [r for r in records if r.get("moe")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=120)
+    for layer in range(len(rows[0]["moe"])):
+        ax.plot([r["step"] for r in rows], [r["moe"][layer]["dropped_fraction"] for r in rows],
+                label=f"layer {layer}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dropped fraction")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,86 @@
+"""Dense vs MoE at equal active parameters: the experiment behind ``moekit demo``.
+
+Both models share every setting (data, tokens, steps, optimizer, schedule, seed); the MoE model
+replaces each dense FFN of hidden width ``h`` by ``E`` experts of width ``h / k`` with top-``k``
+routing, so each token meets the same number of FFN parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from moekit.analysis.params import ParamReport, count_parameters
+from moekit.models.transformer.config import MoEPlacementConfig
+from moekit.training.config import TrainConfig
+from moekit.training.loop import TrainResult
+
+
+def moe_twin(config: TrainConfig, num_experts: int, top_k: int,
+             moe: MoEPlacementConfig | None = None) -> TrainConfig:
+    """``config`` with every FFN an MoE of ``num_experts`` experts of width ``ffn_hidden/top_k``."""
+    hidden = config.model.ffn_hidden
+    if hidden % top_k:
+        raise ValueError(f"ffn_hidden={hidden} must be divisible by top_k={top_k}")
+    placement = moe or MoEPlacementConfig()
+    placement = dataclasses.replace(
+        placement, num_experts=num_experts, top_k=top_k, expert_hidden=hidden // top_k
+    )
+    model = dataclasses.replace(config.model, moe=placement)
+    return dataclasses.replace(config, model=model)
+
+
+def steps_to_reach(evals: list[tuple[int, float]], target: float) -> int | None:
+    """First evaluated step whose validation loss is at or below ``target``."""
+    return next((step for step, loss in evals if loss <= target), None)
+
+
+@dataclass
+class Comparison:
+    dense: TrainResult
+    moe: TrainResult
+    dense_params: ParamReport
+    moe_params: ParamReport
+
+    @property
+    def target(self) -> float:
+        return self.dense.final_val_loss
+
+    @property
+    def moe_steps_to_dense_loss(self) -> int | None:
+        return steps_to_reach(self.moe.evals, self.target)
+
+    @property
+    def dense_steps(self) -> int:
+        return self.dense.evals[-1][0]
+
+    @property
+    def step_ratio(self) -> float | None:
+        steps = self.moe_steps_to_dense_loss
+        return None if steps is None else steps / self.dense_steps
+
+    def table(self) -> str:
+        rows = [("model", "total params", "active/token", "val loss", "val ppl", "tokens/s",
+                 "wall s")]
+        for name, run, params in (("dense", self.dense, self.dense_params),
+                                  ("moe", self.moe, self.moe_params)):
+            rows.append((name, f"{params.total:,}", f"{params.active:,}",
+                         f"{run.final_val_loss:.4f}", f"{math.exp(run.final_val_loss):.3f}",
+                         f"{run.tokens_per_second:,.0f}", f"{run.wall_time:.1f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
+                           for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+        steps = self.moe_steps_to_dense_loss
+        if steps is None:
+            lines.append(f"MoE did not reach the dense model's final validation loss "
+                         f"({self.target:.4f}) within {self.dense_steps} steps.")
+        else:
+            lines.append(f"MoE reached the dense model's final validation loss ({self.target:.4f}) "
+                         f"at step {steps} of {self.dense_steps}: {self.step_ratio:.2f}x the "
+                         f"dense model's steps ({1 / self.step_ratio:.2f}x fewer).")
+        return "\n".join(lines)
+
+
+def param_reports(dense: TrainConfig, moe: TrainConfig) -> tuple[ParamReport, ParamReport]:
+    return count_parameters(dense.model), count_parameters(moe.model)
