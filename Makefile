@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/moekit example
+	$(BIN)/moekit demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

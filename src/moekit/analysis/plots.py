@@ -17,17 +17,20 @@ def _pyplot():
     return plt
 
 
-def plot_val_loss(curves: dict[str, list[tuple[int, float]]], path: Path,
-                  target: float | None = None) -> Path:
+def plot_val_loss(
+    curves: dict[str, list[tuple[int, float]]], path: Path, target: float | None = None
+) -> Path:
     """Validation loss against step, one line per run, optional horizontal target line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, points in curves.items():
-        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=2.5,
-                label=name)
+        ax.plot(
+            [s for s, _ in points], [v for _, v in points], marker="o", markersize=2.5, label=name
+        )
     if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8,
-                   label=f"dense final ({target:.3f})")
+        ax.axhline(
+            target, color="grey", linestyle="--", linewidth=0.8, label=f"dense final ({target:.3f})"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.grid(alpha=0.3)
@@ -47,8 +50,11 @@ def plot_expert_load(records: list[dict[str, Any]], layer: int, path: Path) -> P
     num_experts = len(shares[0])
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=120)
     image = ax.imshow(
-        list(map(list, zip(*shares, strict=True))), aspect="auto", cmap="viridis",
-        extent=(steps[0], steps[-1], num_experts - 0.5, -0.5), vmin=0.0,
+        list(map(list, zip(*shares, strict=True))),
+        aspect="auto",
+        cmap="viridis",
+        extent=(steps[0], steps[-1], num_experts - 0.5, -0.5),
+        vmin=0.0,
     )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("expert")
@@ -66,8 +72,11 @@ def plot_dropped_fraction(records: list[dict[str, Any]], path: Path) -> Path:
     rows = [r for r in records if r.get("moe")]
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=120)
     for layer in range(len(rows[0]["moe"])):
-        ax.plot([r["step"] for r in rows], [r["moe"][layer]["dropped_fraction"] for r in rows],
-                label=f"layer {layer}")
+        ax.plot(
+            [r["step"] for r in rows],
+            [r["moe"][layer]["dropped_fraction"] for r in rows],
+            label=f"layer {layer}",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("dropped fraction")
     ax.grid(alpha=0.3)

@@ -37,8 +37,10 @@ def write_demo_report(comparison, report_dir: Path, settings: dict) -> Path:
         "| tokens/s | wall time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, run, params in (("dense", comparison.dense, comparison.dense_params),
-                              ("moe", comparison.moe, comparison.moe_params)):
+    for name, run, params in (
+        ("dense", comparison.dense, comparison.dense_params),
+        ("moe", comparison.moe, comparison.moe_params),
+    ):
         lines.append(
             f"| {name} | {params.total:,} | {params.active:,} | {run.final_val_loss:.4f} | "
             f"{math.exp(run.final_val_loss):.3f} | {run.tokens_per_second:,.0f} | "
@@ -46,13 +48,17 @@ def write_demo_report(comparison, report_dir: Path, settings: dict) -> Path:
         )
     lines.append("")
     if steps is None:
-        lines.append(f"The MoE model did not reach the dense model's final validation loss "
-                     f"({comparison.target:.4f}) within {comparison.dense_steps} steps.")
+        lines.append(
+            f"The MoE model did not reach the dense model's final validation loss "
+            f"({comparison.target:.4f}) within {comparison.dense_steps} steps."
+        )
     else:
-        lines.append(f"The MoE model reached the dense model's final validation loss "
-                     f"({comparison.target:.4f}) at step **{steps}** of "
-                     f"{comparison.dense_steps}: **{comparison.step_ratio:.2f}x** the dense "
-                     f"model's steps.")
+        lines.append(
+            f"The MoE model reached the dense model's final validation loss "
+            f"({comparison.target:.4f}) at step **{steps}** of "
+            f"{comparison.dense_steps}: **{comparison.step_ratio:.2f}x** the dense "
+            f"model's steps."
+        )
     lines.append("")
     for title, name in images:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]

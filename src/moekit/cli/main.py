@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from moekit.cli import demo, example, params
+from moekit.cli import demo, evaluate, example, generate, params, train
 
-SUBCOMMANDS = {"demo": demo, "example": example, "params": params}
+SUBCOMMANDS = {
+    "demo": demo,
+    "train": train,
+    "eval": evaluate,
+    "generate": generate,
+    "params": params,
+    "example": example,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

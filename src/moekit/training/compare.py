@@ -17,8 +17,9 @@ from moekit.training.config import TrainConfig
 from moekit.training.loop import TrainResult
 
 
-def moe_twin(config: TrainConfig, num_experts: int, top_k: int,
-             moe: MoEPlacementConfig | None = None) -> TrainConfig:
+def moe_twin(
+    config: TrainConfig, num_experts: int, top_k: int, moe: MoEPlacementConfig | None = None
+) -> TrainConfig:
     """``config`` with every FFN an MoE of ``num_experts`` experts of width ``ffn_hidden/top_k``."""
     hidden = config.model.ffn_hidden
     if hidden % top_k:
@@ -61,24 +62,44 @@ class Comparison:
         return None if steps is None else steps / self.dense_steps
 
     def table(self) -> str:
-        rows = [("model", "total params", "active/token", "val loss", "val ppl", "tokens/s",
-                 "wall s")]
-        for name, run, params in (("dense", self.dense, self.dense_params),
-                                  ("moe", self.moe, self.moe_params)):
-            rows.append((name, f"{params.total:,}", f"{params.active:,}",
-                         f"{run.final_val_loss:.4f}", f"{math.exp(run.final_val_loss):.3f}",
-                         f"{run.tokens_per_second:,.0f}", f"{run.wall_time:.1f}"))
+        rows = [
+            ("model", "total params", "active/token", "val loss", "val ppl", "tokens/s", "wall s")
+        ]
+        for name, run, params in (
+            ("dense", self.dense, self.dense_params),
+            ("moe", self.moe, self.moe_params),
+        ):
+            rows.append(
+                (
+                    name,
+                    f"{params.total:,}",
+                    f"{params.active:,}",
+                    f"{run.final_val_loss:.4f}",
+                    f"{math.exp(run.final_val_loss):.3f}",
+                    f"{run.tokens_per_second:,.0f}",
+                    f"{run.wall_time:.1f}",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
-                           for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+        lines = [
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in rows
+        ]
         steps = self.moe_steps_to_dense_loss
         if steps is None:
-            lines.append(f"MoE did not reach the dense model's final validation loss "
-                         f"({self.target:.4f}) within {self.dense_steps} steps.")
+            lines.append(
+                f"MoE did not reach the dense model's final validation loss "
+                f"({self.target:.4f}) within {self.dense_steps} steps."
+            )
         else:
-            lines.append(f"MoE reached the dense model's final validation loss ({self.target:.4f}) "
-                         f"at step {steps} of {self.dense_steps}: {self.step_ratio:.2f}x the "
-                         f"dense model's steps ({1 / self.step_ratio:.2f}x fewer).")
+            lines.append(
+                f"MoE reached the dense model's final validation loss ({self.target:.4f}) "
+                f"at step {steps} of {self.dense_steps}: {self.step_ratio:.2f}x the "
+                f"dense model's steps ({1 / self.step_ratio:.2f}x fewer)."
+            )
         return "\n".join(lines)
 
 

@@ -1,0 +1,43 @@
+"""``moekit train``: train a language model from a config file plus overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Train a moekit language model from a TOML/YAML/JSON config with key=value overrides."
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="TOML, YAML or JSON training config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-3 --set model.moe.num_experts=8",
+    )
+    parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from <out_dir>/checkpoints/latest"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.training.config import load_train_config
+    from moekit.training.loop import train
+
+    overrides = list(args.overrides)
+    if args.out_dir is not None:
+        overrides.append(f"out_dir={args.out_dir}")
+    try:
+        config = load_train_config(args.config, overrides)
+        result = train(config, resume=args.resume, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        raise SystemExit(f"moekit train: {e}") from None
+    if result.evals:
+        step, loss = result.evals[-1]
+        print(f"step {step}: validation loss {loss:.4f}")
+    print(f"run folder: {result.out_dir} ({result.tokens_per_second:,.0f} tokens/s)")
+    return 0
