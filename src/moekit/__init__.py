@@ -10,8 +10,9 @@ from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.losses.collect import collect_moe_outputs
 from moekit.losses.config import AuxLossConfig, BalanceScope
 from moekit.routing.bias_balancing import update_expert_bias
+from moekit.routing.config import Gating, GroupScore, RouterConfig, RouterKind
 from moekit.routing.result import RoutingResult
-from moekit.routing.topk import Gating, GroupScore, RouterConfig, TopKRouter
+from moekit.routing.topk import TopKRouter
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "MoEOutput",
     "ModuleExperts",
     "RouterConfig",
+    "RouterKind",
     "RoutingResult",
     "RoutingStats",
     "SharedExpertConfig",

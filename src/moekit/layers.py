@@ -13,15 +13,18 @@ from torch import nn
 
 from moekit.analysis.routing_stats import RoutingStats, router_entropy
 from moekit.dispatch.config import DispatchConfig
+from moekit.dispatch.soft import soft_dispatch_and_combine
 from moekit.dispatch.sort import dispatch_and_combine, plan_dispatch
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
+from moekit.losses.collect import collect_moe_outputs
 from moekit.losses.config import AuxLossConfig, BalanceScope
 from moekit.losses.shazeer import importance_loss, load_loss
 from moekit.losses.switch import switch_load_balancing_loss
 from moekit.losses.z_loss import router_z_loss
+from moekit.routing.config import RouterConfig
 from moekit.routing.result import RoutingResult
-from moekit.routing.topk import RouterConfig
+from moekit.routing.soft import SoftRoutingResult
 
 
 @dataclass(kw_only=True)
@@ -81,14 +84,18 @@ class MoEOutput:
         losses: unweighted auxiliary losses by name (``switch``, ``z_loss``, ``importance``,
             ``load``), only those with a non-zero weight.
         stats: routing statistics of the call.
-        routing: the router's raw decision (indices, weights, logits, probabilities).
+        routing: the router's raw decision (indices, weights, logits, probabilities), or a
+            ``SoftRoutingResult`` for Soft MoE.
+        inner_outputs: outputs of MoE layers serving as experts (hierarchical MoE); their
+            auxiliary losses are already included in ``aux_loss``.
     """
 
     output: torch.Tensor
     aux_loss: torch.Tensor
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
-    routing: RoutingResult
+    routing: RoutingResult | SoftRoutingResult
+    inner_outputs: list[MoEOutput] = field(default_factory=list)
 
 
 class MoE(nn.Module):
@@ -126,7 +133,7 @@ class MoE(nn.Module):
             )
         self.d_model = d_model
         self.num_experts = router.num_experts
-        self.top_k = router.top_k
+        self.top_k = router.top_k  # expert slots per token (E for dense and expert choice)
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -134,20 +141,29 @@ class MoE(nn.Module):
         self.aux_loss = aux_loss or AuxLossConfig()
         self.check_finite = check_finite
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> MoEOutput:
         """Args:
-        x: ``(..., D)`` floating-point input.
-        padding_mask: ``x.shape[:-1]`` bool, ``True`` for real tokens. Padding is not
-            dispatched (its routed output is zero), uses no capacity and is left out of the
-            losses and statistics.
+            x: ``(..., D)`` floating-point input.
+            padding_mask: ``x.shape[:-1]`` bool, ``True`` for real tokens. Padding is not
+                dispatched (its routed output is zero), uses no capacity and is left out of the
+                losses and statistics.
+            token_ids: ``x.shape[:-1]`` integer token ids, for routers that route by id (hash).
         """
-        self._check_input(x, padding_mask)
+        self._check_input(x, padding_mask, token_ids)
+        if getattr(self.router, "soft", False):
+            return self._soft_forward(x, padding_mask)
         x_TD = x.reshape(-1, self.d_model)
         mask_T = None if padding_mask is None else padding_mask.reshape(-1)
         num_tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
+        sequence_length = x.shape[-2] if x.dim() >= 3 else None
 
-        routing = self.router(x_TD)
-        capacity = self.dispatch.capacity(num_tokens, self.top_k, self.num_experts, self.training)
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        capacity = self.dispatch.capacity(num_tokens, routing.top_k, self.num_experts, self.training)
         plan = plan_dispatch(
             routing.expert_idx_TK,
             routing.weights_TK,
@@ -155,24 +171,38 @@ class MoE(nn.Module):
             capacity=capacity,
             priority=self.dispatch.drop_priority,
             token_mask_T=mask_T,
-            sequence_length=x.shape[-2] if x.dim() >= 3 else None,
+            sequence_length=sequence_length,
+            assignment_mask_TK=routing.assignment_mask_TK,
         )
-        y_TD = dispatch_and_combine(x_TD, plan, self.experts)
+        with collect_moe_outputs(self.experts) as inner:  # hierarchical MoE: inner levels
+            y_TD = dispatch_and_combine(x_TD, plan, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 
-        losses = self._aux_losses(routing, mask_T, x.shape[-2] if x.dim() >= 3 else None)
+        losses = self._aux_losses(routing, mask_T, sequence_length)
         weights = self.aux_loss.weights()
         aux_loss = sum(
             (weights[name] * value for name, value in losses.items()),
             start=routing.weights_TK.new_zeros(()),
         )
+        inner_outputs = [out for calls in inner.outputs.values() for out in calls]
+        for out in inner_outputs:
+            aux_loss = aux_loss + out.aux_loss
+        routed_T = torch.zeros(x_TD.shape[0], device=x.device).index_add_(
+            0, plan.token_idx_M, torch.ones_like(plan.token_idx_M, dtype=torch.float32)
+        )
+        real = max(num_tokens, 1)
         stats = RoutingStats(
             tokens_per_expert=plan.routed_per_expert_E.detach(),
             kept_per_expert=plan.kept_per_expert_E.detach(),
             dropped_fraction=torch.tensor(plan.num_dropped / max(plan.num_assignments, 1)),
             router_entropy=router_entropy(routing.probs_TE, mask_T),
             capacity=capacity,
+            experts_per_token=torch.tensor(plan.token_idx_M.shape[0] / real),
+            unrouted_fraction=torch.tensor(
+                float(((routed_T == 0) if mask_T is None else (routed_T == 0) & mask_T).sum())
+                / real
+            ),
         )
         if self.training and hasattr(self.router, "record_load"):
             self.router.record_load(plan.routed_per_expert_E)
@@ -180,6 +210,38 @@ class MoE(nn.Module):
             output=y_TD.view(x.shape),
             aux_loss=aux_loss,
             losses=losses,
+            stats=stats,
+            routing=routing,
+            inner_outputs=inner_outputs,
+        )
+
+    def _soft_forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> MoEOutput:
+        """Soft MoE (steps 1-4 become: slot weights, slot mixing, experts, token mixing)."""
+        S = x.shape[-2] if x.dim() >= 2 else 1
+        x_BSD = x.reshape(-1, S, self.d_model)
+        mask_BS = None if padding_mask is None else padding_mask.reshape(-1, S)
+        routing = self.router(x_BSD, mask_BS)
+        y_BSD = soft_dispatch_and_combine(x_BSD, routing, self.experts, self.num_experts)
+        if mask_BS is not None:
+            y_BSD = y_BSD * mask_BS.unsqueeze(-1).to(y_BSD.dtype)
+        if self.shared_experts is not None:
+            y_BSD = y_BSD + self.shared_experts(x_BSD).to(y_BSD.dtype)
+        B = x_BSD.shape[0]
+        slots = torch.full((self.num_experts,), B * routing.slots_per_expert)
+        combine_TN = routing.combine_BSN.reshape(-1, routing.combine_BSN.shape[-1])
+        mask_T = None if mask_BS is None else mask_BS.reshape(-1)
+        stats = RoutingStats(
+            tokens_per_expert=slots,
+            kept_per_expert=slots,
+            dropped_fraction=torch.tensor(0.0),
+            router_entropy=router_entropy(combine_TN, mask_T),
+            experts_per_token=torch.tensor(float(self.num_experts)),
+            unrouted_fraction=torch.tensor(0.0),
+        )
+        return MoEOutput(
+            output=y_BSD.reshape(x.shape),
+            aux_loss=x.new_zeros((), dtype=torch.float32),
+            losses={},
             stats=stats,
             routing=routing,
         )
@@ -199,12 +261,16 @@ class MoE(nn.Module):
                 routing.expert_idx_TK,
                 token_mask_T=mask_T,
                 sequence_length=sequence_length if per_sequence else None,
+                assignment_mask_TK=routing.assignment_mask_TK,
             )
         if "z_loss" in weights:
             losses["z_loss"] = router_z_loss(routing.logits_TE, token_mask_T=mask_T)
         if "importance" in weights:
+            gates_TK = routing.weights_TK
+            if routing.assignment_mask_TK is not None:
+                gates_TK = gates_TK * routing.assignment_mask_TK
             losses["importance"] = importance_loss(
-                routing.weights_TK, routing.expert_idx_TK, self.num_experts, token_mask_T=mask_T
+                gates_TK, routing.expert_idx_TK, self.num_experts, token_mask_T=mask_T
             )
         if "load" in weights and routing.noise_std_TE is not None:
             losses["load"] = load_loss(
@@ -216,7 +282,9 @@ class MoE(nn.Module):
             )
         return losses
 
-    def _check_input(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+    def _check_input(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None, token_ids: torch.Tensor | None
+    ) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -236,5 +304,12 @@ class MoE(nn.Module):
                     f"padding_mask must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
                     f"got {tuple(padding_mask.shape)}"
                 )
+        if token_ids is not None and (
+            token_ids.shape != x.shape[:-1] or token_ids.is_floating_point()
+        ):
+            raise ValueError(
+                f"token_ids must be an integer tensor of shape x.shape[:-1]={tuple(x.shape[:-1])}, "
+                f"got {tuple(token_ids.shape)} {token_ids.dtype}"
+            )
         if self.check_finite and not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf values (check_finite=True)")

@@ -20,6 +20,9 @@ class RoutingStats:
         dropped_fraction: scalar, dropped assignments / routed assignments (0 when dropless).
         router_entropy: scalar, mean entropy (nats) of the router's distribution per token.
         capacity: per-expert capacity C of this call, ``None`` when dropless.
+        experts_per_token: scalar, mean computed experts per real token (after drops).
+        unrouted_fraction: scalar, share of real tokens that reached no routed expert (dropped
+            everywhere, or chosen by no expert under expert choice).
     """
 
     tokens_per_expert: torch.Tensor
@@ -27,6 +30,8 @@ class RoutingStats:
     dropped_fraction: torch.Tensor
     router_entropy: torch.Tensor
     capacity: int | None = None
+    experts_per_token: torch.Tensor | None = None
+    unrouted_fraction: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, float | int | list[int] | None]:
         """Plain Python numbers, for logs."""
@@ -36,7 +41,13 @@ class RoutingStats:
             "dropped_fraction": float(self.dropped_fraction),
             "router_entropy": float(self.router_entropy),
             "capacity": self.capacity,
+            "experts_per_token": _maybe_float(self.experts_per_token),
+            "unrouted_fraction": _maybe_float(self.unrouted_fraction),
         }
+
+
+def _maybe_float(value: torch.Tensor | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def router_entropy(

@@ -36,7 +36,13 @@ def reference_moe_output(
     num_tokens = sum(mask)
     capacity = moe.dispatch.capacity(num_tokens, K, moe.num_experts, moe.training)
 
-    assignments = [(t, j) for t in range(T) for j in range(K) if mask[t]]
+
+    slot_used = (
+        [[True] * K for _ in range(T)]
+        if routing.assignment_mask_TK is None
+        else routing.assignment_mask_TK.tolist()
+    )
+    assignments = [(t, j) for t in range(T) for j in range(K) if mask[t] and slot_used[t][j]]
     if capacity is not None:
         if moe.dispatch.drop_priority is DropPriority.POSITION:
             assignments.sort(key=lambda a: (a[1], a[0]))

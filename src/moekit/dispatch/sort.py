@@ -51,6 +51,7 @@ def plan_dispatch(
     priority: DropPriority = DropPriority.PROBABILITY,
     token_mask_T: torch.Tensor | None = None,
     sequence_length: int | None = None,
+    assignment_mask_TK: torch.Tensor | None = None,
 ) -> DispatchPlan:
     """Sort assignments by expert, dropping padding and (with ``capacity``) overflow.
 
@@ -63,6 +64,7 @@ def plan_dispatch(
         token_mask_T: ``(T,)`` bool, ``True`` for real tokens; padding is never dispatched.
         sequence_length: S when the T tokens are B sequences of S (``token`` priority walks
             positions across sequences); ``None`` means one sequence.
+        assignment_mask_TK: ``(T, K)`` bool, ``False`` for slots that hold no assignment.
 
     Returns:
         A :class:`DispatchPlan`.
@@ -70,9 +72,13 @@ def plan_dispatch(
     T, K = expert_idx_TK.shape
     device = expert_idx_TK.device
     expert_A = expert_idx_TK.reshape(-1)
+    valid_A = None if assignment_mask_TK is None else assignment_mask_TK.reshape(-1)
     if token_mask_T is not None:
-        # Padding goes to a sentinel bucket E that sorts last and is cut off below.
-        expert_A = expert_A.masked_fill(~token_mask_T.repeat_interleave(K), num_experts)
+        token_valid_A = token_mask_T.repeat_interleave(K)
+        valid_A = token_valid_A if valid_A is None else valid_A & token_valid_A
+    if valid_A is not None:
+        # Padding and empty slots go to a sentinel bucket E that sorts last and is cut off.
+        expert_A = expert_A.masked_fill(~valid_A, num_experts)
     bucket_counts = torch.bincount(expert_A, minlength=num_experts + 1)
     routed_per_expert_E = bucket_counts[:num_experts]
     num_assignments = T * K - int(bucket_counts[num_experts])

@@ -26,11 +26,15 @@ class MoEOutputCollector:
 
     def __init__(self) -> None:
         self.outputs: dict[str, list[MoEOutput]] = {}
+        self.nested: set[str] = set()  # MoE layers inside another MoE (hierarchical experts)
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum of every collected call's weighted auxiliary loss (0 if none)."""
+        """Sum of every collected call's weighted auxiliary loss (0 if none). Nested MoE layers
+        are not added again: their losses are already inside their parent's ``aux_loss``."""
         total = torch.zeros(())
-        for calls in self.outputs.values():
+        for name, calls in self.outputs.items():
+            if name in self.nested:
+                continue
             for out in calls:
                 total = total + out.aux_loss
         return total
@@ -50,6 +54,10 @@ def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
 
     collector = MoEOutputCollector()
     handles = []
+    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoE)]
+    collector.nested = {
+        name for name in moe_names if any(name.startswith(p + ".") for p in moe_names if p)
+    }
     for name, module in model.named_modules():
         if isinstance(module, MoE):
 

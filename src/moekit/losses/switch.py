@@ -14,6 +14,7 @@ def switch_load_balancing_loss(
     *,
     token_mask_T: torch.Tensor | None = None,
     sequence_length: int | None = None,
+    assignment_mask_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``L = E * sum_i f_i * P_i``.
 
@@ -31,6 +32,8 @@ def switch_load_balancing_loss(
         expert_idx_TK: ``(T, K)`` chosen experts.
         token_mask_T: ``(T,)`` bool, ``True`` for real tokens; padding is ignored.
         sequence_length: S for the per-sequence form (T must be a multiple of S).
+        assignment_mask_TK: ``(T, K)`` bool, ``False`` for empty slots (variable-k routers);
+            ``f`` is then the fraction of the real assignments.
 
     Returns:
         Scalar loss.
@@ -48,14 +51,13 @@ def switch_load_balancing_loss(
     )
     mask_BS = mask_T.view(B, S)
     valid_B = mask_BS.sum(dim=1)
+    slot_weight_BA = mask_BS.repeat_interleave(K, dim=1)
+    if assignment_mask_TK is not None:
+        slot_weight_BA = slot_weight_BA * assignment_mask_TK.reshape(B, S * K).to(probs_TE.dtype)
     counts_BE = torch.zeros(B, E, dtype=probs_TE.dtype, device=probs_TE.device)
-    counts_BE.scatter_add_(
-        1,
-        expert_idx_TK.reshape(B, S * K),
-        mask_BS.repeat_interleave(K, dim=1),
-    )
+    counts_BE.scatter_add_(1, expert_idx_TK.reshape(B, S * K), slot_weight_BA)
     denom_B = valid_B.clamp(min=1)
-    f_BE = counts_BE / (K * denom_B).unsqueeze(-1)
+    f_BE = counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp(min=1)
     P_BE = (probs_TE.view(B, S, E) * mask_BS.unsqueeze(-1)).sum(dim=1) / denom_B.unsqueeze(-1)
     loss_B = E * (f_BE * P_BE).sum(dim=-1)
     has_tokens_B = valid_B > 0

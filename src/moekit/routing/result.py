@@ -22,6 +22,9 @@ class RoutingResult:
             the balancing losses measure: softmax of the logits, or normalised sigmoid scores.
         clean_logits_TE: ``(T, E)`` logits before noise (noisy gating only, for the load loss).
         noise_std_TE: ``(T, E)`` noise standard deviation (noisy gating only).
+        assignment_mask_TK: ``(T, K)`` bool, ``False`` for a slot that holds no assignment
+            (routers whose tokens take a variable number of experts: expert choice, top-p,
+            GShard's random second expert, ...); ``None`` means every slot is used.
     """
 
     expert_idx_TK: torch.Tensor
@@ -30,6 +33,7 @@ class RoutingResult:
     probs_TE: torch.Tensor
     clean_logits_TE: torch.Tensor | None = None
     noise_std_TE: torch.Tensor | None = None
+    assignment_mask_TK: torch.Tensor | None = None
 
     @property
     def top_k(self) -> int:

@@ -20,112 +20,12 @@ auxiliary-loss-free balancing: experts are chosen by ``score + b``, weighted by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.routing.config import Gating, GroupScore, RouterConfig
 from moekit.routing.result import RoutingResult
-
-
-class Gating(str, Enum):
-    """How scores become top-K weights."""
-
-    SOFTMAX_TOPK = "softmax_topk"
-    TOPK_SOFTMAX = "topk_softmax"
-    SIGMOID_TOPK = "sigmoid_topk"
-
-
-class GroupScore(str, Enum):
-    """How a group of experts is scored for group-limited selection."""
-
-    MAX = "max"  # DeepSeek-V2: best expert score in the group
-    TOP2_SUM = "top2_sum"  # DeepSeek-V3: sum of the group's two best scores
-
-
-def _allowed(enum_cls: type[Enum]) -> str:
-    return ", ".join(repr(m.value) for m in enum_cls)
-
-
-@dataclass(kw_only=True)
-class RouterConfig:
-    """Options of the token-choice top-k router (see the module docstring for the formulas).
-
-    Args:
-        gating: ``softmax_topk``, ``topk_softmax`` or ``sigmoid_topk``.
-        normalize_weights: renormalise the K weights to sum 1 (``softmax_topk``/``sigmoid_topk``).
-        routed_scaling_factor: multiply the combine weights by this (DeepSeek).
-        float32: compute the router in at least float32 whatever the input dtype.
-        jitter_eps: multiplicative input jitter U(1-eps, 1+eps) on the router input in training.
-        noisy_gating: Shazeer et al. 2017 noisy top-k gating (trainable noise, training only).
-        bias: a learned bias in the router projection (GPT-OSS).
-        num_groups: expert groups for group-limited selection (1 = off).
-        topk_groups: groups kept per token.
-        group_score: ``max`` or ``top2_sum``.
-        bias_balancing: keep an expert bias for auxiliary-loss-free balancing (DeepSeek-V3).
-        bias_update_rate: the fixed step ``u`` of ``b_i += u * sign(mean load - load_i)``.
-    """
-
-    gating: Gating = Gating.SOFTMAX_TOPK
-    normalize_weights: bool = True
-    routed_scaling_factor: float = 1.0
-    float32: bool = True
-    jitter_eps: float = 0.0
-    noisy_gating: bool = False
-    bias: bool = False
-    num_groups: int = 1
-    topk_groups: int = 1
-    group_score: GroupScore = GroupScore.MAX
-    bias_balancing: bool = False
-    bias_update_rate: float = 1e-3
-
-    def __post_init__(self) -> None:
-        try:
-            self.gating = Gating(self.gating)
-        except ValueError:
-            raise ValueError(
-                f"gating must be one of {_allowed(Gating)}, got {self.gating!r}"
-            ) from None
-        try:
-            self.group_score = GroupScore(self.group_score)
-        except ValueError:
-            raise ValueError(
-                f"group_score must be one of {_allowed(GroupScore)}, got {self.group_score!r}"
-            ) from None
-        if not 0.0 <= self.jitter_eps < 1.0:
-            raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
-        if self.routed_scaling_factor <= 0:
-            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
-        if self.num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
-        if not 1 <= self.topk_groups <= self.num_groups:
-            raise ValueError(
-                f"topk_groups must be in [1, num_groups={self.num_groups}], got {self.topk_groups}"
-            )
-        if self.bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
-
-    def validate_for(self, num_experts: int, top_k: int) -> None:
-        """Check this config against the layer's E and K; raises ``ValueError`` naming the field."""
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if num_experts % self.num_groups:
-            raise ValueError(f"num_groups={self.num_groups} must divide num_experts={num_experts}")
-        per_group = num_experts // self.num_groups
-        if top_k > self.topk_groups * per_group:
-            raise ValueError(
-                f"top_k={top_k} exceeds the {self.topk_groups * per_group} experts in "
-                f"topk_groups={self.topk_groups} groups of {per_group}"
-            )
-        if self.group_score is GroupScore.TOP2_SUM and self.num_groups > 1 and per_group < 2:
-            raise ValueError("group_score='top2_sum' needs at least 2 experts per group")
-
-    def build(self, d_model: int, num_experts: int, top_k: int) -> TopKRouter:
-        return TopKRouter(d_model, num_experts, top_k, self)
 
 
 class TopKRouter(nn.Module):
@@ -137,6 +37,7 @@ class TopKRouter(nn.Module):
     the tokens each expert received since the last :meth:`update_expert_bias`.
     """
 
+    causal = True
     expert_bias_E: torch.Tensor | None
     load_since_update_E: torch.Tensor | None
 
@@ -160,7 +61,7 @@ class TopKRouter(nn.Module):
             self.expert_bias_E = None
             self.load_since_update_E = None
 
-    def forward(self, x_TD: torch.Tensor) -> RoutingResult:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
         cfg = self.config
         dtype = torch.promote_types(x_TD.dtype, torch.float32) if cfg.float32 else x_TD.dtype
         x_TD = x_TD.to(dtype)

@@ -10,7 +10,8 @@ from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.routing.topk import RouterConfig
+from moekit.routing.config import RouterConfig, RouterKind
+from moekit.routing.registry import is_causal
 
 
 @dataclass(kw_only=True)
@@ -131,6 +132,15 @@ class TransformerConfig:
             )
         if self.moe.num_experts:
             self.moe.layer_config(self.d_model, self.activation)  # validates top_k etc.
+            if not is_causal(self.moe.router.kind):
+                raise ValueError(
+                    f"moe.router.kind={self.moe.router.kind.value!r} is not causal (a token's "
+                    "routing depends on later tokens of the batch), so a causal language model "
+                    "cannot use it; see docs/routing.md for the causal routers"
+                )
+            if self.moe.router.kind is RouterKind.RANDOM_STATIC:
+                if self.moe.router.vocab_size != self.vocab_size:
+                    raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
 
     @property
     def is_moe(self) -> bool:

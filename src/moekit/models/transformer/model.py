@@ -71,11 +71,12 @@ class Block(nn.Module):
         cache=None,
         start: int = 0,
         padding_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope=rope, cache=cache, start=start)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h_BSD, padding_mask)
+            moe_out = self.ffn(h_BSD, padding_mask, token_ids)
             return x_BSD + moe_out.output, moe_out
         return x_BSD + self.ffn(h_BSD), None
 
@@ -151,7 +152,10 @@ class TransformerLM(nn.Module):
         moe_outputs: list[MoEOutput] = []
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            x, moe_out = block(x, rope=rope, cache=cache, start=start, padding_mask=padding_mask)
+            x, moe_out = block(
+                x, rope=rope, cache=cache, start=start, padding_mask=padding_mask,
+                token_ids=tokens,
+            )
             if moe_out is not None:
                 moe_outputs.append(moe_out)
                 aux_loss = aux_loss + moe_out.aux_loss

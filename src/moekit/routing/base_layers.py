@@ -1,0 +1,101 @@
+"""Balanced assignment routing (Lewis et al. 2021, "BASE Layers: Simplifying Training of Large,
+Sparse Models").
+
+In training, tokens are assigned to experts so that every expert gets exactly ``T / E`` tokens
+(``floor`` or ``ceil`` when E does not divide T) while maximising the summed router scores
+``x_t . w_e``: a linear assignment problem. Small batches (``T <=
+exact_assignment_max_tokens``) are solved exactly with ``scipy.optimize.linear_sum_assignment``
+on the token x expert-slot matrix; larger ones with Sinkhorn iterations (entropic optimal
+transport toward the balanced marginals) followed by a capacity-respecting rounding. At
+inference each token takes its best expert (greedy top-1). The expert output is scaled by
+``sigmoid(x_t . w_e)``, as in the paper.
+
+Not causal in training (the assignment depends on the whole batch), so a causal language model
+refuses it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.routing.config import RouterConfig
+from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.result import RoutingResult
+
+
+def balanced_capacities(num_tokens: int, num_experts: int) -> list[int]:
+    base, extra = divmod(num_tokens, num_experts)
+    return [base + (1 if e < extra else 0) for e in range(num_experts)]
+
+
+def exact_balanced_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Expert per token maximising the total score with balanced loads (Hungarian method)."""
+    from scipy.optimize import linear_sum_assignment
+
+    T, E = scores_TE.shape
+    slots_expert = torch.repeat_interleave(
+        torch.arange(E), torch.tensor(balanced_capacities(T, E))
+    )
+    cost = -scores_TE.detach().double().cpu()[:, slots_expert]  # (T, T): token x expert slot
+    rows, cols = linear_sum_assignment(cost.numpy())
+    expert_T = torch.empty(T, dtype=torch.long)
+    expert_T[torch.as_tensor(rows)] = slots_expert[torch.as_tensor(cols)]
+    return expert_T.to(scores_TE.device)
+
+
+def sinkhorn_balanced_assignment(scores_TE: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Approximately optimal balanced assignment: Sinkhorn plan, then capacity-aware rounding.
+
+    Rounds are vectorised: every unassigned token proposes to its best expert with room left;
+    each expert accepts its highest-plan proposers up to its remaining capacity.
+    """
+    T, E = scores_TE.shape
+    capacity_E = torch.tensor(balanced_capacities(T, E), device=scores_TE.device)
+    log_plan = scores_TE.detach().double()
+    log_plan = (log_plan - log_plan.mean()) / log_plan.std().clamp(min=1e-6)
+    log_cols = torch.log(capacity_E.double() / T)
+    for _ in range(iterations):
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True)  # rows sum to 1
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=0, keepdim=True) + log_cols
+    expert_T = torch.full((T,), -1, dtype=torch.long, device=scores_TE.device)
+    remaining_E = capacity_E.clone()
+    while (expert_T < 0).any():
+        open_E = remaining_E > 0
+        free_T = expert_T < 0
+        masked = log_plan.masked_fill(~open_E.unsqueeze(0), float("-inf"))
+        proposal_T = masked.argmax(dim=1)
+        bid_T = masked.gather(1, proposal_T.unsqueeze(1)).squeeze(1)
+        for e in torch.unique(proposal_T[free_T]).tolist():  # at most E experts per round
+            bidders = torch.nonzero(free_T & (proposal_T == e)).flatten()
+            take = int(min(remaining_E[e], len(bidders)))
+            winners = bidders[bid_T[bidders].topk(take).indices]
+            expert_T[winners] = e
+            remaining_E[e] -= take
+    return expert_T
+
+
+class BalancedAssignmentRouter(nn.Module):
+    """``(T, D) -> RoutingResult`` with K = 1: balanced in training, greedy at inference."""
+
+    causal = False
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 1
+        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        if not self.training:
+            expert_T = logits_TE.argmax(dim=-1)
+        elif x_TD.shape[0] <= self.config.exact_assignment_max_tokens:
+            try:
+                expert_T = exact_balanced_assignment(logits_TE)
+            except ImportError:  # scipy missing: the Sinkhorn path is still balanced
+                expert_T = sinkhorn_balanced_assignment(logits_TE, self.config.sinkhorn_iterations)
+        else:
+            expert_T = sinkhorn_balanced_assignment(logits_TE, self.config.sinkhorn_iterations)
+        expert_idx_TK = expert_T.unsqueeze(1)
+        weights_TK = torch.sigmoid(logits_TE.gather(1, expert_idx_TK))
+        return RoutingResult(expert_idx_TK, weights_TK, logits_TE, torch.softmax(logits_TE, -1))

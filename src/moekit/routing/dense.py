@@ -1,0 +1,43 @@
+"""Dense softmax gating: every expert runs, ``y = sum_i alpha_i(x) E_i(x)``.
+
+The classic mixture of experts (Jacobs et al. 1991) with a linear gate ``alpha = softmax(x W)``,
+or, with ``gate_hidden > 0``, the gating network of Eigen, Ranzato & Sutskever 2013 ("Learning
+Factored Representations in a Deep Mixture of Experts"): ``alpha = softmax(W2 relu(W1 x))``.
+Nothing is dropped and nothing is sparse: the cost is E experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.routing.config import RouterConfig
+from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
+from moekit.routing.result import RoutingResult
+
+
+class DenseGateRouter(nn.Module):
+    """``(T, D) -> RoutingResult`` with all E experts per token (K = E)."""
+
+    causal = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.config, self.d_model, self.num_experts = config, d_model, num_experts
+        self.top_k = num_experts
+        width = config.gate_hidden or d_model
+        self.hidden = nn.Linear(d_model, config.gate_hidden) if config.gate_hidden else None
+        self.weight_ED, self.bias_E = new_router_weight(width, num_experts, bias=config.bias)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+        h_TD = x_TD
+        if self.hidden is not None:
+            dtype = router_dtype(x_TD, self.config.float32)
+            h_TD = F.relu(F.linear(x_TD.to(dtype), self.hidden.weight.to(dtype),
+                                   self.hidden.bias.to(dtype)))
+        logits_TE = linear_logits(h_TD, self.weight_ED, self.bias_E, self.config.float32)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        T, E = probs_TE.shape
+        expert_idx_TK = torch.arange(E, device=x_TD.device).expand(T, E)
+        return RoutingResult(expert_idx_TK, probs_TE, logits_TE, probs_TE)

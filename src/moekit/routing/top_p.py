@@ -1,0 +1,39 @@
+"""Adaptive number of experts: top-p routing (Huang et al. 2024, "Harder Tasks Need More
+Experts: Dynamic Routing in MoE Models").
+
+``p = softmax(x W)``; a token takes the smallest set of its highest-probability experts whose
+probabilities sum to at least ``top_p``, capped at ``top_k`` experts; weights are those
+probabilities (renormalised over the chosen set when ``normalize_weights``). Confident tokens
+use one expert, uncertain ("hard") tokens use more. Causal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.routing.config import RouterConfig
+from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.result import RoutingResult
+
+
+class TopPRouter(nn.Module):
+    """``(T, D) -> RoutingResult`` with K = ``top_k`` slots, masked past each token's set."""
+
+    causal = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, top_k
+        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top = probs_TE.topk(self.top_k, dim=-1)
+        mass_before_TK = top.values.detach().cumsum(dim=-1) - top.values.detach()
+        mask_TK = mass_before_TK < self.config.top_p  # the first expert is always kept
+        weights_TK = top.values * mask_TK
+        if self.config.normalize_weights:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return RoutingResult(top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK)
