@@ -148,11 +148,11 @@ class MoE(nn.Module):
         token_ids: torch.Tensor | None = None,
     ) -> MoEOutput:
         """Args:
-            x: ``(..., D)`` floating-point input.
-            padding_mask: ``x.shape[:-1]`` bool, ``True`` for real tokens. Padding is not
-                dispatched (its routed output is zero), uses no capacity and is left out of the
-                losses and statistics.
-            token_ids: ``x.shape[:-1]`` integer token ids, for routers that route by id (hash).
+        x: ``(..., D)`` floating-point input.
+        padding_mask: ``x.shape[:-1]`` bool, ``True`` for real tokens. Padding is not
+            dispatched (its routed output is zero), uses no capacity and is left out of the
+            losses and statistics.
+        token_ids: ``x.shape[:-1]`` integer token ids, for routers that route by id (hash).
         """
         self._check_input(x, padding_mask, token_ids)
         if getattr(self.router, "soft", False):
@@ -163,7 +163,9 @@ class MoE(nn.Module):
         sequence_length = x.shape[-2] if x.dim() >= 3 else None
 
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        capacity = self.dispatch.capacity(num_tokens, routing.top_k, self.num_experts, self.training)
+        capacity = self.dispatch.capacity(
+            num_tokens, routing.top_k, self.num_experts, self.training
+        )
         plan = plan_dispatch(
             routing.expert_idx_TK,
             routing.weights_TK,

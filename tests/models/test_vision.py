@@ -78,3 +78,27 @@ def test_vision_save_load_round_trip(tmp_path):
     loaded = from_pretrained(tmp_path / "vit").eval()
     images = torch.randn(2, 1, 8, 8)
     assert torch.equal(model(images).logits, loaded(images).logits)
+
+
+def test_soft_moe_vit_trains_on_digits():
+    import moekit
+
+    torch.manual_seed(0)
+    images, labels = _digits(64)
+    moe = MoEPlacementConfig(
+        num_experts=4,
+        top_k=1,
+        expert_hidden=32,
+        every=2,
+        router=moekit.RouterConfig(kind="soft", slots_per_expert=4),
+    )
+    model = VisionMoE(_config(moe=moe))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = model(images)
+        loss = torch.nn.functional.cross_entropy(out.logits, labels)
+        optimizer.zero_grad()
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+    assert out.moe_outputs[0].routing.dispatch_BSN.shape == (64, 16, 16)
+    assert loss.item() < 0.1

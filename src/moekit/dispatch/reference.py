@@ -36,7 +36,6 @@ def reference_moe_output(
     num_tokens = sum(mask)
     capacity = moe.dispatch.capacity(num_tokens, K, moe.num_experts, moe.training)
 
-
     slot_used = (
         [[True] * K for _ in range(T)]
         if routing.assignment_mask_TK is None

@@ -18,7 +18,7 @@ def soft_dispatch_and_combine(
     Returns:
         ``(B, S, D)``.
     """
-    B, S, D = x_BSD.shape
+    B, _, D = x_BSD.shape
     P = routing.slots_per_expert
     dispatch = routing.dispatch_BSN.to(x_BSD.dtype)
     slots_BND = dispatch.transpose(1, 2) @ x_BSD

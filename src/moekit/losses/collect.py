@@ -56,7 +56,9 @@ def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
     handles = []
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoE)]
     collector.nested = {
-        name for name in moe_names if any(name.startswith(p + ".") for p in moe_names if p)
+        name
+        for name in moe_names
+        if any(p != name and (p == "" or name.startswith(p + ".")) for p in moe_names)
     }
     for name, module in model.named_modules():
         if isinstance(module, MoE):

@@ -34,9 +34,7 @@ def exact_balanced_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment
 
     T, E = scores_TE.shape
-    slots_expert = torch.repeat_interleave(
-        torch.arange(E), torch.tensor(balanced_capacities(T, E))
-    )
+    slots_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(balanced_capacities(T, E)))
     cost = -scores_TE.detach().double().cpu()[:, slots_expert]  # (T, T): token x expert slot
     rows, cols = linear_sum_assignment(cost.numpy())
     expert_T = torch.empty(T, dtype=torch.long)

@@ -170,5 +170,3 @@ class RouterConfig:
 
         self.validate_for(num_experts, top_k)
         return ROUTERS[self.kind](d_model, num_experts, top_k, self)
-
-

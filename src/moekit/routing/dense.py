@@ -34,8 +34,9 @@ class DenseGateRouter(nn.Module):
         h_TD = x_TD
         if self.hidden is not None:
             dtype = router_dtype(x_TD, self.config.float32)
-            h_TD = F.relu(F.linear(x_TD.to(dtype), self.hidden.weight.to(dtype),
-                                   self.hidden.bias.to(dtype)))
+            h_TD = F.relu(
+                F.linear(x_TD.to(dtype), self.hidden.weight.to(dtype), self.hidden.bias.to(dtype))
+            )
         logits_TE = linear_logits(h_TD, self.weight_ED, self.bias_E, self.config.float32)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape

@@ -23,7 +23,7 @@ from moekit.routing.result import RoutingResult
 
 
 class ExpertChoiceRouter(nn.Module):
-    """``(T, D) -> RoutingResult`` with K = E slots per token, masked to the experts that chose it."""
+    """``(T, D) -> RoutingResult``: K = E slots per token, masked to the experts that chose it."""
 
     causal = False
 
@@ -34,7 +34,9 @@ class ExpertChoiceRouter(nn.Module):
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def tokens_per_expert(self, num_tokens: int) -> int:
-        return min(num_tokens, math.ceil(self.config.expert_capacity * num_tokens / self.num_experts))
+        return min(
+            num_tokens, math.ceil(self.config.expert_capacity * num_tokens / self.num_experts)
+        )
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
@@ -44,4 +46,6 @@ class ExpertChoiceRouter(nn.Module):
         mask_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
         mask_TE.scatter_(0, chosen_EC.t(), True)
         expert_idx_TK = torch.arange(E, device=x_TD.device).expand(T, E)
-        return RoutingResult(expert_idx_TK, probs_TE, logits_TE, probs_TE, assignment_mask_TK=mask_TE)
+        return RoutingResult(
+            expert_idx_TK, probs_TE, logits_TE, probs_TE, assignment_mask_TK=mask_TE
+        )

@@ -35,4 +35,6 @@ class GShardTop2Router(nn.Module):
         if self.training and self.config.second_expert_policy == "random":
             keep_second_T = torch.rand_like(weights_TK[:, 1]) < 2.0 * weights_TK[:, 1].detach()
             mask_TK = torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)
-        return RoutingResult(top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK)
+        return RoutingResult(
+            top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK
+        )

@@ -24,7 +24,12 @@ class TopPRouter(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
         super().__init__()
-        self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, top_k
+        self.config, self.d_model, self.num_experts, self.top_k = (
+            config,
+            d_model,
+            num_experts,
+            top_k,
+        )
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
@@ -36,4 +41,6 @@ class TopPRouter(nn.Module):
         weights_TK = top.values * mask_TK
         if self.config.normalize_weights:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return RoutingResult(top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK)
+        return RoutingResult(
+            top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK
+        )

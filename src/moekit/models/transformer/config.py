@@ -138,9 +138,9 @@ class TransformerConfig:
                     "routing depends on later tokens of the batch), so a causal language model "
                     "cannot use it; see docs/routing.md for the causal routers"
                 )
-            if self.moe.router.kind is RouterKind.RANDOM_STATIC:
-                if self.moe.router.vocab_size != self.vocab_size:
-                    raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
+            router = self.moe.router
+            if router.kind is RouterKind.RANDOM_STATIC and router.vocab_size != self.vocab_size:
+                raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
 
     @property
     def is_moe(self) -> bool:

@@ -153,7 +153,11 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
             x, moe_out = block(
-                x, rope=rope, cache=cache, start=start, padding_mask=padding_mask,
+                x,
+                rope=rope,
+                cache=cache,
+                start=start,
+                padding_mask=padding_mask,
                 token_ids=tokens,
             )
             if moe_out is not None:
