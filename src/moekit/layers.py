@@ -237,7 +237,10 @@ class MoE(nn.Module):
             kept_per_expert=slots,
             dropped_fraction=torch.tensor(0.0),
             router_entropy=router_entropy(combine_TN, mask_T),
-            experts_per_token=torch.tensor(float(self.num_experts)),
+            # expert evaluations per token: every slot is one expert call
+            experts_per_token=torch.tensor(
+                self.num_experts * routing.slots_per_expert / x_BSD.shape[1]
+            ),
             unrouted_fraction=torch.tensor(0.0),
         )
         return MoEOutput(
