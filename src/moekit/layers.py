@@ -140,6 +140,9 @@ class MoE(nn.Module):
         self.dispatch = dispatch or DispatchConfig()
         self.aux_loss = aux_loss or AuxLossConfig()
         self.check_finite = check_finite
+        # set by moekit.distributed.parallelize_experts: statistics, the Switch loss's load and
+        # the bias-balancing tally are summed over this group
+        self.process_group = None
 
     def forward(
         self,
@@ -190,13 +193,16 @@ class MoE(nn.Module):
         inner_outputs = [out for calls in inner.outputs.values() for out in calls]
         for out in inner_outputs:
             aux_loss = aux_loss + out.aux_loss
+        routed_E, kept_E = plan.routed_per_expert_E.detach(), plan.kept_per_expert_E.detach()
+        if self.process_group is not None:
+            routed_E, kept_E = self._sum_across_ranks(routed_E), self._sum_across_ranks(kept_E)
         routed_T = torch.zeros(x_TD.shape[0], device=x.device).index_add_(
             0, plan.token_idx_M, torch.ones_like(plan.token_idx_M, dtype=torch.float32)
         )
         real = max(num_tokens, 1)
         stats = RoutingStats(
-            tokens_per_expert=plan.routed_per_expert_E.detach(),
-            kept_per_expert=plan.kept_per_expert_E.detach(),
+            tokens_per_expert=routed_E,
+            kept_per_expert=kept_E,
             dropped_fraction=torch.tensor(plan.num_dropped / max(plan.num_assignments, 1)),
             router_entropy=router_entropy(routing.probs_TE, mask_T),
             capacity=capacity,
@@ -207,7 +213,7 @@ class MoE(nn.Module):
             ),
         )
         if self.training and hasattr(self.router, "record_load"):
-            self.router.record_load(plan.routed_per_expert_E)
+            self.router.record_load(routed_E)  # global under parallelism: same bias everywhere
         return MoEOutput(
             output=y_TD.view(x.shape),
             aux_loss=aux_loss,
@@ -267,6 +273,7 @@ class MoE(nn.Module):
                 token_mask_T=mask_T,
                 sequence_length=sequence_length if per_sequence else None,
                 assignment_mask_TK=routing.assignment_mask_TK,
+                sum_across_ranks=None if per_sequence else self._sum_across_ranks,
             )
         if "z_loss" in weights:
             losses["z_loss"] = router_z_loss(routing.logits_TE, token_mask_T=mask_T)
@@ -286,6 +293,15 @@ class MoE(nn.Module):
                 token_mask_T=mask_T,
             )
         return losses
+
+    def _sum_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.process_group is None:
+            return value
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value, group=self.process_group)
+        return value
 
     def _check_input(
         self, x: torch.Tensor, padding_mask: torch.Tensor | None, token_ids: torch.Tensor | None

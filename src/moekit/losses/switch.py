@@ -5,6 +5,8 @@ Legend: T = tokens, E = experts, K = experts per token, B = sequences, S = token
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -15,6 +17,7 @@ def switch_load_balancing_loss(
     token_mask_T: torch.Tensor | None = None,
     sequence_length: int | None = None,
     assignment_mask_TK: torch.Tensor | None = None,
+    sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``L = E * sum_i f_i * P_i``.
 
@@ -34,6 +37,9 @@ def switch_load_balancing_loss(
         sequence_length: S for the per-sequence form (T must be a multiple of S).
         assignment_mask_TK: ``(T, K)`` bool, ``False`` for empty slots (variable-k routers);
             ``f`` is then the fraction of the real assignments.
+        sum_across_ranks: with data/expert parallelism, sums the (non-differentiable) expert
+            counts over ranks so ``f`` is global; ``P`` stays local, and averaging each rank's
+            gradient (as DDP does) then gives the gradient of the global loss.
 
     Returns:
         Scalar loss.
@@ -56,6 +62,8 @@ def switch_load_balancing_loss(
         slot_weight_BA = slot_weight_BA * assignment_mask_TK.reshape(B, S * K).to(probs_TE.dtype)
     counts_BE = torch.zeros(B, E, dtype=probs_TE.dtype, device=probs_TE.device)
     counts_BE.scatter_add_(1, expert_idx_TK.reshape(B, S * K), slot_weight_BA)
+    if sum_across_ranks is not None:
+        counts_BE = sum_across_ranks(counts_BE)
     denom_B = valid_B.clamp(min=1)
     f_BE = counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp(min=1)
     P_BE = (probs_TE.view(B, S, E) * mask_BS.unsqueeze(-1)).sum(dim=1) / denom_B.unsqueeze(-1)

@@ -1,0 +1,21 @@
+"""Expert and data parallelism on ``torch.distributed``, applied from outside the model."""
+
+from moekit.distributed.expert_parallel import ExpertParallelBank
+from moekit.distributed.parallelize import (
+    expert_parameter_names,
+    from_pretrained_distributed,
+    full_state_dict,
+    parallelize_experts,
+    save_pretrained_distributed,
+    wrap_data_parallel,
+)
+
+__all__ = [
+    "ExpertParallelBank",
+    "expert_parameter_names",
+    "from_pretrained_distributed",
+    "full_state_dict",
+    "parallelize_experts",
+    "save_pretrained_distributed",
+    "wrap_data_parallel",
+]

@@ -1,0 +1,149 @@
+"""Code that runs inside spawned gloo processes (imported by the distributed tests)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+import moekit
+from moekit.distributed import (
+    from_pretrained_distributed,
+    full_state_dict,
+    parallelize_experts,
+    save_pretrained_distributed,
+    wrap_data_parallel,
+)
+from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, from_pretrained
+
+D = 16
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _average_grads(model: torch.nn.Module, skip: set[str]) -> None:
+    world = dist.get_world_size()
+    for name, p in model.named_parameters():
+        if name not in skip and p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def layer_equivalence(rank: int, world: int, port: int, zero_tokens: bool) -> None:
+    init(rank, world, port)
+    torch.manual_seed(0)
+    ref = moekit.MoEConfig(
+        d_model=D,
+        num_experts=8,
+        top_k=2,
+        experts=moekit.ExpertConfig(hidden=12, bias=True),
+        router=moekit.RouterConfig(bias_balancing=True),
+        shared_experts=moekit.SharedExpertConfig(hidden=8),
+        aux_loss=moekit.AuxLossConfig(switch=0.1, z_loss=0.01),
+    ).build()
+    if zero_tokens:  # every token picks experts 0 and 1: all other ranks receive nothing
+        with torch.no_grad():
+            ref.router.weight_ED.zero_()
+            ref.router.weight_ED[:2] = 5.0
+    x_global = torch.randn(world * 2, 5, D).abs()
+    coeff = torch.randn(world * 2, 5, D)
+    out_ref = ref(x_global)
+    ((out_ref.output * coeff).sum(-1).mean() + out_ref.aux_loss).backward()
+
+    ep = copy.deepcopy(ref)
+    ep.zero_grad(set_to_none=True)
+    parallelize_experts(ep)
+    local = slice(rank * 2, rank * 2 + 2)
+    out = ep(x_global[local])
+    ((out.output * coeff[local]).sum(-1).mean() + out.aux_loss).backward()
+    expert_names = {f"experts.{n}" for n, _ in ep.experts.named_parameters()}
+    _average_grads(ep, expert_names)  # what DDP does for the non-expert parameters
+
+    torch.testing.assert_close(out.output, out_ref.output[local], rtol=1e-5, atol=1e-6)
+    aux = out.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    torch.testing.assert_close(aux / world, out_ref.aux_loss.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.stats.tokens_per_expert, out_ref.stats.tokens_per_expert)
+    grads_ref = dict(ref.named_parameters())
+    first = ep.experts.first_expert
+    for name, p in ep.named_parameters():
+        expected = grads_ref[name].grad
+        if name in expert_names:
+            expected = expected[first : first + ep.experts.local_experts]
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6, msg=name)
+    if zero_tokens and rank > 0:
+        assert out.stats.kept_per_expert[first : first + ep.experts.local_experts].sum() == 0
+    # the bias-balancing tally is global, so the bias update is identical everywhere
+    moekit.update_expert_bias(ep)
+    moekit.update_expert_bias(ref)
+    torch.testing.assert_close(ep.router.expert_bias_E, ref.router.expert_bias_E)
+    dist.destroy_process_group()
+
+
+def _lm_config() -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=40,
+        d_model=D,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=16,
+        max_seq_len=16,
+        moe=MoEPlacementConfig(
+            num_experts=4,
+            top_k=2,
+            expert_hidden=8,
+            router=moekit.RouterConfig(bias_balancing=True),
+        ),
+    )
+
+
+def train_step_equivalence(rank: int, world: int, port: int) -> None:
+    init(rank, world, port)
+    torch.manual_seed(0)
+    ref = TransformerLM(_lm_config())
+    tokens = torch.randint(0, 40, (world * 2, 9))
+
+    def step(model, batch):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        out = model(batch[:, :-1])
+        ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+        (ce + out.aux_loss).backward()
+        opt.step()
+        moekit.update_expert_bias(model)
+        return ce.detach(), out.aux_loss.detach()
+
+    ep = wrap_data_parallel(parallelize_experts(copy.deepcopy(ref)))  # copied before any step
+    ce_ref, aux_ref = step(ref, tokens)
+    ce, aux = step(ep, tokens[rank * 2 : rank * 2 + 2])
+    both = torch.stack([ce, aux])
+    dist.all_reduce(both)
+    torch.testing.assert_close(both / world, torch.stack([ce_ref, aux_ref]), rtol=1e-5, atol=1e-6)
+    state = full_state_dict(ep)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    dist.destroy_process_group()
+
+
+def save_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
+    init(rank, world, port)
+    torch.manual_seed(0)
+    model = parallelize_experts(TransformerLM(_lm_config()))
+    save_pretrained_distributed(model, directory)
+    dist.destroy_process_group()
+
+
+def load_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
+    init(rank, world, port)
+    single = from_pretrained(directory).eval()
+    ep = from_pretrained_distributed(directory).eval()
+    tokens = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        torch.testing.assert_close(ep(tokens).logits, single(tokens).logits, rtol=1e-5, atol=1e-5)
+    dist.destroy_process_group()
