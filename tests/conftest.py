@@ -46,3 +46,15 @@ def assert_grads_close(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-6)
         torch.testing.assert_close(
             a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    """A small corpus of real text: a few standard-library modules copied to a folder."""
+    from moekit.training.data import standard_library_files
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for path in standard_library_files()[:6]:
+        (folder / path.name).write_text(path.read_text(encoding="utf-8", errors="replace"))
+    return folder

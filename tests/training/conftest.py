@@ -1,5 +1,3 @@
-import pytest
-
 TINY = [
     "steps=12",
     "eval_every=6",
@@ -19,15 +17,3 @@ TINY_MOE = [
     "model.moe.expert_hidden=32",
     "model.moe.top_k=2",
 ]
-
-
-@pytest.fixture
-def tiny_text(tmp_path):
-    """A small corpus of real text: a few standard-library modules copied to a folder."""
-    from moekit.training.data import standard_library_files
-
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for path in standard_library_files()[:6]:
-        (folder / path.name).write_text(path.read_text(encoding="utf-8", errors="replace"))
-    return folder

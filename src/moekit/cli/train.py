@@ -22,20 +22,36 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from <out_dir>/checkpoints/latest"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the experts over the N processes started by torchrun --nproc-per-node N",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed
+
     from moekit.training.config import load_train_config
     from moekit.training.loop import train
 
     overrides = list(args.overrides)
     if args.out_dir is not None:
         overrides.append(f"out_dir={args.out_dir}")
+    if args.expert_parallel is not None:
+        overrides.append(f"expert_parallel={args.expert_parallel}")
     try:
         config = load_train_config(args.config, overrides)
         result = train(config, resume=args.resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         raise SystemExit(f"moekit train: {e}") from None
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     if result.evals:
         step, loss = result.evals[-1]
         print(f"step {step}: validation loss {loss:.4f}")

@@ -107,3 +107,58 @@ def from_pretrained_distributed(directory: str | os.PathLike, group=None) -> nn.
     from moekit.models.checkpoint import from_pretrained
 
     return parallelize_experts(from_pretrained(directory), group)
+
+
+def _expert_param_slices(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[int, ExpertParallelBank]:
+    """Optimizer state index of every expert-parallel parameter -> its bank (the state dict
+    numbers parameters in ``param_groups`` order)."""
+    banks = {
+        id(p): m
+        for m in model.modules()
+        if isinstance(m, ExpertParallelBank)
+        for p in m.parameters()
+    }
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: banks[id(p)] for i, p in enumerate(params) if id(p) in banks}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state in the single-process layout (expert slices gathered; collective)."""
+    model = getattr(model, "module", model)
+    state = optimizer.state_dict()
+    for index, bank in _expert_param_slices(model, optimizer).items():
+        # state_dict() shares the per-parameter dicts with the live optimizer: copy first
+        entries = state["state"][index] = dict(state["state"].get(index, {}))
+        for key, value in list(entries.items()):
+            if torch.is_tensor(value) and value.dim() > 0:
+                pieces = [torch.empty_like(value) for _ in range(bank.world)]
+                dist.all_gather(pieces, value.contiguous(), group=bank.group)
+                entries[key] = torch.cat(pieces)
+    return state
+
+
+def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """Keep this rank's rows of every expert-parallel parameter's optimizer state."""
+    model = getattr(model, "module", model)
+    for index, bank in _expert_param_slices(model, optimizer).items():
+        entries = state["state"].get(index, {})
+        rows = slice(bank.first_expert, bank.first_expert + bank.local_experts)
+        for key, value in list(entries.items()):
+            if torch.is_tensor(value) and value.dim() > 0:
+                entries[key] = value[rows].clone()
+    return state
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a single-process state dict into a (possibly expert-parallel) model."""
+    model = getattr(model, "module", model)
+    local = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, ExpertParallelBank):
+            prefix = f"{module_name}." if module_name else ""
+            rows = slice(module.first_expert, module.first_expert + module.local_experts)
+            for name, _ in module.named_parameters():
+                local[prefix + name] = state[prefix + name][rows]
+    model.load_state_dict({**state, **local})

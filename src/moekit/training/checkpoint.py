@@ -56,13 +56,17 @@ def save_training_checkpoint(
     checkpoints_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_config: dict[str, Any],
 ) -> Path:
-    """Write ``step_<step>`` under ``checkpoints_dir`` and point ``latest`` at it."""
+    """Write ``step_<step>`` under ``checkpoints_dir`` and point ``latest`` at it.
+
+    ``model`` and ``optimizer_state`` are in the single-process layout (under expert
+    parallelism the caller gathers them first), so checkpoints reshard freely.
+    """
     checkpoints_dir = Path(checkpoints_dir)
-    tensors, plain = _split_optimizer_state(optimizer.state_dict())
+    tensors, plain = _split_optimizer_state(optimizer_state)
     tensors["rng.torch"] = torch.get_rng_state()
 
     def write(folder: Path) -> None:
@@ -94,18 +98,13 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     return folder
 
 
-def load_training_checkpoint(
-    folder: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG from ``folder``; returns the trainer state."""
+def load_training_checkpoint(folder: str | Path, model_config: Any) -> tuple[dict, dict, dict]:
+    """Read ``folder``: ``(model state, optimizer state, trainer state)`` in the single-process
+    layout; also restores the torch RNG state."""
     folder = Path(folder)
     loaded = from_pretrained(folder)  # validates config, names and shapes
-    if loaded.config != model.config:
+    if loaded.config != model_config:
         raise ValueError(f"{folder} holds a different model config than this run's")
-    model.load_state_dict(loaded.state_dict())
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"no {STATE_FILE} in {folder}")
@@ -114,7 +113,5 @@ def load_training_checkpoint(
         tensors = load_file(str(folder / OPTIMIZER_FILE))
     except Exception as e:  # safetensors raises several types for a damaged file
         raise ValueError(f"{folder / OPTIMIZER_FILE} is missing or corrupt: {e}") from None
-    optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    return state
+    return loaded.state_dict(), _join_optimizer_state(tensors, state["optimizer"]), state

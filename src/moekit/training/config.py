@@ -84,6 +84,8 @@ class TrainConfig:
         bf16: run forward and backward under bfloat16 autocast.
         retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
             ``moekit.utils.allocator``).
+        expert_parallel: 1, or the number of ``torchrun`` processes to split the experts over
+            (``data.batch_size`` is then per process).
     """
 
     model: TransformerConfig = field(default_factory=_default_model)
@@ -98,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     retain_freed_memory: bool = True
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 1:

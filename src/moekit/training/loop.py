@@ -20,9 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moekit.distributed.parallelize import (
+    full_optimizer_state,
+    full_state_dict,
+    load_full_state_dict,
+    parallelize_experts,
+    shard_optimizer_state,
+    wrap_data_parallel,
+)
+from moekit.distributed.runtime import setup_distributed
 from moekit.models.transformer.model import TransformerLM
 from moekit.routing.bias_balancing import update_expert_bias
 from moekit.training.checkpoint import (
@@ -89,19 +99,39 @@ def _moe_record(outputs) -> list[dict[str, Any]]:
     ]
 
 
-class _MetricsLog:
-    """``metrics.jsonl`` (truncated to the resumed step) and, if installed, TensorBoard."""
+def _checkpoint(ctx, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:
+    """Save in the single-process layout: gathered under expert parallelism, written by rank 0."""
+    if not ctx.enabled:
+        save_training_checkpoint(
+            checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict
+        )
+        return
+    model_state = full_state_dict(model)
+    optimizer_state = full_optimizer_state(model, optimizer)
+    if ctx.is_main:
+        full = TransformerLM(model.config)
+        full.load_state_dict(model_state)
+        save_training_checkpoint(checkpoints, step, full, optimizer_state, scheduler, config_dict)
+    dist.barrier()
 
-    def __init__(self, out_dir: Path, start_step: int) -> None:
+
+class _MetricsLog:
+    """``metrics.jsonl`` (truncated to the resumed step) and, if installed, TensorBoard; only
+    the main process writes."""
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool = True) -> None:
         self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
         kept = []
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= start_step:
                     kept.append(json.loads(line))
         self.records = kept
+        if not enabled:
+            return
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.tensorboard = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -109,6 +139,8 @@ class _MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -143,23 +175,36 @@ def train(
     start_time = time.perf_counter()
     if config.retain_freed_memory:
         retain_freed_memory()
+    ctx = setup_distributed(config.expert_parallel)
     train_stream, val_stream = load_corpus(config.data)  # fails before any model is built
     torch.manual_seed(config.seed)
     model = TransformerLM(config.model)
+    step_model: torch.nn.Module = model
+    if ctx.enabled:
+        if ctx.expert_parallel:
+            parallelize_experts(model)
+        step_model = wrap_data_parallel(model)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = out_dir / "checkpoints"
     start_step = 0
     if resume and (folder := latest_checkpoint(checkpoints)) is not None:
-        start_step = load_training_checkpoint(folder, model, optimizer, scheduler)["step"]
+        model_state, optimizer_state, trainer_state = load_training_checkpoint(folder, config.model)
+        load_full_state_dict(model, model_state)
+        optimizer.load_state_dict(shard_optimizer_state(model, optimizer, optimizer_state))
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        start_step = trainer_state["step"]
     elif not resume and checkpoints.exists() and any(checkpoints.iterdir()):
         raise FileExistsError(
             f"{checkpoints} already holds checkpoints; pass resume=True (--resume) or choose "
             "another out_dir"
         )
-    log = _MetricsLog(out_dir, start_step)
+    if ctx.enabled:
+        dist.barrier()  # every rank has read the checkpoint before rank 0 may write one
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = _MetricsLog(out_dir, start_step, enabled=ctx.is_main)
     result = TrainResult(model=model, out_dir=out_dir, records=log.records)
     config_dict = config_to_dict(config)
     data, optim = config.data, config.optim
@@ -180,11 +225,10 @@ def train(
         step_start = time.perf_counter()
         ce_total, aux_total = 0.0, 0.0
         for micro in range(optim.grad_accum):
-            x, y = train_stream.batch(
-                step * optim.grad_accum + micro, data.batch_size, data.seq_len, config.seed
-            )
+            index = (step * optim.grad_accum + micro) * ctx.world + ctx.rank
+            x, y = train_stream.batch(index, data.batch_size, data.seq_len, config.seed)
             with autocast:
-                out = model(x)
+                out = step_model(x)
                 ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
             ((ce + out.aux_loss) / optim.grad_accum).backward()
             ce_total += ce.item() / optim.grad_accum
@@ -201,7 +245,7 @@ def train(
         update_expert_bias(model)
         step_time = time.perf_counter() - step_start
         result.train_time += step_time
-        result.tokens += optim.grad_accum * data.batch_size * data.seq_len
+        result.tokens += optim.grad_accum * data.batch_size * data.seq_len * ctx.world
         done = step + 1
         if not math.isfinite(ce_total):
             raise FloatingPointError(f"training loss became {ce_total} at step {done}")
@@ -213,7 +257,11 @@ def train(
                 "aux_loss": aux_total,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_second": optim.grad_accum * data.batch_size * data.seq_len / step_time,
+                "tokens_per_second": optim.grad_accum
+                * data.batch_size
+                * data.seq_len
+                * ctx.world
+                / step_time,
                 "moe": _moe_record(out.moe_outputs),
             }
             if is_eval:
@@ -227,7 +275,7 @@ def train(
                 loss=f"{ce_total:.3f}", **({"val": f"{record['val_loss']:.3f}"} if is_eval else {})
             )
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == last_step:
-            save_training_checkpoint(checkpoints, done, model, optimizer, scheduler, config_dict)
+            _checkpoint(ctx, checkpoints, done, model, optimizer, scheduler, config_dict)
         bar.update(1)
     bar.close()
     log.close()

@@ -1,0 +1,48 @@
+"""Process-group set-up for ``moekit train`` under ``torchrun``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistributedContext:
+    """This process's place: rank 0 of 1 when not distributed."""
+
+    rank: int = 0
+    world: int = 1
+    expert_parallel: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(expert_parallel: int) -> DistributedContext:
+    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL with CUDA).
+
+    Args:
+        expert_parallel: 1 for no expert parallelism (plain data parallelism when several
+            processes run), or the number of processes: experts are split over all of them.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if expert_parallel < 1:
+        raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
+    if expert_parallel > 1 and expert_parallel != world:
+        raise ValueError(
+            f"expert_parallel={expert_parallel} must equal the number of processes ({world}); "
+            f"launch with torchrun --nproc-per-node {expert_parallel}"
+        )
+    if world == 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), expert_parallel > 1)
