@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from moekit.cli import demo, evaluate, example, generate, params, train
+from moekit.cli import demo, evaluate, example, generate, params, plan, train
 
 SUBCOMMANDS = {
     "demo": demo,
@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "eval": evaluate,
     "generate": generate,
     "params": params,
+    "plan": plan,
     "example": example,
 }
 
