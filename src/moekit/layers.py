@@ -169,16 +169,20 @@ class MoE(nn.Module):
         capacity = self.dispatch.capacity(
             num_tokens, routing.top_k, self.num_experts, self.training
         )
-        plan = plan_dispatch(
-            routing.expert_idx_TK,
-            routing.weights_TK,
-            self.num_experts,
-            capacity=capacity,
-            priority=self.dispatch.drop_priority,
-            token_mask_T=mask_T,
-            sequence_length=sequence_length,
-            assignment_mask_TK=routing.assignment_mask_TK,
-        )
+        if self.process_group is not None and capacity is not None:
+            plan = self._plan_with_global_capacity(routing, mask_T, sequence_length)
+            capacity = plan.capacity
+        else:
+            plan = plan_dispatch(
+                routing.expert_idx_TK,
+                routing.weights_TK,
+                self.num_experts,
+                capacity=capacity,
+                priority=self.dispatch.drop_priority,
+                token_mask_T=mask_T,
+                sequence_length=sequence_length,
+                assignment_mask_TK=routing.assignment_mask_TK,
+            )
         with collect_moe_outputs(self.experts) as inner:  # hierarchical MoE: inner levels
             y_TD = dispatch_and_combine(x_TD, plan, self.experts)
         if self.shared_experts is not None:
@@ -293,6 +297,40 @@ class MoE(nn.Module):
                 token_mask_T=mask_T,
             )
         return losses
+
+    def _plan_with_global_capacity(self, routing, mask_T, sequence_length):
+        """Capacity under data/expert parallelism: drop exactly what one process would."""
+        from moekit.dispatch.global_capacity import global_capacity_keep_mask
+
+        capacity, keep_TK = global_capacity_keep_mask(
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            self.dispatch,
+            self.training,
+            token_mask_T=mask_T,
+            assignment_mask_TK=routing.assignment_mask_TK,
+            sequence_length=sequence_length,
+            group=self.process_group,
+        )
+        routed = plan_dispatch(  # the demand before drops, for statistics
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            token_mask_T=mask_T,
+            assignment_mask_TK=routing.assignment_mask_TK,
+        )
+        plan = plan_dispatch(
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            token_mask_T=mask_T,
+            assignment_mask_TK=keep_TK,
+        )
+        plan.routed_per_expert_E = routed.routed_per_expert_E
+        plan.num_assignments = routed.num_assignments
+        plan.capacity = capacity
+        return plan
 
     def _sum_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.process_group is None:

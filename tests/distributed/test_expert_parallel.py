@@ -27,6 +27,11 @@ def test_layer_outputs_gradients_and_bias_match_one_process(world):
     _spawn(workers.layer_equivalence, world, False)
 
 
+@pytest.mark.parametrize("priority", ["probability", "position", "token"])
+def test_capacity_drops_match_one_process(priority):
+    _spawn(workers.layer_equivalence, 2, False, priority)
+
+
 def test_ranks_receiving_zero_tokens_do_not_hang():
     _spawn(workers.layer_equivalence, 4, True)
 

@@ -36,13 +36,23 @@ def _average_grads(model: torch.nn.Module, skip: set[str]) -> None:
             p.grad /= world
 
 
-def layer_equivalence(rank: int, world: int, port: int, zero_tokens: bool) -> None:
+def layer_equivalence(
+    rank: int, world: int, port: int, zero_tokens: bool, priority: str | None = None
+) -> None:
     init(rank, world, port)
     torch.manual_seed(0)
+    dispatch = (
+        moekit.DispatchConfig()
+        if priority is None
+        else moekit.DispatchConfig(
+            mode="capacity", capacity_factor=0.6, min_capacity=1, drop_priority=priority
+        )
+    )
     ref = moekit.MoEConfig(
         d_model=D,
         num_experts=8,
         top_k=2,
+        dispatch=dispatch,
         experts=moekit.ExpertConfig(hidden=12, bias=True),
         router=moekit.RouterConfig(bias_balancing=True),
         shared_experts=moekit.SharedExpertConfig(hidden=8),
@@ -71,6 +81,10 @@ def layer_equivalence(rank: int, world: int, port: int, zero_tokens: bool) -> No
     dist.all_reduce(aux)
     torch.testing.assert_close(aux / world, out_ref.aux_loss.detach(), rtol=1e-5, atol=1e-6)
     assert torch.equal(out.stats.tokens_per_expert, out_ref.stats.tokens_per_expert)
+    assert torch.equal(out.stats.kept_per_expert, out_ref.stats.kept_per_expert)
+    assert out.stats.capacity == out_ref.stats.capacity
+    if priority is not None:
+        assert out_ref.stats.kept_per_expert.sum() < out_ref.stats.tokens_per_expert.sum()
     grads_ref = dict(ref.named_parameters())
     first = ep.experts.first_expert
     for name, p in ep.named_parameters():

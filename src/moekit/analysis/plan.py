@@ -57,9 +57,7 @@ def plan_expert_parallel(
     width = BYTES_PER_PARAM[dtype]
     optimizer_per_param = 8.0 + (4.0 if dtype != "fp32" else 0.0)  # moments (+ master copy)
     leaving = (expert_parallel - 1) / expert_parallel
-    traffic = (
-        spec.moe_layers * 4 * tokens_per_rank * spec.top_k * spec.d_model * width * leaving
-    )
+    traffic = spec.moe_layers * 4 * tokens_per_rank * spec.top_k * spec.d_model * width * leaving
     weights = per_rank * width
     grads = per_rank * width
     optimizer = per_rank * optimizer_per_param

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from moekit.analysis.plan import plan_expert_parallel
 from moekit.analysis.plan import __doc__ as PLAN_ASSUMPTIONS
+from moekit.analysis.plan import plan_expert_parallel
 
 HELP = (
     "Estimate per-rank weight, gradient and optimizer memory and all-to-all bytes per step for "
@@ -16,12 +16,18 @@ HELP = (
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="config.json file, or a folder holding one")
-    parser.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4, 8],
-                        help="expert-parallel degrees to compare")
-    parser.add_argument("--tokens-per-rank", type=int, default=8 * 4096,
-                        help="tokens per rank per optimizer step (micro-batches x sequence)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                        help="weight/activation dtype")
+    parser.add_argument(
+        "--ep", type=int, nargs="+", default=[1, 2, 4, 8], help="expert-parallel degrees to compare"
+    )
+    parser.add_argument(
+        "--tokens-per-rank",
+        type=int,
+        default=8 * 4096,
+        help="tokens per rank per optimizer step (micro-batches x sequence)",
+    )
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default="bf16", help="weight/activation dtype"
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -42,23 +48,32 @@ def run(args: argparse.Namespace) -> int:
             spec = spec_from_moekit(read_config(config_file.parent)[1])
         else:
             spec = spec_from_hf_config(data)
-        plans = [plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype)
-                 for ep in args.ep]
+        plans = [plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype) for ep in args.ep]
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"moekit plan: {e}") from None
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
         return 0
     gib = 2**30
-    print(f"{spec.name}: {spec.moe_layers} MoE layers x {spec.num_experts} experts, top-"
-          f"{spec.top_k}; {args.tokens_per_rank:,} tokens per rank per step, {args.dtype}")
-    print(f"{'EP':>4}{'params/rank':>14}{'weights GiB':>13}{'grads GiB':>11}{'AdamW GiB':>11}"
-          f"{'total GiB':>11}{'all-to-all GiB/step':>21}")
+    print(
+        f"{spec.name}: {spec.moe_layers} MoE layers x {spec.num_experts} experts, top-"
+        f"{spec.top_k}; {args.tokens_per_rank:,} tokens per rank per step, {args.dtype}"
+    )
+    print(
+        f"{'EP':>4}{'params/rank':>14}{'weights GiB':>13}{'grads GiB':>11}{'AdamW GiB':>11}"
+        f"{'total GiB':>11}{'all-to-all GiB/step':>21}"
+    )
     for p in plans:
-        print(f"{p.expert_parallel:>4}{p.params_per_rank / 1e9:>13.2f}B"
-              f"{p.weight_bytes / gib:>13.1f}{p.gradient_bytes / gib:>11.1f}"
-              f"{p.optimizer_bytes / gib:>11.1f}{p.total_bytes / gib:>11.1f}"
-              f"{p.all_to_all_bytes_per_step / gib:>21.2f}")
-    print("\nActivations are not included." + PLAN_ASSUMPTIONS.split("\n\n")[1].replace(
-        "\n", " ").replace("Assumptions (stated in the output):", " Assumptions:"))
+        print(
+            f"{p.expert_parallel:>4}{p.params_per_rank / 1e9:>13.2f}B"
+            f"{p.weight_bytes / gib:>13.1f}{p.gradient_bytes / gib:>11.1f}"
+            f"{p.optimizer_bytes / gib:>11.1f}{p.total_bytes / gib:>11.1f}"
+            f"{p.all_to_all_bytes_per_step / gib:>21.2f}"
+        )
+    print(
+        "\nActivations are not included."
+        + PLAN_ASSUMPTIONS.split("\n\n")[1]
+        .replace("\n", " ")
+        .replace("Assumptions (stated in the output):", " Assumptions:")
+    )
     return 0

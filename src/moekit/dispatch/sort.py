@@ -23,6 +23,7 @@ class DispatchPlan:
 
     Attributes:
         token_idx_M: ``(M,)`` source token of each kept assignment, grouped by expert.
+        assignment_idx_M: ``(M,)`` flat index ``t * K + j`` of each kept assignment.
         weights_M: ``(M,)`` its combine weight (differentiable).
         kept_per_expert_E: ``(E,)`` rows each expert computes (sums to M).
         routed_per_expert_E: ``(E,)`` assignments the router sent to each expert (before drops).
@@ -31,6 +32,7 @@ class DispatchPlan:
     """
 
     token_idx_M: torch.Tensor
+    assignment_idx_M: torch.Tensor
     weights_M: torch.Tensor
     kept_per_expert_E: torch.Tensor
     routed_per_expert_E: torch.Tensor
@@ -107,6 +109,7 @@ def plan_dispatch(
 
     return DispatchPlan(
         token_idx_M=torch.div(order_M, K, rounding_mode="floor"),
+        assignment_idx_M=order_M,
         weights_M=weights_TK.reshape(-1)[order_M],
         kept_per_expert_E=kept_per_expert_E,
         routed_per_expert_E=routed_per_expert_E,

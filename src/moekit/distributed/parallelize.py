@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.config import DispatchMode
 from moekit.distributed.expert_parallel import ExpertParallelBank
 from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
@@ -37,11 +36,6 @@ def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
-        if module.dispatch.mode is DispatchMode.CAPACITY:
-            raise ValueError(
-                f"{name or 'MoE'}: capacity mode is not supported with expert parallelism yet "
-                "(the drop order would need a global sort); use mode='dropless'"
-            )
         if module.aux_loss.importance > 0 or module.aux_loss.load > 0:
             raise ValueError(
                 f"{name or 'MoE'}: the importance and load losses are not supported with expert "
