@@ -1,0 +1,135 @@
+"""Declarative state-dict key maps between moekit and Hugging Face checkpoints.
+
+A key map is a list of entries with ``{layer}`` (and ``{expert}``) placeholders:
+
+* :class:`Rename`: one tensor under another name (optionally transformed each way);
+* :class:`Experts`: one stacked moekit expert tensor ``(E, ...)`` built from per-expert HF
+  tensors (``{expert}`` in their names) or from one stacked HF tensor.
+
+``to_moekit`` / ``to_hf`` apply a map to a state dict and raise ``ValueError`` listing every
+missing and unexpected key, so a wrong family or layout never loads silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Rename:
+    moekit: str
+    hf: str
+    to_moekit_fn: Callable[[torch.Tensor], torch.Tensor] = _same
+    to_hf_fn: Callable[[torch.Tensor], torch.Tensor] = _same
+    per_layer: bool = True
+
+
+@dataclass(frozen=True)
+class Experts:
+    """``moekit`` is ``(E, ...)``; ``hf`` names the tensors of expert ``{expert}`` (per-expert
+    layout) or, without ``{expert}``, stacked tensors; ``join`` builds the moekit slice (or the
+    whole stack) from them and ``split`` inverts it."""
+
+    moekit: str
+    hf: tuple[str, ...]
+    join: Callable[..., torch.Tensor]
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.hf[0]
+
+
+Entry = Rename | Experts
+
+
+def _layers(entry: Entry, n_layers: int, moe_layers: list[int]) -> list[int | None]:
+    if isinstance(entry, Experts):
+        return list(moe_layers)
+    return list(range(n_layers)) if entry.per_layer else [None]
+
+
+def to_moekit(
+    hf_state: dict[str, torch.Tensor],
+    keymap: list[Entry],
+    *,
+    n_layers: int,
+    moe_layers: list[int],
+    num_experts: int,
+) -> dict[str, torch.Tensor]:
+    """Translate an HF state dict; every HF key must be used exactly once."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+
+    def take(name: str) -> torch.Tensor | None:
+        if name not in hf_state:
+            missing.append(name)
+            return None
+        used.add(name)
+        return hf_state[name]
+
+    for entry in keymap:
+        for layer in _layers(entry, n_layers, moe_layers):
+            fmt = {} if layer is None else {"layer": layer}
+            if isinstance(entry, Rename):
+                tensor = take(entry.hf.format(**fmt))
+                if tensor is not None:
+                    out[entry.moekit.format(**fmt)] = entry.to_moekit_fn(tensor)
+            elif entry.per_expert:
+                slices = []
+                for e in range(num_experts):
+                    parts = [take(h.format(expert=e, **fmt)) for h in entry.hf]
+                    if all(p is not None for p in parts):
+                        slices.append(entry.join(*parts))
+                if len(slices) == num_experts:
+                    out[entry.moekit.format(**fmt)] = torch.stack(slices)
+            else:
+                parts = [take(h.format(**fmt)) for h in entry.hf]
+                if all(p is not None for p in parts):
+                    out[entry.moekit.format(**fmt)] = entry.join(*parts)
+    unexpected = sorted(set(hf_state) - used)
+    if missing or unexpected:
+        raise ValueError(
+            "Hugging Face checkpoint does not match the key map: "
+            + (f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}; " if missing else "")
+            + (
+                f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+                if unexpected
+                else ""
+            )
+        )
+    return out
+
+
+def to_hf(
+    state: dict[str, torch.Tensor],
+    keymap: list[Entry],
+    *,
+    n_layers: int,
+    moe_layers: list[int],
+    num_experts: int,
+) -> dict[str, torch.Tensor]:
+    """Translate a moekit state dict to HF names (the map's layout)."""
+    out: dict[str, torch.Tensor] = {}
+    for entry in keymap:
+        for layer in _layers(entry, n_layers, moe_layers):
+            fmt = {} if layer is None else {"layer": layer}
+            tensor = state[entry.moekit.format(**fmt)]
+            if isinstance(entry, Rename):
+                out[entry.hf.format(**fmt)] = entry.to_hf_fn(tensor).contiguous()
+            elif entry.per_expert:
+                for e in range(num_experts):
+                    for name, part in zip(entry.hf, entry.split(tensor[e]), strict=True):
+                        out[name.format(expert=e, **fmt)] = part.contiguous()
+            else:
+                for name, part in zip(entry.hf, entry.split(tensor), strict=True):
+                    out[name.format(**fmt)] = part.contiguous()
+    return out
