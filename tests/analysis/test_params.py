@@ -62,9 +62,14 @@ def test_qwen3_non_embedding_total_matches_model_card():
         MoEPlacementConfig(num_experts=4, top_k=1, expert_hidden=8, first_dense=1),
     ],
 )
-@pytest.mark.parametrize("tied", [False, True])
-def test_moekit_counts_equal_the_built_model(moe, tied):
+@pytest.mark.parametrize(
+    ("tied", "qkv_bias", "qk_norm"),
+    [(False, False, "none"), (True, True, "head"), (False, False, "full")],
+)
+def test_moekit_counts_equal_the_built_model(moe, tied, qkv_bias, qk_norm):
     cfg = TransformerConfig(
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
         vocab_size=50,
         d_model=16,
         n_layers=4,

@@ -48,7 +48,7 @@ def test_import_in_memory_matches_hf_logits(tied):
 def test_export_reloads_in_transformers_and_reimports(tmp_path):
     hf = _hf_model()
     ours = from_hf(hf).eval()
-    to_hf(ours, tmp_path / "export")
+    to_hf(ours, tmp_path / "export", "mixtral")
     reloaded = MixtralForCausalLM.from_pretrained(tmp_path / "export").eval()
     tokens = torch.randint(0, 64, (3, 9))
     assert (_logits(reloaded, tokens) - _logits(hf, tokens)).abs().max() <= 1e-4
@@ -67,7 +67,7 @@ def test_sharded_checkpoint_folder(tmp_path):
 
 def test_errors_list_keys_and_families(tmp_path):
     hf = _hf_model()
-    to_hf(from_hf(hf), tmp_path / "x")
+    to_hf(from_hf(hf), tmp_path / "x", "mixtral")
     from safetensors.torch import load_file, save_file
 
     state = load_file(tmp_path / "x" / "model.safetensors")

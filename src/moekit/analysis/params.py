@@ -134,10 +134,13 @@ def spec_from_moekit(config) -> ArchSpec:
         d_model=d,
         n_layers=config.n_layers,
         tie_embeddings=config.tie_embeddings,
-        attention_per_layer=2 * d * q_width + 2 * d * kv_width,
+        attention_per_layer=2 * d * q_width
+        + 2 * d * kv_width
+        + ((q_width + 2 * kv_width) if config.qkv_bias else 0),
         attention_qk_width=q_width,
         attention_v_width=q_width,
-        norms_per_layer=2 * d,
+        norms_per_layer=2 * d
+        + {"none": 0, "head": 2 * hd, "full": q_width + kv_width}[config.qk_norm],
         final_norm=d,
         dense_ffn_layers=config.n_layers - moe_layers,
         dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),
@@ -197,7 +200,8 @@ def _sparse_layers(c: dict) -> int:
 
 
 def _qwen_moe(c: dict, qwen3: bool) -> ArchSpec:
-    d, L, E = c["hidden_size"], c["num_hidden_layers"], c["num_experts"]
+    d, L = c["hidden_size"], c["num_hidden_layers"]
+    E = c.get("num_experts") or c["num_local_experts"]
     attn, qk, v = _gqa_attention(c, bias_qkv=not qwen3 or c.get("attention_bias", False))
     hd = c.get("head_dim") or d // c["num_attention_heads"]
     norms = 2 * d + (2 * hd if qwen3 else 0)  # Qwen3 adds per-head q_norm and k_norm

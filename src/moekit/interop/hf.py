@@ -22,11 +22,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moekit.interop import keymap as km
-from moekit.interop import mixtral
+from moekit.interop import mixtral, olmoe, qwen2_moe, qwen3_moe
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
-FAMILIES: dict[str, ModuleType] = {mixtral.MODEL_TYPE: mixtral}
+FAMILIES: dict[str, ModuleType] = {
+    module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe)
+}
 
 
 def _family(model_type: str | None) -> ModuleType:
@@ -55,13 +57,15 @@ def read_hf_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     return json.loads(config_path.read_text()), state
 
 
-def _layout(family: ModuleType, tied: bool, state: dict[str, torch.Tensor]) -> list[km.Entry]:
-    """The family's key map whose first expert tensor is present (per-expert or stacked)."""
-    for entries in family.keymaps(tied).values():
-        experts = next(e for e in entries if isinstance(e, km.Experts))
-        if any(h.format(layer=layer, expert=0) in state for h in experts.hf for layer in range(4)):
+def _layout(maps: dict[str, list[km.Entry]], state: dict[str, torch.Tensor]) -> list[km.Entry]:
+    """The key map whose first expert tensor is present (per-expert or stacked layout)."""
+    for entries in maps.values():
+        experts = next((e for e in entries if isinstance(e, km.Experts)), None)
+        if experts is None:
             return entries
-    return family.keymaps(tied)["checkpoint"]  # reports every missing key
+        if any(h.format(layer=i, expert=0) in state for h in experts.hf for i in range(64)):
+            return entries
+    return maps["checkpoint"]  # reports every missing key
 
 
 def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
@@ -78,7 +82,7 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
     moekit_state = km.to_moekit(
         state,
-        _layout(family, config.tie_embeddings, state),
+        _layout(family.keymaps(config), state),
         n_layers=config.n_layers,
         moe_layers=moe_layers,
         num_experts=config.moe.num_experts,
@@ -89,7 +93,7 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     return model
 
 
-def to_hf(model: TransformerLM, directory: str | os.PathLike, family: str = "mixtral") -> Path:
+def to_hf(model: TransformerLM, directory: str | os.PathLike, family: str) -> Path:
     """Write ``model`` as an HF checkpoint of ``family`` (per-expert layout, safetensors)."""
     fam = _family(family)
     config = model.config
@@ -97,7 +101,7 @@ def to_hf(model: TransformerLM, directory: str | os.PathLike, family: str = "mix
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
     state = km.to_hf(
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        fam.keymaps(config.tie_embeddings)["checkpoint"],
+        fam.keymaps(config)["checkpoint"],
         n_layers=config.n_layers,
         moe_layers=moe_layers,
         num_experts=config.moe.num_experts,

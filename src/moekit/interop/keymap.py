@@ -24,11 +24,14 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Rename:
+    """One tensor; ``layers`` is ``all``, ``moe`` or ``dense`` (which blocks have it) or
+    ``none`` (a model-level tensor without ``{layer}``)."""
+
     moekit: str
     hf: str
     to_moekit_fn: Callable[[torch.Tensor], torch.Tensor] = _same
     to_hf_fn: Callable[[torch.Tensor], torch.Tensor] = _same
-    per_layer: bool = True
+    layers: str = "all"
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,27 @@ class Experts:
         return "{expert}" in self.hf[0]
 
 
-Entry = Rename | Experts
+@dataclass(frozen=True)
+class Joined:
+    """One moekit tensor made of several HF tensors (e.g. ``[gate | up]``), outside an expert
+    stack; ``layers`` as for :class:`Rename`."""
+
+    moekit: str
+    hf: tuple[str, ...]
+    join: Callable[..., torch.Tensor]
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    layers: str = "all"
+
+
+Entry = Rename | Experts | Joined
 
 
 def _layers(entry: Entry, n_layers: int, moe_layers: list[int]) -> list[int | None]:
-    if isinstance(entry, Experts):
+    if isinstance(entry, Experts) or entry.layers == "moe":
         return list(moe_layers)
-    return list(range(n_layers)) if entry.per_layer else [None]
+    if entry.layers == "dense":
+        return [i for i in range(n_layers) if i not in moe_layers]
+    return list(range(n_layers)) if entry.layers == "all" else [None]
 
 
 def to_moekit(
@@ -83,7 +100,11 @@ def to_moekit(
                 tensor = take(entry.hf.format(**fmt))
                 if tensor is not None:
                     out[entry.moekit.format(**fmt)] = entry.to_moekit_fn(tensor)
-            elif entry.per_expert:
+            elif isinstance(entry, Joined) or not entry.per_expert:
+                parts = [take(h.format(**fmt)) for h in entry.hf]
+                if all(p is not None for p in parts):
+                    out[entry.moekit.format(**fmt)] = entry.join(*parts)
+            else:
                 slices = []
                 for e in range(num_experts):
                     parts = [take(h.format(expert=e, **fmt)) for h in entry.hf]
@@ -91,10 +112,6 @@ def to_moekit(
                         slices.append(entry.join(*parts))
                 if len(slices) == num_experts:
                     out[entry.moekit.format(**fmt)] = torch.stack(slices)
-            else:
-                parts = [take(h.format(**fmt)) for h in entry.hf]
-                if all(p is not None for p in parts):
-                    out[entry.moekit.format(**fmt)] = entry.join(*parts)
     unexpected = sorted(set(hf_state) - used)
     if missing or unexpected:
         raise ValueError(
@@ -125,11 +142,11 @@ def to_hf(
             tensor = state[entry.moekit.format(**fmt)]
             if isinstance(entry, Rename):
                 out[entry.hf.format(**fmt)] = entry.to_hf_fn(tensor).contiguous()
-            elif entry.per_expert:
+            elif isinstance(entry, Joined) or not entry.per_expert:
+                for name, part in zip(entry.hf, entry.split(tensor), strict=True):
+                    out[name.format(**fmt)] = part.contiguous()
+            else:
                 for e in range(num_experts):
                     for name, part in zip(entry.hf, entry.split(tensor[e]), strict=True):
                         out[name.format(expert=e, **fmt)] = part.contiguous()
-            else:
-                for name, part in zip(entry.hf, entry.split(tensor), strict=True):
-                    out[name.format(**fmt)] = part.contiguous()
     return out

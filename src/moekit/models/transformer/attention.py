@@ -76,17 +76,31 @@ class Attention(nn.Module):
         *,
         causal: bool = True,
         rotary: bool = True,
-        bias: bool = False,
+        qkv_bias: bool = False,
+        qk_norm: str = "none",
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal, self.rotary = causal, rotary
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        # RMSNorm on queries and keys before RoPE: per head (Qwen3) or over the whole
+        # projection (OLMoE)
+        self.qk_norm = qk_norm
+        self.q_norm = self.k_norm = None
+        if qk_norm == "head":
+            self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=norm_eps)
+        elif qk_norm != "none":
+            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
 
     def forward(
         self,
@@ -103,8 +117,14 @@ class Attention(nn.Module):
         start: position of the first new token.
         """
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary and rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)

@@ -82,6 +82,9 @@ class TransformerConfig:
         rope_theta: rotary base.
         norm_eps: RMSNorm epsilon.
         tie_embeddings: the output head reuses the token embedding.
+        qkv_bias: biases on the query, key and value projections (Qwen2).
+        qk_norm: RMSNorm on queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
+            or ``full`` (over the whole projection, OLMoE).
         moe: where the MoE layers are and how they are built.
     """
 
@@ -97,6 +100,8 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: str = "none"
     moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
 
     def __post_init__(self) -> None:
@@ -104,6 +109,8 @@ class TransformerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.activation = Activation(self.activation)
+        if self.qk_norm not in ("none", "head", "full"):
+            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {self.qk_norm!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:

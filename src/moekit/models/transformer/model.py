@@ -52,10 +52,22 @@ class Block(nn.Module):
         moe_config: MoEConfig | None,
         causal: bool = True,
         rotary: bool = True,
+        qkv_bias: bool = False,
+        qk_norm: str = "none",
     ) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.attn = Attention(d_model, n_heads, n_kv_heads, head_dim, causal=causal, rotary=rotary)
+        self.attn = Attention(
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            causal=causal,
+            rotary=rotary,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            norm_eps=norm_eps,
+        )
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn: nn.Module = (
             moe_config.build()
@@ -104,6 +116,8 @@ class TransformerLM(nn.Module):
                     if config.moe.is_moe_layer(i)
                     else None
                 ),
+                qkv_bias=config.qkv_bias,
+                qk_norm=config.qk_norm,
             )
             for i in range(config.n_layers)
         )

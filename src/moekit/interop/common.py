@@ -1,0 +1,155 @@
+"""Key-map pieces shared by the Llama-style families (Mixtral, Qwen-MoE, OLMoE, ...).
+
+moekit names: ``embed``, ``blocks.{layer}.attn_norm`` / ``attn.{q,k,v,o}_proj`` /
+``attn.{q,k}_norm`` / ``ffn_norm`` / ``ffn`` (a ``FeedForward`` or an ``MoE`` with ``router``,
+``experts`` and ``shared_experts``), ``norm``, ``lm_head``. A gated moekit FFN stores
+``w_in`` as ``[gate | up]`` along its output dimension; HF stores ``gate_proj``/``up_proj`` (or
+``w1``/``w3``) as ``nn.Linear`` weights ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moekit.interop.keymap import Entry, Experts, Joined, Rename
+
+
+def backbone(*, qkv_bias: bool = False, qk_norm: bool = False, tied: bool = False) -> list[Entry]:
+    """Embedding, attention, block norms, final norm and (untied) head."""
+    layer, hf = "blocks.{layer}", "model.layers.{layer}"
+    entries: list[Entry] = [
+        Rename("embed.weight", "model.embed_tokens.weight", layers="none"),
+        Rename(f"{layer}.attn_norm.weight", f"{hf}.input_layernorm.weight"),
+        Rename(f"{layer}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight"),
+        Rename(f"{layer}.attn.o_proj.weight", f"{hf}.self_attn.o_proj.weight"),
+        Rename("norm.weight", "model.norm.weight", layers="none"),
+    ]
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        entries.append(Rename(f"{layer}.attn.{proj}.weight", f"{hf}.self_attn.{proj}.weight"))
+        if qkv_bias:
+            entries.append(Rename(f"{layer}.attn.{proj}.bias", f"{hf}.self_attn.{proj}.bias"))
+    if qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            entries.append(Rename(f"{layer}.attn.{norm}.weight", f"{hf}.self_attn.{norm}.weight"))
+    if not tied:
+        entries.append(Rename("lm_head.weight", "lm_head.weight", layers="none"))
+    return entries
+
+
+def gated_in(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """HF ``(H, D)`` gate and up weights -> moekit ``(D, 2H)`` ``[gate | up]``."""
+    return torch.cat([gate.t(), up.t()], dim=1)
+
+
+def gated_in_split(w_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = w_in.chunk(2, dim=1)
+    return gate.t(), up.t()
+
+
+def dense_ffn(
+    moekit: str,
+    hf: str,
+    layers: str,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+) -> list[Entry]:
+    """A gated FFN (``FeedForward`` or a shared expert) stored as three HF linears."""
+    gate, up, down = names
+    return [
+        Joined(
+            f"{moekit}.w_in_DH",
+            (f"{hf}.{gate}.weight", f"{hf}.{up}.weight"),
+            join=gated_in,
+            split=gated_in_split,
+            layers=layers,
+        ),
+        Rename(
+            f"{moekit}.w_out_HD",
+            f"{hf}.{down}.weight",
+            lambda w: w.t(),
+            lambda w: w.t(),
+            layers=layers,
+        ),
+    ]
+
+
+def routed_experts(hf_experts: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
+    """Per-expert (checkpoint) and stacked (in-memory) layouts of a routed expert bank."""
+    gate, up, down = names
+    prefix = "blocks.{layer}.ffn.experts"
+    return {
+        "checkpoint": [
+            Experts(
+                f"{prefix}.w_in_EDH",
+                (f"{hf_experts}.{{expert}}.{gate}.weight", f"{hf_experts}.{{expert}}.{up}.weight"),
+                join=gated_in,
+                split=gated_in_split,
+            ),
+            Experts(
+                f"{prefix}.w_out_EHD",
+                (f"{hf_experts}.{{expert}}.{down}.weight",),
+                join=lambda w: w.t(),
+                split=lambda w: (w.t(),),
+            ),
+        ],
+        "stacked": [
+            Experts(
+                f"{prefix}.w_in_EDH",
+                (f"{hf_experts}.gate_up_proj",),
+                join=lambda t: t.transpose(1, 2),
+                split=lambda w: (w.transpose(1, 2),),
+            ),
+            Experts(
+                f"{prefix}.w_out_EHD",
+                (f"{hf_experts}.down_proj",),
+                join=lambda t: t.transpose(1, 2),
+                split=lambda w: (w.transpose(1, 2),),
+            ),
+        ],
+    }
+
+
+def rope_theta(hf: dict[str, Any], default: float = 10000.0) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = params.get("rope_type", "default")
+    if scaling not in ("default", None) or hf.get("rope_scaling"):
+        raise ValueError(f"rope scaling {scaling!r} is not supported yet")
+    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def attention_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    heads = hf["num_attention_heads"]
+    if hf.get("use_sliding_window") or (
+        hf.get("sliding_window") and hf.get("model_type") == "mixtral"
+    ):
+        raise ValueError("sliding-window attention is not supported yet")
+    return dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=rope_theta(hf),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def attention_to_hf(config) -> dict[str, Any]:
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+    }

@@ -1,0 +1,73 @@
+"""OLMoE (AI2) <-> moekit: RMSNorm over the whole query and key projections, softmax top-k
+(renormalised only when ``norm_topk_prob``), experts of ``intermediate_size``, no shared expert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moekit.interop import common
+from moekit.interop.keymap import Entry, Rename
+from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
+from moekit.routing.config import RouterConfig
+
+MODEL_TYPE = "olmoe"
+
+
+def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
+    mlp = "model.layers.{layer}.mlp"
+    base = [
+        *common.backbone(qk_norm=True, tied=config.tie_embeddings),
+        Rename("blocks.{layer}.ffn.router.weight_ED", f"{mlp}.gate.weight", layers="moe"),
+    ]
+    experts = common.routed_experts(f"{mlp}.experts")
+    return {name: [*base, *entries] for name, entries in experts.items()}
+
+
+def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+    if hf.get("clip_qkv"):
+        raise ValueError("OLMoE clip_qkv is not supported yet")
+    k = hf["num_experts_per_tok"]
+    return TransformerConfig(
+        **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
+        ffn_hidden=hf["intermediate_size"],
+        activation="swiglu",
+        qk_norm="full",
+        moe=MoEPlacementConfig(
+            num_experts=hf["num_experts"],
+            top_k=k,
+            expert_hidden=hf["intermediate_size"],
+            router=RouterConfig(
+                gating="softmax_topk", normalize_weights=bool(hf.get("norm_topk_prob", False))
+            ),
+            aux_loss=AuxLossConfig(
+                switch=hf.get("router_aux_loss_coef", 0.01) * k,
+                z_loss=hf.get("router_z_loss_coef", 0.0),
+            ),
+        ),
+    )
+
+
+def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
+    moe = config.moe
+    if moe.every != 1 or moe.first_dense or moe.shared_experts is not None:
+        raise ValueError("OLMoE export needs an MoE in every block and no shared experts")
+    if config.qk_norm != "full" or config.qkv_bias or moe.expert_hidden != config.ffn_hidden:
+        raise ValueError(
+            "OLMoE export needs qk_norm='full', no qkv bias, expert_hidden == ffn_hidden"
+        )
+    if moe.router.kind.value != "top_k" or moe.router.gating.value != "softmax_topk":
+        raise ValueError("OLMoE export needs a softmax top-k router")
+    return {
+        **common.attention_to_hf(config),
+        "architectures": ["OlmoeForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "intermediate_size": config.ffn_hidden,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.router.normalize_weights,
+        "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
+        "router_z_loss_coef": moe.aux_loss.z_loss,
+        "clip_qkv": None,
+    }

@@ -1,0 +1,12 @@
+"""Qwen2-MoE family module (see ``moekit.interop.qwen_moe``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from moekit.interop import qwen_moe
+
+MODEL_TYPE = "qwen2_moe"
+keymaps = partial(qwen_moe.keymaps, qwen3=False)
+config_from_hf = partial(qwen_moe.config_from_hf, qwen3=False)
+config_to_hf = partial(qwen_moe.config_to_hf, qwen3=False)
