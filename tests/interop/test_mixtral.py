@@ -77,7 +77,7 @@ def test_errors_list_keys_and_families(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['model\.norm\.weight'\].*unexpected"):
         from_hf(tmp_path / "x")
     config = json.loads((tmp_path / "x" / "config.json").read_text())
-    config["model_type"] = "llama"
+    config["model_type"] = "gpt2"
     (tmp_path / "x" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has no moekit converter yet"):
         from_hf(tmp_path / "x")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from moekit.cli import demo, evaluate, example, generate, params, plan, train
+from moekit.cli import convert, demo, evaluate, example, generate, params, plan, train, upcycle
 
 SUBCOMMANDS = {
     "demo": demo,
@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "generate": generate,
     "params": params,
     "plan": plan,
+    "convert": convert,
+    "upcycle": upcycle,
     "example": example,
 }
 

@@ -21,14 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from moekit.interop import dense_llama, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moekit.interop import keymap as km
-from moekit.interop import mixtral, olmoe, qwen2_moe, qwen3_moe
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
 FAMILIES: dict[str, ModuleType] = {
     module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe)
 }
+FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 
 
 def _family(model_type: str | None) -> ModuleType:

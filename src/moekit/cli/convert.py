@@ -1,0 +1,51 @@
+"""``moekit convert``: Hugging Face checkpoint folders <-> moekit checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = (
+    "Convert a local Hugging Face checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, or dense "
+    "Llama/Mistral/Qwen2) to a moekit checkpoint, or a moekit checkpoint to a Hugging Face family."
+)
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="checkpoint folder (config.json + *.safetensors)")
+    parser.add_argument("destination", help="output folder (replaced atomically)")
+    parser.add_argument(
+        "--to",
+        default="moekit",
+        help="'moekit', or an HF family: mixtral, qwen2_moe, qwen3_moe, olmoe",
+    )
+
+
+def load_any(path: str):
+    """A moekit ``TransformerLM`` from a moekit or a Hugging Face checkpoint folder."""
+    from moekit.interop.hf import from_hf
+    from moekit.models.checkpoint import from_pretrained
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    if str(json.loads(config.read_text()).get("model_type", "")).startswith("moekit_"):
+        return from_pretrained(path)
+    return from_hf(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.interop.hf import to_hf
+    from moekit.models.checkpoint import save_pretrained
+
+    try:
+        model = load_any(args.source)
+        if args.to == "moekit":
+            save_pretrained(model, args.destination)
+        else:
+            to_hf(model, args.destination, args.to)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"moekit convert: {e}") from None
+    print(f"wrote {args.destination} ({args.to})")
+    return 0

@@ -1,0 +1,45 @@
+"""Block swap: run a live ``transformers`` MoE model on moekit's MoE layers.
+
+``swap_moe_blocks(hf_model)`` converts the model's weights once, then replaces every sparse MoE
+block (``model.layers[i].mlp``) with a :class:`MoEBlock` holding the equivalent moekit ``MoE``
+(same weights, same outputs), so the rest of the HF model — attention, caches, generation,
+``Trainer`` — stays as it is while the experts run on moekit's dispatch. The auxiliary loss of
+each call is on ``block.last_output.aux_loss`` (or use ``moekit.collect_moe_outputs(model)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.layers import MoE, MoEOutput
+
+
+class MoEBlock(nn.Module):
+    """An HF-compatible MoE block: ``hidden_states (B, S, D) -> (B, S, D)``."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+        self.last_output: MoEOutput | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.moe(hidden_states)
+        self.last_output = out
+        return out.output
+
+
+def swap_moe_blocks(hf_model: nn.Module) -> nn.Module:
+    """Replace every HF sparse MoE block in ``hf_model`` (in place) and return it."""
+    from moekit.interop.hf import from_hf
+
+    converted = from_hf(hf_model)
+    layers = hf_model.model.layers
+    swapped = 0
+    for i, block in enumerate(converted.blocks):
+        if isinstance(block.ffn, MoE):
+            layers[i].mlp = MoEBlock(block.ffn).to(next(layers[i].parameters()).dtype)
+            swapped += 1
+    if not swapped:
+        raise ValueError("the model has no MoE blocks to swap")
+    return hf_model
