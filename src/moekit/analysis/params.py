@@ -112,6 +112,19 @@ def _ffn_params(d_model: int, hidden: int, gated: bool, bias: bool = False) -> i
     return d_model * width + hidden * d_model + ((width + d_model) if bias else 0)
 
 
+def _mla_attention(d: int, heads: int, mla) -> tuple[int, int, int]:
+    """Parameters, query-key width and value width of multi-head latent attention."""
+    q_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    q_rank = mla.q_lora_rank
+    q_params = d * q_rank + q_rank + q_rank * heads * q_head if q_rank else d * heads * q_head
+    kv_params = (
+        d * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+        + mla.kv_lora_rank
+        + mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+    )
+    return q_params + kv_params + heads * mla.v_head_dim * d, heads * q_head, heads * mla.v_head_dim
+
+
 def spec_from_moekit(config) -> ArchSpec:
     """An ``ArchSpec`` for a moekit ``TransformerConfig``."""
     from moekit.experts.activations import Activation
@@ -128,17 +141,20 @@ def spec_from_moekit(config) -> ArchSpec:
         shared += d if s.gated else 0
     router = moe.num_experts * d + (moe.num_experts if moe.router.bias else 0)
     router += moe.num_experts * d if moe.router.noisy_gating else 0
+    attention = 2 * d * q_width + 2 * d * kv_width
+    attention += (q_width + 2 * kv_width) if config.qkv_bias else 0
+    qk_width = v_width = q_width
+    if config.mla is not None:
+        attention, qk_width, v_width = _mla_attention(d, config.n_heads, config.mla)
     return ArchSpec(
         name="moekit",
         vocab_size=config.vocab_size,
         d_model=d,
         n_layers=config.n_layers,
         tie_embeddings=config.tie_embeddings,
-        attention_per_layer=2 * d * q_width
-        + 2 * d * kv_width
-        + ((q_width + 2 * kv_width) if config.qkv_bias else 0),
-        attention_qk_width=q_width,
-        attention_v_width=q_width,
+        attention_per_layer=attention,
+        attention_qk_width=qk_width,
+        attention_v_width=v_width,
         norms_per_layer=2 * d
         + {"none": 0, "head": 2 * hd, "full": q_width + kv_width}[config.qk_norm],
         final_norm=d,
@@ -260,14 +276,17 @@ def _olmoe(c: dict) -> ArchSpec:
 
 
 def _deepseek(c: dict) -> ArchSpec:
+    from moekit.models.transformer.mla import MLAConfig
+
     d, L, h = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
-    nope, rope, v_dim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
-    q_rank, kv_rank = c.get("q_lora_rank"), c["kv_lora_rank"]
-    q_head = nope + rope
-    # low-rank query: down projection, norm, up projection
-    q_params = d * q_rank + q_rank + q_rank * h * q_head if q_rank else d * h * q_head
-    kv_params = d * (kv_rank + rope) + kv_rank + kv_rank * h * (nope + v_dim)
-    attn = q_params + kv_params + h * v_dim * d
+    mla = MLAConfig(
+        q_lora_rank=c.get("q_lora_rank") or 0,
+        kv_lora_rank=c["kv_lora_rank"],
+        qk_nope_head_dim=c["qk_nope_head_dim"],
+        qk_rope_head_dim=c["qk_rope_head_dim"],
+        v_head_dim=c["v_head_dim"],
+    )
+    attn, qk_width, v_width = _mla_attention(d, h, mla)
     E = c["n_routed_experts"]
     first_dense = c.get("first_k_dense_replace", 0)
     freq = c.get("moe_layer_freq", 1) or 1

@@ -16,8 +16,11 @@ import torch
 from moekit.interop.keymap import Entry, Experts, Joined, Rename
 
 
-def backbone(*, qkv_bias: bool = False, qk_norm: bool = False, tied: bool = False) -> list[Entry]:
-    """Embedding, attention, block norms, final norm and (untied) head."""
+def backbone(
+    *, qkv_bias: bool = False, qk_norm: bool = False, tied: bool = False, gqa: bool = True
+) -> list[Entry]:
+    """Embedding, attention (``gqa=False`` leaves q/k/v to the family), block norms, final
+    norm and (untied) head."""
     layer, hf = "blocks.{layer}", "model.layers.{layer}"
     entries: list[Entry] = [
         Rename("embed.weight", "model.embed_tokens.weight", layers="none"),
@@ -26,7 +29,7 @@ def backbone(*, qkv_bias: bool = False, qk_norm: bool = False, tied: bool = Fals
         Rename(f"{layer}.attn.o_proj.weight", f"{hf}.self_attn.o_proj.weight"),
         Rename("norm.weight", "model.norm.weight", layers="none"),
     ]
-    for proj in ("q_proj", "k_proj", "v_proj"):
+    for proj in ("q_proj", "k_proj", "v_proj") if gqa else ():
         entries.append(Rename(f"{layer}.attn.{proj}.weight", f"{hf}.self_attn.{proj}.weight"))
         if qkv_bias:
             entries.append(Rename(f"{layer}.attn.{proj}.bias", f"{hf}.self_attn.{proj}.bias"))
@@ -110,16 +113,52 @@ def routed_experts(hf_experts: str, names=("gate_proj", "up_proj", "down_proj"))
     }
 
 
-def rope_theta(hf: dict[str, Any], default: float = 10000.0) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = params.get("rope_type", "default")
-    if scaling not in ("default", None) or hf.get("rope_scaling"):
-        raise ValueError(f"rope scaling {scaling!r} is not supported yet")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+def rope(hf: dict[str, Any], default: float = 10000.0) -> tuple[float, Any]:
+    """``(rope_theta, RopeScalingConfig or None)``; default and YaRN rotary positions."""
+    from moekit.models.transformer.config import RopeScalingConfig
+
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", default)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("default", None):
+        return theta, None
+    if kind != "yarn":
+        raise ValueError(f"rope scaling {kind!r} is not supported yet (default and yarn are)")
+    return theta, RopeScalingConfig(
+        factor=float(params["factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def rope_to_hf(config) -> dict[str, Any]:
+    scaling = config.rope_scaling
+    if scaling is None:
+        return {"rope_theta": config.rope_theta}
+    params = {
+        "rope_type": "yarn",
+        "rope_theta": config.rope_theta,
+        "factor": scaling.factor,
+        "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        "beta_fast": scaling.beta_fast,
+        "beta_slow": scaling.beta_slow,
+        "mscale": scaling.mscale,
+        "mscale_all_dim": scaling.mscale_all_dim,
+        "truncate": scaling.truncate,
+    }
+    if scaling.attention_factor is not None:
+        params["attention_factor"] = scaling.attention_factor
+    return {"rope_theta": config.rope_theta, "rope_scaling": params, "rope_parameters": params}
 
 
 def attention_fields(hf: dict[str, Any]) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
+    theta, scaling = rope(hf)
     if hf.get("use_sliding_window") or (
         hf.get("sliding_window") and hf.get("model_type") == "mixtral"
     ):
@@ -132,7 +171,8 @@ def attention_fields(hf: dict[str, Any]) -> dict[str, Any]:
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=rope_theta(hf),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
@@ -149,7 +189,7 @@ def attention_to_hf(config) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
+        **rope_to_hf(config),
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": "float32",
     }

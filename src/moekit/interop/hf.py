@@ -21,13 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moekit.interop import dense_llama, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moekit.interop import deepseek_v3, dense_llama, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moekit.interop import keymap as km
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
 FAMILIES: dict[str, ModuleType] = {
-    module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe)
+    module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 
@@ -90,6 +90,9 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     )
     model = TransformerLM(config)
     dtype = next(iter(moekit_state.values())).dtype
+    for name, value in model.state_dict().items():  # run-time buffers HF does not store
+        if name.endswith("load_since_update_E"):
+            moekit_state.setdefault(name, value)
     model.to(dtype).load_state_dict(moekit_state, strict=True)
     return model
 

@@ -7,6 +7,7 @@ G = key/value heads (H % G == 0), Dh = head dim, D = d_model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,14 +15,55 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp in between."""
+    dim = head_dim
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+
+    def correction_dim(rotations: float) -> float:
+        return (
+            dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi))
+        ) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    inv_freq = interpolation * (1 - keep) + extrapolation * keep
+    if scaling.attention_factor is not None:
+        factor = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
+        factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(
+            scaling.factor, scaling.mscale_all_dim
+        )
+    else:
+        factor = yarn_mscale(scaling.factor)
+    return inv_freq, factor
+
+
 def rotary_tables(
-    head_dim: int, max_positions: int, theta: float
+    head_dim: int, max_positions: int, theta: float, scaling=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``, ``sin`` of shape ``(max_positions, head_dim)`` for rotate-half RoPE (Su et al.)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    """``cos``, ``sin`` of shape ``(max_positions, head_dim)`` for rotate-half RoPE (Su et al.),
+    optionally YaRN-scaled (``scaling``: a ``RopeScalingConfig``)."""
+    if scaling is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        attention_factor = 1.0
+    else:
+        inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
@@ -62,6 +104,16 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
+    @classmethod
+    def for_layers(
+        cls, shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], dtype, device
+    ) -> KVCache:
+        """A cache with per-layer ``(key shape, value shape)``; positions on dim 2."""
+        return cls(
+            keys=[torch.zeros(k, dtype=dtype, device=device) for k, _ in shapes],
+            values=[torch.zeros(v, dtype=dtype, device=device) for _, v in shapes],
+        )
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE and grouped-query heads, via
@@ -101,6 +153,10 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=norm_eps)
         elif qk_norm != "none":
             raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        return shape, shape
 
     def forward(
         self,

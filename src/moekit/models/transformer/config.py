@@ -10,6 +10,7 @@ from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.mla import MLAConfig
 from moekit.routing.config import RouterConfig, RouterKind
 from moekit.routing.registry import is_causal
 
@@ -66,6 +67,35 @@ class MoEPlacementConfig:
 
 
 @dataclass(kw_only=True)
+class RopeScalingConfig:
+    """YaRN rotary scaling (Peng et al. 2023), as DeepSeek-V3 and GPT-OSS use it.
+
+    Args:
+        factor: context extension factor.
+        original_max_position_embeddings: the pre-extension context.
+        beta_fast, beta_slow: rotation counts bounding the interpolation ramp.
+        mscale, mscale_all_dim: DeepSeek's attention-temperature terms (0 = unused).
+        attention_factor: explicit cos/sin scale (``None``: derived from the above).
+        truncate: round the ramp bounds to whole dimensions.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0 or self.original_max_position_embeddings < 1:
+            raise ValueError(
+                "rope_scaling.factor must be > 0 and original_max_position_embeddings >= 1"
+            )
+
+
+@dataclass(kw_only=True)
 class TransformerConfig:
     """A pre-norm decoder-only transformer whose FFNs may be MoE layers.
 
@@ -85,6 +115,8 @@ class TransformerConfig:
         qkv_bias: biases on the query, key and value projections (Qwen2).
         qk_norm: RMSNorm on queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
             or ``full`` (over the whole projection, OLMoE).
+        rope_scaling: YaRN scaling of the rotary positions, or ``None``.
+        mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
         moe: where the MoE layers are and how they are built.
     """
 
@@ -102,6 +134,8 @@ class TransformerConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: str = "none"
+    rope_scaling: RopeScalingConfig | None = None
+    mla: MLAConfig | None = None
     moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
 
     def __post_init__(self) -> None:
@@ -126,6 +160,8 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+        if self.mla is not None and (self.qkv_bias or self.qk_norm != "none"):
+            raise ValueError("mla attention has no qkv_bias or qk_norm options")
         dispatch = self.moe.dispatch
         if (
             self.moe.num_experts

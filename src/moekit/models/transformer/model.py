@@ -19,6 +19,7 @@ from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.models.transformer.attention import Attention, KVCache, rotary_tables
 from moekit.models.transformer.config import TransformerConfig
+from moekit.models.transformer.mla import MultiHeadLatentAttention, mla_softmax_scale
 
 
 @dataclass
@@ -54,10 +55,11 @@ class Block(nn.Module):
         rotary: bool = True,
         qkv_bias: bool = False,
         qk_norm: str = "none",
+        attention: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.attn = Attention(
+        self.attn = attention or Attention(
             d_model,
             n_heads,
             n_kv_heads,
@@ -118,6 +120,16 @@ class TransformerLM(nn.Module):
                 ),
                 qkv_bias=config.qkv_bias,
                 qk_norm=config.qk_norm,
+                attention=(
+                    None
+                    if config.mla is None
+                    else MultiHeadLatentAttention(
+                        config.d_model,
+                        config.n_heads,
+                        config.mla,
+                        softmax_scale=mla_softmax_scale(config.mla, config.rope_scaling),
+                    )
+                ),
             )
             for i in range(config.n_layers)
         )
@@ -127,7 +139,10 @@ class TransformerLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        rope_dim = config.head_dim if config.mla is None else config.mla.qk_rope_head_dim
+        cos, sin = rotary_tables(
+            rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -184,13 +199,9 @@ class TransformerLM(nn.Module):
         return LMOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        cfg = self.config
-        return KVCache.empty(
-            cfg.n_layers,
-            batch,
-            cfg.n_kv_heads,
-            max_len or cfg.max_seq_len,
-            cfg.head_dim,
+        length = max_len or self.config.max_seq_len
+        return KVCache.for_layers(
+            [block.attn.cache_shapes(batch, length) for block in self.blocks],
             dtype=self.embed.weight.dtype,
             device=self.embed.weight.device,
         )

@@ -1,0 +1,128 @@
+"""DeepSeek-V3 <-> moekit: multi-head latent attention, sigmoid scores with a selection-only
+correction bias, group-limited top-k (top-2-sum group scores), renormalised weights times
+``routed_scaling_factor``, ungated shared experts of ``n_shared_experts * moe_intermediate_size``,
+dense FFNs in the first ``first_k_dense_replace`` blocks, optional YaRN rotary scaling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moekit.experts.shared import SharedExpertConfig
+from moekit.interop import common
+from moekit.interop.keymap import Entry, Rename
+from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
+from moekit.models.transformer.mla import MLAConfig
+from moekit.routing.config import RouterConfig
+
+MODEL_TYPE = "deepseek_v3"
+
+
+def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
+    attn, hf = "blocks.{layer}.attn", "model.layers.{layer}.self_attn"
+    mlp = "model.layers.{layer}.mlp"
+    latent = [
+        Rename(f"{attn}.kv_a_proj.weight", f"{hf}.kv_a_proj_with_mqa.weight"),
+        Rename(f"{attn}.kv_a_norm.weight", f"{hf}.kv_a_layernorm.weight"),
+        Rename(f"{attn}.kv_b_proj.weight", f"{hf}.kv_b_proj.weight"),
+    ]
+    if config.mla.q_lora_rank:
+        latent += [
+            Rename(f"{attn}.q_a_proj.weight", f"{hf}.q_a_proj.weight"),
+            Rename(f"{attn}.q_a_norm.weight", f"{hf}.q_a_layernorm.weight"),
+            Rename(f"{attn}.q_b_proj.weight", f"{hf}.q_b_proj.weight"),
+        ]
+    else:
+        latent.append(Rename(f"{attn}.q_proj.weight", f"{hf}.q_proj.weight"))
+    base = [
+        *common.backbone(tied=config.tie_embeddings, gqa=False),
+        *latent,
+        Rename("blocks.{layer}.ffn.router.weight_ED", f"{mlp}.gate.weight", layers="moe"),
+        Rename(
+            "blocks.{layer}.ffn.router.expert_bias_E",
+            f"{mlp}.gate.e_score_correction_bias",
+            layers="moe",
+        ),
+        *common.dense_ffn("blocks.{layer}.ffn", mlp, layers="dense"),
+        *common.dense_ffn(
+            "blocks.{layer}.ffn.shared_experts.ffn", f"{mlp}.shared_experts", layers="moe"
+        ),
+    ]
+    experts = common.routed_experts(f"{mlp}.experts")
+    return {name: [*base, *entries] for name, entries in experts.items()}
+
+
+def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported")
+    if not hf.get("n_shared_experts"):
+        raise ValueError("DeepSeek-V3 import expects n_shared_experts >= 1")
+    experts = hf.get("n_routed_experts") or hf["num_local_experts"]
+    fields = common.attention_fields({**hf, "head_dim": hf["qk_rope_head_dim"]})
+    return TransformerConfig(
+        **fields,
+        ffn_hidden=hf["intermediate_size"],
+        activation="swiglu",
+        mla=MLAConfig(
+            q_lora_rank=hf.get("q_lora_rank") or 0,
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            rope_interleave=bool(hf.get("rope_interleave", True)),
+        ),
+        moe=MoEPlacementConfig(
+            num_experts=experts,
+            top_k=hf["num_experts_per_tok"],
+            expert_hidden=hf["moe_intermediate_size"],
+            first_dense=hf.get("first_k_dense_replace", 0),
+            router=RouterConfig(
+                gating="sigmoid_topk",
+                normalize_weights=bool(hf.get("norm_topk_prob", True)),
+                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                num_groups=hf.get("n_group") or 1,
+                topk_groups=hf.get("topk_group") or 1,
+                group_score="top2_sum",
+                bias_balancing=True,
+            ),
+            shared_experts=SharedExpertConfig(
+                hidden=hf["n_shared_experts"] * hf["moe_intermediate_size"]
+            ),
+            aux_loss=AuxLossConfig(switch=0.0),  # DeepSeek-V3 balances with the bias
+        ),
+    )
+
+
+def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
+    moe, mla = config.moe, config.mla
+    if mla is None or not moe.num_experts or moe.every != 1 or moe.shared_experts is None:
+        raise ValueError("DeepSeek-V3 export needs MLA, an MoE every block and shared experts")
+    router = moe.router
+    if router.gating.value != "sigmoid_topk" or not router.bias_balancing:
+        raise ValueError("DeepSeek-V3 export needs a sigmoid_topk router with bias_balancing")
+    if moe.shared_experts.hidden % moe.expert_hidden or moe.shared_experts.gated:
+        raise ValueError("shared experts must be ungated multiples of expert_hidden")
+    return {
+        **common.attention_to_hf(config),
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "head_dim": mla.qk_rope_head_dim,
+        "intermediate_size": config.ffn_hidden,
+        "moe_intermediate_size": moe.expert_hidden,
+        "n_routed_experts": moe.num_experts,
+        "n_shared_experts": moe.shared_experts.hidden // moe.expert_hidden,
+        "num_experts_per_tok": moe.top_k,
+        "first_k_dense_replace": moe.first_dense,
+        "norm_topk_prob": router.normalize_weights,
+        "routed_scaling_factor": router.routed_scaling_factor,
+        "n_group": router.num_groups,
+        "topk_group": router.topk_groups,
+        "topk_method": "noaux_tc",
+        "q_lora_rank": mla.q_lora_rank or None,
+        "kv_lora_rank": mla.kv_lora_rank,
+        "qk_nope_head_dim": mla.qk_nope_head_dim,
+        "qk_rope_head_dim": mla.qk_rope_head_dim,
+        "v_head_dim": mla.v_head_dim,
+        "rope_interleave": mla.rope_interleave,
+    }

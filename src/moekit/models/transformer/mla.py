@@ -1,0 +1,138 @@
+"""Multi-head latent attention (MLA; DeepSeek-V2, Liu et al. 2024).
+
+Legend: B = batch, S = new positions, L = cached + new positions, H = heads, D = d_model,
+C = kv_lora_rank (latent width), N = no-RoPE head width, R = RoPE head width (shared by all
+heads for keys), V = value head width, Q = q_lora_rank.
+
+Queries: ``q_b(norm(q_a(x)))`` (or one projection without ``q_lora_rank``), split per head into
+a no-RoPE part and a RoPE part. Keys and values come from a low-rank latent: ``kv_a(x)`` gives a
+C-wide latent (normalised) plus one R-wide RoPE key shared by all heads; ``kv_b(latent)`` gives
+each head's no-RoPE key and its value. The cache stores only the latent and the RoPE key.
+Attention scale ``(N + R)^-0.5``, times ``mscale^2`` under YaRN with ``mscale_all_dim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.models.transformer.attention import apply_rotary, yarn_mscale
+
+
+@dataclass(kw_only=True)
+class MLAConfig:
+    """Shape of multi-head latent attention.
+
+    Args:
+        q_lora_rank: query latent width Q (0 for a direct query projection).
+        kv_lora_rank: key/value latent width C.
+        qk_nope_head_dim: N; qk_rope_head_dim: R; v_head_dim: V.
+        rope_interleave: RoPE dimensions stored as interleaved pairs (DeepSeek checkpoints).
+    """
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")
+        if self.q_lora_rank < 0 or self.qk_rope_head_dim % 2:
+            raise ValueError("mla.q_lora_rank must be >= 0 and mla.qk_rope_head_dim even")
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """Pairs ``(x0, x1), (x2, x3), ...`` -> ``[x0, x2, ..., x1, x3, ...]`` (rotate-half layout)."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Causal MLA: ``(B, S, D) -> (B, S, D)`` with a latent KV cache."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        config: MLAConfig,
+        *,
+        softmax_scale: float,
+        latent_norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        c = config
+        self.config, self.n_heads, self.softmax_scale = c, n_heads, softmax_scale
+        qk_head = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(d_model, c.q_lora_rank, bias=False)
+            self.q_a_norm = nn.RMSNorm(c.q_lora_rank, eps=latent_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, n_heads * qk_head, bias=False)
+            self.q_proj = None
+        else:
+            self.q_proj = nn.Linear(d_model, n_heads * qk_head, bias=False)
+        self.kv_a_proj = nn.Linear(d_model, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_norm = nn.RMSNorm(c.kv_lora_rank, eps=latent_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(n_heads * c.v_head_dim, d_model, bias=False)
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (batch, 1, max_len, self.config.kv_lora_rank), (
+            batch,
+            1,
+            max_len,
+            self.config.qk_rope_head_dim,
+        )
+
+    def forward(self, x_BSD, rope=None, cache=None, start: int = 0) -> torch.Tensor:
+        c, H = self.config, self.n_heads
+        B, S, _ = x_BSD.shape
+        q = (
+            self.q_proj(x_BSD)
+            if self.q_proj is not None
+            else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
+        )
+        q = q.view(B, S, H, -1).transpose(1, 2)
+        q_pass, q_rot = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj(x_BSD).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_norm(latent).unsqueeze(1)  # (B, 1, S, C)
+        k_rot = k_rot.unsqueeze(1)  # (B, 1, S, R)
+        if c.rope_interleave:
+            q_rot, k_rot = _deinterleave(q_rot), _deinterleave(k_rot)
+        q_rot, k_rot = apply_rotary(q_rot, *rope), apply_rotary(k_rot, *rope)
+        if cache is not None:
+            latents, rot_keys = cache
+            latents[:, :, start : start + S] = latent
+            rot_keys[:, :, start : start + S] = k_rot
+            latent, k_rot = latents[:, :, : start + S], rot_keys[:, :, : start + S]
+        L = latent.shape[2]
+        kv = self.kv_b_proj(latent.squeeze(1)).view(B, L, H, -1).transpose(1, 2)
+        k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_pass, k_rot.expand(-1, H, -1, -1)], dim=-1)
+        q = torch.cat([q_pass, q_rot], dim=-1)
+        mask, is_causal = None, False
+        if S > 1:
+            if L == S:
+                is_causal = True
+            else:
+                query_pos = torch.arange(start, start + S, device=x_BSD.device).unsqueeze(1)
+                mask = torch.arange(L, device=x_BSD.device).unsqueeze(0) <= query_pos
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * c.v_head_dim))
+
+
+def mla_softmax_scale(config: MLAConfig, rope_scaling) -> float:
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    if rope_scaling is not None and rope_scaling.mscale_all_dim:
+        m = yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim)
+        scale = scale * m * m
+    return scale

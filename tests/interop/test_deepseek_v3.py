@@ -1,0 +1,84 @@
+"""DeepSeek-V3: MLA, grouped sigmoid routing with the correction bias, shared experts, dense
+first layers and YaRN, against transformers; MLA's latent KV cache in generation."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moekit.interop import from_hf, to_hf  # noqa: E402
+from moekit.models import generate  # noqa: E402
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
+def _hf(**extra):
+    config = transformers.DeepseekV3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=128,
+        routed_scaling_factor=2.5,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(std=0.5)
+                layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(q_lora_rank=16), dict(q_lora_rank=None, rope_parameters=YARN)],
+    ids=["q_lora", "direct_q_yarn"],
+)
+def test_deepseek_v3_round_trip(extra, tmp_path):
+    hf = _hf(**extra)
+    ours = from_hf(hf).eval()
+    assert [type(b.ffn).__name__ for b in ours.blocks] == ["FeedForward", "MoE", "MoE"]
+    assert ours.blocks[1].ffn.router.expert_bias_E.abs().sum() > 0  # correction bias imported
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert (ours(tokens).logits - expected).abs().max() <= 1e-4
+    to_hf(ours, tmp_path / "export", "deepseek_v3")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - expected).abs().max() <= 1e-4
+
+
+def test_mla_latent_cache_generation_equals_recompute():
+    ours = from_hf(_hf(q_lora_rank=16)).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    cached = generate(ours, prompt, 10)
+    uncached = generate(ours, prompt, 10, use_cache=False)
+    assert torch.equal(cached, uncached)
+    cache = ours.new_kv_cache(1)
+    assert cache.keys[0].shape == (1, 1, 128, 16)  # the latent, not per-head keys
