@@ -91,6 +91,28 @@ def test_moekit_counts_equal_the_built_model(moe, tied, qkv_bias, qk_norm):
     assert report.active == report.total - unused
 
 
+def test_moekit_mla_counts_equal_the_built_model():
+    from moekit.models.transformer.mla import MLAConfig
+
+    for q_rank in (0, 12):
+        cfg = TransformerConfig(
+            vocab_size=50,
+            d_model=16,
+            n_layers=2,
+            n_heads=4,
+            ffn_hidden=24,
+            mla=MLAConfig(
+                q_lora_rank=q_rank,
+                kv_lora_rank=8,
+                qk_nope_head_dim=4,
+                qk_rope_head_dim=4,
+                v_head_dim=6,
+            ),
+        )
+        model = TransformerLM(cfg)
+        assert count_parameters(model).total == sum(p.numel() for p in model.parameters())
+
+
 def test_unsupported_family_and_missing_field():
     with pytest.raises(ValueError, match="not supported"):
         count_parameters({"model_type": "llama"})
