@@ -91,6 +91,32 @@ def test_moekit_counts_equal_the_built_model(moe, tied, qkv_bias, qk_norm):
     assert report.active == report.total - unused
 
 
+def test_moekit_gpt_oss_style_counts_equal_the_built_model():
+    cfg = TransformerConfig(
+        vocab_size=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=8,
+        activation="swiglu_oai",
+        qkv_bias=True,
+        o_bias=True,
+        attention_sinks=True,
+        sliding_window=4,
+        sliding_window_every=2,
+        moe=MoEPlacementConfig(
+            num_experts=4,
+            top_k=2,
+            expert_hidden=8,
+            expert_bias=True,
+            router=moekit.RouterConfig(gating="topk_softmax", bias=True),
+        ),
+    )
+    model = TransformerLM(cfg)
+    assert count_parameters(model).total == sum(p.numel() for p in model.parameters())
+
+
 def test_moekit_mla_counts_equal_the_built_model():
     from moekit.models.transformer.mla import MLAConfig
 

@@ -48,3 +48,16 @@ def test_bias_pair_and_dtype_errors():
         )
     with pytest.raises(TypeError, match="w_in_EDH dtype"):
         expert_ffn(torch.randn(2, 4, dtype=torch.float64), counts, w_in, w_out, activation="swiglu")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_hand_written_activation_backward_matches_autograd_including_clamps(activation):
+    from moekit.experts.activations import activation_backward, apply_activation
+
+    width = 12 if Activation(activation).is_gated else 6
+    h = (torch.rand(40, width, dtype=torch.float64) - 0.5) * 20  # crosses GPT-OSS's +-7 clamps
+    h.requires_grad_(True)
+    out = apply_activation(activation, h)
+    grad = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, h, grad)
+    torch.testing.assert_close(activation_backward(activation, h.detach(), grad.clone()), expected)

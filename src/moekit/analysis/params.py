@@ -143,6 +143,7 @@ def spec_from_moekit(config) -> ArchSpec:
     router += moe.num_experts * d if moe.router.noisy_gating else 0
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if config.qkv_bias else 0
+    attention += (d if config.o_bias else 0) + (config.n_heads if config.attention_sinks else 0)
     qk_width = v_width = q_width
     if config.mla is not None:
         attention, qk_width, v_width = _mla_attention(d, config.n_heads, config.mla)
@@ -163,7 +164,9 @@ def spec_from_moekit(config) -> ArchSpec:
         moe_layers=moe_layers,
         num_experts=moe.num_experts,
         top_k=moe.top_k if moe.num_experts else 0,
-        expert_params=_ffn_params(d, moe.expert_hidden, gated) if moe.num_experts else 0,
+        expert_params=(
+            _ffn_params(d, moe.expert_hidden, gated, moe.expert_bias) if moe.num_experts else 0
+        ),
         shared_expert_params=shared,
         router_params=router if moe.num_experts else 0,
     )

@@ -20,10 +20,20 @@ class Activation(str, Enum):
     SILU = "silu"
     SWIGLU = "swiglu"
     GEGLU = "geglu"
+    # GPT-OSS: gate clamped at 7, up clamped to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate)
+    SWIGLU_OAI = "swiglu_oai"
 
     @property
     def is_gated(self) -> bool:
-        return self in (Activation.SWIGLU, Activation.GEGLU)
+        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI)
+
+
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+
+def _swiglu_oai(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate = gate.clamp(max=OAI_LIMIT)
+    return (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1) * gate * torch.sigmoid(OAI_ALPHA * gate)
 
 
 def in_projection_width(activation: Activation, hidden: int) -> int:
@@ -55,7 +65,16 @@ def activation_backward(
     gate, up = h_NH.chunk(2, dim=-1)
     grad_h = torch.empty_like(h_NH)
     grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-    if activation is Activation.SWIGLU:
+    if activation is Activation.SWIGLU_OAI:
+        g = gate.clamp(max=OAI_LIMIT)
+        sig = torch.sigmoid(OAI_ALPHA * g)
+        glu = g * sig
+        torch.mul(grad_a_NH, glu, out=grad_up)
+        grad_up.mul_(((up >= -OAI_LIMIT) & (up <= OAI_LIMIT)).to(grad_up.dtype))
+        d_glu = sig + OAI_ALPHA * glu * (1 - sig)
+        torch.mul(grad_a_NH * (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1), d_glu, out=grad_gate)
+        grad_gate.mul_((gate <= OAI_LIMIT).to(grad_gate.dtype))
+    elif activation is Activation.SWIGLU:
         torch.ops.aten.silu.out(gate, out=grad_up)
         grad_up.mul_(grad_a_NH)
         grad_a_NH.mul_(up)
@@ -97,4 +116,6 @@ def apply_activation(activation: Activation, h_NH: torch.Tensor) -> torch.Tensor
     gate, up = h_NH.chunk(2, dim=-1)
     if activation is Activation.SWIGLU:
         return F.silu(gate) * up
+    if activation is Activation.SWIGLU_OAI:
+        return _swiglu_oai(gate, up)
     return F.gelu(gate) * up

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.experts.activations import Activation, activation_backward
+from moekit.experts.activations import Activation, activation_backward, apply_activation
 from moekit.experts.grouped_matmul import (
     GroupedMatmulKernel,
     grouped_mm_forward,
@@ -26,6 +26,8 @@ from moekit.experts.grouped_matmul import (
 
 
 def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Tensor:
+    if activation is Activation.SWIGLU_OAI:
+        return apply_activation(activation, h_MH)
     if activation.is_gated:
         gate, up = h_MH.chunk(2, dim=-1)
         a = (

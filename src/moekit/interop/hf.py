@@ -21,13 +21,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moekit.interop import deepseek_v3, dense_llama, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moekit.interop import (
+    deepseek_v3,
+    dense_llama,
+    gpt_oss,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from moekit.interop import keymap as km
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
 FAMILIES: dict[str, ModuleType] = {
-    module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)
+    module.MODEL_TYPE: module
+    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss)
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 
@@ -66,7 +75,7 @@ def _layout(maps: dict[str, list[km.Entry]], state: dict[str, torch.Tensor]) -> 
             return entries
         if any(h.format(layer=i, expert=0) in state for h in experts.hf for i in range(64)):
             return entries
-    return maps["checkpoint"]  # reports every missing key
+    return next(iter(maps.values()))  # reports every missing key
 
 
 def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
@@ -105,7 +114,7 @@ def to_hf(model: TransformerLM, directory: str | os.PathLike, family: str) -> Pa
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
     state = km.to_hf(
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        fam.keymaps(config)["checkpoint"],
+        next(iter(fam.keymaps(config).values())),  # the first layout is the checkpoints' one
         n_layers=config.n_layers,
         moe_layers=moe_layers,
         num_experts=config.moe.num_experts,

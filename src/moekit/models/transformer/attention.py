@@ -131,6 +131,9 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         qk_norm: str = "none",
         norm_eps: float = 1e-6,
+        o_bias: bool = False,
+        sinks: bool = False,
+        sliding_window: int = 0,
     ) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
@@ -140,7 +143,10 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
+        # GPT-OSS: a learned per-head logit that joins every softmax and takes some of its mass
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
+        self.sliding_window = sliding_window  # 0: attend to every earlier position
         # RMSNorm on queries and keys before RoPE: per head (Qwen3) or over the whole
         # projection (OLMoE)
         self.qk_norm = qk_norm
@@ -157,6 +163,27 @@ class Attention(nn.Module):
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
         return shape, shape
+
+    def _masked_attention(self, q, k, v, start: int) -> torch.Tensor:
+        """Explicit softmax attention for sliding windows and sinks (``(B, H, S, Dh)`` out)."""
+        S, L = q.shape[2], k.shape[2]
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(2, 3)) * self.head_dim**-0.5
+        query_pos = torch.arange(start, start + S, device=q.device).unsqueeze(1)
+        key_pos = torch.arange(L, device=q.device).unsqueeze(0)
+        allowed = (
+            key_pos <= query_pos if self.causal else torch.ones_like(key_pos, dtype=torch.bool)
+        )
+        if self.sliding_window:
+            allowed = allowed & (key_pos > query_pos - self.sliding_window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if self.sinks is not None:
+            sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        return probs @ v
 
     def forward(
         self,
@@ -190,14 +217,22 @@ class Attention(nn.Module):
             values[:, :, start : start + S] = v
             k, v = keys[:, :, : start + S], values[:, :, : start + S]
         L = k.shape[2]
-        mask, is_causal = None, False
-        if self.causal and S > 1:
-            if L == S:
-                is_causal = True
-            else:  # new queries after cached positions: query i sees keys <= start + i
-                query_pos = torch.arange(start, start + S, device=x_BSD.device).unsqueeze(1)
-                mask = torch.arange(L, device=x_BSD.device).unsqueeze(0) <= query_pos
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if self.sinks is not None or self.sliding_window:
+            out = self._masked_attention(q, k, v, start)
+        else:
+            mask, is_causal = None, False
+            if self.causal and S > 1:
+                if L == S:
+                    is_causal = True
+                else:  # new queries after cached positions: query i sees keys <= start + i
+                    query_pos = torch.arange(start, start + S, device=x_BSD.device).unsqueeze(1)
+                    mask = torch.arange(L, device=x_BSD.device).unsqueeze(0) <= query_pos
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

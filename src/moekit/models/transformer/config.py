@@ -41,6 +41,7 @@ class MoEPlacementConfig:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     shared_experts: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+    expert_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
@@ -51,6 +52,7 @@ class MoEPlacementConfig:
             raise ValueError("moe.every must be >= 1 and moe.first_dense >= 0")
 
     def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` holds an MoE layer."""
         return self.num_experts > 0 and index >= self.first_dense and (index + 1) % self.every == 0
 
     def layer_config(self, d_model: int, activation: Activation) -> MoEConfig:
@@ -58,7 +60,9 @@ class MoEPlacementConfig:
             d_model=d_model,
             num_experts=self.num_experts,
             top_k=self.top_k,
-            experts=ExpertConfig(hidden=self.expert_hidden, activation=activation),
+            experts=ExpertConfig(
+                hidden=self.expert_hidden, activation=activation, bias=self.expert_bias
+            ),
             router=self.router,
             dispatch=self.dispatch,
             shared_experts=self.shared_experts,
@@ -116,6 +120,11 @@ class TransformerConfig:
         qk_norm: RMSNorm on queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
             or ``full`` (over the whole projection, OLMoE).
         rope_scaling: YaRN scaling of the rotary positions, or ``None``.
+        o_bias: a bias on the attention output projection (GPT-OSS).
+        attention_sinks: a learned per-head sink logit in every softmax (GPT-OSS).
+        sliding_window: window of the sliding-window layers (0: none).
+        sliding_window_every: layer ``i`` uses the window when ``i % every == 0`` (GPT-OSS: 2,
+            i.e. every even layer; 1: every layer).
         mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
         moe: where the MoE layers are and how they are built.
     """
@@ -135,6 +144,10 @@ class TransformerConfig:
     qkv_bias: bool = False
     qk_norm: str = "none"
     rope_scaling: RopeScalingConfig | None = None
+    o_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int = 0
+    sliding_window_every: int = 1
     mla: MLAConfig | None = None
     moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
 
@@ -188,3 +201,7 @@ class TransformerConfig:
     @property
     def is_moe(self) -> bool:
         return self.moe.num_experts > 0
+
+    def window_of_layer(self, index: int) -> int:
+        """The sliding window of block ``index`` (0 for full attention)."""
+        return self.sliding_window if index % self.sliding_window_every == 0 else 0

@@ -56,6 +56,9 @@ class Block(nn.Module):
         qkv_bias: bool = False,
         qk_norm: str = "none",
         attention: nn.Module | None = None,
+        o_bias: bool = False,
+        sinks: bool = False,
+        sliding_window: int = 0,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
@@ -69,6 +72,9 @@ class Block(nn.Module):
             qkv_bias=qkv_bias,
             qk_norm=qk_norm,
             norm_eps=norm_eps,
+            o_bias=o_bias,
+            sinks=sinks,
+            sliding_window=sliding_window,
         )
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn: nn.Module = (
@@ -120,6 +126,9 @@ class TransformerLM(nn.Module):
                 ),
                 qkv_bias=config.qkv_bias,
                 qk_norm=config.qk_norm,
+                o_bias=config.o_bias,
+                sinks=config.attention_sinks,
+                sliding_window=config.window_of_layer(i),
                 attention=(
                     None
                     if config.mla is None

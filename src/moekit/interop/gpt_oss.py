@@ -1,0 +1,136 @@
+"""GPT-OSS (OpenAI) <-> moekit.
+
+Router: ``topk(x W + b)`` then softmax over the k logits. Experts: stacked ``gate_up_proj``
+``(E, D, 2I)`` with gate and up **interleaved** along the last dimension (gate = even columns),
+biases on both projections, and the clamped SwiGLU ``(clamp(up, ±7) + 1) * g * sigmoid(1.702 g)``
+with ``g = min(gate, 7)``. Attention: biases on q/k/v/o, a learned sink logit per head,
+sliding-window attention on the even layers, YaRN rotary scaling. The released checkpoints
+store experts in MXFP4; this converter handles unquantised (bf16/fp32) weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moekit.interop import common
+from moekit.interop.keymap import Entry, Experts, Rename
+from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
+from moekit.routing.config import RouterConfig
+
+MODEL_TYPE = "gpt_oss"
+
+
+def _deinterleave(gate_up: torch.Tensor) -> torch.Tensor:
+    """``[..., g0, u0, g1, u1, ...]`` -> ``[..., g0, g1, ..., u0, u1, ...]``."""
+    return torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], dim=-1)
+
+
+def _interleave(w: torch.Tensor) -> torch.Tensor:
+    gate, up = w.chunk(2, dim=-1)
+    return torch.stack([gate, up], dim=-1).flatten(-2)
+
+
+def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
+    attn, hf = "blocks.{layer}.attn", "model.layers.{layer}.self_attn"
+    mlp, ffn = "model.layers.{layer}.mlp", "blocks.{layer}.ffn"
+    entries = [
+        *common.backbone(qkv_bias=True, tied=config.tie_embeddings),
+        Rename(f"{attn}.o_proj.bias", f"{hf}.o_proj.bias"),
+        Rename(f"{attn}.sinks", f"{hf}.sinks"),
+        Rename(f"{ffn}.router.weight_ED", f"{mlp}.router.weight", layers="moe"),
+        Rename(f"{ffn}.router.bias_E", f"{mlp}.router.bias", layers="moe"),
+        Experts(
+            f"{ffn}.experts.w_in_EDH",
+            (f"{mlp}.experts.gate_up_proj",),
+            join=_deinterleave,
+            split=lambda w: (_interleave(w),),
+        ),
+        Experts(
+            f"{ffn}.experts.b_in_EH",
+            (f"{mlp}.experts.gate_up_proj_bias",),
+            join=_deinterleave,
+            split=lambda b: (_interleave(b),),
+        ),
+        Experts(
+            f"{ffn}.experts.w_out_EHD",
+            (f"{mlp}.experts.down_proj",),
+            join=lambda t: t,
+            split=lambda w: (w,),
+        ),
+        Experts(
+            f"{ffn}.experts.b_out_ED",
+            (f"{mlp}.experts.down_proj_bias",),
+            join=lambda t: t,
+            split=lambda b: (b,),
+        ),
+    ]
+    return {"stacked": entries}
+
+
+def _sliding_every(hf: dict[str, Any]) -> int:
+    layer_types = hf.get("layer_types") or []
+    even_sliding = [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(layer_types))
+    ]
+    if layer_types == even_sliding:
+        return 2
+    if layer_types and all(t == "sliding_attention" for t in layer_types):
+        return 1
+    raise ValueError(f"GPT-OSS layer_types {layer_types} are not supported (even layers sliding)")
+
+
+def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+    if hf.get("swiglu_limit", 7.0) != 7.0 or hf.get("swiglu_alpha", 1.702) != 1.702:
+        raise ValueError("GPT-OSS swiglu_limit/alpha other than 7.0/1.702 are not supported")
+    if hf.get("quantization_config"):
+        raise ValueError(
+            "quantised (MXFP4) GPT-OSS checkpoints are not supported; dequantise first"
+        )
+    k = hf.get("num_experts_per_tok") or hf["experts_per_token"]
+    return TransformerConfig(
+        **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
+        ffn_hidden=hf["intermediate_size"],
+        activation="swiglu_oai",
+        qkv_bias=True,
+        o_bias=True,
+        attention_sinks=True,
+        sliding_window=hf.get("sliding_window") or 0,
+        sliding_window_every=_sliding_every(hf) if hf.get("sliding_window") else 1,
+        moe=MoEPlacementConfig(
+            num_experts=hf["num_local_experts"],
+            top_k=k,
+            expert_hidden=hf["intermediate_size"],
+            expert_bias=True,
+            router=RouterConfig(gating="topk_softmax", bias=True),
+            aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.9) * k),
+        ),
+    )
+
+
+def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
+    moe = config.moe
+    if config.activation.value != "swiglu_oai" or not (config.attention_sinks and config.o_bias):
+        raise ValueError("GPT-OSS export needs swiglu_oai, attention sinks and attention biases")
+    if not (moe.expert_bias and moe.router.bias and moe.router.gating.value == "topk_softmax"):
+        raise ValueError("GPT-OSS export needs expert biases and a biased topk_softmax router")
+    layer_types = [
+        "sliding_attention" if config.window_of_layer(i) else "full_attention"
+        for i in range(config.n_layers)
+    ]
+    return {
+        **common.attention_to_hf(config),
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "intermediate_size": config.ffn_hidden,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "experts_per_token": moe.top_k,
+        "attention_bias": True,
+        "sliding_window": config.sliding_window or None,
+        "layer_types": layer_types,
+        "swiglu_limit": 7.0,
+        "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
+    }
