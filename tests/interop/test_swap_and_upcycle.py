@@ -21,9 +21,17 @@ SMALL = dict(
 )
 
 
-@pytest.mark.parametrize("name", [*sorted(FAMILIES), "mixtral"])
+@pytest.mark.parametrize("name", [*sorted(FAMILIES), "mixtral", "deepseek_v3", "gpt_oss"])
 def test_block_swap_keeps_outputs_and_trains(name):
-    if name == "mixtral":
+    if name == "deepseek_v3":
+        from tests.interop.test_deepseek_v3 import _hf as deepseek
+
+        hf = deepseek(q_lora_rank=16)
+    elif name == "gpt_oss":
+        from tests.interop.test_gpt_oss import _hf as gpt_oss
+
+        hf = gpt_oss()
+    elif name == "mixtral":
         torch.manual_seed(0)
         hf = transformers.MixtralForCausalLM(
             transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)

@@ -16,17 +16,25 @@ from moekit.layers import MoE, MoEOutput
 
 
 class MoEBlock(nn.Module):
-    """An HF-compatible MoE block: ``hidden_states (B, S, D) -> (B, S, D)``."""
+    """An HF-compatible MoE block: ``hidden_states (B, S, D) -> (B, S, D)``, or, for families
+    whose decoder layer expects them (GPT-OSS), ``(output, router_scores (B*S, E))``."""
 
-    def __init__(self, moe: MoE) -> None:
+    def __init__(self, moe: MoE, return_router_scores: bool = False) -> None:
         super().__init__()
         self.moe = moe
+        self.return_router_scores = return_router_scores
         self.last_output: MoEOutput | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         out = self.moe(hidden_states)
         self.last_output = out
-        return out.output
+        if not self.return_router_scores:
+            return out.output
+        routing = out.routing
+        scores = torch.zeros_like(routing.logits_TE).scatter(
+            1, routing.expert_idx_TK, routing.weights_TK
+        )
+        return out.output, scores
 
 
 def swap_moe_blocks(hf_model: nn.Module) -> nn.Module:
@@ -35,10 +43,12 @@ def swap_moe_blocks(hf_model: nn.Module) -> nn.Module:
 
     converted = from_hf(hf_model)
     layers = hf_model.model.layers
+    with_scores = hf_model.config.model_type == "gpt_oss"
     swapped = 0
     for i, block in enumerate(converted.blocks):
         if isinstance(block.ffn, MoE):
-            layers[i].mlp = MoEBlock(block.ffn).to(next(layers[i].parameters()).dtype)
+            dtype = next(layers[i].parameters()).dtype
+            layers[i].mlp = MoEBlock(block.ffn, return_router_scores=with_scores).to(dtype)
             swapped += 1
     if not swapped:
         raise ValueError("the model has no MoE blocks to swap")
