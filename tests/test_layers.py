@@ -38,7 +38,7 @@ LAYER_OPTIONS = {
 ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
 
 
-def _compare_with_reference(moe, x, padding_mask=None):
+def _assert_matches_reference(moe, x, padding_mask=None):
     def fast(x_):
         return moe(x_, padding_mask).output
 
@@ -58,14 +58,14 @@ def test_layer_matches_looped_reference(name, kernel):
     options = dict(LAYER_OPTIONS[name])
     top_k = options.pop("top_k", 2)
     moe = make_moe(top_k=top_k, experts=moekit.ExpertConfig(hidden=12, kernel=kernel), **options)
-    _compare_with_reference(moe.train(), torch.randn(3, 7, 8))
+    _assert_matches_reference(moe.train(), torch.randn(3, 7, 8))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_activation_and_bias_matches_reference(activation, bias):
     moe = make_moe(experts=moekit.ExpertConfig(hidden=12, activation=activation, bias=bias))
-    _compare_with_reference(moe, torch.randn(2, 9, 8))
+    _assert_matches_reference(moe, torch.randn(2, 9, 8))
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_padding_mask_is_not_dispatched(dispatch):
     moe = make_moe(dispatch=dispatch)
     x = torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    _compare_with_reference(moe, x, mask)
+    _assert_matches_reference(moe, x, mask)
     out = moe(x, mask)
     assert torch.count_nonzero(out.output[~mask]) == 0
     assert int(out.stats.tokens_per_expert.sum()) == 10 * 2
@@ -92,7 +92,7 @@ def test_module_experts_any_module():
     ]
     router = moekit.RouterConfig().build(8, 4, 2)
     moe = moekit.MoE(d_model=8, router=router, experts=moekit.ModuleExperts(experts))
-    _compare_with_reference(moe, torch.randn(11, 8))
+    _assert_matches_reference(moe, torch.randn(11, 8))
 
 
 def test_one_expert_top1_equals_dense_ffn():

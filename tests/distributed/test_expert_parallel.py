@@ -18,36 +18,36 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, world: int, *args) -> None:
+def _assert_workers_pass(fn, world: int, *args) -> None:
     mp.spawn(fn, args=(world, _port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_outputs_gradients_and_bias_match_one_process(world):
-    _spawn(workers.layer_equivalence, world, False)
+    _assert_workers_pass(workers.layer_equivalence, world, False)
 
 
 @pytest.mark.parametrize("priority", ["probability", "position", "token"])
 def test_capacity_drops_match_one_process(priority):
-    _spawn(workers.layer_equivalence, 2, False, priority)
+    _assert_workers_pass(workers.layer_equivalence, 2, False, priority)
 
 
 def test_ranks_receiving_zero_tokens_do_not_hang():
-    _spawn(workers.layer_equivalence, 4, True)
+    _assert_workers_pass(workers.layer_equivalence, 4, True)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_training_step_matches_one_process(world):
-    _spawn(workers.train_step_equivalence, world)
+    _assert_workers_pass(workers.train_step_equivalence, world)
 
 
 def test_checkpoints_reshard_between_ep_degrees(tmp_path):
-    _spawn(workers.save_checkpoint, 2, str(tmp_path / "ep2"))
-    _spawn(workers.load_checkpoint, 4, str(tmp_path / "ep2"))  # EP=2 -> EP=4
-    _spawn(workers.load_checkpoint, 1, str(tmp_path / "ep2"))  # EP=2 -> EP=1
+    _assert_workers_pass(workers.save_checkpoint, 2, str(tmp_path / "ep2"))
+    _assert_workers_pass(workers.load_checkpoint, 4, str(tmp_path / "ep2"))  # EP=2 -> EP=4
+    _assert_workers_pass(workers.load_checkpoint, 1, str(tmp_path / "ep2"))  # EP=2 -> EP=1
     torch.manual_seed(0)
     save_pretrained(TransformerLM(workers._lm_config()), tmp_path / "ep1")
-    _spawn(workers.load_checkpoint, 2, str(tmp_path / "ep1"))  # EP=1 -> EP=2
+    _assert_workers_pass(workers.load_checkpoint, 2, str(tmp_path / "ep1"))  # EP=1 -> EP=2
     # the EP=2 checkpoint is the single-process one (same seed), tensor for tensor
     a, b = from_pretrained(tmp_path / "ep1"), from_pretrained(tmp_path / "ep2")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
