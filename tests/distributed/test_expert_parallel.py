@@ -1,6 +1,7 @@
 """Expert parallelism on 2 and 4 gloo processes against one process (marked ``distributed``)."""
 
 import socket
+import time
 
 import pytest
 import torch
@@ -18,8 +19,18 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _assert_workers_pass(fn, world: int, *args) -> None:
-    mp.spawn(fn, args=(world, _port(), *args), nprocs=world, join=True)
+def _assert_workers_pass(fn, world: int, *args, timeout: float = 180.0) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` processes; fail (never hang) if any
+    worker raises or the group has not finished within ``timeout`` seconds."""
+    context = mp.start_processes(
+        fn, args=(world, _port(), *args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} on {world} processes did not finish in {timeout:.0f} s")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import torch
@@ -142,6 +143,11 @@ def train_step_equivalence(rank: int, world: int, port: int) -> None:
     state = full_state_dict(ep)
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # Drop DDP's reducer while the process group is alive: destroying the group first lets
+    # gloo's worker thread wait for the GIL that the deallocating main thread holds.
+    del ep
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
