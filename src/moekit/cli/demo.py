@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from moekit.analysis.report import write_demo_report
+from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.training.compare import Comparison, moe_twin, param_reports
 from moekit.training.config import load_train_config
 from moekit.training.loop import train
@@ -132,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         from moekit.dispatch.config import DispatchConfig
 
         moe_cfg.model.moe.dispatch = DispatchConfig(
-            mode="capacity", capacity_factor=args.capacity_factor, drop_priority="token"
+            mode=DispatchMode.CAPACITY,
+            capacity_factor=args.capacity_factor,
+            drop_priority=DropPriority.TOKEN,
         )
     for cfg in (dense_cfg, moe_cfg):
         shutil.rmtree(cfg.out_dir, ignore_errors=True)

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import moekit
+from moekit.experts.activations import Activation
 
 HELP = "Train a small MoE layer and a dense FFN with equal active parameters on a toy task."
 
@@ -70,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
         d_model=d,
         num_experts=E,
         top_k=k,
-        experts=moekit.ExpertConfig(hidden=h, activation="swiglu"),
+        experts=moekit.ExpertConfig(hidden=h, activation=Activation.SWIGLU),
         aux_loss=moekit.AuxLossConfig(switch=0.01),
     ).build()
-    dense = moekit.FeedForward(d, k * h, activation="swiglu")  # same active parameters per token
+    dense = moekit.FeedForward(
+        d, k * h, activation=Activation.SWIGLU
+    )  # same active parameters per token
 
     def moe_forward(x):
         out = moe(x)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from moekit.experts.activations import Activation
 from moekit.experts.shared import SharedExpertConfig
 from moekit.interop import common
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.models.transformer.mla import MLAConfig
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import Gating, GroupScore, RouterConfig
 
 MODEL_TYPE = "deepseek_v3"
 
@@ -63,7 +64,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(
         **fields,
         ffn_hidden=hf["intermediate_size"],
-        activation="swiglu",
+        activation=Activation.SWIGLU,
         mla=MLAConfig(
             q_lora_rank=hf.get("q_lora_rank") or 0,
             kv_lora_rank=hf["kv_lora_rank"],
@@ -78,12 +79,12 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
             expert_hidden=hf["moe_intermediate_size"],
             first_dense=hf.get("first_k_dense_replace", 0),
             router=RouterConfig(
-                gating="sigmoid_topk",
+                gating=Gating.SIGMOID_TOPK,
                 normalize_weights=bool(hf.get("norm_topk_prob", True)),
                 routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
                 num_groups=hf.get("n_group") or 1,
                 topk_groups=hf.get("topk_group") or 1,
-                group_score="top2_sum",
+                group_score=GroupScore.TOP2_SUM,
                 bias_balancing=True,
             ),
             shared_experts=SharedExpertConfig(

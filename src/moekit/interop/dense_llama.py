@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from moekit.experts.activations import Activation
 from moekit.interop import common
 from moekit.interop.keymap import Entry
 from moekit.models.transformer.config import TransformerConfig
@@ -33,7 +34,7 @@ def config_from_hf(hf: dict[str, Any], model_type: str) -> TransformerConfig:
     return TransformerConfig(
         **common.attention_fields({**hf, "model_type": model_type}),
         ffn_hidden=hf["intermediate_size"],
-        activation="swiglu",
+        activation=Activation.SWIGLU,
         qkv_bias=model_type == "qwen2",
     )
 

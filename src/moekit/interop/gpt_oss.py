@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from moekit.experts.activations import Activation
 from moekit.interop import common
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import Gating, RouterConfig
 
 MODEL_TYPE = "gpt_oss"
 
@@ -93,7 +94,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
         ffn_hidden=hf["intermediate_size"],
-        activation="swiglu_oai",
+        activation=Activation.SWIGLU_OAI,
         qkv_bias=True,
         o_bias=True,
         attention_sinks=True,
@@ -104,7 +105,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
             top_k=k,
             expert_hidden=hf["intermediate_size"],
             expert_bias=True,
-            router=RouterConfig(gating="topk_softmax", bias=True),
+            router=RouterConfig(gating=Gating.TOPK_SOFTMAX, bias=True),
             aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.9) * k),
         ),
     )

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from moekit.experts.activations import Activation
 from moekit.interop import common
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import Gating, RouterConfig
 
 MODEL_TYPE = "mixtral"
 
@@ -50,12 +51,12 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
         ffn_hidden=hf["intermediate_size"],
-        activation="swiglu",
+        activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             num_experts=hf["num_local_experts"],
             top_k=k,
             expert_hidden=hf["intermediate_size"],
-            router=RouterConfig(gating="softmax_topk", normalize_weights=True),
+            router=RouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
             # HF's router_aux_loss_coef multiplies a loss k times moekit's Switch loss
             aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.02) * k),
         ),

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from moekit.experts.activations import Activation
 from moekit.interop import common
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import Gating, RouterConfig
 
 MODEL_TYPE = "olmoe"
 
@@ -32,14 +33,14 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
         ffn_hidden=hf["intermediate_size"],
-        activation="swiglu",
+        activation=Activation.SWIGLU,
         qk_norm="full",
         moe=MoEPlacementConfig(
             num_experts=hf["num_experts"],
             top_k=k,
             expert_hidden=hf["intermediate_size"],
             router=RouterConfig(
-                gating="softmax_topk", normalize_weights=bool(hf.get("norm_topk_prob", False))
+                gating=Gating.SOFTMAX_TOPK, normalize_weights=bool(hf.get("norm_topk_prob", False))
             ),
             aux_loss=AuxLossConfig(
                 switch=hf.get("router_aux_loss_coef", 0.01) * k,

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from moekit.experts.activations import Activation
 from moekit.experts.shared import SharedExpertConfig
 from moekit.interop import common
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import Gating, RouterConfig
 
 
 def keymaps(config: TransformerConfig, qwen3: bool) -> dict[str, list[Entry]]:
@@ -52,7 +53,7 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool) -> TransformerConfig:
     return TransformerConfig(
         **common.attention_fields(hf),
         ffn_hidden=hf["intermediate_size"],
-        activation="swiglu",
+        activation=Activation.SWIGLU,
         qkv_bias=not qwen3,
         qk_norm="head" if qwen3 else "none",
         moe=MoEPlacementConfig(
@@ -61,7 +62,7 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool) -> TransformerConfig:
             expert_hidden=hf["moe_intermediate_size"],
             every=hf.get("decoder_sparse_step") or 1,
             router=RouterConfig(
-                gating="softmax_topk", normalize_weights=bool(hf.get("norm_topk_prob", False))
+                gating=Gating.SOFTMAX_TOPK, normalize_weights=bool(hf.get("norm_topk_prob", False))
             ),
             shared_experts=(
                 SharedExpertConfig(hidden=shared, gated=True) if shared and not qwen3 else None

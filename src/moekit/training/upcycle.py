@@ -19,7 +19,7 @@ from moekit.experts.dense import FeedForward
 from moekit.layers import MoE
 from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerLM
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import Gating, RouterConfig
 
 
 def upcycle(
@@ -60,7 +60,7 @@ def upcycle(
         expert_hidden=config.ffn_hidden // granularity,
         every=every,
         first_dense=first_dense,
-        router=router or RouterConfig(gating="softmax_topk", normalize_weights=True),
+        router=router or RouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
     )
     moe_config = dataclasses.replace(config, moe=placement)
     torch.manual_seed(seed)
