@@ -7,6 +7,7 @@ token, M = kept token-expert assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,14 +127,18 @@ class MoE(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        if router.num_experts != experts.num_experts:
+        router_experts, bank_experts = (
+            router.num_experts,
+            experts.num_experts,
+        )
+        if router_experts != bank_experts:
             raise ValueError(
-                f"router has {router.num_experts} experts but the expert bank has "
-                f"{experts.num_experts}"
+                f"router has {router_experts} experts but the expert bank has {bank_experts}"
             )
         self.d_model = d_model
-        self.num_experts = router.num_experts
-        self.top_k = router.top_k  # expert slots per token (E for dense and expert choice)
+        self.num_experts: int = int(router.num_experts)
+        # expert slots per token (E for dense and expert choice)
+        self.top_k: int = int(router.top_k)
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -142,7 +147,7 @@ class MoE(nn.Module):
         self.check_finite = check_finite
         # set by moekit.distributed.parallelize_experts: statistics, the Switch loss's load and
         # the bias-balancing tally are summed over this group
-        self.process_group = None
+        self.process_group: Any = None
 
     def forward(
         self,
@@ -216,8 +221,9 @@ class MoE(nn.Module):
                 / real
             ),
         )
-        if self.training and hasattr(self.router, "record_load"):
-            self.router.record_load(routed_E)  # global under parallelism: same bias everywhere
+        record_load = getattr(self.router, "record_load", None)
+        if self.training and record_load is not None:
+            record_load(routed_E)  # global under parallelism: same bias everywhere
         return MoEOutput(
             output=y_TD.view(x.shape),
             aux_loss=aux_loss,
@@ -288,7 +294,11 @@ class MoE(nn.Module):
             losses["importance"] = importance_loss(
                 gates_TK, routing.expert_idx_TK, self.num_experts, token_mask_T=mask_T
             )
-        if "load" in weights and routing.noise_std_TE is not None:
+        if (
+            "load" in weights
+            and routing.noise_std_TE is not None
+            and routing.clean_logits_TE is not None
+        ):
             losses["load"] = load_loss(
                 routing.clean_logits_TE,
                 routing.logits_TE,

@@ -389,23 +389,25 @@ HF_FAMILIES: dict[str, Callable[[dict], ArchSpec]] = {
 
 def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
     """An ``ArchSpec`` from a Hugging Face ``config.json`` (a path, a folder or a dict)."""
-    if not isinstance(config, dict):
+    if isinstance(config, dict):
+        data = config
+    else:
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no Hugging Face config.json at {config}")
         try:
-            config = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-    model_type = config.get("model_type")
+    model_type = data.get("model_type")
     if model_type not in HF_FAMILIES:
         raise ValueError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
         )
     try:
-        return HF_FAMILIES[model_type](config)
+        return HF_FAMILIES[model_type](data)
     except KeyError as e:
         raise ValueError(f"{model_type} config.json lacks the field {e.args[0]!r}") from None
 

@@ -49,6 +49,8 @@ def global_capacity_keep_mask(
     )
     g_mask = _gather(token_mask.to(torch.uint8), group).bool()
     capacity = dispatch.capacity(int(g_mask.sum()), K, num_experts, training)
+    if capacity is None:
+        raise ValueError("global_capacity_keep_mask needs dispatch mode 'capacity'")
     plan = plan_dispatch(
         _gather(expert_idx_TK, group),
         _gather(weights_TK.detach(), group),
@@ -59,7 +61,7 @@ def global_capacity_keep_mask(
         sequence_length=sequence_length,
         assignment_mask_TK=_gather(slot_mask.to(torch.uint8), group).bool(),
     )
-    keep = torch.zeros(sizes.sum().item() * K, dtype=torch.bool, device=expert_idx_TK.device)
+    keep = torch.zeros(int(sizes.sum()) * K, dtype=torch.bool, device=expert_idx_TK.device)
     keep[plan.assignment_idx_M] = True
     rank = dist.get_rank(group)
     return capacity, keep[rank * T * K : (rank + 1) * T * K].view(T, K)

@@ -40,7 +40,7 @@ def grouped_mm_available(dtype: torch.dtype, k: int = 16, n: int = 16) -> bool:
 
 
 def resolve_kernel(
-    kernel: GroupedMatmulKernel, dtype: torch.dtype, k: int, n: int
+    kernel: GroupedMatmulKernel | str, dtype: torch.dtype, k: int, n: int
 ) -> GroupedMatmulKernel:
     kernel = GroupedMatmulKernel(kernel)
     available = grouped_mm_available(dtype, k, n)
@@ -65,6 +65,7 @@ def grouped_mm_forward(
 ) -> torch.Tensor:
     """``y_MN`` with expert e's rows times ``w_EKN[e]`` (no autograd); ``kernel`` resolved."""
     if kernel is GroupedMatmulKernel.GROUPED_MM:
+        assert _grouped_mm is not None  # resolve_kernel checked availability
         return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
     y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
     start = 0
@@ -85,6 +86,7 @@ def grouped_mm_weight_grad(
     128 rows, 512x2048: 546 ms against 106 ms).
     """
     if kernel is GroupedMatmulKernel.GROUPED_MM and x_MK.device.type != "cpu":
+        assert _grouped_mm is not None
         return _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
     E = counts_E.shape[0]
     gw_EKN = x_MK.new_empty(E, x_MK.shape[1], g_MN.shape[1])

@@ -28,7 +28,7 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         Rename(f"{attn}.kv_a_norm.weight", f"{hf}.kv_a_layernorm.weight"),
         Rename(f"{attn}.kv_b_proj.weight", f"{hf}.kv_b_proj.weight"),
     ]
-    if config.mla.q_lora_rank:
+    if config.mla is not None and config.mla.q_lora_rank:
         latent += [
             Rename(f"{attn}.q_a_proj.weight", f"{hf}.q_a_proj.weight"),
             Rename(f"{attn}.q_a_norm.weight", f"{hf}.q_a_layernorm.weight"),

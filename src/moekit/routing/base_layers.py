@@ -66,7 +66,7 @@ def sinkhorn_balanced_assignment(scores_TE: torch.Tensor, iterations: int) -> to
         bid_T = masked.gather(1, proposal_T.unsqueeze(1)).squeeze(1)
         for e in torch.unique(proposal_T[free_T]).tolist():  # at most E experts per round
             bidders = torch.nonzero(free_T & (proposal_T == e)).flatten()
-            take = int(min(remaining_E[e], len(bidders)))
+            take = min(int(remaining_E[e]), len(bidders))
             winners = bidders[bid_T[bidders].topk(take).indices]
             expert_T[winners] = e
             remaining_E[e] -= take

@@ -31,7 +31,7 @@ def reference_route(router: TopKRouter, x_TD: torch.Tensor) -> RoutingResult:
         logits = torch.stack([router.weight_ED[e].to(dtype) @ x for e in range(E)])
         if router.bias_E is not None:
             logits = logits + router.bias_E.to(dtype)
-        if noisy:
+        if noisy and router.noise_weight_ED is not None and noise_TE is not None:
             clean = logits
             std = torch.nn.functional.softplus(router.noise_weight_ED.to(dtype) @ x)
             logits = clean + noise_TE[t] * std

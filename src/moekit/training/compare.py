@@ -88,8 +88,8 @@ class Comparison:
             )
             for r in rows
         ]
-        steps = self.moe_steps_to_dense_loss
-        if steps is None:
+        steps, ratio = self.moe_steps_to_dense_loss, self.step_ratio
+        if steps is None or ratio is None:
             lines.append(
                 f"MoE did not reach the dense model's final validation loss "
                 f"({self.target:.4f}) within {self.dense_steps} steps."
@@ -97,8 +97,8 @@ class Comparison:
         else:
             lines.append(
                 f"MoE reached the dense model's final validation loss ({self.target:.4f}) "
-                f"at step {steps} of {self.dense_steps}: {self.step_ratio:.2f}x the "
-                f"dense model's steps ({1 / self.step_ratio:.2f}x fewer)."
+                f"at step {steps} of {self.dense_steps}: {ratio:.2f}x the "
+                f"dense model's steps ({1 / ratio:.2f}x fewer)."
             )
         return "\n".join(lines)
 

@@ -52,7 +52,7 @@ class OptimConfig:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
 
 
-DEFAULT_MODEL = {
+DEFAULT_MODEL: dict[str, Any] = {
     "vocab_size": ByteTokenizer.vocab_size,
     "d_model": 128,
     "n_layers": 4,

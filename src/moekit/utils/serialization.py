@@ -37,7 +37,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return convert(config)
 
 
-def _dataclass_in(annotation: Any) -> type | None:
+def _dataclass_in(annotation: Any) -> Any:
     if dataclasses.is_dataclass(annotation):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -52,7 +52,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__} config must be a JSON object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
