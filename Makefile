@@ -29,6 +29,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src/moekit --ignore-missing-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks

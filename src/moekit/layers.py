@@ -7,7 +7,7 @@ token, M = kept token-expert assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -136,9 +136,9 @@ class MoE(nn.Module):
                 f"router has {router_experts} experts but the expert bank has {bank_experts}"
             )
         self.d_model = d_model
-        self.num_experts: int = int(router.num_experts)
+        self.num_experts: int = int(cast(Any, router).num_experts)
         # expert slots per token (E for dense and expert choice)
-        self.top_k: int = int(router.top_k)
+        self.top_k: int = int(cast(Any, router).top_k)
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import cast
 
 HELP = "Validation loss (nats per byte) and perplexity of a checkpoint on text."
 
@@ -42,6 +43,7 @@ def resolve_checkpoint(path: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.models.checkpoint import from_pretrained
+    from moekit.models.transformer.model import TransformerLM
     from moekit.training.data import (
         ByteTokenizer,
         DataConfig,
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.training.loop import evaluate
 
     try:
-        model = from_pretrained(resolve_checkpoint(args.checkpoint))
+        model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
         seq_len = args.seq_len or model.config.max_seq_len
         if args.data is None:
             _, stream = load_corpus(DataConfig(seq_len=seq_len))

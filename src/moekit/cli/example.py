@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import cast
 
 import torch
 from tqdm import tqdm
@@ -100,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         eval_dense = torch.nn.functional.mse_loss(dense(x), y).item()
 
     total = sum(p.numel() for p in moe.parameters())
+    bank = cast(moekit.ExpertBank, moe.experts)
     active = sum(p.numel() for p in moe.router.parameters()) + k * (
-        moe.experts.w_in_EDH[0].numel() + moe.experts.w_out_EHD[0].numel()
+        bank.w_in_EDH[0].numel() + bank.w_out_EHD[0].numel()
     )
     dense_params = sum(p.numel() for p in dense.parameters())
     print(f"\nTask: {args.clusters} clusters, each with its own target map; d_model={d}.")

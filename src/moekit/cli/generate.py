@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 HELP = "Generate text from a prompt with a checkpoint (greedy or sampled, KV-cached)."
 
@@ -23,10 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from moekit.cli.evaluate import resolve_checkpoint
     from moekit.models.checkpoint import from_pretrained
     from moekit.models.transformer.generate import generate
+    from moekit.models.transformer.model import TransformerLM
     from moekit.training.data import ByteTokenizer
 
     try:
-        model = from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+        model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
+        model.eval()
         tokenizer = ByteTokenizer()
         prompt = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.long)
         out = generate(

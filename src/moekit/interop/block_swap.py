@@ -9,6 +9,8 @@ each call is on ``block.last_output.aux_loss`` (or use ``moekit.collect_moe_outp
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -42,13 +44,15 @@ def swap_moe_blocks(hf_model: nn.Module) -> nn.Module:
     from moekit.interop.hf import from_hf
 
     converted = from_hf(hf_model)
-    layers = hf_model.model.layers
-    with_scores = hf_model.config.model_type == "gpt_oss"
+    hf: Any = hf_model  # a transformers model: attributes beyond nn.Module
+    layers = hf.model.layers
+    with_scores = hf.config.model_type == "gpt_oss"
     swapped = 0
     for i, block in enumerate(converted.blocks):
-        if isinstance(block.ffn, MoE):
+        ffn = cast(Any, block).ffn
+        if isinstance(ffn, MoE):
             dtype = next(layers[i].parameters()).dtype
-            layers[i].mlp = MoEBlock(block.ffn, return_router_scores=with_scores).to(dtype)
+            layers[i].mlp = MoEBlock(ffn, return_router_scores=with_scores).to(dtype)
             swapped += 1
     if not swapped:
         raise ValueError("the model has no MoE blocks to swap")

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -81,7 +81,7 @@ def _layout(maps: dict[str, list[km.Entry]], state: dict[str, torch.Tensor]) -> 
 def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     """A moekit ``TransformerLM`` with the weights of an HF model (in memory or a folder)."""
     if isinstance(source, nn.Module):
-        hf_config = source.config.to_dict()
+        hf_config = cast(Any, source).config.to_dict()
         state = {k: v.detach() for k, v in source.state_dict().items()}
     else:
         hf_config, state = read_hf_folder(source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from moekit.routing.base_layers import BalancedAssignmentRouter
@@ -29,4 +31,5 @@ ROUTERS: dict[RouterKind, type[nn.Module]] = {
 
 def is_causal(kind: RouterKind) -> bool:
     """Whether a token's routing never depends on later tokens."""
-    return bool(ROUTERS[RouterKind(kind)].causal)
+    router_cls: Any = ROUTERS[RouterKind(kind)]
+    return bool(router_cls.causal)

@@ -12,13 +12,15 @@ step-0 output equals the dense one only when the router picks one full set.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 
+from moekit.experts.bank import ExpertBank
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE
 from moekit.models.transformer.config import MoEPlacementConfig
-from moekit.models.transformer.model import TransformerLM
+from moekit.models.transformer.model import Block, TransformerLM
 from moekit.routing.config import Gating, RouterConfig
 
 
@@ -69,11 +71,12 @@ def upcycle(
     missing = model.load_state_dict(state, strict=False).missing_keys
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for src, dst in zip(dense.blocks, model.blocks, strict=True):
-            if isinstance(dst.ffn, MoE):
-                _fill_experts(src.ffn, dst.ffn, granularity, noise_std, generator)
+        for src_block, dst_block in zip(dense.blocks, model.blocks, strict=True):
+            src, dst = cast(Block, src_block).ffn, cast(Block, dst_block).ffn
+            if isinstance(dst, MoE):
+                _fill_experts(cast(FeedForward, src), dst, granularity, noise_std, generator)
             else:
-                dst.ffn.load_state_dict(src.ffn.state_dict())
+                dst.load_state_dict(src.state_dict())
     unexpected_missing = [k for k in missing if ".ffn." not in k]
     if unexpected_missing:
         raise ValueError(f"upcycling left parameters uninitialised: {unexpected_missing}")
@@ -83,7 +86,7 @@ def upcycle(
 def _fill_experts(
     ffn: FeedForward, moe: MoE, granularity: int, noise_std: float, generator: torch.Generator
 ) -> None:
-    bank = moe.experts
+    bank = cast(ExpertBank, moe.experts)
     H = ffn.hidden // granularity
     gated = ffn.activation.is_gated
     for e in range(bank.num_experts):

@@ -199,6 +199,16 @@ class TransformerConfig:
                 raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``n_kv_heads`` after defaults are resolved)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_width(self) -> int:
+        """Per-head width (``head_dim`` after defaults are resolved)."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
     def is_moe(self) -> bool:
         return self.moe.num_experts > 0
 

@@ -10,6 +10,7 @@ where the FFN is an MoE layer or a dense FFN (``MoEPlacementConfig``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +115,8 @@ class TransformerLM(nn.Module):
             Block(
                 config.d_model,
                 config.n_heads,
-                config.n_kv_heads,
-                config.head_dim,
+                config.kv_heads,
+                config.head_width,
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
                 norm_eps=config.norm_eps,
@@ -148,7 +149,7 @@ class TransformerLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        rope_dim = config.head_dim if config.mla is None else config.mla.qk_rope_head_dim
+        rope_dim = config.head_width if config.mla is None else config.mla.qk_rope_head_dim
         cos, sin = rotary_tables(
             rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling
         )
@@ -184,7 +185,8 @@ class TransformerLM(nn.Module):
             )
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
-        rope = (self.rope_cos[start : start + S], self.rope_sin[start : start + S])
+        cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
+        rope = (cos[start : start + S], sin[start : start + S])
         x = self.embed(tokens)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_outputs: list[MoEOutput] = []
@@ -210,7 +212,7 @@ class TransformerLM(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         length = max_len or self.config.max_seq_len
         return KVCache.for_layers(
-            [block.attn.cache_shapes(batch, length) for block in self.blocks],
+            [cast(Any, block).attn.cache_shapes(batch, length) for block in self.blocks],
             dtype=self.embed.weight.dtype,
             device=self.embed.weight.device,
         )
