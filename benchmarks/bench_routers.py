@@ -24,8 +24,9 @@ ROUTERS = {
     "switch (top_k, k=1)": (dict(kind="top_k", normalize_weights=False), 1),
     "noisy top-2 (Shazeer)": (dict(kind="top_k", gating="topk_softmax", noisy_gating=True), 2),
     "sigmoid grouped + bias (DeepSeek-V3)": (
-        dict(kind="top_k", gating="sigmoid_topk", num_groups=4, topk_groups=2,
-             bias_balancing=True), 2),
+        dict(kind="top_k", gating="sigmoid_topk", num_groups=4, topk_groups=2, bias_balancing=True),
+        2,
+    ),
     "dense (all experts)": (dict(kind="dense"), 1),
     "dense, Eigen 2013 gate": (dict(kind="dense", gate_hidden=64), 1),
     "gshard_top2": (dict(kind="gshard_top2"), 2),
@@ -42,8 +43,11 @@ def build(name: str) -> moekit.MoE:
     torch.manual_seed(0)
     options, top_k = ROUTERS[name]
     return moekit.MoEConfig(
-        d_model=D_MODEL, num_experts=EXPERTS, top_k=top_k,
-        experts=moekit.ExpertConfig(hidden=HIDDEN), router=moekit.RouterConfig(**options),
+        d_model=D_MODEL,
+        num_experts=EXPERTS,
+        top_k=top_k,
+        experts=moekit.ExpertConfig(hidden=HIDDEN),
+        router=moekit.RouterConfig(**options),
     ).build()
 
 
@@ -74,13 +78,17 @@ def main() -> None:
             times[name].append(t)
             experts[name] = k
     base = times["top_k (k=2)"]
-    print(f"torch {torch.__version__}, {args.threads} threads; {BATCH}x{SEQ} tokens, "
-          f"d_model {D_MODEL}, {EXPERTS} experts of hidden {HIDDEN}; fwd+bwd, train mode")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; {BATCH}x{SEQ} tokens, "
+        f"d_model {D_MODEL}, {EXPERTS} experts of hidden {HIDDEN}; fwd+bwd, train mode"
+    )
     print(f"{'router':<40}{'experts/token':>14}{'ms':>9}{'vs top-2':>10}")
     for name in ROUTERS:
         ratio = statistics.median(a / b for a, b in zip(times[name], base, strict=True))
-        print(f"{name:<40}{experts[name]:>14.2f}{1000 * statistics.median(times[name]):>9.1f}"
-              f"{ratio:>10.2f}")
+        print(
+            f"{name:<40}{experts[name]:>14.2f}{1000 * statistics.median(times[name]):>9.1f}"
+            f"{ratio:>10.2f}"
+        )
 
 
 if __name__ == "__main__":
