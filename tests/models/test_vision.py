@@ -56,17 +56,23 @@ def test_bidirectional_attention_sees_every_patch():
     assert not torch.allclose(a[:, 0], b[:, 0])  # the first patch sees the last
 
 
-def test_tiny_vision_moe_overfits_digits():
-    torch.manual_seed(0)
-    images, labels = _digits(64)
-    model = VisionMoE(_config())
+def _train(model, images, labels, steps: int = 150):
+    """AdamW on cross-entropy plus the MoE auxiliary loss; returns the last output and loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(steps):
         out = model(images)
         loss = torch.nn.functional.cross_entropy(out.logits, labels)
         optimizer.zero_grad()
         (loss + out.aux_loss).backward()
         optimizer.step()
+    return out, loss
+
+
+def test_tiny_vision_moe_overfits_digits():
+    torch.manual_seed(0)
+    images, labels = _digits(64)
+    model = VisionMoE(_config())
+    _, loss = _train(model, images, labels)
     accuracy = (model(images).logits.argmax(-1) == labels).float().mean().item()
     assert loss.item() < 0.1
     assert accuracy == 1.0
@@ -93,12 +99,6 @@ def test_soft_moe_vit_trains_on_digits():
         router=moekit.RouterConfig(kind="soft", slots_per_expert=4),
     )
     model = VisionMoE(_config(moe=moe))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        out = model(images)
-        loss = torch.nn.functional.cross_entropy(out.logits, labels)
-        optimizer.zero_grad()
-        (loss + out.aux_loss).backward()
-        optimizer.step()
+    out, loss = _train(model, images, labels)
     assert out.moe_outputs[0].routing.dispatch_BSN.shape == (64, 16, 16)
     assert loss.item() < 0.1

@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def _save_line_plot(plt, fig, ax, ylabel: str, path: Path) -> Path:
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_val_loss(
     curves: dict[str, list[tuple[int, float]]], path: Path, target: float | None = None
 ) -> Path:
@@ -31,14 +42,7 @@ def plot_val_loss(
         ax.axhline(
             target, color="grey", linestyle="--", linewidth=0.8, label=f"dense final ({target:.3f})"
         )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_line_plot(plt, fig, ax, "validation loss (nats/byte)", path)
 
 
 def plot_expert_load(records: list[dict[str, Any]], layer: int, path: Path) -> Path:
@@ -77,11 +81,4 @@ def plot_dropped_fraction(records: list[dict[str, Any]], path: Path) -> Path:
             [r["moe"][layer]["dropped_fraction"] for r in rows],
             label=f"layer {layer}",
         )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("dropped fraction")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_line_plot(plt, fig, ax, "dropped fraction", path)

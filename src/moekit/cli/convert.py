@@ -35,16 +35,20 @@ def load_any(path: str):
     return from_hf(path)
 
 
-def run(args: argparse.Namespace) -> int:
+def save_any(model, destination: str, target: str) -> None:
+    """Write ``model`` as a moekit checkpoint (``target='moekit'``) or an HF family folder."""
     from moekit.interop.hf import to_hf
     from moekit.models.checkpoint import save_pretrained
 
+    if target == "moekit":
+        save_pretrained(model, destination)
+    else:
+        to_hf(model, destination, target)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        model = load_any(args.source)
-        if args.to == "moekit":
-            save_pretrained(model, args.destination)
-        else:
-            to_hf(model, args.destination, args.to)
+        save_any(load_any(args.source), args.destination, args.to)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"moekit convert: {e}") from None
     print(f"wrote {args.destination} ({args.to})")

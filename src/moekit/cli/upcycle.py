@@ -29,9 +29,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.cli.convert import load_any
-    from moekit.interop.hf import to_hf
-    from moekit.models.checkpoint import save_pretrained
+    from moekit.cli.convert import load_any, save_any
     from moekit.training.upcycle import upcycle
 
     try:
@@ -44,10 +42,7 @@ def run(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             seed=args.seed,
         )
-        if args.export == "moekit":
-            save_pretrained(model, args.destination)
-        else:
-            to_hf(model, args.destination, args.export)
+        save_any(model, args.destination, args.export)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"moekit upcycle: {e}") from None
     print(f"wrote {args.destination}: {args.experts} experts, top-{args.top_k} ({args.export})")
