@@ -170,7 +170,7 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
         sequence_length = x.shape[-2] if x.dim() >= 3 else None
 
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1), mask_T)
         capacity = self.dispatch.capacity(
             num_tokens, routing.top_k, self.num_experts, self.training
         )

@@ -57,6 +57,6 @@ def router_entropy(
     probs_TE = probs_TE.detach()
     entropy_T = -(probs_TE * torch.log(probs_TE.clamp(min=1e-30))).sum(dim=-1)
     if token_mask_T is None:
-        return entropy_T.mean()
+        return entropy_T.sum() / max(entropy_T.numel(), 1)  # 0 for an empty batch, not NaN
     mask_T = token_mask_T.to(entropy_T.dtype)
     return (entropy_T * mask_T).sum() / mask_T.sum().clamp(min=1)

@@ -46,6 +46,8 @@ def switch_load_balancing_loss(
     """
     T, E = probs_TE.shape
     K = expert_idx_TK.shape[-1]
+    if T == 0:  # an empty batch has nothing to balance
+        return probs_TE.sum() * 0.0
     S = T if sequence_length is None else sequence_length
     if S < 1 or T % S:
         raise ValueError(f"sequence_length={sequence_length} must divide the token count {T}")

@@ -17,6 +17,6 @@ def router_z_loss(
     z_T = torch.logsumexp(logits_TE.float() if logits_TE.dtype != torch.float64 else logits_TE, -1)
     sq_T = z_T.square()
     if token_mask_T is None:
-        return sq_T.mean()
+        return sq_T.sum() / max(sq_T.numel(), 1)  # 0 for an empty batch, not NaN
     mask_T = token_mask_T.to(sq_T.dtype)
     return (sq_T * mask_T).sum() / mask_T.sum().clamp(min=1)

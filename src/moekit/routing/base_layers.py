@@ -83,17 +83,33 @@ class BalancedAssignmentRouter(nn.Module):
         self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 1
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
-        if not self.training:
-            expert_T = logits_TE.argmax(dim=-1)
-        elif x_TD.shape[0] <= self.config.exact_assignment_max_tokens:
-            try:
-                expert_T = exact_balanced_assignment(logits_TE)
-            except ImportError:  # scipy missing: the Sinkhorn path is still balanced
-                expert_T = sinkhorn_balanced_assignment(logits_TE, self.config.sinkhorn_iterations)
-        else:
-            expert_T = sinkhorn_balanced_assignment(logits_TE, self.config.sinkhorn_iterations)
+        expert_T = logits_TE.argmax(dim=-1)  # inference, and padding (which is never dispatched)
+        if self.training:
+            # only real tokens share the balanced slots
+            real_R = (
+                torch.arange(len(x_TD), device=x_TD.device)
+                if token_mask_T is None
+                else torch.nonzero(token_mask_T).flatten()
+            )
+            expert_T = expert_T.index_put((real_R,), self._balanced(logits_TE[real_R]))
         expert_idx_TK = expert_T.unsqueeze(1)
         weights_TK = torch.sigmoid(logits_TE.gather(1, expert_idx_TK))
         return RoutingResult(expert_idx_TK, weights_TK, logits_TE, torch.softmax(logits_TE, -1))
+
+    def _balanced(self, logits_RE: torch.Tensor) -> torch.Tensor:
+        """Balanced expert per real token: exact for small batches, Sinkhorn above."""
+        if len(logits_RE) == 0:
+            return logits_RE.new_zeros(0, dtype=torch.long)
+        if len(logits_RE) <= self.config.exact_assignment_max_tokens:
+            try:
+                return exact_balanced_assignment(logits_RE)
+            except ImportError:  # scipy missing: the Sinkhorn path is still balanced
+                pass
+        return sinkhorn_balanced_assignment(logits_RE, self.config.sinkhorn_iterations)

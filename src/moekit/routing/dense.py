@@ -30,7 +30,12 @@ class DenseGateRouter(nn.Module):
         self.hidden = nn.Linear(d_model, config.gate_hidden) if config.gate_hidden else None
         self.weight_ED, self.bias_E = new_router_weight(width, num_experts, bias=config.bias)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
         h_TD = x_TD
         if self.hidden is not None:
             dtype = router_dtype(x_TD, self.config.float32)

@@ -38,11 +38,21 @@ class ExpertChoiceRouter(nn.Module):
             num_tokens, math.ceil(self.config.expert_capacity * num_tokens / self.num_experts)
         )
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape
-        chosen_EC = probs_TE.detach().t().topk(self.tokens_per_expert(T), dim=-1).indices
+        # padding never competes for an expert's slots, nor counts toward their number
+        real = T if token_mask_T is None else int(token_mask_T.sum())
+        choice_TE = probs_TE.detach()
+        if token_mask_T is not None:
+            choice_TE = choice_TE.masked_fill(~token_mask_T.unsqueeze(1), -1.0)
+        chosen_EC = choice_TE.t().topk(self.tokens_per_expert(real), dim=-1).indices
         mask_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
         mask_TE.scatter_(0, chosen_EC.t(), True)
         expert_idx_TK = torch.arange(E, device=x_TD.device).expand(T, E)

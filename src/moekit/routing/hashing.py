@@ -39,13 +39,27 @@ class HashRouter(nn.Module):
 
     def expert_of(self, token_ids_T: torch.Tensor) -> torch.Tensor:
         """The expert of each token id, ``(T,)``."""
+        if token_ids_T.is_floating_point() or token_ids_T.is_complex():
+            raise TypeError(f"token_ids must be an integer tensor, got {token_ids_T.dtype}")
         if self.table_V is not None:
-            if token_ids_T.numel() and int(token_ids_T.max()) >= len(self.table_V):
-                raise ValueError(f"token ids must be < vocab_size={len(self.table_V)}")
+            if token_ids_T.numel() and (
+                int(token_ids_T.min()) < 0 or int(token_ids_T.max()) >= len(self.table_V)
+            ):
+                raise ValueError(
+                    f"token_ids must be in [0, vocab_size={len(self.table_V)}), got values in "
+                    f"[{int(token_ids_T.min())}, {int(token_ids_T.max())}]"
+                )
             return self.table_V[token_ids_T]
+        if token_ids_T.numel() and int(token_ids_T.min()) < 0:
+            raise ValueError(f"token_ids must be >= 0, got {int(token_ids_T.min())}")
         return ((self.hash_a * token_ids_T.long() + self.hash_b) % _PRIME) % self.num_experts
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
         if token_ids_T is None:
             raise ValueError(
                 f"router kind {self.config.kind.value!r} routes by token id: pass token_ids"

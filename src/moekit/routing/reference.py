@@ -64,7 +64,7 @@ def reference_route(router: TopKRouter, x_TD: torch.Tensor) -> RoutingResult:
             weights = torch.exp(weights - weights.max())
             weights = weights / weights.sum()
         elif cfg.normalize_weights:
-            weights = weights / (weights.sum() + 1e-20)
+            weights = weights / weights.sum()
         weights = weights * cfg.routed_scaling_factor
         idx_rows.append(torch.tensor(chosen))
         weight_rows.append(weights)

@@ -66,7 +66,10 @@ class SoftMoERouter(nn.Module):
         logits_BSN = x @ phi
         dispatch_logits = logits_BSN
         if token_mask_BS is not None:
-            dispatch_logits = logits_BSN.masked_fill(~token_mask_BS.unsqueeze(-1), float("-inf"))
+            # a sequence with no real token keeps its logits (instead of a softmax over all
+            # -inf, which is NaN); the layer zeroes the outputs of its padding anyway
+            masked_BS = ~token_mask_BS & token_mask_BS.any(dim=1, keepdim=True)
+            dispatch_logits = logits_BSN.masked_fill(masked_BS.unsqueeze(-1), float("-inf"))
         dispatch_BSN = torch.softmax(dispatch_logits, dim=1)
         combine_BSN = torch.softmax(logits_BSN, dim=-1)
         return SoftRoutingResult(dispatch_BSN, combine_BSN, logits_BSN, self.slots_per_expert)

@@ -32,7 +32,12 @@ class TopPRouter(nn.Module):
         )
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         top = probs_TE.topk(self.top_k, dim=-1)

@@ -61,7 +61,12 @@ class TopKRouter(nn.Module):
             self.expert_bias_E = None
             self.load_since_update_E = None
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RoutingResult:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
         cfg = self.config
         dtype = torch.promote_types(x_TD.dtype, torch.float32) if cfg.float32 else x_TD.dtype
         x_TD = x_TD.to(dtype)
@@ -78,19 +83,27 @@ class TopKRouter(nn.Module):
             logits_TE = clean_logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
         if cfg.gating is Gating.SIGMOID_TOPK:
-            scores_TE = torch.sigmoid(logits_TE)
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        elif cfg.gating is Gating.SOFTMAX_TOPK:
-            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+            # sigmoid scores normalised in log space: sigmoid(a) / sum sigmoid = softmax of
+            # logsigmoid, which stays exact where every sigmoid underflows to 0 (0/0 otherwise)
+            log_scores_TE = F.logsigmoid(logits_TE)
+            scores_TE, probs_TE = log_scores_TE.exp(), torch.softmax(log_scores_TE, dim=-1)
+            # selection by logit orders experts exactly like sigmoid, without underflow ties;
+            # the selection bias and group scores are defined on the sigmoid scores
+            plain = self.expert_bias_E is None and cfg.num_groups == 1
+            expert_idx_TK = self._select(logits_TE.detach() if plain else scores_TE.detach())
+            if cfg.normalize_weights:
+                weights_TK = torch.softmax(log_scores_TE.gather(-1, expert_idx_TK), dim=-1)
+            else:
+                weights_TK = scores_TE.gather(-1, expert_idx_TK)
         else:
-            scores_TE, probs_TE = logits_TE, torch.softmax(logits_TE, dim=-1)
-
-        expert_idx_TK = self._select(scores_TE.detach())
-        weights_TK = scores_TE.gather(-1, expert_idx_TK)
-        if cfg.gating is Gating.TOPK_SOFTMAX:
-            weights_TK = torch.softmax(weights_TK, dim=-1)
-        elif cfg.normalize_weights:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            scores_TE = probs_TE if cfg.gating is Gating.SOFTMAX_TOPK else logits_TE
+            expert_idx_TK = self._select(scores_TE.detach())
+            weights_TK = scores_TE.gather(-1, expert_idx_TK)
+            if cfg.gating is Gating.TOPK_SOFTMAX:
+                weights_TK = torch.softmax(weights_TK, dim=-1)
+            elif cfg.normalize_weights:
+                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             weights_TK = weights_TK * cfg.routed_scaling_factor
         return RoutingResult(
