@@ -120,6 +120,11 @@ def rope(hf: dict[str, Any], default: float = 10000.0) -> tuple[float, Any]:
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", default)))
     kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"rope partial_rotary_factor={params['partial_rotary_factor']} is not supported "
+            "(moekit rotates the whole head)"
+        )
     if kind in ("default", None):
         return theta, None
     if kind != "yarn":
@@ -136,10 +141,33 @@ def rope(hf: dict[str, Any], default: float = 10000.0) -> tuple[float, Any]:
     )
 
 
+# HF keys read by :func:`attention_fields` and :func:`rope` (plus the dense FFN width).
+ATTENTION_HF_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_parameters",
+        "rope_scaling",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "intermediate_size",
+    }
+)
+
+
 def rope_to_hf(config) -> dict[str, Any]:
+    """Rotary parameters written explicitly, so no family fills in its own default (GPT-OSS
+    defaults to YaRN when none are given)."""
     scaling = config.rope_scaling
     if scaling is None:
-        return {"rope_theta": config.rope_theta}
+        params = {"rope_type": "default", "rope_theta": config.rope_theta}
+        return {"rope_theta": config.rope_theta, "rope_scaling": params, "rope_parameters": params}
     params = {
         "rope_type": "yarn",
         "rope_theta": config.rope_theta,
@@ -159,10 +187,6 @@ def rope_to_hf(config) -> dict[str, Any]:
 def attention_fields(hf: dict[str, Any]) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
     theta, scaling = rope(hf)
-    if hf.get("use_sliding_window") or (
-        hf.get("sliding_window") and hf.get("model_type") == "mixtral"
-    ):
-        raise ValueError("sliding-window attention is not supported yet")
     return dict(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],

@@ -11,6 +11,7 @@ from typing import Any
 from moekit.experts.activations import Activation
 from moekit.experts.shared import SharedExpertConfig
 from moekit.interop import common
+from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -54,9 +55,43 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     return {name: [*base, *entries] for name, entries in experts.items()}
 
 
+HF_FIELDS = HFFields(
+    mapped=common.ATTENTION_HF_FIELDS
+    | {
+        "first_k_dense_replace",
+        "kv_lora_rank",
+        "moe_intermediate_size",
+        "n_group",
+        "n_routed_experts",
+        "num_local_experts",
+        "n_shared_experts",
+        "norm_topk_prob",
+        "num_experts_per_tok",
+        "q_lora_rank",
+        "qk_head_dim",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "rope_interleave",
+        "routed_scaling_factor",
+        "topk_group",
+        "v_head_dim",
+    },
+    fixed={
+        "hidden_act": ("silu",),
+        "attention_bias": (False,),
+        "pretraining_tp": (1,),
+        "topk_method": ("noaux_tc",),
+        "scoring_func": ("sigmoid",),
+        "moe_layer_freq": (1,),
+        "ep_size": (any_value,),
+        "aux_loss_alpha": (any_value,),
+        "seq_aux": (any_value,),
+    },
+)
+
+
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported")
+    check_hf_config(hf, "DeepSeek-V3", HF_FIELDS)
     if not hf.get("n_shared_experts"):
         raise ValueError("DeepSeek-V3 import expects n_shared_experts >= 1")
     experts = hf.get("n_routed_experts") or hf["num_local_experts"]
@@ -97,13 +132,9 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe, mla = config.moe, config.mla
-    if mla is None or not moe.num_experts or moe.every != 1 or moe.shared_experts is None:
-        raise ValueError("DeepSeek-V3 export needs MLA, an MoE every block and shared experts")
+    if mla is None or not moe.num_experts or moe.shared_experts is None:
+        raise ValueError("DeepSeek-V3 export needs MLA attention, MoE layers and shared experts")
     router = moe.router
-    if router.gating.value != "sigmoid_topk" or not router.bias_balancing:
-        raise ValueError("DeepSeek-V3 export needs a sigmoid_topk router with bias_balancing")
-    if moe.shared_experts.hidden % moe.expert_hidden or moe.shared_experts.gated:
-        raise ValueError("shared experts must be ungated multiples of expert_hidden")
     return {
         **common.attention_to_hf(config),
         "architectures": ["DeepseekV3ForCausalLM"],

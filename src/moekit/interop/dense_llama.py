@@ -8,6 +8,13 @@ from typing import Any
 
 from moekit.experts.activations import Activation
 from moekit.interop import common
+from moekit.interop.expressible import (
+    HFFields,
+    all_full_attention,
+    any_value,
+    check_hf_config,
+    unset,
+)
 from moekit.interop.keymap import Entry
 from moekit.models.transformer.config import TransformerConfig
 
@@ -22,15 +29,35 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     return {"checkpoint": entries}
 
 
+HF_FIELDS = {
+    "llama": HFFields(
+        mapped=common.ATTENTION_HF_FIELDS,
+        fixed={
+            "hidden_act": ("silu",),
+            "attention_bias": (False,),
+            "mlp_bias": (False,),
+            "pretraining_tp": (1,),
+        },
+    ),
+    "mistral": HFFields(
+        mapped=common.ATTENTION_HF_FIELDS,
+        fixed={"hidden_act": ("silu",), "sliding_window": (unset,)},
+    ),
+    "qwen2": HFFields(
+        mapped=common.ATTENTION_HF_FIELDS,
+        fixed={
+            "hidden_act": ("silu",),
+            "use_sliding_window": (False, None),
+            "sliding_window": (any_value,),  # unused without use_sliding_window
+            "max_window_layers": (any_value,),
+            "layer_types": (all_full_attention,),
+        },
+    ),
+}
+
+
 def config_from_hf(hf: dict[str, Any], model_type: str) -> TransformerConfig:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported")
-    if model_type == "mistral" and hf.get("sliding_window"):
-        raise ValueError("Mistral sliding-window attention is not supported yet")
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError("Qwen2 sliding-window attention is not supported yet")
-    if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        raise ValueError("Llama attention_bias/mlp_bias are not supported yet")
+    check_hf_config(hf, model_type, HF_FIELDS[model_type])
     return TransformerConfig(
         **common.attention_fields({**hf, "model_type": model_type}),
         ffn_hidden=hf["intermediate_size"],
@@ -49,6 +76,7 @@ def family(model_type: str):
 
     return SimpleNamespace(
         MODEL_TYPE=model_type,
+        HF_FIELDS=HF_FIELDS[model_type],
         keymaps=keymaps,
         config_from_hf=partial(config_from_hf, model_type=model_type),
         config_to_hf=config_to_hf,

@@ -16,6 +16,7 @@ import torch
 
 from moekit.experts.activations import Activation
 from moekit.interop import common
+from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -83,13 +84,26 @@ def _sliding_every(hf: dict[str, Any]) -> int:
     raise ValueError(f"GPT-OSS layer_types {layer_types} are not supported (even layers sliding)")
 
 
+HF_FIELDS = HFFields(
+    mapped=common.ATTENTION_HF_FIELDS
+    | {
+        "num_local_experts",
+        "num_experts_per_tok",
+        "experts_per_token",
+        "sliding_window",
+        "layer_types",
+    },
+    fixed={
+        "swiglu_limit": (7.0,),
+        "swiglu_alpha": (1.702,),
+        "attention_bias": (True,),
+        "hidden_act": (any_value,),  # GPT-OSS experts use their own clamped SwiGLU
+    },
+)
+
+
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    if hf.get("swiglu_limit", 7.0) != 7.0 or hf.get("swiglu_alpha", 1.702) != 1.702:
-        raise ValueError("GPT-OSS swiglu_limit/alpha other than 7.0/1.702 are not supported")
-    if hf.get("quantization_config"):
-        raise ValueError(
-            "quantised (MXFP4) GPT-OSS checkpoints are not supported; dequantise first"
-        )
+    check_hf_config(hf, "GPT-OSS", HF_FIELDS)
     k = hf.get("num_experts_per_tok") or hf["experts_per_token"]
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
@@ -113,10 +127,6 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe = config.moe
-    if config.activation.value != "swiglu_oai" or not (config.attention_sinks and config.o_bias):
-        raise ValueError("GPT-OSS export needs swiglu_oai, attention sinks and attention biases")
-    if not (moe.expert_bias and moe.router.bias and moe.router.gating.value == "topk_softmax"):
-        raise ValueError("GPT-OSS export needs expert biases and a biased topk_softmax router")
     layer_types = [
         "sliding_attention" if config.window_of_layer(i) else "full_attention"
         for i in range(config.n_layers)

@@ -31,6 +31,7 @@ from moekit.interop import (
     qwen3_moe,
 )
 from moekit.interop import keymap as km
+from moekit.interop.expressible import export_problems
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
@@ -100,7 +101,7 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     model = TransformerLM(config)
     dtype = next(iter(moekit_state.values())).dtype
     for name, value in model.state_dict().items():  # run-time buffers HF does not store
-        if name.endswith("load_since_update_E"):
+        if name.endswith(km.RUNTIME_BUFFERS):
             moekit_state.setdefault(name, value)
     model.to(dtype).load_state_dict(moekit_state, strict=True)
     return model
@@ -110,6 +111,13 @@ def to_hf(model: TransformerLM, directory: str | os.PathLike, family: str) -> Pa
     """Write ``model`` as an HF checkpoint of ``family`` (per-expert layout, safetensors)."""
     fam = _family(family)
     config = model.config
+    problems = export_problems(config, fam.config_to_hf, fam.config_from_hf)
+    if problems:
+        raise ValueError(
+            f"cannot export as {family!r}: the family cannot express "
+            + "; ".join(problems)
+            + ". The exported model would compute something else, so nothing was written."
+        )
     hf_config = fam.config_to_hf(config)
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
     state = km.to_hf(

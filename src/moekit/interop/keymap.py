@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+# moekit buffers that hold training-time state, not weights (the bias-balancing load tally)
+RUNTIME_BUFFERS = ("load_since_update_E",)
+
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
@@ -134,19 +137,39 @@ def to_hf(
     moe_layers: list[int],
     num_experts: int,
 ) -> dict[str, torch.Tensor]:
-    """Translate a moekit state dict to HF names (the map's layout)."""
+    """Translate a moekit state dict to HF names (the map's layout); every moekit tensor must
+    be written (run-time buffers named in ``runtime_buffers`` excepted)."""
     out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
     for entry in keymap:
         for layer in _layers(entry, n_layers, moe_layers):
             fmt = {} if layer is None else {"layer": layer}
-            tensor = state[entry.moekit.format(**fmt)]
+            name = entry.moekit.format(**fmt)
+            if name not in state:
+                missing.append(name)
+                continue
+            used.add(name)
+            tensor = state[name]
             if isinstance(entry, Rename):
                 out[entry.hf.format(**fmt)] = entry.to_hf_fn(tensor).contiguous()
             elif isinstance(entry, Joined) or not entry.per_expert:
-                for name, part in zip(entry.hf, entry.split(tensor), strict=True):
-                    out[name.format(**fmt)] = part.contiguous()
+                for hf_name, part in zip(entry.hf, entry.split(tensor), strict=True):
+                    out[hf_name.format(**fmt)] = part.contiguous()
             else:
                 for e in range(num_experts):
-                    for name, part in zip(entry.hf, entry.split(tensor[e]), strict=True):
-                        out[name.format(expert=e, **fmt)] = part.contiguous()
+                    for hf_name, part in zip(entry.hf, entry.split(tensor[e]), strict=True):
+                        out[hf_name.format(expert=e, **fmt)] = part.contiguous()
+    unmapped = sorted(k for k in set(state) - used if not k.endswith(RUNTIME_BUFFERS))
+    if missing or unmapped:
+        raise ValueError(
+            "the model does not match the family's key map: "
+            + (f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}; " if missing else "")
+            + (
+                f"tensors the family has no place for {unmapped[:20]}"
+                f"{' ...' if len(unmapped) > 20 else ''}"
+                if unmapped
+                else ""
+            )
+        )
     return out

@@ -11,6 +11,7 @@ from typing import Any
 
 from moekit.experts.activations import Activation
 from moekit.interop import common
+from moekit.interop.expressible import HFFields, check_hf_config, unset
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -42,11 +43,14 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     }
 
 
+HF_FIELDS = HFFields(
+    mapped=common.ATTENTION_HF_FIELDS | {"num_local_experts", "num_experts_per_tok"},
+    fixed={"hidden_act": ("silu",), "sliding_window": (unset,)},
+)
+
+
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"Mixtral hidden_act {hf['hidden_act']!r} is not supported")
-    if hf.get("sliding_window"):
-        raise ValueError("Mixtral sliding-window attention is not supported yet")
+    check_hf_config(hf, "Mixtral", HF_FIELDS)
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
@@ -64,20 +68,9 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
+    """The HF config; whether it expresses ``config`` is checked by the round trip in
+    ``moekit.interop.expressible``."""
     moe = config.moe
-    if not (moe.num_experts and moe.every == 1 and moe.first_dense == 0):
-        raise ValueError("Mixtral export needs an MoE in every block (every=1, first_dense=0)")
-    if moe.shared_experts is not None or moe.expert_hidden != config.ffn_hidden:
-        raise ValueError("Mixtral export needs no shared experts and expert_hidden == ffn_hidden")
-    router = moe.router
-    if (
-        router.kind.value != "top_k"
-        or router.gating.value != "softmax_topk"
-        or (not router.normalize_weights or router.bias or router.num_groups > 1)
-    ):
-        raise ValueError("Mixtral export needs a plain softmax top-k router with renormalisation")
-    if config.activation.value != "swiglu" or config.qkv_bias or config.qk_norm != "none":
-        raise ValueError("Mixtral export needs swiglu, no qkv bias and no q/k norm")
     return {
         **common.attention_to_hf(config),
         "architectures": ["MixtralForCausalLM"],

@@ -8,6 +8,7 @@ from typing import Any
 
 from moekit.experts.activations import Activation
 from moekit.interop import common
+from moekit.interop.expressible import HFFields, check_hf_config, unset
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -26,9 +27,14 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     return {name: [*base, *entries] for name, entries in experts.items()}
 
 
+HF_FIELDS = HFFields(
+    mapped=common.ATTENTION_HF_FIELDS | {"num_experts", "num_experts_per_tok", "norm_topk_prob"},
+    fixed={"hidden_act": ("silu",), "clip_qkv": (unset,), "attention_bias": (False,)},
+)
+
+
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    if hf.get("clip_qkv"):
-        raise ValueError("OLMoE clip_qkv is not supported yet")
+    check_hf_config(hf, "OLMoE", HF_FIELDS)
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
@@ -52,14 +58,6 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe = config.moe
-    if moe.every != 1 or moe.first_dense or moe.shared_experts is not None:
-        raise ValueError("OLMoE export needs an MoE in every block and no shared experts")
-    if config.qk_norm != "full" or config.qkv_bias or moe.expert_hidden != config.ffn_hidden:
-        raise ValueError(
-            "OLMoE export needs qk_norm='full', no qkv bias, expert_hidden == ffn_hidden"
-        )
-    if moe.router.kind.value != "top_k" or moe.router.gating.value != "softmax_topk":
-        raise ValueError("OLMoE export needs a softmax top-k router")
     return {
         **common.attention_to_hf(config),
         "architectures": ["OlmoeForCausalLM"],

@@ -10,3 +10,4 @@ MODEL_TYPE = "qwen2_moe"
 keymaps = partial(qwen_moe.keymaps, qwen3=False)
 config_from_hf = partial(qwen_moe.config_from_hf, qwen3=False)
 config_to_hf = partial(qwen_moe.config_to_hf, qwen3=False)
+HF_FIELDS = qwen_moe.HF_FIELDS[False]

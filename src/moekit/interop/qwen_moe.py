@@ -15,6 +15,13 @@ from typing import Any
 from moekit.experts.activations import Activation
 from moekit.experts.shared import SharedExpertConfig
 from moekit.interop import common
+from moekit.interop.expressible import (
+    HFFields,
+    all_full_attention,
+    any_value,
+    check_hf_config,
+    unset,
+)
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -43,11 +50,33 @@ def keymaps(config: TransformerConfig, qwen3: bool) -> dict[str, list[Entry]]:
     return {name: [*base, *entries] for name, entries in experts.items()}
 
 
+_QWEN_MAPPED = common.ATTENTION_HF_FIELDS | {
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "decoder_sparse_step",
+    "norm_topk_prob",
+}
+_QWEN_FIXED = {
+    "hidden_act": ("silu",),
+    "use_sliding_window": (False, None),
+    "sliding_window": (any_value,),  # unused without use_sliding_window
+    "max_window_layers": (any_value,),
+    "layer_types": (all_full_attention,),
+    "mlp_only_layers": (unset,),
+}
+HF_FIELDS = {
+    False: HFFields(
+        mapped=_QWEN_MAPPED | {"shared_expert_intermediate_size"},
+        fixed={**_QWEN_FIXED, "qkv_bias": (True,)},
+    ),
+    True: HFFields(mapped=_QWEN_MAPPED, fixed={**_QWEN_FIXED, "attention_bias": (False,)}),
+}
+
+
 def config_from_hf(hf: dict[str, Any], qwen3: bool) -> TransformerConfig:
-    if hf.get("mlp_only_layers"):
-        raise ValueError("Qwen-MoE mlp_only_layers are not supported yet")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported")
+    check_hf_config(hf, "Qwen3-MoE" if qwen3 else "Qwen2-MoE", HF_FIELDS[qwen3])
     shared = hf.get("shared_expert_intermediate_size") or 0
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
@@ -75,17 +104,7 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool) -> TransformerConfig:
 def config_to_hf(config: TransformerConfig, qwen3: bool) -> dict[str, Any]:
     moe = config.moe
     router = moe.router
-    if router.kind.value != "top_k" or router.gating.value != "softmax_topk" or router.bias:
-        raise ValueError("Qwen-MoE export needs a softmax top-k router")
-    if moe.first_dense or config.activation.value != "swiglu":
-        raise ValueError("Qwen-MoE export needs first_dense=0 and swiglu")
-    if config.qkv_bias != (not qwen3) or config.qk_norm != ("head" if qwen3 else "none"):
-        raise ValueError("attention options do not match the Qwen-MoE family")
     shared = moe.shared_experts
-    if qwen3 and shared is not None:
-        raise ValueError("Qwen3-MoE has no shared expert")
-    if shared is not None and not shared.gated:
-        raise ValueError("Qwen2-MoE's shared expert is gated: SharedExpertConfig(gated=True)")
     out = {
         **common.attention_to_hf(config),
         "architectures": ["Qwen3MoeForCausalLM" if qwen3 else "Qwen2MoeForCausalLM"],
