@@ -72,6 +72,34 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     return x_BHSD * cos_SD.to(x_BHSD.dtype) + rotated * sin_SD.to(x_BHSD.dtype)
 
 
+def allowed_keys(
+    S: int,
+    L: int,
+    start: int,
+    *,
+    causal: bool,
+    window: int = 0,
+    key_mask_BL: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Which keys each query may attend to: ``(S, L)``, or ``(B, 1, S, L)`` with a key mask.
+
+    Queries are positions ``start .. start+S-1`` of the ``L`` keys; ``window`` keeps the last
+    ``window`` keys of each query (0: all); ``key_mask_BL`` (``True`` = real token) hides
+    padding keys. A padding query may then see no key at all, which would make its softmax
+    NaN: it is allowed to see itself instead (no real query ever sees a padding key, so real
+    outputs are unchanged).
+    """
+    query_S1 = torch.arange(start, start + S, device=device).unsqueeze(1)
+    key_1L = torch.arange(L, device=device).unsqueeze(0)
+    allowed = key_1L <= query_S1 if causal else torch.ones(S, L, dtype=torch.bool, device=device)
+    if window:
+        allowed = allowed & (key_1L > query_S1 - window)
+    if key_mask_BL is not None:
+        allowed = (allowed & key_mask_BL[:, None, None, :]) | (key_1L == query_S1)
+    return allowed
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer for generation: ``(B, G, max_len, Dh)`` per layer.
@@ -82,6 +110,8 @@ class KVCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0
+    # (B, max_len) bool, which cached positions are real tokens (None: all of them)
+    key_mask: torch.Tensor | None = None
 
     @classmethod
     def empty(
@@ -164,19 +194,11 @@ class Attention(nn.Module):
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
         return shape, shape
 
-    def _masked_attention(self, q, k, v, start: int) -> torch.Tensor:
-        """Explicit softmax attention for sliding windows and sinks (``(B, H, S, Dh)`` out)."""
-        S, L = q.shape[2], k.shape[2]
+    def _masked_attention(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        """Explicit softmax attention for attention sinks (``(B, H, S, Dh)`` out)."""
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(2, 3)) * self.head_dim**-0.5
-        query_pos = torch.arange(start, start + S, device=q.device).unsqueeze(1)
-        key_pos = torch.arange(L, device=q.device).unsqueeze(0)
-        allowed = (
-            key_pos <= query_pos if self.causal else torch.ones_like(key_pos, dtype=torch.bool)
-        )
-        if self.sliding_window:
-            allowed = allowed & (key_pos > query_pos - self.sliding_window)
         scores = scores.masked_fill(~allowed, float("-inf"))
         if self.sinks is not None:
             sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
@@ -191,13 +213,16 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
         x_BSD: ``(B, S, D)`` new positions ``start .. start+S-1``.
-        rope: ``(cos, sin)`` tables covering those positions, ``(S, Dh)`` each.
+        rope: ``(cos, sin)`` tables covering those positions, ``(S, Dh)`` each, or
+            ``(B, 1, S, Dh)`` when each sequence has its own positions (padding).
         cache: this layer's ``(keys, values)`` buffers ``(B, G, max_len, Dh)``; the new keys
             and values are written at ``start`` and attention covers ``0 .. start+S-1``.
         start: position of the first new token.
+        key_mask: ``(B, start+S)`` bool, ``True`` for real tokens; padding keys are hidden.
         """
         B, S, _ = x_BSD.shape
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
@@ -217,16 +242,31 @@ class Attention(nn.Module):
             values[:, :, start : start + S] = v
             k, v = keys[:, :, : start + S], values[:, :, : start + S]
         L = k.shape[2]
-        if self.sinks is not None or self.sliding_window:
-            out = self._masked_attention(q, k, v, start)
-        else:
+        if key_mask is None and not self.sliding_window:
             mask, is_causal = None, False
             if self.causal and S > 1:
                 if L == S:
                     is_causal = True
                 else:  # new queries after cached positions: query i sees keys <= start + i
-                    query_pos = torch.arange(start, start + S, device=x_BSD.device).unsqueeze(1)
-                    mask = torch.arange(L, device=x_BSD.device).unsqueeze(0) <= query_pos
+                    mask = allowed_keys(S, L, start, causal=True, device=x_BSD.device)
+        else:
+            mask, is_causal = (
+                allowed_keys(
+                    S,
+                    L,
+                    start,
+                    causal=self.causal,
+                    window=self.sliding_window,
+                    key_mask_BL=key_mask,
+                    device=x_BSD.device,
+                ),
+                False,
+            )
+        if self.sinks is not None:
+            if mask is None:
+                mask = allowed_keys(S, L, start, causal=self.causal, device=x_BSD.device)
+            out = self._masked_attention(q, k, v, mask)
+        else:
             out = F.scaled_dot_product_attention(
                 q,
                 k,

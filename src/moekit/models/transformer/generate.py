@@ -28,10 +28,26 @@ def filter_logits(
     return logits_BV
 
 
+def left_pad(
+    prompts: list[torch.Tensor] | list[list[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded ``(B, S)`` batch and its bool mask."""
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    S = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), S), pad_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros(len(rows), S, dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        tokens[i, S - len(row) :] = row
+        mask[i, S - len(row) :] = True
+    return tokens, mask
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | list[torch.Tensor] | list[list[int]],
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
@@ -40,12 +56,15 @@ def generate(
     stop_token: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """Extend ``prompt`` by up to ``max_new_tokens`` tokens.
 
     Args:
         model: a ``TransformerLM`` (put in eval mode by the caller for deterministic routing).
-        prompt: ``(B, S)`` or ``(S,)`` token ids.
+        prompt: ``(B, S)`` or ``(S,)`` token ids, or a list of prompts of different lengths
+            (left-padded into one batch; the result is then a list, one row per prompt without
+            its padding).
         max_new_tokens: how many tokens to add at most (also capped by ``max_seq_len``).
         temperature: 0 for greedy decoding, else logits are divided by it before sampling.
         top_k, top_p: sampling filters.
@@ -53,24 +72,39 @@ def generate(
             generation ends when every sequence has stopped.
         use_cache: reuse keys/values (False recomputes the whole prefix each step).
         generator: random generator for sampling.
+        attention_mask: ``(B, S)`` bool, ``True`` for real prompt tokens (left padding).
 
     Returns:
-        ``(B, S + n)`` (or ``(S + n,)``) token ids, ``n <= max_new_tokens``.
+        ``(B, S + n)`` (or ``(S + n,)``) token ids, ``n <= max_new_tokens``; a list for a list.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    as_list = isinstance(prompt, list | tuple)
+    if as_list:
+        if attention_mask is not None:
+            raise ValueError("pass either a list of prompts or an attention_mask, not both")
+        prompt, attention_mask = left_pad(list(prompt))
+    assert isinstance(prompt, torch.Tensor)
     squeeze = prompt.dim() == 1
     tokens = prompt.unsqueeze(0) if squeeze else prompt
     if tokens.shape[1] < 1:
         raise ValueError("prompt must hold at least one token")
+    mask = None if attention_mask is None else attention_mask.reshape(tokens.shape).bool()
+    pad_width = tokens.shape[1] - (
+        mask.sum(dim=1) if mask is not None else torch.full((len(tokens),), tokens.shape[1])
+    )
     steps = min(max_new_tokens, model.config.max_seq_len - tokens.shape[1])
     cache = model.new_kv_cache(tokens.shape[0]) if use_cache else None
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    next_input = tokens
+    next_input, next_mask = tokens, mask
     for _ in range(steps):
-        logits = model(next_input if use_cache else tokens, kv_cache=cache).logits[:, -1].float()
+        if use_cache:
+            out = model(next_input, attention_mask=next_mask, kv_cache=cache)
+        else:
+            out = model(tokens, attention_mask=mask)
+        logits = out.logits[:, -1].float()
         if temperature == 0:
             next_token = logits.argmax(dim=-1)
         else:
@@ -81,6 +115,11 @@ def generate(
             finished |= next_token == stop_token
         tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
         next_input = next_token.unsqueeze(1)
+        if mask is not None:
+            next_mask = torch.ones_like(next_input, dtype=torch.bool)
+            mask = torch.cat([mask, next_mask], dim=1)
         if stop_token is not None and finished.all():
             break
+    if as_list:
+        return [row[int(pad) :] for row, pad in zip(tokens, pad_width, strict=True)]
     return tokens.squeeze(0) if squeeze else tokens

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.transformer.attention import apply_rotary, yarn_mscale
+from moekit.models.transformer.attention import allowed_keys, apply_rotary, yarn_mscale
 
 
 @dataclass(kw_only=True)
@@ -91,7 +91,8 @@ class MultiHeadLatentAttention(nn.Module):
             self.config.qk_rope_head_dim,
         )
 
-    def forward(self, x_BSD, rope=None, cache=None, start: int = 0) -> torch.Tensor:
+    def forward(self, x_BSD, rope=None, cache=None, start: int = 0, key_mask=None) -> torch.Tensor:
+        """``(B, S, D) -> (B, S, D)``; arguments as for ``Attention.forward``."""
         c, H = self.config, self.n_heads
         B, S, _ = x_BSD.shape
         q = (
@@ -118,12 +119,10 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_pass, k_rot.expand(-1, H, -1, -1)], dim=-1)
         q = torch.cat([q_pass, q_rot], dim=-1)
         mask, is_causal = None, False
-        if S > 1:
-            if L == S:
-                is_causal = True
-            else:
-                query_pos = torch.arange(start, start + S, device=x_BSD.device).unsqueeze(1)
-                mask = torch.arange(L, device=x_BSD.device).unsqueeze(0) <= query_pos
+        if key_mask is not None or (S > 1 and L != S):
+            mask = allowed_keys(S, L, start, causal=True, key_mask_BL=key_mask, device=q.device)
+        elif S > 1:
+            is_causal = True
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
         )

@@ -91,10 +91,13 @@ class Block(nn.Module):
         rope=None,
         cache=None,
         start: int = 0,
+        key_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope=rope, cache=cache, start=start)
+        x_BSD = x_BSD + self.attn(
+            self.attn_norm(x_BSD), rope=rope, cache=cache, start=start, key_mask=key_mask
+        )
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             moe_out = self.ffn(h_BSD, padding_mask, token_ids)
@@ -161,13 +164,18 @@ class TransformerLM(nn.Module):
         self,
         tokens: torch.Tensor,
         *,
+        attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> LMOutput:
         """Args:
         tokens: ``(B, S)`` token ids.
-        padding_mask: ``(B, S)`` bool, ``True`` for real tokens (padding is kept out of the
-            MoE dispatch, losses and statistics; use right padding).
+        attention_mask: ``(B, S)`` (or ``(B, cached + S)``, as Hugging Face passes it) bool or
+            0/1, ``True`` for real tokens; left or right padding. Padding keys are hidden from
+            attention, padding is kept out of the MoE dispatch, losses and statistics, and
+            each sequence's real tokens take positions 0, 1, 2, ... With a ``kv_cache`` the
+            mask of earlier calls is kept in the cache.
+        padding_mask: the same as ``attention_mask`` (the older name).
         kv_cache: continue from the cached positions and append these (generation).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -175,7 +183,7 @@ class TransformerLM(nn.Module):
                 f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} "
                 f"{tokens.dtype}"
             )
-        S = tokens.shape[1]
+        B, S = tokens.shape
         start = 0 if kv_cache is None else kv_cache.length
         limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
         if start + S > min(limit, self.config.max_seq_len):
@@ -185,8 +193,17 @@ class TransformerLM(nn.Module):
             )
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        key_mask = self._key_mask(
+            attention_mask if attention_mask is not None else padding_mask, B, S, start, kv_cache
+        )
         cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
-        rope = (cos[start : start + S], sin[start : start + S])
+        if key_mask is None:
+            rope = (cos[start : start + S], sin[start : start + S])
+            new_mask = None
+        else:  # each sequence counts positions over its real tokens only
+            positions_BS = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
+            rope = (cos[positions_BS].unsqueeze(1), sin[positions_BS].unsqueeze(1))
+            new_mask = key_mask[:, start:]
         x = self.embed(tokens)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_outputs: list[MoEOutput] = []
@@ -197,7 +214,8 @@ class TransformerLM(nn.Module):
                 rope=rope,
                 cache=cache,
                 start=start,
-                padding_mask=padding_mask,
+                key_mask=key_mask,
+                padding_mask=new_mask,
                 token_ids=tokens,
             )
             if moe_out is not None:
@@ -208,6 +226,35 @@ class TransformerLM(nn.Module):
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return LMOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
+
+    @staticmethod
+    def _key_mask(
+        mask: torch.Tensor | None, B: int, S: int, start: int, kv_cache: KVCache | None
+    ) -> torch.Tensor | None:
+        """The ``(B, start + S)`` bool mask of real tokens so far, or ``None`` (no padding)."""
+        cached = None if kv_cache is None else kv_cache.key_mask
+        if mask is None and cached is None:
+            return None
+        if mask is None:
+            mask = torch.ones(B, S, dtype=torch.bool, device=cached.device)  # type: ignore[union-attr]
+        if mask.dtype not in (torch.bool, torch.int64, torch.int32, torch.uint8):
+            raise TypeError(f"attention_mask must be bool or 0/1 integers, got {mask.dtype}")
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] not in (S, start + S):
+            raise ValueError(
+                f"attention_mask must have shape (batch={B}, {S}) or (batch={B}, cached + new="
+                f"{start + S}), got {tuple(mask.shape)}"
+            )
+        mask = mask.bool()
+        if kv_cache is None:
+            return mask
+        if kv_cache.key_mask is None:
+            kv_cache.key_mask = torch.ones(
+                B, kv_cache.max_len, dtype=torch.bool, device=mask.device
+            )
+        kv_cache.key_mask[:, start : start + S] = mask[:, -S:] if S else mask[:, :0]
+        if mask.shape[1] == start + S:
+            kv_cache.key_mask[:, :start] = mask[:, :start]
+        return kv_cache.key_mask[:, : start + S]
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         length = max_len or self.config.max_seq_len
