@@ -26,6 +26,7 @@ from moekit.losses.z_loss import router_z_loss
 from moekit.routing.config import RouterConfig
 from moekit.routing.result import RoutingResult
 from moekit.routing.soft import SoftRoutingResult
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -55,11 +56,18 @@ class MoEConfig:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {self.d_model}")
         self.router.validate_for(self.num_experts, self.top_k)
         if self.aux_loss.load > 0 and not self.router.noisy_gating:
             raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
+        if self.aux_loss.load > 0 and self.top_k >= self.num_experts:
+            raise ValueError(
+                f"aux_loss.load > 0 needs top_k < num_experts (the load estimator compares each "
+                f"logit with the k-th and (k+1)-th), got top_k={self.top_k}, "
+                f"num_experts={self.num_experts}"
+            )
 
     def build(self) -> MoE:
         return MoE(

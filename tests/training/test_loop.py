@@ -90,7 +90,7 @@ def test_existing_checkpoints_need_resume(tmp_path, tiny_text):
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        (["optim.lrr=1"], ValueError, "unknown OptimConfig keys: lrr"),
+        (["optim.lrr=1"], ValueError, "unknown OptimConfig keys: optim.lrr"),
         (["optim.lr=-0.1"], ValueError, "optim.lr must be"),
         (["data.path=/no/such/place"], FileNotFoundError, "data.path"),
         (["model.vocab_size=300"], ValueError, "vocab_size must be 256"),

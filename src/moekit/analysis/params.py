@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -407,9 +407,37 @@ def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
             f"model_type {model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
         )
     try:
-        return HF_FAMILIES[model_type](data)
+        spec = HF_FAMILIES[model_type](data)
     except KeyError as e:
         raise ValueError(f"{model_type} config.json lacks the field {e.args[0]!r}") from None
+    except TypeError as e:  # a string or null where a number belongs
+        raise ValueError(f"{model_type} config.json has a value of the wrong type: {e}") from None
+    _check_spec(spec, f"{model_type} config.json")
+    return spec
+
+
+def _check_spec(spec: ArchSpec, source: str) -> None:
+    """Refuse counts that cannot describe a model (a zero expert count, k > E, ...)."""
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{source}: {f.name} must be an integer, got {value!r}")
+        if f.type in ("int", int) and value < 0:
+            raise ValueError(f"{source}: {f.name} must be >= 0, got {value}")
+    for name in ("vocab_size", "d_model", "n_layers"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"{source}: {name} must be >= 1, got {getattr(spec, name)}")
+    if spec.moe_layers:
+        if spec.num_experts < 1:
+            raise ValueError(
+                f"{source}: the number of experts must be >= 1, got {spec.num_experts}"
+            )
+        if not 1 <= spec.top_k <= spec.num_experts:
+            raise ValueError(
+                f"{source}: experts per token must be in [1, {spec.num_experts}], got {spec.top_k}"
+            )
+        if spec.expert_params < 1:
+            raise ValueError(f"{source}: the expert width must be >= 1")
 
 
 def count_parameters(source: Any, context: int = 4096) -> ParamReport:

@@ -47,9 +47,6 @@ def save_any(model, destination: str, target: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        save_any(load_any(args.source), args.destination, args.to)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moekit convert: {e}") from None
+    save_any(load_any(args.source), args.destination, args.to)
     print(f"wrote {args.destination} ({args.to})")
     return 0

@@ -53,16 +53,13 @@ def run(args: argparse.Namespace) -> int:
     )
     from moekit.training.loop import evaluate
 
-    try:
-        model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
-        seq_len = args.seq_len or model.config.max_seq_len
-        if args.data is None:
-            _, stream = load_corpus(DataConfig(seq_len=seq_len))
-        else:
-            stream = TokenStream(read_documents(args.data), ByteTokenizer())
-        loss = evaluate(model, stream, args.batches, args.batch_size, seq_len)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moekit eval: {e}") from None
+    model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
+    seq_len = args.seq_len or model.config.max_seq_len
+    if args.data is None:
+        _, stream = load_corpus(DataConfig(seq_len=seq_len))
+    else:
+        stream = TokenStream(read_documents(args.data), ByteTokenizer())
+    loss = evaluate(model, stream, args.batches, args.batch_size, seq_len)
     print(
         f"validation loss {loss:.4f} nats/byte, perplexity {math.exp(loss):.3f}, "
         f"{loss / math.log(2):.4f} bits/byte"

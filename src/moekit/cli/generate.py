@@ -27,21 +27,18 @@ def run(args: argparse.Namespace) -> int:
     from moekit.models.transformer.model import TransformerLM
     from moekit.training.data import ByteTokenizer
 
-    try:
-        model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
-        model.eval()
-        tokenizer = ByteTokenizer()
-        prompt = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.long)
-        out = generate(
-            model,
-            prompt,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moekit generate: {e}") from None
+    model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
+    model.eval()
+    tokenizer = ByteTokenizer()
+    prompt = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.long)
+    out = generate(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     print(tokenizer.decode(out.tolist()))
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 from collections.abc import Sequence
 
 from moekit.cli import convert, demo, evaluate, example, generate, params, plan, train, upcycle
@@ -35,9 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the library raises for bad input (arguments, configs, files): shown as one line. Any
+# other exception is a bug in moekit and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+REPORT_BUGS = "https://github.com/moekit/moekit/issues"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return SUBCOMMANDS[args.command].run(args)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except USER_ERRORS as error:
+        print(f"moekit {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"moekit {args.command}: unexpected error, which is a bug in moekit: please report "
+            f"it with the traceback above at {REPORT_BUGS}",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

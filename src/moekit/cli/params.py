@@ -34,7 +34,7 @@ def _load(path: Path, context: int) -> ParamReport:
     folder = path if path.is_dir() else path.parent
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise SystemExit(f"moekit params: no config.json at {path}")
+        raise FileNotFoundError(f"no config.json at {path}")
     data = json.loads(config_file.read_text())
     if str(data.get("model_type", "")).startswith("moekit_"):
         from moekit.models.checkpoint import read_config
@@ -64,9 +64,6 @@ def format_report(r: ParamReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = _load(Path(args.config), args.context)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moekit params: {e}") from None
+    result = _load(Path(args.config), args.context)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_report(result))
     return 0

@@ -39,18 +39,15 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise SystemExit(f"moekit plan: no config.json at {path}")
+        raise FileNotFoundError(f"no config.json at {path}")
     data = json.loads(config_file.read_text())
-    try:
-        if str(data.get("model_type", "")).startswith("moekit_"):
-            from moekit.models.checkpoint import read_config
+    if str(data.get("model_type", "")).startswith("moekit_"):
+        from moekit.models.checkpoint import read_config
 
-            spec = spec_from_moekit(read_config(config_file.parent)[1])
-        else:
-            spec = spec_from_hf_config(data)
-        plans = [plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype) for ep in args.ep]
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moekit plan: {e}") from None
+        spec = spec_from_moekit(read_config(config_file.parent)[1])
+    else:
+        spec = spec_from_hf_config(data)
+    plans = [plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype) for ep in args.ep]
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
         return 0

@@ -42,11 +42,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"out_dir={args.out_dir}")
     if args.expert_parallel is not None:
         overrides.append(f"expert_parallel={args.expert_parallel}")
-    try:
-        config = load_train_config(args.config, overrides)
-        result = train(config, resume=args.resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
-        raise SystemExit(f"moekit train: {e}") from None
+    config = load_train_config(args.config, overrides)
+    result = train(config, resume=args.resume, progress=not args.quiet)
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()

@@ -32,18 +32,15 @@ def run(args: argparse.Namespace) -> int:
     from moekit.cli.convert import load_any, save_any
     from moekit.training.upcycle import upcycle
 
-    try:
-        model = upcycle(
-            load_any(args.source),
-            args.experts,
-            args.top_k,
-            every=args.every,
-            noise_std=args.noise,
-            granularity=args.granularity,
-            seed=args.seed,
-        )
-        save_any(model, args.destination, args.export)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moekit upcycle: {e}") from None
+    model = upcycle(
+        load_any(args.source),
+        args.experts,
+        args.top_k,
+        every=args.every,
+        noise_std=args.noise,
+        granularity=args.granularity,
+        seed=args.seed,
+    )
+    save_any(model, args.destination, args.export)
     print(f"wrote {args.destination}: {args.experts} experts, top-{args.top_k} ({args.export})")
     return 0

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from moekit.utils.validation import check_fields
+
 
 class DispatchMode(str, Enum):
     DROPLESS = "dropless"  # every assignment computed (MegaBlocks-style, sort + grouped GEMM)
@@ -47,13 +49,7 @@ class DispatchConfig:
     drop_priority: DropPriority = DropPriority.PROBABILITY
 
     def __post_init__(self) -> None:
-        for name, enum_cls in (("mode", DispatchMode), ("drop_priority", DropPriority)):
-            value = getattr(self, name)
-            try:
-                setattr(self, name, enum_cls(value))
-            except ValueError:
-                allowed = ", ".join(repr(m.value) for m in enum_cls)
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
+        check_fields(self)
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):

@@ -20,6 +20,7 @@ from torch import nn
 from moekit.experts.activations import Activation, apply_activation, in_projection_width
 from moekit.experts.fused_ffn import expert_ffn
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -39,16 +40,9 @@ class ExpertConfig:
     kernel: GroupedMatmulKernel = GroupedMatmulKernel.AUTO
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
-        try:
-            self.activation = Activation(self.activation)
-        except ValueError:
-            allowed = ", ".join(a.value for a in Activation)
-            raise ValueError(
-                f"activation must be one of {allowed}, got {self.activation!r}"
-            ) from None
-        self.kernel = GroupedMatmulKernel(self.kernel)
 
     def build(self, num_experts: int, d_model: int) -> ExpertBank:
         return ExpertBank(

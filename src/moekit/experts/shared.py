@@ -13,6 +13,7 @@ from torch import nn
 
 from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -33,9 +34,9 @@ class SharedExpertConfig:
     gated: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.hidden < 1:
             raise ValueError(f"shared expert hidden must be >= 1, got {self.hidden}")
-        self.activation = Activation(self.activation)
 
     def build(self, d_model: int) -> SharedExperts:
         return SharedExperts(d_model, self)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from moekit.utils.validation import check_fields
+
 
 class BalanceScope(str, Enum):
     """Over which tokens the Switch loss counts load."""
@@ -32,12 +34,7 @@ class AuxLossConfig:
     load: float = 0.0
 
     def __post_init__(self) -> None:
-        try:
-            self.switch_scope = BalanceScope(self.switch_scope)
-        except ValueError:
-            raise ValueError(
-                f"switch_scope must be 'batch' or 'sequence', got {self.switch_scope!r}"
-            ) from None
+        check_fields(self)
         for name in ("switch", "z_loss", "importance", "load"):
             if getattr(self, name) < 0:
                 raise ValueError(f"aux loss weight {name} must be >= 0, got {getattr(self, name)}")

@@ -10,6 +10,8 @@ from enum import Enum
 
 from torch import nn
 
+from moekit.utils.validation import check_fields
+
 
 class RouterKind(str, Enum):
     """The routing families (one module each in ``moekit.routing``)."""
@@ -23,10 +25,6 @@ class RouterKind(str, Enum):
     RANDOM_STATIC = "random_static"  # a fixed random token-id -> expert table
     BASE = "base"  # balanced assignment (BASE layers, Lewis et al. 2021)
     TOP_P = "top_p"  # adaptive number of experts: smallest set with mass >= p (Huang et al.)
-
-
-def _allowed(enum_cls: type[Enum]) -> str:
-    return ", ".join(repr(m.value) for m in enum_cls)
 
 
 class Gating(str, Enum):
@@ -102,12 +100,7 @@ class RouterConfig:
     top_p: float = 0.5
 
     def __post_init__(self) -> None:
-        try:
-            self.kind = RouterKind(self.kind)
-        except ValueError:
-            raise ValueError(
-                f"kind must be one of {_allowed(RouterKind)}, got {self.kind!r}"
-            ) from None
+        check_fields(self)
         if self.second_expert_policy not in ("random", "all"):
             raise ValueError(
                 f"second_expert_policy must be 'random' or 'all', got {self.second_expert_policy!r}"
@@ -116,18 +109,6 @@ class RouterConfig:
             raise ValueError("gate_hidden must be >= 0, slots_per_expert >= 1, expert_capacity > 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        try:
-            self.gating = Gating(self.gating)
-        except ValueError:
-            raise ValueError(
-                f"gating must be one of {_allowed(Gating)}, got {self.gating!r}"
-            ) from None
-        try:
-            self.group_score = GroupScore(self.group_score)
-        except ValueError:
-            raise ValueError(
-                f"group_score must be one of {_allowed(GroupScore)}, got {self.group_score!r}"
-            ) from None
         if not 0.0 <= self.jitter_eps < 1.0:
             raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.routed_scaling_factor <= 0:

@@ -13,6 +13,7 @@ from typing import Any
 from moekit.models.transformer.config import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.utils.serialization import config_from_dict
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -40,6 +41,7 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -103,6 +105,7 @@ class TrainConfig:
     expert_parallel: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         for name in ("eval_every", "eval_batches", "log_every"):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.utils.validation import check_fields
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".csv", ".html", ".tex"}
 
 
@@ -37,6 +39,7 @@ class DataConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.seq_len < 1 or self.batch_size < 1:

@@ -19,6 +19,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moekit.utils.validation import ConfigError, coerce
+
 T = TypeVar("T")
 
 
@@ -47,20 +49,37 @@ def _dataclass_in(annotation: Any) -> Any:
     return None
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build ``cls`` from :func:`config_to_dict` output; unknown keys raise ``ValueError``."""
+def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
+    """Build ``cls`` from :func:`config_to_dict` output; unknown keys, values of the wrong type
+    and values out of range raise :class:`ConfigError` naming the key (``model.moe.top_k``)."""
+    where = f" in section {section!r}" if section else ""
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__} config must be a JSON object, got {type(data).__name__}")
+        raise ConfigError(
+            f"{section or cls.__name__} must be a section of options (a table/object), got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+        keys = ", ".join(f"{section}.{k}" if section else k for k in unknown)
+        raise ConfigError(
+            f"unknown {cls.__name__} keys: {keys} (known: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for name, value in data.items():
         sub = _dataclass_in(hints[name])
-        kwargs[name] = config_from_dict(sub, value) if sub and isinstance(value, dict) else value
-    return cls(**kwargs)
+        path = f"{section}.{name}" if section else name
+        kwargs[name] = (
+            config_from_dict(sub, value, path)
+            if sub and isinstance(value, dict)
+            else coerce(value, hints[name], path)  # names the full key in its message
+        )
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        if not where or "in section" in str(error):  # a nested section already said where
+            raise ConfigError(str(error)) from None
+        raise ConfigError(f"{error}{where}") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

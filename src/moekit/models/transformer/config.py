@@ -13,6 +13,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.mla import MLAConfig
 from moekit.routing.config import RouterConfig, RouterKind
 from moekit.routing.registry import is_causal
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -44,6 +45,7 @@ class MoEPlacementConfig:
     expert_bias: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.num_experts < 0:
             raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
         if self.num_experts and self.expert_hidden < 1:
@@ -93,6 +95,7 @@ class RopeScalingConfig:
     truncate: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.factor <= 0 or self.original_max_position_embeddings < 1:
             raise ValueError(
                 "rope_scaling.factor must be > 0 and original_max_position_embeddings >= 1"
@@ -152,10 +155,10 @@ class TransformerConfig:
     moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.activation = Activation(self.activation)
         if self.qk_norm not in ("none", "head", "full"):
             raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {self.qk_norm!r}")
         if self.n_kv_heads is None:

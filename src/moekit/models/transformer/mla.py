@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.models.transformer.attention import allowed_keys, apply_rotary, yarn_mscale
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -41,6 +42,7 @@ class MLAConfig:
     rope_interleave: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")

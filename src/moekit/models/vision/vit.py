@@ -19,6 +19,7 @@ from moekit.experts.activations import Activation
 from moekit.layers import MoEOutput
 from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.models.transformer.model import Block
+from moekit.utils.validation import check_fields
 
 
 def _default_vision_moe() -> MoEPlacementConfig:
@@ -53,7 +54,7 @@ class VisionMoEConfig:
     moe: MoEPlacementConfig = field(default_factory=_default_vision_moe)
 
     def __post_init__(self) -> None:
-        self.activation = Activation(self.activation)
+        check_fields(self)
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide image_size={self.image_size}"
