@@ -51,21 +51,90 @@ def _family(model_type: str | None) -> ModuleType:
     return FAMILIES[model_type]
 
 
-def read_hf_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``config.json`` and every tensor of a local HF checkpoint (sharded or not)."""
-    folder = Path(path)
-    config_path = folder / "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a local HF checkpoint folder, with errors that name the file."""
+    config_path = Path(path) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}")
+        raise FileNotFoundError(f"no config.json in {Path(path)}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object")
+    return config
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those the index names when there is one (stray
+    consolidated files beside a sharded checkpoint are ignored), else every one."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index} is not a valid safetensors index: {error!r}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards named in {index} are missing: {', '.join(missing)}")
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {folder} (pickle weights are refused)")
+    return files
+
+
+# Tensor names that only quantised checkpoints hold (FP8 block scales, MXFP4 blocks, GPTQ/AWQ
+# packed weights, bitsandbytes statistics).
+_QUANTISED_SUFFIXES = (
+    "weight_scale_inv",
+    "_blocks",
+    "_scales",
+    ".qweight",
+    ".qzeros",
+    ".scales",
+    ".SCB",
+    ".absmax",
+    ".quant_map",
+)
+
+
+def read_hf_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` and every tensor of a local HF checkpoint (sharded or not)."""
+    folder = Path(path)
+    config = read_hf_config(folder)
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                state[key] = f.get_tensor(key)
-    return json.loads(config_path.read_text()), state
+    for file in _weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    state[key] = f.get_tensor(key)
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {error}"
+            ) from None
+    _refuse_quantised(state, folder)
+    return config, state
+
+
+def _refuse_quantised(state: dict[str, torch.Tensor], where: Path | str) -> None:
+    quantised = sorted(k for k in state if k.endswith(_QUANTISED_SUFFIXES))
+    low_bit = sorted(
+        k
+        for k, v in state.items()
+        if v.dtype in (torch.uint8, torch.int8, torch.int32) or "float8" in str(v.dtype)
+    )
+    if quantised or low_bit:
+        example = (quantised or low_bit)[0]
+        raise ValueError(
+            f"the checkpoint in {where} is quantised (e.g. {example!r}, "
+            f"{state[example].dtype}); moekit loads float weights only: dequantise it first "
+            "(load it in transformers and save_pretrained in bf16/fp32)"
+        )
 
 
 def _layout(maps: dict[str, list[km.Entry]], state: dict[str, torch.Tensor]) -> list[km.Entry]:
@@ -83,24 +152,42 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     """A moekit ``TransformerLM`` with the weights of an HF model (in memory or a folder)."""
     if isinstance(source, nn.Module):
         hf_config = cast(Any, source).config.to_dict()
+        family = _family(hf_config.get("model_type"))
+        config = family.config_from_hf(hf_config)
         state = {k: v.detach() for k, v in source.state_dict().items()}
-    else:
+        _refuse_quantised(state, type(source).__name__)
+    else:  # the config first: an unsupported family or option fails before any tensor is read
+        family = _family(read_hf_config(source).get("model_type"))
+        config = family.config_from_hf(read_hf_config(source))
         hf_config, state = read_hf_folder(source)
-    family = _family(hf_config.get("model_type"))
-    config = family.config_from_hf(hf_config)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
+    sources: dict[str, list[str]] = {}
     moekit_state = km.to_moekit(
         state,
         _layout(family.keymaps(config), state),
         n_layers=config.n_layers,
         moe_layers=moe_layers,
         num_experts=config.moe.num_experts,
+        sources=sources,
     )
     model = TransformerLM(config)
+    expected = model.state_dict()
+    wrong = [
+        f"{', '.join(sources[name])} gives {tuple(value.shape)}, config.json implies "
+        f"{tuple(expected[name].shape)}"
+        for name, value in moekit_state.items()
+        if name in expected and value.shape != expected[name].shape
+    ]
+    if wrong:
+        raise ValueError(
+            "the checkpoint's tensors do not match its config.json: "
+            + "; ".join(wrong[:5])
+            + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        )
     dtype = next(iter(moekit_state.values())).dtype
-    for name, value in model.state_dict().items():  # run-time buffers HF does not store
+    for name, value in expected.items():  # run-time buffers HF does not store
         if name.endswith(km.RUNTIME_BUFFERS):
             moekit_state.setdefault(name, value)
     model.to(dtype).load_state_dict(moekit_state, strict=True)

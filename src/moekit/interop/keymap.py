@@ -83,22 +83,29 @@ def to_moekit(
     n_layers: int,
     moe_layers: list[int],
     num_experts: int,
+    sources: dict[str, list[str]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Translate an HF state dict; every HF key must be used exactly once."""
+    """Translate an HF state dict; every HF key must be used exactly once. ``sources``, when
+    given, is filled with the HF keys each moekit tensor was built from (for error messages)."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
+    taken: list[str] = []
 
     def take(name: str) -> torch.Tensor | None:
         if name not in hf_state:
             missing.append(name)
             return None
         used.add(name)
+        taken.append(name)
         return hf_state[name]
 
     for entry in keymap:
         for layer in _layers(entry, n_layers, moe_layers):
             fmt = {} if layer is None else {"layer": layer}
+            taken = []  # a fresh list: ``take`` appends to whichever list this name holds
+            if sources is not None:
+                sources[entry.moekit.format(**fmt)] = taken
             if isinstance(entry, Rename):
                 tensor = take(entry.hf.format(**fmt))
                 if tensor is not None:
