@@ -11,6 +11,8 @@ moment leaves the previous checkpoint complete and pointed to.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,43 @@ def save_training_checkpoint(
     return folder
 
 
+def remove_stale_staging(checkpoints_dir: str | Path) -> list[Path]:
+    """Delete what killed checkpoint writes leave behind: staging folders
+    (``.step_*.saving.*``, ``.step_*.old``) and temporary files (``.*.tmp``); returns them."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    stale = [
+        p
+        for p in root.glob(".*")
+        if (
+            p.is_dir()
+            and p.name.startswith(".step_")
+            and (".saving." in p.name or p.name.endswith(".old"))
+        )
+        or (p.is_file() and p.name.endswith(".tmp"))
+    ]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     """The folder ``latest`` points to, or ``None`` when there is no checkpoint yet."""
+    remove_stale_staging(checkpoints_dir)
     pointer = Path(checkpoints_dir) / LATEST
     if not pointer.is_file():
         return None
-    folder = Path(checkpoints_dir) / pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
+    if not re.fullmatch(r"step_\d+", name):
+        raise ValueError(
+            f"{pointer} is empty or damaged ({name!r}); it should name a step_<N> folder "
+            "beside it: write that name into it, or delete it to start over"
+        )
+    folder = Path(checkpoints_dir) / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{pointer} points to {folder.name}, which does not exist")
     return folder
@@ -108,7 +141,15 @@ def load_training_checkpoint(folder: str | Path, model_config: Any) -> tuple[dic
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"no {STATE_FILE} in {folder}")
-    state = json.loads(state_path.read_text())
+    try:
+        state = json.loads(state_path.read_text())
+        for key in ("step", "optimizer", "scheduler"):
+            state[key]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{state_path} is truncated or damaged ({error!r}); resume from an earlier "
+            f"checkpoint by writing its folder name into {folder.parent / LATEST}"
+        ) from None
     try:
         tensors = load_file(str(folder / OPTIMIZER_FILE))
     except Exception as e:  # safetensors raises several types for a damaged file

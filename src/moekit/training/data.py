@@ -81,6 +81,16 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     return docs
 
 
+def _refuse_binary(file: Path) -> None:
+    """Refuse a file that is not text (NUL bytes or mostly invalid UTF-8 in its first 8 KiB):
+    training on a checkpoint or an archive by mistake would otherwise run without complaint."""
+    with file.open("rb") as f:
+        head = f.read(8192)
+    invalid = head.decode("utf-8", errors="replace").count("\ufffd")
+    if b"\x00" in head or invalid > max(8, len(head) // 20):
+        raise ValueError(f"data file {file} looks binary, not text; give text, folders or .jsonl")
+
+
 def read_documents(path: str | None) -> list[tuple[str, str]]:
     """``(name, text)`` documents from ``path`` (see ``DataConfig.path``)."""
     if path is None:
@@ -96,6 +106,7 @@ def read_documents(path: str | None) -> list[tuple[str, str]]:
         )
     docs: list[tuple[str, str]] = []
     for file in files:
+        _refuse_binary(file)
         if file.suffix == ".jsonl":
             docs.extend(_read_jsonl(file))
         else:

@@ -38,13 +38,14 @@ from moekit.routing.bias_balancing import update_expert_bias
 from moekit.training.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
+    remove_stale_staging,
     save_training_checkpoint,
 )
 from moekit.training.config import TrainConfig
 from moekit.training.data import TokenStream, load_corpus
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.utils.allocator import retain_freed_memory
-from moekit.utils.serialization import config_to_dict
+from moekit.utils.serialization import atomic_write_bytes, config_to_dict
 
 
 @dataclass
@@ -125,13 +126,23 @@ class _MetricsLog:
         self.tensorboard = None
         kept = []
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= start_step:
-                    kept.append(json.loads(line))
+            lines = self.path.read_text(errors="replace").splitlines()
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # a line torn by a kill mid-write: drop it
+                        break
+                    raise ValueError(f"{self.path}:{number} is not valid JSON") from None
+                if record.get("step", 0) <= start_step:
+                    kept.append(record)
         self.records = kept
         if not enabled:
             return
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # rewritten atomically: a kill now leaves the old log or the new one, never half of it
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -189,6 +200,8 @@ def train(
     out_dir = Path(config.out_dir)
     checkpoints = out_dir / "checkpoints"
     start_step = 0
+    if ctx.is_main:
+        remove_stale_staging(checkpoints)  # left by a run killed while saving
     if resume and (folder := latest_checkpoint(checkpoints)) is not None:
         model_state, optimizer_state, trainer_state = load_training_checkpoint(folder, config.model)
         load_full_state_dict(model, model_state)
