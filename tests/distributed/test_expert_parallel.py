@@ -63,3 +63,7 @@ def test_checkpoints_reshard_between_ep_degrees(tmp_path):
     a, b = from_pretrained(tmp_path / "ep1"), from_pretrained(tmp_path / "ep2")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_bias_balancing_under_plain_ddp_follows_the_global_load():
+    _assert_workers_pass(workers.ddp_bias_balancing, 2)

@@ -14,6 +14,7 @@ from moekit.distributed import (
     from_pretrained_distributed,
     full_state_dict,
     parallelize_experts,
+    reduce_load_tallies,
     save_pretrained_distributed,
     wrap_data_parallel,
 )
@@ -166,4 +167,43 @@ def load_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
     tokens = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         torch.testing.assert_close(ep(tokens).logits, single(tokens).logits, rtol=1e-5, atol=1e-5)
+    dist.destroy_process_group()
+
+
+def ddp_bias_balancing(rank: int, world: int, port: int) -> None:
+    """Plain DDP (no expert parallelism): the bias follows the global load, as in one process."""
+    init(rank, world, port)
+    torch.manual_seed(0)
+    config = moekit.MoEConfig(
+        d_model=D,
+        num_experts=4,
+        top_k=1,
+        experts=moekit.ExpertConfig(hidden=8),
+        router=moekit.RouterConfig(bias_balancing=True, bias_update_rate=0.1),
+    )
+    ref = config.build()
+    ddp_layer = copy.deepcopy(ref)
+    wrapped = wrap_data_parallel(ddp_layer)
+    # rank r sends its tokens to expert r only: each rank alone sees a very different load
+    with torch.no_grad():
+        ref.router.weight_ED.zero_()
+        ddp_layer.router.weight_ED.zero_()
+    per_rank = [torch.zeros(3 + 2 * r, D) for r in range(world)]
+    for r, x in enumerate(per_rank):
+        x[:, r] = 1.0
+    with torch.no_grad():
+        for e in range(4):
+            ref.router.weight_ED[e, e] = 5.0
+            ddp_layer.router.weight_ED[e, e] = 5.0
+    for _ in range(3):
+        ref(torch.cat(per_rank)).output.sum().backward()
+        moekit.update_expert_bias(ref)
+        wrapped(per_rank[rank]).output.sum().backward()
+        assert reduce_load_tallies(wrapped) == 1
+        moekit.update_expert_bias(ddp_layer)
+    torch.testing.assert_close(ddp_layer.router.expert_bias_E, ref.router.expert_bias_E)
+    assert ref.router.expert_bias_E.abs().sum() > 0
+    del wrapped  # drop DDP's reducer while the group is alive (see train_step_equivalence)
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()

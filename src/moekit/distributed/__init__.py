@@ -6,6 +6,7 @@ from moekit.distributed.parallelize import (
     from_pretrained_distributed,
     full_state_dict,
     parallelize_experts,
+    reduce_load_tallies,
     save_pretrained_distributed,
     wrap_data_parallel,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "from_pretrained_distributed",
     "full_state_dict",
     "parallelize_experts",
+    "reduce_load_tallies",
     "save_pretrained_distributed",
     "wrap_data_parallel",
 ]

@@ -59,12 +59,38 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
+def load_tally_names(model: nn.Module) -> list[str]:
+    """Names of the bias-balancing load tallies (per-rank counts until they are reduced)."""
+    return [name for name, _ in model.named_buffers() if name.endswith("load_since_update_E")]
+
+
 def wrap_data_parallel(model: nn.Module, group=None) -> nn.parallel.DistributedDataParallel:
-    """DDP over ``group`` for every parameter except the expert-parallel ones."""
+    """DDP over ``group`` for every parameter except the expert-parallel ones.
+
+    The bias-balancing load tallies are kept out of DDP's buffer broadcast: each rank counts
+    its own tokens and :func:`reduce_load_tallies` sums them before the bias update (DDP would
+    otherwise overwrite every rank's tally with rank 0's at each forward).
+    """
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, expert_parameter_names(model)
+        model, expert_parameter_names(model) + load_tally_names(model)
     )
     return nn.parallel.DistributedDataParallel(model, process_group=group)
+
+
+def reduce_load_tallies(model: nn.Module, group=None) -> int:
+    """Plain data parallelism: sum every bias-balancing load tally over ``group`` (call before
+    ``update_expert_bias``), so each rank applies the update one process with the whole batch
+    would. Layers under expert parallelism already count globally and are skipped. Returns how
+    many tallies were reduced."""
+    model = getattr(model, "module", model)
+    reduced = 0
+    for module in model.modules():
+        if isinstance(module, MoE) and module.process_group is None:
+            tally = getattr(module.router, "load_since_update_E", None)
+            if tally is not None:
+                dist.all_reduce(tally, group=group)
+                reduced += 1
+    return reduced
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from moekit.distributed.parallelize import (
     full_state_dict,
     load_full_state_dict,
     parallelize_experts,
+    reduce_load_tallies,
     shard_optimizer_state,
     wrap_data_parallel,
 )
@@ -255,6 +256,8 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ctx.enabled and not ctx.expert_parallel:
+            reduce_load_tallies(model)  # plain data parallelism: every rank's tokens count
         update_expert_bias(model)
         step_time = time.perf_counter() - step_start
         result.train_time += step_time
