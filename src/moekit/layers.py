@@ -217,17 +217,16 @@ class MoE(nn.Module):
             0, plan.token_idx_M, torch.ones_like(plan.token_idx_M, dtype=torch.float32)
         )
         real = max(num_tokens, 1)
+        unrouted_T = (routed_T == 0) if mask_T is None else (routed_T == 0) & mask_T
+        scalar = routed_T.new_tensor  # statistics live on the input's device
         stats = RoutingStats(
             tokens_per_expert=routed_E,
             kept_per_expert=kept_E,
-            dropped_fraction=torch.tensor(plan.num_dropped / max(plan.num_assignments, 1)),
+            dropped_fraction=scalar(plan.num_dropped / max(plan.num_assignments, 1)),
             router_entropy=router_entropy(routing.probs_TE, mask_T),
             capacity=capacity,
-            experts_per_token=torch.tensor(plan.token_idx_M.shape[0] / real),
-            unrouted_fraction=torch.tensor(
-                float(((routed_T == 0) if mask_T is None else (routed_T == 0) & mask_T).sum())
-                / real
-            ),
+            experts_per_token=scalar(plan.token_idx_M.shape[0] / real),
+            unrouted_fraction=unrouted_T.sum().float() / real,
         )
         record_load = getattr(self.router, "record_load", None)
         if self.training and record_load is not None:
@@ -253,19 +252,19 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_BSD = y_BSD + self.shared_experts(x_BSD).to(y_BSD.dtype)
         B = x_BSD.shape[0]
-        slots = torch.full((self.num_experts,), B * routing.slots_per_expert)
+        slots = torch.full((self.num_experts,), B * routing.slots_per_expert, device=x.device)
         combine_TN = routing.combine_BSN.reshape(-1, routing.combine_BSN.shape[-1])
         mask_T = None if mask_BS is None else mask_BS.reshape(-1)
         stats = RoutingStats(
             tokens_per_expert=slots,
             kept_per_expert=slots,
-            dropped_fraction=torch.tensor(0.0),
+            dropped_fraction=x.new_zeros((), dtype=torch.float32),
             router_entropy=router_entropy(combine_TN, mask_T),
             # expert evaluations per token: every slot is one expert call
-            experts_per_token=torch.tensor(
-                self.num_experts * routing.slots_per_expert / x_BSD.shape[1]
+            experts_per_token=x.new_tensor(
+                self.num_experts * routing.slots_per_expert / x_BSD.shape[1], dtype=torch.float32
             ),
-            unrouted_fraction=torch.tensor(0.0),
+            unrouted_fraction=x.new_zeros((), dtype=torch.float32),
         )
         return MoEOutput(
             output=y_BSD.reshape(x.shape),

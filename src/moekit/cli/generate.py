@@ -31,14 +31,17 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     tokenizer = ByteTokenizer()
     prompt = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.long)
-    out = generate(
-        model,
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        generator=torch.Generator().manual_seed(args.seed),
+    out = cast(  # a tensor prompt gives a tensor
+        torch.Tensor,
+        generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=torch.Generator().manual_seed(args.seed),
+        ),
     )
     print(tokenizer.decode(out.tolist()))
     return 0

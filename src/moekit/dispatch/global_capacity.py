@@ -43,9 +43,14 @@ def global_capacity_keep_mask(
             f"capacity mode with expert parallelism needs the same token count on every rank, "
             f"got {sizes.tolist()}"
         )
-    token_mask = torch.ones(T, dtype=torch.bool) if token_mask_T is None else token_mask_T
+    device = expert_idx_TK.device
+    token_mask = (
+        torch.ones(T, dtype=torch.bool, device=device) if token_mask_T is None else token_mask_T
+    )
     slot_mask = (
-        torch.ones(T, K, dtype=torch.bool) if assignment_mask_TK is None else assignment_mask_TK
+        torch.ones(T, K, dtype=torch.bool, device=device)
+        if assignment_mask_TK is None
+        else assignment_mask_TK
     )
     g_mask = _gather(token_mask.to(torch.uint8), group).bool()
     capacity = dispatch.capacity(int(g_mask.sum()), K, num_experts, training)

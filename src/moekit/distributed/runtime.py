@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moekit.utils.device import distributed_backend
+
 
 @dataclass
 class DistributedContext:
@@ -26,13 +28,18 @@ class DistributedContext:
         return self.rank == 0
 
 
-def setup_distributed(expert_parallel: int) -> DistributedContext:
-    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL with CUDA).
+def setup_distributed(
+    expert_parallel: int, device: torch.device | None = None
+) -> DistributedContext:
+    """Join the process group ``torchrun`` describes (NCCL for a CUDA device, else gloo).
 
     Args:
         expert_parallel: 1 for no expert parallelism (plain data parallelism when several
             processes run), or the number of processes: experts are split over all of them.
+        device: this process's device (``moekit.utils.device.resolve_device``); the CPU when
+            ``None``.
     """
+    device = device or torch.device("cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if expert_parallel < 1:
         raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
@@ -44,5 +51,7 @@ def setup_distributed(expert_parallel: int) -> DistributedContext:
     if world == 1:
         return DistributedContext()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(distributed_backend(device))
     return DistributedContext(dist.get_rank(), dist.get_world_size(), expert_parallel > 1)

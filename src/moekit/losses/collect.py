@@ -31,7 +31,8 @@ class MoEOutputCollector:
     def aux_loss(self) -> torch.Tensor:
         """Sum of every collected call's weighted auxiliary loss (0 if none). Nested MoE layers
         are not added again: their losses are already inside their parent's ``aux_loss``."""
-        total = torch.zeros(())
+        device = next((c[0].aux_loss.device for c in self.outputs.values() if c), None)
+        total = torch.zeros((), device=device)
         for name, calls in self.outputs.items():
             if name in self.nested:
                 continue

@@ -38,7 +38,8 @@ class GShardTop2Router(nn.Module):
         weights_TK = top.values / top.values.sum(dim=-1, keepdim=True)
         mask_TK = None
         if self.training and self.config.second_expert_policy == "random":
-            keep_second_T = torch.rand_like(weights_TK[:, 1]) < 2.0 * weights_TK[:, 1].detach()
+            second_T = weights_TK.select(1, 1).detach()
+            keep_second_T = torch.rand_like(second_T) < 2.0 * second_T
             mask_TK = torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)
         return RoutingResult(
             top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK

@@ -23,7 +23,7 @@ def reference_route(router: TopKRouter, x_TD: torch.Tensor) -> RoutingResult:
     if router.training and cfg.jitter_eps > 0:
         x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
     noisy = router.noise_weight_ED is not None and router.training
-    noise_TE = torch.randn(T, E, dtype=dtype) if noisy else None
+    noise_TE = torch.randn(T, E, dtype=dtype, device=x_TD.device) if noisy else None
 
     idx_rows, weight_rows, logit_rows, prob_rows, clean_rows, std_rows = [], [], [], [], [], []
     for t in range(T):
@@ -66,7 +66,7 @@ def reference_route(router: TopKRouter, x_TD: torch.Tensor) -> RoutingResult:
         elif cfg.normalize_weights:
             weights = weights / weights.sum()
         weights = weights * cfg.routed_scaling_factor
-        idx_rows.append(torch.tensor(chosen))
+        idx_rows.append(torch.tensor(chosen, device=x_TD.device))
         weight_rows.append(weights)
         logit_rows.append(logits)
         prob_rows.append(probs)

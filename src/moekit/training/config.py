@@ -12,6 +12,7 @@ from typing import Any
 
 from moekit.models.transformer.config import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
+from moekit.utils.device import check_device_name
 from moekit.utils.serialization import config_from_dict
 from moekit.utils.validation import check_fields
 
@@ -83,7 +84,10 @@ class TrainConfig:
         checkpoint_every: save a checkpoint every n steps (0: only at the end).
         out_dir: run folder (checkpoints, metrics.jsonl).
         seed: seeds the model initialisation and the data order.
-        bf16: run forward and backward under bfloat16 autocast.
+        device: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
+            ``mps``; under torchrun, ``cuda``/``auto`` use GPU ``$LOCAL_RANK``.
+        bf16: run forward and backward under bfloat16 autocast on that device (warns on a
+            CPU without native bf16, where it is much slower than fp32).
         retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
             ``moekit.utils.allocator``).
         expert_parallel: 1, or the number of ``torchrun`` processes to split the experts over
@@ -100,12 +104,14 @@ class TrainConfig:
     checkpoint_every: int = 0
     out_dir: str = "runs/train"
     seed: int = 0
+    device: str = "auto"
     bf16: bool = False
     retain_freed_memory: bool = True
     expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_device_name(self.device)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         for name in ("eval_every", "eval_batches", "log_every"):

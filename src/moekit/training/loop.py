@@ -46,6 +46,7 @@ from moekit.training.config import TrainConfig
 from moekit.training.data import TokenStream, load_corpus
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.utils.allocator import retain_freed_memory
+from moekit.utils.device import autocast, resolve_device
 from moekit.utils.serialization import atomic_write_bytes, config_to_dict
 
 
@@ -81,7 +82,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model.embed.weight.device
     for x, y in stream.eval_batches(batches, batch_size, seq_len):
+        x, y = x.to(device), y.to(device)
         logits = model(x).logits
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         count += y.numel()
@@ -187,10 +190,11 @@ def train(
     start_time = time.perf_counter()
     if config.retain_freed_memory:
         retain_freed_memory()
-    ctx = setup_distributed(config.expert_parallel)
+    device = resolve_device(config.device)
+    ctx = setup_distributed(config.expert_parallel, device)
     train_stream, val_stream = load_corpus(config.data)  # fails before any model is built
     torch.manual_seed(config.seed)
-    model = TransformerLM(config.model)
+    model = TransformerLM(config.model).to(device)
     step_model: torch.nn.Module = model
     if ctx.enabled:
         if ctx.expert_parallel:
@@ -222,9 +226,6 @@ def train(
     result = TrainResult(model=model, out_dir=out_dir, records=log.records)
     config_dict = config_to_dict(config)
     data, optim = config.data, config.optim
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
-    )
     last_step = config.steps if stop_after is None else min(config.steps, stop_after)
     bar = tqdm(
         total=config.steps,
@@ -241,7 +242,8 @@ def train(
         for micro in range(optim.grad_accum):
             index = (step * optim.grad_accum + micro) * ctx.world + ctx.rank
             x, y = train_stream.batch(index, data.batch_size, data.seq_len, config.seed)
-            with autocast:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, config.bf16):
                 out = step_model(x)
                 ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
             ((ce + out.aux_loss) / optim.grad_accum).backward()

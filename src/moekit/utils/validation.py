@@ -67,7 +67,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, annotation):  # type: ignore[arg-type]
             raise ConfigError(
-                f"{name} must be a section of options ({annotation.__name__}), got {value!r}"
+                f"{name} must be a section of options "
+                f"({getattr(annotation, '__name__', annotation)}), got {value!r}"
             )
         return value
     if annotation is bool:
@@ -95,7 +96,7 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
 
 def check_fields(config: Any, prefix: str = "") -> None:
     """Check (and convert enum strings of) every field of the dataclass ``config`` in place."""
-    hints = _hints(type(config))
+    hints = _hints(typing.cast(Any, type(config)))
     for f in dataclasses.fields(config):
         value = coerce(getattr(config, f.name), hints[f.name], f"{prefix}{f.name}")
         object.__setattr__(config, f.name, value)

@@ -67,8 +67,8 @@ def rotary_tables(
 
 
 def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    half = x_BHSD.shape[-1] // 2
-    rotated = torch.cat([-x_BHSD[..., half:], x_BHSD[..., :half]], dim=-1)
+    first, second = x_BHSD.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
     return x_BHSD * cos_SD.to(x_BHSD.dtype) + rotated * sin_SD.to(x_BHSD.dtype)
 
 
@@ -96,7 +96,8 @@ def allowed_keys(
     if window:
         allowed = allowed & (key_1L > query_S1 - window)
     if key_mask_BL is not None:
-        allowed = (allowed & key_mask_BL[:, None, None, :]) | (key_1L == query_S1)
+        B = key_mask_BL.shape[0]
+        allowed = (allowed & key_mask_BL.view(B, 1, 1, L)) | (key_1L == query_S1)
     return allowed
 
 
@@ -199,10 +200,11 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(2, 3)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = torch.where(allowed, scores, float("-inf"))
         if self.sinks is not None:
             sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+            L = scores.shape[-1]
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1).narrow(-1, 0, L)
         else:
             probs = torch.softmax(scores, dim=-1)
         return probs @ v
@@ -238,9 +240,10 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             keys, values = cache
-            keys[:, :, start : start + S] = k
-            values[:, :, start : start + S] = v
-            k, v = keys[:, :, : start + S], values[:, :, : start + S]
+            positions = torch.arange(start, start + S, device=keys.device)
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            k, v = keys.narrow(2, 0, start + S), values.narrow(2, 0, start + S)
         L = k.shape[2]
         if key_mask is None and not self.sliding_window:
             mask, is_causal = None, False

@@ -93,7 +93,9 @@ def generate(
         raise ValueError("prompt must hold at least one token")
     mask = None if attention_mask is None else attention_mask.reshape(tokens.shape).bool()
     pad_width = tokens.shape[1] - (
-        mask.sum(dim=1) if mask is not None else torch.full((len(tokens),), tokens.shape[1])
+        mask.sum(dim=1)
+        if mask is not None
+        else torch.full((len(tokens),), tokens.shape[1], device=tokens.device)
     )
     steps = min(max_new_tokens, model.config.max_seq_len - tokens.shape[1])
     cache = model.new_kv_cache(tokens.shape[0]) if use_cache else None

@@ -52,7 +52,8 @@ class MLAConfig:
 
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     """Pairs ``(x0, x1), (x2, x3), ...`` -> ``[x0, x2, ..., x1, x3, ...]`` (rotate-half layout)."""
-    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    pairs = x.unflatten(-1, (-1, 2))  # (..., R/2, 2)
+    return torch.cat([pairs.select(-1, 0), pairs.select(-1, 1)], dim=-1)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -112,9 +113,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_rot, k_rot = apply_rotary(q_rot, *rope), apply_rotary(k_rot, *rope)
         if cache is not None:
             latents, rot_keys = cache
-            latents[:, :, start : start + S] = latent
-            rot_keys[:, :, start : start + S] = k_rot
-            latent, k_rot = latents[:, :, : start + S], rot_keys[:, :, : start + S]
+            positions = torch.arange(start, start + S, device=latents.device)
+            latents.index_copy_(2, positions, latent.to(latents.dtype))
+            rot_keys.index_copy_(2, positions, k_rot.to(rot_keys.dtype))
+            latent, k_rot = latents.narrow(2, 0, start + S), rot_keys.narrow(2, 0, start + S)
         L = latent.shape[2]
         kv = self.kv_b_proj(latent.squeeze(1)).view(B, L, H, -1).transpose(1, 2)
         k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)

@@ -21,6 +21,7 @@ from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.models.transformer.attention import Attention, KVCache, rotary_tables
 from moekit.models.transformer.config import TransformerConfig
 from moekit.models.transformer.mla import MultiHeadLatentAttention, mla_softmax_scale
+from moekit.utils.device import has_values
 
 
 @dataclass
@@ -191,19 +192,26 @@ class TransformerLM(nn.Module):
                 f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}"
                 + ("" if kv_cache is None else f" or the cache length {kv_cache.max_len}")
             )
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+        if (
+            tokens.numel()
+            and has_values(tokens)
+            and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size)
+        ):
             raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
         key_mask = self._key_mask(
             attention_mask if attention_mask is not None else padding_mask, B, S, start, kv_cache
         )
         cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
         if key_mask is None:
-            rope = (cos[start : start + S], sin[start : start + S])
+            rope = (cos.narrow(0, start, S), sin.narrow(0, start, S))
             new_mask = None
         else:  # each sequence counts positions over its real tokens only
-            positions_BS = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
-            rope = (cos[positions_BS].unsqueeze(1), sin[positions_BS].unsqueeze(1))
-            new_mask = key_mask[:, start:]
+            positions_BS = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0).narrow(1, start, S)
+            rope = (
+                F.embedding(positions_BS, cos).unsqueeze(1),
+                F.embedding(positions_BS, sin).unsqueeze(1),
+            )
+            new_mask = key_mask.narrow(1, start, S)
         x = self.embed(tokens)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_outputs: list[MoEOutput] = []
@@ -251,10 +259,10 @@ class TransformerLM(nn.Module):
             kv_cache.key_mask = torch.ones(
                 B, kv_cache.max_len, dtype=torch.bool, device=mask.device
             )
-        kv_cache.key_mask[:, start : start + S] = mask[:, -S:] if S else mask[:, :0]
-        if mask.shape[1] == start + S:
-            kv_cache.key_mask[:, :start] = mask[:, :start]
-        return kv_cache.key_mask[:, : start + S]
+        first = start + S - mask.shape[1]  # the mask covers either the new or all positions
+        positions = torch.arange(first, start + S, device=mask.device)
+        kv_cache.key_mask.index_copy_(1, positions, mask)
+        return kv_cache.key_mask.narrow(1, 0, start + S)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         length = max_len or self.config.max_seq_len
