@@ -60,7 +60,7 @@ def reference_moe_output(
                 kept.append((t, j))
         assignments = kept
 
-    rows = [torch.zeros_like(x_TD[0]) for _ in range(T)]
+    rows = [0.0 * x_TD[t] for t in range(T)]  # zero, still on the graph (all-padding batches)
     for t, j in assignments:
         e = int(routing.expert_idx_TK[t, j])
         expert_out = moe.experts.forward_one(e, x_TD[t : t + 1])[0]
