@@ -1,0 +1,49 @@
+"""Runs only where a GPU exists (marked ``cuda``; skipped on CPU-only machines such as CI)."""
+
+import pytest
+import torch
+
+from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_lm_step_on_cuda_matches_the_cpu():
+    config = TransformerConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn_hidden=48,
+        moe=MoEPlacementConfig(num_experts=4, top_k=2, expert_hidden=24),
+    )
+    torch.manual_seed(0)
+    cpu = TransformerLM(config)
+    gpu = TransformerLM(config).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    tokens = torch.randint(0, 64, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0, :3] = False
+    losses = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        out = model(tokens.to(device), attention_mask=mask.to(device))
+        loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+        loss.backward()
+        losses.append(loss.detach().cpu())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+    for (name, a), (_, b) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad.cpu(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_training_runs_on_cuda(tmp_path, tiny_text):
+    from moekit.training import load_train_config, train
+    from tests.training.conftest import TINY_MOE
+
+    config = load_train_config(
+        None, [*TINY_MOE, "steps=3", "device=cuda", f"out_dir={tmp_path}", f"data.path={tiny_text}"]
+    )
+    result = train(config, progress=False)
+    assert next(result.model.parameters()).is_cuda
