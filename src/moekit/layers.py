@@ -12,21 +12,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from moekit.analysis.routing_stats import RoutingStats, router_entropy
+from moekit.analysis.routing_stats import RoutingStats, router_entropy, routing_stats
 from moekit.dispatch.config import DispatchConfig
+from moekit.dispatch.dispatcher import Dispatcher
 from moekit.dispatch.soft import soft_dispatch_and_combine
-from moekit.dispatch.sort import dispatch_and_combine, plan_dispatch
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
-from moekit.losses.collect import collect_moe_outputs
-from moekit.losses.config import AuxLossConfig, BalanceScope
-from moekit.losses.shazeer import importance_loss, load_loss
-from moekit.losses.switch import switch_load_balancing_loss
-from moekit.losses.z_loss import router_z_loss
-from moekit.routing.config import RouterConfig
+from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
+from moekit.losses.config import AuxLossConfig
+from moekit.routing.config import RouterConfig, RouterKind
 from moekit.routing.result import RoutingResult
 from moekit.routing.soft import SoftRoutingResult
-from moekit.utils.validation import check_fields
+from moekit.utils.validation import check_fields, check_layer_input
 
 
 @dataclass(kw_only=True)
@@ -43,6 +40,8 @@ class MoEConfig:
         shared_experts: always-on experts, or ``None``.
         aux_loss: auxiliary-loss weights.
         check_finite: raise on NaN/Inf inputs (costs one reduction per call).
+        statistics: compute ``MoEOutput.stats`` (tokens per expert, drops, entropy); off, the
+            layer does no statistics work at all.
     """
 
     d_model: int
@@ -54,6 +53,7 @@ class MoEConfig:
     shared_experts: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
     check_finite: bool = False
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -70,7 +70,9 @@ class MoEConfig:
             )
 
     def build(self) -> MoE:
-        return MoE(
+        """An :class:`MoE` layer (a :class:`SoftMoE` for ``router.kind='soft'``)."""
+        layer_cls = SoftMoE if self.router.kind is RouterKind.SOFT else MoE
+        return layer_cls(
             d_model=self.d_model,
             router=self.router.build(self.d_model, self.num_experts, self.top_k),
             experts=self.experts.build(self.num_experts, self.d_model),
@@ -80,6 +82,7 @@ class MoEConfig:
             ),
             aux_loss=self.aux_loss,
             check_finite=self.check_finite,
+            statistics=self.statistics,
         )
 
 
@@ -92,7 +95,7 @@ class MoEOutput:
         aux_loss: scalar, the weighted sum of ``losses`` (add it to the task loss).
         losses: unweighted auxiliary losses by name (``switch``, ``z_loss``, ``importance``,
             ``load``), only those with a non-zero weight.
-        stats: routing statistics of the call.
+        stats: routing statistics of the call (``None`` with ``statistics=False``).
         routing: the router's raw decision (indices, weights, logits, probabilities), or a
             ``SoftRoutingResult`` for Soft MoE.
         inner_outputs: outputs of MoE layers serving as experts (hierarchical MoE); their
@@ -102,7 +105,7 @@ class MoEOutput:
     output: torch.Tensor
     aux_loss: torch.Tensor
     losses: dict[str, torch.Tensor]
-    stats: RoutingStats
+    stats: RoutingStats | None
     routing: RoutingResult | SoftRoutingResult
     inner_outputs: list[MoEOutput] = field(default_factory=list)
 
@@ -110,17 +113,19 @@ class MoEOutput:
 class MoE(nn.Module):
     """Mixture-of-Experts layer ``(..., D) -> MoEOutput`` whose ``output`` is ``(..., D)``.
 
-    Forward steps:
-        1. score and select: the router gives each token K experts and combine weights;
-        2. plan: sort assignments by expert; drop padding and, in capacity mode, overflow;
-        3. dispatch and expert compute: gather rows, one grouped matmul per projection;
-        4. combine: weight each row and sum it into its token (dropped rows add zero, so the
-           caller's residual carries a dropped token unchanged);
-        5. add the shared experts;
-        6. auxiliary losses and routing statistics.
+    Forward steps, each one call into the package that owns it:
+        1. route (``routing/``): each token gets K experts and combine weights;
+        2. plan (``dispatch/``): sort assignments by expert, drop padding and, with capacity,
+           overflow;
+        3. dispatch, expert compute, combine (``dispatch/`` + ``experts/``): gather rows, one
+           grouped matmul per projection, weight each row and sum it into its token (dropped
+           rows add zero, so the caller's residual carries a dropped token unchanged);
+        4. add the shared experts;
+        5. auxiliary losses (``losses/``) and routing statistics (``analysis/``).
 
-    Built by composition: any router returning :class:`RoutingResult` and any expert bank with
-    ``bank(x_MD, counts_E)`` (``ExpertBank``, ``ModuleExperts``) fit.
+    Built by composition: any router with the ``Router`` call (``routing/result.py``) and any
+    expert bank with ``bank(x_MD, counts_E)`` (``ExpertBank``, ``ModuleExperts``) fit. Expert
+    parallelism replaces ``dispatcher`` (``moekit.distributed``); nothing else changes.
     """
 
     def __init__(
@@ -133,29 +138,28 @@ class MoE(nn.Module):
         shared_experts: nn.Module | None = None,
         aux_loss: AuxLossConfig | None = None,
         check_finite: bool = False,
+        statistics: bool = True,
     ) -> None:
         super().__init__()
-        router_experts, bank_experts = (
-            router.num_experts,
-            experts.num_experts,
-        )
+        router_experts, bank_experts = router.num_experts, experts.num_experts
         if router_experts != bank_experts:
             raise ValueError(
                 f"router has {router_experts} experts but the expert bank has {bank_experts}"
             )
+        if getattr(router, "soft", False) and not isinstance(self, SoftMoE):
+            raise TypeError("a Soft MoE router needs the SoftMoE layer (MoEConfig.build picks it)")
         self.d_model = d_model
         self.num_experts: int = int(cast(Any, router).num_experts)
-        # expert slots per token (E for dense and expert choice)
+        # expert slots per token in the routing result (E for dense and expert choice)
         self.top_k: int = int(cast(Any, router).top_k)
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
         self.dispatch = dispatch or DispatchConfig()
+        self.dispatcher = Dispatcher(self.dispatch, self.num_experts)
         self.aux_loss = aux_loss or AuxLossConfig()
         self.check_finite = check_finite
-        # set by moekit.distributed.parallelize_experts: statistics, the Switch loss's load and
-        # the bias-balancing tally are summed over this group
-        self.process_group: Any = None
+        self.statistics = statistics
 
     def forward(
         self,
@@ -170,78 +174,52 @@ class MoE(nn.Module):
             losses and statistics.
         token_ids: ``x.shape[:-1]`` integer token ids, for routers that route by id (hash).
         """
-        self._check_input(x, padding_mask, token_ids)
-        if getattr(self.router, "soft", False):
-            return self._soft_forward(x, padding_mask)
+        check_layer_input(x, self.d_model, padding_mask, token_ids, self.check_finite)
         x_TD = x.reshape(-1, self.d_model)
         mask_T = None if padding_mask is None else padding_mask.reshape(-1)
-        num_tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
-        sequence_length = x.shape[-2] if x.dim() >= 3 else None
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
 
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1), mask_T)
-        capacity = self.dispatch.capacity(
-            num_tokens, routing.top_k, self.num_experts, self.training
-        )
-        if self.process_group is not None and capacity is not None:
-            plan = self._plan_with_global_capacity(routing, mask_T, sequence_length)
-            capacity = plan.capacity
-        else:
-            plan = plan_dispatch(
-                routing.expert_idx_TK,
-                routing.weights_TK,
-                self.num_experts,
-                capacity=capacity,
-                priority=self.dispatch.drop_priority,
-                token_mask_T=mask_T,
-                sequence_length=sequence_length,
-                assignment_mask_TK=routing.assignment_mask_TK,
-            )
-        with collect_moe_outputs(self.experts) as inner:  # hierarchical MoE: inner levels
-            y_TD = dispatch_and_combine(x_TD, plan, self.experts)
-        if self.shared_experts is not None:
+        routing = self.router(x_TD, ids_T, mask_T)  # 1
+        plan = self.dispatcher.plan(routing, mask_T, seq_len, self.training)  # 2
+        y_TD = self.dispatcher.run(x_TD, plan, self.experts)  # 3
+        if self.shared_experts is not None:  # 4
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 
-        losses = self._aux_losses(routing, mask_T, sequence_length)
-        weights = self.aux_loss.weights()
-        aux_loss = sum(
-            (weights[name] * value for name, value in losses.items()),
-            start=routing.weights_TK.new_zeros(()),
+        global_sum = self.dispatcher.global_sum  # 5
+        losses = auxiliary_losses(
+            routing,
+            self.aux_loss,
+            token_mask_T=mask_T,
+            sequence_length=seq_len,
+            global_sum=global_sum,
         )
-        inner_outputs = [out for calls in inner.outputs.values() for out in calls]
-        for out in inner_outputs:
-            aux_loss = aux_loss + out.aux_loss
-        routed_E, kept_E = plan.routed_per_expert_E.detach(), plan.kept_per_expert_E.detach()
-        if self.process_group is not None:
-            routed_E, kept_E = self._sum_across_ranks(routed_E), self._sum_across_ranks(kept_E)
-        routed_T = torch.zeros(x_TD.shape[0], device=x.device).index_add_(
-            0, plan.token_idx_M, torch.ones_like(plan.token_idx_M, dtype=torch.float32)
-        )
-        real = max(num_tokens, 1)
-        unrouted_T = (routed_T == 0) if mask_T is None else (routed_T == 0) & mask_T
-        scalar = routed_T.new_tensor  # statistics live on the input's device
-        stats = RoutingStats(
-            tokens_per_expert=routed_E,
-            kept_per_expert=kept_E,
-            dropped_fraction=scalar(plan.num_dropped / max(plan.num_assignments, 1)),
-            router_entropy=router_entropy(routing.probs_TE, mask_T),
-            capacity=capacity,
-            experts_per_token=scalar(plan.token_idx_M.shape[0] / real),
-            unrouted_fraction=unrouted_T.sum().float() / real,
-        )
+        inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
+        aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
+        aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
+        stats = routing_stats(routing, plan, mask_T, global_sum) if self.statistics else None
         record_load = getattr(self.router, "record_load", None)
-        if self.training and record_load is not None:
-            record_load(routed_E)  # global under parallelism: same bias everywhere
-        return MoEOutput(
-            output=y_TD.view(x.shape),
-            aux_loss=aux_loss,
-            losses=losses,
-            stats=stats,
-            routing=routing,
-            inner_outputs=inner_outputs,
-        )
+        if self.training and record_load is not None:  # bias balancing: global under EP
+            record_load(global_sum(plan.routed_per_expert_E.detach()))
+        return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
 
-    def _soft_forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> MoEOutput:
-        """Soft MoE (steps 1-4 become: slot weights, slot mixing, experts, token mixing)."""
+
+class SoftMoE(MoE):
+    """Soft MoE layer (Puigcerver et al. 2023): ``(B, S, D)`` or ``(S, D) -> MoEOutput``.
+
+    Forward steps: 1. slot weights (the router), 2. slots as convex mixes of each sequence's
+    tokens, 3. experts on their slots, 4. tokens as convex mixes of slot outputs, 5. shared
+    experts. Nothing is dropped and no balancing loss is needed; padding takes no part in any
+    slot and gets zero output.
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> MoEOutput:
+        check_layer_input(x, self.d_model, padding_mask, token_ids, self.check_finite)
         S = x.shape[-2] if x.dim() >= 2 else 1
         x_BSD = x.reshape(-1, S, self.d_model)
         mask_BS = None if padding_mask is None else padding_mask.reshape(-1, S)
@@ -251,141 +229,26 @@ class MoE(nn.Module):
             y_BSD = y_BSD * mask_BS.unsqueeze(-1).to(y_BSD.dtype)
         if self.shared_experts is not None:
             y_BSD = y_BSD + self.shared_experts(x_BSD).to(y_BSD.dtype)
-        B = x_BSD.shape[0]
-        slots = torch.full((self.num_experts,), B * routing.slots_per_expert, device=x.device)
-        combine_TN = routing.combine_BSN.reshape(-1, routing.combine_BSN.shape[-1])
-        mask_T = None if mask_BS is None else mask_BS.reshape(-1)
-        stats = RoutingStats(
-            tokens_per_expert=slots,
-            kept_per_expert=slots,
-            dropped_fraction=x.new_zeros((), dtype=torch.float32),
-            router_entropy=router_entropy(combine_TN, mask_T),
-            # expert evaluations per token: every slot is one expert call
-            experts_per_token=x.new_tensor(
-                self.num_experts * routing.slots_per_expert / x_BSD.shape[1], dtype=torch.float32
-            ),
-            unrouted_fraction=x.new_zeros((), dtype=torch.float32),
-        )
-        return MoEOutput(
-            output=y_BSD.reshape(x.shape),
-            aux_loss=x.new_zeros((), dtype=torch.float32),
-            losses={},
-            stats=stats,
-            routing=routing,
-        )
+        stats = soft_routing_stats(routing, x_BSD, mask_BS) if self.statistics else None
+        zero = x.new_zeros((), dtype=torch.float32)
+        return MoEOutput(y_BSD.reshape(x.shape), zero, {}, stats, routing)
 
-    def _aux_losses(
-        self,
-        routing: RoutingResult,
-        mask_T: torch.Tensor | None,
-        sequence_length: int | None,
-    ) -> dict[str, torch.Tensor]:
-        weights = self.aux_loss.weights()
-        losses: dict[str, torch.Tensor] = {}
-        if "switch" in weights:
-            per_sequence = self.aux_loss.switch_scope is BalanceScope.SEQUENCE
-            losses["switch"] = switch_load_balancing_loss(
-                routing.probs_TE,
-                routing.expert_idx_TK,
-                token_mask_T=mask_T,
-                sequence_length=sequence_length if per_sequence else None,
-                assignment_mask_TK=routing.assignment_mask_TK,
-                sum_across_ranks=None if per_sequence else self._sum_across_ranks,
-            )
-        if "z_loss" in weights:
-            losses["z_loss"] = router_z_loss(routing.logits_TE, token_mask_T=mask_T)
-        if "importance" in weights:
-            gates_TK = routing.weights_TK
-            if routing.assignment_mask_TK is not None:
-                gates_TK = gates_TK * routing.assignment_mask_TK
-            losses["importance"] = importance_loss(
-                gates_TK, routing.expert_idx_TK, self.num_experts, token_mask_T=mask_T
-            )
-        if (
-            "load" in weights
-            and routing.noise_std_TE is not None
-            and routing.clean_logits_TE is not None
-        ):
-            losses["load"] = load_loss(
-                routing.clean_logits_TE,
-                routing.logits_TE,
-                routing.noise_std_TE,
-                self.top_k,
-                token_mask_T=mask_T,
-            )
-        return losses
 
-    def _plan_with_global_capacity(self, routing, mask_T, sequence_length):
-        """Capacity under data/expert parallelism: drop exactly what one process would."""
-        from moekit.dispatch.global_capacity import global_capacity_keep_mask
-
-        capacity, keep_TK = global_capacity_keep_mask(
-            routing.expert_idx_TK,
-            routing.weights_TK,
-            self.num_experts,
-            self.dispatch,
-            self.training,
-            token_mask_T=mask_T,
-            assignment_mask_TK=routing.assignment_mask_TK,
-            sequence_length=sequence_length,
-            group=self.process_group,
-        )
-        routed = plan_dispatch(  # the demand before drops, for statistics
-            routing.expert_idx_TK,
-            routing.weights_TK,
-            self.num_experts,
-            token_mask_T=mask_T,
-            assignment_mask_TK=routing.assignment_mask_TK,
-        )
-        plan = plan_dispatch(
-            routing.expert_idx_TK,
-            routing.weights_TK,
-            self.num_experts,
-            token_mask_T=mask_T,
-            assignment_mask_TK=keep_TK,
-        )
-        plan.routed_per_expert_E = routed.routed_per_expert_E
-        plan.num_assignments = routed.num_assignments
-        plan.capacity = capacity
-        return plan
-
-    def _sum_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        if self.process_group is None:
-            return value
-        import torch.distributed as dist
-
-        value = value.detach().clone()
-        dist.all_reduce(value, group=self.process_group)
-        return value
-
-    def _check_input(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None, token_ids: torch.Tensor | None
-    ) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have shape (..., d_model={self.d_model}), got {tuple(x.shape)}"
-            )
-        if padding_mask is not None:
-            if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
-                raise TypeError(
-                    "padding_mask must be a bool tensor (True = real token), got "
-                    f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}"
-                )
-            if padding_mask.shape != x.shape[:-1]:
-                raise ValueError(
-                    f"padding_mask must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
-                    f"got {tuple(padding_mask.shape)}"
-                )
-        if token_ids is not None and (
-            token_ids.shape != x.shape[:-1] or token_ids.is_floating_point()
-        ):
-            raise ValueError(
-                f"token_ids must be an integer tensor of shape x.shape[:-1]={tuple(x.shape[:-1])}, "
-                f"got {tuple(token_ids.shape)} {token_ids.dtype}"
-            )
-        if self.check_finite and not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or Inf values (check_finite=True)")
+def soft_routing_stats(
+    routing: SoftRoutingResult, x_BSD: torch.Tensor, mask_BS: torch.Tensor | None
+) -> RoutingStats:
+    """Soft MoE's statistics: every expert processes its slots, nothing is dropped."""
+    B, S = x_BSD.shape[:2]
+    E = routing.combine_BSN.shape[-1] // routing.slots_per_expert
+    slots_E = torch.full((E,), B * routing.slots_per_expert, device=x_BSD.device)
+    combine_TN = routing.combine_BSN.reshape(-1, routing.combine_BSN.shape[-1])
+    zero = x_BSD.new_zeros((), dtype=torch.float32)
+    return RoutingStats(
+        tokens_per_expert=slots_E,
+        kept_per_expert=slots_E,
+        dropped_fraction=zero,
+        router_entropy=router_entropy(combine_TN, None if mask_BS is None else mask_BS.reshape(-1)),
+        # expert evaluations per token: every slot is one expert call
+        experts_per_token=zero + E * routing.slots_per_expert / S,
+        unrouted_fraction=zero,
+    )

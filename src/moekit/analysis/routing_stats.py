@@ -1,13 +1,21 @@
-"""Per-call routing statistics of an MoE layer: cheap enough to leave on.
+"""Per-call routing statistics of an MoE layer: cheap enough to leave on, and free of host
+syncs (every number stays a tensor on the input's device until someone reads it), so they never
+break a ``torch.compile`` graph; ``MoEConfig(statistics=False)`` skips them entirely.
 
-Legend: T = tokens, E = experts.
+Legend: T = tokens, E = experts, M = kept assignments.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from moekit.dispatch.sort import DispatchPlan
+    from moekit.routing.result import RoutingResult
 
 
 @dataclass
@@ -60,3 +68,43 @@ def router_entropy(
         return entropy_T.sum() / max(entropy_T.numel(), 1)  # 0 for an empty batch, not NaN
     mask_T = token_mask_T.to(entropy_T.dtype)
     return (entropy_T * mask_T).sum() / mask_T.sum().clamp(min=1)
+
+
+def routing_stats(
+    routing: RoutingResult,
+    plan: DispatchPlan,
+    token_mask_T: torch.Tensor | None = None,
+    global_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> RoutingStats:
+    """What one token-choice MoE call did, from its routing and dispatch plan.
+
+    Args:
+        routing: the router's decision for T tokens.
+        plan: the dispatch plan (kept assignments per expert, capacity).
+        token_mask_T: ``(T,)`` bool, ``True`` for real tokens.
+        global_sum: sums the expert counts over the processes sharing the layer's load (expert
+            or data parallelism), so load statistics are global.
+    """
+    total = global_sum or (lambda t: t)
+    routed_E = total(plan.routed_per_expert_E.detach())
+    kept_E = total(plan.kept_per_expert_E.detach())
+    T = routing.expert_idx_TK.shape[0]
+    real = (
+        (torch.tensor(T, device=routed_E.device) if token_mask_T is None else token_mask_T.sum())
+        .clamp(min=1)
+        .float()
+    )
+    routed_T = torch.zeros(T, device=routed_E.device).index_add_(
+        0, plan.token_idx_M, torch.ones_like(plan.token_idx_M, dtype=torch.float32)
+    )
+    unrouted_T = routed_T == 0 if token_mask_T is None else (routed_T == 0) & token_mask_T
+    routed, kept = routed_E.sum().float(), kept_E.sum().float()
+    return RoutingStats(
+        tokens_per_expert=routed_E,
+        kept_per_expert=kept_E,
+        dropped_fraction=(routed - kept) / routed.clamp(min=1),
+        router_entropy=router_entropy(routing.probs_TE, token_mask_T),
+        capacity=plan.capacity,
+        experts_per_token=float(len(plan.token_idx_M)) / real,
+        unrouted_fraction=unrouted_T.sum().float() / real,
+    )

@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         f"{results['dense'][1]:>9.1f}"
     )
     stats = out.stats
+    assert stats is not None  # the example keeps statistics on
     print(f"\nMoE routing on held-out data: router entropy {float(stats.router_entropy):.3f} nats")
     print("tokens per expert: " + " ".join(str(n) for n in stats.tokens_per_expert.tolist()))
     print("most-used expert per cluster (share of the cluster's top-1 choices):")

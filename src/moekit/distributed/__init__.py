@@ -1,6 +1,6 @@
 """Expert and data parallelism on ``torch.distributed``, applied from outside the model."""
 
-from moekit.distributed.expert_parallel import ExpertParallelBank
+from moekit.distributed.expert_parallel import ExpertParallelDispatcher
 from moekit.distributed.parallelize import (
     expert_parameter_names,
     from_pretrained_distributed,
@@ -12,7 +12,7 @@ from moekit.distributed.parallelize import (
 )
 
 __all__ = [
-    "ExpertParallelBank",
+    "ExpertParallelDispatcher",
     "expert_parameter_names",
     "from_pretrained_distributed",
     "full_state_dict",

@@ -1,14 +1,15 @@
-"""Expert parallelism (EP) with ``torch.distributed``: experts split over ranks, tokens travel to
-their expert's rank with ``all_to_all_single`` and come back the same way.
+"""Expert parallelism (EP) as a dispatcher: experts split over ranks, rows travel to their
+expert's rank with ``all_to_all_single`` and come back the same way.
 
-Legend: R = ranks in the EP group, E = experts, L = E / R local experts per rank, M = rows sorted
-by (global) expert on this rank, D = d_model.
+Legend: R = ranks in the EP group, E = experts, L = E / R local experts per rank, T = tokens on
+this rank, M = kept rows on this rank sorted by (global) expert, D = d_model.
 
-Applied from outside the model (``parallelize_experts``): each ``MoE`` keeps its router,
-dispatcher and losses; only its expert bank is swapped for an :class:`ExpertParallelBank` that
-holds the ``L`` experts of this rank and exchanges rows. Rank ``r`` owns experts
+Applied from outside the model (``parallelize_experts``): each ``MoE`` keeps its router, losses
+and layer code; its expert bank stays an ``ExpertBank`` holding this rank's ``L`` experts, and
+its dispatcher becomes an :class:`ExpertParallelDispatcher`. Rank ``r`` owns experts
 ``r*L .. r*L+L-1``. Every rank always joins both exchanges, so a rank (or an expert) that
-receives no tokens never hangs the others.
+receives no tokens never hangs the others. Every collective of expert parallelism lives in this
+package.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from torch import nn
 
-from moekit.experts.bank import ExpertBank
-from moekit.experts.fused_ffn import expert_ffn
+from moekit.dispatch.config import DispatchConfig, DispatchMode
+from moekit.dispatch.dispatcher import Dispatcher
+from moekit.dispatch.sort import DispatchPlan, plan_dispatch
+from moekit.distributed.global_capacity import global_capacity_keep_mask
+from moekit.routing.result import RoutingResult
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -33,38 +36,74 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
         return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
 
 
-class ExpertParallelBank(nn.Module):
-    """The local slice of an ``ExpertBank``; ``(M, D), counts_E -> (M, D)`` like the full bank.
+class ExpertParallelDispatcher(Dispatcher):
+    """Dispatch over an expert-parallel group; the layer's expert bank holds the local experts.
 
-    Parameters have the full bank's names with ``L`` rows: ``w_in_EDH`` ``(L, D, H)``, etc.
+    ``plan``: capacity decisions are those one process with the global batch would make.
+    ``run``: rows go to their expert's rank, through the local bank, and back.
+    ``global_sum``: an all-reduce over the group (expert counts for the Switch loss, statistics
+    and the bias-balancing tally).
     """
 
-    def __init__(self, bank: ExpertBank, group=None) -> None:
-        super().__init__()
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        if bank.num_experts % self.world:
+    def __init__(self, config: DispatchConfig, num_experts: int, group=None) -> None:
+        super().__init__(config, num_experts)
+        self.group = group if group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        if num_experts % self.world:
             raise ValueError(
-                f"num_experts={bank.num_experts} must be divisible by the expert-parallel "
-                f"degree {self.world}"
+                f"num_experts={num_experts} must be divisible by the expert-parallel degree "
+                f"{self.world}"
             )
-        self.num_experts = bank.num_experts
-        self.local_experts = bank.num_experts // self.world
+        self.local_experts = num_experts // self.world
         self.first_expert = self.rank * self.local_experts
-        self.d_model, self.hidden = bank.d_model, bank.hidden
-        self.activation, self.kernel = bank.activation, bank.kernel
-        local = slice(self.first_expert, self.first_expert + self.local_experts)
-        self.w_in_EDH = nn.Parameter(bank.w_in_EDH.detach()[local].clone())
-        self.w_out_EHD = nn.Parameter(bank.w_out_EHD.detach()[local].clone())
-        self.b_in_EH = (
-            None if bank.b_in_EH is None else nn.Parameter(bank.b_in_EH.detach()[local].clone())
-        )
-        self.b_out_ED = (
-            None if bank.b_out_ED is None else nn.Parameter(bank.b_out_ED.detach()[local].clone())
-        )
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def plan(
+        self,
+        routing: RoutingResult,
+        token_mask_T: torch.Tensor | None,
+        sequence_length: int | None,
+        training: bool,
+    ) -> DispatchPlan:
+        if self.config.mode is DispatchMode.DROPLESS:
+            return super().plan(routing, token_mask_T, sequence_length, training)
+        capacity, keep_TK = global_capacity_keep_mask(
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            self.config,
+            training,
+            token_mask_T=token_mask_T,
+            assignment_mask_TK=routing.assignment_mask_TK,
+            sequence_length=sequence_length,
+            group=self.group,
+        )
+        demand = plan_dispatch(  # before drops, for the statistics
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            token_mask_T=token_mask_T,
+            assignment_mask_TK=routing.assignment_mask_TK,
+        )
+        plan = plan_dispatch(
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            token_mask_T=token_mask_T,
+            assignment_mask_TK=keep_TK,
+        )
+        plan.routed_per_expert_E = demand.routed_per_expert_E
+        plan.num_assignments = demand.num_assignments
+        plan.capacity = capacity
+        return plan
+
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+        x_MD = x_TD.index_select(0, plan.token_idx_M)
+        y_MD = self._through_local_experts(x_MD, plan.kept_per_expert_E, experts)
+        y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD)
+
+    def _through_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor, experts):
         R, L = self.world, self.local_experts
         # 1. how many rows go to each rank, and (exchanged first) how many arrive per expert
         send_counts_RL = counts_E.view(R, L).to(torch.long)
@@ -81,22 +120,12 @@ class ExpertParallelBank(nn.Module):
             output_size=recv_MD.shape[0],
         )
         order = torch.argsort(local_expert_of_row, stable=True)
-        y_sorted = expert_ffn(
-            recv_MD[order],
-            recv_counts_RL.sum(dim=0),
-            self.w_in_EDH,
-            self.w_out_EHD,
-            b_in_EH=self.b_in_EH,
-            b_out_ED=self.b_out_ED,
-            activation=self.activation,
-            kernel=self.kernel,
-        )
+        y_sorted = experts(recv_MD[order], recv_counts_RL.sum(dim=0))
         y_MD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
         # 4. results travel back to the rows' home ranks, in their original order
         return _exchange(y_MD, in_splits, out_splits, self.group)
 
-    def extra_repr(self) -> str:
-        return (
-            f"experts {self.first_expert}..{self.first_expert + self.local_experts - 1} of "
-            f"{self.num_experts} (rank {self.rank}/{self.world})"
-        )
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value, group=self.group)
+        return value

@@ -19,20 +19,22 @@ local experts. The same folder loads with EP=1, 2, 4, ... and serves for inferen
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.distributed.expert_parallel import ExpertParallelBank
+from moekit.distributed.expert_parallel import ExpertParallelDispatcher
 from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
 
 
 def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
-    """Split every ``MoE`` layer's experts over ``group`` (default: all ranks), in place."""
-    world = dist.get_world_size(group)
+    """Split every ``MoE`` layer's experts over ``group`` (default: all ranks), in place: the
+    layer's dispatcher becomes an :class:`ExpertParallelDispatcher` and its ``ExpertBank``
+    keeps this rank's experts (same class, same parameter names, ``L`` rows)."""
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
@@ -41,22 +43,32 @@ def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
                 f"{name or 'MoE'}: the importance and load losses are not supported with expert "
                 "parallelism yet; use the Switch loss or bias balancing"
             )
-        module.process_group = group if group is not None else dist.group.WORLD
-        if isinstance(module.experts, ExpertBank):
-            module.experts = ExpertParallelBank(module.experts, group)
-            for param in module.experts.parameters():
-                param.register_hook(lambda grad, world=world: grad / world)
+        if not isinstance(module.experts, ExpertBank):
+            raise ValueError(f"{name or 'MoE'}: expert parallelism needs an ExpertBank")
+        dispatcher = ExpertParallelDispatcher(module.dispatch, module.num_experts, group)
+        module.dispatcher = dispatcher
+        module.experts = module.experts.select_experts(
+            dispatcher.first_expert, dispatcher.local_experts
+        )
+        for param in module.experts.parameters():
+            param.register_hook(lambda grad, world=dispatcher.world: grad / world)
     return model
+
+
+def _parallel_layers(model: nn.Module) -> Iterator[tuple[str, MoE, ExpertParallelDispatcher]]:
+    """``(prefix of the expert bank's parameters, layer, dispatcher)`` of every EP layer."""
+    for name, module in getattr(model, "module", model).named_modules():
+        if isinstance(module, MoE) and isinstance(module.dispatcher, ExpertParallelDispatcher):
+            yield (f"{name}.experts." if name else "experts."), module, module.dispatcher
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Names of parameters that live on one rank only (excluded from data parallelism)."""
-    names = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, ExpertParallelBank):
-            prefix = f"{module_name}." if module_name else ""
-            names += [prefix + n for n, _ in module.named_parameters()]
-    return names
+    return [
+        prefix + n
+        for prefix, layer, _ in _parallel_layers(model)
+        for n, _ in layer.experts.named_parameters()
+    ]
 
 
 def load_tally_names(model: nn.Module) -> list[str]:
@@ -85,7 +97,7 @@ def reduce_load_tallies(model: nn.Module, group=None) -> int:
     model = getattr(model, "module", model)
     reduced = 0
     for module in model.modules():
-        if isinstance(module, MoE) and module.process_group is None:
+        if isinstance(module, MoE) and not isinstance(module.dispatcher, ExpertParallelDispatcher):
             tally = getattr(module.router, "load_since_update_E", None)
             if tally is not None:
                 dist.all_reduce(tally, group=group)
@@ -97,13 +109,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The single-process state dict: expert slices gathered from every rank (collective)."""
     model = getattr(model, "module", model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, ExpertParallelBank):
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        for name, param in module.named_parameters():
-            pieces = [torch.empty_like(param) for _ in range(module.world)]
-            dist.all_gather(pieces, param.detach().contiguous(), group=module.group)
+    for prefix, layer, dispatcher in _parallel_layers(model):
+        for name, param in layer.experts.named_parameters():
+            pieces = [torch.empty_like(param) for _ in range(dispatcher.world)]
+            dist.all_gather(pieces, param.detach().contiguous(), group=dispatcher.group)
             state[prefix + name] = torch.cat(pieces).cpu()
     return state
 
@@ -131,30 +140,29 @@ def from_pretrained_distributed(directory: str | os.PathLike, group=None) -> nn.
 
 def _expert_param_slices(
     model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[int, ExpertParallelBank]:
-    """Optimizer state index of every expert-parallel parameter -> its bank (the state dict
-    numbers parameters in ``param_groups`` order)."""
-    banks = {
-        id(p): m
-        for m in model.modules()
-        if isinstance(m, ExpertParallelBank)
-        for p in m.parameters()
+) -> dict[int, ExpertParallelDispatcher]:
+    """Optimizer state index of every expert-parallel parameter -> its layer's dispatcher (the
+    state dict numbers parameters in ``param_groups`` order)."""
+    owners = {
+        id(p): dispatcher
+        for _, layer, dispatcher in _parallel_layers(model)
+        for p in layer.experts.parameters()
     }
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {i: banks[id(p)] for i, p in enumerate(params) if id(p) in banks}
+    return {i: owners[id(p)] for i, p in enumerate(params) if id(p) in owners}
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state in the single-process layout (expert slices gathered; collective)."""
     model = getattr(model, "module", model)
     state = optimizer.state_dict()
-    for index, bank in _expert_param_slices(model, optimizer).items():
+    for index, dispatcher in _expert_param_slices(model, optimizer).items():
         # state_dict() shares the per-parameter dicts with the live optimizer: copy first
         entries = state["state"][index] = dict(state["state"].get(index, {}))
         for key, value in list(entries.items()):
             if torch.is_tensor(value) and value.dim() > 0:
-                pieces = [torch.empty_like(value) for _ in range(bank.world)]
-                dist.all_gather(pieces, value.contiguous(), group=bank.group)
+                pieces = [torch.empty_like(value) for _ in range(dispatcher.world)]
+                dist.all_gather(pieces, value.contiguous(), group=dispatcher.group)
                 entries[key] = torch.cat(pieces)
     return state
 
@@ -162,12 +170,13 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """Keep this rank's rows of every expert-parallel parameter's optimizer state."""
     model = getattr(model, "module", model)
-    for index, bank in _expert_param_slices(model, optimizer).items():
+    for index, dispatcher in _expert_param_slices(model, optimizer).items():
         entries = state["state"].get(index, {})
-        rows = slice(bank.first_expert, bank.first_expert + bank.local_experts)
         for key, value in list(entries.items()):
             if torch.is_tensor(value) and value.dim() > 0:
-                entries[key] = value[rows].clone()
+                entries[key] = value.narrow(
+                    0, dispatcher.first_expert, dispatcher.local_experts
+                ).clone()
     return state
 
 
@@ -175,10 +184,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     """Load a single-process state dict into a (possibly expert-parallel) model."""
     model = getattr(model, "module", model)
     local = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, ExpertParallelBank):
-            prefix = f"{module_name}." if module_name else ""
-            rows = slice(module.first_expert, module.first_expert + module.local_experts)
-            for name, _ in module.named_parameters():
-                local[prefix + name] = state[prefix + name][rows]
+    for prefix, layer, dispatcher in _parallel_layers(model):
+        for name, _ in layer.experts.named_parameters():
+            local[prefix + name] = state[prefix + name].narrow(
+                0, dispatcher.first_expert, dispatcher.local_experts
+            )
     model.load_state_dict({**state, **local})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,6 +117,27 @@ class ExpertBank(nn.Module):
             kernel=self.kernel,
         )
 
+    @torch.no_grad()
+    def select_experts(self, first: int, count: int) -> ExpertBank:
+        """A bank of experts ``first .. first+count-1`` of this one (copies of their weights);
+        expert parallelism keeps each rank's slice this way."""
+        if not (first >= 0 and count >= 1 and first + count <= self.num_experts):
+            raise ValueError(
+                f"experts {first}..{first + count - 1} are not all in this bank of "
+                f"{self.num_experts}"
+            )
+        bank = ExpertBank(
+            count,
+            self.d_model,
+            self.hidden,
+            activation=self.activation,
+            bias=self.b_in_EH is not None,
+            kernel=self.kernel,
+        ).to(self.w_in_EDH.device, self.w_in_EDH.dtype)
+        for name, param in bank.named_parameters():
+            param.copy_(getattr(self, name).narrow(0, first, count))
+        return bank
+
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` alone on ``x_ND`` ``(N, D)``; the plain math, for references."""
         h = x_ND @ self.w_in_EDH[expert]
@@ -146,12 +168,23 @@ class ModuleExperts(nn.Module):
             raise ValueError("experts must hold at least one module")
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(self.experts)
+        self._inner_outputs: list[Any] = []
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        self._inner_outputs = []
         chunks = torch.split(x_MD, counts_E.tolist())
         outputs = [self.forward_one(e, chunk) for e, chunk in enumerate(chunks) if len(chunk)]
         return torch.cat(outputs) if outputs else x_MD.new_zeros(x_MD.shape)
 
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         y = self.experts[expert](x_ND)
-        return getattr(y, "output", y)
+        if hasattr(y, "output"):  # an MoE layer as an expert: keep its losses and statistics
+            self._inner_outputs.append(y)
+            return y.output
+        return y
+
+    def take_inner_outputs(self) -> list[Any]:
+        """The ``MoEOutput`` of every MoE expert called since the last forward, then forget
+        them (the outer layer adds their auxiliary losses to its own)."""
+        outputs, self._inner_outputs = self._inner_outputs, []
+        return outputs

@@ -93,15 +93,17 @@ def evaluate(
 
 
 def _moe_record(outputs) -> list[dict[str, Any]]:
-    return [
-        {
-            "tokens_per_expert": o.stats.tokens_per_expert.tolist(),
-            "dropped_fraction": round(float(o.stats.dropped_fraction), 6),
-            "router_entropy": round(float(o.stats.router_entropy), 6),
-            "losses": {k: round(float(v.detach()), 6) for k, v in o.losses.items()},
+    records = []
+    for o in outputs:
+        record: dict[str, Any] = {
+            "losses": {k: round(float(v.detach()), 6) for k, v in o.losses.items()}
         }
-        for o in outputs
-    ]
+        if o.stats is not None:  # statistics may be off (MoEConfig.statistics)
+            record["tokens_per_expert"] = o.stats.tokens_per_expert.tolist()
+            record["dropped_fraction"] = round(float(o.stats.dropped_fraction), 6)
+            record["router_entropy"] = round(float(o.stats.router_entropy), 6)
+        records.append(record)
+    return records
 
 
 def _checkpoint(ctx, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:

@@ -100,3 +100,46 @@ def check_fields(config: Any, prefix: str = "") -> None:
     for f in dataclasses.fields(config):
         value = coerce(getattr(config, f.name), hints[f.name], f"{prefix}{f.name}")
         object.__setattr__(config, f.name, value)
+
+
+def check_layer_input(
+    x: Any,
+    d_model: int,
+    padding_mask: Any = None,
+    token_ids: Any = None,
+    check_finite: bool = False,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument when an MoE layer's input is
+    malformed: ``x`` must be a floating ``(..., d_model)`` tensor, ``padding_mask`` a bool
+    tensor of shape ``x.shape[:-1]``, ``token_ids`` an integer tensor of that shape; with
+    ``check_finite`` NaN/Inf in ``x`` are refused (one reduction)."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape (..., d_model={d_model}), got {tuple(x.shape)}")
+    if padding_mask is not None:
+        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+            raise TypeError(
+                "padding_mask must be a bool tensor (True = real token), got "
+                f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}"
+            )
+        if padding_mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"padding_mask must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
+                f"got {tuple(padding_mask.shape)}"
+            )
+    if token_ids is not None and (
+        not isinstance(token_ids, torch.Tensor)
+        or token_ids.shape != x.shape[:-1]
+        or token_ids.is_floating_point()
+    ):
+        raise ValueError(
+            f"token_ids must be an integer tensor of shape x.shape[:-1]={tuple(x.shape[:-1])}, "
+            f"got {getattr(token_ids, 'shape', None)} {getattr(token_ids, 'dtype', None)}"
+        )
+    if check_finite and not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf values (check_finite=True)")

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from moekit.analysis.routing_stats import RoutingStats
-    from moekit.layers import MoEOutput
+from moekit.analysis.routing_stats import RoutingStats
+from moekit.layers import MoE, MoEOutput
 
 
 class MoEOutputCollector:
@@ -41,8 +39,13 @@ class MoEOutputCollector:
         return total
 
     def stats(self) -> dict[str, RoutingStats]:
-        """The last call's routing statistics of each MoE layer."""
-        return {name: calls[-1].stats for name, calls in self.outputs.items() if calls}
+        """The last call's routing statistics of each MoE layer (layers with statistics off
+        are left out)."""
+        return {
+            name: stats
+            for name, calls in self.outputs.items()
+            if calls and (stats := calls[-1].stats) is not None
+        }
 
     def clear(self) -> None:
         self.outputs.clear()
@@ -51,8 +54,6 @@ class MoEOutputCollector:
 @contextmanager
 def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
     """Record the ``MoEOutput`` of every ``MoE`` module in ``model`` (nested ones included)."""
-    from moekit.layers import MoE
-
     collector = MoEOutputCollector()
     handles = []
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoE)]

@@ -1,0 +1,69 @@
+"""The dispatcher: plans where token-expert assignments go, moves rows to the expert bank and
+back, and says over which processes load is counted.
+
+Legend: T = tokens, D = d_model, E = experts, K = expert slots per token, M = kept assignments.
+
+:class:`Dispatcher` is the single-process one (one stable argsort, gather, grouped GEMM,
+weighted ``index_add``; see ``moekit.dispatch.sort``). Expert parallelism does not change the
+layer or the expert bank: ``moekit.distributed`` swaps in a dispatcher whose plan counts
+capacity over every rank and whose ``run`` sends rows to the rank that holds their expert. Every
+collective lives there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.dispatch.config import DispatchConfig, DispatchMode
+from moekit.dispatch.sort import DispatchPlan, dispatch_and_combine, plan_dispatch
+from moekit.routing.result import RoutingResult
+
+
+class Dispatcher:
+    """Sort-and-group dispatch on one process.
+
+    Args:
+        config: dropless or capacity, capacity factors, drop priority.
+        num_experts: E.
+    """
+
+    def __init__(self, config: DispatchConfig, num_experts: int) -> None:
+        self.config = config
+        self.num_experts = num_experts
+
+    def plan(
+        self,
+        routing: RoutingResult,
+        token_mask_T: torch.Tensor | None,
+        sequence_length: int | None,
+        training: bool,
+    ) -> DispatchPlan:
+        """Sort the assignments by expert; drop padding, empty slots and (capacity) overflow."""
+        return plan_dispatch(
+            routing.expert_idx_TK,
+            routing.weights_TK,
+            self.num_experts,
+            capacity=self.capacity(routing, token_mask_T, training),
+            priority=self.config.drop_priority,
+            token_mask_T=token_mask_T,
+            sequence_length=sequence_length,
+            assignment_mask_TK=routing.assignment_mask_TK,
+        )
+
+    def capacity(
+        self, routing: RoutingResult, token_mask_T: torch.Tensor | None, training: bool
+    ) -> int | None:
+        """Per-expert capacity C from this call's real tokens, or ``None`` when dropless."""
+        if self.config.mode is DispatchMode.DROPLESS:
+            return None  # (no token count needed: no host sync)
+        T = routing.expert_idx_TK.shape[0]
+        real = T if token_mask_T is None else int(token_mask_T.sum())
+        return self.config.capacity(real, routing.top_k, self.num_experts, training)
+
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+        """``(T, D)``: each token's weighted sum over its kept experts (zeros when none)."""
+        return dispatch_and_combine(x_TD, plan, experts)
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the processes that share this layer's load (here: itself)."""
+        return value
