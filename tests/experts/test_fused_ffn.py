@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import moekit
 from moekit.experts import Activation, ExpertBank
 from moekit.experts.fused_ffn import expert_ffn
 
@@ -61,3 +62,16 @@ def test_hand_written_activation_backward_matches_autograd_including_clamps(acti
     grad = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, h, grad)
     torch.testing.assert_close(activation_backward(activation, h.detach(), grad.clone()), expected)
+
+
+def test_zero_stride_incoming_gradient_is_accepted():
+    """``out.sum().backward()`` hands the backward an expanded (zero-stride) gradient, which
+    ``grouped_mm`` rejects; the fused backward makes it contiguous."""
+    bank = moekit.ExpertConfig(hidden=16).build(2, 16)
+    counts = torch.tensor([2, 3])
+    x = torch.randn(5, 16, requires_grad=True)
+    bank(x, counts).sum().backward()
+    expected = torch.autograd.grad(
+        torch.cat([bank.forward_one(0, x[:2]), bank.forward_one(1, x[2:])]).sum(), x
+    )[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)

@@ -2,14 +2,13 @@
 
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.dispatch.dispatcher import Dispatcher
-from moekit.dispatch.sort import DispatchPlan, dispatch_and_combine, plan_dispatch
+from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 
 __all__ = [
     "DispatchConfig",
-    "Dispatcher",
     "DispatchMode",
     "DispatchPlan",
+    "Dispatcher",
     "DropPriority",
-    "dispatch_and_combine",
     "plan_dispatch",
 ]

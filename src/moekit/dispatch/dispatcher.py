@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moekit.dispatch.config import DispatchConfig, DispatchMode
-from moekit.dispatch.sort import DispatchPlan, dispatch_and_combine, plan_dispatch
+from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.routing.result import RoutingResult
 
 
@@ -61,8 +61,22 @@ class Dispatcher:
         return self.config.capacity(real, routing.top_k, self.num_experts, training)
 
     def run(self, x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
-        """``(T, D)``: each token's weighted sum over its kept experts (zeros when none)."""
-        return dispatch_and_combine(x_TD, plan, experts)
+        """Gather kept rows, run them through ``experts(x_MD, counts_E)``, weight, sum per token.
+
+        Args:
+            x_TD: ``(T, D)`` token inputs.
+            plan: from :meth:`plan`.
+            experts: an expert bank (``ExpertBank``, ``ModuleExperts`` or anything with that
+                call).
+
+        Returns:
+            ``(T, D)``; a token whose assignments were all dropped (or padding) gets zeros, so
+            the caller's residual carries it unchanged.
+        """
+        x_MD = x_TD.index_select(0, plan.token_idx_M)
+        y_MD = experts(x_MD, plan.kept_per_expert_E)
+        y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD)
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the processes that share this layer's load (here: itself)."""

@@ -4,8 +4,9 @@ Legend: T = tokens, D = d_model, E = experts, K = experts per token, A = T*K ass
 M = kept assignments (A minus padding and drops), sorted by expert.
 
 No dense (T, E, C) tensors: assignments are ordered by one stable argsort (after a priority
-sort when capacity applies), an over-full expert's tail is cut, kept rows are gathered,
-computed by the expert bank in one grouped matmul, weighted and summed back with ``index_add``.
+sort when capacity applies) and an over-full expert's tail is cut; ``Dispatcher.run``
+(``moekit.dispatch.dispatcher``) then gathers the kept rows, has the expert bank compute them in
+one grouped matmul per projection, weights them and sums them back with ``index_add``.
 """
 
 from __future__ import annotations
@@ -116,21 +117,3 @@ def plan_dispatch(
         num_assignments=num_assignments,
         capacity=capacity,
     )
-
-
-def dispatch_and_combine(x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
-    """Gather kept rows, run them through ``experts(x_MD, counts_E)``, weight and sum per token.
-
-    Args:
-        x_TD: ``(T, D)`` token inputs.
-        plan: from :func:`plan_dispatch`.
-        experts: an expert bank (``ExpertBank``, ``ModuleExperts`` or anything with that call).
-
-    Returns:
-        ``(T, D)``; a token whose assignments were all dropped (or padding) gets zeros, so the
-        caller's residual carries it unchanged.
-    """
-    x_MD = x_TD.index_select(0, plan.token_idx_M)
-    y_MD = experts(x_MD, plan.kept_per_expert_E)
-    y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD)

@@ -3,7 +3,7 @@
 from moekit.experts.activations import Activation, apply_activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
 from moekit.experts.dense import FeedForward
-from moekit.experts.grouped_matmul import GroupedMatmulKernel, grouped_matmul
+from moekit.experts.grouped_matmul import GroupedMatmulKernel
 
 __all__ = [
     "Activation",
@@ -13,5 +13,4 @@ __all__ = [
     "GroupedMatmulKernel",
     "ModuleExperts",
     "apply_activation",
-    "grouped_matmul",
 ]

@@ -1,14 +1,16 @@
-"""Grouped matrix multiply: rows sorted by expert times a stacked per-expert weight.
+"""Grouped matrix multiply kernels: rows sorted by expert times a stacked per-expert weight.
 
 Legend: M = rows (token-expert assignments, sorted by expert), K = input width, N = output
 width, E = experts.
 
-``grouped_matmul(x_MK, w_EKN, counts_E)`` returns ``y_MN``, ``y[rows of e] = x[rows of e] @ w[e]``.
-Two kernels compute it: ``torch.nn.functional.grouped_mm`` (one call, used for float32/bfloat16/
-float16 when present) and a loop of ``torch.mm`` over contiguous slices (float64, older torch, or
-when asked). Both sit behind one autograd function whose backward never indexes the stacked
-weight in a differentiable loop (that costs O(E^2) in autograd) and always hands the kernel a
-contiguous gradient (``grouped_mm`` rejects zero-stride gradients).
+``grouped_mm_forward(x_MK, w_EKN, counts_E, kernel)`` gives ``y[rows of e] = x[rows of e] @
+w[e]``; ``grouped_mm_weight_grad`` gives ``gw[e] = x[rows of e]^T @ g[rows of e]``. Two kernels:
+``torch.nn.functional.grouped_mm`` (one call, float32/bfloat16/float16 when present) and a loop
+of ``torch.mm`` over contiguous slices (float64, older torch, or when asked). They carry no
+autograd of their own: ``moekit.experts.fused_ffn`` uses them in the expert FFN's one autograd
+function, whose backward never indexes the stacked weight in a differentiable loop (that costs
+O(E^2) in autograd) and hands the kernel a contiguous gradient (``grouped_mm`` rejects
+zero-stride gradients).
 """
 
 from __future__ import annotations
@@ -98,45 +100,3 @@ def grouped_mm_weight_grad(
             gw_EKN[e].zero_()
         start += count
     return gw_EKN
-
-
-class _GroupedMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_MK, w_EKN, counts_E, kernel):  # type: ignore[override]
-        ctx.save_for_backward(x_MK, w_EKN, counts_E)
-        ctx.kernel = kernel
-        return grouped_mm_forward(x_MK, w_EKN, counts_E, kernel)
-
-    @staticmethod
-    def backward(ctx, g_MN):  # type: ignore[override]
-        x_MK, w_EKN, counts_E = ctx.saved_tensors
-        g_MN = g_MN.contiguous()
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = grouped_mm_forward(g_MN, w_EKN.transpose(1, 2), counts_E, ctx.kernel)
-        if ctx.needs_input_grad[1]:
-            gw = grouped_mm_weight_grad(x_MK, g_MN, counts_E, ctx.kernel)
-        return gx, gw, None, None
-
-
-def grouped_matmul(
-    x_MK: torch.Tensor,
-    w_EKN: torch.Tensor,
-    counts_E: torch.Tensor,
-    kernel: GroupedMatmulKernel | str = GroupedMatmulKernel.AUTO,
-) -> torch.Tensor:
-    """Multiply expert-sorted rows by their expert's weight.
-
-    Args:
-        x_MK: ``(M, K)`` rows sorted by expert; expert ``e`` owns ``counts_E[e]`` consecutive rows.
-        w_EKN: ``(E, K, N)`` stacked expert weights.
-        counts_E: ``(E,)`` integer row counts, summing to ``M``.
-        kernel: ``auto``, ``grouped_mm`` or ``loop``.
-
-    Returns:
-        ``(M, N)``.
-    """
-    if x_MK.dtype != w_EKN.dtype:
-        raise TypeError(f"x dtype {x_MK.dtype} differs from the expert weight dtype {w_EKN.dtype}")
-    resolved = resolve_kernel(kernel, x_MK.dtype, w_EKN.shape[1], w_EKN.shape[2])
-    return _GroupedMatmul.apply(x_MK, w_EKN, counts_E, resolved)

@@ -2,9 +2,10 @@
 
 Legend: B = batch, S = sequence positions, D = d_model, V = vocabulary.
 
-``TransformerLM.forward`` reaches the expert matmul in four calls: model -> block -> MoE layer ->
-expert bank. Each block is pre-norm (RMSNorm): ``x + attn(norm(x))``, then ``x + ffn(norm(x))``
-where the FFN is an MoE layer or a dense FFN (``MoEPlacementConfig``).
+``TransformerLM.forward`` reaches the experts in four calls: model -> block -> MoE layer ->
+dispatcher -> expert bank, whose one fused autograd function runs both grouped matmuls. Each
+block is pre-norm (RMSNorm): ``x + attn(norm(x))``, then ``x + ffn(norm(x))`` where the FFN is
+an MoE layer or a dense FFN (``MoEPlacementConfig``).
 """
 
 from __future__ import annotations
