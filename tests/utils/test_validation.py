@@ -94,8 +94,8 @@ def test_saved_config_with_a_bad_value_names_the_key(tmp_path):
     "change, message",
     [
         ({"num_local_experts": 0}, "number of experts must be >= 1, got 0"),
-        ({"num_experts_per_tok": 9}, "experts per token must be in [1, 8], got 9"),
-        ({"hidden_size": "4096"}, "wrong type"),
+        ({"num_experts_per_tok": 9}, "top_k must be in [1, num_experts=8], got 9"),
+        ({"hidden_size": "4096"}, "d_model must be an integer, got '4096'"),
     ],
 )
 def test_params_cli_refuses_impossible_hf_configs(tmp_path, capsys, change, message):

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,221 +171,6 @@ def spec_from_moekit(config) -> ArchSpec:
     )
 
 
-# ---- Hugging Face config.json files ----------------------------------------------------------
-
-
-def _gqa_attention(c: dict, bias_qkv: bool = False, bias_o: bool = False) -> tuple[int, int, int]:
-    d, h = c["hidden_size"], c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or h
-    hd = c.get("head_dim") or d // h
-    params = d * h * hd + 2 * d * kv * hd + h * hd * d
-    if bias_qkv:
-        params += h * hd + 2 * kv * hd
-    if bias_o:
-        params += d
-    return params, h * hd, h * hd
-
-
-def _mixtral(c: dict) -> ArchSpec:
-    d, L, E = c["hidden_size"], c["num_hidden_layers"], c["num_local_experts"]
-    attn, qk, v = _gqa_attention(c)
-    return ArchSpec(
-        "mixtral",
-        c["vocab_size"],
-        d,
-        L,
-        c.get("tie_word_embeddings", False),
-        attn,
-        qk,
-        v,
-        2 * d,
-        d,
-        0,
-        0,
-        L,
-        E,
-        c["num_experts_per_tok"],
-        3 * d * c["intermediate_size"],
-        0,
-        d * E,
-    )
-
-
-def _sparse_layers(c: dict) -> int:
-    L, step = c["num_hidden_layers"], c.get("decoder_sparse_step", 1) or 1
-    dense_only = set(c.get("mlp_only_layers") or [])
-    return sum((i + 1) % step == 0 and i not in dense_only for i in range(L))
-
-
-def _qwen_moe(c: dict, qwen3: bool) -> ArchSpec:
-    d, L = c["hidden_size"], c["num_hidden_layers"]
-    E = c.get("num_experts") or c["num_local_experts"]
-    attn, qk, v = _gqa_attention(c, bias_qkv=not qwen3 or c.get("attention_bias", False))
-    hd = c.get("head_dim") or d // c["num_attention_heads"]
-    norms = 2 * d + (2 * hd if qwen3 else 0)  # Qwen3 adds per-head q_norm and k_norm
-    moe_layers = _sparse_layers(c)
-    shared_hidden = c.get("shared_expert_intermediate_size", 0) or 0
-    shared = 3 * d * shared_hidden + (d if shared_hidden else 0)  # + sigmoid gate
-    return ArchSpec(
-        "qwen3_moe" if qwen3 else "qwen2_moe",
-        c["vocab_size"],
-        d,
-        L,
-        c.get("tie_word_embeddings", False),
-        attn,
-        qk,
-        v,
-        norms,
-        d,
-        L - moe_layers,
-        3 * d * c["intermediate_size"],
-        moe_layers,
-        E,
-        c["num_experts_per_tok"],
-        3 * d * c["moe_intermediate_size"],
-        shared,
-        d * E,
-    )
-
-
-def _olmoe(c: dict) -> ArchSpec:
-    d, L, E = c["hidden_size"], c["num_hidden_layers"], c["num_experts"]
-    attn, qk, v = _gqa_attention(c)
-    h = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or h
-    hd = d // h
-    norms = 2 * d + h * hd + kv * hd  # q_norm and k_norm over the whole projections
-    return ArchSpec(
-        "olmoe",
-        c["vocab_size"],
-        d,
-        L,
-        c.get("tie_word_embeddings", False),
-        attn,
-        qk,
-        v,
-        norms,
-        d,
-        0,
-        0,
-        L,
-        E,
-        c["num_experts_per_tok"],
-        3 * d * c["intermediate_size"],
-        0,
-        d * E,
-    )
-
-
-def _deepseek(c: dict) -> ArchSpec:
-    from moekit.models.transformer.mla import MLAConfig
-
-    d, L, h = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
-    mla = MLAConfig(
-        q_lora_rank=c.get("q_lora_rank") or 0,
-        kv_lora_rank=c["kv_lora_rank"],
-        qk_nope_head_dim=c["qk_nope_head_dim"],
-        qk_rope_head_dim=c["qk_rope_head_dim"],
-        v_head_dim=c["v_head_dim"],
-    )
-    attn, qk_width, v_width = _mla_attention(d, h, mla)
-    E = c["n_routed_experts"]
-    first_dense = c.get("first_k_dense_replace", 0)
-    freq = c.get("moe_layer_freq", 1) or 1
-    moe_layers = sum(i >= first_dense and i % freq == 0 for i in range(L))
-    expert = 3 * d * c["moe_intermediate_size"]
-    router = d * E + (E if c.get("topk_method") == "noaux_tc" else 0)  # V3 selection bias
-    return ArchSpec(
-        c.get("model_type", "deepseek"),
-        c["vocab_size"],
-        d,
-        L,
-        c.get("tie_word_embeddings", False),
-        attn,
-        qk_width,
-        v_width,
-        2 * d,
-        d,
-        L - moe_layers,
-        3 * d * c["intermediate_size"],
-        moe_layers,
-        E,
-        c["num_experts_per_tok"],
-        expert,
-        (c.get("n_shared_experts") or 0) * expert,
-        router,
-    )
-
-
-def _dbrx(c: dict) -> ArchSpec:
-    d, L, h = c["d_model"], c["n_layers"], c["n_heads"]
-    attn_cfg, ffn_cfg = c.get("attn_config", {}), c.get("ffn_config", {})
-    kv = attn_cfg.get("kv_n_heads", h)
-    hd = d // h
-    attn = d * (h * hd + 2 * kv * hd) + h * hd * d  # fused Wqkv + out_proj, no biases
-    E = ffn_cfg["moe_num_experts"]
-    return ArchSpec(
-        "dbrx",
-        c["vocab_size"],
-        d,
-        L,
-        c.get("tie_word_embeddings", False),
-        attn,
-        h * hd,
-        h * hd,
-        2 * d,
-        d,
-        0,
-        0,
-        L,
-        E,
-        ffn_cfg["moe_top_k"],
-        3 * d * ffn_cfg["ffn_hidden_size"],
-        0,
-        d * E,
-    )
-
-
-def _gpt_oss(c: dict) -> ArchSpec:
-    d, L = c["hidden_size"], c["num_hidden_layers"]
-    attn, qk, v = _gqa_attention(c, bias_qkv=True, bias_o=True)
-    attn += c["num_attention_heads"]  # attention sinks, one per head
-    E, inter = c["num_local_experts"], c["intermediate_size"]
-    expert = d * 2 * inter + 2 * inter + inter * d + d  # gate_up and down with biases
-    return ArchSpec(
-        "gpt_oss",
-        c["vocab_size"],
-        d,
-        L,
-        c.get("tie_word_embeddings", False),
-        attn,
-        qk,
-        v,
-        2 * d,
-        d,
-        0,
-        0,
-        L,
-        E,
-        c.get("num_experts_per_tok") or c["experts_per_token"],
-        expert,
-        0,
-        d * E + E,
-    )
-
-
-HF_FAMILIES: dict[str, Callable[[dict], ArchSpec]] = {
-    "mixtral": _mixtral,
-    "qwen2_moe": lambda c: _qwen_moe(c, qwen3=False),
-    "qwen3_moe": lambda c: _qwen_moe(c, qwen3=True),
-    "olmoe": _olmoe,
-    "deepseek_v2": _deepseek,
-    "deepseek_v3": _deepseek,
-    "dbrx": _dbrx,
-    "gpt_oss": _gpt_oss,
-}
-
-
 def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
     """An ``ArchSpec`` from a Hugging Face ``config.json`` (a path, a folder or a dict)."""
     if isinstance(config, dict):
@@ -401,43 +185,28 @@ def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+    from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
+    from moekit.interop.hf import CONFIG_PARSERS  # the same parsers the converters use
+
     model_type = data.get("model_type")
-    if model_type not in HF_FAMILIES:
+    if model_type not in CONFIG_PARSERS:
         raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
+            f"model_type {model_type!r} is not supported; supported: {', '.join(CONFIG_PARSERS)}"
         )
+    source = f"{model_type} config.json"
     try:
-        spec = HF_FAMILIES[model_type](data)
+        parsed = CONFIG_PARSERS[model_type](data, strict=False)
     except KeyError as e:
-        raise ValueError(f"{model_type} config.json lacks the field {e.args[0]!r}") from None
-    except TypeError as e:  # a string or null where a number belongs
-        raise ValueError(f"{model_type} config.json has a value of the wrong type: {e}") from None
-    _check_spec(spec, f"{model_type} config.json")
+        raise ValueError(f"{source} lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # types and ranges are checked by the moekit config
+        raise ValueError(f"{source}: {e}") from None
+    if model_type not in DENSE_MODEL_TYPES and parsed.moe.num_experts < 1:
+        raise ValueError(
+            f"{source}: the number of experts must be >= 1, got {parsed.moe.num_experts}"
+        )
+    spec = spec_from_moekit(parsed)
+    spec.name = model_type
     return spec
-
-
-def _check_spec(spec: ArchSpec, source: str) -> None:
-    """Refuse counts that cannot describe a model (a zero expert count, k > E, ...)."""
-    for f in fields(spec):
-        value = getattr(spec, f.name)
-        if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{source}: {f.name} must be an integer, got {value!r}")
-        if f.type in ("int", int) and value < 0:
-            raise ValueError(f"{source}: {f.name} must be >= 0, got {value}")
-    for name in ("vocab_size", "d_model", "n_layers"):
-        if getattr(spec, name) < 1:
-            raise ValueError(f"{source}: {name} must be >= 1, got {getattr(spec, name)}")
-    if spec.moe_layers:
-        if spec.num_experts < 1:
-            raise ValueError(
-                f"{source}: the number of experts must be >= 1, got {spec.num_experts}"
-            )
-        if not 1 <= spec.top_k <= spec.num_experts:
-            raise ValueError(
-                f"{source}: experts per token must be in [1, {spec.num_experts}], got {spec.top_k}"
-            )
-        if spec.expert_params < 1:
-            raise ValueError(f"{source}: the expert width must be >= 1")
 
 
 def count_parameters(source: Any, context: int = 4096) -> ParamReport:

@@ -193,7 +193,7 @@ def attention_fields(hf: dict[str, Any]) -> dict[str, Any]:
         n_layers=hf["num_hidden_layers"],
         n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim"),  # None: d_model // n_heads, as transformers does
         max_seq_len=hf.get("max_position_embeddings", 4096),
         rope_theta=theta,
         rope_scaling=scaling,

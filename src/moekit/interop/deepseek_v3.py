@@ -82,7 +82,7 @@ HF_FIELDS = HFFields(
         "pretraining_tp": (1,),
         "topk_method": ("noaux_tc",),
         "scoring_func": ("sigmoid",),
-        "moe_layer_freq": (1,),
+        "moe_layer_freq": (1,),  # an MoE in every block after the dense ones
         "ep_size": (any_value,),
         "aux_loss_alpha": (any_value,),
         "seq_aux": (any_value,),
@@ -90,10 +90,26 @@ HF_FIELDS = HFFields(
 )
 
 
-def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    check_hf_config(hf, "DeepSeek-V3", HF_FIELDS)
+V2_HF_FIELDS = HFFields(
+    mapped=HF_FIELDS.mapped,
+    fixed={
+        **{k: v for k, v in HF_FIELDS.fixed.items() if k not in ("topk_method", "scoring_func")},
+        "topk_method": ("greedy", "group_limited_greedy"),
+        "scoring_func": ("softmax",),
+    },
+)
+
+
+def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) -> TransformerConfig:
+    """The moekit config of an HF ``config.json`` (``strict=False``: accounting only).
+
+    ``v2``: DeepSeek-V2's router instead (softmax scores, group-limited by each group's best
+    score, no correction bias); V2 checkpoints are parsed for accounting, not converted.
+    """
+    family = "DeepSeek-V2" if v2 else "DeepSeek-V3"
+    check_hf_config(hf, family, V2_HF_FIELDS if v2 else HF_FIELDS, strict)
     if not hf.get("n_shared_experts"):
-        raise ValueError("DeepSeek-V3 import expects n_shared_experts >= 1")
+        raise ValueError(f"{family} import expects n_shared_experts >= 1")
     experts = hf.get("n_routed_experts") or hf["num_local_experts"]
     fields = common.attention_fields({**hf, "head_dim": hf["qk_rope_head_dim"]})
     return TransformerConfig(
@@ -114,13 +130,13 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
             expert_hidden=hf["moe_intermediate_size"],
             first_dense=hf.get("first_k_dense_replace", 0),
             router=RouterConfig(
-                gating=Gating.SIGMOID_TOPK,
-                normalize_weights=bool(hf.get("norm_topk_prob", True)),
+                gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
+                normalize_weights=bool(hf.get("norm_topk_prob", not v2)),
                 routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
                 num_groups=hf.get("n_group") or 1,
                 topk_groups=hf.get("topk_group") or 1,
-                group_score=GroupScore.TOP2_SUM,
-                bias_balancing=True,
+                group_score=GroupScore.MAX if v2 else GroupScore.TOP2_SUM,
+                bias_balancing=not v2,
             ),
             shared_experts=SharedExpertConfig(
                 hidden=hf["n_shared_experts"] * hf["moe_intermediate_size"]

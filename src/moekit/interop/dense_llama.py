@@ -56,8 +56,9 @@ HF_FIELDS = {
 }
 
 
-def config_from_hf(hf: dict[str, Any], model_type: str) -> TransformerConfig:
-    check_hf_config(hf, model_type, HF_FIELDS[model_type])
+def config_from_hf(hf: dict[str, Any], model_type: str, strict: bool = True) -> TransformerConfig:
+    """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
+    check_hf_config(hf, model_type, HF_FIELDS[model_type], strict)
     return TransformerConfig(
         **common.attention_fields({**hf, "model_type": model_type}),
         ffn_hidden=hf["intermediate_size"],

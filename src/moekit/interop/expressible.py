@@ -100,9 +100,15 @@ def all_full_attention(value: Any) -> bool:
     return value is None or all(t == "full_attention" for t in value)
 
 
-def check_hf_config(hf: Mapping[str, Any], family: str, fields: HFFields) -> None:
-    """Raise ``ValueError`` naming every key of ``hf`` that ``family``'s import cannot map."""
-    for marker in QUANTISED_MARKERS:
+def check_hf_config(
+    hf: Mapping[str, Any], family: str, fields: HFFields, strict: bool = True
+) -> None:
+    """Raise ``ValueError`` naming every key of ``hf`` that ``family``'s import cannot map.
+
+    ``strict=False`` (parameter accounting) checks only the fixed keys: quantised checkpoints
+    and unknown keys do not change the architecture's shape.
+    """
+    for marker in QUANTISED_MARKERS if strict else ():
         if hf.get(marker):
             method = (
                 dict(hf[marker]).get("quant_method", "unknown")
@@ -123,7 +129,7 @@ def check_hf_config(hf: Mapping[str, Any], family: str, fields: HFFields) -> Non
     problems += [
         f"{key}={hf[key]!r} (an option moekit does not map)"
         for key in sorted(hf)
-        if key not in known and not key.startswith("_") and _is_set(hf[key])
+        if strict and key not in known and not key.startswith("_") and _is_set(hf[key])
     ]
     if problems:
         raise ValueError(

@@ -102,8 +102,9 @@ HF_FIELDS = HFFields(
 )
 
 
-def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    check_hf_config(hf, "GPT-OSS", HF_FIELDS)
+def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig:
+    """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
+    check_hf_config(hf, "GPT-OSS", HF_FIELDS, strict)
     k = hf.get("num_experts_per_tok") or hf["experts_per_token"]
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moekit.interop import (
+    dbrx,
     deepseek_v3,
     dense_llama,
     gpt_oss,
@@ -32,6 +35,7 @@ from moekit.interop import (
 )
 from moekit.interop import keymap as km
 from moekit.interop.expressible import export_problems
+from moekit.models.transformer.config import TransformerConfig
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
@@ -40,6 +44,14 @@ FAMILIES: dict[str, ModuleType] = {
     for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss)
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
+
+# One config parser per family, for converters and accounting alike (``moekit params``);
+# DeepSeek-V2 and DBRX are parsed for accounting only.
+CONFIG_PARSERS: dict[str, Callable[..., TransformerConfig]] = {
+    **{name: module.config_from_hf for name, module in FAMILIES.items()},
+    "deepseek_v2": partial(deepseek_v3.config_from_hf, v2=True),
+    "dbrx": dbrx.config_from_hf,
+}
 
 
 def _family(model_type: str | None) -> ModuleType:

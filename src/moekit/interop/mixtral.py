@@ -49,8 +49,9 @@ HF_FIELDS = HFFields(
 )
 
 
-def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    check_hf_config(hf, "Mixtral", HF_FIELDS)
+def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig:
+    """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
+    check_hf_config(hf, "Mixtral", HF_FIELDS, strict)
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),

@@ -75,8 +75,9 @@ HF_FIELDS = {
 }
 
 
-def config_from_hf(hf: dict[str, Any], qwen3: bool) -> TransformerConfig:
-    check_hf_config(hf, "Qwen3-MoE" if qwen3 else "Qwen2-MoE", HF_FIELDS[qwen3])
+def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> TransformerConfig:
+    """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
+    check_hf_config(hf, "Qwen3-MoE" if qwen3 else "Qwen2-MoE", HF_FIELDS[qwen3], strict)
     shared = hf.get("shared_expert_intermediate_size") or 0
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
