@@ -30,7 +30,7 @@ ROUTERS = {
     "dense (all experts)": (dict(kind="dense"), 1),
     "dense, Eigen 2013 gate": (dict(kind="dense", gate_hidden=64), 1),
     "gshard_top2": (dict(kind="gshard_top2"), 2),
-    "expert_choice (c=2)": (dict(kind="expert_choice", expert_capacity=2.0), 1),
+    "expert_choice (c=2)": (dict(kind="expert_choice", capacity_factor=2.0), 1),
     "soft (2 x tokens / E slots)": (dict(kind="soft", slots_per_expert=2 * SEQ // EXPERTS), 1),
     "hash": (dict(kind="hash"), 1),
     "random_static": (dict(kind="random_static", vocab_size=1000), 1),

@@ -20,7 +20,7 @@ from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
-from moekit.routing.config import RouterConfig, RouterKind
+from moekit.routing.config import RouterKind, RouterOptions, TopKRouterConfig
 from moekit.routing.result import RoutingResult
 from moekit.routing.soft import SoftRoutingResult
 from moekit.utils.validation import check_fields, check_layer_input
@@ -48,7 +48,7 @@ class MoEConfig:
     num_experts: int
     top_k: int
     experts: ExpertConfig
-    router: RouterConfig = field(default_factory=RouterConfig)
+    router: RouterOptions = field(default_factory=TopKRouterConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     shared_experts: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
@@ -60,7 +60,7 @@ class MoEConfig:
         if self.d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {self.d_model}")
         self.router.validate_for(self.num_experts, self.top_k)
-        if self.aux_loss.load > 0 and not self.router.noisy_gating:
+        if self.aux_loss.load > 0 and not getattr(self.router, "noisy_gating", False):
             raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
         if self.aux_loss.load > 0 and self.top_k >= self.num_experts:
             raise ValueError(

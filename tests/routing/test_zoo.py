@@ -20,7 +20,7 @@ KINDS = {
     "dense": (dict(kind="dense"), 1),
     "dense_eigen2013": (dict(kind="dense", gate_hidden=6), 1),
     "gshard_top2": (dict(kind="gshard_top2"), 2),
-    "expert_choice": (dict(kind="expert_choice", expert_capacity=1.5), 1),
+    "expert_choice": (dict(kind="expert_choice", capacity_factor=1.5), 1),
     "hash": (dict(kind="hash"), 1),
     "random_static": (dict(kind="random_static", vocab_size=50), 1),
     "base": (dict(kind="base"), 1),

@@ -138,8 +138,8 @@ def spec_from_moekit(config) -> ArchSpec:
         s = moe.shared_experts
         shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
         shared += d if s.gated else 0
-    router = moe.num_experts * d + (moe.num_experts if moe.router.bias else 0)
-    router += moe.num_experts * d if moe.router.noisy_gating else 0
+    router = moe.num_experts * d + (moe.num_experts if getattr(moe.router, "bias", False) else 0)
+    router += moe.num_experts * d if getattr(moe.router, "noisy_gating", False) else 0
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if config.qkv_bias else 0
     attention += (d if config.o_bias else 0) + (config.n_heads if config.attention_sinks else 0)

@@ -6,7 +6,7 @@ dense FFNs in the first ``first_k_dense_replace`` blocks, optional YaRN rotary s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from moekit.experts.activations import Activation
 from moekit.experts.shared import SharedExpertConfig
@@ -16,7 +16,7 @@ from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.models.transformer.mla import MLAConfig
-from moekit.routing.config import Gating, GroupScore, RouterConfig
+from moekit.routing.config import Gating, GroupScore, RouterConfig, TopKRouterConfig
 
 MODEL_TYPE = "deepseek_v3"
 
@@ -150,7 +150,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe, mla = config.moe, config.mla
     if mla is None or not moe.num_experts or moe.shared_experts is None:
         raise ValueError("DeepSeek-V3 export needs MLA attention, MoE layers and shared experts")
-    router = moe.router
+    router = cast(TopKRouterConfig, moe.router)  # export_problems checked the kind
     return {
         **common.attention_to_hf(config),
         "architectures": ["DeepseekV3ForCausalLM"],

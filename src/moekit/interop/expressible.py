@@ -186,6 +186,12 @@ def export_problems(
     from_hf: Callable[[dict[str, Any]], Any],
 ) -> list[str]:
     """Every function-changing option of ``config`` that does not survive the round trip."""
+    router = config.moe.router
+    if config.moe.num_experts and router.kind.value != "top_k":
+        return [
+            f"moe.router.kind={router.kind.value!r} (Hugging Face MoE families route by "
+            "token-choice top-k)"
+        ]
     try:
         back = from_hf(to_hf(config))
     except ValueError as error:

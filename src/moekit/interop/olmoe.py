@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from moekit.experts.activations import Activation
 from moekit.interop import common
@@ -12,7 +12,7 @@ from moekit.interop.expressible import HFFields, check_hf_config, unset
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
-from moekit.routing.config import Gating, RouterConfig
+from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
 
 MODEL_TYPE = "olmoe"
 
@@ -66,7 +66,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "intermediate_size": config.ffn_hidden,
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
-        "norm_topk_prob": moe.router.normalize_weights,
+        "norm_topk_prob": cast(TopKRouterConfig, moe.router).normalize_weights,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
         "router_z_loss_coef": moe.aux_loss.z_loss,
         "clip_qkv": None,

@@ -10,7 +10,7 @@ shared expert. Experts: ``mlp.experts.{e}.{gate,up,down}_proj`` in checkpoints, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from moekit.experts.activations import Activation
 from moekit.experts.shared import SharedExpertConfig
@@ -25,7 +25,7 @@ from moekit.interop.expressible import (
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
-from moekit.routing.config import Gating, RouterConfig
+from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
 
 
 def keymaps(config: TransformerConfig, qwen3: bool) -> dict[str, list[Entry]]:
@@ -104,7 +104,7 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> Tran
 
 def config_to_hf(config: TransformerConfig, qwen3: bool) -> dict[str, Any]:
     moe = config.moe
-    router = moe.router
+    router = cast(TopKRouterConfig, moe.router)  # export_problems checked the kind
     shared = moe.shared_experts
     out = {
         **common.attention_to_hf(config),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import BaseRouterConfig
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
@@ -78,7 +78,9 @@ class BalancedAssignmentRouter(nn.Module):
 
     causal = False
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: BaseRouterConfig
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 1
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import DenseRouterConfig
 from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
 from moekit.routing.result import RoutingResult
 
@@ -22,7 +22,9 @@ class DenseGateRouter(nn.Module):
 
     causal = True
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: DenseRouterConfig
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts = config, d_model, num_experts
         self.top_k = num_experts

@@ -1,7 +1,7 @@
 """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
 ``S = softmax(x W)`` over experts for each token; each expert then takes the ``c_e =
-ceil(c T / E)`` tokens with the highest score for it (``c`` = ``expert_capacity``, the average
+ceil(c T / E)`` tokens with the highest score for it (``c`` = ``capacity_factor``, the average
 number of experts per token). Load is balanced by construction; a token may be picked by 0..E
 experts, and one picked by none passes through on the residual. Its combine weight for an expert
 is its score ``S[t, e]``.
@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import ExpertChoiceRouterConfig
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
@@ -27,7 +27,9 @@ class ExpertChoiceRouter(nn.Module):
 
     causal = False
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: ExpertChoiceRouterConfig
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts = config, d_model, num_experts
         self.top_k = num_experts
@@ -35,7 +37,7 @@ class ExpertChoiceRouter(nn.Module):
 
     def tokens_per_expert(self, num_tokens: int) -> int:
         return min(
-            num_tokens, math.ceil(self.config.expert_capacity * num_tokens / self.num_experts)
+            num_tokens, math.ceil(self.config.capacity_factor * num_tokens / self.num_experts)
         )
 
     def forward(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import GShardRouterConfig
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
@@ -21,7 +21,9 @@ class GShardTop2Router(nn.Module):
 
     causal = True
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: GShardRouterConfig
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 2
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)

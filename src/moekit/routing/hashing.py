@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import RouterConfig, RouterKind
+from moekit.routing.config import HashRouterConfig, RandomStaticRouterConfig
 from moekit.routing.result import RoutingResult
 
 _PRIME = 2**31 - 1
@@ -25,11 +25,17 @@ class HashRouter(nn.Module):
     causal = True
     needs_token_ids = True
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        config: HashRouterConfig | RandomStaticRouterConfig,
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 1
         generator = torch.Generator().manual_seed(config.hash_seed)
-        if config.kind is RouterKind.RANDOM_STATIC:
+        if isinstance(config, RandomStaticRouterConfig):
             table = torch.randint(0, num_experts, (config.vocab_size,), generator=generator)
             self.register_buffer("table_V", table)
         else:

@@ -6,6 +6,7 @@ Legend: T = tokens, E = experts, K = experts chosen per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -42,3 +43,32 @@ class RoutingResult:
     @property
     def num_experts(self) -> int:
         return self.logits_TE.shape[-1]
+
+
+@runtime_checkable
+class Router(Protocol):
+    """What every token-choice or batch-level router is: ``(T, D) -> RoutingResult``.
+
+    Attributes:
+        num_experts: E.
+        top_k: expert slots per token in the result (K; E for routers whose tokens take a
+            variable number of experts, with ``assignment_mask_TK`` marking the used ones).
+        causal: whether a token's routing never depends on later tokens (a causal language
+            model refuses the others).
+
+    Call: ``router(x_TD, token_ids_T=None, token_mask_T=None)``: token ids for routers that
+    route by id (hash), the padding mask (``True`` = real token) for routers whose decision
+    depends on the batch (expert choice, BASE), so padding never takes a real token's slot.
+    Soft MoE's router is not a ``Router``: it mixes whole sequences (``SoftMoERouter``).
+    """
+
+    num_experts: int
+    top_k: int
+    causal: bool
+
+    def __call__(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult: ...

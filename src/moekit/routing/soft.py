@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import SoftRouterConfig
 from moekit.routing.projection import router_dtype
 
 
@@ -48,7 +48,9 @@ class SoftMoERouter(nn.Module):
     causal = False
     soft = True
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: SoftRouterConfig
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts = config, d_model, num_experts
         self.top_k = config.slots_per_expert

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.config import RouterConfig
+from moekit.routing.config import TopPRouterConfig
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
@@ -22,7 +22,9 @@ class TopPRouter(nn.Module):
 
     causal = True
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: TopPRouterConfig
+    ) -> None:
         super().__init__()
         self.config, self.d_model, self.num_experts, self.top_k = (
             config,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import Gating, GroupScore, RouterConfig
+from moekit.routing.config import Gating, GroupScore, TopKRouterConfig
 from moekit.routing.result import RoutingResult
 
 
@@ -41,7 +41,9 @@ class TopKRouter(nn.Module):
     expert_bias_E: torch.Tensor | None
     load_since_update_E: torch.Tensor | None
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, config: TopKRouterConfig
+    ) -> None:
         super().__init__()
         config.validate_for(num_experts, top_k)
         self.config = config

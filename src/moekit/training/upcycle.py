@@ -21,7 +21,7 @@ from moekit.experts.dense import FeedForward
 from moekit.layers import MoE
 from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.models.transformer.model import Block, TransformerLM
-from moekit.routing.config import Gating, RouterConfig
+from moekit.routing.config import Gating, RouterOptions, TopKRouterConfig
 
 
 def upcycle(
@@ -33,7 +33,7 @@ def upcycle(
     first_dense: int = 0,
     noise_std: float = 0.0,
     granularity: int = 1,
-    router: RouterConfig | None = None,
+    router: RouterOptions | None = None,
     seed: int = 0,
 ) -> TransformerLM:
     """An MoE ``TransformerLM`` initialised from ``dense`` (which must have no MoE layers).
@@ -62,7 +62,7 @@ def upcycle(
         expert_hidden=config.ffn_hidden // granularity,
         every=every,
         first_dense=first_dense,
-        router=router or RouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
+        router=router or TopKRouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
     )
     moe_config = dataclasses.replace(config, moe=placement)
     torch.manual_seed(seed)

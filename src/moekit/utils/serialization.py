@@ -68,6 +68,11 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
     kwargs = {}
     for name, value in data.items():
         sub = _dataclass_in(hints[name])
+        if sub is not None and isinstance(value, dict) and hasattr(sub, "from_config_dict"):
+            # a family of configs picked by a key (router kinds)
+            path = f"{section}.{name}" if section else name
+            kwargs[name] = sub.from_config_dict(value, path)
+            continue
         path = f"{section}.{name}" if section else name
         kwargs[name] = (
             config_from_dict(sub, value, path)

@@ -11,7 +11,7 @@ from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.mla import MLAConfig
-from moekit.routing.config import RouterConfig, RouterKind
+from moekit.routing.config import RandomStaticRouterConfig, RouterOptions, TopKRouterConfig
 from moekit.routing.registry import is_causal
 from moekit.utils.validation import check_fields
 
@@ -38,7 +38,7 @@ class MoEPlacementConfig:
     expert_hidden: int = 0
     every: int = 1
     first_dense: int = 0
-    router: RouterConfig = field(default_factory=RouterConfig)
+    router: RouterOptions = field(default_factory=TopKRouterConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     shared_experts: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
@@ -198,7 +198,10 @@ class TransformerConfig:
                     "cannot use it; see docs/routing.md for the causal routers"
                 )
             router = self.moe.router
-            if router.kind is RouterKind.RANDOM_STATIC and router.vocab_size != self.vocab_size:
+            if (
+                isinstance(router, RandomStaticRouterConfig)
+                and router.vocab_size != self.vocab_size
+            ):
                 raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
 
     @property
