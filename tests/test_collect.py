@@ -1,7 +1,7 @@
 import torch
 
 import moekit
-from tests.conftest import make_moe
+from tests.builders import make_moe
 
 
 class TwoLayerNet(torch.nn.Module):

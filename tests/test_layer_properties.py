@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import moekit
 from moekit.dispatch.reference import reference_moe_output
-from tests.conftest import assert_grads_close, loss_and_grads
+from tests.builders import assert_grads_close, loss_and_grads
 
 
 @st.composite

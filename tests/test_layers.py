@@ -4,9 +4,12 @@ import pytest
 import torch
 
 import moekit
-from moekit.dispatch.reference import reference_moe_output
 from moekit.experts.grouped_matmul import grouped_mm_available
-from tests.conftest import assert_grads_close, loss_and_grads, make_moe
+from tests.builders import (
+    assert_layer_matches_reference,
+    loss_and_grads,
+    make_moe,
+)
 
 KERNELS = ["loop"] + (["grouped_mm"] if grouped_mm_available(torch.float32) else [])
 
@@ -38,51 +41,20 @@ LAYER_OPTIONS = {
 ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
 
 
-def _assert_matches_reference(moe, x, padding_mask=None):
-    def fast(x_):
-        return moe(x_, padding_mask).output
-
-    def reference(x_):
-        routing = moe.router(x_.reshape(-1, moe.d_model))
-        return reference_moe_output(moe, x_, routing, padding_mask)
-
-    out_fast, g_fast = loss_and_grads(moe, x, fast)
-    out_ref, g_ref = loss_and_grads(moe, x, reference)
-    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-6)
-    assert_grads_close(g_fast, g_ref)
-
-
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", sorted(LAYER_OPTIONS))
 def test_layer_matches_looped_reference(name, kernel):
     options = dict(LAYER_OPTIONS[name])
     top_k = options.pop("top_k", 2)
     moe = make_moe(top_k=top_k, experts=moekit.ExpertConfig(hidden=12, kernel=kernel), **options)
-    _assert_matches_reference(moe.train(), torch.randn(3, 7, 8))
+    assert_layer_matches_reference(moe.train(), torch.randn(3, 7, 8))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_activation_and_bias_matches_reference(activation, bias):
     moe = make_moe(experts=moekit.ExpertConfig(hidden=12, activation=activation, bias=bias))
-    _assert_matches_reference(moe, torch.randn(2, 9, 8))
-
-
-@pytest.mark.parametrize(
-    "dispatch",
-    [
-        moekit.DispatchConfig(),
-        moekit.DispatchConfig(mode="capacity", capacity_factor=0.6, min_capacity=1),
-    ],
-)
-def test_padding_mask_is_not_dispatched(dispatch):
-    moe = make_moe(dispatch=dispatch)
-    x = torch.randn(2, 6, 8)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    _assert_matches_reference(moe, x, mask)
-    out = moe(x, mask)
-    assert torch.count_nonzero(out.output[~mask]) == 0
-    assert int(out.stats.tokens_per_expert.sum()) == 10 * 2
+    assert_layer_matches_reference(moe, torch.randn(2, 9, 8))
 
 
 def test_module_experts_any_module():
@@ -92,7 +64,7 @@ def test_module_experts_any_module():
     ]
     router = moekit.RouterConfig().build(8, 4, 2)
     moe = moekit.MoE(d_model=8, router=router, experts=moekit.ModuleExperts(experts))
-    _assert_matches_reference(moe, torch.randn(11, 8))
+    assert_layer_matches_reference(moe, torch.randn(11, 8))
 
 
 def test_one_expert_top1_equals_dense_ffn():
@@ -111,52 +83,6 @@ def test_one_expert_top1_equals_dense_ffn():
     torch.testing.assert_close(
         g_moe["experts.w_in_EDH"][0], g_dense["w_in_DH"], rtol=1e-5, atol=1e-6
     )
-
-
-def test_dropless_equals_capacity_with_enough_capacity():
-    moe = make_moe()
-    x = torch.randn(2, 10, 8)
-    out_dropless, g_dropless = loss_and_grads(moe, x, lambda x_: moe(x_).output)
-    moe.dispatch = moekit.DispatchConfig(mode="capacity", capacity_factor=4.0)  # C = T*K
-    out_capacity, g_capacity = loss_and_grads(moe, x, lambda x_: moe(x_).output)
-    assert moe(x).stats.dropped_fraction == 0
-    torch.testing.assert_close(out_dropless, out_capacity, rtol=1e-5, atol=1e-6)
-    assert_grads_close(g_dropless, g_capacity)
-
-
-def test_dropped_tokens_get_zero_and_are_counted():
-    moe = make_moe(
-        num_experts=2,
-        top_k=1,
-        dispatch=moekit.DispatchConfig(
-            mode="capacity", capacity_factor=0.25, min_capacity=1, drop_priority="position"
-        ),
-    ).train()
-    x = torch.randn(16, 8)
-    out = moe(x)
-    capacity = out.stats.capacity
-    assert capacity == 2  # ceil(0.25 * 16 * 1 / 2)
-    assert out.stats.kept_per_expert.tolist() == out.stats.tokens_per_expert.clamp(max=2).tolist()
-    kept_tokens = (out.output != 0).any(-1)
-    assert int(kept_tokens.sum()) == int(out.stats.kept_per_expert.sum())
-    # position priority keeps the earliest tokens of each expert
-    idx = out.routing.expert_idx_TK[:, 0]
-    for e in range(2):
-        tokens = torch.nonzero(idx == e).flatten()
-        assert kept_tokens[tokens[:capacity]].all() and not kept_tokens[tokens[capacity:]].any()
-    expected = 1 - out.stats.kept_per_expert.sum() / 16
-    torch.testing.assert_close(out.stats.dropped_fraction, expected.float())
-
-
-def test_eval_capacity_factor_is_used_in_eval():
-    moe = make_moe(
-        dispatch=moekit.DispatchConfig(
-            mode="capacity", capacity_factor=1.0, eval_capacity_factor=3.0, min_capacity=0
-        )
-    )
-    x = torch.randn(20, 8)
-    assert moe.train()(x).stats.capacity == 10
-    assert moe.eval()(x).stats.capacity == 30
 
 
 def test_layer_gradcheck_float64():

@@ -155,11 +155,19 @@ class MoE(nn.Module):
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
-        self.dispatch = dispatch or DispatchConfig()
-        self.dispatcher = Dispatcher(self.dispatch, self.num_experts)
+        self.dispatcher = Dispatcher(dispatch or DispatchConfig(), self.num_experts)
         self.aux_loss = aux_loss or AuxLossConfig()
         self.check_finite = check_finite
         self.statistics = statistics
+
+    @property
+    def dispatch(self) -> DispatchConfig:
+        """The dispatch options (the dispatcher's; setting them changes the dispatcher's)."""
+        return self.dispatcher.config
+
+    @dispatch.setter
+    def dispatch(self, config: DispatchConfig) -> None:
+        self.dispatcher.config = config
 
     def forward(
         self,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moekit.cli.main import main
-from tests.training.conftest import TINY_MOE
+from tests.builders import TINY_MOE
 
 pytestmark = pytest.mark.distributed
 

@@ -8,50 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 from moekit.interop import from_hf, to_hf  # noqa: E402
 from moekit.models import generate  # noqa: E402
-
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 10000.0,
-    "factor": 4.0,
-    "original_max_position_embeddings": 32,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-}
-
-
-def _hf(**extra):
-    config = transformers.DeepseekV3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        n_group=4,
-        topk_group=2,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        max_position_embeddings=128,
-        routed_scaling_factor=2.5,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.weight.normal_(std=0.5)
-                layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
-    return model
+from tests.interop.tiny_hf import YARN  # noqa: E402
+from tests.interop.tiny_hf import deepseek_v3 as _hf  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -6,51 +6,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moekit.interop import from_hf, to_hf  # noqa: E402
-
-FAMILIES = {
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        dict(
-            shared_expert_intermediate_size=40,
-            moe_intermediate_size=24,
-            num_experts=4,
-            decoder_sparse_step=2,
-            norm_topk_prob=False,
-        ),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(moe_intermediate_size=24, num_experts=4, head_dim=8, norm_topk_prob=True),
-    ),
-    "olmoe": (
-        "OlmoeConfig",
-        "OlmoeForCausalLM",
-        dict(num_experts=4, eos_token_id=None, pad_token_id=None, bos_token_id=None),
-    ),
-}
-
-
-def _hf(name):
-    config_cls, model_cls, extra = FAMILIES[name]
-    config = getattr(transformers, config_cls)(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts_per_tok=2,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.weight.normal_(std=0.5)
-    return model
+from tests.interop.tiny_hf import FAMILIES  # noqa: E402
+from tests.interop.tiny_hf import qwen_or_olmoe as _hf  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

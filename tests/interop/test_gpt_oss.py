@@ -8,31 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from moekit.interop import from_hf, to_hf  # noqa: E402
 from moekit.models import generate  # noqa: E402
-
-
-def _hf():
-    config = transformers.GptOssConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=4,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "sinks" in name or "bias" in name or "router" in name:
-                param.normal_(std=0.5)
-            if "gate_up_proj" in name and "bias" not in name:
-                param.normal_(std=1.0)  # large enough that some gates pass the clamp at 7
-    return model
+from tests.interop.tiny_hf import gpt_oss as _hf  # noqa: E402
 
 
 def test_gpt_oss_round_trip(tmp_path):

@@ -6,30 +6,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
+from transformers import MixtralForCausalLM  # noqa: E402
 
 from moekit.interop import from_hf, to_hf  # noqa: E402
-
-
-def _hf_model(**kw) -> MixtralForCausalLM:
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-    )
-    base.update(kw)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**base)).eval()
-    with torch.no_grad():  # make the router decisive so top-k ties cannot flip
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(std=0.5)
-    return model
+from tests.interop.tiny_hf import mixtral as _hf_model  # noqa: E402
 
 
 def _logits(model, tokens):

@@ -9,7 +9,8 @@ import moekit  # noqa: E402
 from moekit.cli.main import main  # noqa: E402
 from moekit.interop import MoEBlock, from_hf, swap_moe_blocks, to_hf  # noqa: E402
 from moekit.training.upcycle import upcycle  # noqa: E402
-from tests.interop.test_families import FAMILIES, _hf  # noqa: E402
+from tests.interop.tiny_hf import FAMILIES, deepseek_v3, gpt_oss  # noqa: E402
+from tests.interop.tiny_hf import qwen_or_olmoe as _hf  # noqa: E402
 
 SMALL = dict(
     vocab_size=64,
@@ -24,12 +25,8 @@ SMALL = dict(
 @pytest.mark.parametrize("name", [*sorted(FAMILIES), "mixtral", "deepseek_v3", "gpt_oss"])
 def test_block_swap_keeps_outputs_and_trains(name):
     if name == "deepseek_v3":
-        from tests.interop.test_deepseek_v3 import _hf as deepseek
-
-        hf = deepseek(q_lora_rank=16)
+        hf = deepseek_v3(q_lora_rank=16)
     elif name == "gpt_oss":
-        from tests.interop.test_gpt_oss import _hf as gpt_oss
-
         hf = gpt_oss()
     elif name == "mixtral":
         torch.manual_seed(0)

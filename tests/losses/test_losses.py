@@ -11,7 +11,7 @@ from moekit.losses import (
     router_z_loss,
     switch_load_balancing_loss,
 )
-from tests.conftest import make_moe
+from tests.builders import make_moe
 
 
 def _switch_by_hand(probs, idx, mask):

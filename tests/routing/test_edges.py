@@ -5,8 +5,7 @@ import torch
 
 import moekit
 from moekit.routing.reference import reference_route
-from tests.conftest import make_moe
-from tests.routing.test_zoo import KINDS
+from tests.builders import KINDS, make_moe
 
 D, E = 8, 4
 ALL_KINDS = {**KINDS, "top_k": (dict(kind="top_k"), 2), "soft": (dict(kind="soft"), 1)}

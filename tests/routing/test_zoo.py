@@ -13,19 +13,9 @@ from moekit.routing.base_layers import (
     exact_balanced_assignment,
     sinkhorn_balanced_assignment,
 )
-from tests.conftest import assert_grads_close, loss_and_grads, make_moe
+from tests.builders import KINDS, assert_grads_close, loss_and_grads, make_moe
 
 D, E = 8, 4
-KINDS = {
-    "dense": (dict(kind="dense"), 1),
-    "dense_eigen2013": (dict(kind="dense", gate_hidden=6), 1),
-    "gshard_top2": (dict(kind="gshard_top2"), 2),
-    "expert_choice": (dict(kind="expert_choice", capacity_factor=1.5), 1),
-    "hash": (dict(kind="hash"), 1),
-    "random_static": (dict(kind="random_static", vocab_size=50), 1),
-    "base": (dict(kind="base"), 1),
-    "top_p": (dict(kind="top_p", top_p=0.6), 3),
-}
 
 
 def _moe(name, **kw):

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from moekit.cli.main import main
-from tests.training.conftest import TINY_MOE
+from tests.builders import TINY_MOE
 
 
 def test_train_eval_generate_from_the_command_line(tmp_path, tiny_text, capsys):

@@ -8,7 +8,7 @@ from moekit.training import load_train_config, train
 from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.config import OptimConfig
 from moekit.training.optim import build_optimizer, lr_factor
-from tests.training.conftest import TINY, TINY_MOE
+from tests.builders import TINY, TINY_MOE
 
 
 def _config(tmp_path, name, extra=(), base=TINY_MOE, text=None):

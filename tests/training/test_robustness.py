@@ -7,7 +7,7 @@ import pytest
 from moekit.training import load_train_config, train
 from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.data import read_documents
-from tests.training.conftest import TINY_MOE
+from tests.builders import TINY_MOE
 
 
 def _config(tmp_path, text, extra=()):

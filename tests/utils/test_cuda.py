@@ -40,7 +40,7 @@ def test_lm_step_on_cuda_matches_the_cpu():
 
 def test_training_runs_on_cuda(tmp_path, tiny_text):
     from moekit.training import load_train_config, train
-    from tests.training.conftest import TINY_MOE
+    from tests.builders import TINY_MOE
 
     config = load_train_config(
         None, [*TINY_MOE, "steps=3", "device=cuda", f"out_dir={tmp_path}", f"data.path={tiny_text}"]

@@ -1,0 +1,92 @@
+"""Tiny configurations and comparison helpers shared by the tests (one place for each)."""
+
+from __future__ import annotations
+
+import torch
+
+import moekit
+from moekit.dispatch.reference import reference_moe_output
+
+# Router families other than plain top-k: (RouterConfig options, top_k) for tiny layers.
+KINDS = {
+    "dense": (dict(kind="dense"), 1),
+    "dense_eigen2013": (dict(kind="dense", gate_hidden=6), 1),
+    "gshard_top2": (dict(kind="gshard_top2"), 2),
+    "expert_choice": (dict(kind="expert_choice", capacity_factor=1.5), 1),
+    "hash": (dict(kind="hash"), 1),
+    "random_static": (dict(kind="random_static", vocab_size=50), 1),
+    "base": (dict(kind="base"), 1),
+    "top_p": (dict(kind="top_p", top_p=0.6), 3),
+}
+
+# Training overrides for a run of a few seconds on the embedded corpus.
+TINY = [
+    "steps=12",
+    "eval_every=6",
+    "eval_batches=2",
+    "log_every=1",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.ffn_hidden=64",
+    "model.max_seq_len=64",
+    "optim.warmup_steps=2",
+]
+TINY_MOE = [
+    *TINY,
+    "model.moe.num_experts=4",
+    "model.moe.expert_hidden=32",
+    "model.moe.top_k=2",
+]
+
+
+def make_moe(
+    d_model: int = 8,
+    num_experts: int = 4,
+    top_k: int = 2,
+    hidden: int = 12,
+    **kwargs,
+) -> moekit.MoE:
+    experts = kwargs.pop("experts", moekit.ExpertConfig(hidden=hidden))
+    cfg = moekit.MoEConfig(
+        d_model=d_model, num_experts=num_experts, top_k=top_k, experts=experts, **kwargs
+    )
+    return cfg.build()
+
+
+def loss_and_grads(module: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, dict]:
+    """Run ``forward(x)``, reduce it with fixed random coefficients, return output and grads."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = forward(x)
+    coeff = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view(out.shape)
+    (out * coeff).sum().backward()
+    grads = {"x": x.grad.clone()}
+    for name, p in module.named_parameters():
+        grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+    return out.detach(), grads
+
+
+def assert_grads_close(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(
+            a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def assert_layer_matches_reference(moe, x, padding_mask=None):
+    """The layer's fast path equals the looped reference on outputs and every gradient."""
+
+    def fast(x_):
+        return moe(x_, padding_mask).output
+
+    def reference(x_):
+        routing = moe.router(x_.reshape(-1, moe.d_model))
+        return reference_moe_output(moe, x_, routing, padding_mask)
+
+    out_fast, g_fast = loss_and_grads(moe, x, fast)
+    out_ref, g_ref = loss_and_grads(moe, x, reference)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_fast, g_ref)
