@@ -1,7 +1,7 @@
 """moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
 
 from moekit.analysis.routing_stats import RoutingStats
-from moekit.collect import collect_moe_outputs
+from moekit.collect import collect_moe_outputs, set_statistics
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
@@ -40,5 +40,6 @@ __all__ = [
     "SharedExperts",
     "TopKRouter",
     "collect_moe_outputs",
+    "set_statistics",
     "update_expert_bias",
 ]

@@ -51,6 +51,15 @@ class MoEOutputCollector:
         self.outputs.clear()
 
 
+def set_statistics(model: nn.Module, enabled: bool) -> int:
+    """Turn routing statistics on or off in every MoE layer of ``model`` (off: no statistics
+    work and no host syncs, e.g. for ``torch.compile``); returns how many layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        layer.statistics = enabled
+    return len(layers)
+
+
 @contextmanager
 def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
     """Record the ``MoEOutput`` of every ``MoE`` module in ``model`` (nested ones included)."""

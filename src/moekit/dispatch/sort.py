@@ -82,13 +82,17 @@ def plan_dispatch(
     if valid_A is not None:
         # Padding and empty slots go to a sentinel bucket E that sorts last and is cut off.
         expert_A = expert_A.masked_fill(~valid_A, num_experts)
-    bucket_counts = torch.bincount(expert_A, minlength=num_experts + 1)
+    # counts with a fixed shape (bincount's depends on the data), so torch.compile can trace it
+    bucket_counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device).index_add_(
+        0, expert_A, torch.ones_like(expert_A)
+    )
     routed_per_expert_E = bucket_counts[:num_experts]
-    num_assignments = T * K - int(bucket_counts[num_experts])
+    # without padding or empty slots every assignment counts: no host sync
+    num_assignments = T * K if valid_A is None else T * K - int(bucket_counts[num_experts])
 
     if capacity is None:
         order_A = torch.argsort(expert_A, stable=True)
-        order_M = order_A[:num_assignments]
+        order_M = order_A if valid_A is None else order_A[:num_assignments]
         kept_per_expert_E = routed_per_expert_E
     else:
         if priority is DropPriority.POSITION:

@@ -61,6 +61,8 @@ def activation_backward(
     activation = Activation(activation)
     if not activation.is_gated:
         return _scalar_backward(activation, grad_a_NH, h_NH)
+    if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
+        return _gated_backward_functional(activation, h_NH, grad_a_NH)
     # Write straight into the halves of one (..., 2H) buffer; grad_a_NH is consumed in place.
     gate, up = h_NH.chunk(2, dim=-1)
     grad_h = torch.empty_like(h_NH)
@@ -85,6 +87,29 @@ def activation_backward(
         grad_a_NH.mul_(up)
         torch.ops.aten.gelu_backward.grad_input(grad_a_NH, gate, grad_input=grad_gate)
     return grad_h
+
+
+def _gated_backward_functional(
+    activation: Activation, h_NH: torch.Tensor, grad_a_NH: torch.Tensor
+) -> torch.Tensor:
+    """The gated backward without ``out=`` writes into halves (which torch.compile refuses)."""
+    gate, up = h_NH.chunk(2, dim=-1)
+    if activation is Activation.SWIGLU_OAI:
+        g = gate.clamp(max=OAI_LIMIT)
+        sig = torch.sigmoid(OAI_ALPHA * g)
+        glu = g * sig
+        in_range = ((up >= -OAI_LIMIT) & (up <= OAI_LIMIT)).to(grad_a_NH.dtype)
+        grad_up = grad_a_NH * glu * in_range
+        d_glu = sig + OAI_ALPHA * glu * (1 - sig)
+        grad_gate = grad_a_NH * (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1) * d_glu
+        grad_gate = grad_gate * (gate <= OAI_LIMIT).to(grad_gate.dtype)
+    elif activation is Activation.SWIGLU:
+        grad_up = F.silu(gate) * grad_a_NH
+        grad_gate = torch.ops.aten.silu_backward(grad_a_NH * up, gate)
+    else:
+        grad_up = F.gelu(gate) * grad_a_NH
+        grad_gate = torch.ops.aten.gelu_backward(grad_a_NH * up, gate)
+    return torch.cat([grad_gate, grad_up], dim=-1)
 
 
 def _scalar_backward(activation: Activation, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -66,16 +66,7 @@ def grouped_mm_forward(
     x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
 ) -> torch.Tensor:
     """``y_MN`` with expert e's rows times ``w_EKN[e]`` (no autograd); ``kernel`` resolved."""
-    if kernel is GroupedMatmulKernel.GROUPED_MM:
-        assert _grouped_mm is not None  # resolve_kernel checked availability
-        return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
-    y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
-    start = 0
-    for e, count in enumerate(counts_E.tolist()):
-        if count:
-            torch.mm(x_MK[start : start + count], w_EKN[e], out=y_MN[start : start + count])
-        start += count
-    return y_MN
+    return _grouped_mm_op(x_MK, w_EKN, counts_E, GroupedMatmulKernel(kernel).value)
 
 
 def grouped_mm_weight_grad(
@@ -87,7 +78,40 @@ def grouped_mm_weight_grad(
     left operand measured 5x slower than the loop of ``torch.mm`` here (torch 2.13, 64 experts of
     128 rows, 512x2048: 546 ms against 106 ms).
     """
-    if kernel is GroupedMatmulKernel.GROUPED_MM and x_MK.device.type != "cpu":
+    return _weight_grad_op(x_MK, g_MN, counts_E, GroupedMatmulKernel(kernel).value)
+
+
+# The kernels are custom operators: opaque to torch.compile, with shape-only fake versions. The
+# group sizes are data (``counts_E.tolist()`` in the loop) and grouped_mm's own fake version
+# insists on bf16 inputs in torch 2.13, so tracing through them would break the graph or fail.
+
+
+@torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+def _grouped_mm_op(
+    x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, kernel: str
+) -> torch.Tensor:
+    if kernel == GroupedMatmulKernel.GROUPED_MM.value:
+        assert _grouped_mm is not None  # resolve_kernel checked availability
+        return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
+    y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
+    start = 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            torch.mm(x_MK[start : start + count], w_EKN[e], out=y_MN[start : start + count])
+        start += count
+    return y_MN
+
+
+@_grouped_mm_op.register_fake
+def _(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, kernel: str):
+    return x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
+
+
+@torch.library.custom_op("moekit::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(
+    x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: str
+) -> torch.Tensor:
+    if kernel == GroupedMatmulKernel.GROUPED_MM.value and x_MK.device.type != "cpu":
         assert _grouped_mm is not None
         return _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
     E = counts_E.shape[0]
@@ -100,3 +124,8 @@ def grouped_mm_weight_grad(
             gw_EKN[e].zero_()
         start += count
     return gw_EKN
+
+
+@_weight_grad_op.register_fake
+def _(x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: str):
+    return x_MK.new_empty(counts_E.shape[0], x_MK.shape[1], g_MN.shape[1])

@@ -31,6 +31,9 @@ class MoEPlacementConfig:
             model, the only order in which no token's capacity depends on later tokens).
         shared_experts: always-on experts, or ``None``.
         aux_loss: auxiliary-loss weights (the model returns their weighted sum).
+        expert_bias: biases in the routed experts (GPT-OSS).
+        statistics: routing statistics in every MoE output (off: no statistics work, no host
+            syncs, e.g. under ``torch.compile``).
     """
 
     num_experts: int = 0
@@ -43,6 +46,7 @@ class MoEPlacementConfig:
     shared_experts: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
     expert_bias: bool = False
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -69,6 +73,7 @@ class MoEPlacementConfig:
             dispatch=self.dispatch,
             shared_experts=self.shared_experts,
             aux_loss=self.aux_loss,
+            statistics=self.statistics,
         )
 
 
