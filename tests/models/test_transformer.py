@@ -106,7 +106,8 @@ def test_non_causal_capacity_priority_is_refused():
 
 def test_shapes_aux_loss_and_layer_placement():
     cfg = tiny_config(ROUTER_SETUPS["topk_softmax_every2"], n_layers=4)
-    model = TransformerLM(cfg)
+    model = cfg.build()
+    assert isinstance(model, TransformerLM) and model.config is cfg
     out = model(torch.randint(0, 37, (2, 5)))
     assert out.logits.shape == (2, 5, 37)
     assert [type(b.ffn).__name__ for b in model.blocks] == ["FeedForward", "MoE"] * 2

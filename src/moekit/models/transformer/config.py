@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.experts.activations import Activation
@@ -14,6 +15,9 @@ from moekit.models.transformer.mla import MLAConfig
 from moekit.routing.config import RandomStaticRouterConfig, RouterOptions, TopKRouterConfig
 from moekit.routing.registry import is_causal
 from moekit.utils.validation import check_fields
+
+if TYPE_CHECKING:
+    from moekit.models.transformer.model import TransformerLM
 
 
 @dataclass(kw_only=True)
@@ -208,6 +212,12 @@ class TransformerConfig:
                 and router.vocab_size != self.vocab_size
             ):
                 raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
+
+    def build(self) -> TransformerLM:
+        """The ``TransformerLM`` of this config (randomly initialised)."""
+        from moekit.models.transformer.model import TransformerLM
+
+        return TransformerLM(self)
 
     @property
     def kv_heads(self) -> int:
