@@ -11,6 +11,7 @@ from moekit.interop import common
 from moekit.interop.expressible import HFFields, check_hf_config, unset
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
 
@@ -41,7 +42,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
-        qk_norm="full",
+        qk_norm=QKNorm.FULL,
         moe=MoEPlacementConfig(
             num_experts=hf["num_experts"],
             top_k=k,

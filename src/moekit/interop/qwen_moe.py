@@ -24,6 +24,7 @@ from moekit.interop.expressible import (
 )
 from moekit.interop.keymap import Entry, Rename
 from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
 
@@ -85,7 +86,7 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> Tran
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
         qkv_bias=not qwen3,
-        qk_norm="head" if qwen3 else "none",
+        qk_norm=QKNorm.HEAD if qwen3 else QKNorm.NONE,
         moe=MoEPlacementConfig(
             num_experts=hf.get("num_experts") or hf["num_local_experts"],
             top_k=k,

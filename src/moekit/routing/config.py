@@ -57,6 +57,13 @@ class GroupScore(str, Enum):
     TOP2_SUM = "top2_sum"  # DeepSeek-V3: sum of the group's two best scores
 
 
+class SecondExpertPolicy(str, Enum):
+    """GShard's second expert in training."""
+
+    RANDOM = "random"  # kept with probability min(1, 2 g2)
+    ALL = "all"  # always kept
+
+
 @dataclass(kw_only=True)
 class RouterOptions:
     """What every family config shares: its ``kind`` (fixed), a check against the layer's E and
@@ -186,16 +193,9 @@ class GShardRouterConfig(RouterOptions):
     """
 
     kind: RouterKind = field(default=RouterKind.GSHARD_TOP2, init=False)
-    second_expert_policy: str = "random"
+    second_expert_policy: SecondExpertPolicy = SecondExpertPolicy.RANDOM
     float32: bool = True
     bias: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.second_expert_policy not in ("random", "all"):
-            raise ValueError(
-                f"second_expert_policy must be 'random' or 'all', got {self.second_expert_policy!r}"
-            )
 
     def validate_for(self, num_experts: int, top_k: int) -> None:
         super().validate_for(num_experts, top_k)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.routing.config import GShardRouterConfig
+from moekit.routing.config import GShardRouterConfig, SecondExpertPolicy
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
@@ -39,7 +39,7 @@ class GShardTop2Router(nn.Module):
         top = probs_TE.topk(2, dim=-1)
         weights_TK = top.values / top.values.sum(dim=-1, keepdim=True)
         mask_TK = None
-        if self.training and self.config.second_expert_policy == "random":
+        if self.training and self.config.second_expert_policy is SecondExpertPolicy.RANDOM:
             second_T = weights_TK.select(1, 1).detach()
             keep_second_T = torch.rand_like(second_T) < 2.0 * second_T
             mask_TK = torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)

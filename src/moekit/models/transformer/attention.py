@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,14 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     first, second = x_BHSD.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return x_BHSD * cos_SD.to(x_BHSD.dtype) + rotated * sin_SD.to(x_BHSD.dtype)
+
+
+class QKNorm(str, Enum):
+    """RMSNorm on queries and keys before RoPE."""
+
+    NONE = "none"
+    HEAD = "head"  # per head (Qwen3)
+    FULL = "full"  # over the whole projection (OLMoE)
 
 
 def allowed_keys(
@@ -160,7 +169,7 @@ class Attention(nn.Module):
         causal: bool = True,
         rotary: bool = True,
         qkv_bias: bool = False,
-        qk_norm: str = "none",
+        qk_norm: QKNorm | str = QKNorm.NONE,
         norm_eps: float = 1e-6,
         o_bias: bool = False,
         sinks: bool = False,
@@ -180,12 +189,12 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window  # 0: attend to every earlier position
         # RMSNorm on queries and keys before RoPE: per head (Qwen3) or over the whole
         # projection (OLMoE)
-        self.qk_norm = qk_norm
+        self.qk_norm = qk_norm = QKNorm(qk_norm)
         self.q_norm = self.k_norm = None
-        if qk_norm == "head":
+        if qk_norm is QKNorm.HEAD:
             self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
-        elif qk_norm == "full":
+        elif qk_norm is QKNorm.FULL:
             self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=norm_eps)
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=norm_eps)
         elif qk_norm != "none":

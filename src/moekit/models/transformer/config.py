@@ -11,6 +11,7 @@ from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.mla import MLAConfig
 from moekit.routing.config import RandomStaticRouterConfig, RouterOptions, TopKRouterConfig
 from moekit.routing.registry import is_causal
@@ -154,7 +155,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
-    qk_norm: str = "none"
+    qk_norm: QKNorm = QKNorm.NONE
     rope_scaling: RopeScalingConfig | None = None
     o_bias: bool = False
     attention_sinks: bool = False
@@ -168,8 +169,6 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.qk_norm not in ("none", "head", "full"):
-            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {self.qk_norm!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:

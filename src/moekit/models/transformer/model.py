@@ -19,7 +19,7 @@ from torch import nn
 
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
-from moekit.models.transformer.attention import Attention, KVCache, rotary_tables
+from moekit.models.transformer.attention import Attention, KVCache, QKNorm, rotary_tables
 from moekit.models.transformer.config import TransformerConfig
 from moekit.models.transformer.mla import MultiHeadLatentAttention, mla_softmax_scale
 from moekit.utils.device import has_values
@@ -57,7 +57,7 @@ class Block(nn.Module):
         causal: bool = True,
         rotary: bool = True,
         qkv_bias: bool = False,
-        qk_norm: str = "none",
+        qk_norm: QKNorm | str = QKNorm.NONE,
         attention: nn.Module | None = None,
         o_bias: bool = False,
         sinks: bool = False,
