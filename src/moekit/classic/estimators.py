@@ -24,7 +24,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit.classic.glm import with_bias
 from moekit.classic.hme import HME, ExpertKind
-from moekit.classic.mixture import ErrorFunction, MixtureOfLocalExperts
+from moekit.classic.methods import fit_mixture
+from moekit.classic.mixture import MixtureOfLocalExperts
 
 
 def _generator(random_state: Any) -> torch.Generator:
@@ -97,6 +98,7 @@ class _MixtureOfExperts(_ClassicMixin, BaseEstimator):
         expert_hidden: int = 0,
         gate_hidden: int = 0,
         error: str = "competitive",
+        training: str = "joint",
         learn_variance: bool = True,
         max_epochs: int = 300,
         learning_rate: float = 0.02,
@@ -107,6 +109,7 @@ class _MixtureOfExperts(_ClassicMixin, BaseEstimator):
         self.expert_hidden = expert_hidden
         self.gate_hidden = gate_hidden
         self.error = error
+        self.training = training
         self.learn_variance = learn_variance
         self.max_epochs = max_epochs
         self.learning_rate = learning_rate
@@ -114,9 +117,10 @@ class _MixtureOfExperts(_ClassicMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
-        """Train by full-batch Adam on the chosen error; ``loss_curve_`` holds each epoch's."""
+        """Train by ``training`` (``joint``, ``gradient``, ``separate``, ``alternating`` or
+        ``evolutionary``; ``moekit.classic.methods``) on the chosen error, full batch;
+        ``loss_curve_`` holds the error after each epoch (each generation for evolutionary)."""
         x_NI, target = self._prepare_fit(X, y)
-        ErrorFunction(self.error)  # names the allowed values on a typo
         n_out = len(self.classes_) if self._classification else target.shape[1]
         torch.manual_seed(int(_generator(self.random_state).initial_seed()))
         model = MixtureOfLocalExperts(
@@ -128,18 +132,17 @@ class _MixtureOfExperts(_ClassicMixin, BaseEstimator):
             gate_hidden=self.gate_hidden,
             learn_variance=self.learn_variance,
         ).double()
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
-        self.loss_curve_: list[float] = []
-        for _ in range(self.max_epochs):
-            optimizer.zero_grad()
-            loss = model.loss(x_NI, target, self.error)
-            loss.backward()
-            optimizer.step()
-            self.loss_curve_.append(float(loss))
-            if len(self.loss_curve_) > 10 and abs(self.loss_curve_[-11] - self.loss_curve_[-1]) < (
-                self.tol * max(1.0, abs(self.loss_curve_[-1]))
-            ):
-                break
+        self.loss_curve_ = fit_mixture(
+            model,
+            x_NI,
+            target,
+            method=self.training,
+            error=self.error,
+            epochs=self.max_epochs,
+            learning_rate=self.learning_rate,
+            seed=int(_generator(self.random_state).initial_seed()) % (2**31),
+            tol=self.tol,
+        )
         self.n_iter_ = len(self.loss_curve_)
         self.model_ = model
         return self

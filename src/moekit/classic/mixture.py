@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.utils.validation import coerce
+
 
 class ErrorFunction(str, Enum):
     COOPERATIVE = "cooperative"
@@ -82,7 +84,7 @@ class MixtureOfLocalExperts(nn.Module):
     def loss(self, x_NI: torch.Tensor, y: torch.Tensor, error: ErrorFunction | str) -> torch.Tensor:
         """Mean error over samples; ``y`` is ``(N, Q)`` targets or ``(N,)`` class labels."""
         gates_NK, outputs_NKQ = self(x_NI)
-        if ErrorFunction(error) is ErrorFunction.COOPERATIVE:
+        if coerce(error, ErrorFunction, "error") is ErrorFunction.COOPERATIVE:
             return cooperative_error(gates_NK, outputs_NKQ, y, self.classification)
         return competitive_error(gates_NK, outputs_NKQ, y, self.classification, self.log_variance_K)
 

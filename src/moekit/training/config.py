@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moekit.classic.methods import AlternatingSchedule, TrainingMethod
 from moekit.models.transformer.config import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.utils.device import check_device_name
@@ -92,6 +93,11 @@ class TrainConfig:
             ``moekit.utils.allocator``).
         expert_parallel: 1, or the number of ``torchrun`` processes to split the experts over
             (``data.batch_size`` is then per process).
+        method: ``joint`` (default), ``gradient``, ``separate`` or ``alternating`` (see
+            ``moekit.training.methods``).
+        alternating: the blocks of ``method='alternating'``.
+        separate_expert_steps: ``method='separate'``: steps before the routers alone train (0:
+            half of ``steps``).
     """
 
     model: TransformerConfig = field(default_factory=_default_model)
@@ -108,10 +114,22 @@ class TrainConfig:
     bf16: bool = False
     retain_freed_memory: bool = True
     expert_parallel: int = 1
+    method: TrainingMethod = TrainingMethod.JOINT
+    alternating: AlternatingSchedule = field(default_factory=AlternatingSchedule)
+    separate_expert_steps: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_device_name(self.device)
+        if self.method in (TrainingMethod.EM, TrainingMethod.EVOLUTIONARY):
+            raise ValueError(
+                f"method={self.method.value!r} is for the classic mixtures (moekit.classic); the "
+                "language model trains by 'joint', 'gradient', 'separate' or 'alternating'"
+            )
+        if self.separate_expert_steps < 0:
+            raise ValueError(
+                f"separate_expert_steps must be >= 0, got {self.separate_expert_steps}"
+            )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         for name in ("eval_every", "eval_batches", "log_every"):

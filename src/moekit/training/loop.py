@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moekit.classic.methods import drop_gradients
 from moekit.distributed.parallelize import (
     full_optimizer_state,
     full_state_dict,
@@ -44,6 +45,7 @@ from moekit.training.checkpoint import (
 )
 from moekit.training.config import TrainConfig
 from moekit.training.data import TokenStream, load_corpus
+from moekit.training.methods import frozen_groups, lm_parameter_groups
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.utils.allocator import retain_freed_memory
 from moekit.utils.device import autocast, resolve_device
@@ -203,6 +205,7 @@ def train(
             parallelize_experts(model)
         step_model = wrap_data_parallel(model)
     optimizer = build_optimizer(model, config.optim)
+    groups = lm_parameter_groups(model)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     out_dir = Path(config.out_dir)
     checkpoints = out_dir / "checkpoints"
@@ -251,6 +254,13 @@ def train(
             ((ce + out.aux_loss) / optim.grad_accum).backward()
             ce_total += ce.item() / optim.grad_accum
             aux_total += float(out.aux_loss.detach()) / optim.grad_accum
+        for group in frozen_groups(
+            config.method,
+            step,
+            schedule=config.alternating,
+            separate_expert_steps=config.separate_expert_steps or config.steps // 2,
+        ):
+            drop_gradients(groups[group])  # frozen this step: no update, no optimizer state
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip))
             if optim.grad_clip > 0
