@@ -82,3 +82,54 @@ def plot_dropped_fraction(records: list[dict[str, Any]], path: Path) -> Path:
             label=f"layer {layer}",
         )
     return _save_line_plot(plt, fig, ax, "dropped fraction", path)
+
+
+def plot_learning_curves(
+    curves: dict[str, list[float]], path: Path, ylabel: str, target: float | None = None
+) -> Path:
+    """Validation score against epoch, one line per training method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1.2)
+    if target is not None:
+        ax.axhline(
+            target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.3f}"
+        )
+    ax.set_xlabel("epoch (full-batch step, EM iteration or CMA-ES generation)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_gate_partition(
+    gates_of: Any, x_N2: Any, labels_N: Any, path: Path, feature_names: tuple[str, str]
+) -> Path:
+    """Which expert's gate wins where in a 2-D input space (``gates_of(points (M, 2)) -> (M,
+    K)`` gate probabilities), with the data on top."""
+    import numpy as np
+
+    plt = _pyplot()
+    lo, hi = x_N2.min(axis=0), x_N2.max(axis=0)
+    pad = 0.1 * (hi - lo)
+    u, v = np.meshgrid(
+        np.linspace(lo[0] - pad[0], hi[0] + pad[0], 200),
+        np.linspace(lo[1] - pad[1], hi[1] + pad[1], 200),
+    )
+    winner = gates_of(np.stack([u.ravel(), v.ravel()], axis=1)).argmax(axis=1).reshape(u.shape)
+    fig, ax = plt.subplots(figsize=(5.6, 4.4), dpi=120)
+    ax.contourf(u, v, winner, levels=np.arange(winner.max() + 2) - 0.5, cmap="Pastel1", alpha=0.8)
+    ax.scatter(
+        x_N2[:, 0], x_N2[:, 1], c=labels_N, cmap="Set1", s=10, edgecolors="k", linewidths=0.2
+    )
+    ax.set_xlabel(feature_names[0])
+    ax.set_ylabel(feature_names[1])
+    ax.set_title("regions: the expert with the largest gate probability")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -7,7 +7,18 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from moekit.cli import convert, demo, evaluate, example, generate, params, plan, train, upcycle
+from moekit.cli import (
+    classic,
+    convert,
+    demo,
+    evaluate,
+    example,
+    generate,
+    params,
+    plan,
+    train,
+    upcycle,
+)
 
 SUBCOMMANDS = {
     "demo": demo,
@@ -19,6 +30,7 @@ SUBCOMMANDS = {
     "convert": convert,
     "upcycle": upcycle,
     "example": example,
+    "classic": classic,
 }
 
 
