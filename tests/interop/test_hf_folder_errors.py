@@ -10,23 +10,12 @@ transformers = pytest.importorskip("transformers")
 
 from moekit.cli.main import main  # noqa: E402
 from moekit.interop import from_hf  # noqa: E402
+from tests.interop.tiny_hf import mixtral as tiny_mixtral  # noqa: E402
 
 
 @pytest.fixture
 def mixtral_folder(tmp_path):
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = tiny_mixtral(max_position_embeddings=64)
     folder = tmp_path / "mixtral"
     model.save_pretrained(folder, max_shard_size="60KB")
     return folder
