@@ -87,22 +87,11 @@ def test_attention_mask_errors_name_the_argument():
 
 
 def test_left_padded_parity_with_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from moekit.interop import from_hf
+    from tests.interop.tiny_hf import mixtral as tiny_mixtral
 
-    config = transformers.MixtralConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    hf = transformers.MixtralForCausalLM(config).eval()
+    hf = tiny_mixtral(max_position_embeddings=64)  # vocabulary 64: the prompts use < 50
     ours = from_hf(hf).eval()
     prompts = _prompts()
     S = max(LENGTHS)
