@@ -18,6 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moekit.experts.bank import ExpertConfig
+from moekit.layers import MoEConfig
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
 
 
@@ -31,9 +33,17 @@ def build(moe: bool) -> TransformerLM:
             n_heads=4,
             ffn_hidden=512,
             max_seq_len=256,
-            moe=MoEPlacementConfig(num_experts=8, top_k=2, expert_hidden=256, statistics=False)
-            if moe
-            else MoEPlacementConfig(),
+            moe=MoEPlacementConfig(
+                layer=MoEConfig(
+                    d_model=128,
+                    num_experts=8,
+                    top_k=2,
+                    experts=ExpertConfig(hidden=256),
+                    statistics=False,
+                )
+                if moe
+                else None
+            ),
         )
     )
 

@@ -6,6 +6,7 @@ import torch
 
 import moekit
 from moekit.dispatch.reference import reference_moe_output
+from moekit.models import MoEPlacementConfig
 
 # Router families other than plain top-k: (RouterConfig options, top_k) for tiny layers.
 KINDS = {
@@ -53,6 +54,27 @@ def make_moe(
         d_model=d_model, num_experts=num_experts, top_k=top_k, experts=experts, **kwargs
     )
     return cfg.build()
+
+
+def placement(
+    d_model: int,
+    num_experts: int = 4,
+    top_k: int = 2,
+    expert_hidden: int = 16,
+    *,
+    every: int = 1,
+    first_dense: int = 0,
+    expert_bias: bool = False,
+    activation: str = "swiglu",
+    **layer,
+) -> MoEPlacementConfig:
+    """A tiny model's MoE placement: one ``MoEConfig`` of width ``d_model`` (``layer``: its other
+    options) in every ``every``-th block after ``first_dense`` dense ones."""
+    experts = moekit.ExpertConfig(hidden=expert_hidden, activation=activation, bias=expert_bias)
+    config = moekit.MoEConfig(
+        d_model=d_model, num_experts=num_experts, top_k=top_k, experts=experts, **layer
+    )
+    return MoEPlacementConfig(layer=config, every=every, first_dense=first_dense)
 
 
 def loss_and_grads(module: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, dict]:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import moekit
 from moekit.experts.activations import Activation, activation_backward
 from moekit.experts.activations import _gated_backward_functional as functional_backward
-from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
+from moekit.models import TransformerConfig, TransformerLM, generate
+from tests.builders import placement
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "swiglu_oai"])
@@ -52,7 +53,7 @@ def test_lm_training_step_and_generation_compile():
         n_heads=4,
         ffn_hidden=48,
         max_seq_len=32,
-        moe=MoEPlacementConfig(num_experts=4, top_k=2, expert_hidden=24, statistics=False),
+        moe=placement(32, num_experts=4, top_k=2, expert_hidden=24, statistics=False),
     )
     model = TransformerLM(config)
     tokens = torch.randint(0, 64, (2, 12))

@@ -10,6 +10,7 @@ import moekit
 from moekit.analysis.params import count_parameters
 from moekit.cli.main import main
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, save_pretrained
+from tests.builders import placement
 
 CONFIGS = Path(__file__).parent / "hf_configs"
 
@@ -51,7 +52,8 @@ def test_qwen3_non_embedding_total_matches_model_card():
     "moe",
     [
         MoEPlacementConfig(),
-        MoEPlacementConfig(
+        placement(
+            16,
             num_experts=6,
             top_k=2,
             expert_hidden=24,
@@ -59,7 +61,7 @@ def test_qwen3_non_embedding_total_matches_model_card():
             shared_experts=moekit.SharedExpertConfig(hidden=16, gated=True),
             router=moekit.RouterConfig(bias=True, noisy_gating=True),
         ),
-        MoEPlacementConfig(num_experts=4, top_k=1, expert_hidden=8, first_dense=1),
+        placement(16, num_experts=4, top_k=1, expert_hidden=8, first_dense=1),
     ],
 )
 @pytest.mark.parametrize(
@@ -83,8 +85,8 @@ def test_moekit_counts_equal_the_built_model(moe, tied, qkv_bias, qk_norm):
     report = count_parameters(model)
     assert report.total == sum(p.numel() for p in model.parameters())
     unused = sum(
-        (moe.num_experts - moe.top_k) * b.ffn.experts.w_in_EDH[0].numel()
-        + (moe.num_experts - moe.top_k) * b.ffn.experts.w_out_EHD[0].numel()
+        (moe.num_experts - moe.layer.top_k) * b.ffn.experts.w_in_EDH[0].numel()
+        + (moe.num_experts - moe.layer.top_k) * b.ffn.experts.w_out_EHD[0].numel()
         for b in model.blocks
         if isinstance(b.ffn, moekit.MoE)
     )
@@ -105,7 +107,8 @@ def test_moekit_gpt_oss_style_counts_equal_the_built_model():
         attention_sinks=True,
         sliding_window=4,
         sliding_window_every=2,
-        moe=MoEPlacementConfig(
+        moe=placement(
+            16,
             num_experts=4,
             top_k=2,
             expert_hidden=8,

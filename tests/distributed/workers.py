@@ -18,7 +18,8 @@ from moekit.distributed import (
     save_pretrained_distributed,
     wrap_data_parallel,
 )
-from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, from_pretrained
+from moekit.models import TransformerConfig, TransformerLM, from_pretrained
+from tests.builders import placement
 
 D = 16
 
@@ -111,7 +112,8 @@ def _lm_config() -> TransformerConfig:
         n_heads=2,
         ffn_hidden=16,
         max_seq_len=16,
-        moe=MoEPlacementConfig(
+        moe=placement(
+            D,
             num_experts=4,
             top_k=2,
             expert_hidden=8,

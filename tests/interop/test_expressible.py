@@ -68,12 +68,19 @@ def _hf_dict(family: str, **changes) -> dict:
 
 
 def _moekit_config(family: str, **changes):
+    """The family's tiny config with changes: ``router_x`` (router option), ``expert_x``
+    (expert option), anything else a model option."""
     config = FAMILIES[family].config_from_hf(_hf_dict(family))
-    moe_changes = {k[4:]: v for k, v in changes.items() if k.startswith("moe_")}
+    expert_changes = {k[7:]: v for k, v in changes.items() if k.startswith("expert_")}
     router_changes = {k[7:]: v for k, v in changes.items() if k.startswith("router_")}
-    top = {k: v for k, v in changes.items() if not k.startswith(("moe_", "router_"))}
-    router = dataclasses.replace(config.moe.router, **router_changes)
-    moe = dataclasses.replace(config.moe, router=router, **moe_changes)
+    top = {k: v for k, v in changes.items() if not k.startswith(("expert_", "router_"))}
+    layer = config.moe.layer
+    layer = dataclasses.replace(
+        layer,
+        router=dataclasses.replace(layer.router, **router_changes),
+        experts=dataclasses.replace(layer.experts, **expert_changes),
+    )
+    moe = dataclasses.replace(config.moe, layer=layer)
     return dataclasses.replace(config, moe=moe, **top)
 
 
@@ -116,22 +123,26 @@ def test_quantised_configs_are_named():
 @pytest.mark.parametrize(
     "family, changes, fields",
     [
-        ("mixtral", dict(router_routed_scaling_factor=2.0), ["moe.router.routed_scaling_factor"]),
-        ("mixtral", dict(moe_expert_bias=True), ["moe.expert_bias"]),
+        (
+            "mixtral",
+            dict(router_routed_scaling_factor=2.0),
+            ["moe.layer.router.routed_scaling_factor"],
+        ),
+        ("mixtral", dict(expert_bias=True), ["moe.layer.experts.bias"]),
         ("mixtral", dict(o_bias=True, attention_sinks=True), ["o_bias", "attention_sinks"]),
         ("mixtral", dict(sliding_window=4), ["sliding_window"]),
         (
             "qwen3_moe",
             dict(sliding_window=4, router_routed_scaling_factor=3.0),
-            ["sliding_window", "moe.router.routed_scaling_factor"],
+            ["sliding_window", "moe.layer.router.routed_scaling_factor"],
         ),
         ("qwen2_moe", dict(o_bias=True), ["o_bias"]),
         (
             "olmoe",
-            dict(moe_expert_bias=True, activation="geglu"),
-            ["moe.expert_bias", "activation"],
+            dict(expert_bias=True, activation="geglu"),
+            ["moe.layer.experts.bias", "activation"],
         ),
-        ("olmoe", dict(router_bias_balancing=True), ["moe.router.bias_balancing"]),
+        ("olmoe", dict(router_bias_balancing=True), ["moe.layer.router.bias_balancing"]),
     ],
 )
 def test_export_refuses_and_lists_every_option_the_family_lacks(family, changes, fields, tmp_path):
@@ -174,7 +185,7 @@ CHANGES = [
     ("router_routed_scaling_factor", 2.5),
     ("router_normalize_weights", False),
     ("router_normalize_weights", True),
-    ("moe_expert_bias", True),
+    ("expert_bias", True),
     ("o_bias", True),
     ("qkv_bias", True),
     ("sliding_window", 4),
@@ -182,6 +193,7 @@ CHANGES = [
     ("qk_norm", "head"),
     ("qk_norm", "full"),
     ("activation", "geglu"),
+    ("expert_activation", "geglu"),
     ("tie_embeddings", True),
 ]
 OPTIONS = st.lists(st.sampled_from(CHANGES), max_size=2, unique_by=lambda c: c[0]).map(dict)

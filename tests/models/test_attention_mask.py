@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
+from moekit.models import TransformerConfig, TransformerLM, generate
 from moekit.models.transformer.mla import MLAConfig
+from tests.builders import placement
 
 BASE = TransformerConfig(
     vocab_size=50,
@@ -17,7 +18,7 @@ BASE = TransformerConfig(
     n_kv_heads=2,
     ffn_hidden=48,
     max_seq_len=64,
-    moe=MoEPlacementConfig(num_experts=4, top_k=2, expert_hidden=24),
+    moe=placement(32, num_experts=4, top_k=2, expert_hidden=24),
 )
 VARIANTS = {
     "gqa": BASE,

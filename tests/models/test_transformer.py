@@ -11,18 +11,21 @@ from moekit.models import (
     save_pretrained,
 )
 from moekit.models.transformer.generate import filter_logits
+from tests.builders import placement
 
 ROUTER_SETUPS = {
     "dense": MoEPlacementConfig(),
-    "softmax_topk": MoEPlacementConfig(num_experts=4, top_k=2, expert_hidden=16),
-    "topk_softmax_every2": MoEPlacementConfig(
+    "softmax_topk": placement(32, num_experts=4, top_k=2, expert_hidden=16),
+    "topk_softmax_every2": placement(
+        32,
         num_experts=4,
         top_k=2,
         expert_hidden=16,
         every=2,
         router=moekit.RouterConfig(gating="topk_softmax"),
     ),
-    "sigmoid_groups_bias_shared": MoEPlacementConfig(
+    "sigmoid_groups_bias_shared": placement(
+        32,
         num_experts=8,
         top_k=2,
         expert_hidden=16,
@@ -36,7 +39,8 @@ ROUTER_SETUPS = {
         ),
         shared_experts=moekit.SharedExpertConfig(hidden=16, gated=True),
     ),
-    "switch_top1_capacity_token": MoEPlacementConfig(
+    "switch_top1_capacity_token": placement(
+        32,
         num_experts=4,
         top_k=1,
         expert_hidden=16,
@@ -44,7 +48,8 @@ ROUTER_SETUPS = {
             mode="capacity", capacity_factor=1.0, min_capacity=1, drop_priority="token"
         ),
     ),
-    "noisy_top2": MoEPlacementConfig(
+    "noisy_top2": placement(
+        32,
         num_experts=4,
         top_k=2,
         expert_hidden=16,
@@ -96,7 +101,8 @@ def test_causality_in_training_mode_with_capacity():
 def test_non_causal_capacity_priority_is_refused():
     with pytest.raises(ValueError, match="not causal"):
         tiny_config(
-            MoEPlacementConfig(
+            placement(
+                32,
                 num_experts=4,
                 expert_hidden=8,
                 dispatch=moekit.DispatchConfig(mode="capacity", drop_priority="probability"),
@@ -192,7 +198,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         from_pretrained(tmp_path / "nowhere")
     # a config that does not match the weights
     other = tmp_path / "other"
-    save_pretrained(TransformerLM(tiny_config(ROUTER_SETUPS["softmax_topk"], d_model=16)), other)
+    save_pretrained(TransformerLM(tiny_config(placement(16), d_model=16)), other)
     (other / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="shape mismatch"):
         from_pretrained(other)

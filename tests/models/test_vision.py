@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from moekit.models import (
-    MoEPlacementConfig,
     VisionMoE,
     VisionMoEConfig,
     from_pretrained,
     save_pretrained,
 )
+from tests.builders import placement
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -28,7 +28,7 @@ def _config(**kw) -> VisionMoEConfig:
         n_layers=2,
         n_heads=4,
         ffn_hidden=64,
-        moe=MoEPlacementConfig(num_experts=4, top_k=2, expert_hidden=32, every=2),
+        moe=placement(32, num_experts=4, top_k=2, expert_hidden=32, every=2, activation="gelu"),
     )
     base.update(kw)
     return VisionMoEConfig(**base)
@@ -91,11 +91,13 @@ def test_soft_moe_vit_trains_on_digits():
 
     torch.manual_seed(0)
     images, labels = _digits(64)
-    moe = MoEPlacementConfig(
+    moe = placement(
+        32,
         num_experts=4,
         top_k=1,
         expert_hidden=32,
         every=2,
+        activation="gelu",
         router=moekit.RouterConfig(kind="soft", slots_per_expert=4),
     )
     model = VisionMoE(_config(moe=moe))

@@ -70,9 +70,9 @@ def test_train_config_picks_the_family_by_kind():
             "model.moe.router.top_p=0.7",
         ],
     )
-    assert type(config.model.moe.router).__name__ == "TopPRouterConfig"
-    assert config.model.moe.router.top_p == 0.7
-    with pytest.raises(ConfigError, match=r"model\.moe\.router: option\(s\) top_p=0\.7"):
+    assert type(config.model.moe.layer.router).__name__ == "TopPRouterConfig"
+    assert config.model.moe.layer.router.top_p == 0.7
+    with pytest.raises(ConfigError, match=r"model\.moe\.layer\.router: option\(s\) top_p=0\.7"):
         load_train_config(
             None,
             ["model.moe.num_experts=4", "model.moe.expert_hidden=8", "model.moe.router.top_p=0.7"],

@@ -8,12 +8,12 @@ import torch
 
 import moekit
 from moekit.dispatch.reference import reference_moe_output
-from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
+from moekit.models import TransformerConfig, TransformerLM
 from moekit.routing.base_layers import (
     exact_balanced_assignment,
     sinkhorn_balanced_assignment,
 )
-from tests.builders import KINDS, assert_grads_close, loss_and_grads, make_moe
+from tests.builders import KINDS, assert_grads_close, loss_and_grads, make_moe, placement
 
 D, E = 8, 4
 
@@ -222,8 +222,8 @@ def test_causal_lm_refuses_non_causal_routers(kind):
             n_layers=1,
             n_heads=2,
             ffn_hidden=16,
-            moe=MoEPlacementConfig(
-                num_experts=4, top_k=1, expert_hidden=8, router=moekit.RouterConfig(kind=kind)
+            moe=placement(
+                16, num_experts=4, top_k=1, expert_hidden=8, router=moekit.RouterConfig(kind=kind)
             ),
         )
 
@@ -246,7 +246,8 @@ def test_causal_routers_train_in_the_lm_and_stay_causal(kind, top_k, extra):
         n_layers=2,
         n_heads=2,
         ffn_hidden=16,
-        moe=MoEPlacementConfig(
+        moe=placement(
+            16,
             num_experts=4,
             top_k=top_k,
             expert_hidden=8,

@@ -120,7 +120,7 @@ def test_config_files_and_overrides(tmp_path):
     cfg = load_train_config(str(toml), ["optim.lr=0.02", "model.moe.router.gating=sigmoid_topk"])
     assert cfg.steps == 7 and cfg.optim.lr == 0.02 and cfg.model.n_heads == 8
     assert cfg.model.head_dim == 16 and cfg.model.n_kv_heads == 8  # derived from the file
-    assert cfg.model.moe.router.gating.value == "sigmoid_topk"
+    assert cfg.model.moe.layer.router.gating.value == "sigmoid_topk"
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"steps": 3}))
     assert load_train_config(str(js)).steps == 3

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
+from moekit.models import TransformerConfig, TransformerLM
+from tests.builders import placement
 
 pytestmark = [
     pytest.mark.cuda,
@@ -18,7 +19,7 @@ def test_lm_step_on_cuda_matches_the_cpu():
         n_layers=2,
         n_heads=4,
         ffn_hidden=48,
-        moe=MoEPlacementConfig(num_experts=4, top_k=2, expert_hidden=24),
+        moe=placement(32, num_experts=4, top_k=2, expert_hidden=24),
     )
     torch.manual_seed(0)
     cpu = TransformerLM(config)

@@ -12,6 +12,7 @@ from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
 from moekit.models.checkpoint import from_pretrained, save_pretrained
 from moekit.training.config import OptimConfig, load_train_config
 from moekit.utils.validation import ConfigError
+from tests.builders import placement
 
 HF_CONFIGS = Path(__file__).parents[1] / "analysis" / "hf_configs"
 MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=8"]
@@ -32,7 +33,7 @@ MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=8"]
         ([*MOE, "model.moe.router.bias_update_rate=NaN"], "bias_update_rate must be a finite"),
         ([*MOE, "model.moe.aux_loss.switch=-Infinity"], "aux_loss.switch must be a finite"),
         (["model.moe=5"], "model.moe must be a section of options"),
-        ([*MOE, "model.moe.router.kind=fancy"], "model.moe.router.kind must be one of"),
+        ([*MOE, "model.moe.router.kind=fancy"], "model.moe.layer.router.kind must be one of"),
         (["model.d_model=[1]"], "model.d_model must be an integer"),
         (["model.unknown=1"], "unknown TransformerConfig keys: model.unknown"),
     ],
@@ -80,20 +81,20 @@ def test_saved_config_with_a_bad_value_names_the_key(tmp_path):
         n_layers=1,
         n_heads=2,
         ffn_hidden=16,
-        moe=MoEPlacementConfig(num_experts=2, top_k=1, expert_hidden=8),
+        moe=placement(16, num_experts=2, top_k=1, expert_hidden=8),
     )
     folder = save_pretrained(TransformerLM(config), tmp_path / "m")
     data = json.loads((folder / "config.json").read_text())
-    data["config"]["moe"]["top_k"] = "two"
+    data["config"]["moe"]["layer"]["top_k"] = "two"
     (folder / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"moe\.top_k must be an integer, got .two."):
+    with pytest.raises(ConfigError, match=r"moe\.layer\.top_k must be an integer, got .two."):
         from_pretrained(folder)
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"num_local_experts": 0}, "number of experts must be >= 1, got 0"),
+        ({"num_local_experts": 0}, "num_experts must be >= 1, got 0"),
         ({"num_experts_per_tok": 9}, "top_k must be in [1, num_experts=8], got 9"),
         ({"hidden_size": "4096"}, "d_model must be an integer, got '4096'"),
     ],
@@ -117,3 +118,37 @@ def test_cli_shows_a_traceback_only_for_bugs(monkeypatch, capsys):
     assert main(["params", "x"]) == 70
     err = capsys.readouterr().err
     assert "Traceback" in err and "bug in moekit" in err
+
+
+def test_flat_moe_keys_of_older_configs_still_load_into_the_layer():
+    """moekit <= 0.3 wrote ``moe.num_experts`` etc. flat; they land in ``moe.layer``."""
+    from moekit.training.config import load_train_config
+    from moekit.utils.serialization import config_from_dict, config_to_dict
+
+    flat = load_train_config(
+        None, [*MOE, "model.moe.top_k=1", "model.moe.expert_bias=true", "model.moe.every=2"]
+    ).model
+    layer = flat.moe.layer
+    assert (layer.num_experts, layer.top_k, layer.experts.hidden) == (4, 1, 8)
+    assert layer.experts.bias and flat.moe.every == 2
+    assert layer.d_model == flat.d_model and layer.experts.activation == flat.activation
+    # the nested form round-trips, and a flat override lands on top of it (CLI --set)
+    data = config_to_dict(flat)
+    assert config_from_dict(TransformerConfig, data) == flat
+    data["moe"]["top_k"] = 2
+    data["d_model"] = 96  # moe.layer.d_model follows the model's
+    again = config_from_dict(TransformerConfig, data)
+    assert again.moe.layer.top_k == 2 and again.moe.layer.d_model == 96
+    data["moe"]["num_experts"] = 0  # the flat way to say "dense"
+    assert config_from_dict(TransformerConfig, data).moe.layer is None
+
+
+def test_a_layer_of_another_width_is_refused():
+    with pytest.raises(
+        ValueError, match=r"moe\.layer\.d_model=8 must equal the model's d_model=16"
+    ):
+        TransformerConfig(
+            vocab_size=32, d_model=16, n_layers=1, n_heads=2, ffn_hidden=16, moe=placement(8)
+        )
+    with pytest.raises(ValueError, match=r"moe\.every must be >= 1"):
+        MoEPlacementConfig(every=0)

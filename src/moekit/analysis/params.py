@@ -129,17 +129,21 @@ def spec_from_moekit(config) -> ArchSpec:
     from moekit.experts.activations import Activation
 
     gated = Activation(config.activation).is_gated
-    moe = config.moe
-    moe_layers = sum(moe.is_moe_layer(i) for i in range(config.n_layers))
+    layer = config.moe.layer
+    moe_layers = sum(config.moe.is_moe_layer(i) for i in range(config.n_layers))
     d, hd = config.d_model, config.head_dim
     q_width, kv_width = config.n_heads * hd, config.n_kv_heads * hd
-    shared = 0
-    if moe.shared_experts is not None:
-        s = moe.shared_experts
-        shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
-        shared += d if s.gated else 0
-    router = moe.num_experts * d + (moe.num_experts if getattr(moe.router, "bias", False) else 0)
-    router += moe.num_experts * d if getattr(moe.router, "noisy_gating", False) else 0
+    shared = router = experts = num_experts = top_k = 0
+    if layer is not None:
+        num_experts, top_k = layer.num_experts, layer.top_k
+        e = layer.experts
+        experts = _ffn_params(d, e.hidden, Activation(e.activation).is_gated, e.bias)
+        if layer.shared_experts is not None:
+            s = layer.shared_experts
+            shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
+            shared += d if s.gated else 0
+        router = num_experts * d + (num_experts if getattr(layer.router, "bias", False) else 0)
+        router += num_experts * d if getattr(layer.router, "noisy_gating", False) else 0
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if config.qkv_bias else 0
     attention += (d if config.o_bias else 0) + (config.n_heads if config.attention_sinks else 0)
@@ -161,13 +165,11 @@ def spec_from_moekit(config) -> ArchSpec:
         dense_ffn_layers=config.n_layers - moe_layers,
         dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),
         moe_layers=moe_layers,
-        num_experts=moe.num_experts,
-        top_k=moe.top_k if moe.num_experts else 0,
-        expert_params=(
-            _ffn_params(d, moe.expert_hidden, gated, moe.expert_bias) if moe.num_experts else 0
-        ),
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_params=experts,
         shared_expert_params=shared,
-        router_params=router if moe.num_experts else 0,
+        router_params=router,
     )
 
 

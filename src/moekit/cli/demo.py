@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from moekit.analysis.report import write_demo_report
-from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.training.compare import Comparison, moe_twin, param_reports
 from moekit.training.config import load_train_config
 from moekit.training.loop import train
@@ -124,19 +124,19 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
     dense_cfg = load_train_config(None, [*overrides, f"out_dir={out_dir / 'dense'}"])
-    moe_cfg = moe_twin(
-        load_train_config(None, [*overrides, f"out_dir={out_dir / 'moe'}"]),
-        args.experts,
-        args.top_k,
-    )
+    capacity = None
     if args.capacity_factor is not None:
-        from moekit.dispatch.config import DispatchConfig
-
-        moe_cfg.model.moe.dispatch = DispatchConfig(
+        capacity = DispatchConfig(
             mode=DispatchMode.CAPACITY,
             capacity_factor=args.capacity_factor,
             drop_priority=DropPriority.TOKEN,
         )
+    moe_cfg = moe_twin(
+        load_train_config(None, [*overrides, f"out_dir={out_dir / 'moe'}"]),
+        args.experts,
+        args.top_k,
+        dispatch=capacity,
+    )
     for cfg in (dense_cfg, moe_cfg):
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
     dense_params, moe_params = param_reports(dense_cfg, moe_cfg)

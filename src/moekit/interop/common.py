@@ -217,3 +217,11 @@ def attention_to_hf(config) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": "float32",
     }
+
+
+def moe_layer(config: Any, family: str) -> Any:
+    """The ``MoEConfig`` of ``config``'s MoE blocks; a dense config cannot be exported as an MoE
+    family."""
+    if config.moe.layer is None:
+        raise ValueError(f"{family} export needs MoE layers (the config's moe.layer is None)")
+    return config.moe.layer

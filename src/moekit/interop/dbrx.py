@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
+from moekit.layers import MoEConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 
 MODEL_TYPE = "dbrx"
@@ -48,8 +50,11 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         rope_theta=float(attn.get("rope_theta", 500000.0)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=MoEPlacementConfig(
-            num_experts=ffn["moe_num_experts"],
-            top_k=ffn["moe_top_k"],
-            expert_hidden=ffn["ffn_hidden_size"],
+            layer=MoEConfig(
+                d_model=hf["d_model"],
+                num_experts=ffn["moe_num_experts"],
+                top_k=ffn["moe_top_k"],
+                experts=ExpertConfig(hidden=ffn["ffn_hidden_size"]),
+            ),
         ),
     )

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any, cast
 
 from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.interop import common
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Rename
+from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.models.transformer.mla import MLAConfig
@@ -125,30 +127,33 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
             rope_interleave=bool(hf.get("rope_interleave", True)),
         ),
         moe=MoEPlacementConfig(
-            num_experts=experts,
-            top_k=hf["num_experts_per_tok"],
-            expert_hidden=hf["moe_intermediate_size"],
+            layer=MoEConfig(
+                d_model=hf["hidden_size"],
+                num_experts=experts,
+                top_k=hf["num_experts_per_tok"],
+                experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
+                router=RouterConfig(
+                    gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
+                    normalize_weights=bool(hf.get("norm_topk_prob", not v2)),
+                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                    num_groups=hf.get("n_group") or 1,
+                    topk_groups=hf.get("topk_group") or 1,
+                    group_score=GroupScore.MAX if v2 else GroupScore.TOP2_SUM,
+                    bias_balancing=not v2,
+                ),
+                shared_experts=SharedExpertConfig(
+                    hidden=hf["n_shared_experts"] * hf["moe_intermediate_size"]
+                ),
+                aux_loss=AuxLossConfig(switch=0.0),  # DeepSeek-V3 balances with the bias
+            ),
             first_dense=hf.get("first_k_dense_replace", 0),
-            router=RouterConfig(
-                gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
-                normalize_weights=bool(hf.get("norm_topk_prob", not v2)),
-                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                num_groups=hf.get("n_group") or 1,
-                topk_groups=hf.get("topk_group") or 1,
-                group_score=GroupScore.MAX if v2 else GroupScore.TOP2_SUM,
-                bias_balancing=not v2,
-            ),
-            shared_experts=SharedExpertConfig(
-                hidden=hf["n_shared_experts"] * hf["moe_intermediate_size"]
-            ),
-            aux_loss=AuxLossConfig(switch=0.0),  # DeepSeek-V3 balances with the bias
         ),
     )
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    moe, mla = config.moe, config.mla
-    if mla is None or not moe.num_experts or moe.shared_experts is None:
+    moe, mla = config.moe.layer, config.mla
+    if mla is None or moe is None or moe.shared_experts is None:
         raise ValueError("DeepSeek-V3 export needs MLA attention, MoE layers and shared experts")
     router = cast(TopKRouterConfig, moe.router)  # export_problems checked the kind
     return {
@@ -157,11 +162,11 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "model_type": MODEL_TYPE,
         "head_dim": mla.qk_rope_head_dim,
         "intermediate_size": config.ffn_hidden,
-        "moe_intermediate_size": moe.expert_hidden,
+        "moe_intermediate_size": moe.experts.hidden,
         "n_routed_experts": moe.num_experts,
-        "n_shared_experts": moe.shared_experts.hidden // moe.expert_hidden,
+        "n_shared_experts": moe.shared_experts.hidden // moe.experts.hidden,
         "num_experts_per_tok": moe.top_k,
-        "first_k_dense_replace": moe.first_dense,
+        "first_k_dense_replace": config.moe.first_dense,
         "norm_topk_prob": router.normalize_weights,
         "routed_scaling_factor": router.routed_scaling_factor,
         "n_group": router.num_groups,

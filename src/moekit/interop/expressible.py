@@ -149,19 +149,23 @@ def _is_set(value: Any) -> bool:
 # moekit config fields that do not change what a trained model computes (training-only
 # options, numerics of the router's dtype), so export ignores them.
 _NOT_FUNCTION = (
-    "moe.aux_loss",
-    "moe.router.bias_update_rate",
-    "moe.router.jitter_eps",
-    "moe.router.float32",
-    "moe.dispatch.capacity_factor",
-    "moe.dispatch.eval_capacity_factor",
-    "moe.dispatch.min_capacity",
-    "moe.dispatch.drop_priority",
+    "moe.layer.d_model",  # always the model's
+    "moe.layer.aux_loss",
+    "moe.layer.statistics",
+    "moe.layer.check_finite",
+    "moe.layer.experts.kernel",
+    "moe.layer.router.bias_update_rate",
+    "moe.layer.router.jitter_eps",
+    "moe.layer.router.float32",
+    "moe.layer.dispatch.capacity_factor",
+    "moe.layer.dispatch.eval_capacity_factor",
+    "moe.layer.dispatch.min_capacity",
+    "moe.layer.dispatch.drop_priority",
 )
 
 
 def function_fields(config: Any, prefix: str = "") -> dict[str, Any]:
-    """The config's fields that change its function, flattened to ``{"moe.top_k": 2, ...}``."""
+    """The config's fields that change its function, flattened (``{"moe.layer.top_k": 2}``)."""
     out: dict[str, Any] = {}
     # without a window, which layers would use one is moot
     no_window = getattr(config, "sliding_window", None) == 0
@@ -186,10 +190,11 @@ def export_problems(
     from_hf: Callable[[dict[str, Any]], Any],
 ) -> list[str]:
     """Every function-changing option of ``config`` that does not survive the round trip."""
-    router = config.moe.router
-    if config.moe.num_experts and router.kind.value != "top_k":
+    layer = config.moe.layer
+    if layer is not None and layer.router.kind.value != "top_k":
+        router = layer.router
         return [
-            f"moe.router.kind={router.kind.value!r} (Hugging Face MoE families route by "
+            f"moe.layer.router.kind={router.kind.value!r} (Hugging Face MoE families route by "
             "token-choice top-k)"
         ]
     try:

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
 from moekit.interop import common
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Rename
+from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.routing.config import Gating, RouterConfig
@@ -116,18 +118,22 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         sliding_window=hf.get("sliding_window") or 0,
         sliding_window_every=_sliding_every(hf) if hf.get("sliding_window") else 1,
         moe=MoEPlacementConfig(
-            num_experts=hf["num_local_experts"],
-            top_k=k,
-            expert_hidden=hf["intermediate_size"],
-            expert_bias=True,
-            router=RouterConfig(gating=Gating.TOPK_SOFTMAX, bias=True),
-            aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.9) * k),
+            layer=MoEConfig(
+                d_model=hf["hidden_size"],
+                num_experts=hf["num_local_experts"],
+                top_k=k,
+                experts=ExpertConfig(
+                    hidden=hf["intermediate_size"], activation=Activation.SWIGLU_OAI, bias=True
+                ),
+                router=RouterConfig(gating=Gating.TOPK_SOFTMAX, bias=True),
+                aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.9) * k),
+            ),
         ),
     )
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    moe = config.moe
+    moe = common.moe_layer(config, "GPT-OSS")
     layer_types = [
         "sliding_attention" if config.window_of_layer(i) else "full_attention"
         for i in range(config.n_layers)

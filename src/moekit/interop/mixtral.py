@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
 from moekit.interop import common
 from moekit.interop.expressible import HFFields, check_hf_config, unset
 from moekit.interop.keymap import Entry, Rename
+from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.routing.config import Gating, RouterConfig
@@ -58,12 +60,15 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
-            num_experts=hf["num_local_experts"],
-            top_k=k,
-            expert_hidden=hf["intermediate_size"],
-            router=RouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
-            # HF's router_aux_loss_coef multiplies a loss k times moekit's Switch loss
-            aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.02) * k),
+            layer=MoEConfig(
+                d_model=hf["hidden_size"],
+                num_experts=hf["num_local_experts"],
+                top_k=k,
+                experts=ExpertConfig(hidden=hf["intermediate_size"]),
+                router=RouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
+                # HF's router_aux_loss_coef multiplies a loss k times moekit's Switch loss
+                aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.02) * k),
+            ),
         ),
     )
 
@@ -71,7 +76,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     """The HF config; whether it expresses ``config`` is checked by the round trip in
     ``moekit.interop.expressible``."""
-    moe = config.moe
+    moe = common.moe_layer(config, "Mixtral")
     return {
         **common.attention_to_hf(config),
         "architectures": ["MixtralForCausalLM"],

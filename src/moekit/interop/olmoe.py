@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Any, cast
 
 from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
 from moekit.interop import common
 from moekit.interop.expressible import HFFields, check_hf_config, unset
 from moekit.interop.keymap import Entry, Rename
+from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -44,22 +46,26 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         activation=Activation.SWIGLU,
         qk_norm=QKNorm.FULL,
         moe=MoEPlacementConfig(
-            num_experts=hf["num_experts"],
-            top_k=k,
-            expert_hidden=hf["intermediate_size"],
-            router=RouterConfig(
-                gating=Gating.SOFTMAX_TOPK, normalize_weights=bool(hf.get("norm_topk_prob", False))
-            ),
-            aux_loss=AuxLossConfig(
-                switch=hf.get("router_aux_loss_coef", 0.01) * k,
-                z_loss=hf.get("router_z_loss_coef", 0.0),
+            layer=MoEConfig(
+                d_model=hf["hidden_size"],
+                num_experts=hf["num_experts"],
+                top_k=k,
+                experts=ExpertConfig(hidden=hf["intermediate_size"]),
+                router=RouterConfig(
+                    gating=Gating.SOFTMAX_TOPK,
+                    normalize_weights=bool(hf.get("norm_topk_prob", False)),
+                ),
+                aux_loss=AuxLossConfig(
+                    switch=hf.get("router_aux_loss_coef", 0.01) * k,
+                    z_loss=hf.get("router_z_loss_coef", 0.0),
+                ),
             ),
         ),
     )
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    moe = config.moe
+    moe = common.moe_layer(config, "OLMoE")
     return {
         **common.attention_to_hf(config),
         "architectures": ["OlmoeForCausalLM"],

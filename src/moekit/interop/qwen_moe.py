@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from moekit.experts.activations import Activation
+from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.interop import common
 from moekit.interop.expressible import (
@@ -23,6 +24,7 @@ from moekit.interop.expressible import (
     unset,
 )
 from moekit.interop.keymap import Entry, Rename
+from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
@@ -36,7 +38,7 @@ def keymaps(config: TransformerConfig, qwen3: bool) -> dict[str, list[Entry]]:
         Rename("blocks.{layer}.ffn.router.weight_ED", f"{mlp}.gate.weight", layers="moe"),
         *common.dense_ffn("blocks.{layer}.ffn", mlp, layers="dense"),
     ]
-    if config.moe.shared_experts is not None:
+    if config.moe.layer is not None and config.moe.layer.shared_experts is not None:
         base += [
             *common.dense_ffn(
                 "blocks.{layer}.ffn.shared_experts.ffn", f"{mlp}.shared_expert", layers="moe"
@@ -88,23 +90,27 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> Tran
         qkv_bias=not qwen3,
         qk_norm=QKNorm.HEAD if qwen3 else QKNorm.NONE,
         moe=MoEPlacementConfig(
-            num_experts=hf.get("num_experts") or hf["num_local_experts"],
-            top_k=k,
-            expert_hidden=hf["moe_intermediate_size"],
+            layer=MoEConfig(
+                d_model=hf["hidden_size"],
+                num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                top_k=k,
+                experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
+                router=RouterConfig(
+                    gating=Gating.SOFTMAX_TOPK,
+                    normalize_weights=bool(hf.get("norm_topk_prob", False)),
+                ),
+                shared_experts=(
+                    SharedExpertConfig(hidden=shared, gated=True) if shared and not qwen3 else None
+                ),
+                aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.001) * k),
+            ),
             every=hf.get("decoder_sparse_step") or 1,
-            router=RouterConfig(
-                gating=Gating.SOFTMAX_TOPK, normalize_weights=bool(hf.get("norm_topk_prob", False))
-            ),
-            shared_experts=(
-                SharedExpertConfig(hidden=shared, gated=True) if shared and not qwen3 else None
-            ),
-            aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.001) * k),
         ),
     )
 
 
 def config_to_hf(config: TransformerConfig, qwen3: bool) -> dict[str, Any]:
-    moe = config.moe
+    moe = common.moe_layer(config, "Qwen-MoE")
     router = cast(TopKRouterConfig, moe.router)  # export_problems checked the kind
     shared = moe.shared_experts
     out = {
@@ -112,12 +118,12 @@ def config_to_hf(config: TransformerConfig, qwen3: bool) -> dict[str, Any]:
         "architectures": ["Qwen3MoeForCausalLM" if qwen3 else "Qwen2MoeForCausalLM"],
         "model_type": "qwen3_moe" if qwen3 else "qwen2_moe",
         "intermediate_size": config.ffn_hidden,
-        "moe_intermediate_size": moe.expert_hidden,
+        "moe_intermediate_size": moe.experts.hidden,
         "num_experts": moe.num_experts,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "norm_topk_prob": router.normalize_weights,
-        "decoder_sparse_step": moe.every,
+        "decoder_sparse_step": config.moe.every,
         "mlp_only_layers": [],
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
         "use_sliding_window": False,

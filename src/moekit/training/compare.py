@@ -12,24 +12,34 @@ import math
 from dataclasses import dataclass
 
 from moekit.analysis.params import ParamReport, count_parameters
+from moekit.dispatch.config import DispatchConfig
+from moekit.experts.bank import ExpertConfig
+from moekit.layers import MoEConfig
 from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.training.config import TrainConfig
 from moekit.training.loop import TrainResult
 
 
 def moe_twin(
-    config: TrainConfig, num_experts: int, top_k: int, moe: MoEPlacementConfig | None = None
+    config: TrainConfig,
+    num_experts: int,
+    top_k: int,
+    dispatch: DispatchConfig | None = None,
 ) -> TrainConfig:
-    """``config`` with every FFN an MoE of ``num_experts`` experts of width ``ffn_hidden/top_k``."""
-    hidden = config.model.ffn_hidden
-    if hidden % top_k:
-        raise ValueError(f"ffn_hidden={hidden} must be divisible by top_k={top_k}")
-    placement = moe or MoEPlacementConfig()
-    placement = dataclasses.replace(
-        placement, num_experts=num_experts, top_k=top_k, expert_hidden=hidden // top_k
+    """``config`` with every FFN an MoE of ``num_experts`` experts of width ``ffn_hidden/top_k``
+    (the same active FFN FLOPs per token as the dense model), top-k softmax routing."""
+    model = config.model
+    if model.ffn_hidden % top_k:
+        raise ValueError(f"ffn_hidden={model.ffn_hidden} must be divisible by top_k={top_k}")
+    layer = MoEConfig(
+        d_model=model.d_model,
+        num_experts=num_experts,
+        top_k=top_k,
+        experts=ExpertConfig(hidden=model.ffn_hidden // top_k, activation=model.activation),
+        dispatch=dispatch or DispatchConfig(),
     )
-    model = dataclasses.replace(config.model, moe=placement)
-    return dataclasses.replace(config, model=model)
+    moe_model = dataclasses.replace(model, moe=MoEPlacementConfig(layer=layer))
+    return dataclasses.replace(config, model=moe_model)
 
 
 def steps_to_reach(evals: list[tuple[int, float]], target: float) -> int | None:

@@ -16,9 +16,9 @@ from typing import cast
 
 import torch
 
-from moekit.experts.bank import ExpertBank
+from moekit.experts.bank import ExpertBank, ExpertConfig
 from moekit.experts.dense import FeedForward
-from moekit.layers import MoE
+from moekit.layers import MoE, MoEConfig
 from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.models.transformer.model import Block, TransformerLM
 from moekit.routing.config import Gating, RouterOptions, TopKRouterConfig
@@ -56,14 +56,14 @@ def upcycle(
             f"granularity={granularity} must divide ffn_hidden={config.ffn_hidden} and "
             f"num_experts={num_experts}"
         )
-    placement = MoEPlacementConfig(
+    layer = MoEConfig(
+        d_model=config.d_model,
         num_experts=num_experts,
         top_k=top_k,
-        expert_hidden=config.ffn_hidden // granularity,
-        every=every,
-        first_dense=first_dense,
+        experts=ExpertConfig(hidden=config.ffn_hidden // granularity, activation=config.activation),
         router=router or TopKRouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
     )
+    placement = MoEPlacementConfig(layer=layer, every=every, first_dense=first_dense)
     moe_config = dataclasses.replace(config, moe=placement)
     torch.manual_seed(seed)
     model = TransformerLM(moe_config)

@@ -57,6 +57,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
         raise ConfigError(
             f"{section or cls.__name__} must be a section of options (a table/object), got {data!r}"
         )
+    upgrade = getattr(cls, "upgrade_config_dict", None)
+    if upgrade is not None:  # older spellings of the same config
+        data = upgrade(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - names)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
+from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
-from moekit.experts.bank import ExpertConfig
-from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
-from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.mla import MLAConfig
-from moekit.routing.config import RandomStaticRouterConfig, RouterOptions, TopKRouterConfig
+from moekit.routing.config import RandomStaticRouterConfig
 from moekit.routing.registry import is_causal
 from moekit.utils.validation import check_fields
 
@@ -23,63 +20,89 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class MoEPlacementConfig:
-    """Which FFNs are MoE layers and how they are built.
+    """Which FFNs of a model are MoE layers, and the MoE layer each of them becomes.
 
     Args:
-        num_experts: routed experts per MoE layer; 0 makes every FFN dense (the baseline).
-        top_k: experts per token.
-        expert_hidden: hidden width of each routed expert.
+        layer: the MoE layer of every MoE block; its ``d_model`` must be the model's. ``None``
+            makes every FFN dense (the baseline). In a causal LM its dispatch must be dropless
+            or capacity with ``drop_priority='token'`` (the only order in which no token's
+            capacity depends on later tokens).
         every: an MoE layer in every n-th block (layer ``i`` is MoE when ``(i + 1) % every == 0``).
         first_dense: the first n blocks always use a dense FFN (DeepSeek).
-        router: router options.
-        dispatch: dropless or capacity (capacity must use ``drop_priority='token'`` in a causal
-            model, the only order in which no token's capacity depends on later tokens).
-        shared_experts: always-on experts, or ``None``.
-        aux_loss: auxiliary-loss weights (the model returns their weighted sum).
-        expert_bias: biases in the routed experts (GPT-OSS).
-        statistics: routing statistics in every MoE output (off: no statistics work, no host
-            syncs, e.g. under ``torch.compile``).
+
+    In config files ``layer.d_model`` follows the model's ``d_model`` and may be left out; the
+    flat keys of moekit <= 0.3 (``num_experts``, ``top_k``, ``expert_hidden``, ``router``, ...
+    directly under ``moe``) are still read, see :func:`upgrade_moe_section`.
     """
 
-    num_experts: int = 0
-    top_k: int = 2
-    expert_hidden: int = 0
+    layer: MoEConfig | None = None
     every: int = 1
     first_dense: int = 0
-    router: RouterOptions = field(default_factory=TopKRouterConfig)
-    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
-    shared_experts: SharedExpertConfig | None = None
-    aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
-    expert_bias: bool = False
-    statistics: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.num_experts < 0:
-            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
-        if self.num_experts and self.expert_hidden < 1:
-            raise ValueError(f"moe.expert_hidden must be >= 1, got {self.expert_hidden}")
         if self.every < 1 or self.first_dense < 0:
-            raise ValueError("moe.every must be >= 1 and moe.first_dense >= 0")
+            raise ValueError(
+                f"moe.every must be >= 1 and moe.first_dense >= 0, got every={self.every}, "
+                f"first_dense={self.first_dense}"
+            )
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0: a dense model)."""
+        return 0 if self.layer is None else self.layer.num_experts
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` holds an MoE layer."""
-        return self.num_experts > 0 and index >= self.first_dense and (index + 1) % self.every == 0
-
-    def layer_config(self, d_model: int, activation: Activation) -> MoEConfig:
-        return MoEConfig(
-            d_model=d_model,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            experts=ExpertConfig(
-                hidden=self.expert_hidden, activation=activation, bias=self.expert_bias
-            ),
-            router=self.router,
-            dispatch=self.dispatch,
-            shared_experts=self.shared_experts,
-            aux_loss=self.aux_loss,
-            statistics=self.statistics,
+        return (
+            self.layer is not None and index >= self.first_dense and (index + 1) % self.every == 0
         )
+
+
+#: The keys of the flat ``moe`` section of moekit <= 0.3, now fields of ``moe.layer``.
+LEGACY_MOE_KEYS = (
+    "num_experts",
+    "top_k",
+    "expert_hidden",
+    "expert_bias",
+    "router",
+    "dispatch",
+    "shared_experts",
+    "aux_loss",
+    "statistics",
+)
+
+
+def upgrade_moe_section(moe: Any, d_model: Any, activation: Any) -> Any:
+    """The ``moe`` section of a model config dict in today's nested form.
+
+    Flat keys (``moe.num_experts=8``, ``moe.expert_hidden=...``, as older run folders and
+    ``--set model.moe.top_k=1`` write them) are moved into ``moe.layer`` (``expert_hidden`` and
+    ``expert_bias`` into ``moe.layer.experts``, whose activation defaults to the model's), on top
+    of whatever ``moe.layer`` already holds; ``num_experts=0`` means a dense model. The layer's
+    ``d_model`` is set to the model's.
+    """
+    if not isinstance(moe, dict):
+        return moe
+    moe = dict(moe)
+    flat = {key: moe.pop(key) for key in LEGACY_MOE_KEYS if key in moe}
+    layer = moe.get("layer")
+    if flat:
+        layer = dict(layer) if isinstance(layer, dict) else {"top_k": 2}
+        experts = dict(layer.get("experts") or {})
+        if "expert_hidden" in flat:
+            experts["hidden"] = flat.pop("expert_hidden")
+        if "expert_bias" in flat:
+            experts["bias"] = flat.pop("expert_bias")
+        experts.setdefault("activation", activation)
+        layer["experts"] = experts
+        layer.update(flat)
+        if layer.get("num_experts", 0) == 0:
+            layer = None
+    if isinstance(layer, dict):
+        layer = {**layer, "d_model": d_model}
+    moe["layer"] = layer
+    return moe
 
 
 @dataclass(kw_only=True)
@@ -186,31 +209,40 @@ class TransformerConfig:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
         if self.mla is not None and (self.qkv_bias or self.qk_norm != "none"):
             raise ValueError("mla attention has no qkv_bias or qk_norm options")
-        dispatch = self.moe.dispatch
+        layer = self.moe.layer
+        if layer is None:
+            return
+        if layer.d_model != self.d_model:
+            raise ValueError(
+                f"moe.layer.d_model={layer.d_model} must equal the model's d_model={self.d_model}"
+            )
+        dispatch = layer.dispatch
         if (
-            self.moe.num_experts
-            and dispatch.mode is DispatchMode.CAPACITY
+            dispatch.mode is DispatchMode.CAPACITY
             and dispatch.drop_priority is not DropPriority.TOKEN
         ):
             raise ValueError(
-                f"moe.dispatch.drop_priority={dispatch.drop_priority.value!r} is not causal: a "
-                "later token could take an earlier token's capacity. Use drop_priority='token' or "
-                "mode='dropless' in a causal language model."
+                f"moe.layer.dispatch.drop_priority={dispatch.drop_priority.value!r} is not causal: "
+                "a later token could take an earlier token's capacity. Use drop_priority='token' "
+                "or mode='dropless' in a causal language model."
             )
-        if self.moe.num_experts:
-            self.moe.layer_config(self.d_model, self.activation)  # validates top_k etc.
-            if not is_causal(self.moe.router.kind):
-                raise ValueError(
-                    f"moe.router.kind={self.moe.router.kind.value!r} is not causal (a token's "
-                    "routing depends on later tokens of the batch), so a causal language model "
-                    "cannot use it; see docs/routing.md for the causal routers"
-                )
-            router = self.moe.router
-            if (
-                isinstance(router, RandomStaticRouterConfig)
-                and router.vocab_size != self.vocab_size
-            ):
-                raise ValueError("moe.router.vocab_size must equal the model's vocab_size")
+        if not is_causal(layer.router.kind):
+            raise ValueError(
+                f"moe.layer.router.kind={layer.router.kind.value!r} is not causal (a token's "
+                "routing depends on later tokens of the batch), so a causal language model "
+                "cannot use it; see docs/routing.md for the causal routers"
+            )
+        router = layer.router
+        if isinstance(router, RandomStaticRouterConfig) and router.vocab_size != self.vocab_size:
+            raise ValueError("moe.layer.router.vocab_size must equal the model's vocab_size")
+
+    @classmethod
+    def upgrade_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Read older config dicts: see :func:`upgrade_moe_section`."""
+        if "moe" not in data:
+            return data
+        activation = data.get("activation", Activation.SWIGLU.value)
+        return {**data, "moe": upgrade_moe_section(data["moe"], data.get("d_model"), activation)}
 
     def build(self) -> TransformerLM:
         """The ``TransformerLM`` of this config (randomly initialised)."""

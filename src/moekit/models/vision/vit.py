@@ -11,19 +11,30 @@ causal masking or rotary positions); the class logits come from the mean of the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from moekit.experts.activations import Activation
-from moekit.layers import MoEOutput
-from moekit.models.transformer.config import MoEPlacementConfig
+from moekit.experts.bank import ExpertConfig
+from moekit.layers import MoEConfig, MoEOutput
+from moekit.models.transformer.config import MoEPlacementConfig, upgrade_moe_section
 from moekit.models.transformer.model import Block
 from moekit.utils.validation import check_fields
 
 
-def _default_vision_moe() -> MoEPlacementConfig:
-    return MoEPlacementConfig(num_experts=8, top_k=2, expert_hidden=128, every=2)
+def vmoe_placement(d_model: int, activation: Activation = Activation.GELU) -> MoEPlacementConfig:
+    """V-MoE's default (Riquelme et al. 2021): 8 experts, top-2, in every other block."""
+    return MoEPlacementConfig(
+        layer=MoEConfig(
+            d_model=d_model,
+            num_experts=8,
+            top_k=2,
+            experts=ExpertConfig(hidden=128, activation=activation),
+        ),
+        every=2,
+    )
 
 
 @dataclass(kw_only=True)
@@ -38,7 +49,8 @@ class VisionMoEConfig:
         d_model, n_layers, n_heads, ffn_hidden: transformer shape (dense FFN width).
         activation: FFN and expert activation (GELU, as in ViT).
         norm_eps: RMSNorm epsilon.
-        moe: MoE placement; by default an MoE in every other block (V-MoE).
+        moe: MoE placement; ``None`` (the default): :func:`vmoe_placement`, an MoE in every
+            other block (V-MoE); ``MoEPlacementConfig()`` for a dense ViT.
     """
 
     image_size: int
@@ -51,10 +63,17 @@ class VisionMoEConfig:
     ffn_hidden: int = 256
     activation: Activation = Activation.GELU
     norm_eps: float = 1e-6
-    moe: MoEPlacementConfig = field(default_factory=_default_vision_moe)
+    moe: MoEPlacementConfig | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.moe is None:
+            self.moe = vmoe_placement(self.d_model, self.activation)
+        if self.moe.layer is not None and self.moe.layer.d_model != self.d_model:
+            raise ValueError(
+                f"moe.layer.d_model={self.moe.layer.d_model} must equal the model's "
+                f"d_model={self.d_model}"
+            )
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide image_size={self.image_size}"
@@ -63,6 +82,21 @@ class VisionMoEConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+    @classmethod
+    def upgrade_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Read older config dicts (flat ``moe`` keys): see ``upgrade_moe_section``."""
+        if not isinstance(data.get("moe"), dict):
+            return data
+        d_model = data.get("d_model", 128)
+        activation = data.get("activation", Activation.GELU.value)
+        return {**data, "moe": upgrade_moe_section(data["moe"], d_model, activation)}
+
+    @property
+    def placement(self) -> MoEPlacementConfig:
+        """``moe`` after the default is resolved."""
+        assert self.moe is not None
+        return self.moe
 
     @property
     def num_patches(self) -> int:
@@ -101,11 +135,7 @@ class VisionMoE(nn.Module):
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
                 norm_eps=config.norm_eps,
-                moe_config=(
-                    config.moe.layer_config(d, config.activation)
-                    if config.moe.is_moe_layer(i)
-                    else None
-                ),
+                moe_config=config.placement.layer if config.placement.is_moe_layer(i) else None,
                 causal=False,
                 rotary=False,
             )
