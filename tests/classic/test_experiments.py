@@ -42,6 +42,10 @@ def test_classic_cli_writes_the_table_and_plots(tmp_path, capsys):
             "6",
             "--budget",
             "40",
+            "--em-iterations",
+            "4",
+            "--em-vs-gradient-epochs",
+            "30",
             "--out",
             str(out),
         ]
@@ -49,6 +53,9 @@ def test_classic_cli_writes_the_table_and_plots(tmp_path, capsys):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     methods = {row["method"] for row in results["wine"]["rows"]}
+    em = results["wine"]["em_vs_gradient"]
+    assert 0 <= em["em_iterations"]["median"] <= 4 and em["gradient_reached"] in ("0/1", "1/1")
+    assert "EM against gradient" in (out / "summary.md").read_text()
     assert methods == {
         "single",
         "joint",

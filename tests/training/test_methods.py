@@ -1,5 +1,7 @@
 """The language model's training methods freeze exactly the groups they name."""
 
+import json
+
 import pytest
 import torch
 
@@ -65,7 +67,58 @@ def test_router_phase_leaves_everything_else_unchanged(tmp_path, tiny_text):
     )
 
 
-@pytest.mark.parametrize("method", ["em", "evolutionary"])
-def test_classic_only_methods_are_refused_for_the_lm(method):
+def test_em_is_refused_for_the_lm():
     with pytest.raises(ValueError, match="for the classic mixtures"):
-        load_train_config(None, [f"method={method}"])
+        load_train_config(None, ["method=em"])
+
+
+def test_evolutionary_search_keeps_to_its_budget_and_trains_the_fittest(tmp_path, tiny_text):
+    """CMA-ES over 2 x 3 router configurations with a budget of 3 short runs: exactly 3 distinct
+    candidates trained (plus refused ones, which cost nothing), the winner is the candidate with
+    the lowest validation loss, and it is then trained for the full steps."""
+    space = '["model.moe.layer.top_k=1,2,5", "model.moe.layer.num_experts=2,4"]'
+    config = _run(
+        tmp_path,
+        tiny_text,
+        [
+            "method=evolutionary",
+            "evolution.budget=3",
+            "evolution.steps=2",
+            "evolution.population=4",
+            f"evolution.space={space}",
+        ],
+        steps=3,
+    )
+    result = train(config, progress=False)
+    trials = result.search.trials
+    trained = [t for t in trials if t.error is None]
+    assert len(trained) == 3
+    assert len({json.dumps(t.choices, sort_keys=True) for t in trials}) == len(trials)
+    for t in trials:  # top_k=5 > num_experts is refused, not trained
+        assert (t.error is not None) == (t.choices["model.moe.layer.top_k"] > 2)
+    best = min(trained, key=lambda t: t.val_loss)
+    layer = result.model.config.moe.layer
+    assert (layer.top_k, layer.num_experts) == (
+        best.choices["model.moe.layer.top_k"],
+        best.choices["model.moe.layer.num_experts"],
+    )
+    assert [r["step"] for r in result.records if "loss" in r][-1] == 3
+    summary = json.loads((tmp_path / "evolution" / "summary.json").read_text())
+    assert summary["best"]["choices"] == best.choices
+    # a resumed search reads the finished trials back instead of retraining them
+    again = train(config, resume=True, progress=False)
+    assert [t.choices for t in again.search.trials] == [t.choices for t in trials]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("evolution.space=[]", "evolution.space is empty"),
+        ('evolution.space=["model.moe.layer.top_k"]', "entries look like"),
+        ("evolution.budget=0", "evolution.budget must be >= 1"),
+        ("evolution.population=1", "evolution.population must be >= 2"),
+    ],
+)
+def test_bad_evolution_settings_are_refused_before_any_step(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(None, [*TINY_MOE, "method=evolutionary", override])

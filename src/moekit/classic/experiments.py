@@ -236,3 +236,68 @@ def summary_rows(table: Table) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def em_vs_gradient(
+    dataset: str,
+    *,
+    seeds: int = 5,
+    experts: int = 4,
+    em_iterations: int = 100,
+    max_epochs: int = 3000,
+    learning_rate: float = 0.02,
+    tolerance: float = 1e-3,
+) -> dict[str, Any]:
+    """The same HME (same initial parameters) trained by EM and by gradient (Adam, full batch),
+    each until its training objective (log-likelihood minus the ridge penalty) comes within
+    ``tolerance`` nats per sample of what EM converges to: iterations/epochs and seconds to that
+    likelihood, median and range over seeds (``reached``: how many gradient runs got there
+    within ``max_epochs``)."""
+    import copy
+
+    X, y, classification = load(dataset)
+    em_its, em_secs, gd_its, gd_secs = [], [], [], []
+    for seed in range(seeds):
+        xt, yt, _xv, _yv, _ = split(X, y, classification, seed)
+        Xt = with_bias(xt)
+        model = HME(
+            xt.shape[1],
+            int(yt.max()) + 1 if classification else yt.shape[1],
+            kind=ExpertKind.SOFTMAX if classification else ExpertKind.GAUSSIAN,
+            depth=max(1, round(math.log2(experts))),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        gradient_model = copy.deepcopy(model)
+        start = time.perf_counter()
+        history = model.fit_em(Xt, yt, iterations=em_iterations, tol=1e-9)
+        em_seconds = time.perf_counter() - start
+        target = history.objective[-1] - tolerance * len(Xt)
+        reached = next(i for i, v in enumerate(history.objective) if v >= target)
+        em_its.append(reached)
+        em_secs.append(em_seconds * reached / max(1, len(history.objective) - 1))
+        optimizer = torch.optim.Adam(gradient_model.parameters(), lr=learning_rate)
+        start = time.perf_counter()
+        for epoch in range(1, max_epochs + 1):
+            optimizer.zero_grad()
+            objective = gradient_model.objective(Xt, yt)
+            (-objective / len(Xt)).backward()
+            optimizer.step()
+            if float(objective.detach()) >= target:  # the objective before this step
+                gd_its.append(epoch - 1)
+                gd_secs.append(time.perf_counter() - start)
+                break
+
+    def spread(values: list) -> dict[str, Any]:
+        if not values:
+            return {"median": None, "range": None}
+        return {"median": statistics.median(values), "range": (min(values), max(values))}
+
+    return {
+        "dataset": dataset,
+        "seeds": seeds,
+        "em_iterations": spread(em_its),
+        "em_seconds": spread(em_secs),
+        "gradient_epochs": spread(gd_its),
+        "gradient_seconds": spread(gd_secs),
+        "gradient_reached": f"{len(gd_its)}/{seeds}",
+    }

@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
+    if result.search is not None:
+        trained = [t for t in result.search.trials if t.error is None]
+        for trial in sorted(trained, key=lambda t: t.val_loss):
+            print(f"candidate {trial.choices}: validation loss {trial.val_loss:.4f}")
+        print(f"trained the best: {result.search.best.choices}")
     if result.evals:
         step, loss = result.evals[-1]
         print(f"step {step}: validation loss {loss:.4f}")

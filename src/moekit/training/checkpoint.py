@@ -113,6 +113,16 @@ def remove_stale_staging(checkpoints_dir: str | Path) -> list[Path]:
     return stale
 
 
+def refuse_to_overwrite(checkpoints_dir: str | Path) -> None:
+    """Raise if a fresh (not resumed) run would write over ``checkpoints_dir``'s checkpoints."""
+    checkpoints = Path(checkpoints_dir)
+    if checkpoints.exists() and any(checkpoints.iterdir()):
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints; pass resume=True (--resume) or choose "
+            "another out_dir"
+        )
+
+
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     """The folder ``latest`` points to, or ``None`` when there is no checkpoint yet."""
     remove_stale_staging(checkpoints_dir)

@@ -70,6 +70,53 @@ def _default_model() -> TransformerConfig:
     return TransformerConfig(**DEFAULT_MODEL)
 
 
+def _default_space() -> list[str]:
+    return ["model.moe.layer.top_k=1,2", "model.moe.layer.num_experts=4,8,16"]
+
+
+@dataclass(kw_only=True)
+class EvolutionConfig:
+    """``method='evolutionary'``: a CMA-ES search over router configurations
+    (``moekit.training.evolution``).
+
+    Args:
+        space: the choices, one ``dotted.key=v1,v2,...`` per entry (values parsed like
+            ``--set`` values), e.g. ``model.moe.layer.dispatch.capacity_factor=1.0,1.25,2.0``.
+        budget: the most distinct candidate configurations trained.
+        steps: training steps per candidate (its fitness: the validation loss after them).
+        population: CMA-ES population per generation.
+    """
+
+    space: list[str] = field(default_factory=_default_space)
+    budget: int = 8
+    steps: int = 100
+    population: int = 4
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name, low in (("budget", 1), ("steps", 1), ("population", 2)):
+            if getattr(self, name) < low:
+                raise ValueError(f"evolution.{name} must be >= {low}, got {getattr(self, name)}")
+        self.choices()
+
+    def choices(self) -> dict[str, list[Any]]:
+        """``{"model.moe.layer.top_k": [1, 2], ...}``."""
+        out: dict[str, list[Any]] = {}
+        for item in self.space:
+            key, _, values = item.partition("=")
+            key = key.strip()
+            if not key or not values.strip():
+                raise ValueError(
+                    f"evolution.space entries look like 'model.moe.layer.top_k=1,2', got {item!r}"
+                )
+            if key in out:
+                raise ValueError(f"evolution.space names {key!r} twice")
+            out[key] = [_parse_value(v.strip()) for v in values.split(",")]
+        if not out:
+            raise ValueError("evolution.space is empty: name at least one key and its choices")
+        return out
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything a training run needs.
@@ -93,11 +140,13 @@ class TrainConfig:
             ``moekit.utils.allocator``).
         expert_parallel: 1, or the number of ``torchrun`` processes to split the experts over
             (``data.batch_size`` is then per process).
-        method: ``joint`` (default), ``gradient``, ``separate`` or ``alternating`` (see
-            ``moekit.training.methods``).
+        method: ``joint`` (default), ``gradient``, ``separate``, ``alternating`` (see
+            ``moekit.training.methods``) or ``evolutionary`` (a search over router
+            configurations, then the winner trained: ``moekit.training.evolution``).
         alternating: the blocks of ``method='alternating'``.
         separate_expert_steps: ``method='separate'``: steps before the routers alone train (0:
             half of ``steps``).
+        evolution: the search of ``method='evolutionary'``.
     """
 
     model: TransformerConfig = field(default_factory=_default_model)
@@ -117,15 +166,18 @@ class TrainConfig:
     method: TrainingMethod = TrainingMethod.JOINT
     alternating: AlternatingSchedule = field(default_factory=AlternatingSchedule)
     separate_expert_steps: int = 0
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_device_name(self.device)
-        if self.method in (TrainingMethod.EM, TrainingMethod.EVOLUTIONARY):
+        if self.method is TrainingMethod.EM:
             raise ValueError(
-                f"method={self.method.value!r} is for the classic mixtures (moekit.classic); the "
-                "language model trains by 'joint', 'gradient', 'separate' or 'alternating'"
+                "method='em' is for the classic mixtures (moekit.classic); the language model "
+                "trains by 'joint', 'gradient', 'separate', 'alternating' or 'evolutionary'"
             )
+        if self.method is TrainingMethod.EVOLUTIONARY and self.expert_parallel > 1:
+            raise ValueError("method='evolutionary' runs in one process (expert_parallel=1)")
         if self.separate_expert_steps < 0:
             raise ValueError(
                 f"separate_expert_steps must be >= 0, got {self.separate_expert_steps}"

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moekit.classic.methods import drop_gradients
+from moekit.classic.methods import TrainingMethod, drop_gradients
 from moekit.distributed.parallelize import (
     full_optimizer_state,
     full_state_dict,
@@ -40,6 +40,7 @@ from moekit.routing.bias_balancing import update_expert_bias
 from moekit.training.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
+    refuse_to_overwrite,
     remove_stale_staging,
     save_training_checkpoint,
 )
@@ -62,6 +63,7 @@ class TrainResult:
     wall_time: float = 0.0
     train_time: float = 0.0
     tokens: int = 0
+    search: Any = None  # method='evolutionary': the SearchResult of the router search
 
     @property
     def evals(self) -> list[tuple[int, float]]:
@@ -191,6 +193,10 @@ def train(
         on_record: called with every metrics record (callbacks, live plots).
         stop_after: stop after this many steps in total (simulates an interrupted run).
     """
+    if config.method is TrainingMethod.EVOLUTIONARY:
+        from moekit.training.evolution import train_evolved
+
+        return train_evolved(config, resume=resume, progress=progress, desc=desc)
     start_time = time.perf_counter()
     if config.retain_freed_memory:
         retain_freed_memory()
@@ -218,11 +224,8 @@ def train(
         optimizer.load_state_dict(shard_optimizer_state(model, optimizer, optimizer_state))
         scheduler.load_state_dict(trainer_state["scheduler"])
         start_step = trainer_state["step"]
-    elif not resume and checkpoints.exists() and any(checkpoints.iterdir()):
-        raise FileExistsError(
-            f"{checkpoints} already holds checkpoints; pass resume=True (--resume) or choose "
-            "another out_dir"
-        )
+    elif not resume:
+        refuse_to_overwrite(checkpoints)
     if ctx.enabled:
         dist.barrier()  # every rank has read the checkpoint before rank 0 may write one
     if ctx.is_main:

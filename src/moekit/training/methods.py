@@ -4,8 +4,9 @@
 parameters) with the routers frozen, then the routers alone, in blocks
 (``TrainConfig.alternating``); ``separate`` trains everything but the routers for the first
 ``separate_expert_steps`` steps (each expert on the tokens the initial router sends it: its own
-partition), then the routers alone. ``em`` and ``evolutionary`` belong to the classic mixtures
-(``moekit.classic.methods``) and are refused here with the reason.
+partition), then the routers alone. ``evolutionary`` searches router configurations, each
+candidate trained jointly (``moekit.training.evolution``); ``em`` belongs to the classic
+mixtures (``moekit.classic.methods``) and is refused with the reason.
 """
 
 from __future__ import annotations
