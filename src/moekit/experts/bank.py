@@ -13,15 +13,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from moekit.experts.activations import Activation, apply_activation, in_projection_width
 from moekit.experts.fused_ffn import expert_ffn
+from moekit.experts.grouped_linear import grouped_linear
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
 from moekit.utils.validation import check_fields
+
+
+class ExpertAdapter(Protocol):
+    """What an expert bank's adapter adds to each projection (``moekit.adapters.lora``)."""
+
+    @property
+    def active(self) -> bool:
+        """False once merged into the weights."""
+        ...
+
+    def in_delta(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``(M, H or 2H)`` added to the pre-activations."""
+        ...
+
+    def out_delta(self, a_MH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``(M, D)`` added to the outputs."""
+        ...
 
 
 @dataclass(kw_only=True)
@@ -33,17 +51,22 @@ class ExpertConfig:
         activation: ``relu``, ``gelu``, ``silu``, ``swiglu`` or ``geglu``.
         bias: add a bias after each projection.
         kernel: grouped-matmul kernel, ``auto``, ``grouped_mm`` or ``loop``.
+        dropout: dropout on each expert's hidden activations while training ("expert dropout",
+            Fedus et al. 2021, Switch Transformers' fine-tuning recipe); 0 keeps the fused path.
     """
 
     hidden: int
     activation: Activation = Activation.SWIGLU
     bias: bool = False
     kernel: GroupedMatmulKernel = GroupedMatmulKernel.AUTO
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"experts.dropout must be in [0, 1), got {self.dropout}")
 
     def build(self, num_experts: int, d_model: int) -> ExpertBank:
         return ExpertBank(
@@ -53,6 +76,7 @@ class ExpertConfig:
             activation=self.activation,
             bias=self.bias,
             kernel=self.kernel,
+            dropout=self.dropout,
         )
 
 
@@ -73,9 +97,13 @@ class ExpertBank(nn.Module):
         activation: Activation | str = Activation.SWIGLU,
         bias: bool = False,
         kernel: GroupedMatmulKernel | str = GroupedMatmulKernel.AUTO,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.dropout = dropout
+        # a low-rank adapter on both projections (``moekit.adapters.lora.ExpertLoRA``), or None
+        self.adapter: ExpertAdapter | None = None
         self.d_model = d_model
         self.hidden = hidden
         self.activation = Activation(activation)
@@ -106,16 +134,48 @@ class ExpertBank(nn.Module):
         Returns:
             ``(M, D)``.
         """
-        return expert_ffn(
-            x_MD,
-            counts_E,
-            self.w_in_EDH,
-            self.w_out_EHD,
-            b_in_EH=self.b_in_EH,
-            b_out_ED=self.b_out_ED,
-            activation=self.activation,
-            kernel=self.kernel,
-        )
+        adapter = self.adapter if self.adapter is not None and self.adapter.active else None
+        dropout = self.dropout if self.training else 0.0
+        if adapter is None and not dropout:
+            return expert_ffn(
+                x_MD,
+                counts_E,
+                self.w_in_EDH,
+                self.w_out_EHD,
+                b_in_EH=self.b_in_EH,
+                b_out_ED=self.b_out_ED,
+                activation=self.activation,
+                kernel=self.kernel,
+            )
+        return self._forward_in_pieces(x_MD, counts_E, adapter, dropout)
+
+    def _forward_in_pieces(
+        self,
+        x_MD: torch.Tensor,
+        counts_E: torch.Tensor,
+        adapter: ExpertAdapter | None,
+        dropout: float,
+    ) -> torch.Tensor:
+        """The FFN as separate differentiable grouped matmuls, with the adapter's low-rank terms
+        added to each projection and dropout on the hidden activations."""
+        h_MH = grouped_linear(x_MD, self.w_in_EDH, counts_E, self.kernel)
+        expert_of_row = None
+        if self.b_in_EH is not None:
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=len(x_MD)
+            )
+            h_MH = h_MH + self.b_in_EH[expert_of_row]
+        if adapter is not None:
+            h_MH = h_MH + adapter.in_delta(x_MD, counts_E)
+        a_MH = apply_activation(self.activation, h_MH)
+        if dropout:
+            a_MH = nn.functional.dropout(a_MH, dropout, training=True)
+        y_MD = grouped_linear(a_MH, self.w_out_EHD, counts_E, self.kernel)
+        if self.b_out_ED is not None:
+            y_MD = y_MD + self.b_out_ED[expert_of_row]
+        if adapter is not None:
+            y_MD = y_MD + adapter.out_delta(a_MH, counts_E)
+        return y_MD
 
     @torch.no_grad()
     def select_experts(self, first: int, count: int) -> ExpertBank:
@@ -133,6 +193,7 @@ class ExpertBank(nn.Module):
             activation=self.activation,
             bias=self.b_in_EH is not None,
             kernel=self.kernel,
+            dropout=self.dropout,
         ).to(self.w_in_EDH.device, self.w_in_EDH.dtype)
         for name, param in bank.named_parameters():
             param.copy_(getattr(self, name).narrow(0, first, count))

@@ -6,11 +6,25 @@ Legend: D = d_model, H = hidden width.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from moekit.experts.activations import Activation, apply_activation, in_projection_width
+
+
+class DenseAdapter(Protocol):
+    """What a dense FFN's adapter adds to each projection (``moekit.adapters.lora``)."""
+
+    @property
+    def active(self) -> bool:
+        """False once merged into the weights."""
+        ...
+
+    def in_delta(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def out_delta(self, a: torch.Tensor) -> torch.Tensor: ...
 
 
 class FeedForward(nn.Module):
@@ -39,6 +53,8 @@ class FeedForward(nn.Module):
         self.w_out_HD = nn.Parameter(torch.empty(hidden, d_model))
         self.b_in_H = nn.Parameter(torch.empty(width)) if bias else None
         self.b_out_D = nn.Parameter(torch.empty(d_model)) if bias else None
+        # a low-rank adapter on both projections (``moekit.adapters.lora.DenseLoRA``), or None
+        self.adapter: DenseAdapter | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -50,10 +66,16 @@ class FeedForward(nn.Module):
             nn.init.uniform_(self.b_out_D, -bound_out, bound_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapter if self.adapter is not None and self.adapter.active else None
         h = x @ self.w_in_DH
         if self.b_in_H is not None:
             h = h + self.b_in_H
-        y = apply_activation(self.activation, h) @ self.w_out_HD
+        if adapter is not None:
+            h = h + adapter.in_delta(x)
+        a = apply_activation(self.activation, h)
+        y = a @ self.w_out_HD
         if self.b_out_D is not None:
             y = y + self.b_out_D
+        if adapter is not None:
+            y = y + adapter.out_delta(a)
         return y
