@@ -95,8 +95,9 @@ def allowed_keys(
 
     Queries are positions ``start .. start+S-1`` of the ``L`` keys; ``window`` keeps the last
     ``window`` keys of each query (0: all); ``key_mask_BL`` (``True`` = real token) hides
-    padding keys. A padding query may then see no key at all, which would make its softmax
-    NaN: it is allowed to see itself instead (no real query ever sees a padding key, so real
+    padding keys, or, shaped ``(B, 1, S, L)``, says per query which keys it may see (packed
+    segments). A padding query may then see no key at all, which would make its softmax NaN:
+    it is allowed to see itself instead (no real query ever sees a padding key, so real
     outputs are unchanged).
     """
     query_S1 = torch.arange(start, start + S, device=device).unsqueeze(1)
@@ -106,7 +107,9 @@ def allowed_keys(
         allowed = allowed & (key_1L > query_S1 - window)
     if key_mask_BL is not None:
         B = key_mask_BL.shape[0]
-        allowed = (allowed & key_mask_BL.view(B, 1, 1, L)) | (key_1L == query_S1)
+        # (B, L): padding keys; (B, 1, S, L): any per-query mask (packed sequences' segments)
+        keys = key_mask_BL if key_mask_BL.dim() == 4 else key_mask_BL.view(B, 1, 1, L)
+        allowed = (allowed & keys) | (key_1L == query_S1)
     return allowed
 
 

@@ -165,6 +165,7 @@ class TransformerLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """Args:
         tokens: ``(B, S)`` token ids.
@@ -175,7 +176,13 @@ class TransformerLM(nn.Module):
             mask of earlier calls is kept in the cache.
         padding_mask: the same as ``attention_mask`` (the older name).
         kv_cache: continue from the cached positions and append these (generation).
+        segment_ids: ``(B, S)`` integers for packed sequences (several documents per row):
+            a token attends only to earlier tokens of its own segment, positions restart at 0
+            in each segment, and segment 0 is padding (not attended to, not routed). Not with
+            ``attention_mask`` or ``kv_cache``.
         """
+        if segment_ids is not None:
+            return self._forward_packed(tokens, segment_ids, attention_mask, kv_cache)
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} "
@@ -209,6 +216,17 @@ class TransformerLM(nn.Module):
                 F.embedding(positions_BS, sin).unsqueeze(1),
             )
             new_mask = key_mask.narrow(1, start, S)
+        return self._run_blocks(tokens, rope, key_mask, new_mask, kv_cache, start)
+
+    def _run_blocks(
+        self,
+        tokens: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+        new_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        start: int,
+    ) -> LMOutput:
         x = self.embed(tokens)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_outputs: list[MoEOutput] = []
@@ -227,10 +245,46 @@ class TransformerLM(nn.Module):
                 moe_outputs.append(moe_out)
                 aux_loss = aux_loss + moe_out.aux_loss
         if kv_cache is not None:
-            kv_cache.length = start + S
+            kv_cache.length = start + tokens.shape[1]
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return LMOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
+
+    def _forward_packed(
+        self,
+        tokens: torch.Tensor,
+        segment_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> LMOutput:
+        if attention_mask is not None or kv_cache is not None:
+            raise ValueError("segment_ids cannot be combined with attention_mask or kv_cache")
+        if segment_ids.shape != tokens.shape or segment_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"segment_ids must be integers of the tokens' shape {tuple(tokens.shape)}, got "
+                f"{tuple(segment_ids.shape)} {segment_ids.dtype}"
+            )
+        seq_len = tokens.shape[1]
+        same_BSS = (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)) & (
+            segment_ids.unsqueeze(1) != 0
+        )
+        index_S = torch.arange(seq_len, device=tokens.device)
+        first = torch.ones_like(segment_ids, dtype=torch.bool)
+        first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        segment_start_BS = torch.where(first, index_S, 0).cummax(dim=1).values
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {seq_len} positions exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        positions_BS = index_S - segment_start_BS
+        cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
+        rope = (
+            F.embedding(positions_BS, cos).unsqueeze(1),
+            F.embedding(positions_BS, sin).unsqueeze(1),
+        )
+        return self._run_blocks(tokens, rope, same_BSS.unsqueeze(1), segment_ids != 0, None, 0)
 
     @staticmethod
     def _key_mask(
