@@ -269,7 +269,8 @@ def _groups_of(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, nn.Modu
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Attach adapters to ``model`` in place and freeze every other parameter; returns the names
-    of the adapted modules. Raises when a target matches nothing in the model."""
+    of the adapted modules. Raises when a target matches nothing in the model. The config is
+    kept as ``model.lora_config``: checkpoints save it and ``from_pretrained`` re-attaches."""
     if any(isinstance(m, LoRALinear | ExpertLoRA) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters")
     groups = _groups_of(model)
@@ -281,6 +282,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         )
     for param in model.parameters():
         param.requires_grad_(False)
+    setattr(model, "lora_config", config)  # noqa: B010 (any nn.Module, not only TransformerLM)
     names = {id(m): n for n, m in model.named_modules()}
     adapted: list[str] = []
     for target in config.targets:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import cast
 
 HELP = "Validation loss (nats per byte) and perplexity of a checkpoint on text."
@@ -28,22 +27,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A model folder: ``path`` itself, or the latest checkpoint of a run folder."""
-    from moekit.training.checkpoint import latest_checkpoint
-
-    folder = Path(path)
-    if (folder / "config.json").is_file():
-        return folder
-    latest = latest_checkpoint(folder / "checkpoints")
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with one")
-    return latest
-
-
 def run(args: argparse.Namespace) -> int:
     from moekit.models.checkpoint import from_pretrained
     from moekit.models.transformer.model import TransformerLM
+    from moekit.training.checkpoint import resolve_checkpoint
     from moekit.training.data import (
         ByteTokenizer,
         DataConfig,

@@ -21,10 +21,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moekit.cli.evaluate import resolve_checkpoint
     from moekit.models.checkpoint import from_pretrained
     from moekit.models.transformer.generate import generate
     from moekit.models.transformer.model import TransformerLM
+    from moekit.training.checkpoint import resolve_checkpoint
     from moekit.training.data import ByteTokenizer
 
     model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))

@@ -56,6 +56,12 @@ def write_model_files(model: nn.Module, folder: Path) -> None:
             "model_type": model.model_type,
             "format_version": FORMAT_VERSION,
             "config": config_to_dict(model.config),
+            # LoRA adapters (moekit.adapters) are re-attached by from_pretrained
+            **(
+                {"lora": config_to_dict(model.lora_config)}
+                if getattr(model, "lora_config", None) is not None
+                else {}
+            ),
         },
     )
 
@@ -90,6 +96,11 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights} is corrupt or not a safetensors file: {e}") from None
     model = _registry()[model_type][0](config)
+    lora = json.loads((directory / CONFIG_FILE).read_text()).get("lora")
+    if lora is not None:
+        from moekit.adapters.lora import LoRAConfig, add_lora
+
+        add_lora(model, config_from_dict(LoRAConfig, lora, "lora"))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -166,3 +166,14 @@ def load_training_checkpoint(folder: str | Path, model_config: Any) -> tuple[dic
         raise ValueError(f"{folder / OPTIMIZER_FILE} is missing or corrupt: {e}") from None
     torch.set_rng_state(tensors["rng.torch"])
     return loaded.state_dict(), _join_optimizer_state(tensors, state["optimizer"]), state
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A model folder: ``path`` itself, or the latest checkpoint of a run folder."""
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return folder
+    latest = latest_checkpoint(folder / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with one")
+    return latest

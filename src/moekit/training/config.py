@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moekit.adapters.lora import LoRAConfig
 from moekit.classic.methods import AlternatingSchedule, TrainingMethod
 from moekit.models.transformer.config import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
@@ -118,6 +119,39 @@ class EvolutionConfig:
 
 
 @dataclass(kw_only=True)
+class FinetuneConfig:
+    """Start from trained weights and train only some of them (``moekit finetune``).
+
+    Args:
+        init_from: the weights to start from: a run folder (its latest checkpoint), a moekit
+            checkpoint folder, or a Hugging Face model folder; ``None`` trains from scratch.
+            ``model`` must describe the same architecture (``moekit finetune`` copies it).
+        preset: the parameters to train, presets joined by ``+`` (``moekit.training.presets``:
+            ``all``, ``non_moe``, ``moe``, ``attention``, ``ffn``, ``router``,
+            ``shared_experts``, ``embeddings``, ``norms``, ``experts:<selection>``); empty:
+            everything without LoRA, only the adapters with it.
+        lora: LoRA adapters to add and train (``moekit.adapters``), or ``None``.
+        routing_batches: training batches counted for ``experts:top=N``.
+    """
+
+    init_from: str | None = None
+    preset: str = ""
+    lora: LoRAConfig | None = None
+    routing_batches: int = 8
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise FileNotFoundError(f"finetune.init_from {self.init_from!r} does not exist")
+        if self.routing_batches < 1:
+            raise ValueError(f"finetune.routing_batches must be >= 1, got {self.routing_batches}")
+        if self.preset:
+            from moekit.training.presets import check_preset
+
+            check_preset(self.preset)
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything a training run needs.
 
@@ -147,6 +181,7 @@ class TrainConfig:
         separate_expert_steps: ``method='separate'``: steps before the routers alone train (0:
             half of ``steps``).
         evolution: the search of ``method='evolutionary'``.
+        finetune: starting weights, the parameters to train, LoRA.
     """
 
     model: TransformerConfig = field(default_factory=_default_model)
@@ -167,6 +202,7 @@ class TrainConfig:
     alternating: AlternatingSchedule = field(default_factory=AlternatingSchedule)
     separate_expert_steps: int = 0
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -189,7 +225,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.model.vocab_size != ByteTokenizer.vocab_size:
+        if self.data.tokenizer is None and self.model.vocab_size != ByteTokenizer.vocab_size:
             raise ValueError(
                 f"model.vocab_size must be {ByteTokenizer.vocab_size} for byte tokens, got "
                 f"{self.model.vocab_size}"

@@ -31,12 +31,19 @@ class DataConfig:
         val_fraction: share of documents held out for validation.
         seq_len: tokens per training sequence.
         batch_size: sequences per micro-batch.
+        instruction: the data are instruction examples (``moekit.training.instruct``: JSON
+            lines of prompt/response or messages; ``path=None``: the embedded standard-library
+            set), rendered with a chat template, packed, and trained on the responses only.
+        tokenizer: ``None`` for byte tokens, or a folder holding a Hugging Face tokenizer (a
+            model imported from Hugging Face keeps its own vocabulary).
     """
 
     path: str | None = None
     val_fraction: float = 0.1
     seq_len: int = 128
     batch_size: int = 16
+    instruction: bool = False
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -135,12 +142,47 @@ def split_documents(
     return train, val
 
 
-class TokenStream:
-    """All documents' tokens concatenated (documents separated by a newline), as ``uint8``."""
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder, with the byte tokenizer's interface."""
 
-    def __init__(self, docs: list[tuple[str, str]], tokenizer: ByteTokenizer) -> None:
-        data = "\n".join(text for _, text in docs).encode("utf-8")
-        self.tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    def __init__(self, folder: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError(
+                "data.tokenizer needs transformers: pip install 'moekit[hf]'"
+            ) from None
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"data.tokenizer {folder!r} is not a folder")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.vocab_size = len(self.tokenizer)
+        self.chat_template = getattr(self.tokenizer, "chat_template", None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = True):
+        return self.tokenizer.apply_chat_template(messages, tokenize=tokenize)
+
+
+def load_tokenizer(folder: str | None) -> ByteTokenizer | HFTokenizer:
+    """Bytes for ``None``, else the Hugging Face tokenizer in ``folder``."""
+    return ByteTokenizer() if folder is None else HFTokenizer(folder)
+
+
+class TokenStream:
+    """All documents' tokens concatenated (documents separated by a newline): ``uint8`` bytes,
+    or ``int32`` ids of a larger vocabulary."""
+
+    def __init__(self, docs: list[tuple[str, str]], tokenizer: ByteTokenizer | HFTokenizer) -> None:
+        text = "\n".join(text for _, text in docs)
+        if isinstance(tokenizer, ByteTokenizer):
+            self.tokens = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+        else:
+            self.tokens = torch.tensor(tokenizer.encode(text), dtype=torch.int32)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -176,8 +218,8 @@ class TokenStream:
 
 
 def load_corpus(config: DataConfig) -> tuple[TokenStream, TokenStream]:
-    """Train and validation token streams for ``config``."""
-    tokenizer = ByteTokenizer()
+    """Train and validation token streams for ``config`` (plain text)."""
+    tokenizer = load_tokenizer(config.tokenizer)
     train_docs, val_docs = split_documents(read_documents(config.path), config.val_fraction)
     train, val = TokenStream(train_docs, tokenizer), TokenStream(val_docs, tokenizer)
     for name, stream in (("training", train), ("validation", val)):

@@ -45,7 +45,8 @@ from moekit.training.checkpoint import (
     save_training_checkpoint,
 )
 from moekit.training.config import TrainConfig
-from moekit.training.data import TokenStream, load_corpus
+from moekit.training.finetune import load_streams, prepare_model
+from moekit.training.instruct import IGNORE_INDEX
 from moekit.training.methods import frozen_groups, lm_parameter_groups
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.utils.allocator import retain_freed_memory
@@ -64,6 +65,7 @@ class TrainResult:
     train_time: float = 0.0
     tokens: int = 0
     search: Any = None  # method='evolutionary': the SearchResult of the router search
+    trainable: list[tuple[str, int, int]] = field(default_factory=list)  # (group, trained, all)
 
     @property
     def evals(self) -> list[tuple[int, float]]:
@@ -79,21 +81,40 @@ class TrainResult:
 
 
 @torch.no_grad()
+def _to_device(batch: tuple, device: torch.device) -> tuple:
+    """``(x, y, segment_ids or None)`` on ``device`` from a 2- or 3-tuple batch."""
+    x, y, *rest = batch
+    segments = rest[0].to(device, non_blocking=True) if rest else None
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), segments
+
+
+def _token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the targets that are not ``IGNORE_INDEX`` (a batch with
+    none gives 0, not NaN)."""
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if reduction == "sum":
+        return total
+    return total / (y != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def evaluate(
-    model: TransformerLM, stream: TokenStream, batches: int, batch_size: int, seq_len: int
+    model: TransformerLM, stream: Any, batches: int, batch_size: int, seq_len: int
 ) -> float:
-    """Mean next-token cross-entropy (nats) over fixed validation windows."""
+    """Mean next-token cross-entropy (nats) over fixed validation windows (over the response
+    tokens only for instruction data)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device = model.embed.weight.device
-    for x, y in stream.eval_batches(batches, batch_size, seq_len):
-        x, y = x.to(device), y.to(device)
-        logits = model(x).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-        count += y.numel()
+    for batch in stream.eval_batches(batches, batch_size, seq_len):
+        x, y, segments = _to_device(batch, device)
+        logits = (model(x) if segments is None else model(x, segment_ids=segments)).logits
+        total += _token_loss(logits, y, reduction="sum").item()
+        count += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
-    return total / count
+    return total / max(count, 1)
 
 
 def _moe_record(outputs) -> list[dict[str, Any]]:
@@ -202,9 +223,11 @@ def train(
         retain_freed_memory()
     device = resolve_device(config.device)
     ctx = setup_distributed(config.expert_parallel, device)
-    train_stream, val_stream = load_corpus(config.data)  # fails before any model is built
+    train_stream, val_stream = load_streams(config)  # fails before any model is built
     torch.manual_seed(config.seed)
-    model = TransformerLM(config.model).to(device)
+    model = TransformerLM(config.model)
+    trainable = prepare_model(model, config, train_stream)  # fine-tuning: weights, LoRA, preset
+    model.to(device)
     step_model: torch.nn.Module = model
     if ctx.enabled:
         if ctx.expert_parallel:
@@ -231,7 +254,7 @@ def train(
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = _MetricsLog(out_dir, start_step, enabled=ctx.is_main)
-    result = TrainResult(model=model, out_dir=out_dir, records=log.records)
+    result = TrainResult(model=model, out_dir=out_dir, records=log.records, trainable=trainable)
     config_dict = config_to_dict(config)
     data, optim = config.data, config.optim
     last_step = config.steps if stop_after is None else min(config.steps, stop_after)
@@ -249,11 +272,12 @@ def train(
         ce_total, aux_total = 0.0, 0.0
         for micro in range(optim.grad_accum):
             index = (step * optim.grad_accum + micro) * ctx.world + ctx.rank
-            x, y = train_stream.batch(index, data.batch_size, data.seq_len, config.seed)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y, segments = _to_device(
+                train_stream.batch(index, data.batch_size, data.seq_len, config.seed), device
+            )
             with autocast(device, config.bf16):
-                out = step_model(x)
-                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+                out = step_model(x) if segments is None else step_model(x, segment_ids=segments)
+                ce = _token_loss(out.logits, y)
             ((ce + out.aux_loss) / optim.grad_accum).backward()
             ce_total += ce.item() / optim.grad_accum
             aux_total += float(out.aux_loss.detach()) / optim.grad_accum

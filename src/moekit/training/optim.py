@@ -8,12 +8,19 @@ import torch
 from torch import nn
 
 from moekit.training.config import OptimConfig
+from moekit.training.presets import EXPERT_MASK
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     # norms and biases are vectors; router biases too (a bias-balancing router's selection bias
     # is a buffer and never reaches the optimizer)
-    return param.dim() < 2 or name.endswith("bias") or name.endswith("bias_E")
+    # a partly trained expert tensor too: decay would move its frozen experts
+    return (
+        param.dim() < 2
+        or name.endswith("bias")
+        or name.endswith("bias_E")
+        or hasattr(param, EXPERT_MASK)
+    )
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:

@@ -97,6 +97,19 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     return groups
 
 
+def check_preset(preset: str) -> None:
+    """Raise for an unknown name or a malformed ``experts:<selection>`` (no model needed)."""
+    for part in preset.split("+"):
+        part = part.strip()
+        if part.startswith("experts:"):
+            _parse_expert_selection(part[len("experts:") :])
+        elif part not in PRESETS:
+            raise ValueError(
+                f"unknown preset {part!r}; choose from {', '.join(PRESETS)} or "
+                "experts:<selection>, joined by '+'"
+            )
+
+
 def _parse_expert_selection(spec: str) -> tuple[list[int] | None, int | None]:
     """``"0,3,5"`` -> ([0, 3, 5], None); ``"top=2"`` -> (None, 2)."""
     try:
@@ -145,11 +158,7 @@ def select_parameters(
         if part.startswith("experts:"):
             _select_experts(model, part[len("experts:") :], routing_counts, selection)
             continue
-        if part not in PRESETS:
-            raise ValueError(
-                f"unknown preset {part!r}; choose from {', '.join(PRESETS)} or "
-                "experts:<selection>, joined by '+'"
-            )
+        check_preset(part)
         chosen = {n: p for g in PRESETS[part] for n, p in groups[g].items()}
         if not chosen:
             raise ValueError(f"preset {part!r} matches no parameter of this model")

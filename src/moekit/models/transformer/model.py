@@ -111,6 +111,8 @@ class TransformerLM(nn.Module):
     """``tokens (B, S) -> LMOutput`` with logits ``(B, S, V)``; see ``TransformerConfig``."""
 
     model_type = "moekit_transformer_lm"
+    #: the ``LoRAConfig`` of attached adapters (``moekit.adapters``), saved with the weights
+    lora_config: Any = None
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()

@@ -1,0 +1,124 @@
+"""Fine-tuning: start from trained weights, add LoRA, train only the chosen parameter groups.
+
+``TrainConfig.finetune`` drives it (``moekit finetune`` fills it in); the training loop calls
+:func:`load_streams` for the data and :func:`prepare_model` before building the optimizer, so a
+fine-tuning run has the same checkpoints, resume and metrics as any other run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.models.transformer.config import TransformerConfig
+from moekit.models.transformer.model import TransformerLM
+from moekit.training.checkpoint import resolve_checkpoint
+from moekit.training.config import TrainConfig
+from moekit.training.data import load_corpus, load_tokenizer
+from moekit.training.presets import (
+    Selection,
+    apply_selection,
+    count_routing,
+    select_parameters,
+    trainable_summary,
+)
+from moekit.utils.serialization import config_to_dict
+
+
+def load_streams(config: TrainConfig) -> tuple[Any, Any]:
+    """Train and validation streams: plain text, or packed instruction examples."""
+    data = config.data
+    if not data.instruction:
+        return load_corpus(data)
+    from moekit.training.instruct import load_instructions
+
+    tokenizer = load_tokenizer(data.tokenizer)
+    return load_instructions(data.path, tokenizer, data.seq_len, data.val_fraction, config.seed)
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder whose ``config.json`` is a Hugging Face one (moekit's has a format version)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "model_type" in data and "format_version" not in data
+
+
+def load_source(path: str) -> TransformerLM:
+    """The model to start from: a run folder's latest checkpoint, a moekit checkpoint folder,
+    or a Hugging Face folder. Adapters of a fine-tuned source are merged in."""
+    from moekit.adapters.lora import lora_parameters, merge_lora
+
+    folder = Path(path)
+    if is_hf_folder(folder):
+        from moekit.interop.hf import from_hf
+
+        return from_hf(folder)
+    from moekit.models.checkpoint import from_pretrained
+
+    model = from_pretrained(resolve_checkpoint(path))
+    if not isinstance(model, TransformerLM):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a language model")
+    if lora_parameters(model):
+        merge_lora(model)
+    return model
+
+
+def base_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
+    """The weights without adapter tensors (merged adapters are already in them)."""
+    from moekit.adapters.lora import lora_parameters
+
+    adapters = set(lora_parameters(model))
+    return {k: v for k, v in model.state_dict().items() if k not in adapters}
+
+
+def _config_differences(a: TransformerConfig, b: TransformerConfig) -> list[str]:
+    da, db = config_to_dict(a), config_to_dict(b)
+    return sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+
+
+def prepare_model(
+    model: TransformerLM, config: TrainConfig, train_stream: Any
+) -> list[tuple[str, int, int]]:
+    """Load ``finetune.init_from``, add LoRA, freeze what the preset does not train; returns the
+    trainable/total counts per parameter group."""
+    finetune = config.finetune
+    if finetune.init_from is not None:
+        source = load_source(finetune.init_from)
+        differences = _config_differences(source.config, config.model)
+        if differences:
+            raise ValueError(
+                f"finetune.init_from {finetune.init_from} has another architecture than "
+                f"model: {', '.join(differences)} differ (moekit finetune copies the source's)"
+            )
+        model.load_state_dict(base_state_dict(source), strict=True)
+    if finetune.lora is not None:
+        from moekit.adapters.lora import add_lora, lora_parameters
+
+        add_lora(model, finetune.lora)
+    if finetune.preset or finetune.lora is not None:
+        selection = Selection()
+        if finetune.preset:
+            counts = None
+            if "experts:top=" in finetune.preset:
+                counts = count_routing(
+                    model, _token_batches(train_stream, config, finetune.routing_batches)
+                )
+            selection = select_parameters(model, finetune.preset, routing_counts=counts)
+        if finetune.lora is not None:
+            selection.whole.update(lora_parameters(model))
+        apply_selection(model, selection)
+    return trainable_summary(model)
+
+
+def _token_batches(stream: Any, config: TrainConfig, count: int) -> Iterator[torch.Tensor]:
+    for index in range(count):
+        yield stream.batch(index, config.data.batch_size, config.data.seq_len, config.seed)[0]
