@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(lines))
-    print(f"written: {out}/summary.md, results.json, curves_*.png, gates_iris.png")
+    plots = ", curves_*.png, gates_iris.png" if args.part in ("all", "methods") else ""
+    print(f"written: {out}/summary.md, results.json{plots}")
     return 0
 
 
