@@ -13,6 +13,7 @@ from moekit.cli import (
     demo,
     evaluate,
     example,
+    finetune,
     generate,
     params,
     plan,
@@ -23,6 +24,7 @@ from moekit.cli import (
 SUBCOMMANDS = {
     "demo": demo,
     "train": train,
+    "finetune": finetune,
     "eval": evaluate,
     "generate": generate,
     "params": params,

@@ -154,6 +154,7 @@ _NOT_FUNCTION = (
     "moe.layer.statistics",
     "moe.layer.check_finite",
     "moe.layer.experts.kernel",
+    "moe.layer.experts.dropout",  # training only
     "moe.layer.router.bias_update_rate",
     "moe.layer.router.jitter_eps",
     "moe.layer.router.float32",

@@ -26,7 +26,6 @@ from moekit.training.presets import (
     select_parameters,
     trainable_summary,
 )
-from moekit.utils.serialization import config_to_dict
 
 
 def load_streams(config: TrainConfig) -> tuple[Any, Any]:
@@ -81,8 +80,11 @@ def base_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
 
 
 def _config_differences(a: TransformerConfig, b: TransformerConfig) -> list[str]:
-    da, db = config_to_dict(a), config_to_dict(b)
-    return sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+    """The options that change what the weights compute (not dropout, statistics, losses)."""
+    from moekit.interop.expressible import function_fields
+
+    fa, fb = function_fields(a), function_fields(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def prepare_model(

@@ -181,8 +181,16 @@ def pack(
     examples: list[tuple[list[int], list[bool]]], seq_len: int, seed: int = 0, pad_id: int = 0
 ) -> PackedRows:
     """Greedy first-fit packing (in a seeded order) into rows of ``seq_len + 1`` tokens; an
-    example longer than a row is cut to fit."""
+    example longer than a row is cut to fit, and one whose response would be cut off entirely
+    is left out (it has nothing left to train on)."""
     width = seq_len + 1
+    kept = [e for e in examples if any(e[1][1:width])]
+    if not kept:
+        raise ValueError(
+            f"no example's response starts within data.seq_len + 1 = {width} tokens; raise "
+            "data.seq_len"
+        )
+    examples = kept
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[tuple[list[int], list[bool]]]] = []
     space: list[int] = []

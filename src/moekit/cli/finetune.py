@@ -1,0 +1,151 @@
+"""``moekit finetune``: continue a trained model on new data, training only what you choose."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+HELP = (
+    "Fine-tune a moekit run or a Hugging Face model: parameter-group presets (ST-MoE's all / "
+    "non_moe / moe / attention / ffn, and router, shared_experts, experts:<selection>, ...), "
+    "LoRA on attention and the stacked experts, expert dropout, instruction tuning with "
+    "responses-only loss; writes a run folder like moekit train."
+)
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="from_run", help="a moekit run or checkpoint folder")
+    source.add_argument("--from-hf", help="a Hugging Face model folder (with its tokenizer)")
+    parser.add_argument(
+        "--preset", default="", help="parameters to train, e.g. ffn or attention+router"
+    )
+    parser.add_argument("--lora-rank", type=int, default=0, help="add LoRA adapters of this rank")
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--lora-targets", default="attention,experts", help="comma-separated LoRA targets"
+    )
+    parser.add_argument(
+        "--expert-dropout", type=float, default=None, help="dropout inside the routed experts"
+    )
+    parser.add_argument(
+        "--data", default=None, help="text, folder or JSON lines (default: embedded)"
+    )
+    parser.add_argument(
+        "--instruction",
+        action="store_true",
+        help="instruction tuning: --data is JSON lines of prompt/response or messages "
+        "(default: the embedded standard-library set), loss on responses only",
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--out-dir", required=True, help="run folder")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other TrainConfig value, e.g. --set data.seq_len=256",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument(
+        "--export-hf",
+        default=None,
+        metavar="DIR",
+        help="also write the result (adapters merged) as a Hugging Face folder of the source's "
+        "family (with --from-hf)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_config(args: argparse.Namespace):
+    """The TrainConfig of the fine-tuning run: the source's architecture, these settings."""
+    from moekit.training.config import TrainConfig, apply_overrides
+    from moekit.training.finetune import load_source
+    from moekit.utils.serialization import config_from_dict, config_to_dict
+
+    source_path = args.from_run or args.from_hf
+    model_config = load_source(source_path).config
+    data: dict = {
+        "model": config_to_dict(model_config),
+        "steps": args.steps,
+        "out_dir": args.out_dir,
+        "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 20)},
+        "data": {"path": args.data, "instruction": args.instruction},
+        "finetune": {"init_from": source_path, "preset": args.preset},
+    }
+    if args.from_hf is not None:
+        data["data"]["tokenizer"] = _tokenizer_folder(Path(args.from_hf))
+    if args.lora_rank:
+        data["finetune"]["lora"] = {
+            "rank": args.lora_rank,
+            "alpha": args.lora_alpha,
+            "dropout": args.lora_dropout,
+            "targets": [t.strip() for t in args.lora_targets.split(",") if t.strip()],
+        }
+    if args.expert_dropout is not None:
+        if data["model"]["moe"]["layer"] is None:
+            raise ValueError("--expert-dropout needs a model with MoE layers")
+        data["model"]["moe"]["layer"]["experts"]["dropout"] = args.expert_dropout
+    apply_overrides(data, args.overrides)
+    return config_from_dict(TrainConfig, data)
+
+
+def _tokenizer_folder(folder: Path) -> str:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        raise ValueError(
+            f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json); pass one "
+            "with --set data.tokenizer=FOLDER"
+        )
+    return str(folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.training.loop import train
+    from moekit.training.presets import format_summary
+
+    config = build_config(args)
+    result = train(config, resume=args.resume, progress=not args.quiet, desc="finetune")
+    summary = format_summary(result.trainable)
+    print(summary)
+    (Path(config.out_dir) / "parameters.txt").write_text(summary + "\n")
+    if result.evals:
+        step, loss = result.evals[-1]
+        print(f"step {step}: validation loss {loss:.4f}")
+    if args.export_hf is not None:
+        _export(result.model, args, config)
+    print(f"run folder: {result.out_dir}")
+    return 0
+
+
+def _export(model, args: argparse.Namespace, config) -> None:
+    from moekit.interop.hf import to_hf
+    from moekit.models.transformer.model import TransformerLM
+    from moekit.training.finetune import base_state_dict
+
+    if args.from_hf is None:
+        raise ValueError("--export-hf writes back to the source's family: use it with --from-hf")
+    family = json.loads((Path(args.from_hf) / "config.json").read_text())["model_type"]
+    from moekit.adapters.lora import merge_lora
+
+    merge_lora(model)
+    plain = TransformerLM(model.config)
+    plain.load_state_dict(base_state_dict(model), strict=True)
+    folder = to_hf(plain.eval(), args.export_hf, family)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+    ):
+        if (Path(args.from_hf) / name).is_file():
+            shutil.copyfile(Path(args.from_hf) / name, folder / name)
+    print(f"wrote {args.export_hf} ({family}, adapters merged)")
