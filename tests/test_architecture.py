@@ -23,7 +23,7 @@ LAYERS = {
     "classic": 5,
     "distributed": 6,
     "interop": 6,
-    "adapters": 6,
+    "adapters": 5.5,
     "training": 7,
     "moekit": 7.5,  # the top-level package's public API, for the command line
     "cli": 8,

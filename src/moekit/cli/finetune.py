@@ -59,6 +59,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="also write the result (adapters merged) as a Hugging Face folder of the source's "
         "family (with --from-hf)",
     )
+    parser.add_argument(
+        "--export-peft",
+        default=None,
+        metavar="DIR",
+        help="also write the LoRA adapters in the PEFT format for the --from-hf model "
+        "(peft.PeftModel.from_pretrained loads them); LoRA-only runs",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -117,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
     if result.evals:
         step, loss = result.evals[-1]
         print(f"step {step}: validation loss {loss:.4f}")
+    if args.export_peft is not None:
+        from moekit.interop.peft_adapters import export_peft_adapter
+
+        if args.from_hf is None:
+            raise ValueError("--export-peft needs --from-hf: PEFT adapters belong to an HF model")
+        export_peft_adapter(result.model, args.from_hf, args.export_peft)
+        print(f"wrote {args.export_peft} (PEFT LoRA adapter for {args.from_hf})")
     if args.export_hf is not None:
         _export(result.model, args, config)
     print(f"run folder: {result.out_dir}")

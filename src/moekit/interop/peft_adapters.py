@@ -1,0 +1,150 @@
+"""LoRA adapters of a model imported from Hugging Face, exported in the PEFT format.
+
+``export_peft_adapter`` writes a folder that ``peft.PeftModel.from_pretrained`` loads onto the
+``transformers`` model of the source folder, computing what the moekit model computes. Attention
+projections map to PEFT ``target_modules`` (``lora_A`` ``(R, in)``, ``lora_B`` ``(out, R)``,
+the layout moekit's ``LoRALinear`` uses). The routed experts, which ``transformers`` stores
+stacked (``mlp.experts.gate_up_proj`` ``(E, 2I, D)``, ``mlp.experts.down_proj`` ``(E, D, I)``),
+map to PEFT ``target_parameters``. Their wrapper keeps ``lora_A`` as ``(E·R, in)`` with expert
+``e``'s rows at ``e·R .. e·R+R-1``, and ``lora_B`` as ``(out, R·E)`` with column ``j·E + e``
+for rank ``j`` of expert ``e``. moekit's ``[gate | up]`` columns are HF's ``[gate; up]`` rows,
+so each expert's update is transposed and nothing else.
+
+PEFT is built by PEFT itself (``get_peft_model``, then ``save_pretrained``), so its file
+format is whatever the installed ``peft`` writes. Only adapters on ``attention`` (or single
+projections) and ``experts`` can be exported; the base weights must be the source's unchanged
+(a LoRA-only fine-tune). Export the merged model with ``to_hf`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.adapters.lora import ExpertLoRA, LoRALinear, lora_parameters
+from moekit.experts.bank import ExpertBank
+
+#: families whose ``transformers`` models stack the routed experts as gate_up_proj/down_proj
+STACKED_EXPERT_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _peft_targets(config: Any) -> tuple[list[str], list[str], dict[str, int]]:
+    modules: list[str] = []
+    parameters: list[str] = []
+    ranks: dict[str, int] = {}
+    for target in config.targets:
+        projections = ATTENTION_PROJECTIONS if target == "attention" else (target,)
+        if target == "experts":
+            for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+                parameters.append(name)
+                ranks[name] = config.rank_of(target)  # PEFT matches the parameter's key
+        elif all(p in ATTENTION_PROJECTIONS for p in projections):
+            modules += [p for p in projections if p not in modules]
+            ranks.update({p: config.rank_of(target) for p in projections})
+        else:
+            raise ValueError(
+                f"LoRA target {target!r} cannot be exported in the PEFT format yet (attention "
+                "projections and experts can); export the merged model with to_hf instead"
+            )
+    return modules, parameters, ranks
+
+
+def _check_base_unchanged(model: torch.nn.Module, hf_model: torch.nn.Module) -> None:
+    from moekit.interop.hf import from_hf
+
+    source = from_hf(hf_model).state_dict()
+    adapters = set(lora_parameters(model))
+    changed = [
+        name
+        for name, value in model.state_dict().items()
+        if name not in adapters and name in source and not torch.equal(value.cpu(), source[name])
+    ]
+    if changed:
+        raise ValueError(
+            f"the base weights differ from the source's ({', '.join(changed[:3])}"
+            f"{' ...' if len(changed) > 3 else ''}): a PEFT adapter would not reproduce this "
+            "model; export the merged model with to_hf instead"
+        )
+
+
+def export_peft_adapter(
+    model: torch.nn.Module, hf_folder: str | os.PathLike, directory: str | os.PathLike
+) -> Path:
+    """Write ``model``'s LoRA adapters as a PEFT adapter folder for the model in ``hf_folder``."""
+    import json
+
+    import peft
+    import transformers
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    from peft.tuners.lora.layer import ParamWrapper
+
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("the model has no LoRA adapters (moekit.adapters.add_lora)")
+    family = json.loads((Path(hf_folder) / "config.json").read_text()).get("model_type")
+    if family not in STACKED_EXPERT_FAMILIES:
+        raise ValueError(
+            f"PEFT export supports {', '.join(STACKED_EXPERT_FAMILIES)}, not {family!r}"
+        )
+    modules, parameters, ranks = _peft_targets(config)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    _check_base_unchanged(model, hf_model)
+    lora_config = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,  # dropout is training-only, and PEFT's expert wrapper refuses it
+        target_modules=modules or None,
+        target_parameters=parameters or None,
+        rank_pattern={k: v for k, v in ranks.items() if v != config.rank},
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(hf_model, lora_config)
+    blocks: Any = model.blocks
+    filled = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            layer = re.search(r"layers\.(\d+)\.", name)
+            if layer is None:
+                continue
+            block = blocks[int(layer.group(1))]
+            if isinstance(module, ParamWrapper):
+                bank = block.ffn.experts
+                assert isinstance(bank, ExpertBank) and isinstance(bank.adapter, ExpertLoRA)
+                A, B = _stacked_factors(bank.adapter, module.parameter_name)
+                _set_factors(module, A, B)
+                filled += 1
+            elif isinstance(module, PeftLinear) and not isinstance(module, ParamWrapper):
+                ours = getattr(block.attn, name.rsplit(".", 1)[-1])
+                assert isinstance(ours, LoRALinear)
+                _set_factors(module, ours.lora_A, ours.lora_B)
+                filled += 1
+    if not filled:
+        raise ValueError("no adapter of this model has a place in the PEFT model")
+    directory = Path(directory)
+    peft_model.save_pretrained(str(directory))
+    return directory
+
+
+def _set_factors(peft_layer: Any, A: torch.Tensor, B: torch.Tensor) -> None:
+    peft_layer.lora_A["default"].weight.copy_(A)
+    peft_layer.lora_B["default"].weight.copy_(B)
+
+
+def _stacked_factors(adapter: ExpertLoRA, parameter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``(E·R, in)`` and ``(out, R·E)`` factors of ``gate_up_proj`` or ``down_proj``."""
+    if parameter == "gate_up_proj":  # HF (E, 2I, D) = moekit (E, D, 2I) transposed
+        A_EDR, B_ERW = adapter.A_in_EDR, adapter.B_in_ERW
+    elif parameter == "down_proj":  # HF (E, D, I) = moekit (E, I, D) transposed
+        A_EDR, B_ERW = adapter.A_out_EHR, adapter.B_out_ERD
+    else:
+        raise ValueError(f"no moekit adapter for the expert parameter {parameter!r}")
+    E, n_in, R = A_EDR.shape
+    n_out = B_ERW.shape[2]
+    A = A_EDR.transpose(1, 2).reshape(E * R, n_in)
+    B = B_ERW.permute(2, 1, 0).reshape(n_out, R * E)
+    return A, B
