@@ -1,7 +1,8 @@
 """Instruction data: chat examples rendered with a template, loss on the responses only, packed.
 
 Files are JSON lines, one example per line, either ``{"prompt": ..., "response": ...}`` or
-``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``. Byte-level
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``, with an optional
+``"source"`` (``"file:anything"``): train and validation are split by the part before ``:``. Byte-level
 models use :data:`BYTE_CHAT_TEMPLATE`; a Hugging Face tokenizer with a chat template uses its
 own (``apply_chat_template``). Only the assistant turns (and their end marker) are trained on.
 
@@ -82,7 +83,10 @@ def read_instructions(path: str | Path) -> list[tuple[str, Messages]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}:{i + 1} is not valid JSON: {e}") from None
-            examples.append((f"{file.name}:{i}", _messages_of(record, f"{file}:{i + 1}")))
+            messages = _messages_of(record, f"{file}:{i + 1}")
+            # an optional "source" ("file.py:function") splits train/validation by source file
+            source = record.get("source")
+            examples.append((source if isinstance(source, str) else f"{file.name}:{i}", messages))
     if not examples:
         raise ValueError(f"no instruction examples in {path}")
     return examples
