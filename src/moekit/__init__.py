@@ -12,6 +12,7 @@ from moekit.losses.config import AuxLossConfig, BalanceScope
 from moekit.routing.bias_balancing import update_expert_bias
 from moekit.routing.config import Gating, GroupScore, RouterConfig, RouterKind
 from moekit.routing.result import RoutingResult
+from moekit.routing.runtime import RoutingTrace, record_routing, replay_routing, set_top_k
 from moekit.routing.topk import TopKRouter
 
 __version__ = "0.1.0"
@@ -36,10 +37,14 @@ __all__ = [
     "RouterKind",
     "RoutingResult",
     "RoutingStats",
+    "RoutingTrace",
     "SharedExpertConfig",
     "SharedExperts",
     "TopKRouter",
     "collect_moe_outputs",
+    "record_routing",
+    "replay_routing",
     "set_statistics",
+    "set_top_k",
     "update_expert_bias",
 ]

@@ -150,8 +150,6 @@ class MoE(nn.Module):
             raise TypeError("a Soft MoE router needs the SoftMoE layer (MoEConfig.build picks it)")
         self.d_model = d_model
         self.num_experts: int = int(cast(Any, router).num_experts)
-        # expert slots per token in the routing result (E for dense and expert choice)
-        self.top_k: int = int(cast(Any, router).top_k)
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -168,6 +166,12 @@ class MoE(nn.Module):
     @dispatch.setter
     def dispatch(self, config: DispatchConfig) -> None:
         self.dispatcher.config = config
+
+    @property
+    def top_k(self) -> int:
+        """Expert slots per token in the routing result (E for dense and expert choice); the
+        router's, so ``moekit.set_top_k`` changes both."""
+        return int(cast(Any, self.router).top_k)
 
     def forward(
         self,

@@ -33,6 +33,10 @@ def test_train_eval_generate_from_the_command_line(tmp_path, tiny_text, capsys):
         == 0
     )
     assert capsys.readouterr().out.startswith("import ")
+    args = ["generate", str(tmp_path / "run"), "--max-new-tokens", "5", "--experts-per-token"]
+    assert main([*args, "1"]) == 0
+    assert main([*args, "9"]) == 2
+    assert "k must be in [1, 4]" in capsys.readouterr().err
 
 
 def test_train_cli_reports_bad_config(tmp_path, capsys):

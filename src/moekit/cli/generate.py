@@ -16,6 +16,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k best")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--experts-per-token",
+        type=int,
+        default=None,
+        metavar="K",
+        help="route each token to K experts instead of the trained k (token-choice routers)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
     model.eval()
+    if args.experts_per_token is not None:
+        from moekit.routing.runtime import set_top_k
+
+        set_top_k(model, args.experts_per_token)
     tokenizer = ByteTokenizer()
     prompt = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.long)
     out = cast(  # a tensor prompt gives a tensor

@@ -20,6 +20,8 @@ auxiliary-loss-free balancing: experts are chosen by ``score + b``, weighted by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,8 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias_E = None
             self.load_since_update_E = None
+        # set by moekit.replay_routing: returns the recorded (T, K) experts of the next call
+        self.forced_routes: Callable[[int], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -92,7 +96,7 @@ class TopKRouter(nn.Module):
             # selection by logit orders experts exactly like sigmoid, without underflow ties;
             # the selection bias and group scores are defined on the sigmoid scores
             plain = self.expert_bias_E is None and cfg.num_groups == 1
-            expert_idx_TK = self._select(logits_TE.detach() if plain else scores_TE.detach())
+            expert_idx_TK = self._choose(logits_TE.detach() if plain else scores_TE.detach())
             if cfg.normalize_weights:
                 weights_TK = torch.softmax(log_scores_TE.gather(-1, expert_idx_TK), dim=-1)
             else:
@@ -100,7 +104,7 @@ class TopKRouter(nn.Module):
         else:
             probs_TE = torch.softmax(logits_TE, dim=-1)
             scores_TE = probs_TE if cfg.gating is Gating.SOFTMAX_TOPK else logits_TE
-            expert_idx_TK = self._select(scores_TE.detach())
+            expert_idx_TK = self._choose(scores_TE.detach())
             weights_TK = scores_TE.gather(-1, expert_idx_TK)
             if cfg.gating is Gating.TOPK_SOFTMAX:
                 weights_TK = torch.softmax(weights_TK, dim=-1)
@@ -116,6 +120,19 @@ class TopKRouter(nn.Module):
             clean_logits_TE=clean_logits_TE,
             noise_std_TE=noise_std_TE,
         )
+
+    def _choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The experts of this call: selected from the scores, or replayed from a trace (the
+        combine weights are then computed from the live scores of those experts)."""
+        if self.forced_routes is None:
+            return self._select(scores_TE)
+        expert_idx_TK = self.forced_routes(scores_TE.shape[0]).to(scores_TE.device)
+        if expert_idx_TK.shape != (scores_TE.shape[0], self.top_k):
+            raise ValueError(
+                f"the replayed routes are {tuple(expert_idx_TK.shape)} but this call routes "
+                f"{scores_TE.shape[0]} tokens to top_k={self.top_k} experts"
+            )
+        return expert_idx_TK
 
     def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Indices of the K chosen experts, ``(T, K)``: bias-shifted, group-limited top-K."""

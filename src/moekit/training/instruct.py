@@ -1,10 +1,11 @@
 """Instruction data: chat examples rendered with a template, loss on the responses only, packed.
 
 Files are JSON lines, one example per line, either ``{"prompt": ..., "response": ...}`` or
-``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``, with an optional
-``"source"`` (``"file:anything"``): train and validation are split by the part before ``:``. Byte-level
-models use :data:`BYTE_CHAT_TEMPLATE`; a Hugging Face tokenizer with a chat template uses its
-own (``apply_chat_template``). Only the assistant turns (and their end marker) are trained on.
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``, with an
+optional ``"source"`` (``"file:anything"``): train and validation are split by the part before
+``:``. Byte-level models use :data:`BYTE_CHAT_TEMPLATE`; a Hugging Face tokenizer with a chat
+template uses its own (``apply_chat_template``). Only the assistant turns (and their end
+marker) are trained on.
 
 The embedded default set is real text that ships with Python: for every documented top-level
 function of the standard library's modules, the instruction is its signature and docstring and
