@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 HELP = (
     "Convert a local Hugging Face checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, or dense "
@@ -23,16 +21,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def load_any(path: str):
-    """A moekit ``TransformerLM`` from a moekit or a Hugging Face checkpoint folder."""
-    from moekit.interop.hf import from_hf
-    from moekit.models.checkpoint import from_pretrained
+    """A moekit ``TransformerLM`` from a moekit run or checkpoint folder or a Hugging Face
+    folder (``moekit.training.finetune.load_source``)."""
+    from moekit.training.finetune import load_source
 
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    if str(json.loads(config.read_text()).get("model_type", "")).startswith("moekit_"):
-        return from_pretrained(path)
-    return from_hf(path)
+    return load_source(path)
 
 
 def save_any(model, destination: str, target: str) -> None:

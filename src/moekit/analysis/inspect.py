@@ -1,0 +1,316 @@
+"""What the routers of a model do on some data: load, dead experts, entropy, margins, drops,
+co-activation, agreement between layers, and which tokens each expert takes.
+
+Legend: T = tokens of a batch, E = experts, K = experts per token, V = vocabulary.
+
+:class:`RoutingInspector` takes the ``RoutingResult`` of every router call (``observe``) with
+the token ids of the batch, and keeps running sums only (counts, histograms, contingency
+tables), so it streams over any amount of data. ``report()`` turns them into plain numbers:
+
+- load: tokens routed to each expert as a fraction of the ideal ``T·K/E`` (min, p5, p50, p95,
+  max: a mean hides one hot expert), and dead experts (below ``dead_fraction`` of the ideal);
+- router entropy (nats, mean over tokens) and the margin between the k-th and (k+1)-th router
+  probability (quantiles; small margins mean fragile routing that a dtype or batch change flips);
+- the fraction of assignments a capacity factor would drop (per call, ``C = ceil(f·T·K/E)``);
+- the co-activation matrix of experts chosen together by a token;
+- agreement of consecutive layers: the normalised mutual information of their top-1 experts;
+- specialisation: the mutual information between token id and top-1 expert, and per expert the
+  tokens it receives most often relative to their base rate (lift).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moekit.routing.result import RoutingResult
+
+QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)
+MARGIN_BINS = 50  # histogram of the k-th minus (k+1)-th probability over [0, 1]
+
+
+@dataclass
+class _LayerSums:
+    num_experts: int
+    top_k: int
+    vocab_size: int
+    counts_E: torch.Tensor
+    coactivation_EE: torch.Tensor
+    token_expert_VE: torch.Tensor
+    margin_hist: torch.Tensor
+    tokens: int = 0
+    assignments: int = 0
+    entropy_sum: float = 0.0
+    dropped: float = 0.0
+    top1: list[torch.Tensor] = field(default_factory=list)  # this pass's top-1 per call
+
+
+def _quantiles(values: torch.Tensor) -> dict[str, float]:
+    names = ("min", "p5", "p50", "p95", "max")
+    q = torch.quantile(values.double(), torch.tensor(QUANTILES, dtype=torch.float64))
+    return {n: round(float(v), 6) for n, v in zip(names, q, strict=True)}
+
+
+def _hist_quantiles(hist: torch.Tensor) -> dict[str, float]:
+    cdf = hist.double().cumsum(0) / max(float(hist.sum()), 1.0)
+    names = ("p5", "p50", "p95")
+    return {
+        n: round(
+            float(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64))) / MARGIN_BINS, 4
+        )
+        for n, q in zip(names, (0.05, 0.5, 0.95), strict=True)
+    }
+
+
+def mutual_information(joint: torch.Tensor) -> float:
+    """Mutual information (nats) of a contingency table of counts."""
+    total = joint.sum()
+    if total <= 0:
+        return 0.0
+    p = joint.double() / total
+    outer = p.sum(1, keepdim=True) * p.sum(0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * (p[nz] / outer[nz]).log()).sum())
+
+
+def _entropy(counts: torch.Tensor) -> float:
+    p = counts.double() / max(float(counts.sum()), 1.0)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+class RoutingInspector:
+    """Streaming routing statistics of one model (see the module docstring).
+
+    Args:
+        layer_names: the routers' names, in model order.
+        num_experts: E per layer.
+        top_k: K per layer (as the routers return it).
+        vocab_size: V (token ids of the observed batches must be below it).
+        capacity_factor: for the drop fraction.
+        dead_fraction: an expert below this share of the ideal load counts as dead.
+    """
+
+    def __init__(
+        self,
+        layer_names: list[str],
+        num_experts: list[int],
+        top_k: list[int],
+        vocab_size: int,
+        *,
+        capacity_factor: float = 1.25,
+        dead_fraction: float = 0.01,
+    ) -> None:
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.names = layer_names
+        self.capacity_factor = capacity_factor
+        self.dead_fraction = dead_fraction
+        self.layers = [
+            _LayerSums(
+                num_experts=E,
+                top_k=K,
+                vocab_size=vocab_size,
+                counts_E=torch.zeros(E, dtype=torch.long),
+                coactivation_EE=torch.zeros(E, E, dtype=torch.long),
+                token_expert_VE=torch.zeros(vocab_size, E, dtype=torch.long),
+                margin_hist=torch.zeros(MARGIN_BINS, dtype=torch.long),
+            )
+            for E, K in zip(num_experts, top_k, strict=True)
+        ]
+        self.agreement_EE = [
+            torch.zeros(a.num_experts, b.num_experts, dtype=torch.long)
+            for a, b in zip(self.layers, self.layers[1:], strict=False)
+        ]
+
+    @torch.no_grad()
+    def observe(self, layer: int, routing: RoutingResult, token_ids_T: torch.Tensor) -> None:
+        """Add one router call: ``routing`` for the ``T`` tokens ``token_ids_T``."""
+        sums = self.layers[layer]
+        idx_TK = routing.expert_idx_TK.cpu()
+        mask_TK = routing.assignment_mask_TK
+        mask_TK = torch.ones_like(idx_TK, dtype=torch.bool) if mask_TK is None else mask_TK.cpu()
+        probs_TE = routing.probs_TE.detach().float().cpu()
+        tokens = token_ids_T.cpu().long()
+        T, K = idx_TK.shape
+        E = sums.num_experts
+        counts_E = torch.bincount(idx_TK[mask_TK], minlength=E)
+        sums.counts_E += counts_E
+        sums.tokens += T
+        sums.assignments += int(mask_TK.sum())
+        sums.entropy_sum += float(-(probs_TE * probs_TE.clamp(min=1e-30).log()).sum())
+        capacity = math.ceil(self.capacity_factor * int(mask_TK.sum()) / E)
+        sums.dropped += float((counts_E - capacity).clamp(min=0).sum())
+        if K >= 1 and E > K:
+            top = probs_TE.topk(K + 1, dim=-1).values
+            margin = (top[:, K - 1] - top[:, K]).clamp(0, 1)
+            bins = (margin * MARGIN_BINS).long().clamp(max=MARGIN_BINS - 1)
+            sums.margin_hist += torch.bincount(bins, minlength=MARGIN_BINS)
+        chosen_TE = torch.zeros(T, E)
+        chosen_TE.scatter_(1, idx_TK, mask_TK.float())
+        sums.coactivation_EE += (chosen_TE.T @ chosen_TE).long()
+        top1_T = idx_TK[:, 0]
+        sums.token_expert_VE.index_put_(
+            (tokens, top1_T), torch.ones(T, dtype=torch.long), accumulate=True
+        )
+        sums.top1.append(top1_T)
+        if layer > 0 and self.layers[layer - 1].top1:
+            previous = self.layers[layer - 1].top1[-1]
+            if previous.shape == top1_T.shape:
+                self.agreement_EE[layer - 1].index_put_(
+                    (previous, top1_T), torch.ones(T, dtype=torch.long), accumulate=True
+                )
+        if len(sums.top1) > 2:
+            sums.top1.pop(0)
+
+    def report(self, decode: Any = None, top_tokens: int = 8) -> dict[str, Any]:
+        """Plain numbers per layer (JSON-ready); ``decode(token_id) -> str`` names tokens."""
+        decode = decode or (lambda t: str(t))
+        layers = []
+        for name, s in zip(self.names, self.layers, strict=True):
+            ideal = s.assignments / s.num_experts if s.assignments else 1.0
+            load = s.counts_E.double() / ideal
+            token_counts_V = s.token_expert_VE.sum(1)
+            base_V = token_counts_V.double() / max(float(token_counts_V.sum()), 1.0)
+            experts = []
+            for e in range(s.num_experts):
+                column = s.token_expert_VE[:, e].double()
+                if column.sum() == 0:
+                    experts.append({"expert": e, "top_tokens": []})
+                    continue
+                lift = (column / column.sum()) / base_V.clamp(min=1e-12)
+                lift[column < 3] = 0  # ignore tokens seen too rarely to say
+                best = lift.topk(min(top_tokens, int((lift > 0).sum()) or 1)).indices
+                experts.append(
+                    {
+                        "expert": e,
+                        "top_tokens": [
+                            {"token": decode(int(t)), "lift": round(float(lift[t]), 2)}
+                            for t in best
+                            if lift[t] > 0
+                        ],
+                    }
+                )
+            layers.append(
+                {
+                    "name": name,
+                    "experts": s.num_experts,
+                    "top_k": s.top_k,
+                    "tokens": s.tokens,
+                    "load_fraction_of_ideal": _quantiles(load),
+                    "tokens_per_expert": s.counts_E.tolist(),
+                    "dead_experts": int((load < self.dead_fraction).sum()),
+                    "router_entropy": round(s.entropy_sum / max(s.tokens, 1), 6),
+                    "max_entropy": round(math.log(s.num_experts), 6),
+                    "margin_k_vs_k_plus_1": _hist_quantiles(s.margin_hist),
+                    "margin_histogram": s.margin_hist.tolist(),
+                    "dropped_fraction_at_capacity": round(s.dropped / max(s.assignments, 1), 6),
+                    "capacity_factor": self.capacity_factor,
+                    "coactivation": s.coactivation_EE.tolist(),
+                    "token_expert_mutual_information": round(
+                        mutual_information(s.token_expert_VE), 6
+                    ),
+                    "specialisation": experts,
+                }
+            )
+        agreement = []
+        for i, joint in enumerate(self.agreement_EE):
+            mi = mutual_information(joint)
+            norm = math.sqrt(max(_entropy(joint.sum(1)) * _entropy(joint.sum(0)), 1e-30))
+            agreement.append(
+                {
+                    "layers": [self.names[i], self.names[i + 1]],
+                    "top1_normalised_mutual_information": round(mi / norm, 6),
+                }
+            )
+        return {"layers": layers, "consecutive_layer_agreement": agreement}
+
+
+def inspect_model(
+    model: torch.nn.Module,
+    batches: Any,
+    *,
+    vocab_size: int,
+    capacity_factor: float = 1.25,
+    decode: Any = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Run ``model`` (eval mode, no gradients) over ``batches`` of ``(B, S)`` token ids and
+    return :meth:`RoutingInspector.report`. ``progress`` wraps the batch iterator (tqdm)."""
+    from moekit.routing.runtime import _routers
+
+    routers = [(name, r) for name, r in _routers(model) if not getattr(r, "soft", False)]
+    if not routers:
+        raise ValueError("the model has no token routers to inspect")
+    inspector = RoutingInspector(
+        [n for n, _ in routers],
+        [int(r.num_experts) for _, r in routers],
+        [int(r.top_k) for _, r in routers],
+        vocab_size,
+        capacity_factor=capacity_factor,
+    )
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, (_, router) in enumerate(routers):
+
+        def hook(_m, _inputs, output, i=i):
+            if isinstance(output, RoutingResult):
+                tokens = current["tokens"].reshape(-1)
+                if tokens.numel() == output.expert_idx_TK.shape[0]:
+                    inspector.observe(i, output, tokens)
+
+        handles.append(router.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for tokens in progress(batches) if progress else batches:
+                current["tokens"] = tokens
+                model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return inspector.report(decode=decode)
+
+
+@torch.no_grad()
+def routing_differences(
+    model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Any, *, per_sequence: bool = False
+) -> list[dict[str, Any]]:
+    """Per router: the fraction of tokens whose set of chosen experts differs between
+    ``model_a`` and ``model_b`` on the same batches (e.g. two checkpoints, fp32 against bf16).
+    ``per_sequence``: ``model_b`` sees each sequence alone (batch composition)."""
+    from moekit.routing.runtime import record_routing
+
+    differ: list[int] = []
+    total = 0
+    names: list[str] = []
+    for tokens in batches:
+        with record_routing(model_a) as a:
+            model_a(tokens)
+        with record_routing(model_b) as b:
+            if per_sequence:
+                for row in tokens:
+                    model_b(row.unsqueeze(0))
+            else:
+                model_b(tokens)
+        names = a.names
+        if len(a.names) != len(b.names):
+            raise ValueError("the two models have different numbers of routers")
+        if not differ:
+            differ = [0] * len(a.names)
+        for r in range(len(a.names)):
+            idx_a = torch.cat(a.expert_idx[r]).sort(dim=1).values
+            idx_b = torch.cat(b.expert_idx[r]).sort(dim=1).values
+            if idx_a.shape != idx_b.shape:
+                raise ValueError(f"{a.names[r]}: the models route different numbers of tokens")
+            differ[r] += int((idx_a != idx_b).any(dim=1).sum())
+        total += tokens.numel()
+    return [
+        {"layer": n, "differing_fraction": round(d / max(total, 1), 6)}
+        for n, d in zip(names, differ, strict=True)
+    ]

@@ -1,0 +1,96 @@
+"""``moekit inspect``: what the routers of a model do on some data, as report.html/json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = (
+    "Per-layer expert load as percentiles, dead experts, router entropy, routing margins, drops "
+    "at a capacity factor, co-activation, agreement between layers and which tokens each "
+    "expert takes, over a data stream; --compare reports routing differences."
+)
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a moekit run or checkpoint folder, or a Hugging Face folder")
+    parser.add_argument(
+        "--data", default=None, help="text, folder or JSON lines (default: embedded)"
+    )
+    parser.add_argument("--batches", type=int, default=16, help="batches to stream")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--out", default="reports/inspect", help="report.html and report.json")
+    compare = parser.add_mutually_exclusive_group()
+    compare.add_argument("--compare", default=None, metavar="MODEL", help="a second model")
+    compare.add_argument(
+        "--compare-dtype",
+        default=None,
+        choices=("bfloat16", "float16"),
+        help="the same model in this dtype",
+    )
+    compare.add_argument(
+        "--compare-batching", action="store_true", help="each sequence alone vs in the batch"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+    from tqdm import tqdm
+
+    from moekit.analysis.inspect import inspect_model, routing_differences
+    from moekit.analysis.inspect_report import write_inspect_report
+    from moekit.training.data import DataConfig, TokenStream, load_tokenizer, read_documents
+    from moekit.training.finetune import is_hf_folder, load_source
+
+    model = load_source(args.model)
+    folder = Path(args.model)
+    tokenizer = load_tokenizer(str(folder) if is_hf_folder(folder) else None)
+    seq_len = min(args.seq_len, model.config.max_seq_len)
+    docs = read_documents(args.data)
+    if args.data is None:  # the embedded corpus: its validation split, as training held it out
+        from moekit.training.data import split_documents
+
+        docs = split_documents(docs, DataConfig().val_fraction)[1]
+    stream = TokenStream(docs, tokenizer)
+    batches = [x for x, _ in stream.eval_batches(args.batches, args.batch_size, seq_len)]
+
+    def decode(token: int) -> str:
+        return tokenizer.decode([token])
+
+    report = inspect_model(
+        model,
+        batches,
+        vocab_size=model.config.vocab_size,
+        capacity_factor=args.capacity_factor,
+        decode=decode,
+        progress=None if args.quiet else lambda b: tqdm(b, desc="inspect", leave=False),
+    )
+    other = None
+    if args.compare is not None:
+        other = load_source(args.compare)
+    elif args.compare_dtype is not None:
+        other = copy.deepcopy(model).to(getattr(torch, args.compare_dtype))
+    if other is not None or args.compare_batching:
+        report["differences"] = routing_differences(
+            model,
+            other if other is not None else model,
+            batches,
+            per_sequence=args.compare_batching,
+        )
+    path = write_inspect_report(report, args.out, f"moekit inspect: {args.model}")
+    for layer in report["layers"]:
+        load = layer["load_fraction_of_ideal"]
+        print(
+            f"{layer['name']}: load p5 {load['p5']:.2f} p50 {load['p50']:.2f} p95 "
+            f"{load['p95']:.2f} max {load['max']:.2f} (x ideal), dead {layer['dead_experts']}, "
+            f"entropy {layer['router_entropy']:.3f}/{layer['max_entropy']:.3f}"
+        )
+    for d in report.get("differences", []):
+        print(f"{d['layer']}: {d['differing_fraction']:.2%} of tokens take other experts")
+    print(f"wrote {path} and report.json")
+    return 0
