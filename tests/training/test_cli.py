@@ -71,6 +71,7 @@ def test_demo_tiny_runs_end_to_end(tmp_path, capsys):
         "val_loss.png",
         "expert_load_layer0.png",
         "expert_load_layer1.png",
+        "load_percentiles.png",
         "dropped_fraction.png",
     } <= names
     summary = (report / "summary.md").read_text()

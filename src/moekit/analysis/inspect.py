@@ -54,6 +54,15 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
     return {n: round(float(v), 6) for n, v in zip(names, q, strict=True)}
 
 
+def load_summary(counts_E: torch.Tensor, dead_fraction: float = 0.01) -> dict[str, float]:
+    """Tokens per expert as a fraction of the ideal (equal share): min, p5, p50, p95, max, and
+    ``dead``, the experts below ``dead_fraction`` of it."""
+    counts = counts_E.detach().double().cpu()
+    ideal = float(counts.sum()) / len(counts) if float(counts.sum()) > 0 else 1.0
+    load = counts / ideal
+    return {**_quantiles(load), "dead": int((load < dead_fraction).sum())}
+
+
 def _hist_quantiles(hist: torch.Tensor) -> dict[str, float]:
     cdf = hist.double().cumsum(0) / max(float(hist.sum()), 1.0)
     names = ("p5", "p50", "p95")
@@ -171,8 +180,8 @@ class RoutingInspector:
         decode = decode or (lambda t: str(t))
         layers = []
         for name, s in zip(self.names, self.layers, strict=True):
-            ideal = s.assignments / s.num_experts if s.assignments else 1.0
-            load = s.counts_E.double() / ideal
+            load_stats = load_summary(s.counts_E, self.dead_fraction)
+            dead = load_stats.pop("dead")
             token_counts_V = s.token_expert_VE.sum(1)
             base_V = token_counts_V.double() / max(float(token_counts_V.sum()), 1.0)
             experts = []
@@ -200,9 +209,9 @@ class RoutingInspector:
                     "experts": s.num_experts,
                     "top_k": s.top_k,
                     "tokens": s.tokens,
-                    "load_fraction_of_ideal": _quantiles(load),
+                    "load_fraction_of_ideal": load_stats,
                     "tokens_per_expert": s.counts_E.tolist(),
-                    "dead_experts": int((load < self.dead_fraction).sum()),
+                    "dead_experts": dead,
                     "router_entropy": round(s.entropy_sum / max(s.tokens, 1), 6),
                     "max_entropy": round(math.log(s.num_experts), 6),
                     "margin_k_vs_k_plus_1": _hist_quantiles(s.margin_hist),

@@ -133,3 +133,25 @@ def plot_gate_partition(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_load_percentiles(records: list[dict[str, Any]], path: Path) -> Path:
+    """Per MoE layer over training: the busiest expert's load and the p5 (×ideal), so one hot
+    or starved expert shows instead of hiding in a mean."""
+    plt = _pyplot()
+    rows = [r for r in records if r.get("moe") and "load" in r["moe"][0]]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=120)
+    for layer in range(len(rows[0]["moe"]) if rows else 0):
+        steps = [r["step"] for r in rows]
+        line = ax.plot(
+            steps, [r["moe"][layer]["load"]["max"] for r in rows], label=f"layer {layer} max"
+        )
+        ax.plot(
+            steps,
+            [r["moe"][layer]["load"]["p5"] for r in rows],
+            linestyle="--",
+            color=line[0].get_color(),
+            label=f"layer {layer} p5",
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    return _save_line_plot(plt, fig, ax, "tokens per expert / ideal", path)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moekit.analysis.plots import plot_dropped_fraction, plot_expert_load, plot_val_loss
+from moekit.analysis.plots import (
+    plot_dropped_fraction,
+    plot_expert_load,
+    plot_load_percentiles,
+    plot_val_loss,
+)
 
 
 def write_demo_report(comparison, report_dir: Path, settings: dict) -> Path:
@@ -23,6 +28,9 @@ def write_demo_report(comparison, report_dir: Path, settings: dict) -> Path:
         name = f"expert_load_layer{layer}.png"
         plot_expert_load(moe_records, layer, report_dir / name)
         images.append((f"Expert load, MoE layer {layer}", name))
+    if moe_records and "load" in moe_records[0]["moe"][0]:
+        plot_load_percentiles(moe_records, report_dir / "load_percentiles.png")
+        images.append(("Expert load percentiles (max and p5, ×ideal)", "load_percentiles.png"))
     if any(m["dropped_fraction"] > 0 for r in moe_records for m in r["moe"]):
         plot_dropped_fraction(moe_records, report_dir / "dropped_fraction.png")
         images.append(("Dropped fraction", "dropped_fraction.png"))

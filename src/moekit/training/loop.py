@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moekit.analysis.inspect import load_summary
 from moekit.classic.methods import TrainingMethod, drop_gradients
 from moekit.distributed.parallelize import (
     full_optimizer_state,
@@ -125,6 +126,7 @@ def _moe_record(outputs) -> list[dict[str, Any]]:
         }
         if o.stats is not None:  # statistics may be off (MoEConfig.statistics)
             record["tokens_per_expert"] = o.stats.tokens_per_expert.tolist()
+            record["load"] = load_summary(o.stats.tokens_per_expert)  # x ideal; dead experts
             record["dropped_fraction"] = round(float(o.stats.dropped_fraction), 6)
             record["router_entropy"] = round(float(o.stats.router_entropy), 6)
         records.append(record)
@@ -189,6 +191,9 @@ class _MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(key, value, record["step"])
+            for layer, moe in enumerate(record.get("moe", [])):
+                for name, value in moe.get("load", {}).items():  # per-layer load percentiles
+                    self.tensorboard.add_scalar(f"moe{layer}/load_{name}", value, record["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
