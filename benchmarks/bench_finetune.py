@@ -137,8 +137,8 @@ def finetune_config(
     return dataclasses.replace(
         config,
         steps=args.finetune_steps,
-        eval_every=max(1, args.finetune_steps // 6),
-        eval_batches=64,
+        eval_every=max(1, args.finetune_steps // 3),
+        eval_batches=16,
         log_every=25,
         out_dir=str(out),
         seed=seed,
@@ -164,7 +164,10 @@ def run(config: TrainConfig) -> dict:
     }
 
 
-def pretrain(config: TrainConfig) -> Path:
+def pretrain(config: TrainConfig, reuse: bool = False) -> Path:
+    if reuse and Path(config.out_dir, TRAIN_CONFIG).is_file():
+        print(f"reusing {config.out_dir}")
+        return Path(config.out_dir)
     shutil.rmtree(config.out_dir, ignore_errors=True)
     result = train(config, progress=False)
     _save_train_config(config)
@@ -256,6 +259,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="reports/finetune")
     parser.add_argument("--quick", action="store_true", help="1 seed, 40/20 steps")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse pre-trained models already in --out"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.pretrain_steps, args.finetune_steps = 1, 40, 20
@@ -265,7 +271,7 @@ def main() -> None:
     parts = write_parts(out / "data")
     dense = base_config(args, out / "pre_dense", parts["A"])
     moe = dataclasses.replace(moe_of(dense), out_dir=str(out / "pre_moe"))
-    sources = {"dense": pretrain(dense), "moe": pretrain(moe)}
+    sources = {"dense": pretrain(dense, args.reuse), "moe": pretrain(moe, args.reuse)}
     report = ["# Fine-tuning (benchmarks/bench_finetune.py)", "", "## ST-MoE table", ""]
     report += st_moe_table(args, parts, out, sources["moe"])
     report += ["", "## Instruction tuning: dense vs MoE", ""]

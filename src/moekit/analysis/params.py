@@ -47,6 +47,15 @@ class ArchSpec:
     expert_params: int
     shared_expert_params: int
     router_params: int
+    # routed experts of each MoE layer where they differ (pruned or merged models); None: all
+    # layers have num_experts, and router_params is per layer
+    experts_per_layer: list[int] | None = None
+
+    @property
+    def total_routed_experts(self) -> int:
+        if self.experts_per_layer is None:
+            return self.moe_layers * self.num_experts
+        return sum(self.experts_per_layer)
 
 
 @dataclass
@@ -76,9 +85,14 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
         "lm_head": lm_head,
         "attention": spec.n_layers * spec.attention_per_layer,
         "dense_ffn": spec.dense_ffn_layers * spec.dense_ffn_params,
-        "routed_experts": spec.moe_layers * spec.num_experts * spec.expert_params,
+        "routed_experts": spec.total_routed_experts * spec.expert_params,
         "shared_experts": spec.moe_layers * spec.shared_expert_params,
-        "routers": spec.moe_layers * spec.router_params,
+        # router parameters are proportional to the experts they score
+        "routers": (
+            spec.moe_layers * spec.router_params
+            if spec.experts_per_layer is None
+            else spec.total_routed_experts * spec.router_params // max(spec.num_experts, 1)
+        ),
         "norms": spec.n_layers * spec.norms_per_layer + spec.final_norm,
     }
     active_breakdown = dict(breakdown)
@@ -134,16 +148,19 @@ def spec_from_moekit(config) -> ArchSpec:
     d, hd = config.d_model, config.head_dim
     q_width, kv_width = config.n_heads * hd, config.n_kv_heads * hd
     shared = router = experts = num_experts = top_k = 0
+    counts = None
     if layer is not None:
         num_experts, top_k = layer.num_experts, layer.top_k
+        counts = config.moe.experts_per_layer
         e = layer.experts
         experts = _ffn_params(d, e.hidden, Activation(e.activation).is_gated, e.bias)
         if layer.shared_experts is not None:
             s = layer.shared_experts
             shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
             shared += d if s.gated else 0
-        router = num_experts * d + (num_experts if getattr(layer.router, "bias", False) else 0)
-        router += num_experts * d if getattr(layer.router, "noisy_gating", False) else 0
+        router = d + (1 if getattr(layer.router, "bias", False) else 0)  # per expert
+        router += d if getattr(layer.router, "noisy_gating", False) else 0
+        router *= num_experts
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if config.qkv_bias else 0
     attention += (d if config.o_bias else 0) + (config.n_heads if config.attention_sinks else 0)
@@ -170,6 +187,7 @@ def spec_from_moekit(config) -> ArchSpec:
         expert_params=experts,
         shared_expert_params=shared,
         router_params=router,
+        experts_per_layer=counts,
     )
 
 

@@ -44,20 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.analysis.inspect import inspect_model, routing_differences
     from moekit.analysis.inspect_report import write_inspect_report
-    from moekit.training.data import DataConfig, TokenStream, load_tokenizer, read_documents
+    from moekit.training.data import calibration_batches, load_tokenizer
     from moekit.training.finetune import is_hf_folder, load_source
 
     model = load_source(args.model)
     folder = Path(args.model)
     tokenizer = load_tokenizer(str(folder) if is_hf_folder(folder) else None)
     seq_len = min(args.seq_len, model.config.max_seq_len)
-    docs = read_documents(args.data)
-    if args.data is None:  # the embedded corpus: its validation split, as training held it out
-        from moekit.training.data import split_documents
-
-        docs = split_documents(docs, DataConfig().val_fraction)[1]
-    stream = TokenStream(docs, tokenizer)
-    batches = [x for x, _ in stream.eval_batches(args.batches, args.batch_size, seq_len)]
+    batches = calibration_batches(args.data, tokenizer, args.batches, args.batch_size, seq_len)
 
     def decode(token: int) -> str:
         return tokenizer.decode([token])

@@ -16,8 +16,10 @@ from moekit.cli import (
     finetune,
     generate,
     inspect,
+    merge,
     params,
     plan,
+    prune,
     train,
     upcycle,
 )
@@ -33,6 +35,8 @@ SUBCOMMANDS = {
     "plan": plan,
     "convert": convert,
     "upcycle": upcycle,
+    "prune": prune,
+    "merge": merge,
     "example": example,
     "classic": classic,
 }

@@ -229,3 +229,19 @@ def load_corpus(config: DataConfig) -> tuple[TokenStream, TokenStream]:
                 f"{config.seq_len + 2}; give more text or a shorter data.seq_len"
             )
     return train, val
+
+
+def calibration_batches(
+    path: str | None,
+    tokenizer: ByteTokenizer | HFTokenizer,
+    count: int,
+    batch_size: int,
+    seq_len: int,
+) -> list[torch.Tensor]:
+    """``count`` fixed ``(batch_size, seq_len)`` batches of token ids spread over the text at
+    ``path`` (``None``: the embedded corpus's validation split, which training holds out)."""
+    docs = read_documents(path)
+    if path is None:
+        docs = split_documents(docs, DataConfig().val_fraction)[1]
+    stream = TokenStream(docs, tokenizer)
+    return [x for x, _ in stream.eval_batches(count, batch_size, seq_len)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ class MoEPlacementConfig:
             capacity depends on later tokens).
         every: an MoE layer in every n-th block (layer ``i`` is MoE when ``(i + 1) % every == 0``).
         first_dense: the first n blocks always use a dense FFN (DeepSeek).
+        experts_per_layer: routed experts of each MoE block, in order, where they differ from
+            ``layer.num_experts`` (after pruning or merging); ``None``: all the same.
 
     In config files ``layer.d_model`` follows the model's ``d_model`` and may be left out; the
     flat keys of moekit <= 0.3 (``num_experts``, ``top_k``, ``expert_hidden``, ``router``, ...
@@ -38,6 +41,7 @@ class MoEPlacementConfig:
     layer: MoEConfig | None = None
     every: int = 1
     first_dense: int = 0
+    experts_per_layer: list[int] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -46,6 +50,30 @@ class MoEPlacementConfig:
                 f"moe.every must be >= 1 and moe.first_dense >= 0, got every={self.every}, "
                 f"first_dense={self.first_dense}"
             )
+        if self.experts_per_layer is not None:
+            if self.layer is None:
+                raise ValueError("moe.experts_per_layer needs moe.layer")
+            k = self.layer.top_k
+            for count in self.experts_per_layer:
+                if count < max(1, k):
+                    raise ValueError(
+                        f"moe.experts_per_layer entries must be >= top_k={k} (and >= 1), got "
+                        f"{self.experts_per_layer}"
+                    )
+
+    def moe_layer_indices(self, n_layers: int) -> list[int]:
+        """The blocks (of ``n_layers``) that hold MoE layers."""
+        return [i for i in range(n_layers) if self.is_moe_layer(i)]
+
+    def layer_for(self, index: int, n_layers: int) -> MoEConfig | None:
+        """The MoE layer of block ``index`` (``None`` for a dense block), with its own expert
+        count when ``experts_per_layer`` gives one."""
+        if not self.is_moe_layer(index) or self.layer is None:
+            return None
+        if self.experts_per_layer is None:
+            return self.layer
+        position = self.moe_layer_indices(n_layers).index(index)
+        return dataclasses.replace(self.layer, num_experts=self.experts_per_layer[position])
 
     @property
     def num_experts(self) -> int:
@@ -212,6 +240,12 @@ class TransformerConfig:
         layer = self.moe.layer
         if layer is None:
             return
+        counts = self.moe.experts_per_layer
+        if counts is not None and len(counts) != len(self.moe.moe_layer_indices(self.n_layers)):
+            raise ValueError(
+                f"moe.experts_per_layer has {len(counts)} entries for "
+                f"{len(self.moe.moe_layer_indices(self.n_layers))} MoE layers"
+            )
         if layer.d_model != self.d_model:
             raise ValueError(
                 f"moe.layer.d_model={layer.d_model} must equal the model's d_model={self.d_model}"

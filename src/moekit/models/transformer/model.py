@@ -127,7 +127,7 @@ class TransformerLM(nn.Module):
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
                 norm_eps=config.norm_eps,
-                moe_config=config.moe.layer if config.moe.is_moe_layer(i) else None,
+                moe_config=config.moe.layer_for(i, config.n_layers),
                 qkv_bias=config.qkv_bias,
                 qk_norm=config.qk_norm,
                 o_bias=config.o_bias,

@@ -135,7 +135,7 @@ class VisionMoE(nn.Module):
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
                 norm_eps=config.norm_eps,
-                moe_config=config.placement.layer if config.placement.is_moe_layer(i) else None,
+                moe_config=config.placement.layer_for(i, config.n_layers),
                 causal=False,
                 rotary=False,
             )

@@ -1,0 +1,38 @@
+"""What ``moekit prune`` and ``moekit merge`` share: arguments, calibration data, writing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a moekit run or checkpoint folder, or a Hugging Face folder")
+    parser.add_argument("destination", help="output folder")
+    parser.add_argument("--fraction", type=float, default=0.25, help="share of experts removed")
+    parser.add_argument("--data", default=None, help="calibration text (default: embedded)")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--export", default="moekit", help="'moekit' or an HF family to write (e.g. mixtral)"
+    )
+
+
+def load_with_calibration(args: argparse.Namespace):
+    from moekit.training.data import calibration_batches, load_tokenizer
+    from moekit.training.finetune import is_hf_folder, load_source
+
+    model = load_source(args.model)
+    folder = Path(args.model)
+    tokenizer = load_tokenizer(str(folder) if is_hf_folder(folder) else None)
+    seq_len = min(args.seq_len, model.config.max_seq_len)
+    return model, calibration_batches(args.data, tokenizer, args.batches, args.batch_size, seq_len)
+
+
+def write_result(model, args: argparse.Namespace) -> None:
+    from moekit.cli.convert import save_any
+
+    save_any(model, args.destination, args.export)
+    counts = model.config.moe.experts_per_layer or []
+    print(f"wrote {args.destination} ({args.export}): experts per MoE layer {counts}")
