@@ -77,6 +77,32 @@ def placement(
     return MoEPlacementConfig(layer=config, every=every, first_dense=first_dense)
 
 
+def tiny_lm(
+    *,
+    vocab_size: int = 40,
+    d_model: int = 16,
+    n_layers: int = 2,
+    ffn_hidden: int = 24,
+    seed: int = 0,
+    **moe,
+):
+    """A tiny ``TransformerLM`` (2 heads) with an MoE of 4 experts of width 8, top-2 (``moe``:
+    other ``placement`` options, e.g. ``every=2``, ``router=...``)."""
+    from moekit.models import TransformerConfig, TransformerLM
+
+    moe = {"num_experts": 4, "top_k": 2, "expert_hidden": 8, **moe}
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=2,
+        ffn_hidden=ffn_hidden,
+        moe=placement(d_model, **moe),
+    )
+    return TransformerLM(config)
+
+
 def loss_and_grads(module: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, dict]:
     """Run ``forward(x)``, reduce it with fixed random coefficients, return output and grads."""
     module.zero_grad(set_to_none=True)

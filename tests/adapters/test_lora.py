@@ -18,21 +18,11 @@ from moekit.experts.activations import apply_activation
 from moekit.experts.bank import ExpertBank
 from moekit.experts.grouped_linear import grouped_linear
 from moekit.experts.shared import SharedExpertConfig
-from moekit.models import TransformerConfig, TransformerLM
-from tests.builders import placement
+from tests.builders import tiny_lm
 
 
-def _model(**layer) -> TransformerLM:
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=40,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_hidden=24,
-        moe=placement(16, num_experts=4, top_k=2, expert_hidden=8, every=2, **layer),
-    )
-    return TransformerLM(config)
+def _model(**layer):
+    return tiny_lm(every=2, **layer)
 
 
 def _randomise(model: torch.nn.Module) -> None:

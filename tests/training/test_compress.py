@@ -6,7 +6,6 @@ import torch
 import moekit
 from moekit.analysis.params import count_parameters
 from moekit.cli.main import main
-from moekit.models import TransformerConfig, TransformerLM
 from moekit.models.checkpoint import from_pretrained, save_pretrained
 from moekit.training import load_train_config, train
 from moekit.training.compress import (
@@ -16,28 +15,14 @@ from moekit.training.compress import (
     prune_experts,
     saliency_scores,
 )
-from tests.builders import TINY_MOE, placement
+from tests.builders import TINY_MOE, placement, tiny_lm
 
 TOKENS = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-def _lm(top_k=2, **router) -> TransformerLM:
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=40,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_hidden=24,
-        moe=placement(
-            16,
-            num_experts=4,
-            top_k=top_k,
-            expert_hidden=8,
-            router=moekit.RouterConfig(gating="softmax_topk", normalize_weights=True, **router),
-        ),
-    )
-    return TransformerLM(config).eval()
+def _lm(top_k=2, **router):
+    router = moekit.RouterConfig(gating="softmax_topk", normalize_weights=True, **router)
+    return tiny_lm(top_k=top_k, router=router).eval()
 
 
 def test_pruning_an_expert_nobody_picks_leaves_the_outputs_unchanged():

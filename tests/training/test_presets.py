@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moekit.analysis.inspect import count_routing
 from moekit.experts.shared import SharedExpertConfig
 from moekit.models import TransformerConfig, TransformerLM
 from moekit.training.config import OptimConfig
@@ -10,32 +11,15 @@ from moekit.training.optim import build_optimizer
 from moekit.training.presets import (
     PRESETS,
     apply_selection,
-    count_routing,
     parameter_groups,
     select_parameters,
     trainable_summary,
 )
-from tests.builders import placement
+from tests.builders import tiny_lm
 
 
-def _model() -> TransformerLM:
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=40,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_hidden=24,
-        moe=placement(
-            16,
-            num_experts=4,
-            top_k=2,
-            expert_hidden=8,
-            every=2,
-            shared_experts=SharedExpertConfig(hidden=8),
-        ),
-    )
-    return TransformerLM(config)
+def _model():
+    return tiny_lm(every=2, shared_experts=SharedExpertConfig(hidden=8))
 
 
 def _steps(model, n=2):

@@ -21,6 +21,7 @@ tables), so it streams over any amount of data. ``report()`` turns them into pla
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,52 @@ class RoutingInspector:
         return {"layers": layers, "consecutive_layer_agreement": agreement}
 
 
+@torch.no_grad()
+def stream_with_hooks(
+    model: torch.nn.Module,
+    batches: Any,
+    hooks: Sequence[tuple[torch.nn.Module, Any]],
+    before_batch: Any = None,
+    progress: Any = None,
+) -> None:
+    """Run ``model`` in eval mode without gradients over ``batches`` of token ids with forward
+    ``hooks`` ``(module, fn)`` attached, then remove them and restore the mode.
+    ``before_batch(tokens)`` runs before each batch; ``progress`` wraps the iterator."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        for tokens in progress(batches) if progress else batches:
+            if before_batch is not None:
+                before_batch(tokens)
+            model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def count_routing(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tensor]:
+    """``{MoE layer name: (E,) assignments routed to each expert}`` over ``batches`` of token
+    ids (routing frequency, as ESFT and frequency pruning use it)."""
+    from moekit.layers import MoE
+
+    counts: dict[str, torch.Tensor] = {}
+
+    def counter(name: str) -> Any:
+        def hook(mod: Any, _inputs: Any, output: Any) -> None:
+            idx, mask = output.routing.expert_idx_TK, output.routing.assignment_mask_TK
+            chosen = idx[mask] if mask is not None else idx.flatten()
+            seen = torch.bincount(chosen.cpu(), minlength=mod.num_experts)
+            counts[name] = counts.get(name, torch.zeros_like(seen)) + seen
+
+        return hook
+
+    hooks = [(m, counter(n)) for n, m in model.named_modules() if isinstance(m, MoE)]
+    stream_with_hooks(model, batches, hooks)
+    return counts
+
+
 def inspect_model(
     model: torch.nn.Module,
     batches: Any,
@@ -262,27 +309,23 @@ def inspect_model(
         capacity_factor=capacity_factor,
     )
     current: dict[str, torch.Tensor] = {}
-    handles = []
-    for i, (_, router) in enumerate(routers):
 
-        def hook(_m, _inputs, output, i=i):
+    def observer(i: int) -> Any:
+        def hook(_m: Any, _inputs: Any, output: Any) -> None:
             if isinstance(output, RoutingResult):
                 tokens = current["tokens"].reshape(-1)
                 if tokens.numel() == output.expert_idx_TK.shape[0]:
                     inspector.observe(i, output, tokens)
 
-        handles.append(router.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for tokens in progress(batches) if progress else batches:
-                current["tokens"] = tokens
-                model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        return hook
+
+    stream_with_hooks(
+        model,
+        batches,
+        [(router, observer(i)) for i, (_, router) in enumerate(routers)],
+        before_batch=lambda tokens: current.__setitem__("tokens", tokens),
+        progress=progress,
+    )
     return inspector.report(decode=decode)
 
 

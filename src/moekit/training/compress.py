@@ -25,11 +25,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from moekit.analysis.inspect import count_routing, stream_with_hooks
 from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
 from moekit.models.transformer.model import TransformerLM
 from moekit.routing.topk import TopKRouter
-from moekit.training.presets import count_routing
 
 
 def _moe_layers(model: TransformerLM) -> list[tuple[str, MoE]]:
@@ -55,32 +55,24 @@ def saliency_scores(
     expert}`` (0 for an expert no token reaches)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, moe in _moe_layers(model):
 
-        def hook(mod, inputs, output, name=name):
+    def scorer(name: str) -> Any:
+        def hook(mod: Any, inputs: Any, output: Any) -> None:
             x_TD = inputs[0].reshape(-1, inputs[0].shape[-1])
             idx_TK, w_TK = output.routing.expert_idx_TK, output.routing.weights_TK
             bank = cast(ExpertBank, mod.experts)
             total = sums.setdefault(name, torch.zeros(bank.num_experts, dtype=torch.float64))
             seen = counts.setdefault(name, torch.zeros(bank.num_experts, dtype=torch.float64))
-            for e in range(bank.num_experts):
+            for e in range(bank.num_experts):  # a loop over experts, not tokens
                 rows, slots = (idx_TK == e).nonzero(as_tuple=True)
                 if len(rows):
                     norms = bank.forward_one(e, x_TD[rows]).norm(dim=-1)
                     total[e] += float((w_TK[rows, slots] * norms).sum())
                     seen[e] += len(rows)
 
-        handles.append(moe.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for tokens in batches:
-            model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        return hook
+
+    stream_with_hooks(model, batches, [(moe, scorer(n)) for n, moe in _moe_layers(model)])
     return {n: sums[n] / counts[n].clamp(min=1) for n in sums}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moekit.analysis.inspect import count_routing
 from moekit.models.transformer.config import TransformerConfig
 from moekit.models.transformer.model import TransformerLM
 from moekit.training.checkpoint import resolve_checkpoint
@@ -22,7 +23,6 @@ from moekit.training.data import load_corpus, load_tokenizer
 from moekit.training.presets import (
     Selection,
     apply_selection,
-    count_routing,
     select_parameters,
     trainable_summary,
 )

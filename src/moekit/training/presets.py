@@ -16,7 +16,6 @@ unchanged: zero gradients keep its moments at zero).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -223,35 +222,6 @@ def apply_selection(
         setattr(p, EXPERT_MASK, mask_E)
         handles.append(p.register_hook(lambda g, keep=keep: g * keep))
     return handles
-
-
-@torch.no_grad()
-def count_routing(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{MoE layer name: (E,) assignments routed to each expert}`` over ``batches`` of token
-    ids (the model in eval mode; ESFT's routing frequency)."""
-    counts: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):
-
-            def hook(mod, _inputs, output, name=name):
-                idx = output.routing.expert_idx_TK
-                mask = output.routing.assignment_mask_TK
-                chosen = idx[mask] if mask is not None else idx.flatten()
-                seen = torch.bincount(chosen.cpu(), minlength=mod.num_experts)
-                counts[name] = counts.get(name, torch.zeros_like(seen)) + seen
-
-            handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for tokens in batches:
-            model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return counts
 
 
 def trainable_summary(model: nn.Module) -> list[tuple[str, int, int]]:
