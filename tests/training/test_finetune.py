@@ -136,3 +136,8 @@ def test_instruction_file_without_the_fields_fails_before_any_step(pretrained, t
     assert main([*args, "--out-dir", str(out), "--quiet", *SMALL]) == 2
     assert 'needs "prompt" and "response"' in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_expert_lora_is_refused_under_expert_parallelism():
+    with pytest.raises(ValueError, match="not with expert_parallel > 1"):
+        load_train_config(None, [*TINY_MOE, "expert_parallel=2", "finetune.lora.rank=2"])

@@ -212,6 +212,15 @@ class TrainConfig:
                 "method='em' is for the classic mixtures (moekit.classic); the language model "
                 "trains by 'joint', 'gradient', 'separate', 'alternating' or 'evolutionary'"
             )
+        finetune = self.finetune
+        if self.expert_parallel > 1 and (
+            (finetune.lora is not None and "experts" in finetune.lora.targets)
+            or "experts:" in finetune.preset
+        ):
+            raise ValueError(
+                "expert LoRA and experts:<selection> presets run in one process or under plain "
+                "data parallelism, not with expert_parallel > 1"
+            )
         if self.method is TrainingMethod.EVOLUTIONARY and self.expert_parallel > 1:
             raise ValueError("method='evolutionary' runs in one process (expert_parallel=1)")
         if self.separate_expert_steps < 0:
