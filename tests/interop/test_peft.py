@@ -128,3 +128,15 @@ def test_finetune_from_hf_with_its_tokenizer_exports_peft_and_hf(tmp_path, capsy
     assert (adapted - plain).abs().max() > 1e-4  # training moved the adapters
     assert (adapted - merged_logits).abs().max() <= 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_presets_work_on_models_imported_from_hugging_face():
+    from moekit.training.presets import apply_selection, parameter_groups, select_parameters
+
+    model = from_hf(qwen_or_olmoe("qwen2_moe"))  # shared experts and dense layers
+    groups = parameter_groups(model)
+    assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))
+    assert groups["router"] and groups["shared_experts"] and groups["ffn"] and groups["experts"]
+    apply_selection(model, select_parameters(model, "router+shared_experts"))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(groups["router"]) | set(groups["shared_experts"])
