@@ -1,0 +1,140 @@
+"""Decoding speed: an MoE LM against its dense twins and the weight-traffic floor.
+
+For d_model 512 and 1024 (4 layers, 8 experts, top-2, expert hidden = 2·d_model, so the dense
+twin's FFN is 4·d_model wide): greedy KV-cached generation tokens/s at batch 1 and 8 of
+
+- the MoE LM,
+- its dense twin with the same active parameters (``active``),
+- a dense model with as many parameters as the MoE has in total (``total``: FFN width
+  ``E · expert hidden``),
+
+and the floor: the bytes of weights one token must read (active weights, fp32) divided by the
+memory bandwidth measured here (a large tensor copy). Also ``transformers``' ``generate`` on
+the MoE exported as Mixtral. Models alternate within each round; medians of rounds.
+
+    python benchmarks/bench_decode.py
+    python benchmarks/bench_decode.py --d-model 512 --rounds 3 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from moekit.analysis.params import count_parameters
+from moekit.experts.bank import ExpertConfig
+from moekit.layers import MoEConfig
+from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
+
+
+def build(d_model: int, ffn_hidden: int, experts: int = 0) -> TransformerLM:
+    layer = None
+    if experts:
+        layer = MoEConfig(
+            d_model=d_model,
+            num_experts=experts,
+            top_k=2,
+            experts=ExpertConfig(hidden=ffn_hidden),
+            statistics=False,
+        )
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=256,
+        d_model=d_model,
+        n_layers=4,
+        n_heads=8,
+        ffn_hidden=ffn_hidden,  # unused by an all-MoE model; Mixtral wants it = expert width
+        max_seq_len=512,
+        moe=MoEPlacementConfig(layer=layer),
+    )
+    return TransformerLM(config).eval()
+
+
+def bandwidth_bytes_per_s(size_mb: int = 256, rounds: int = 5) -> float:
+    """Read+write bandwidth of a large fp32 copy (bytes moved per second)."""
+    src = torch.empty(size_mb * 2**18)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def tokens_per_s(model, batch: int, new_tokens: int) -> float:
+    prompt = [torch.randint(0, 256, (16,)) for _ in range(batch)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        generate(model, prompt if batch > 1 else prompt[0], new_tokens, temperature=0.0)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def hf_tokens_per_s(hf_model, batch: int, new_tokens: int) -> float:
+    prompt = torch.randint(0, 256, (batch, 16))
+    start = time.perf_counter()
+    with torch.no_grad():
+        hf_model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-model", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = bandwidth_bytes_per_s()
+    print(f"memory bandwidth (copy): {bandwidth / 1e9:.1f} GB/s; fp32, {args.threads} threads")
+    for d in args.d_model:
+        models = {
+            "moe": build(d, 2 * d, experts=8),
+            "dense (same active)": build(d, 4 * d),
+            "dense (same total)": build(d, 16 * d),
+        }
+        hf = None
+        if not args.no_hf:
+            import transformers
+
+            from moekit.interop.hf import to_hf
+
+            with tempfile.TemporaryDirectory() as folder:
+                to_hf(models["moe"], folder, "mixtral")
+                hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        report = count_parameters(models["moe"])
+        active_bytes = (report.active - report.breakdown["embeddings"]) * 4
+        floor = bandwidth / active_bytes
+        for batch in args.batch:
+            rates: dict[str, list[float]] = {name: [] for name in models}
+            if hf is not None:
+                rates["transformers (Mixtral export)"] = []
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    rates[name].append(tokens_per_s(model, batch, args.tokens))
+                if hf is not None:
+                    rates["transformers (Mixtral export)"].append(
+                        hf_tokens_per_s(hf, batch, args.tokens)
+                    )
+            medians = {name: statistics.median(r) for name, r in rates.items()}
+            moe = medians["moe"]
+            print(f"\nd_model {d}, batch {batch}: tokens/s (median of {args.rounds} rounds)")
+            for name, rate in medians.items():
+                print(f"  {name:32s} {rate:9.1f}   moe / this = {moe / rate:.2f}")
+            print(
+                f"  weight-traffic floor (batch 1)   {floor:9.1f}   moe (per sequence) / floor = "
+                f"{moe / batch / floor:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
