@@ -50,6 +50,18 @@ def test_statistics_equal_hand_counts():
     assert report["consecutive_layer_agreement"][0]["top1_normalised_mutual_information"] == 0.0
 
 
+def test_byte_models_report_the_byte_classes_each_expert_takes():
+    inspector = RoutingInspector(["a"], [2], [1], vocab_size=256)
+    tokens = torch.tensor([ord("a"), ord("b"), ord("7"), ord("8")])
+    idx = [[0], [0], [1], [1]]  # expert 0 takes letters, expert 1 digits
+    probs = [[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]]
+    inspector.observe(0, _routing(idx, probs), tokens)
+    experts = inspector.report()["layers"][0]["specialisation"]
+    assert experts[0]["byte_class_lift"]["lowercase"] == 2.0
+    assert experts[0]["byte_class_lift"]["digit"] == 0.0
+    assert experts[1]["byte_class_lift"]["digit"] == 2.0
+
+
 def test_mutual_information_of_a_perfect_assignment_is_the_entropy():
     joint = torch.eye(4) * 10
     assert mutual_information(joint) == pytest.approx(math.log(4))

@@ -75,6 +75,41 @@ def _hist_quantiles(hist: torch.Tensor) -> dict[str, float]:
     }
 
 
+BYTE_CLASSES = ("lowercase", "uppercase", "digit", "space", "newline", "punctuation", "non-ASCII")
+
+
+def byte_class(byte: int) -> str:
+    """The class of a byte token, for byte-level models' specialisation."""
+    c = chr(byte)
+    if byte >= 128:
+        return "non-ASCII"
+    if c == "\n":
+        return "newline"
+    if c.isspace():
+        return "space"
+    if c.islower():
+        return "lowercase"
+    if c.isupper():
+        return "uppercase"
+    if c.isdigit():
+        return "digit"
+    return "punctuation"
+
+
+def _class_lifts(token_expert_VE: torch.Tensor) -> list[dict[str, float]]:
+    """Per expert, each byte class's share of its tokens over the class's base rate."""
+    index = torch.tensor([BYTE_CLASSES.index(byte_class(b)) for b in range(256)])
+    by_class = torch.zeros(len(BYTE_CLASSES), token_expert_VE.shape[1], dtype=torch.float64)
+    by_class.index_add_(0, index, token_expert_VE[:256].double())
+    base = by_class.sum(1) / max(float(by_class.sum()), 1.0)
+    share = by_class / by_class.sum(0, keepdim=True).clamp(min=1.0)
+    lift = share / base.unsqueeze(1).clamp(min=1e-12)
+    return [
+        {name: round(float(lift[c, e]), 3) for c, name in enumerate(BYTE_CLASSES) if base[c] > 0}
+        for e in range(token_expert_VE.shape[1])
+    ]
+
+
 def mutual_information(joint: torch.Tensor) -> float:
     """Mutual information (nats) of a contingency table of counts."""
     total = joint.sum()
@@ -204,6 +239,9 @@ class RoutingInspector:
                         ],
                     }
                 )
+            if s.vocab_size == 256:  # byte-level: which kinds of bytes each expert takes
+                for entry, lifts in zip(experts, _class_lifts(s.token_expert_VE), strict=True):
+                    entry["byte_class_lift"] = lifts
             layers.append(
                 {
                     "name": name,

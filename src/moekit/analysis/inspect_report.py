@@ -102,6 +102,10 @@ def write_inspect_report(report: dict[str, Any], out_dir: str | Path, title: str
             tokens = ", ".join(
                 f"{html.escape(json.dumps(t['token']))} ×{t['lift']}" for t in e["top_tokens"][:6]
             )
+            classes = e.get("byte_class_lift")
+            if classes:
+                top = sorted(classes.items(), key=lambda kv: -kv[1])[:2]
+                tokens += " — byte classes: " + ", ".join(f"{k} ×{v}" for k, v in top)
             parts.append(f"<li>expert {e['expert']}: {tokens or '—'}</li>")
         parts.append("</ul>")
     path = out / "report.html"
