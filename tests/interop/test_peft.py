@@ -128,6 +128,16 @@ def test_finetune_from_hf_with_its_tokenizer_exports_peft_and_hf(tmp_path, capsy
     assert (adapted - plain).abs().max() > 1e-4  # training moved the adapters
     assert (adapted - merged_logits).abs().max() <= 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    # moekit eval uses the tokenizer the run was trained with, and reads HF folders too
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"say {i % 10} {i % 10} </s>" for i in range(200)))
+    capsys.readouterr()
+    for model in (tmp_path / "run", source):
+        assert (
+            main(["eval", str(model), "--data", str(text), "--batches", "1", "--seq-len", "16"])
+            == 0
+        )
+        assert "nats/token" in capsys.readouterr().out
 
 
 def test_presets_work_on_models_imported_from_hugging_face():
