@@ -186,7 +186,7 @@ def spread(values: list[float]) -> str:
 
 def st_moe_table(args, parts, out: Path, moe_source: Path) -> list[str]:
     rows, curves = {}, {}
-    for preset in PRESETS:
+    for preset in args.presets:
         for seed in range(args.seeds):
             cfg = finetune_config(
                 args, moe_source, out / f"st_{preset}_{seed}", parts["B"], seed, preset
@@ -194,7 +194,7 @@ def st_moe_table(args, parts, out: Path, moe_source: Path) -> list[str]:
             rows.setdefault(preset, []).append(run(cfg))
             print(f"ST-MoE {preset} seed {seed}: {rows[preset][-1]['val_loss']:.4f}")
         curves[preset] = rows[preset][0]["curve"]
-    plot_val_loss(curves, out / "finetune_curves_st_moe.png")
+    plot_val_loss(curves, out / f"finetune_curves_st_moe_lr{args.lr:g}.png")
     lines = [
         "| trained | parameters | B validation loss (median, range) | best | s per run |",
         "|---|---:|---|---|---:|",
@@ -205,7 +205,7 @@ def st_moe_table(args, parts, out: Path, moe_source: Path) -> list[str]:
             f"{spread([r['best_val_loss'] for r in runs])} | "
             f"{statistics.median(r['seconds'] for r in runs):.0f} |"
         )
-    (out / "st_moe.json").write_text(json.dumps(rows, indent=2))
+    (out / f"st_moe_lr{args.lr:g}.json").write_text(json.dumps(rows, indent=2))
     return lines
 
 
@@ -262,6 +262,10 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="reuse pre-trained models already in --out"
     )
+    parser.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
+    parser.add_argument(
+        "--experiments", nargs="+", default=["st", "instruction"], choices=["st", "instruction"]
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.pretrain_steps, args.finetune_steps = 1, 40, 20
@@ -273,9 +277,11 @@ def main() -> None:
     moe = dataclasses.replace(moe_of(dense), out_dir=str(out / "pre_moe"))
     sources = {"dense": pretrain(dense, args.reuse), "moe": pretrain(moe, args.reuse)}
     report = ["# Fine-tuning (benchmarks/bench_finetune.py)", "", "## ST-MoE table", ""]
-    report += st_moe_table(args, parts, out, sources["moe"])
-    report += ["", "## Instruction tuning: dense vs MoE", ""]
-    report += instruction_experiment(args, parts, out, sources)
+    if "st" in args.experiments:
+        report += st_moe_table(args, parts, out, sources["moe"])
+    if "instruction" in args.experiments:
+        report += ["", "## Instruction tuning: dense vs MoE", ""]
+        report += instruction_experiment(args, parts, out, sources)
     (out / "summary.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
 

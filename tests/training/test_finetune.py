@@ -76,6 +76,22 @@ def test_instruction_tuning_trains_on_responses(pretrained, tmp_path):
     assert "val_loss" in records[-1]
 
 
+def test_experts_by_routing_frequency_on_packed_instruction_data(pretrained, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(40))
+    )
+    out = tmp_path / "esft"
+    args = ["finetune", "--from", str(pretrained), "--instruction", "--data", str(data)]
+    args += ["--preset", "experts:top=1", "--steps", "2", "--out-dir", str(out), "--quiet"]
+    assert main([*args, *SMALL, "--set", "data.seq_len=64"]) == 0
+    before, after = _weights(pretrained), _weights(out)
+    w_in = "blocks.1.ffn.experts.w_in_EDH"
+    changed = [e for e in range(4) if not torch.equal(before[w_in][e], after[w_in][e])]
+    assert len(changed) == 1  # only the most-routed expert of the layer trains
+    assert all(torch.equal(before[n], after[n]) for n in before if "experts" not in n)
+
+
 def test_resuming_a_finetuning_run_is_bit_exact(pretrained, tiny_text, tmp_path):
     def config(out):
         args = build_parser().parse_args(

@@ -285,17 +285,24 @@ def stream_with_hooks(
     before_batch: Any = None,
     progress: Any = None,
 ) -> None:
-    """Run ``model`` in eval mode without gradients over ``batches`` of token ids with forward
+    """Run ``model`` in eval mode without gradients over ``batches`` (token ids, or training
+    batches ``(x, y[, segment_ids])``, whose packed examples then stay apart) with forward
     ``hooks`` ``(module, fn)`` attached, then remove them and restore the mode.
     ``before_batch(tokens)`` runs before each batch; ``progress`` wraps the iterator."""
     handles = [module.register_forward_hook(fn) for module, fn in hooks]
     was_training = model.training
     model.eval()
     try:
-        for tokens in progress(batches) if progress else batches:
+        for batch in progress(batches) if progress else batches:
+            # a batch is token ids, or a training batch (x, y[, segment_ids]) of packed data
+            tokens = batch[0] if isinstance(batch, tuple) else batch
+            segments = batch[2] if isinstance(batch, tuple) and len(batch) > 2 else None
             if before_batch is not None:
                 before_batch(tokens)
-            model(tokens)
+            if segments is None:
+                model(tokens)
+            else:
+                model(tokens, segment_ids=segments)
     finally:
         for h in handles:
             h.remove()

@@ -121,6 +121,8 @@ def prepare_model(
     return trainable_summary(model)
 
 
-def _token_batches(stream: Any, config: TrainConfig, count: int) -> Iterator[torch.Tensor]:
+def _token_batches(stream: Any, config: TrainConfig, count: int) -> Iterator[tuple]:
+    """Training batches ``(x, y[, segment_ids])`` (packed instruction rows keep their
+    segments, so routing is counted as training will route)."""
     for index in range(count):
-        yield stream.batch(index, config.data.batch_size, config.data.seq_len, config.seed)[0]
+        yield stream.batch(index, config.data.batch_size, config.data.seq_len, config.seed)
