@@ -25,7 +25,6 @@ import time
 
 import torch
 
-import moekit.experts.bank as bank_module
 from moekit.analysis.params import count_parameters
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
@@ -117,17 +116,11 @@ def main() -> None:
         floor = bandwidth / active_bytes
         for batch in args.batch:
             rates: dict[str, list[float]] = {name: [] for name in models}
-            rates["moe, grouped path only"] = []
             if hf is not None:
                 rates["transformers (Mixtral export)"] = []
             for _ in range(args.rounds):
                 for name, model in models.items():
                     rates[name].append(tokens_per_s(model, batch, args.tokens))
-                few_rows, bank_module.FEW_ROWS = bank_module.FEW_ROWS, 0  # the fused kernel
-                rates["moe, grouped path only"].append(
-                    tokens_per_s(models["moe"], batch, args.tokens)
-                )
-                bank_module.FEW_ROWS = few_rows
                 if hf is not None:
                     rates["transformers (Mixtral export)"].append(
                         hf_tokens_per_s(hf, batch, args.tokens)

@@ -42,11 +42,6 @@ class ExpertAdapter(Protocol):
         ...
 
 
-#: at most this many rows (token-expert assignments) in a no-grad CPU call take the per-expert
-#: path: batch-1..8 decoding with top-2, where the grouped kernel's fixed cost dominates
-FEW_ROWS = 16
-
-
 @dataclass(kw_only=True)
 class ExpertConfig:
     """Shape of each routed expert: a two-layer FFN ``w_out(act(x @ w_in))``.
@@ -141,8 +136,6 @@ class ExpertBank(nn.Module):
         """
         adapter = self.adapter if self.adapter is not None and self.adapter.active else None
         dropout = self.dropout if self.training else 0.0
-        if adapter is None and not dropout and self._few_rows(x_MD):
-            return self._forward_few_rows(x_MD, counts_E)
         if adapter is None and not dropout:
             return expert_ffn(
                 x_MD,
@@ -155,26 +148,6 @@ class ExpertBank(nn.Module):
                 kernel=self.kernel,
             )
         return self._forward_in_pieces(x_MD, counts_E, adapter, dropout)
-
-    def _few_rows(self, x_MD: torch.Tensor) -> bool:
-        """Decoding on the CPU without autograd: few rows, so per-call overhead dominates."""
-        return (
-            x_MD.shape[0] <= FEW_ROWS
-            and x_MD.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        )
-
-    def _forward_few_rows(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Each non-empty expert's rows through plain matmuls (``forward_one``): no grouped-
-        matmul or autograd-function overhead, only the active experts' weights read."""
-        y_MD = torch.empty_like(x_MD)
-        start = 0
-        for e, count in enumerate(counts_E.tolist()):
-            if count:
-                y_MD[start : start + count] = self.forward_one(e, x_MD[start : start + count])
-            start += count
-        return y_MD
 
     def _forward_in_pieces(
         self,
