@@ -24,7 +24,6 @@ and adapter initialisation). Medians and ranges over seeds, fp32, 2 threads.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import shutil
@@ -40,7 +39,7 @@ from moekit.analysis.plots import plot_val_loss
 from moekit.training.compare import moe_twin
 from moekit.training.config import FinetuneConfig, TrainConfig, load_train_config
 from moekit.training.data import DataConfig, standard_library_files
-from moekit.training.instruct import standard_library_instructions
+from moekit.training.instruct import documented_functions, standard_library_instructions
 from moekit.training.loop import train
 from moekit.utils.serialization import config_from_dict, config_to_dict
 
@@ -76,24 +75,12 @@ def write_parts(root: Path) -> dict[str, Path]:
 
 def docstring_examples(path: Path, max_chars: int = 600):
     """(code without its docstring, the docstring) for each documented top-level function."""
-    source = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return
-    lines = source.splitlines()
-    for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or len(node.body) < 2:
-            continue
-        doc = ast.get_docstring(node)
-        first, body = node.body[0], node.body[1]
-        if doc is None or first.end_lineno is None or node.end_lineno is None:
-            continue
-        code = "\n".join(
-            lines[node.lineno - 1 : first.lineno - 1] + lines[body.lineno - 1 : node.end_lineno]
-        )
-        if len(code) + len(doc) <= max_chars:
-            yield f"Write the docstring of this function:\n{code}", doc + "\n"
+    for function in documented_functions(path):
+        if len(function.code) + len(function.docstring) <= max_chars:
+            yield (
+                f"Write the docstring of this function:\n{function.code}",
+                function.docstring + "\n",
+            )
 
 
 def base_config(args, out: Path, data: Path, seed: int = 0) -> TrainConfig:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,31 +94,58 @@ def read_instructions(path: str | Path) -> list[tuple[str, Messages]]:
     return examples
 
 
+@dataclass
+class DocumentedFunction:
+    """A documented top-level function of a Python file, cut into its parts."""
+
+    name: str
+    header: str  # the ``def`` line(s) and the docstring, as written
+    body: str  # the code after the docstring
+    docstring: str  # the docstring's text
+    code: str  # the whole function without its docstring
+
+
+def documented_functions(path: Path) -> Iterator[DocumentedFunction]:
+    """Every top-level function of ``path`` with a docstring and at least one statement after
+    it (none for a file that does not parse)."""
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return
+    lines = source.splitlines()
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or len(node.body) < 2:
+            continue
+        docstring = ast.get_docstring(node)
+        doc_node, first_statement = node.body[0], node.body[1]
+        if docstring is None or doc_node.end_lineno is None or node.end_lineno is None:
+            continue
+        yield DocumentedFunction(
+            name=node.name,
+            header="\n".join(lines[node.lineno - 1 : doc_node.end_lineno]),
+            body="\n".join(lines[doc_node.end_lineno : node.end_lineno]),
+            docstring=docstring,
+            code="\n".join(
+                lines[node.lineno - 1 : doc_node.lineno - 1]
+                + lines[first_statement.lineno - 1 : node.end_lineno]
+            ),
+        )
+
+
 def standard_library_instructions(max_chars: int = 2000) -> list[tuple[str, Messages]]:
     """The embedded set: each documented top-level function of the standard library's modules,
     instruction = ``def`` line and docstring, response = the body after the docstring.
     Examples are named ``<file>:<function>`` (split by file); longer ones are left out."""
     examples = []
     for path in standard_library_files():
-        source = path.read_text(encoding="utf-8", errors="replace")
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        lines = source.splitlines()
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or ast.get_docstring(node) is None:
-                continue
-            doc_node = node.body[0]
-            if len(node.body) < 2 or doc_node.end_lineno is None or node.end_lineno is None:
-                continue
-            prompt = "\n".join(lines[node.lineno - 1 : doc_node.end_lineno])
-            response = "\n".join(lines[doc_node.end_lineno : node.end_lineno])
+        for function in documented_functions(path):
+            prompt, response = function.header, function.body
             if not response.strip() or len(prompt) + len(response) > max_chars:
                 continue
             examples.append(
                 (
-                    f"{path.name}:{node.name}",
+                    f"{path.name}:{function.name}",
                     [
                         {"role": "user", "content": f"Complete this function:\n{prompt}"},
                         {"role": "assistant", "content": response + "\n"},
