@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+from moekit.cli.train import add_overrides_argument
+
 HELP = (
     "Fine-tune a moekit run or a Hugging Face model: parameter-group presets (ST-MoE's all / "
     "non_moe / moe / attention / ffn, and router, shared_experts, experts:<selection>, ...), "
@@ -43,14 +45,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--out-dir", required=True, help="run folder")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other TrainConfig value, e.g. --set data.seq_len=256",
-    )
+    add_overrides_argument(parser, "any other TrainConfig value, e.g. --set data.seq_len=256")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument(
         "--export-hf",

@@ -7,15 +7,17 @@ import argparse
 HELP = "Train a moekit language model from a TOML/YAML/JSON config with key=value overrides."
 
 
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``; train and finetune take it."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="TOML, YAML or JSON training config")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=1e-3 --set model.moe.num_experts=8",
+    add_overrides_argument(
+        parser, "override a config value, e.g. --set optim.lr=1e-3 --set model.moe.num_experts=8"
     )
     parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir)")
     parser.add_argument(

@@ -88,12 +88,13 @@ def _config_differences(a: TransformerConfig, b: TransformerConfig) -> list[str]
 
 
 def prepare_model(
-    model: TransformerLM, config: TrainConfig, train_stream: Any
+    model: TransformerLM, config: TrainConfig, train_stream: Any, *, resuming: bool = False
 ) -> list[tuple[str, int, int]]:
-    """Load ``finetune.init_from``, add LoRA, freeze what the preset does not train; returns the
-    trainable/total counts per parameter group."""
+    """Load ``finetune.init_from`` (not when ``resuming``: the checkpoint's weights replace
+    them), add LoRA, freeze what the preset does not train; returns the trainable/total counts
+    per parameter group."""
     finetune = config.finetune
-    if finetune.init_from is not None:
+    if finetune.init_from is not None and not resuming:
         source = load_source(finetune.init_from)
         differences = _config_differences(source.config, config.model)
         if differences:

@@ -231,7 +231,9 @@ def train(
     train_stream, val_stream = load_streams(config)  # fails before any model is built
     torch.manual_seed(config.seed)
     model = TransformerLM(config.model)
-    trainable = prepare_model(model, config, train_stream)  # fine-tuning: weights, LoRA, preset
+    resuming = resume and latest_checkpoint(Path(config.out_dir) / "checkpoints") is not None
+    # fine-tuning: starting weights (a resumed run takes the checkpoint's), LoRA, preset
+    trainable = prepare_model(model, config, train_stream, resuming=resuming)
     model.to(device)
     step_model: torch.nn.Module = model
     if ctx.enabled:
