@@ -126,14 +126,21 @@ def main() -> None:
                         hf_tokens_per_s(hf, batch, args.tokens)
                     )
             medians = {name: statistics.median(r) for name, r in rates.items()}
-            moe = medians["moe"]
-            print(f"\nd_model {d}, batch {batch}: tokens/s (median of {args.rounds} rounds)")
-            for name, rate in medians.items():
-                print(f"  {name:32s} {rate:9.1f}   moe / this = {moe / rate:.2f}")
             print(
-                f"  weight-traffic floor (batch 1)   {floor:9.1f}   moe (per sequence) / floor = "
-                f"{moe / batch / floor:.2f}"
+                f"\nd_model {d}, batch {batch}: tokens/s (median of {args.rounds} rounds; "
+                "ratios are medians of per-round ratios)"
             )
+            for name, rate in medians.items():
+                ratio = statistics.median(
+                    m / r for m, r in zip(rates["moe"], rates[name], strict=True)
+                )
+                print(f"  {name:32s} {rate:9.1f}   moe / this = {ratio:.2f}")
+            if batch == 1:
+                print(
+                    f"  weight-traffic floor             {floor:9.1f}   moe / floor = "
+                    f"{medians['moe'] / floor:.2f}, same-active dense / floor = "
+                    f"{medians['dense (same active)'] / floor:.2f}"
+                )
 
 
 if __name__ == "__main__":

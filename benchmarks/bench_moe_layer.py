@@ -15,6 +15,7 @@ forward with autograd on, minus RSS before it).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -44,6 +45,9 @@ def build(impl: str, num_experts: int, seed: int = 0):
     if impl == "dense":
         dense = moekit.FeedForward(D_MODEL, TOP_K * HIDDEN, activation="swiglu")
         return dense, dense
+    if impl == "floor":
+        floor = MatmulFloor(moe.experts.w_in_EDH.detach(), moe.experts.w_out_EHD.detach())
+        return floor, floor
     if impl == "hf":
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -64,7 +68,53 @@ def build(impl: str, num_experts: int, seed: int = 0):
             block.experts.gate_up_proj.copy_(moe.experts.w_in_EDH.transpose(1, 2))
             block.experts.down_proj.copy_(moe.experts.w_out_EHD.transpose(1, 2))
         return block, lambda x: block(x.unsqueeze(0)).squeeze(0)
-    raise ValueError(f"impl must be 'moekit', 'dense' or 'hf', got {impl!r}")
+    raise ValueError(f"impl must be 'moekit', 'dense', 'floor' or 'hf', got {impl!r}")
+
+
+class MatmulFloor(torch.nn.Module):
+    """The GEMM floor: plain ``torch.mm`` over the layer's per-expert shapes, balanced load.
+
+    Forward runs ``x_e @ w_in[e]`` then ``a_e @ w_out[e]`` for every expert on an equal share of
+    the ``k * tokens`` rows; ``backward`` runs the four products of the backward pass (input and
+    weight gradients of both matrices) and writes the weight gradients into fresh ``(E, ...)``
+    buffers, as any implementation must. No routing, gather, scatter or activation.
+    """
+
+    def __init__(self, w_in_EDH: torch.Tensor, w_out_EHD: torch.Tensor) -> None:
+        super().__init__()
+        self.w_in_EDH, self.w_out_EHD = w_in_EDH, w_out_EHD
+
+    def _slices(self, rows: int) -> list[slice]:
+        E = self.w_in_EDH.shape[0]
+        bounds = [rows * e // E for e in range(E + 1)]
+        return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_MD = x_TD.detach().repeat(TOP_K, 1)  # each token's k rows
+        H = self.w_out_EHD.shape[1]
+        slices = self._slices(len(x_MD))
+        h_MH = x_MD.new_empty(len(x_MD), self.w_in_EDH.shape[2])
+        y_MD = torch.empty_like(x_MD)
+        for e, rows in enumerate(slices):
+            torch.mm(x_MD[rows], self.w_in_EDH[e], out=h_MH[rows])
+            torch.mm(h_MH[rows, :H], self.w_out_EHD[e], out=y_MD[rows])
+        self._saved = (x_MD, h_MH, slices)
+        return y_MD
+
+    def backward(self, g_MD: torch.Tensor) -> None:
+        x_MD, h_MH, slices = self._saved
+        H = self.w_out_EHD.shape[1]
+        grad_w_in = torch.empty_like(self.w_in_EDH)
+        grad_w_out = torch.empty_like(self.w_out_EHD)
+        grad_h_MH = torch.empty_like(h_MH)
+        grad_x_MD = torch.empty_like(x_MD)
+        for e, rows in enumerate(slices):
+            torch.mm(h_MH[rows, :H].t(), g_MD[rows], out=grad_w_out[e])
+            torch.mm(g_MD[rows], self.w_out_EHD[e].t(), out=grad_h_MH[rows, :H])
+            grad_h_MH[rows, H:] = grad_h_MH[rows, :H]
+            torch.mm(x_MD[rows].t(), grad_h_MH[rows], out=grad_w_in[e])
+            torch.mm(grad_h_MH[rows], self.w_in_EDH[e].t(), out=grad_x_MD[rows])
+        self._saved = None
 
 
 GRADS_TO_NONE = True
@@ -76,7 +126,10 @@ def time_once(module, forward, x: torch.Tensor, backward: bool) -> float:
     if backward:
         xg = x.detach().requires_grad_(True)
         y = forward(xg)
-        y.backward(torch.ones_like(y))
+        if isinstance(module, MatmulFloor):
+            module.backward(torch.ones_like(y))
+        else:
+            y.backward(torch.ones_like(y))
     else:
         with torch.no_grad():
             forward(x)
@@ -155,7 +208,7 @@ def main() -> None:
     global HF_EXPERTS_IMPLEMENTATION
     HF_EXPERTS_IMPLEMENTATION = args.hf_experts
     torch.set_num_threads(args.threads)
-    impls = ["moekit", "dense"] + ([] if args.no_hf else ["hf"])
+    impls = ["moekit", "dense", "floor"] + ([] if args.no_hf else ["hf"])
     print(
         f"torch {torch.__version__}, {args.threads} threads, fp32, d_model {D_MODEL}, "
         f"expert hidden {HIDDEN}, top-{TOP_K}; medians over {args.rounds} rounds"
@@ -182,11 +235,11 @@ def main() -> None:
                 for other in impls[1:]:
                     ratios = [a / b for a, b in zip(times["moekit"], times[other], strict=True)]
                     row[f"{tag}_moekit_vs_{other}"] = statistics.median(ratios)
-                    if other == "hf":
-                        ratios = [a / b for a, b in zip(times["hf"], times["dense"], strict=True)]
-                        row[f"{tag}_hf_vs_dense"] = statistics.median(ratios)
+                    if other != "dense":
+                        ratios = [a / b for a, b in zip(times[other], times["dense"], strict=True)]
+                        row[f"{tag}_{other}_vs_dense"] = statistics.median(ratios)
             if not args.no_memory:
-                for impl in impls:
+                for impl in [i for i in impls if i != "floor"]:
                     peak = peak_forward_memory(impl, tokens, experts, args.hf_experts)
                     row[f"fwd_peak_mb_{impl}"] = peak / 2**20
                 row["fwd_memory_moekit_vs_dense"] = (

@@ -34,3 +34,28 @@ def test_collect_moe_outputs_sums_every_call():
         pass
     net(x)
     assert again.outputs == {}
+
+
+def test_serving_skips_losses_and_statistics_but_not_outputs():
+    net = TwoLayerNet().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), moekit.collect_moe_outputs(net) as plain:
+        expected = net(x)
+    with torch.no_grad(), moekit.serving(net) as switched, moekit.collect_moe_outputs(net) as seen:
+        served = net(x)
+    assert switched == 3
+    assert torch.equal(served, expected)
+    for calls in seen.outputs.values():
+        for out in calls:
+            assert out.losses == {} and out.stats is None and float(out.aux_loss) == 0.0
+    assert float(plain.aux_loss()) > 0  # the same calls outside serving do have losses
+    # settings are restored on exit, also after an error
+    assert all(
+        m.losses_enabled and m.statistics for m in net.modules() if isinstance(m, moekit.MoE)
+    )
+    try:
+        with moekit.serving(net):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert all(m.losses_enabled for m in net.modules() if isinstance(m, moekit.MoE))

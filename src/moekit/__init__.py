@@ -1,7 +1,7 @@
 """moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
 
 from moekit.analysis.routing_stats import RoutingStats
-from moekit.collect import collect_moe_outputs, set_statistics
+from moekit.collect import collect_moe_outputs, serving, set_statistics
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
@@ -44,6 +44,7 @@ __all__ = [
     "collect_moe_outputs",
     "record_routing",
     "replay_routing",
+    "serving",
     "set_statistics",
     "set_top_k",
     "update_expert_bias",

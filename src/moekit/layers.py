@@ -157,6 +157,8 @@ class MoE(nn.Module):
         self.aux_loss = aux_loss or AuxLossConfig()
         self.check_finite = check_finite
         self.statistics = statistics
+        # off inside ``moekit.serving(model)``: no auxiliary losses (``aux_loss`` is 0)
+        self.losses_enabled = True
 
     @property
     def dispatch(self) -> DispatchConfig:
@@ -199,12 +201,16 @@ class MoE(nn.Module):
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 
         global_sum = self.dispatcher.global_sum  # 5
-        losses = auxiliary_losses(
-            routing,
-            self.aux_loss,
-            token_mask_T=mask_T,
-            sequence_length=seq_len,
-            global_sum=global_sum,
+        losses = (
+            auxiliary_losses(
+                routing,
+                self.aux_loss,
+                token_mask_T=mask_T,
+                sequence_length=seq_len,
+                global_sum=global_sum,
+            )
+            if self.losses_enabled
+            else {}
         )
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))

@@ -38,6 +38,8 @@ def test_fused_ffn_matches_per_expert_math_float32(activation):
         results.append([y.detach(), xi.grad] + [p.grad for p in bank.parameters()])
     for fast, ref in zip(*results, strict=True):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the inference path (no autograd node) gives the same output
+        torch.testing.assert_close(bank(x, counts), results[1][0], rtol=1e-5, atol=1e-6)
 
 
 def test_bias_pair_and_dtype_errors():

@@ -165,6 +165,20 @@ def test_generation_stops_at_stop_token_and_max_len():
     assert generate(model, torch.zeros(60, dtype=torch.long), 10).shape == (64,)  # max_seq_len
 
 
+def test_greedy_generation_equals_a_plain_argmax_loop():
+    """generate runs under moekit.serving (no losses or statistics): the tokens are those of a
+    plain loop over the full model."""
+    model = TransformerLM(tiny_config(ROUTER_SETUPS["softmax_topk"])).eval()
+    tokens = torch.randint(0, 37, (2, 5))
+    generated = generate(model, tokens, 8)
+    with torch.no_grad():
+        for _ in range(8):
+            next_token = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+    assert all(m.losses_enabled for m in model.modules() if isinstance(m, moekit.MoE))
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()

@@ -51,20 +51,38 @@ def _sum_rows_per_expert(g_MX: torch.Tensor, counts_E: torch.Tensor) -> torch.Te
     return out.index_add_(0, expert_of_row, g_MX)
 
 
+def _expert_ffn_forward(
+    x_MD: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor | None,
+    activation: Activation,
+    kernel_in: GroupedMatmulKernel,
+    kernel_out: GroupedMatmulKernel,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y_MD, h_MH, a_MH)``: the output, the pre-activation and the activation."""
+    h_MH = grouped_mm_forward(x_MD, w_in, counts_E, kernel_in)
+    expert_of_row = None
+    if b_in is not None:
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts_E), device=x_MD.device), counts_E, output_size=len(x_MD)
+        )
+        h_MH += b_in[expert_of_row]
+    a_MH = _activation_forward(activation, h_MH)
+    y_MD = grouped_mm_forward(a_MH, w_out, counts_E, kernel_out)
+    if b_out is not None:
+        y_MD += b_out[expert_of_row]
+    return y_MD, h_MH, a_MH
+
+
 class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, counts_E, w_in, b_in, w_out, b_out, activation, kernel_in, kernel_out):  # type: ignore[override]
-        h_MH = grouped_mm_forward(x_MD, w_in, counts_E, kernel_in)
-        expert_of_row = None
-        if b_in is not None:
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(len(counts_E), device=x_MD.device), counts_E, output_size=len(x_MD)
-            )
-            h_MH += b_in[expert_of_row]
-        a_MH = _activation_forward(activation, h_MH)
-        y_MD = grouped_mm_forward(a_MH, w_out, counts_E, kernel_out)
-        if b_out is not None:
-            y_MD += b_out[expert_of_row]
+        y_MD, h_MH, a_MH = _expert_ffn_forward(
+            x_MD, counts_E, w_in, b_in, w_out, b_out, activation, kernel_in, kernel_out
+        )
         ctx.save_for_backward(x_MD, counts_E, w_in, w_out, h_MH, a_MH)
         ctx.activation, ctx.kernel_in, ctx.kernel_out = activation, kernel_in, kernel_out
         ctx.has_bias = b_in is not None
@@ -123,6 +141,18 @@ def expert_ffn(
         raise ValueError("b_in_EH and b_out_ED must be given together")
     kernel_in = resolve_kernel(kernel, x_MD.dtype, w_in_EDH.shape[1], w_in_EDH.shape[2])
     kernel_out = resolve_kernel(kernel, x_MD.dtype, w_out_EHD.shape[1], w_out_EHD.shape[2])
+    if not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
+        return _expert_ffn_forward(
+            x_MD,
+            counts_E,
+            w_in_EDH,
+            b_in_EH,
+            w_out_EHD,
+            b_out_ED,
+            Activation(activation),
+            kernel_in,
+            kernel_out,
+        )[0]
     return _ExpertFFN.apply(
         x_MD,
         counts_E,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit.collect import serving
 from moekit.models.transformer.model import TransformerLM
 
 
@@ -101,27 +102,30 @@ def generate(
     cache = model.new_kv_cache(tokens.shape[0]) if use_cache else None
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     next_input, next_mask = tokens, mask
-    for _ in range(steps):
-        if use_cache:
-            out = model(next_input, attention_mask=next_mask, kv_cache=cache)
-        else:
-            out = model(tokens, attention_mask=mask)
-        logits = out.logits[:, -1].float()
-        if temperature == 0:
-            next_token = logits.argmax(dim=-1)
-        else:
-            logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-            next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-        if stop_token is not None:
-            next_token = next_token.masked_fill(finished, stop_token)
-            finished |= next_token == stop_token
-        tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
-        next_input = next_token.unsqueeze(1)
-        if mask is not None:
-            next_mask = torch.ones_like(next_input, dtype=torch.bool)
-            mask = torch.cat([mask, next_mask], dim=1)
-        if stop_token is not None and finished.all():
-            break
+    with serving(model):  # no auxiliary losses or statistics while generating
+        for _ in range(steps):
+            if use_cache:
+                out = model(next_input, attention_mask=next_mask, kv_cache=cache)
+            else:
+                out = model(tokens, attention_mask=mask)
+            logits = out.logits[:, -1].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1)
+            else:
+                logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(
+                    1
+                )
+            if stop_token is not None:
+                next_token = next_token.masked_fill(finished, stop_token)
+                finished |= next_token == stop_token
+            tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
+            next_input = next_token.unsqueeze(1)
+            if mask is not None:
+                next_mask = torch.ones_like(next_input, dtype=torch.bool)
+                mask = torch.cat([mask, next_mask], dim=1)
+            if stop_token is not None and finished.all():
+                break
     if as_list:
         return [row[int(pad) :] for row, pad in zip(tokens, pad_width, strict=True)]
     return tokens.squeeze(0) if squeeze else tokens
