@@ -13,6 +13,7 @@ import moekit
 from moekit.distributed import (
     from_pretrained_distributed,
     full_state_dict,
+    meter_traffic,
     parallelize_experts,
     reduce_load_tallies,
     save_pretrained_distributed,
@@ -74,8 +75,17 @@ def layer_equivalence(
     ep.zero_grad(set_to_none=True)
     parallelize_experts(ep)
     local = slice(rank * 2, rank * 2 + 2)
-    out = ep(x_global[local])
-    ((out.output * coeff[local]).sum(-1).mean() + out.aux_loss).backward()
+    with meter_traffic() as traffic:  # (x needs a gradient, so the dispatch sends one back)
+        out = ep(x_global[local].clone().requires_grad_(True))
+        ((out.output * coeff[local]).sum(-1).mean() + out.aux_loss).backward()
+    if priority is None:  # the meter counts exactly the rows that cross ranks, 4 exchanges
+        counts_RE = [torch.zeros(8, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(counts_RE, torch.bincount(out.routing.expert_idx_TK.flatten(), minlength=8))
+        mine = slice(ep.dispatcher.first_expert, ep.dispatcher.first_expert + 8 // world)
+        sent = int(counts_RE[rank].sum() - counts_RE[rank][mine].sum())
+        received = sum(int(counts_RE[q][mine].sum()) for q in range(world) if q != rank)
+        assert traffic.exchanges == 4
+        assert traffic.bytes_sent == traffic.bytes_received == 2 * (sent + received) * D * 4
     expert_names = {f"experts.{n}" for n, _ in ep.experts.named_parameters()}
     _average_grads(ep, expert_names)  # what DDP does for the non-expert parameters
 

@@ -14,11 +14,14 @@ package.
 
 from __future__ import annotations
 
-import warnings
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from moekit.dispatch.config import DispatchConfig, DispatchMode
 from moekit.dispatch.dispatcher import Dispatcher
@@ -27,13 +30,73 @@ from moekit.distributed.global_capacity import global_capacity_keep_mask
 from moekit.routing.result import RoutingResult
 
 
+@dataclass
+class TrafficMeter:
+    """What the row exchanges of expert parallelism cost on this rank (see :func:`meter_traffic`).
+
+    Attributes:
+        exchanges: uneven all-to-alls of rows (4 per MoE layer and training step: dispatch and
+            combine, forward and backward).
+        bytes_sent: row bytes this rank sent to other ranks (rows for its own experts stay).
+        bytes_received: row bytes it received from other ranks.
+        seconds: wall time inside those all-to-alls (transfer plus waiting for slower ranks).
+    """
+
+    exchanges: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+_meter: TrafficMeter | None = None
+
+
+@contextmanager
+def meter_traffic() -> Iterator[TrafficMeter]:
+    """Count the bytes and time of every row exchange on this rank inside the block."""
+    global _meter
+    outer, _meter = _meter, TrafficMeter()
+    try:
+        yield _meter
+    finally:
+        _meter = outer
+
+
+def _all_to_all_rows(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group
+) -> torch.Tensor:
+    """Uneven all-to-all of rows: ``in_splits[r]`` rows go to rank r, ``out_splits[r]`` come
+    from it (metered when :func:`meter_traffic` is on)."""
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    if _meter is not None:
+        rank = dist.get_rank(group)
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        _meter.exchanges += 1
+        _meter.bytes_sent += (sum(in_splits) - in_splits[rank]) * row_bytes
+        _meter.bytes_received += (sum(out_splits) - out_splits[rank]) * row_bytes
+        _meter.seconds += time.perf_counter() - start
+    return out
+
+
+class _ExchangeRows(torch.autograd.Function):
+    """Differentiable row exchange: the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all_rows(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        out_splits, in_splits = ctx.splits
+        return _all_to_all_rows(grad_out, in_splits, out_splits, ctx.group), None, None, None
+
+
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Differentiable uneven all-to-all of rows (backward sends gradients back)."""
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    # the deprecation notice points to a private module; keep the public differentiable op
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return _ExchangeRows.apply(x, out_splits, in_splits, group)
 
 
 class ExpertParallelDispatcher(Dispatcher):
