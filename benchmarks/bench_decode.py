@@ -9,8 +9,11 @@ twin's FFN is 4·d_model wide): greedy KV-cached generation tokens/s at batch 1 
   ``E · expert hidden``),
 
 and the floor: the bytes of weights one token must read (active weights, fp32) divided by the
-memory bandwidth measured here (a large tensor copy). Also ``transformers``' ``generate`` on
-the MoE exported as Mixtral. Models alternate within each round; medians of rounds.
+memory bandwidth measured here (a large tensor copy, read + write bytes). The GEMV-only ceiling
+times nothing but one row times each active weight matrix (``torch.mm``): what fp32 matrix-vector
+products reach here, before attention, norms, routing or Python. Also ``transformers``'
+``generate`` on the MoE exported as Mixtral. Models alternate within each round; medians of
+rounds.
 
     python benchmarks/bench_decode.py
     python benchmarks/bench_decode.py --d-model 512 --rounds 3 --tokens 32
@@ -64,6 +67,26 @@ def bandwidth_bytes_per_s(size_mb: int = 256, rounds: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def gemv_ceiling_tokens_per_s(model: TransformerLM, top_k: int = 2, rounds: int = 20) -> float:
+    """Tokens/s if a batch-1 step did nothing but multiply one row by each weight matrix it
+    reads (attention, router, the first ``top_k`` experts of each layer, LM head): the best
+    this machine's fp32 GEMV allows, below the bandwidth floor."""
+    products = []
+    for name, w in model.named_parameters():
+        if w.dim() == 3:  # stacked experts (E, in, out): x @ w[e] for k of them
+            products += [(torch.randn(1, w.shape[1]), w[e]) for e in range(top_k)]
+        elif w.dim() == 2 and not name.startswith("embed"):  # (out, in) linear weights
+            products.append((torch.randn(1, w.shape[1]), w.t()))
+    times = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for x, w in products:
+                torch.mm(x, w)
+            times.append(time.perf_counter() - start)
+    return 1.0 / statistics.median(times)
 
 
 def tokens_per_s(model, batch: int, new_tokens: int) -> float:
@@ -136,10 +159,15 @@ def main() -> None:
                 )
                 print(f"  {name:32s} {rate:9.1f}   moe / this = {ratio:.2f}")
             if batch == 1:
+                ceiling = gemv_ceiling_tokens_per_s(models["moe"])
                 print(
                     f"  weight-traffic floor             {floor:9.1f}   moe / floor = "
                     f"{medians['moe'] / floor:.2f}, same-active dense / floor = "
                     f"{medians['dense (same active)'] / floor:.2f}"
+                )
+                print(
+                    f"  GEMV-only ceiling (moe weights)  {ceiling:9.1f}   ceiling / floor = "
+                    f"{ceiling / floor:.2f}, moe / ceiling = {medians['moe'] / ceiling:.2f}"
                 )
 
 

@@ -67,6 +67,11 @@ def write_demo_report(comparison, report_dir: Path, settings: dict) -> Path:
             f"{comparison.dense_steps}: **{comparison.step_ratio:.2f}x** the dense "
             f"model's steps."
         )
+        if comparison.time_ratio is not None:
+            lines.append(
+                f"In training time (evaluation excluded) that took **{comparison.time_ratio:.2f}x**"
+                " the dense model's."
+            )
     lines.append("")
     for title, name in images:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]

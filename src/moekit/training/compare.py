@@ -71,6 +71,19 @@ class Comparison:
         steps = self.moe_steps_to_dense_loss
         return None if steps is None else steps / self.dense_steps
 
+    @property
+    def time_ratio(self) -> float | None:
+        """Training seconds the MoE took to reach the dense model's final validation loss over
+        the dense model's training seconds for its whole run (evaluation excluded)."""
+        steps = self.moe_steps_to_dense_loss
+        if steps is None:
+            return None
+        moe_seconds = _train_seconds_at(self.moe, steps)
+        dense_seconds = _train_seconds_at(self.dense, self.dense_steps)
+        if moe_seconds is None or not dense_seconds:
+            return None
+        return moe_seconds / dense_seconds
+
     def table(self) -> str:
         rows = [
             ("model", "total params", "active/token", "val loss", "val ppl", "tokens/s", "wall s")
@@ -110,7 +123,21 @@ class Comparison:
                 f"at step {steps} of {self.dense_steps}: {ratio:.2f}x the "
                 f"dense model's steps ({1 / ratio:.2f}x fewer)."
             )
+            time_ratio = self.time_ratio
+            if time_ratio is not None:
+                lines.append(
+                    f"In training time (evaluation excluded) that is {time_ratio:.2f}x the "
+                    "dense model's."
+                )
         return "\n".join(lines)
+
+
+def _train_seconds_at(run: TrainResult, step: int) -> float | None:
+    """Training seconds up to ``step`` from the run's records (``None`` if not recorded)."""
+    return next(
+        (r["train_seconds"] for r in run.records if r["step"] == step and "train_seconds" in r),
+        None,
+    )
 
 
 def param_reports(dense: TrainConfig, moe: TrainConfig) -> tuple[ParamReport, ParamReport]:

@@ -327,6 +327,7 @@ def train(
                 * ctx.world
                 / step_time,
                 "moe": _moe_record(out.moe_outputs),
+                "train_seconds": result.train_time,  # training steps so far (no evaluation)
             }
             if is_eval:
                 record["val_loss"] = evaluate(

@@ -1,0 +1,116 @@
+"""Training-step throughput at the demo's configuration: the MoE LM against its dense twin and
+against the same model as Hugging Face's ``MixtralForCausalLM``.
+
+The models are the ones ``moekit demo`` trains (byte-level, d_model 128, 4 layers, FFN 512;
+the MoE: 8 experts of width 256, top-2, dropless; batch 16 x 128 tokens) built from the same
+configs; the HF model is the MoE exported with ``moekit.interop.hf.to_hf`` and loaded with
+``transformers`` (its default ``grouped_mm`` experts, its Switch loss on through
+``output_router_logits``). One step = forward, cross-entropy (+ auxiliary loss), backward,
+AdamW, gradients set to None. The three alternate within each round in one process (glibc's
+freed-memory thresholds raised for all, as ``moekit train`` does); reported are medians of
+per-round ratios.
+
+    python benchmarks/bench_train_step.py
+    python benchmarks/bench_train_step.py --rounds 10 --steps-per-round 3 --no-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moekit.cli.demo import PRESETS
+from moekit.models import TransformerLM
+from moekit.training.compare import moe_twin
+from moekit.training.config import load_train_config
+from moekit.utils.allocator import retain_freed_memory
+
+
+def demo_configs(preset: str = "default"):
+    p = PRESETS[preset]
+    overrides = [
+        f"model.d_model={p['d_model']}",
+        f"model.n_layers={p['layers']}",
+        "model.n_heads=4",
+        f"model.ffn_hidden={p['ffn_hidden']}",
+        f"model.max_seq_len={p['seq_len']}",
+        f"data.seq_len={p['seq_len']}",
+        f"data.batch_size={p['batch_size']}",
+    ]
+    dense = load_train_config(None, overrides)
+    return dense, moe_twin(load_train_config(None, overrides), 8, 2)
+
+
+class Stepper:
+    """One training step of a model; ``hf`` models return their logits and aux loss their way."""
+
+    def __init__(self, model: torch.nn.Module, hf: bool = False) -> None:
+        self.model, self.hf = model.train(), hf
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(self, tokens: torch.Tensor) -> float:
+        start = time.perf_counter()
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if self.hf:
+            out = self.model(input_ids=inputs, output_router_logits=True)
+            logits, aux = out.logits, self.model.config.router_aux_loss_coef * out.aux_loss
+        else:
+            out = self.model(inputs)
+            logits, aux = out.logits, out.aux_loss
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-hf", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    dense_cfg, moe_cfg = demo_configs(args.preset)
+    torch.manual_seed(0)
+    moe = TransformerLM(moe_cfg.model)
+    steppers = {"moe": Stepper(moe), "dense": Stepper(TransformerLM(dense_cfg.model))}
+    if not args.no_hf:
+        import transformers
+
+        from moekit.interop.hf import to_hf
+
+        with tempfile.TemporaryDirectory() as folder:
+            to_hf(moe, folder, "mixtral")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        steppers["hf"] = Stepper(hf, hf=True)
+    batch, seq = moe_cfg.data.batch_size, moe_cfg.data.seq_len
+    tokens = torch.randint(0, moe_cfg.model.vocab_size, (batch, seq + 1))
+    for stepper in steppers.values():  # warm-up
+        stepper.step(tokens)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(args.rounds):
+        for name, stepper in steppers.items():
+            times[name].append(
+                statistics.median(stepper.step(tokens) for _ in range(args.steps_per_round))
+            )
+    print(
+        f"{args.preset} demo configuration: batch {batch} x {seq} tokens, {args.threads} threads, "
+        f"fp32; medians of {args.rounds} rounds"
+    )
+    for name, ts in times.items():
+        tokens_per_s = batch * seq / statistics.median(ts)
+        ratio = statistics.median(b / a for a, b in zip(times["moe"], ts, strict=True))
+        print(f"  {name:6s} {tokens_per_s:8.0f} tokens/s   moe tokens/s / this = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
