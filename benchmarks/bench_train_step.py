@@ -24,26 +24,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moekit.cli.demo import PRESETS
+from moekit.cli.demo import PRESETS, demo_train_configs
 from moekit.models import TransformerLM
-from moekit.training.compare import moe_twin
-from moekit.training.config import load_train_config
 from moekit.utils.allocator import retain_freed_memory
 
 
 def demo_configs(preset: str = "default"):
-    p = PRESETS[preset]
-    overrides = [
-        f"model.d_model={p['d_model']}",
-        f"model.n_layers={p['layers']}",
-        "model.n_heads=4",
-        f"model.ffn_hidden={p['ffn_hidden']}",
-        f"model.max_seq_len={p['seq_len']}",
-        f"data.seq_len={p['seq_len']}",
-        f"data.batch_size={p['batch_size']}",
-    ]
-    dense = load_train_config(None, overrides)
-    return dense, moe_twin(load_train_config(None, overrides), 8, 2)
+    return demo_train_configs(PRESETS[preset])
 
 
 class Stepper:

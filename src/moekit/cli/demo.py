@@ -9,7 +9,7 @@ from pathlib import Path
 from moekit.analysis.report import write_demo_report
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.training.compare import Comparison, moe_twin, param_reports
-from moekit.training.config import load_train_config
+from moekit.training.config import TrainConfig, load_train_config
 from moekit.training.loop import train
 
 HELP = (
@@ -77,6 +77,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument(
+        "--moe-lr", type=float, default=None, help="the MoE's peak learning rate (default: --lr)"
+    )
+    parser.add_argument(
+        "--shared-hidden",
+        type=int,
+        default=0,
+        help="width of a shared expert in the MoE (taken from the routed experts' budget)",
+    )
+    parser.add_argument(
         "--capacity-factor",
         type=float,
         default=None,
@@ -93,6 +102,60 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def demo_train_configs(
+    preset: dict[str, int],
+    *,
+    experts: int = 8,
+    top_k: int = 2,
+    shared_hidden: int = 0,
+    heads: int = 4,
+    lr: float = 3e-3,
+    moe_lr: float | None = None,
+    seed: int = 0,
+    data: str | None = None,
+    capacity_factor: float | None = None,
+    out_dir: Path = Path("runs/demo"),
+) -> tuple[TrainConfig, TrainConfig]:
+    """The demo's dense model and its MoE twin (same active parameters per token), as training
+    configs writing to ``out_dir/dense`` and ``out_dir/moe``; ``moe_lr`` defaults to ``lr``."""
+    overrides = [
+        f"steps={preset['steps']}",
+        f"eval_every={preset['eval_every']}",
+        f"eval_batches={preset['eval_batches']}",
+        "log_every=10",
+        f"seed={seed}",
+        f"model.d_model={preset['d_model']}",
+        f"model.n_layers={preset['layers']}",
+        f"model.n_heads={heads}",
+        f"model.ffn_hidden={preset['ffn_hidden']}",
+        f"model.max_seq_len={preset['seq_len']}",
+        f"data.seq_len={preset['seq_len']}",
+        f"data.batch_size={preset['batch_size']}",
+        f"optim.warmup_steps={max(1, preset['steps'] // 20)}",
+    ]
+    if data is not None:
+        overrides.append(f"data.path={data}")
+    dense_cfg = load_train_config(
+        None, [*overrides, f"optim.lr={lr}", f"out_dir={out_dir / 'dense'}"]
+    )
+    capacity = None
+    if capacity_factor is not None:
+        capacity = DispatchConfig(
+            mode=DispatchMode.CAPACITY,
+            capacity_factor=capacity_factor,
+            drop_priority=DropPriority.TOKEN,
+        )
+    moe_overrides = [*overrides, f"optim.lr={moe_lr or lr}", f"out_dir={out_dir / 'moe'}"]
+    moe_cfg = moe_twin(
+        load_train_config(None, moe_overrides),
+        experts,
+        top_k,
+        dispatch=capacity,
+        shared_hidden=shared_hidden,
+    )
+    return dense_cfg, moe_cfg
+
+
 def run(args: argparse.Namespace) -> int:
     try:  # fail now, not after minutes of training
         import matplotlib  # noqa: F401
@@ -105,37 +168,18 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     out_dir = Path(args.out_dir)
-    overrides = [
-        f"steps={preset['steps']}",
-        f"eval_every={preset['eval_every']}",
-        f"eval_batches={preset['eval_batches']}",
-        "log_every=10",
-        f"seed={args.seed}",
-        f"model.d_model={preset['d_model']}",
-        f"model.n_layers={preset['layers']}",
-        f"model.n_heads={args.heads}",
-        f"model.ffn_hidden={preset['ffn_hidden']}",
-        f"model.max_seq_len={preset['seq_len']}",
-        f"data.seq_len={preset['seq_len']}",
-        f"data.batch_size={preset['batch_size']}",
-        f"optim.lr={args.lr}",
-        f"optim.warmup_steps={max(1, preset['steps'] // 20)}",
-    ]
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    dense_cfg = load_train_config(None, [*overrides, f"out_dir={out_dir / 'dense'}"])
-    capacity = None
-    if args.capacity_factor is not None:
-        capacity = DispatchConfig(
-            mode=DispatchMode.CAPACITY,
-            capacity_factor=args.capacity_factor,
-            drop_priority=DropPriority.TOKEN,
-        )
-    moe_cfg = moe_twin(
-        load_train_config(None, [*overrides, f"out_dir={out_dir / 'moe'}"]),
-        args.experts,
-        args.top_k,
-        dispatch=capacity,
+    dense_cfg, moe_cfg = demo_train_configs(
+        preset,
+        experts=args.experts,
+        top_k=args.top_k,
+        shared_hidden=args.shared_hidden,
+        heads=args.heads,
+        lr=args.lr,
+        moe_lr=args.moe_lr,
+        seed=args.seed,
+        data=args.data,
+        capacity_factor=args.capacity_factor,
+        out_dir=out_dir,
     )
     for cfg in (dense_cfg, moe_cfg):
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
@@ -155,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         "experts": args.experts,
         "top_k": args.top_k,
         "lr": args.lr,
+        "moe_lr": args.moe_lr or args.lr,
+        "shared_hidden": args.shared_hidden,
         "capacity_factor": args.capacity_factor or "dropless",
         "seed": args.seed,
     }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from moekit.analysis.params import ParamReport, count_parameters
 from moekit.dispatch.config import DispatchConfig
 from moekit.experts.bank import ExpertConfig
+from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.training.config import TrainConfig
@@ -25,18 +26,29 @@ def moe_twin(
     num_experts: int,
     top_k: int,
     dispatch: DispatchConfig | None = None,
+    shared_hidden: int = 0,
 ) -> TrainConfig:
-    """``config`` with every FFN an MoE of ``num_experts`` experts of width ``ffn_hidden/top_k``
-    (the same active FFN FLOPs per token as the dense model), top-k softmax routing."""
+    """``config`` with every FFN an MoE at the same active FFN FLOPs per token as the dense
+    model: a shared expert of width ``shared_hidden`` (0: none) plus ``num_experts`` routed
+    experts of width ``(ffn_hidden - shared_hidden) / top_k``, top-k softmax routing."""
     model = config.model
-    if model.ffn_hidden % top_k:
-        raise ValueError(f"ffn_hidden={model.ffn_hidden} must be divisible by top_k={top_k}")
+    routed = model.ffn_hidden - shared_hidden
+    if shared_hidden < 0 or routed < top_k or routed % top_k:
+        raise ValueError(
+            f"ffn_hidden={model.ffn_hidden} minus shared_hidden={shared_hidden} must be a "
+            f"positive multiple of top_k={top_k}"
+        )
     layer = MoEConfig(
         d_model=model.d_model,
         num_experts=num_experts,
         top_k=top_k,
-        experts=ExpertConfig(hidden=model.ffn_hidden // top_k, activation=model.activation),
+        experts=ExpertConfig(hidden=routed // top_k, activation=model.activation),
         dispatch=dispatch or DispatchConfig(),
+        shared_experts=(
+            SharedExpertConfig(hidden=shared_hidden, activation=model.activation)
+            if shared_hidden
+            else None
+        ),
     )
     moe_model = dataclasses.replace(model, moe=MoEPlacementConfig(layer=layer))
     return dataclasses.replace(config, model=moe_model)
