@@ -61,24 +61,6 @@ def set_statistics(model: nn.Module, enabled: bool) -> int:
 
 
 @contextmanager
-def serving(model: nn.Module) -> Iterator[int]:
-    """Inside the block, every MoE layer of ``model`` skips its auxiliary losses (``aux_loss``
-    is 0 and ``losses`` empty) and its routing statistics (``stats`` is ``None``): the work
-    generation never reads (``moekit.models.generate`` uses it). Routing and outputs are
-    unchanged. Yields how many layers it switched; their settings are restored on exit.
-    """
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
-    saved = [(layer.losses_enabled, layer.statistics) for layer in layers]
-    for layer in layers:
-        layer.losses_enabled = layer.statistics = False
-    try:
-        yield len(layers)
-    finally:
-        for layer, (losses_enabled, statistics) in zip(layers, saved, strict=True):
-            layer.losses_enabled, layer.statistics = losses_enabled, statistics
-
-
-@contextmanager
 def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
     """Record the ``MoEOutput`` of every ``MoE`` module in ``model`` (nested ones included)."""
     collector = MoEOutputCollector()

@@ -6,6 +6,8 @@ token, M = kept token-expert assignments.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -270,3 +272,21 @@ def soft_routing_stats(
         experts_per_token=zero + E * routing.slots_per_expert / S,
         unrouted_fraction=zero,
     )
+
+
+@contextmanager
+def serving(model: nn.Module) -> Iterator[int]:
+    """Inside the block, every MoE layer of ``model`` skips its auxiliary losses (``aux_loss``
+    is 0 and ``losses`` empty) and its routing statistics (``stats`` is ``None``): the work
+    generation never reads (``moekit.models.generate`` uses it). Routing and outputs are
+    unchanged. Yields how many layers it switched; their settings are restored on exit.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [(layer.losses_enabled, layer.statistics) for layer in layers]
+    for layer in layers:
+        layer.losses_enabled = layer.statistics = False
+    try:
+        yield len(layers)
+    finally:
+        for layer, (losses_enabled, statistics) in zip(layers, saved, strict=True):
+            layer.losses_enabled, layer.statistics = losses_enabled, statistics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.collect import serving
+from moekit.layers import serving
 from moekit.models.transformer.model import TransformerLM
 
 
