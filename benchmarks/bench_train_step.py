@@ -12,6 +12,7 @@ per-round ratios.
 
     python benchmarks/bench_train_step.py
     python benchmarks/bench_train_step.py --rounds 10 --steps-per-round 3 --no-hf
+    python benchmarks/bench_train_step.py --batch-size 32
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ from moekit.models import TransformerLM
 from moekit.utils.allocator import retain_freed_memory
 
 
-def demo_configs(preset: str = "default"):
-    return demo_train_configs(PRESETS[preset])
-
-
 class Stepper:
     """One training step of a model; ``hf`` models return their logits and aux loss their way."""
 
@@ -40,7 +37,8 @@ class Stepper:
         self.model, self.hf = model.train(), hf
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def step(self, tokens: torch.Tensor) -> float:
+    def step(self, tokens: torch.Tensor) -> tuple[float, float]:
+        """Seconds of the whole step and of its optimizer update (AdamW + zero_grad)."""
         start = time.perf_counter()
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if self.hf:
@@ -51,9 +49,11 @@ class Stepper:
             logits, aux = out.logits, out.aux_loss
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
         loss.backward()
+        update = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        return end - start, end - update
 
 
 def main() -> None:
@@ -62,11 +62,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--no-hf", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
-    dense_cfg, moe_cfg = demo_configs(args.preset)
+    preset = dict(PRESETS[args.preset])
+    if args.batch_size is not None:
+        preset["batch_size"] = args.batch_size
+    dense_cfg, moe_cfg = demo_train_configs(preset)
     torch.manual_seed(0)
     moe = TransformerLM(moe_cfg.model)
     steppers = {"moe": Stepper(moe), "dense": Stepper(TransformerLM(dense_cfg.model))}
@@ -84,11 +88,12 @@ def main() -> None:
     for stepper in steppers.values():  # warm-up
         stepper.step(tokens)
     times: dict[str, list[float]] = {name: [] for name in steppers}
+    updates: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(args.rounds):
         for name, stepper in steppers.items():
-            times[name].append(
-                statistics.median(stepper.step(tokens) for _ in range(args.steps_per_round))
-            )
+            steps = [stepper.step(tokens) for _ in range(args.steps_per_round)]
+            times[name].append(statistics.median(total for total, _ in steps))
+            updates[name].append(statistics.median(update for _, update in steps))
     print(
         f"{args.preset} demo configuration: batch {batch} x {seq} tokens, {args.threads} threads, "
         f"fp32; medians of {args.rounds} rounds"
@@ -96,7 +101,12 @@ def main() -> None:
     for name, ts in times.items():
         tokens_per_s = batch * seq / statistics.median(ts)
         ratio = statistics.median(b / a for a, b in zip(times["moe"], ts, strict=True))
-        print(f"  {name:6s} {tokens_per_s:8.0f} tokens/s   moe tokens/s / this = {ratio:.2f}")
+        params = sum(p.numel() for p in steppers[name].model.parameters())
+        print(
+            f"  {name:6s} {tokens_per_s:8.0f} tokens/s   moe tokens/s / this = {ratio:.2f}   "
+            f"step {1e3 * statistics.median(ts):6.1f} ms, of which AdamW "
+            f"{1e3 * statistics.median(updates[name]):5.1f} ms ({params:,} parameters)"
+        )
 
 
 if __name__ == "__main__":

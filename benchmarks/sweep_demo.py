@@ -12,7 +12,8 @@ final validation loss. Runs are sequential, one at a time (2 threads each).
 Candidates are ``E<experts>k<top_k>[s<shared width>]``: routed experts of width
 ``(512 - shared) / k``, so the active FFN width is the dense model's 512.
 
-    python benchmarks/sweep_demo.py                              # ~25 minutes
+    python benchmarks/sweep_demo.py                              # ~45 minutes
+    python benchmarks/sweep_demo.py --candidates E8k2 E16k4 --batch-size 32 --steps 400
     python benchmarks/sweep_demo.py --candidates E8k2 E8k1s256 --lrs 3e-3 --steps 300
 """
 
@@ -50,13 +51,16 @@ def summary(run: TrainResult) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--candidates", nargs="+", default=["E8k2", "E8k1", "E16k2", "E8k1s256"])
+    parser.add_argument(
+        "--candidates", nargs="+", default=["E8k2", "E8k1", "E8k1s256", "E16k2", "E16k4", "E32k2"]
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 4e-3])
     parser.add_argument("--steps", type=int, default=PRESETS["default"]["steps"])
+    parser.add_argument("--batch-size", type=int, default=PRESETS["default"]["batch_size"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="reports/sweep_demo.json")
     args = parser.parse_args()
-    preset = {**PRESETS["default"], "steps": args.steps}
+    preset = {**PRESETS["default"], "steps": args.steps, "batch_size": args.batch_size}
     results: dict[str, dict[float, TrainResult]] = {"dense": {}}
     configs = {name: parse_candidate(name) for name in args.candidates}
     with tempfile.TemporaryDirectory() as folder:
@@ -118,6 +122,7 @@ def main() -> None:
         json.dumps(
             {
                 "steps": args.steps,
+                "batch_size": args.batch_size,
                 "lrs": args.lrs,
                 "best_lr": best,
                 "runs": {

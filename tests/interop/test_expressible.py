@@ -199,6 +199,23 @@ CHANGES = [
 OPTIONS = st.lists(st.sampled_from(CHANGES), max_size=2, unique_by=lambda c: c[0]).map(dict)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_all_moe_families_export_experts_narrower_than_the_unused_dense_width(family, tmp_path):
+    """Every layer of these families is MoE, so moekit's dense ``ffn_hidden`` is moot: a model
+    whose experts are narrower than it (the demo's MoE twin) exports with the experts' width as
+    ``intermediate_size`` and reloads with the same logits."""
+    config = _moekit_config(family, expert_hidden=8)
+    assert config.ffn_hidden != 8
+    torch.manual_seed(0)
+    model = TransformerLM(config).eval()
+    to_hf(model, tmp_path / "out", family)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.intermediate_size == 8
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - model(tokens).logits).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

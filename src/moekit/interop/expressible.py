@@ -165,12 +165,21 @@ _NOT_FUNCTION = (
 )
 
 
+def _every_layer_moe(config: Any) -> bool:
+    moe, n_layers = getattr(config, "moe", None), getattr(config, "n_layers", None)
+    if moe is None or n_layers is None or getattr(moe, "layer", None) is None:
+        return False
+    return all(moe.is_moe_layer(i) for i in range(n_layers))
+
+
 def function_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     """The config's fields that change its function, flattened (``{"moe.layer.top_k": 2}``)."""
     out: dict[str, Any] = {}
     # without a window, which layers would use one is moot
     no_window = getattr(config, "sliding_window", None) == 0
     skip = {"sliding_window_every"} if no_window else set()
+    if _every_layer_moe(config):  # no dense FFN: its width is moot
+        skip.add("ffn_hidden")
     for f in dataclasses.fields(config):
         if f.name in skip:
             continue

@@ -142,7 +142,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         **common.attention_to_hf(config),
         "architectures": ["GptOssForCausalLM"],
         "model_type": MODEL_TYPE,
-        "intermediate_size": config.ffn_hidden,
+        "intermediate_size": moe.experts.hidden,  # every GPT-OSS layer is MoE
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "experts_per_token": moe.top_k,

@@ -81,7 +81,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         **common.attention_to_hf(config),
         "architectures": ["MixtralForCausalLM"],
         "model_type": MODEL_TYPE,
-        "intermediate_size": config.ffn_hidden,
+        "intermediate_size": moe.experts.hidden,  # every Mixtral layer is MoE
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,

@@ -70,7 +70,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         **common.attention_to_hf(config),
         "architectures": ["OlmoeForCausalLM"],
         "model_type": MODEL_TYPE,
-        "intermediate_size": config.ffn_hidden,
+        "intermediate_size": moe.experts.hidden,  # every OLMoE layer is MoE
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "norm_topk_prob": cast(TopKRouterConfig, moe.router).normalize_weights,
