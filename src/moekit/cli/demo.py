@@ -75,7 +75,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=8, help="routed experts E")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token k")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=2e-3, help="peak learning rate (benchmarks/sweep_demo.py)"
+    )
     parser.add_argument(
         "--moe-lr", type=float, default=None, help="the MoE's peak learning rate (default: --lr)"
     )
@@ -109,7 +111,7 @@ def demo_train_configs(
     top_k: int = 2,
     shared_hidden: int = 0,
     heads: int = 4,
-    lr: float = 3e-3,
+    lr: float = 2e-3,
     moe_lr: float | None = None,
     seed: int = 0,
     data: str | None = None,
