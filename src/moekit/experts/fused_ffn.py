@@ -141,19 +141,7 @@ def expert_ffn(
         raise ValueError("b_in_EH and b_out_ED must be given together")
     kernel_in = resolve_kernel(kernel, x_MD.dtype, w_in_EDH.shape[1], w_in_EDH.shape[2])
     kernel_out = resolve_kernel(kernel, x_MD.dtype, w_out_EHD.shape[1], w_out_EHD.shape[2])
-    if not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
-        return _expert_ffn_forward(
-            x_MD,
-            counts_E,
-            w_in_EDH,
-            b_in_EH,
-            w_out_EHD,
-            b_out_ED,
-            Activation(activation),
-            kernel_in,
-            kernel_out,
-        )[0]
-    return _ExpertFFN.apply(
+    args = (
         x_MD,
         counts_E,
         w_in_EDH,
@@ -164,3 +152,6 @@ def expert_ffn(
         kernel_in,
         kernel_out,
     )
+    if not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
+        return _expert_ffn_forward(*args)[0]
+    return _ExpertFFN.apply(*args)
