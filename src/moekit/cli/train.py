@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, progress=not args.quiet)
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
+        torch.distributed.barrier()  # no rank closes its connections while a peer still uses them
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
