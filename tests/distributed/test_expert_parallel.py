@@ -67,3 +67,9 @@ def test_checkpoints_reshard_between_ep_degrees(tmp_path):
 
 def test_bias_balancing_under_plain_ddp_follows_the_global_load():
     _assert_workers_pass(workers.ddp_bias_balancing, 2)
+
+
+def test_train_frees_its_ddp_wrapper_while_the_group_is_alive(tmp_path, tiny_text):
+    _assert_workers_pass(
+        workers.train_frees_its_ddp_wrapper, 2, str(tiny_text), str(tmp_path / "run")
+    )

@@ -8,6 +8,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import moekit
 from moekit.distributed import (
@@ -20,7 +21,7 @@ from moekit.distributed import (
     wrap_data_parallel,
 )
 from moekit.models import TransformerConfig, TransformerLM, from_pretrained
-from tests.builders import placement
+from tests.builders import TINY_MOE, placement
 
 D = 16
 
@@ -30,6 +31,12 @@ def init(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def finish() -> None:
+    """Leave together: no rank closes its connections while a peer still uses them."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _average_grads(model: torch.nn.Module, skip: set[str]) -> None:
@@ -111,7 +118,7 @@ def layer_equivalence(
     moekit.update_expert_bias(ep)
     moekit.update_expert_bias(ref)
     torch.testing.assert_close(ep.router.expert_bias_E, ref.router.expert_bias_E)
-    dist.destroy_process_group()
+    finish()
 
 
 def _lm_config() -> TransformerConfig:
@@ -160,8 +167,7 @@ def train_step_equivalence(rank: int, world: int, port: int) -> None:
     # gloo's worker thread wait for the GIL that the deallocating main thread holds.
     del ep
     gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 def save_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
@@ -169,7 +175,7 @@ def save_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
     torch.manual_seed(0)
     model = parallelize_experts(TransformerLM(_lm_config()))
     save_pretrained_distributed(model, directory)
-    dist.destroy_process_group()
+    finish()
 
 
 def load_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
@@ -179,7 +185,7 @@ def load_checkpoint(rank: int, world: int, port: int, directory: str) -> None:
     tokens = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         torch.testing.assert_close(ep(tokens).logits, single(tokens).logits, rtol=1e-5, atol=1e-5)
-    dist.destroy_process_group()
+    finish()
 
 
 def ddp_bias_balancing(rank: int, world: int, port: int) -> None:
@@ -217,5 +223,25 @@ def ddp_bias_balancing(rank: int, world: int, port: int) -> None:
     assert ref.router.expert_bias_E.abs().sum() > 0
     del wrapped  # drop DDP's reducer while the group is alive (see train_step_equivalence)
     gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
+
+
+def train_frees_its_ddp_wrapper(rank: int, world: int, port: int, corpus: str, out: str) -> None:
+    """``train`` under expert parallelism frees its DDP wrapper before it returns: DDP sits in
+    reference cycles, and one the collector frees after the group is gone can abort the process
+    at exit (gloo's worker thread waits for the GIL)."""
+    from moekit.training.config import load_train_config
+    from moekit.training.loop import train
+
+    init(rank, world, port)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun sets them
+    gc.collect()
+    gc.disable()  # only train's own collection may free the wrapper
+    try:
+        overrides = [*TINY_MOE, "steps=2", f"data.path={corpus}", f"out_dir={out}"]
+        train(load_train_config(None, [*overrides, f"expert_parallel={world}"]), progress=False)
+        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+        assert not alive, f"{len(alive)} DDP wrapper(s) outlive train()"
+    finally:
+        gc.enable()
+    finish()

@@ -11,6 +11,7 @@ and gives the same losses as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -344,5 +345,11 @@ def train(
         bar.update(1)
     bar.close()
     log.close()
+    if step_model is not model:
+        # DDP's reducer sits in reference cycles: free it now, while the process group is
+        # alive (freed later by the collector, gloo's worker thread can wait for the GIL that
+        # the deallocating thread holds, and the process aborts)
+        del step_model
+        gc.collect()
     result.wall_time = time.perf_counter() - start_time
     return result
