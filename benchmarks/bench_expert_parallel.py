@@ -21,6 +21,7 @@ k rows leaves its rank, 4 exchanges per MoE layer and step).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -106,7 +107,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     with open(f"{out_path}.{rank}", "w") as f:
         json.dump(steps, f)
     if distributed:
-        del model  # drop DDP's reducer while the group is alive
+        del model  # drop DDP's reducer while the group is alive (it sits in reference cycles)
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -82,6 +82,9 @@ def wrap_data_parallel(model: nn.Module, group=None) -> nn.parallel.DistributedD
     The bias-balancing load tallies are kept out of DDP's buffer broadcast: each rank counts
     its own tokens and :func:`reduce_load_tallies` sums them before the bias update (DDP would
     otherwise overwrite every rank's tally with rank 0's at each forward).
+
+    DDP sits in reference cycles: before ``destroy_process_group``, drop the wrapper and call
+    ``gc.collect()`` (freed after the group, gloo's worker thread can abort the process).
     """
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, expert_parameter_names(model) + load_tally_names(model)
