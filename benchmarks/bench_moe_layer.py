@@ -10,6 +10,12 @@ forward with autograd on, minus RSS before it).
 
     python benchmarks/bench_moe_layer.py                 # the full grid
     python benchmarks/bench_moe_layer.py --tokens 4096 --experts 8 --rounds 3
+    python benchmarks/bench_moe_layer.py --dtype bfloat16   # on a CPU with native bf16
+
+``--dtype bfloat16`` runs all four in bf16 (weights and inputs). It refuses to start on a CPU
+without native bf16 (``moekit.utils.device.cpu_has_native_bf16``: an AVX2-only CPU runs bf16
+matrix products about 80x slower than fp32, which would time the emulation, not the layer)
+unless ``--force-emulated-bf16`` is given.
 """
 
 from __future__ import annotations
@@ -28,10 +34,17 @@ import moekit
 
 D_MODEL, HIDDEN, TOP_K = 512, 1024, 2
 HF_EXPERTS_IMPLEMENTATION = "grouped_mm"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build(impl: str, num_experts: int, seed: int = 0):
-    """Return (module, forward) for 'moekit', 'dense' or 'hf', sharing weights across impls."""
+def build(impl: str, num_experts: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Return (module, forward) for 'moekit', 'dense', 'floor' or 'hf', sharing weights across
+    implementations, with parameters in ``dtype``."""
+    module, forward = _build_fp32(impl, num_experts, seed)
+    return module.to(dtype), forward
+
+
+def _build_fp32(impl: str, num_experts: int, seed: int):
     torch.manual_seed(seed)
     moe = moekit.MoEConfig(
         d_model=D_MODEL,
@@ -82,7 +95,9 @@ class MatmulFloor(torch.nn.Module):
 
     def __init__(self, w_in_EDH: torch.Tensor, w_out_EHD: torch.Tensor) -> None:
         super().__init__()
-        self.w_in_EDH, self.w_out_EHD = w_in_EDH, w_out_EHD
+        # buffers, so that ``.to(dtype)`` casts them
+        self.register_buffer("w_in_EDH", w_in_EDH.clone())
+        self.register_buffer("w_out_EHD", w_out_EHD.clone())
 
     def _slices(self, rows: int) -> list[slice]:
         E = self.w_in_EDH.shape[0]
@@ -149,14 +164,16 @@ def _reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM, the peak resident set size, to the current RSS
 
 
-def peak_forward_memory(impl: str, tokens: int, experts: int, experts_impl: str) -> int:
+def peak_forward_memory(
+    impl: str, tokens: int, experts: int, experts_impl: str, dtype: str = "float32"
+) -> int:
     """Peak RSS increase (bytes) of one forward with autograd on, in a fresh process."""
     code = (
         "import sys, torch; sys.path.insert(0, 'benchmarks');"
         "import bench_moe_layer as b; torch.set_num_threads(2);"
         f"b.HF_EXPERTS_IMPLEMENTATION = {experts_impl!r};"
-        f"m, f = b.build({impl!r}, {experts});"
-        f"x = torch.randn({tokens}, {D_MODEL}, requires_grad=True);"
+        f"m, f = b.build({impl!r}, {experts}, dtype=b.DTYPES[{dtype!r}]);"
+        f"x = torch.randn({tokens}, {D_MODEL}, dtype=b.DTYPES[{dtype!r}], requires_grad=True);"
         "b._reset_peak_rss(); before = b._status_kb('VmRSS'); y = f(x);"
         "print((b._status_kb('VmHWM') - before) * 1024)"
     )
@@ -198,7 +215,25 @@ def main() -> None:
         default="none",
         help="between steps set parameter grads to None (PyTorch's default) or zero them in place",
     )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--force-emulated-bf16",
+        action="store_true",
+        help="run --dtype bfloat16 even on a CPU without native bf16 (times the emulation)",
+    )
     args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.bfloat16 and not args.force_emulated_bf16:
+        from moekit.utils.device import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
+            parser.error(
+                f"--dtype bfloat16: this CPU has no native bf16 "
+                f"(torch.backends.cpu.get_cpu_capability() = "
+                f"{torch.backends.cpu.get_cpu_capability()}); its bf16 matrix products are "
+                "emulated, about 80x slower than fp32. Use --dtype float32, run on a CPU with "
+                "AVX512-BF16 or AMX, or pass --force-emulated-bf16"
+            )
     global GRADS_TO_NONE
     GRADS_TO_NONE = args.grads == "none"
     if args.retain_freed_memory:
@@ -210,7 +245,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     impls = ["moekit", "dense", "floor"] + ([] if args.no_hf else ["hf"])
     print(
-        f"torch {torch.__version__}, {args.threads} threads, fp32, d_model {D_MODEL}, "
+        f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, d_model {D_MODEL}, "
         f"expert hidden {HIDDEN}, top-{TOP_K}; medians over {args.rounds} rounds"
     )
     rows = []
@@ -219,8 +254,8 @@ def main() -> None:
             if not args.no_hf:
                 diff = check_same_outputs(tokens, experts)
                 assert diff < 1e-4, f"moekit and HF outputs differ by {diff}"
-            modules = {impl: build(impl, experts) for impl in impls}
-            x = torch.randn(tokens, D_MODEL)
+            modules = {impl: build(impl, experts, dtype=dtype) for impl in impls}
+            x = torch.randn(tokens, D_MODEL, dtype=dtype)
             row = {"tokens": tokens, "experts": experts}
             for backward in (False, True):
                 for impl in impls:  # warm-up
@@ -240,7 +275,7 @@ def main() -> None:
                         row[f"{tag}_{other}_vs_dense"] = statistics.median(ratios)
             if not args.no_memory:
                 for impl in [i for i in impls if i != "floor"]:
-                    peak = peak_forward_memory(impl, tokens, experts, args.hf_experts)
+                    peak = peak_forward_memory(impl, tokens, experts, args.hf_experts, args.dtype)
                     row[f"fwd_peak_mb_{impl}"] = peak / 2**20
                 row["fwd_memory_moekit_vs_dense"] = (
                     row["fwd_peak_mb_moekit"] / row["fwd_peak_mb_dense"]
