@@ -13,6 +13,11 @@ per-round ratios.
     python benchmarks/bench_train_step.py
     python benchmarks/bench_train_step.py --rounds 10 --steps-per-round 3 --no-hf
     python benchmarks/bench_train_step.py --batch-size 32
+    python benchmarks/bench_train_step.py --compile --no-hf
+
+``--compile`` runs the moekit MoE and its dense twin through ``torch.compile`` (compilation is
+in the warm-up, not timed); the HF model, if timed, stays eager (``torch._grouped_mm``'s fake
+implementation refuses fp32 while tracing in torch 2.13).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from moekit.utils.allocator import retain_freed_memory
 class Stepper:
     """One training step of a model; ``hf`` models return their logits and aux loss their way."""
 
-    def __init__(self, model: torch.nn.Module, hf: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, hf: bool = False, compile: bool = False) -> None:
         self.model, self.hf = model.train(), hf
+        self.forward = torch.compile(model) if compile else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(self, tokens: torch.Tensor) -> tuple[float, float]:
@@ -42,10 +48,10 @@ class Stepper:
         start = time.perf_counter()
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if self.hf:
-            out = self.model(input_ids=inputs, output_router_logits=True)
+            out = self.forward(input_ids=inputs, output_router_logits=True)
             logits, aux = out.logits, self.model.config.router_aux_loss_coef * out.aux_loss
         else:
-            out = self.model(inputs)
+            out = self.forward(inputs)
             logits, aux = out.logits, out.aux_loss
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
         loss.backward()
@@ -64,6 +70,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the moekit MoE and dense models"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
@@ -73,7 +82,11 @@ def main() -> None:
     dense_cfg, moe_cfg = demo_train_configs(preset)
     torch.manual_seed(0)
     moe = TransformerLM(moe_cfg.model)
-    steppers = {"moe": Stepper(moe), "dense": Stepper(TransformerLM(dense_cfg.model))}
+    dense = TransformerLM(dense_cfg.model)
+    steppers = {
+        "moe": Stepper(moe, compile=args.compile),
+        "dense": Stepper(dense, compile=args.compile),
+    }
     if not args.no_hf:
         import transformers
 
@@ -85,8 +98,9 @@ def main() -> None:
         steppers["hf"] = Stepper(hf, hf=True)
     batch, seq = moe_cfg.data.batch_size, moe_cfg.data.seq_len
     tokens = torch.randint(0, moe_cfg.model.vocab_size, (batch, seq + 1))
-    for stepper in steppers.values():  # warm-up
-        stepper.step(tokens)
+    for stepper in steppers.values():  # warm-up (and compilation)
+        for _ in range(3 if args.compile else 1):
+            stepper.step(tokens)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     updates: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(args.rounds):
@@ -96,7 +110,7 @@ def main() -> None:
             updates[name].append(statistics.median(update for _, update in steps))
     print(
         f"{args.preset} demo configuration: batch {batch} x {seq} tokens, {args.threads} threads, "
-        f"fp32; medians of {args.rounds} rounds"
+        f"fp32{', moekit models compiled' if args.compile else ''}; medians of {args.rounds} rounds"
     )
     for name, ts in times.items():
         tokens_per_s = batch * seq / statistics.median(ts)

@@ -59,3 +59,19 @@ def test_serving_skips_losses_and_statistics_but_not_outputs():
     except RuntimeError:
         pass
     assert all(m.losses_enabled for m in net.modules() if isinstance(m, moekit.MoE))
+
+
+def test_without_statistics_keeps_losses_and_restores_each_layers_setting():
+    net = TwoLayerNet()
+    moekit.set_statistics(net.inner, False)  # a layer built or set without statistics
+    x = torch.randn(2, 5, 8)
+    with moekit.collect_moe_outputs(net) as plain:
+        expected = net(x)
+    with moekit.without_statistics(net) as switched, moekit.collect_moe_outputs(net) as seen:
+        quiet = net(x)
+    assert switched == 3
+    assert torch.equal(quiet, expected)
+    torch.testing.assert_close(seen.aux_loss(), plain.aux_loss())  # losses are kept
+    assert seen.outputs["moe2"][0].losses.keys() == plain.outputs["moe2"][0].losses.keys()
+    assert all(out.stats is None for calls in seen.outputs.values() for out in calls)
+    assert [m.statistics for m in net.modules() if isinstance(m, moekit.MoE)] == [True, True, False]

@@ -1,13 +1,20 @@
 """moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
 
 from moekit.analysis.routing_stats import RoutingStats
-from moekit.collect import collect_moe_outputs, set_statistics
+from moekit.collect import collect_moe_outputs
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
 from moekit.experts.dense import FeedForward
 from moekit.experts.shared import SharedExpertConfig, SharedExperts
-from moekit.layers import MoE, MoEConfig, MoEOutput, serving
+from moekit.layers import (
+    MoE,
+    MoEConfig,
+    MoEOutput,
+    serving,
+    set_statistics,
+    without_statistics,
+)
 from moekit.losses.config import AuxLossConfig, BalanceScope
 from moekit.routing.bias_balancing import update_expert_bias
 from moekit.routing.config import Gating, GroupScore, RouterConfig, RouterKind
@@ -48,4 +55,5 @@ __all__ = [
     "set_statistics",
     "set_top_k",
     "update_expert_bias",
+    "without_statistics",
 ]

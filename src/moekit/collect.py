@@ -17,6 +17,7 @@ from torch import nn
 
 from moekit.analysis.routing_stats import RoutingStats
 from moekit.layers import MoE, MoEOutput
+from moekit.layers import set_statistics as set_statistics  # its former home; still importable
 
 
 class MoEOutputCollector:
@@ -49,15 +50,6 @@ class MoEOutputCollector:
 
     def clear(self) -> None:
         self.outputs.clear()
-
-
-def set_statistics(model: nn.Module, enabled: bool) -> int:
-    """Turn routing statistics on or off in every MoE layer of ``model`` (off: no statistics
-    work and no host syncs, e.g. for ``torch.compile``); returns how many layers changed."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
-    for layer in layers:
-        layer.statistics = enabled
-    return len(layers)
 
 
 @contextmanager

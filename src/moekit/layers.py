@@ -275,18 +275,49 @@ def soft_routing_stats(
 
 
 @contextmanager
+def _layer_switches(model: nn.Module, **values: bool) -> Iterator[int]:
+    """Set boolean attributes of every MoE layer of ``model`` inside the block; restore them on
+    exit. Yields how many layers it switched."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [{name: getattr(layer, name) for name in values} for layer in layers]
+    for layer in layers:
+        for name, value in values.items():
+            setattr(layer, name, value)
+    try:
+        yield len(layers)
+    finally:
+        for layer, attributes in zip(layers, saved, strict=True):
+            for name, value in attributes.items():
+                setattr(layer, name, value)
+
+
+@contextmanager
 def serving(model: nn.Module) -> Iterator[int]:
     """Inside the block, every MoE layer of ``model`` skips its auxiliary losses (``aux_loss``
     is 0 and ``losses`` empty) and its routing statistics (``stats`` is ``None``): the work
     generation never reads (``moekit.models.generate`` uses it). Routing and outputs are
     unchanged. Yields how many layers it switched; their settings are restored on exit.
     """
+    with _layer_switches(model, losses_enabled=False, statistics=False) as count:
+        yield count
+
+
+def set_statistics(model: nn.Module, enabled: bool) -> int:
+    """Turn routing statistics on or off in every MoE layer of ``model`` (off: no statistics
+    work and no host syncs, e.g. for ``torch.compile``); returns how many layers changed.
+    :func:`without_statistics` does the same for one block."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    saved = [(layer.losses_enabled, layer.statistics) for layer in layers]
     for layer in layers:
-        layer.losses_enabled = layer.statistics = False
-    try:
-        yield len(layers)
-    finally:
-        for layer, (losses_enabled, statistics) in zip(layers, saved, strict=True):
-            layer.losses_enabled, layer.statistics = losses_enabled, statistics
+        layer.statistics = enabled
+    return len(layers)
+
+
+@contextmanager
+def without_statistics(model: nn.Module) -> Iterator[int]:
+    """Inside the block, every MoE layer of ``model`` skips its routing statistics (``stats`` is
+    ``None``; under expert parallelism that also saves their all-reduces). Outputs, auxiliary
+    losses and bias-balancing tallies are unchanged. The training loop uses it on steps that
+    write no metrics line. Yields how many layers it switched; settings are restored on exit.
+    """
+    with _layer_switches(model, statistics=False) as count:
+        yield count

@@ -142,3 +142,25 @@ def test_optimizer_groups_and_schedule():
     assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
+
+
+def test_routing_statistics_are_computed_only_on_steps_that_write_metrics(
+    tmp_path, tiny_text, monkeypatch
+):
+    import moekit.layers
+
+    computed = []
+    real = moekit.layers.routing_stats
+
+    def counted(*args, **kwargs):
+        computed.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moekit.layers, "routing_stats", counted)
+    extra = ["steps=6", "log_every=3", "eval_every=6"]
+    result = train(_config(tmp_path, "run", extra, text=tiny_text), progress=False)
+    assert [r["step"] for r in result.records] == [3, 6]
+    assert all(len(r["moe"][0]["tokens_per_expert"]) == 4 for r in result.records)
+    # two logged steps x two MoE layers: not six steps, and none in evaluation (no grad)
+    assert computed == [True] * 4
+    assert all(m.statistics for m in result.model.modules() if isinstance(m, moekit.layers.MoE))

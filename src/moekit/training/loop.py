@@ -37,6 +37,7 @@ from moekit.distributed.parallelize import (
     wrap_data_parallel,
 )
 from moekit.distributed.runtime import setup_distributed
+from moekit.layers import serving, without_statistics
 from moekit.models.transformer.model import TransformerLM
 from moekit.routing.bias_balancing import update_expert_bias
 from moekit.training.checkpoint import (
@@ -110,11 +111,13 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     device = model.embed.weight.device
-    for batch in stream.eval_batches(batches, batch_size, seq_len):
-        x, y, segments = _to_device(batch, device)
-        logits = (model(x) if segments is None else model(x, segment_ids=segments)).logits
-        total += _token_loss(logits, y, reduction="sum").item()
-        count += int((y != IGNORE_INDEX).sum())
+    # no autograd graph, and no auxiliary losses or routing statistics: nothing reads them
+    with torch.no_grad(), serving(model):
+        for batch in stream.eval_batches(batches, batch_size, seq_len):
+            x, y, segments = _to_device(batch, device)
+            logits = (model(x) if segments is None else model(x, segment_ids=segments)).logits
+            total += _token_loss(logits, y, reduction="sum").item()
+            count += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
 
@@ -278,17 +281,22 @@ def train(
     for step in range(start_step, last_step):
         step_start = time.perf_counter()
         ce_total, aux_total = 0.0, 0.0
-        for micro in range(optim.grad_accum):
-            index = (step * optim.grad_accum + micro) * ctx.world + ctx.rank
-            x, y, segments = _to_device(
-                train_stream.batch(index, data.batch_size, data.seq_len, config.seed), device
-            )
-            with autocast(device, config.bf16):
-                out = step_model(x) if segments is None else step_model(x, segment_ids=segments)
-                ce = _token_loss(out.logits, y)
-            ((ce + out.aux_loss) / optim.grad_accum).backward()
-            ce_total += ce.item() / optim.grad_accum
-            aux_total += float(out.aux_loss.detach()) / optim.grad_accum
+        done = step + 1
+        is_eval = done % config.eval_every == 0 or done == config.steps
+        writes_record = done % config.log_every == 0 or is_eval or done == last_step
+        # routing statistics feed only the metrics line: skip their work on the other steps
+        with contextlib.nullcontext() if writes_record else without_statistics(model):
+            for micro in range(optim.grad_accum):
+                index = (step * optim.grad_accum + micro) * ctx.world + ctx.rank
+                x, y, segments = _to_device(
+                    train_stream.batch(index, data.batch_size, data.seq_len, config.seed), device
+                )
+                with autocast(device, config.bf16):
+                    out = step_model(x) if segments is None else step_model(x, segment_ids=segments)
+                    ce = _token_loss(out.logits, y)
+                ((ce + out.aux_loss) / optim.grad_accum).backward()
+                ce_total += ce.item() / optim.grad_accum
+                aux_total += float(out.aux_loss.detach()) / optim.grad_accum
         for group in frozen_groups(
             config.method,
             step,
@@ -311,11 +319,9 @@ def train(
         step_time = time.perf_counter() - step_start
         result.train_time += step_time
         result.tokens += optim.grad_accum * data.batch_size * data.seq_len * ctx.world
-        done = step + 1
         if not math.isfinite(ce_total):
             raise FloatingPointError(f"training loss became {ce_total} at step {done}")
-        is_eval = done % config.eval_every == 0 or done == config.steps
-        if done % config.log_every == 0 or is_eval or done == last_step:
+        if writes_record:
             record: dict[str, Any] = {
                 "step": done,
                 "loss": ce_total,
