@@ -14,15 +14,19 @@ per-round ratios.
     python benchmarks/bench_train_step.py --rounds 10 --steps-per-round 3 --no-hf
     python benchmarks/bench_train_step.py --batch-size 32
     python benchmarks/bench_train_step.py --compile --no-hf
+    python benchmarks/bench_train_step.py --no-hf --statistics-ab   # what routing statistics cost
 
-``--compile`` runs the moekit MoE and its dense twin through ``torch.compile`` (compilation is
-in the warm-up, not timed); the HF model, if timed, stays eager (``torch._grouped_mm``'s fake
-implementation refuses fp32 while tracing in torch 2.13).
+``--statistics-ab`` adds a copy of the MoE with routing statistics off (``moe-nostat``), as the
+training loop runs it on steps that write no metrics line. ``--compile`` runs the moekit MoE
+and its dense twin through ``torch.compile`` (compilation is in the warm-up, not timed); the HF
+model, if timed, stays eager (``torch._grouped_mm``'s fake implementation refuses fp32 while
+tracing in torch 2.13).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.cli.demo import PRESETS, demo_train_configs
+from moekit.layers import set_statistics
 from moekit.models import TransformerLM
 from moekit.utils.allocator import retain_freed_memory
 
@@ -73,6 +78,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the moekit MoE and dense models"
     )
+    parser.add_argument(
+        "--statistics-ab", action="store_true", help="also time the MoE with statistics off"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
@@ -87,6 +95,10 @@ def main() -> None:
         "moe": Stepper(moe, compile=args.compile),
         "dense": Stepper(dense, compile=args.compile),
     }
+    if args.statistics_ab:
+        quiet = copy.deepcopy(moe)
+        set_statistics(quiet, False)
+        steppers["moe-nostat"] = Stepper(quiet, compile=args.compile)
     if not args.no_hf:
         import transformers
 
@@ -117,7 +129,7 @@ def main() -> None:
         ratio = statistics.median(b / a for a, b in zip(times["moe"], ts, strict=True))
         params = sum(p.numel() for p in steppers[name].model.parameters())
         print(
-            f"  {name:6s} {tokens_per_s:8.0f} tokens/s   moe tokens/s / this = {ratio:.2f}   "
+            f"  {name:10s} {tokens_per_s:8.0f} tokens/s   moe tokens/s / this = {ratio:.2f}   "
             f"step {1e3 * statistics.median(ts):6.1f} ms, of which AdamW "
             f"{1e3 * statistics.median(updates[name]):5.1f} ms ({params:,} parameters)"
         )
