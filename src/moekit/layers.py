@@ -274,11 +274,16 @@ def soft_routing_stats(
     )
 
 
+def _moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of ``model`` (nested ones included), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
 @contextmanager
 def _layer_switches(model: nn.Module, **values: bool) -> Iterator[int]:
     """Set boolean attributes of every MoE layer of ``model`` inside the block; restore them on
     exit. Yields how many layers it switched."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = _moe_layers(model)
     saved = [{name: getattr(layer, name) for name in values} for layer in layers]
     for layer in layers:
         for name, value in values.items():
@@ -306,7 +311,7 @@ def set_statistics(model: nn.Module, enabled: bool) -> int:
     """Turn routing statistics on or off in every MoE layer of ``model`` (off: no statistics
     work and no host syncs, e.g. for ``torch.compile``); returns how many layers changed.
     :func:`without_statistics` does the same for one block."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = _moe_layers(model)
     for layer in layers:
         layer.statistics = enabled
     return len(layers)
