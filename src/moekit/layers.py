@@ -23,6 +23,7 @@ from moekit.experts.shared import SharedExpertConfig
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
 from moekit.routing.config import RouterKind, RouterOptions, TopKRouterConfig
+from moekit.routing.projection import router_precision
 from moekit.routing.result import RoutingResult
 from moekit.routing.soft import SoftRoutingResult
 from moekit.utils.validation import check_fields, check_layer_input
@@ -196,24 +197,24 @@ class MoE(nn.Module):
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         seq_len = x.shape[-2] if x.dim() >= 3 else None
 
-        routing = self.router(x_TD, ids_T, mask_T)  # 1
+        with router_precision(x.device, _router_float32(self.router)):
+            routing = self.router(x_TD, ids_T, mask_T)  # 1
         plan = self.dispatcher.plan(routing, mask_T, seq_len, self.training)  # 2
         y_TD = self.dispatcher.run(x_TD, plan, self.experts)  # 3
         if self.shared_experts is not None:  # 4
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 
         global_sum = self.dispatcher.global_sum  # 5
-        losses = (
-            auxiliary_losses(
-                routing,
-                self.aux_loss,
-                token_mask_T=mask_T,
-                sequence_length=seq_len,
-                global_sum=global_sum,
-            )
-            if self.losses_enabled
-            else {}
-        )
+        losses = {}
+        if self.losses_enabled:
+            with router_precision(x.device, _router_float32(self.router)):
+                losses = auxiliary_losses(
+                    routing,
+                    self.aux_loss,
+                    token_mask_T=mask_T,
+                    sequence_length=seq_len,
+                    global_sum=global_sum,
+                )
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
         aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
@@ -243,7 +244,8 @@ class SoftMoE(MoE):
         S = x.shape[-2] if x.dim() >= 2 else 1
         x_BSD = x.reshape(-1, S, self.d_model)
         mask_BS = None if padding_mask is None else padding_mask.reshape(-1, S)
-        routing = self.router(x_BSD, mask_BS)
+        with router_precision(x.device, _router_float32(self.router)):
+            routing = self.router(x_BSD, mask_BS)
         y_BSD = soft_dispatch_and_combine(x_BSD, routing, self.experts, self.num_experts)
         if mask_BS is not None:
             y_BSD = y_BSD * mask_BS.unsqueeze(-1).to(y_BSD.dtype)
@@ -252,6 +254,11 @@ class SoftMoE(MoE):
         stats = soft_routing_stats(routing, x_BSD, mask_BS) if self.statistics else None
         zero = x.new_zeros((), dtype=torch.float32)
         return MoEOutput(y_BSD.reshape(x.shape), zero, {}, stats, routing)
+
+
+def _router_float32(router: nn.Module) -> bool:
+    """Whether ``router`` computes in at least float32 (its config's ``float32``)."""
+    return bool(getattr(getattr(router, "config", None), "float32", False))
 
 
 def soft_routing_stats(

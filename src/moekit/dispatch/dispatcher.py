@@ -75,9 +75,19 @@ class Dispatcher:
         """
         x_MD = x_TD.index_select(0, plan.token_idx_M)
         y_MD = experts(x_MD, plan.kept_per_expert_E)
-        y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD)
+        return combine(x_TD, y_MD, plan)
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the processes that share this layer's load (here: itself)."""
         return value
+
+
+def combine(x_TD: torch.Tensor, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """``(T, D)`` in ``x_TD``'s dtype: each token's expert outputs times their combine weights,
+    summed. Weighting and sums run in (at least) fp32 whatever the experts' dtype: a bf16
+    accumulator rounds once per added row (and CUDA's ``index_add_`` adds with atomics), and
+    the router's weights get fp32 gradients."""
+    acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    weighted_MD = y_MD.to(acc_dtype) * plan.weights_M.unsqueeze(-1).to(acc_dtype)
+    out_TD = x_TD.new_zeros(x_TD.shape, dtype=acc_dtype)
+    return out_TD.index_add_(0, plan.token_idx_M, weighted_MD).to(x_TD.dtype)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.dispatch.config import DispatchConfig, DispatchMode
-from moekit.dispatch.dispatcher import Dispatcher
+from moekit.dispatch.dispatcher import Dispatcher, combine
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.distributed.global_capacity import global_capacity_keep_mask
 from moekit.routing.result import RoutingResult
@@ -163,8 +163,7 @@ class ExpertParallelDispatcher(Dispatcher):
     def run(self, x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
         x_MD = x_TD.index_select(0, plan.token_idx_M)
         y_MD = self._through_local_experts(x_MD, plan.kept_per_expert_E, experts)
-        y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD)
+        return combine(x_TD, y_MD, plan)
 
     def _through_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor, experts):
         R, L = self.world, self.local_experts
@@ -172,8 +171,8 @@ class ExpertParallelDispatcher(Dispatcher):
         send_counts_RL = counts_E.view(R, L).to(torch.long)
         recv_counts_RL = torch.empty_like(send_counts_RL)
         dist.all_to_all_single(recv_counts_RL, send_counts_RL.contiguous(), group=self.group)
-        in_splits = send_counts_RL.sum(dim=1).tolist()
-        out_splits = recv_counts_RL.sum(dim=1).tolist()
+        # the split sizes must be Python ints: one host read for both
+        in_splits, out_splits = torch.stack([send_counts_RL.sum(1), recv_counts_RL.sum(1)]).tolist()
         # 2. rows travel to the rank that owns their expert
         recv_MD = _exchange(x_MD, out_splits, in_splits, self.group)
         # 3. received rows are grouped by source rank, then expert: regroup by local expert

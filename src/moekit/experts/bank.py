@@ -164,7 +164,7 @@ class ExpertBank(nn.Module):
             expert_of_row = torch.repeat_interleave(
                 torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=len(x_MD)
             )
-            h_MH = h_MH + self.b_in_EH[expert_of_row]
+            h_MH = h_MH + self.b_in_EH[expert_of_row].to(h_MH.dtype)
         if adapter is not None:
             h_MH = h_MH + adapter.in_delta(x_MD, counts_E)
         a_MH = apply_activation(self.activation, h_MH)
@@ -172,7 +172,7 @@ class ExpertBank(nn.Module):
             a_MH = nn.functional.dropout(a_MH, dropout, training=True)
         y_MD = grouped_linear(a_MH, self.w_out_EHD, counts_E, self.kernel)
         if self.b_out_ED is not None:
-            y_MD = y_MD + self.b_out_ED[expert_of_row]
+            y_MD = y_MD + self.b_out_ED[expert_of_row].to(y_MD.dtype)
         if adapter is not None:
             y_MD = y_MD + adapter.out_delta(a_MH, counts_E)
         return y_MD

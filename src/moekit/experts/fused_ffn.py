@@ -23,6 +23,7 @@ from moekit.experts.grouped_matmul import (
     grouped_mm_weight_grad,
     resolve_kernel,
 )
+from moekit.experts.precision import autocast_off, autocast_operands
 
 
 def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Tensor:
@@ -44,11 +45,14 @@ def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Ten
 
 
 def _sum_rows_per_expert(g_MX: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """``(E, X)`` sums of each expert's rows, accumulated in fp32 whatever ``g_MX``'s dtype
+    (a bf16 accumulator rounds once per added row), returned in ``g_MX``'s dtype."""
     expert_of_row = torch.repeat_interleave(
         torch.arange(len(counts_E), device=g_MX.device), counts_E, output_size=len(g_MX)
     )
-    out = g_MX.new_zeros(len(counts_E), g_MX.shape[1])
-    return out.index_add_(0, expert_of_row, g_MX)
+    acc_dtype = torch.promote_types(g_MX.dtype, torch.float32)
+    out = g_MX.new_zeros(len(counts_E), g_MX.shape[1], dtype=acc_dtype)
+    return out.index_add_(0, expert_of_row, g_MX.to(acc_dtype)).to(g_MX.dtype)
 
 
 def _expert_ffn_forward(
@@ -129,18 +133,32 @@ def expert_ffn(
         w_in_EDH: ``(E, D, H or 2H)``; w_out_EHD: ``(E, H, D)``.
         b_in_EH, b_out_ED: optional biases (both or neither).
         activation: expert activation.
-        kernel: grouped-matmul kernel.
+        kernel: grouped-matmul kernel (``auto``: see ``grouped_matmul.grouped_mm_available``).
+
+    Under ``torch.autocast`` the FFN runs in the autocast dtype (the inputs, weights and biases
+    are cast before the autograd function; their gradients come back in their own dtypes).
 
     Returns:
-        ``(M, D)``.
+        ``(M, D)``, in the autocast dtype under autocast, else in ``x_MD``'s dtype.
     """
+    device = x_MD.device
+    # under autocast: rows, weights and biases in the autocast dtype, cast outside the autograd
+    # function so fp32 master weights get fp32 gradients (grouped_mm has no autocast kernel)
+    x_MD, w_in_EDH, w_out_EHD, b_in_EH, b_out_ED = autocast_operands(  # type: ignore[assignment]
+        device, x_MD, w_in_EDH, w_out_EHD, b_in_EH, b_out_ED
+    )
     for name, w in (("w_in_EDH", w_in_EDH), ("w_out_EHD", w_out_EHD)):
         if x_MD.dtype != w.dtype:
             raise TypeError(f"x dtype {x_MD.dtype} differs from {name} dtype {w.dtype}")
     if (b_in_EH is None) != (b_out_ED is None):
         raise ValueError("b_in_EH and b_out_ED must be given together")
-    kernel_in = resolve_kernel(kernel, x_MD.dtype, w_in_EDH.shape[1], w_in_EDH.shape[2])
-    kernel_out = resolve_kernel(kernel, x_MD.dtype, w_out_EHD.shape[1], w_out_EHD.shape[2])
+    E = w_in_EDH.shape[0]
+    kernel_in = resolve_kernel(
+        kernel, x_MD.dtype, w_in_EDH.shape[1], w_in_EDH.shape[2], device=device, num_groups=E
+    )
+    kernel_out = resolve_kernel(
+        kernel, x_MD.dtype, w_out_EHD.shape[1], w_out_EHD.shape[2], device=device, num_groups=E
+    )
     args = (
         x_MD,
         counts_E,
@@ -152,6 +170,7 @@ def expert_ffn(
         kernel_in,
         kernel_out,
     )
-    if not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
-        return _expert_ffn_forward(*args)[0]
-    return _ExpertFFN.apply(*args)
+    with autocast_off(device):
+        if not torch.is_grad_enabled():  # inference: no autograd node, nothing saved
+            return _expert_ffn_forward(*args)[0]
+        return _ExpertFFN.apply(*args)

@@ -19,6 +19,7 @@ from moekit.experts.grouped_matmul import (
     grouped_mm_weight_grad,
     resolve_kernel,
 )
+from moekit.experts.precision import autocast_off, autocast_operands
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -34,8 +35,8 @@ class _GroupedLinear(torch.autograd.Function):
         grad_MN = grad_MN.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            w_ENK = w_EKN.transpose(1, 2).contiguous()
-            grad_x = grouped_mm_forward(grad_MN, w_ENK, counts_E, ctx.kernel_bwd)
+            # a transposed view: grouped_mm takes a column-major right operand (no copy)
+            grad_x = grouped_mm_forward(grad_MN, w_EKN.transpose(1, 2), counts_E, ctx.kernel_bwd)
         if ctx.needs_input_grad[1]:
             grad_w = grouped_mm_weight_grad(x_MK, grad_MN, counts_E, ctx.kernel_fwd)
         return grad_x, grad_w, None, None, None
@@ -48,10 +49,15 @@ def grouped_linear(
     kernel: GroupedMatmulKernel | str = GroupedMatmulKernel.AUTO,
 ) -> torch.Tensor:
     """``(M, N)``: expert ``e``'s ``counts_E[e]`` consecutive rows of ``x_MK`` times
-    ``w_EKN[e]`` ``(K, N)``; differentiable in ``x_MK`` and ``w_EKN``."""
+    ``w_EKN[e]`` ``(K, N)``; differentiable in ``x_MK`` and ``w_EKN``. Under ``torch.autocast``
+    it computes in the autocast dtype (casts outside the autograd function, like ``F.linear``).
+    """
+    device = x_MK.device
+    x_MK, w_EKN = autocast_operands(device, x_MK, w_EKN)  # type: ignore[assignment]
     if x_MK.dtype != w_EKN.dtype:
         raise TypeError(f"x dtype {x_MK.dtype} differs from the weight dtype {w_EKN.dtype}")
-    K, N = w_EKN.shape[1], w_EKN.shape[2]
-    kernel_fwd = resolve_kernel(kernel, x_MK.dtype, K, N)
-    kernel_bwd = resolve_kernel(kernel, x_MK.dtype, N, K)
-    return _GroupedLinear.apply(x_MK.contiguous(), w_EKN, counts_E, kernel_fwd, kernel_bwd)
+    E, K, N = w_EKN.shape
+    kernel_fwd = resolve_kernel(kernel, x_MK.dtype, K, N, device=device, num_groups=E)
+    kernel_bwd = resolve_kernel(kernel, x_MK.dtype, N, K, device=device, num_groups=E)
+    with autocast_off(device):
+        return _GroupedLinear.apply(x_MK.contiguous(), w_EKN, counts_E, kernel_fwd, kernel_bwd)

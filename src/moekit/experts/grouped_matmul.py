@@ -22,39 +22,104 @@ import torch.nn.functional as F
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# CUTLASS's grouped GEMM takes fewer than 1024 groups (GroupMM.cu).
+MAX_CUDA_GROUPS = 1023
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 class GroupedMatmulKernel(str, Enum):
     """Which kernel runs the per-expert products."""
 
-    AUTO = "auto"  # grouped_mm where it supports the dtype, else the loop
+    AUTO = "auto"  # grouped_mm where it is fast and supported for the dtype and device
     GROUPED_MM = "grouped_mm"
     LOOP = "loop"
 
 
-def grouped_mm_available(dtype: torch.dtype, k: int = 16, n: int = 16) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` exists here and takes ``dtype`` with inner
-    width ``k`` and output width ``n`` (it needs row strides that are multiples of 16 bytes)."""
+def grouped_mm_available(
+    dtype: torch.dtype,
+    k: int = 16,
+    n: int = 16,
+    *,
+    device: torch.device | str | None = None,
+    num_groups: int | None = None,
+) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` exists here and is a good choice for
+    ``dtype`` with inner width ``k`` and output width ``n`` on ``device`` (default: the CPU).
+
+    * Every device: float32/bfloat16/float16 and row strides that are multiples of 16 bytes.
+    * CUDA: only bfloat16 on compute capability 9.x or 10.x (Hopper, Blackwell), with fewer
+      than 1024 groups, where torch runs CUTLASS without a host sync. Elsewhere torch >= 2.9
+      falls back to a host sync plus one GEMM per group (torch 2.8 raises), which moekit's own
+      loop does as well, so the loop is chosen.
+    * CPU: torch >= 2.9 (2.8 had no CPU kernel).
+    """
     if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
         return False
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return (k * itemsize) % 16 == 0 and (n * itemsize) % 16 == 0
+    if (k * itemsize) % 16 or (n * itemsize) % 16:
+        return False
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        if dtype is not torch.bfloat16:
+            return False
+        if num_groups is not None and num_groups > MAX_CUDA_GROUPS:
+            return False
+        major, _ = torch.cuda.get_device_capability(device)
+        return major in (9, 10)
+    if device.type == "cpu":
+        return _torch_version() >= (2, 9)
+    return False  # mps and others: the loop
 
 
 def resolve_kernel(
-    kernel: GroupedMatmulKernel | str, dtype: torch.dtype, k: int, n: int
+    kernel: GroupedMatmulKernel | str,
+    dtype: torch.dtype,
+    k: int,
+    n: int,
+    *,
+    device: torch.device | str | None = None,
+    num_groups: int | None = None,
 ) -> GroupedMatmulKernel:
+    """The kernel to run: ``auto`` becomes ``grouped_mm`` where :func:`grouped_mm_available`
+    says so and ``loop`` elsewhere; an explicit ``grouped_mm`` that is not supported raises."""
     kernel = GroupedMatmulKernel(kernel)
-    available = grouped_mm_available(dtype, k, n)
+    if kernel is GroupedMatmulKernel.LOOP:
+        return kernel
     if kernel is GroupedMatmulKernel.AUTO:
+        available = grouped_mm_available(dtype, k, n, device=device, num_groups=num_groups)
         return GroupedMatmulKernel.GROUPED_MM if available else GroupedMatmulKernel.LOOP
-    if kernel is GroupedMatmulKernel.GROUPED_MM and not available:
+    if not grouped_mm_supported(dtype, k, n, device=device, num_groups=num_groups):
         raise ValueError(
-            f"kernel='grouped_mm' is not available for dtype {dtype} with widths {k}x{n} in "
-            f"torch {torch.__version__} (needs float32/bfloat16/float16 and 16-byte row strides); "
-            "use kernel='auto' or 'loop'"
+            f"kernel='grouped_mm' is not available for dtype {dtype} with widths {k}x{n} "
+            f"and {num_groups} groups on {device or 'cpu'} in torch {torch.__version__} "
+            "(needs float32/bfloat16/float16, 16-byte row strides and, on CUDA, fewer than "
+            "1024 groups); use kernel='auto' or 'loop'"
         )
     return kernel
+
+
+def grouped_mm_supported(
+    dtype: torch.dtype,
+    k: int,
+    n: int,
+    *,
+    device: torch.device | str | None = None,
+    num_groups: int | None = None,
+) -> bool:
+    """Whether ``grouped_mm`` runs at all (fast or through torch's fallback) for these
+    operands: what an explicit ``kernel='grouped_mm'`` needs."""
+    if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if (k * itemsize) % 16 or (n * itemsize) % 16:
+        return False
+    device = torch.device("cpu" if device is None else device)
+    too_many_groups = num_groups is not None and num_groups > MAX_CUDA_GROUPS
+    return not (device.type == "cuda" and too_many_groups)
 
 
 def _offsets(counts_E: torch.Tensor) -> torch.Tensor:

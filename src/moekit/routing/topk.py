@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.routing.config import Gating, GroupScore, TopKRouterConfig
+from moekit.routing.projection import linear_logits, router_dtype, router_precision
 from moekit.routing.result import RoutingResult
 
 
@@ -74,14 +75,18 @@ class TopKRouter(nn.Module):
         token_mask_T: torch.Tensor | None = None,
     ) -> RoutingResult:
         cfg = self.config
-        dtype = torch.promote_types(x_TD.dtype, torch.float32) if cfg.float32 else x_TD.dtype
-        x_TD = x_TD.to(dtype)
+        with router_precision(x_TD.device, cfg.float32):
+            return self._route(x_TD)
+
+    def _route(self, x_TD: torch.Tensor) -> RoutingResult:
+        cfg = self.config
+        x_TD = x_TD.to(router_dtype(x_TD, cfg.float32))
         if self.training and cfg.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(
                 1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps
             )
-        bias = None if self.bias_E is None else self.bias_E.to(dtype)
-        logits_TE = F.linear(x_TD, self.weight_ED.to(dtype), bias)
+        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
+        dtype = logits_TE.dtype
         clean_logits_TE = noise_std_TE = None
         if self.noise_weight_ED is not None and self.training:
             clean_logits_TE = logits_TE
@@ -168,9 +173,8 @@ class TopKRouter(nn.Module):
         if self.expert_bias_E is None or self.load_since_update_E is None:
             return
         load_E = self.load_since_update_E
-        if load_E.sum() == 0:
-            return
         step = self.config.bias_update_rate if rate is None else rate
+        # sign(mean - load) is 0 for every expert when nothing was routed: no host sync needed
         self.expert_bias_E += step * torch.sign(load_E.mean() - load_E)
         load_E.zero_()
 
