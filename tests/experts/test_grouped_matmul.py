@@ -73,3 +73,27 @@ def test_auto_falls_back_to_loop_for_unaligned_widths_and_float64():
 def test_unavailable_kernel_is_an_error():
     with pytest.raises(ValueError, match="kernel='grouped_mm'"):
         resolve_kernel("grouped_mm", torch.float64, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "groups", "expected"),
+    [
+        ((9, 0), torch.bfloat16, 128, "grouped_mm"),  # Hopper, bf16: CUTLASS, no host sync
+        ((10, 0), torch.bfloat16, 64, "grouped_mm"),  # Blackwell
+        ((8, 0), torch.bfloat16, 64, "loop"),  # Ampere: torch's fallback syncs per call
+        ((9, 0), torch.float32, 64, "loop"),  # fp32: torch's fallback
+        ((9, 0), torch.float16, 64, "loop"),
+        ((9, 0), torch.bfloat16, 1024, "loop"),  # CUTLASS takes fewer than 1024 groups
+    ],
+)
+def test_kernel_choice_on_cuda_follows_the_fast_path(
+    monkeypatch, capability, dtype, groups, expected
+):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    chosen = resolve_kernel("auto", dtype, 2048, 768, device="cuda", num_groups=groups)
+    assert chosen.value == expected
+
+
+def test_explicit_grouped_mm_on_cuda_refuses_1024_groups():
+    with pytest.raises(ValueError, match="1024 groups"):
+        resolve_kernel("grouped_mm", torch.bfloat16, 16, 16, device="cuda", num_groups=1024)

@@ -160,7 +160,9 @@ def test_bias_gradient_sums_accumulate_in_fp32():
     rows = torch.full((4096, 2), 1.0, dtype=torch.bfloat16)
     counts = torch.tensor([4096])
     total = _sum_rows_per_expert(rows, counts)
-    assert total.dtype == torch.bfloat16 and torch.equal(total, torch.full((1, 2), 4096.0).bfloat16())
+    assert total.dtype == torch.bfloat16 and torch.equal(
+        total, torch.full((1, 2), 4096.0).bfloat16()
+    )
     rows = torch.rand(3000, 3).to(torch.bfloat16)
     total = _sum_rows_per_expert(rows, torch.tensor([1000, 0, 2000]))
     exact = torch.stack([rows[:1000].double().sum(0), torch.zeros(3), rows[1000:].double().sum(0)])

@@ -24,7 +24,7 @@ MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=8"]
         (["steps=abc"], "steps must be an integer, got 'abc'"),
         (["data.batch_size=2.5"], "data.batch_size must be an integer, got 2.5"),
         ([*MOE, "model.moe.router.noisy_gating=yes"], "noisy_gating must be true or false"),
-        (["bf16=false1"], "bf16 must be true or false"),
+        (["bf16=false1"], "bf16 must be true, false or 'auto'"),
         (["optim.lr=NaN"], "optim.lr must be a finite number"),
         (["optim.warmup_steps=Infinity"], "optim.warmup_steps must be an integer"),
         (["optim.grad_clip=NaN"], "optim.grad_clip must be a finite number"),
@@ -47,7 +47,7 @@ def test_overrides_are_type_checked_naming_the_key(overrides, message):
 def test_json_strings_are_not_taken_as_bools(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"bf16": "false"}))
-    with pytest.raises(ConfigError, match="bf16 must be true or false, got 'false'"):
+    with pytest.raises(ConfigError, match="bf16 must be true, false or 'auto', got 'false'"):
         load_train_config(str(path))
 
 

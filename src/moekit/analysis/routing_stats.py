@@ -94,9 +94,10 @@ def routing_stats(
         .clamp(min=1)
         .float()
     )
-    routed_T = torch.zeros(T, device=routed_E.device).index_add_(
-        0, plan.token_idx_M, torch.ones_like(plan.token_idx_M, dtype=torch.float32)
-    )
+    counted_M = torch.ones_like(plan.token_idx_M, dtype=torch.float32)
+    if plan.padding_T is not None:  # padding rows computed for nothing: not routes
+        counted_M = (~plan.padding_T).to(torch.float32)[plan.token_idx_M]
+    routed_T = torch.zeros(T, device=routed_E.device).index_add_(0, plan.token_idx_M, counted_M)
     unrouted_T = routed_T == 0 if token_mask_T is None else (routed_T == 0) & token_mask_T
     routed, kept = routed_E.sum().float(), kept_E.sum().float()
     return RoutingStats(
@@ -105,6 +106,6 @@ def routing_stats(
         dropped_fraction=(routed - kept) / routed.clamp(min=1),
         router_entropy=router_entropy(routing.probs_TE, token_mask_T),
         capacity=plan.capacity,
-        experts_per_token=float(len(plan.token_idx_M)) / real,
+        experts_per_token=plan.kept_per_expert_E.detach().sum().float() / real,
         unrouted_fraction=unrouted_T.sum().float() / real,
     )

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            generator=torch.Generator().manual_seed(args.seed),
+            generator=torch.Generator(model.embed.weight.device).manual_seed(args.seed),
         ),
     )
     print(tokenizer.decode(out.tolist()))

@@ -73,9 +73,20 @@ class Dispatcher:
             ``(T, D)``; a token whose assignments were all dropped (or padding) gets zeros, so
             the caller's residual carries it unchanged.
         """
-        x_MD = x_TD.index_select(0, plan.token_idx_M)
-        y_MD = experts(x_MD, plan.kept_per_expert_E)
+        x_MD = self.dispatch(x_TD, plan)
+        y_MD = self.compute(x_MD, plan, experts)
         return combine(x_TD, y_MD, plan)
+
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``(M, D)``: each kept row's token input, grouped by expert (padding rows zeroed)."""
+        if plan.padding_T is not None:
+            x_TD = x_TD.masked_fill(plan.padding_T.unsqueeze(-1), 0.0)
+        return x_TD.index_select(0, plan.token_idx_M)
+
+    def compute(self, x_MD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+        """``(M, D)``: the rows through their experts. Here the experts are all local; a
+        parallel dispatcher overrides this step with its exchange."""
+        return experts(x_MD, plan.expert_rows_E)
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the processes that share this layer's load (here: itself)."""

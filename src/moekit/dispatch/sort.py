@@ -30,6 +30,10 @@ class DispatchPlan:
         routed_per_expert_E: ``(E,)`` assignments the router sent to each expert (before drops).
         num_assignments: A minus padding (the denominator of the dropped fraction).
         capacity: C, or ``None`` when dropless.
+        rows_per_expert_E: ``(E,)`` rows each expert computes when that differs from
+            ``kept_per_expert_E``: dropless with padding keeps the padding tokens' rows (their
+            input zeroed, their weight 0) so M = T*K is known without reading the device.
+        padding_T: ``(T,)`` bool, ``True`` for the padding tokens whose rows are kept.
     """
 
     token_idx_M: torch.Tensor
@@ -37,12 +41,20 @@ class DispatchPlan:
     weights_M: torch.Tensor
     kept_per_expert_E: torch.Tensor
     routed_per_expert_E: torch.Tensor
-    num_assignments: int
+    num_assignments: int | torch.Tensor
     capacity: int | None
+    rows_per_expert_E: torch.Tensor | None = None
+    padding_T: torch.Tensor | None = None
 
     @property
-    def num_dropped(self) -> int:
-        return self.num_assignments - self.token_idx_M.shape[0]
+    def expert_rows_E(self) -> torch.Tensor:
+        """``(E,)`` rows each expert computes, summing to M: the kept assignments, plus (dropless
+        with padding) the padding tokens' rows."""
+        return self.kept_per_expert_E if self.rows_per_expert_E is None else self.rows_per_expert_E
+
+    @property
+    def num_dropped(self) -> int | torch.Tensor:
+        return self.num_assignments - self.kept_per_expert_E.sum()
 
 
 def plan_dispatch(
@@ -75,6 +87,8 @@ def plan_dispatch(
     T, K = expert_idx_TK.shape
     device = expert_idx_TK.device
     expert_A = expert_idx_TK.reshape(-1)
+    if capacity is None and assignment_mask_TK is None and token_mask_T is not None:
+        return _plan_dropless_keeping_padding(expert_idx_TK, weights_TK, num_experts, token_mask_T)
     valid_A = None if assignment_mask_TK is None else assignment_mask_TK.reshape(-1)
     if token_mask_T is not None:
         token_valid_A = token_mask_T.repeat_interleave(K)
@@ -87,7 +101,8 @@ def plan_dispatch(
         0, expert_A, torch.ones_like(expert_A)
     )
     routed_per_expert_E = bucket_counts[:num_experts]
-    # without padding or empty slots every assignment counts: no host sync
+    # without empty slots every assignment counts: no host sync (variable-k routers and
+    # capacity read one count here)
     num_assignments = T * K if valid_A is None else T * K - int(bucket_counts[num_experts])
 
     if capacity is None:
@@ -120,4 +135,38 @@ def plan_dispatch(
         routed_per_expert_E=routed_per_expert_E,
         num_assignments=num_assignments,
         capacity=capacity,
+    )
+
+
+def _plan_dropless_keeping_padding(
+    expert_idx_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    token_mask_T: torch.Tensor,
+) -> DispatchPlan:
+    """Dropless dispatch with padding and no host sync: every one of the T*K assignments keeps
+    its row (so M is known on the host), padding rows sort with their router's experts, get a
+    zeroed input (``Dispatcher.dispatch``) and weight 0, and count in no statistic. Their
+    outputs and every gradient through them are exactly zero."""
+    K = expert_idx_TK.shape[1]
+    expert_A = expert_idx_TK.reshape(-1)
+    valid_A = token_mask_T.repeat_interleave(K)
+    rows_per_expert_E = torch.zeros(num_experts, dtype=torch.long, device=expert_A.device)
+    rows_per_expert_E.index_add_(0, expert_A, torch.ones_like(expert_A))
+    routed_per_expert_E = torch.zeros_like(rows_per_expert_E).index_add_(
+        0, expert_A, valid_A.to(torch.long)
+    )
+    order_M = torch.argsort(expert_A, stable=True)
+    weights_M = weights_TK.reshape(-1)[order_M]
+    weights_M = weights_M * valid_A[order_M].to(weights_M.dtype)
+    return DispatchPlan(
+        token_idx_M=torch.div(order_M, K, rounding_mode="floor"),
+        assignment_idx_M=order_M,
+        weights_M=weights_M,
+        kept_per_expert_E=routed_per_expert_E,
+        routed_per_expert_E=routed_per_expert_E,
+        num_assignments=valid_A.sum(),
+        capacity=None,
+        rows_per_expert_E=rows_per_expert_E,
+        padding_T=~token_mask_T,
     )

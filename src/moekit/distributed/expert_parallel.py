@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.dispatch.config import DispatchConfig, DispatchMode
-from moekit.dispatch.dispatcher import Dispatcher, combine
+from moekit.dispatch.dispatcher import Dispatcher
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.distributed.global_capacity import global_capacity_keep_mask
 from moekit.routing.result import RoutingResult
@@ -160,10 +160,9 @@ class ExpertParallelDispatcher(Dispatcher):
         plan.capacity = capacity
         return plan
 
-    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
-        x_MD = x_TD.index_select(0, plan.token_idx_M)
-        y_MD = self._through_local_experts(x_MD, plan.kept_per_expert_E, experts)
-        return combine(x_TD, y_MD, plan)
+    def compute(self, x_MD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+        """The exchange: rows to their expert's rank, through the local bank, and back."""
+        return self._through_local_experts(x_MD, plan.expert_rows_E, experts)
 
     def _through_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor, experts):
         R, L = self.world, self.local_experts

@@ -18,6 +18,7 @@ local experts. The same folder loads with EP=1, 2, 4, ... and serves for inferen
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,13 +84,23 @@ def wrap_data_parallel(model: nn.Module, group=None) -> nn.parallel.DistributedD
     its own tokens and :func:`reduce_load_tallies` sums them before the bias update (DDP would
     otherwise overwrite every rank's tally with rank 0's at each forward).
 
+    Buffers are not re-broadcast every forward (rope tables are constant and every rank applies
+    the same bias update from the summed tally); gradients live in DDP's buckets (no copy).
+
     DDP sits in reference cycles: before ``destroy_process_group``, drop the wrapper and call
     ``gc.collect()`` (freed after the group, gloo's worker thread can abort the process).
     """
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, expert_parameter_names(model) + load_tally_names(model)
     )
-    return nn.parallel.DistributedDataParallel(model, process_group=group)
+    ddp = nn.parallel.DistributedDataParallel
+    # torch >= 2.13 renames broadcast_buffers to forward_sync_buffers
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    return ddp(model, process_group=group, gradient_as_bucket_view=True, **no_sync)
 
 
 def reduce_load_tallies(model: nn.Module, group=None) -> int:

@@ -53,5 +53,9 @@ def setup_distributed(
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(distributed_backend(device))
+            # device_id binds the communicator to this GPU now (no lazy start, no guessing
+            # the device in barrier)
+            dist.init_process_group(distributed_backend(device), device_id=device)
+        else:
+            dist.init_process_group(distributed_backend(device))
     return DistributedContext(dist.get_rank(), dist.get_world_size(), expert_parallel > 1)

@@ -23,7 +23,7 @@ from moekit.experts.grouped_matmul import (
     grouped_mm_weight_grad,
     resolve_kernel,
 )
-from moekit.experts.precision import autocast_off, autocast_operands
+from moekit.utils.precision import autocast_off, autocast_operands
 
 
 def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Tensor:

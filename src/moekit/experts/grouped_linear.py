@@ -19,7 +19,7 @@ from moekit.experts.grouped_matmul import (
     grouped_mm_weight_grad,
     resolve_kernel,
 )
-from moekit.experts.precision import autocast_off, autocast_operands
+from moekit.utils.precision import autocast_off, autocast_operands
 
 
 class _GroupedLinear(torch.autograd.Function):

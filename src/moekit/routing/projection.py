@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.experts.precision import autocast_off
+from moekit.utils.precision import autocast_off
 
 
 def router_dtype(x: torch.Tensor, float32: bool) -> torch.dtype:

@@ -61,15 +61,18 @@ def save_training_checkpoint(
     optimizer_state: dict,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_config: dict[str, Any],
+    rng_states: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``step_<step>`` under ``checkpoints_dir`` and point ``latest`` at it.
 
     ``model`` and ``optimizer_state`` are in the single-process layout (under expert
     parallelism the caller gathers them first), so checkpoints reshard freely.
+    ``rng_states``: every rank's generator states (:func:`rng_states`); default: this
+    process's.
     """
     checkpoints_dir = Path(checkpoints_dir)
     tensors, plain = _split_optimizer_state(optimizer_state)
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(rng_states if rng_states is not None else rng_states_of_rank(0, None))
 
     def write(folder: Path) -> None:
         write_model_files(model, folder)
@@ -141,9 +144,16 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     return folder
 
 
-def load_training_checkpoint(folder: str | Path, model_config: Any) -> tuple[dict, dict, dict]:
+def load_training_checkpoint(
+    folder: str | Path,
+    model_config: Any,
+    *,
+    rank: int = 0,
+    device: torch.device | None = None,
+) -> tuple[dict, dict, dict]:
     """Read ``folder``: ``(model state, optimizer state, trainer state)`` in the single-process
-    layout; also restores the torch RNG state."""
+    layout; also restores rank ``rank``'s CPU generator and, on a CUDA ``device``, its CUDA
+    generator (so dropout, jitter and noisy gating continue exactly)."""
     folder = Path(folder)
     loaded = from_pretrained(folder)  # validates config, names and shapes
     if loaded.config != model_config:
@@ -164,7 +174,7 @@ def load_training_checkpoint(folder: str | Path, model_config: Any) -> tuple[dic
         tensors = load_file(str(folder / OPTIMIZER_FILE))
     except Exception as e:  # safetensors raises several types for a damaged file
         raise ValueError(f"{folder / OPTIMIZER_FILE} is missing or corrupt: {e}") from None
-    torch.set_rng_state(tensors["rng.torch"])
+    restore_rng_states(tensors, rank, device)
     return loaded.state_dict(), _join_optimizer_state(tensors, state["optimizer"]), state
 
 
@@ -177,3 +187,38 @@ def resolve_checkpoint(path: str) -> Path:
     if latest is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with one")
     return latest
+
+
+def rng_states_of_rank(rank: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+    """This process's generator states under rank ``rank``'s keys: the CPU generator and, on a
+    CUDA ``device``, that device's generator (jitter, noisy gating and dropout draw there)."""
+    states = {f"rng.torch.rank{rank}": torch.get_rng_state()}
+    if rank == 0:
+        states["rng.torch"] = states["rng.torch.rank0"].clone()  # safetensors: no shared memory
+    if device is not None and device.type == "cuda":
+        states[f"rng.cuda.rank{rank}"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def rng_states(rank: int, world: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+    """Every rank's generator states, gathered on every rank when ``world > 1`` (a collective:
+    all ranks call it)."""
+    mine = rng_states_of_rank(rank, device)
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
+    return {k: v for states in gathered for k, v in states.items()}
+
+
+def restore_rng_states(
+    tensors: dict[str, torch.Tensor], rank: int, device: torch.device | None
+) -> None:
+    """Set this process's generators from a checkpoint's states for ``rank`` (a rank the
+    checkpoint did not have, after a change of world size, takes rank 0's CPU state)."""
+    torch.set_rng_state(tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"]))
+    cuda_state = tensors.get(f"rng.cuda.rank{rank}")
+    if cuda_state is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)

@@ -168,8 +168,12 @@ class TrainConfig:
         seed: seeds the model initialisation and the data order.
         device: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
             ``mps``; under torchrun, ``cuda``/``auto`` use GPU ``$LOCAL_RANK``.
-        bf16: run forward and backward under bfloat16 autocast on that device (warns on a
-            CPU without native bf16, where it is much slower than fp32).
+        bf16: run forward and backward under bfloat16 autocast on that device: ``true``,
+            ``false`` or ``"auto"`` (the default: on for CUDA devices that support bf16, off
+            elsewhere). On a CPU without native bf16 it warns: bf16 is much slower than fp32
+            there.
+        tf32: on CUDA, fp32 matrix products use TF32 tensor cores
+            (``torch.set_float32_matmul_precision("high")``).
         retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
             ``moekit.utils.allocator``).
         expert_parallel: 1, or the number of ``torchrun`` processes to split the experts over
@@ -195,7 +199,8 @@ class TrainConfig:
     out_dir: str = "runs/train"
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False
+    bf16: bool | str = "auto"
+    tf32: bool = True
     retain_freed_memory: bool = True
     expert_parallel: int = 1
     method: TrainingMethod = TrainingMethod.JOINT
@@ -207,6 +212,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_device_name(self.device)
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
         if self.method is TrainingMethod.EM:
             raise ValueError(
                 "method='em' is for the classic mixtures (moekit.classic); the language model "

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from moekit.training.checkpoint import (
     load_training_checkpoint,
     refuse_to_overwrite,
     remove_stale_staging,
+    rng_states,
     save_training_checkpoint,
 )
 from moekit.training.config import TrainConfig
@@ -53,7 +55,13 @@ from moekit.training.instruct import IGNORE_INDEX
 from moekit.training.methods import frozen_groups, lm_parameter_groups
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.utils.allocator import retain_freed_memory
-from moekit.utils.device import autocast, resolve_device
+from moekit.utils.device import (
+    autocast,
+    resolve_device,
+    set_matmul_precision,
+    synchronize,
+    use_bf16,
+)
 from moekit.utils.serialization import atomic_write_bytes, config_to_dict
 
 
@@ -87,7 +95,11 @@ class TrainResult:
 def _to_device(batch: tuple, device: torch.device) -> tuple:
     """``(x, y, segment_ids or None)`` on ``device`` from a 2- or 3-tuple batch."""
     x, y, *rest = batch
-    segments = rest[0].to(device, non_blocking=True) if rest else None
+    segments = rest[0] if rest else None
+    if device.type == "cuda":  # pinned host memory: the copies are truly asynchronous
+        x, y = x.pin_memory(), y.pin_memory()
+        segments = None if segments is None else segments.pin_memory()
+    segments = None if segments is None else segments.to(device, non_blocking=True)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True), segments
 
 
@@ -137,11 +149,13 @@ def _moe_record(outputs) -> list[dict[str, Any]]:
     return records
 
 
-def _checkpoint(ctx, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:
-    """Save in the single-process layout: gathered under expert parallelism, written by rank 0."""
+def _checkpoint(ctx, device, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:
+    """Save in the single-process layout: gathered under expert parallelism, written by rank 0,
+    with every rank's generator states."""
+    states = rng_states(ctx.rank, ctx.world, device)
     if not ctx.enabled:
         save_training_checkpoint(
-            checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict
+            checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict, states
         )
         return
     model_state = full_state_dict(model)
@@ -149,7 +163,9 @@ def _checkpoint(ctx, checkpoints, step, model, optimizer, scheduler, config_dict
     if ctx.is_main:
         full = TransformerLM(model.config)
         full.load_state_dict(model_state)
-        save_training_checkpoint(checkpoints, step, full, optimizer_state, scheduler, config_dict)
+        save_training_checkpoint(
+            checkpoints, step, full, optimizer_state, scheduler, config_dict, states
+        )
     dist.barrier()
 
 
@@ -204,6 +220,54 @@ class _MetricsLog:
             self.tensorboard.close()
 
 
+@dataclass
+class TrainingRun:
+    """What a run's step and callbacks share: the model, optimizer, data and where it writes."""
+
+    config: TrainConfig
+    model: TransformerLM
+    step_model: torch.nn.Module  # the model, or its data-parallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    groups: dict[str, list[torch.nn.Parameter]]
+    ctx: Any  # moekit.distributed.runtime.DistributedContext
+    device: torch.device
+    train_stream: Any
+    val_stream: Any
+    out_dir: Path
+    start_step: int
+    last_step: int
+    log: _MetricsLog
+    result: TrainResult
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step. The losses and the gradient norm stay on the device (reading them
+    is a host sync); callbacks read them on the steps that write a metrics line."""
+
+    done: int  # steps completed, counting this one
+    loss: torch.Tensor  # mean next-token cross-entropy over the micro-batches
+    aux_loss: torch.Tensor
+    grad_norm: torch.Tensor | None  # before clipping; None without clipping
+    lr: float
+    seconds: float  # this step's wall time (the device caught up on record steps)
+    moe_outputs: list[Any]
+    writes_record: bool
+    is_eval: bool
+    record: dict[str, Any] = field(default_factory=dict)  # filled by the callbacks
+
+
+class Callback:
+    """A hook of the training loop: called after every optimizer step and at the end."""
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        pass
+
+    def on_train_end(self, run: TrainingRun) -> None:
+        pass
+
+
 def train(
     config: TrainConfig,
     *,
@@ -212,25 +276,238 @@ def train(
     desc: str = "train",
     on_record: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data``.
 
     Args:
         config: the run.
         resume: continue from ``<out_dir>/checkpoints/latest`` if it exists.
-        progress: show a progress bar.
-        desc: progress-bar label.
+        progress: show progress (a bar in a terminal, plain lines otherwise).
+        desc: progress label.
         on_record: called with every metrics record (callbacks, live plots).
         stop_after: stop after this many steps in total (simulates an interrupted run).
+        callbacks: more hooks, called after the built-in ones (bias update, evaluation,
+            metrics, progress, checkpointing) at every step.
     """
     if config.method is TrainingMethod.EVOLUTIONARY:
         from moekit.training.evolution import train_evolved
 
         return train_evolved(config, resume=resume, progress=progress, desc=desc)
     start_time = time.perf_counter()
+    run = _set_up(config, resume=resume, stop_after=stop_after)
+    hooks: list[Callback] = [
+        BiasUpdate(),
+        Evaluation(),
+        Metrics(on_record),
+        Progress(config.steps, run.start_step, desc=desc, enabled=progress),
+        Checkpointing(),
+        *(callbacks or []),
+    ]
+    run.model.train()
+    for step in range(run.start_step, run.last_step):
+        output = train_step(run, step)
+        for hook in hooks:
+            hook.on_step_end(run, output)
+    for hook in hooks:
+        hook.on_train_end(run)
+    if run.step_model is not run.model:
+        # DDP's reducer sits in reference cycles: free it now, while the process group is
+        # alive (freed later by the collector, gloo's worker thread can wait for the GIL that
+        # the deallocating thread holds, and the process aborts)
+        run.step_model = run.model
+        gc.collect()
+    run.result.wall_time = time.perf_counter() - start_time
+    return run.result
+
+
+def train_step(run: TrainingRun, step: int) -> StepOutput:
+    """One optimizer step (0-based ``step``): ``grad_accum`` micro-batches of cross-entropy plus
+    auxiliary losses, the frozen groups of the training method, clipping, AdamW, the schedule.
+    No host sync except on steps that write a metrics line."""
+    config, optim, data = run.config, run.config.optim, run.config.data
+    step_start = time.perf_counter()
+    done = step + 1
+    is_eval = done % config.eval_every == 0 or done == config.steps
+    writes_record = done % config.log_every == 0 or is_eval or done == run.last_step
+    loss = torch.zeros((), device=run.device)
+    aux = torch.zeros((), device=run.device)
+    # routing statistics feed only the metrics line: skip their work on the other steps
+    with contextlib.nullcontext() if writes_record else without_statistics(run.model):
+        for micro in range(optim.grad_accum):
+            index = (step * optim.grad_accum + micro) * run.ctx.world + run.ctx.rank
+            batch = run.train_stream.batch(index, data.batch_size, data.seq_len, config.seed)
+            x, y, segments = _to_device(batch, run.device)
+            with autocast(run.device, use_bf16(config.bf16, run.device)):
+                out = (
+                    run.step_model(x)
+                    if segments is None
+                    else run.step_model(x, segment_ids=segments)
+                )
+                ce = _token_loss(out.logits, y)
+            ((ce + out.aux_loss) / optim.grad_accum).backward()
+            loss += ce.detach() / optim.grad_accum
+            aux += out.aux_loss.detach() / optim.grad_accum
+    for group in frozen_groups(
+        config.method,
+        step,
+        schedule=config.alternating,
+        separate_expert_steps=config.separate_expert_steps or config.steps // 2,
+    ):
+        drop_gradients(run.groups[group])  # frozen this step: no update, no optimizer state
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), optim.grad_clip)
+        if optim.grad_clip > 0
+        else None
+    )
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ctx.enabled and not run.ctx.expert_parallel:
+        reduce_load_tallies(run.model)  # plain data parallelism: every rank's tokens count
+    if writes_record:
+        synchronize(run.device)  # the step's time includes the device's work
+    seconds = time.perf_counter() - step_start
+    run.result.train_time += seconds
+    run.result.tokens += optim.grad_accum * data.batch_size * data.seq_len * run.ctx.world
+    return StepOutput(
+        done=done,
+        loss=loss,
+        aux_loss=aux,
+        grad_norm=grad_norm,
+        lr=lr,
+        seconds=seconds,
+        moe_outputs=out.moe_outputs,
+        writes_record=writes_record,
+        is_eval=is_eval,
+    )
+
+
+class BiasUpdate(Callback):
+    """The auxiliary-loss-free bias update of every bias-balancing router (DeepSeek-V3),
+    after each optimizer step."""
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        update_expert_bias(run.model)
+
+
+class Evaluation(Callback):
+    """Validation loss every ``eval_every`` steps and at the end, into the step's record."""
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        if step.is_eval:
+            data = run.config.data
+            step.record["val_loss"] = evaluate(
+                run.model, run.val_stream, run.config.eval_batches, data.batch_size, data.seq_len
+            )
+
+
+class Metrics(Callback):
+    """A metrics line (``metrics.jsonl``, TensorBoard, ``on_record``) on record steps; the only
+    place the step's device values are read. Throughput is over the steps since the last line
+    (the device catches up on record steps only)."""
+
+    def __init__(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.on_record = on_record
+        self.window_seconds = 0.0
+        self.window_steps = 0
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        self.window_seconds += step.seconds
+        self.window_steps += 1
+        if not step.writes_record:
+            return
+        loss = step.loss.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} by step {step.done}")
+        data, optim = run.config.data, run.config.optim
+        tokens = optim.grad_accum * data.batch_size * data.seq_len * run.ctx.world
+        record: dict[str, Any] = {
+            "step": step.done,
+            "loss": loss,
+            "aux_loss": step.aux_loss.item(),
+            "lr": step.lr,
+            "grad_norm": float("nan") if step.grad_norm is None else step.grad_norm.item(),
+            "tokens_per_second": tokens * self.window_steps / self.window_seconds,
+            "moe": _moe_record(step.moe_outputs),
+            "train_seconds": run.result.train_time,  # training steps so far (no evaluation)
+        }
+        self.window_seconds, self.window_steps = 0.0, 0
+        record.update(step.record)  # val_loss, and whatever earlier callbacks added
+        step.record = record
+        run.log.write(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def on_train_end(self, run: TrainingRun) -> None:
+        run.log.close()
+
+
+class Progress(Callback):
+    """A progress bar in a terminal; outside one (a file, CI) a plain line at each evaluation
+    and at most every 30 seconds otherwise, instead of hundreds of bar redraws."""
+
+    def __init__(self, total: int, initial: int, *, desc: str, enabled: bool) -> None:
+        self.enabled, self.desc, self.total = enabled, desc, total
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            disable=not self.interactive,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self.last_line = time.monotonic()
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        record = step.record if step.writes_record else {}
+        if self.interactive:
+            if record:
+                val = {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", **val)
+            self.bar.update(1)
+            return
+        due = step.is_eval or time.monotonic() - self.last_line >= 30.0
+        if self.enabled and record and due:
+            self.last_line = time.monotonic()
+            val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(
+                f"{self.desc}: step {step.done}/{self.total} loss {record['loss']:.4f}{val}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def on_train_end(self, run: TrainingRun) -> None:
+        self.bar.close()
+
+
+class Checkpointing(Callback):
+    """A checkpoint every ``checkpoint_every`` steps and at the last step."""
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        every = run.config.checkpoint_every
+        if (every and step.done % every == 0) or step.done == run.last_step:
+            _checkpoint(
+                run.ctx,
+                run.device,
+                run.out_dir / "checkpoints",
+                step.done,
+                run.model,
+                run.optimizer,
+                run.scheduler,
+                config_to_dict(run.config),
+            )
+
+
+def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> TrainingRun:
+    """Device, process group, data, model (fine-tuning preparation, parallelism), optimizer,
+    schedule and, when resuming, their state from the latest checkpoint."""
     if config.retain_freed_memory:
         retain_freed_memory()
     device = resolve_device(config.device)
+    set_matmul_precision(device, config.tf32)
     ctx = setup_distributed(config.expert_parallel, device)
     train_stream, val_stream = load_streams(config)  # fails before any model is built
     torch.manual_seed(config.seed)
@@ -245,7 +522,6 @@ def train(
             parallelize_experts(model)
         step_model = wrap_data_parallel(model)
     optimizer = build_optimizer(model, config.optim)
-    groups = lm_parameter_groups(model)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     out_dir = Path(config.out_dir)
     checkpoints = out_dir / "checkpoints"
@@ -253,7 +529,9 @@ def train(
     if ctx.is_main:
         remove_stale_staging(checkpoints)  # left by a run killed while saving
     if resume and (folder := latest_checkpoint(checkpoints)) is not None:
-        model_state, optimizer_state, trainer_state = load_training_checkpoint(folder, config.model)
+        model_state, optimizer_state, trainer_state = load_training_checkpoint(
+            folder, config.model, rank=ctx.rank, device=device
+        )
         load_full_state_dict(model, model_state)
         optimizer.load_state_dict(shard_optimizer_state(model, optimizer, optimizer_state))
         scheduler.load_state_dict(trainer_state["scheduler"])
@@ -266,96 +544,20 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     log = _MetricsLog(out_dir, start_step, enabled=ctx.is_main)
     result = TrainResult(model=model, out_dir=out_dir, records=log.records, trainable=trainable)
-    config_dict = config_to_dict(config)
-    data, optim = config.data, config.optim
-    last_step = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = tqdm(
-        total=config.steps,
-        initial=start_step,
-        desc=desc,
-        disable=not progress,
-        leave=False,
-        dynamic_ncols=True,
+    return TrainingRun(
+        config=config,
+        model=model,
+        step_model=step_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        groups=lm_parameter_groups(model),
+        ctx=ctx,
+        device=device,
+        train_stream=train_stream,
+        val_stream=val_stream,
+        out_dir=out_dir,
+        start_step=start_step,
+        last_step=config.steps if stop_after is None else min(config.steps, stop_after),
+        log=log,
+        result=result,
     )
-    model.train()
-    for step in range(start_step, last_step):
-        step_start = time.perf_counter()
-        ce_total, aux_total = 0.0, 0.0
-        done = step + 1
-        is_eval = done % config.eval_every == 0 or done == config.steps
-        writes_record = done % config.log_every == 0 or is_eval or done == last_step
-        # routing statistics feed only the metrics line: skip their work on the other steps
-        with contextlib.nullcontext() if writes_record else without_statistics(model):
-            for micro in range(optim.grad_accum):
-                index = (step * optim.grad_accum + micro) * ctx.world + ctx.rank
-                x, y, segments = _to_device(
-                    train_stream.batch(index, data.batch_size, data.seq_len, config.seed), device
-                )
-                with autocast(device, config.bf16):
-                    out = step_model(x) if segments is None else step_model(x, segment_ids=segments)
-                    ce = _token_loss(out.logits, y)
-                ((ce + out.aux_loss) / optim.grad_accum).backward()
-                ce_total += ce.item() / optim.grad_accum
-                aux_total += float(out.aux_loss.detach()) / optim.grad_accum
-        for group in frozen_groups(
-            config.method,
-            step,
-            schedule=config.alternating,
-            separate_expert_steps=config.separate_expert_steps or config.steps // 2,
-        ):
-            drop_gradients(groups[group])  # frozen this step: no update, no optimizer state
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip))
-            if optim.grad_clip > 0
-            else float("nan")
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ctx.enabled and not ctx.expert_parallel:
-            reduce_load_tallies(model)  # plain data parallelism: every rank's tokens count
-        update_expert_bias(model)
-        step_time = time.perf_counter() - step_start
-        result.train_time += step_time
-        result.tokens += optim.grad_accum * data.batch_size * data.seq_len * ctx.world
-        if not math.isfinite(ce_total):
-            raise FloatingPointError(f"training loss became {ce_total} at step {done}")
-        if writes_record:
-            record: dict[str, Any] = {
-                "step": done,
-                "loss": ce_total,
-                "aux_loss": aux_total,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_second": optim.grad_accum
-                * data.batch_size
-                * data.seq_len
-                * ctx.world
-                / step_time,
-                "moe": _moe_record(out.moe_outputs),
-                "train_seconds": result.train_time,  # training steps so far (no evaluation)
-            }
-            if is_eval:
-                record["val_loss"] = evaluate(
-                    model, val_stream, config.eval_batches, data.batch_size, data.seq_len
-                )
-            log.write(record)
-            if on_record is not None:
-                on_record(record)
-            bar.set_postfix(
-                loss=f"{ce_total:.3f}", **({"val": f"{record['val_loss']:.3f}"} if is_eval else {})
-            )
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == last_step:
-            _checkpoint(ctx, checkpoints, done, model, optimizer, scheduler, config_dict)
-        bar.update(1)
-    bar.close()
-    log.close()
-    if step_model is not model:
-        # DDP's reducer sits in reference cycles: free it now, while the process group is
-        # alive (freed later by the collector, gloo's worker thread can wait for the GIL that
-        # the deallocating thread holds, and the process aborts)
-        del step_model
-        gc.collect()
-    result.wall_time = time.perf_counter() - start_time
-    return result

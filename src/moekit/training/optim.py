@@ -23,8 +23,14 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     )
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices only."""
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, *, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only.
+
+    ``fused``: torch's fused AdamW kernel (one launch for all parameters, and no host read of
+    the step count); ``None`` uses it when every trained parameter is on a CUDA device.
+    """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
@@ -34,8 +40,14 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if fused is None:
+        fused = all(p.device.type == "cuda" for p in decay + no_decay) and bool(decay + no_decay)
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused or None,
     )
 
 

@@ -91,3 +91,24 @@ def has_values(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return not (tensor.is_meta or is_fake(tensor) or torch.compiler.is_compiling())
+
+
+def use_bf16(bf16: bool | str, device: torch.device) -> bool:
+    """Whether a run with ``bf16`` (``True``, ``False`` or ``"auto"``) uses bf16 autocast on
+    ``device``: ``auto`` is on for CUDA devices that support bf16 and off elsewhere."""
+    if bf16 == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(bf16)
+
+
+def set_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """TF32 tensor cores for fp32 matrix products on a CUDA ``device`` when ``tf32`` (about 8x
+    full fp32 on Hopper; the mantissa of inputs is rounded to 10 bits). No-op elsewhere."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

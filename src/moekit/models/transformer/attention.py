@@ -256,6 +256,8 @@ class Attention(nn.Module):
             keys.index_copy_(2, positions, k.to(keys.dtype))
             values.index_copy_(2, positions, v.to(values.dtype))
             k, v = keys.narrow(2, 0, start + S), values.narrow(2, 0, start + S)
+            # a cache kept in another dtype than the queries (new_kv_cache(dtype=...))
+            k, v = k.to(q.dtype), v.to(q.dtype)
         L = k.shape[2]
         if key_mask is None and not self.sliding_window:
             mask, is_causal = None, False
@@ -282,12 +284,15 @@ class Attention(nn.Module):
                 mask = allowed_keys(S, L, start, causal=self.causal, device=x_BSD.device)
             out = self._masked_attention(q, k, v, mask)
         else:
+            grouped = self.n_kv_heads != self.n_heads
+            if grouped and mask is not None and q.device.type == "cuda":
+                # CUDA's fused kernels take GQA only without a mask: repeat the key/value heads
+                # (a copy, far smaller than the math kernel's B*H*S*L scores)
+                groups = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+                grouped = False
             out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=is_causal,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

@@ -45,6 +45,15 @@ def left_pad(
     return tokens, mask
 
 
+def _sample(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row; drawn on the generator's device when it differs from the model's
+    (a CPU generator with a CUDA model: correct, at the cost of a copy per token)."""
+    if generator is None or generator.device == probs_BV.device:
+        return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    drawn = torch.multinomial(probs_BV.to(generator.device), 1, generator=generator)
+    return drawn.squeeze(1).to(probs_BV.device)
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
@@ -72,7 +81,7 @@ def generate(
         stop_token: a sequence that emits it stops; finished sequences are padded with it and
             generation ends when every sequence has stopped.
         use_cache: reuse keys/values (False recomputes the whole prefix each step).
-        generator: random generator for sampling.
+        generator: random generator for sampling (best on the model's device).
         attention_mask: ``(B, S)`` bool, ``True`` for real prompt tokens (left padding).
 
     Returns:
@@ -88,6 +97,9 @@ def generate(
             raise ValueError("pass either a list of prompts or an attention_mask, not both")
         prompt, attention_mask = left_pad(list(prompt))
     assert isinstance(prompt, torch.Tensor)
+    device = model.embed.weight.device  # list prompts are built on the CPU: move them
+    prompt = prompt.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     squeeze = prompt.dim() == 1
     tokens = prompt.unsqueeze(0) if squeeze else prompt
     if tokens.shape[1] < 1:
@@ -113,9 +125,7 @@ def generate(
                 next_token = logits.argmax(dim=-1)
             else:
                 logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(
-                    1
-                )
+                next_token = _sample(logits.softmax(-1), generator)
             if stop_token is not None:
                 next_token = next_token.masked_fill(finished, stop_token)
                 finished |= next_token == stop_token

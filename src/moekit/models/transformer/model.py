@@ -107,6 +107,25 @@ class Block(nn.Module):
         return x_BSD + self.ffn(h_BSD), None
 
 
+def host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host costs no device sync (the CPU)."""
+    return tensor.device.type == "cpu"
+
+
+def check_token_range(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside ``[0, vocab_size)``: a ``ValueError`` on the CPU; on an
+    accelerator an asynchronous device assert (reading the values would stall the host every
+    forward and every decode step). Skipped for fake, meta and traced tensors."""
+    if not tokens.numel() or not has_values(tokens):
+        return
+    message = f"token ids must be in [0, vocab_size={vocab_size})"
+    if host_reads_are_free(tokens):
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ValueError(message)
+        return
+    torch._assert_async(((tokens >= 0) & (tokens < vocab_size)).all(), message)
+
+
 class TransformerLM(nn.Module):
     """``tokens (B, S) -> LMOutput`` with logits ``(B, S, V)``; see ``TransformerConfig``."""
 
@@ -198,12 +217,7 @@ class TransformerLM(nn.Module):
                 f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}"
                 + ("" if kv_cache is None else f" or the cache length {kv_cache.max_len}")
             )
-        if (
-            tokens.numel()
-            and has_values(tokens)
-            and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size)
-        ):
-            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        check_token_range(tokens, self.config.vocab_size)
         key_mask = self._key_mask(
             attention_mask if attention_mask is not None else padding_mask, B, S, start, kv_cache
         )
@@ -274,8 +288,7 @@ class TransformerLM(nn.Module):
         first = torch.ones_like(segment_ids, dtype=torch.bool)
         first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
         segment_start_BS = torch.where(first, index_S, 0).cummax(dim=1).values
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        check_token_range(tokens, self.config.vocab_size)
         if seq_len > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {seq_len} positions exceeds max_seq_len={self.config.max_seq_len}"
@@ -317,10 +330,15 @@ class TransformerLM(nn.Module):
         kv_cache.key_mask.index_copy_(1, positions, mask)
         return kv_cache.key_mask.narrow(1, 0, start + S)
 
-    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    def new_kv_cache(
+        self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_len`` positions (default
+        ``max_seq_len``); ``dtype`` defaults to the parameters' (``torch.bfloat16`` halves an
+        fp32 model's cache, and under autocast saves re-casting it every step)."""
         length = max_len or self.config.max_seq_len
         return KVCache.for_layers(
             [cast(Any, block).attn.cache_shapes(batch, length) for block in self.blocks],
-            dtype=self.embed.weight.dtype,
+            dtype=dtype or self.embed.weight.dtype,
             device=self.embed.weight.device,
         )

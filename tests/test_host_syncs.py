@@ -1,0 +1,118 @@
+"""Host syncs: a dropless top-k training step and a decode step (padding included) make no
+device-to-host sync outside logging steps. Counted on the CPU with a TorchDispatchMode (the
+ops that would sync on CUDA), with the CUDA-side choices switched on where moekit picks a
+different path on the CPU (token range check, grouped weight gradient, fused AdamW)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.experts import grouped_matmul
+from moekit.models.transformer import model as lm_model
+from moekit.training import loop
+from moekit.training.config import load_train_config
+from moekit.training.optim import build_optimizer, build_scheduler
+from moekit.utils.syncs import HostSyncCounter
+from tests.builders import TINY_MOE, tiny_lm
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    """moekit's CUDA paths, run on the CPU."""
+    monkeypatch.setattr(lm_model, "host_reads_are_free", lambda tensor: False)
+    monkeypatch.setattr(grouped_matmul, "weight_grad_by_loop", lambda x: False)
+
+
+def test_counter_sees_what_syncs():
+    t = torch.arange(6.0)
+    with HostSyncCounter() as counter:
+        float(t.sum())
+        t[t > 2]
+        t.nonzero()
+        t.tolist()
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        t * 2  # no sync
+    assert counter.kinds == {
+        "item": 1,
+        "boolean-mask indexing": 1,
+        "nonzero": 1,
+        "tolist": 1,
+        "repeat_interleave without output_size": 1,
+    }
+
+
+def _run(tmp_path, *overrides):
+    config = load_train_config(
+        None,
+        [
+            *TINY_MOE,
+            f"out_dir={tmp_path}",
+            "device=cpu",
+            "steps=10",
+            "log_every=5",
+            "eval_every=10",
+            *overrides,
+        ],
+    )
+    run = loop._set_up(config, resume=False, stop_after=None)
+    run.optimizer = build_optimizer(run.model, config.optim, fused=True)  # as on CUDA
+    run.scheduler = build_scheduler(run.optimizer, config.steps, config.optim)
+    run.model.train()
+    return run
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("optim.grad_accum=2",),
+        ("model.moe.router.gating=sigmoid_topk", "model.moe.router.bias_balancing=true"),
+    ],
+)
+def test_training_step_makes_no_host_sync(tmp_path, as_on_cuda, overrides):
+    run = _run(tmp_path, *overrides)
+    loop.train_step(run, 0)  # warm-up: lazy state
+    with HostSyncCounter() as counter:
+        output = loop.train_step(run, 1)
+        loop.BiasUpdate().on_step_end(run, output)
+    assert not output.writes_record
+    assert counter.total == 0, counter.where
+    # a record step reads the values (that is where syncs belong)
+    with HostSyncCounter() as counter:
+        output = loop.train_step(run, 4)
+        loop.Metrics().on_step_end(run, output)
+    assert output.writes_record and counter.total > 0
+
+
+def test_decode_step_with_padding_makes_no_host_sync(as_on_cuda):
+    model = tiny_lm().eval()
+    cache = model.new_kv_cache(2, 32)
+    tokens = torch.randint(0, 40, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    with torch.no_grad():
+        model(tokens, attention_mask=mask, kv_cache=cache)
+        next_tokens = torch.randint(0, 40, (2, 1))
+        with HostSyncCounter() as counter:
+            model(next_tokens, kv_cache=cache)
+            model(tokens[:, :2], attention_mask=torch.ones(2, 2, dtype=torch.bool), kv_cache=cache)
+    assert counter.total == 0, counter.where
+
+
+def test_padded_training_forward_makes_no_host_sync(as_on_cuda):
+    model = tiny_lm().train()
+    tokens = torch.randint(0, 40, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, :5] = False
+    model(tokens, attention_mask=mask)
+    with HostSyncCounter() as counter:
+        out = model(tokens, attention_mask=mask)
+        (out.logits.sum() + out.aux_loss).backward()
+    assert counter.total == 0, counter.where
+
+
+def test_cuda_token_range_check_is_an_async_assert(as_on_cuda):
+    model = tiny_lm()
+    with pytest.raises(RuntimeError, match="token ids must be in"):
+        model(torch.tensor([[1, 99]]))
