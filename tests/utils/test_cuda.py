@@ -48,3 +48,58 @@ def test_training_runs_on_cuda(tmp_path, tiny_text):
     )
     result = train(config, progress=False)
     assert next(result.model.parameters()).is_cuda
+
+
+def test_resume_on_cuda_equals_uninterrupted(tmp_path, tiny_text):
+    """Noisy gating draws from the CUDA generator: its state must be in the checkpoint."""
+    from moekit.training import load_train_config, train
+    from tests.builders import TINY_MOE
+
+    def config(name):
+        return load_train_config(
+            None,
+            [
+                *TINY_MOE,
+                "device=cuda",
+                "bf16=false",
+                "model.moe.router.noisy_gating=true",
+                "checkpoint_every=4",
+                f"out_dir={tmp_path / name}",
+                f"data.path={tiny_text}",
+            ],
+        )
+
+    torch.backends.cudnn.deterministic = True
+    full = train(config("full"), progress=False)
+    train(config("cut"), progress=False, stop_after=6)
+    resumed = train(config("cut"), progress=False, resume=True)
+    assert [r["loss"] for r in resumed.records] == [r["loss"] for r in full.records]
+
+
+def test_generate_on_cuda_with_list_prompts_and_a_cpu_generator():
+    from moekit.models.transformer.generate import generate
+    from tests.builders import tiny_lm
+
+    model = tiny_lm().cuda().eval()
+    outs = generate(model, [[1, 2, 3], [4, 5]], 4)
+    assert [len(o) for o in outs] == [7, 6] and all(o.is_cuda for o in outs)
+    sampled = generate(
+        model, torch.tensor([[1, 2]]), 3, temperature=1.0, generator=torch.Generator()
+    )
+    assert sampled.is_cuda and sampled.shape == (1, 5)
+
+
+def test_bf16_autocast_experts_run_in_bf16_on_cuda():
+    import moekit
+
+    layer = (
+        moekit.MoEConfig(d_model=64, num_experts=8, top_k=2, experts=moekit.ExpertConfig(hidden=64))
+        .build()
+        .cuda()
+    )
+    x = torch.randn(128, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    out.output.float().sum().backward()
+    assert out.routing.logits_TE.dtype == torch.float32
+    assert layer.experts.w_in_EDH.grad.dtype == torch.float32
