@@ -188,7 +188,9 @@ def layer_case(
     y_ref = reference_moe_output(reference, x_ref, routing, padding_mask=mask)
     inputs = [x_ref, *params(reference)]
     grads_ref = torch.autograd.grad((y_ref * grad_out).sum(), inputs, allow_unused=True)
-    grads_ref = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads_ref)]
+    grads_ref = [
+        torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads_ref, strict=True)
+    ]
     errors = [rel_err(out.output, y_ref)] + [
         rel_err(a, b) for a, b in zip(grads, grads_ref, strict=True)
     ]
@@ -245,7 +247,10 @@ def section_correct(device: torch.device, args: argparse.Namespace) -> None:
         ]
         result = train(load_train_config(None, overrides), progress=False)
         losses = [r["loss"] for r in result.records]
-        ok = all(l == l for l in losses) and next(result.model.parameters()).device == device
+        ok = (
+            all(loss == loss for loss in losses)
+            and next(result.model.parameters()).device == device
+        )
         report("correct", "train() on the device", "PASS" if ok else "FAIL", f"losses {losses}")
         model = result.model.eval()
     prompt = torch.randint(0, 256, (2, 8), device=device)
@@ -344,14 +349,14 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
         }
         del outputs
 
-        def fwd_bwd(module, fwd):
+        def fwd_bwd(module, fwd, x=x, grad_y=grad_y):
             def run():
                 module.zero_grad(set_to_none=True)
                 fwd(x.detach().requires_grad_(True)).backward(grad_y)
 
             return run
 
-        def fwd_only(fwd):
+        def fwd_only(fwd, x=x):
             def run():
                 with torch.no_grad():
                     fwd(x)
@@ -379,8 +384,9 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
                 "fwd_bwd_tflops": round(3 * flops_fwd / train_ms[name] / 1e9, 1),
             }
         summary = "; ".join(
-            f"{n} fwd {r['fwd_ms']:.2f} ms ({r['fwd_tflops']} TF/s) fwd+bwd {r['fwd_bwd_ms']:.2f} ms"
-            f" ({r['fwd_bwd_tflops']} TF/s, {train_ms[n] / train_ms['moekit']:.2f}x moekit)"
+            f"{n} fwd {r['fwd_ms']:.2f} ms ({r['fwd_tflops']} TF/s) "
+            f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms ({r['fwd_bwd_tflops']} TF/s, "
+            f"{train_ms[n] / train_ms['moekit']:.2f}x moekit)"
             for n, r in rows.items()
         )
         report(
@@ -418,7 +424,8 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
             "layer",
             "qwen3-30b-a3b fp32 params under bf16 autocast",
             "INFO",
-            f"fwd+bwd {ms:.2f} ms = {18 * T * k * D * H / ms / 1e9:.1f} TF/s; host syncs {syncs['n']}",
+            f"fwd+bwd {ms:.2f} ms = {18 * T * k * D * H / ms / 1e9:.1f} TF/s; "
+            f"host syncs {syncs['n']}",
             fwd_bwd_ms=ms,
             syncs=syncs["n"],
         )
@@ -511,9 +518,6 @@ def section_train(device: torch.device, args: argparse.Namespace) -> None:
         tflops=tflops,
         syncs=syncs["n"],
     )
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------- decode
@@ -566,10 +570,10 @@ def section_decode(device: torch.device, args: argparse.Namespace) -> None:
     for batch in (1, 32):
         prompt = torch.randint(0, sizes["vocab_size"], (batch, 16), device=device)
 
-        def run_ours():
+        def run_ours(prompt=prompt):
             return generate(ours, prompt, new)
 
-        def run_hf():
+        def run_hf(prompt=prompt):
             return hf_model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
