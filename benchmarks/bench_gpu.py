@@ -22,6 +22,8 @@ Sections, in order:
   train    one-GPU training step of a ~1.2B-active MoE LM (fp32 master weights, bf16 autocast,
            fused AdamW): tokens/s and MFU against the GPU's dense bf16 peak; host syncs per
            steady-state step counted with ``torch.cuda.set_sync_debug_mode``.
+  profile  the layer's kernels by device time at the Qwen3-30B-A3B shape, and the two ways of
+           combining rows (``moekit.dispatch.dispatcher.COMBINE``) timed alternately.
   decode   batch-1 and batch-32 greedy decoding tokens/s, moekit ``generate`` against
            ``transformers``' ``generate`` on the same weights (a Qwen3-MoE model built by
            transformers, imported with ``moekit.interop.from_hf``), bf16.
@@ -259,7 +261,7 @@ def section_correct(device: torch.device, args: argparse.Namespace) -> None:
     same = torch.equal(cached, uncached)
     report("correct", "greedy generate cached = uncached", "PASS" if same else "FAIL", "")
     outs = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 6)
-    ok = [len(o) for o in outs] == [9, 11] and all(o.device == device for o in outs)
+    ok = [len(o) for o in outs] == [9, 11] and all(o.device.type == device.type for o in outs)
     report(
         "correct",
         "generate(list of prompts)",
@@ -499,6 +501,17 @@ def section_train(device: torch.device, args: argparse.Namespace) -> None:
     with cuda_syncs(device) as syncs:
         step()
         sync(device)
+    if args.profile_train:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
+            step()
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=55))
     n_tokens = batch * seq
     # forward+backward = 3x the forward FLOPs per token (active matmuls plus attention)
     flops = 3 * counts.flops_per_token * n_tokens
@@ -602,11 +615,65 @@ def section_decode(device: torch.device, args: argparse.Namespace) -> None:
         )
 
 
+# ------------------------------------------------------------------------------- profile
+def section_profile(device: torch.device, args: argparse.Namespace) -> None:
+    """Where the layer's time goes at the Qwen3-30B-A3B shape (the kernels that take most
+    device time in one forward+backward), and the two ways to combine rows, alternating."""
+    from moekit.dispatch import dispatcher
+
+    T, D, H, E, k = (256, 64, 64, 8, 2) if args.tiny else LAYER_SHAPES["qwen3-30b-a3b"]
+    dtype = torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        moe = build_layer(E, k, D, H)
+    moe.losses_enabled = False
+    moe.to(device, dtype).train()
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    grad_y = torch.randn(T, D, device=device, dtype=dtype)
+
+    def step():
+        moe.zero_grad(set_to_none=True)
+        moe(x.detach().requires_grad_(True)).output.backward(grad_y)
+
+    def with_combine(mode):
+        def run():
+            dispatcher.COMBINE = mode
+            step()
+
+        return run
+
+    warmup, rounds = (1, 2) if args.tiny else (3, args.rounds)
+    ms = alternate({m: with_combine(m) for m in ("bmm", "index_add")}, device, warmup, rounds)
+    dispatcher.COMBINE = "bmm"
+    report(
+        "profile",
+        f"combine bmm vs index_add, fwd+bwd T={T} D={D} H={H} E={E} k={k}",
+        "INFO",
+        f"bmm {ms['bmm']:.2f} ms, index_add {ms['index_add']:.2f} ms "
+        f"({ms['bmm'] / ms['index_add']:.2f}x)",
+        ms=ms,
+    )
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=55)
+    print(table, flush=True)
+    report("profile", "layer fwd+bwd kernels (2 steps)", "INFO", "table above", table=table)
+
+
 SECTIONS = {
     "correct": section_correct,
     "layer": section_layer,
     "train": section_train,
     "decode": section_decode,
+    "profile": section_profile,
 }
 
 
@@ -620,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="leave out transformers' blocks")
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 on the CPU too")
     parser.add_argument("--json", help="write every result to this file")
+    parser.add_argument(
+        "--profile-train", action="store_true", help="print the LM step's top kernels"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

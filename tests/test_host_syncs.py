@@ -39,7 +39,21 @@ def test_counter_sees_what_syncs():
         "nonzero": 1,
         "tolist": 1,
         "repeat_interleave without output_size": 1,
+        "torch.tensor from host values": 1,
     }
+
+
+def test_layer_with_statistics_makes_no_host_sync():
+    import moekit
+
+    layer = moekit.MoEConfig(
+        d_model=16, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16)
+    ).build()
+    x = torch.randn(32, 16)
+    layer(x)
+    with HostSyncCounter() as counter:
+        out = layer(x)
+    assert out.stats is not None and counter.total == 0, counter.where
 
 
 def _run(tmp_path, *overrides):

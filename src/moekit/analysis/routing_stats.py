@@ -90,7 +90,8 @@ def routing_stats(
     kept_E = total(plan.kept_per_expert_E.detach())
     T = routing.expert_idx_TK.shape[0]
     real = (
-        (torch.tensor(T, device=routed_E.device) if token_mask_T is None else token_mask_T.sum())
+        # torch.full, not torch.tensor: no copy from host memory (a sync on CUDA)
+        (torch.full((), T, device=routed_E.device) if token_mask_T is None else token_mask_T.sum())
         .clamp(min=1)
         .float()
     )

@@ -17,6 +17,7 @@ import torch
 from moekit.dispatch.config import DispatchConfig, DispatchMode
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.routing.result import RoutingResult
+from moekit.utils.precision import autocast_off
 
 
 class Dispatcher:
@@ -93,12 +94,43 @@ class Dispatcher:
         return value
 
 
+# how ``combine`` sums each token's rows: "bmm" (rows placed in (T, K, D) slot order, then one
+# batched (1 x K) @ (K x D) product per token: fp32 accumulation inside the GEMM, deterministic,
+# no atomics) or "index_add" (weighted rows upcast to fp32 and added into an fp32 (T, D)
+# buffer). See ``benchmarks/bench_gpu.py --sections combine``.
+COMBINE = "bmm"
+
+
 def combine(x_TD: torch.Tensor, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """``(T, D)`` in ``x_TD``'s dtype: each token's expert outputs times their combine weights,
-    summed. Weighting and sums run in (at least) fp32 whatever the experts' dtype: a bf16
-    accumulator rounds once per added row (and CUDA's ``index_add_`` adds with atomics), and
-    the router's weights get fp32 gradients."""
+    summed, with fp32 accumulation whatever the experts' dtype (a bf16 accumulator rounds once
+    per added row, and CUDA's ``index_add_`` adds with atomics)."""
+    T, D = x_TD.shape
+    K = plan.top_k
+    if COMBINE == "bmm" and K > 0 and T > 0:
+        return _combine_bmm(x_TD, y_MD, plan, T, K, D)
     acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
     weighted_MD = y_MD.to(acc_dtype) * plan.weights_M.unsqueeze(-1).to(acc_dtype)
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=acc_dtype)
     return out_TD.index_add_(0, plan.token_idx_M, weighted_MD).to(x_TD.dtype)
+
+
+def _combine_bmm(
+    x_TD: torch.Tensor, y_MD: torch.Tensor, plan: DispatchPlan, T: int, K: int, D: int
+) -> torch.Tensor:
+    """Rows back in slot order ``t * K + j`` (dropped slots zero), then ``w_T1K @ y_TKD``.
+
+    The product runs in the wider of the stream's and the rows' dtypes, accumulating in fp32
+    (bf16 GEMMs accumulate in fp32 and round once); it reads each row once and writes T rows,
+    where upcasting, weighting and ``index_add`` in fp32 move about three times the bytes."""
+    # bf16 rows into a bf16 stream: a bf16 product (fp32 accumulation, one rounding at the
+    # end); bf16 rows into an fp32 stream (autocast training): an fp32 product
+    dtype = torch.promote_types(x_TD.dtype, y_MD.dtype)
+    A = T * K
+    full = y_MD.shape[0] == A  # every slot has a row (dropless): nothing to zero-fill
+    y_AD = y_MD.new_empty(A, D, dtype=dtype) if full else y_MD.new_zeros(A, D, dtype=dtype)
+    y_AD = y_AD.index_copy(0, plan.assignment_idx_M, y_MD.to(dtype))
+    w_A = plan.weights_M.new_zeros(A).index_copy(0, plan.assignment_idx_M, plan.weights_M)
+    with autocast_off(x_TD.device):
+        out_T1D = torch.bmm(w_A.view(T, 1, K).to(dtype), y_AD.view(T, K, D))
+    return out_T1D.view(T, D).to(x_TD.dtype)

@@ -34,6 +34,7 @@ class DispatchPlan:
             ``kept_per_expert_E``: dropless with padding keeps the padding tokens' rows (their
             input zeroed, their weight 0) so M = T*K is known without reading the device.
         padding_T: ``(T,)`` bool, ``True`` for the padding tokens whose rows are kept.
+        top_k: K, the assignment slots per token.
     """
 
     token_idx_M: torch.Tensor
@@ -45,6 +46,7 @@ class DispatchPlan:
     capacity: int | None
     rows_per_expert_E: torch.Tensor | None = None
     padding_T: torch.Tensor | None = None
+    top_k: int = 0  # K (slots per token), 0 when unknown
 
     @property
     def expert_rows_E(self) -> torch.Tensor:
@@ -135,6 +137,7 @@ def plan_dispatch(
         routed_per_expert_E=routed_per_expert_E,
         num_assignments=num_assignments,
         capacity=capacity,
+        top_k=K,
     )
 
 
@@ -169,4 +172,5 @@ def _plan_dropless_keeping_padding(
         capacity=None,
         rows_per_expert_E=rows_per_expert_E,
         padding_T=~token_mask_T,
+        top_k=K,
     )

@@ -1,8 +1,9 @@
 """Count the operations that would make the host wait for a CUDA device.
 
 On a GPU, reading a tensor's value on the host (``.item()``, ``float(t)``, ``if t:``,
-``.tolist()``), ``nonzero`` and boolean-mask indexing (output shape depends on the data) block
-the CPU until the device has caught up: the CPU can no longer queue work ahead. The same ops
+``.tolist()``), ``nonzero`` and boolean-mask indexing (output shape depends on the data), and
+``torch.tensor(value, device=cuda)`` (a copy from pageable host memory) block the CPU until the
+device has caught up: the CPU can no longer queue work ahead. The same ops
 run on the CPU, so :class:`HostSyncCounter` proves on the CPU which code paths would sync on
 CUDA. ``torch.cuda.set_sync_debug_mode`` says the same on a real device.
 """
@@ -26,6 +27,8 @@ _SYNCING = {
     _aten.repeat_interleave.Tensor: "repeat_interleave without output_size",
     _aten.equal.default: "torch.equal",
     _aten.is_nonzero.default: "item",
+    # torch.tensor(python value, device=cuda): a copy from pageable host memory, which waits
+    _aten.lift_fresh.default: "torch.tensor from host values",
 }
 
 
