@@ -145,15 +145,32 @@ def test_combine_accumulates_in_fp32():
     exact = torch.full((T, D), 1.0 + 63 * 2**-9).to(torch.bfloat16)
     assert torch.equal(out, exact)
 
-    # bf16 expert rows into an fp32 residual: fp32 weights and sums, no bf16 rounding of the
-    # weighted rows (1/3 is not a bf16 number)
+    # bf16 expert rows into an fp32 residual: the sum accumulates in fp32 and is rounded once
     y_MD = torch.randn(K, D).to(torch.bfloat16)
     weights = torch.full((T, K), 1.0 / 3.0)
     plan = plan_dispatch(expert_idx, weights, K)
     out = combine(torch.zeros(T, D), y_MD, plan)
-    exact = (y_MD.double() / 3.0).sum(0, keepdim=True)
+    exact = (y_MD.double() * torch.tensor(1.0 / 3.0).bfloat16().double()).sum(0, keepdim=True)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), exact.bfloat16().double(), rtol=0, atol=0)
+
+
+def test_gather_backward_sums_in_slot_order_in_fp32():
+    """The dispatch gather's gradient: each token's K row gradients summed once in fp32."""
+    from moekit.dispatch.dispatcher import gather_rows
+
+    T, K, D = 3, 64, 4
+    expert_idx = torch.stack([torch.randperm(K) for _ in range(T)])
+    plan = plan_dispatch(expert_idx, torch.ones(T, K), K)
+    x = torch.randn(T, D, dtype=torch.bfloat16, requires_grad=True)
+    rows = gather_rows(x, plan, slot_sum=True)
+    assert torch.equal(rows, x.detach()[plan.token_idx_M])
+    grad_rows = torch.rand(T * K, D).to(torch.bfloat16)
+    rows.backward(grad_rows)
+    exact = torch.zeros(T, D, dtype=torch.float64).index_add_(
+        0, plan.token_idx_M, grad_rows.double()
+    )
+    assert torch.equal(x.grad, exact.to(torch.bfloat16))
 
 
 def test_bias_gradient_sums_accumulate_in_fp32():
@@ -167,3 +184,18 @@ def test_bias_gradient_sums_accumulate_in_fp32():
     total = _sum_rows_per_expert(rows, torch.tensor([1000, 0, 2000]))
     exact = torch.stack([rows[:1000].double().sum(0), torch.zeros(3), rows[1000:].double().sum(0)])
     assert torch.equal(total, exact.to(torch.bfloat16))  # one rounding, at the end
+
+
+def test_layer_gradients_with_slot_order_gather_match_the_reference(monkeypatch):
+    """The accelerator's gather (forced on the CPU) gives the same layer gradients, float64
+    gradcheck included."""
+    from moekit.dispatch import dispatcher
+
+    real = dispatcher.gather_rows
+    monkeypatch.setattr(dispatcher, "gather_rows", lambda x, plan: real(x, plan, slot_sum=True))
+    layer = _layer(dispatch=moekit.DispatchConfig(mode="capacity", capacity_factor=0.75))
+    layer = layer.double()
+    x = torch.randn(12, 32, dtype=torch.float64, requires_grad=True)
+    routes = layer(x).routing.expert_idx_TK
+    layer.router.forced_routes = lambda n: routes
+    assert torch.autograd.gradcheck(lambda t: layer(t).output, (x,))
