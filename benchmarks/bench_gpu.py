@@ -249,11 +249,10 @@ def section_correct(device: torch.device, args: argparse.Namespace) -> None:
         ]
         result = train(load_train_config(None, overrides), progress=False)
         losses = [r["loss"] for r in result.records]
-        ok = (
-            all(loss == loss for loss in losses)
-            and next(result.model.parameters()).device == device
-        )
-        report("correct", "train() on the device", "PASS" if ok else "FAIL", f"losses {losses}")
+        where = next(result.model.parameters()).device
+        ok = all(loss == loss for loss in losses) and where.type == device.type
+        detail = f"losses {losses}, parameters on {where}"
+        report("correct", "train() on the device", "PASS" if ok else "FAIL", detail)
         model = result.model.eval()
     prompt = torch.randint(0, 256, (2, 8), device=device)
     cached = generate(model, prompt, 12)
