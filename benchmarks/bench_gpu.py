@@ -620,6 +620,7 @@ def section_profile(device: torch.device, args: argparse.Namespace) -> None:
     device time in one forward+backward), and the two ways to combine rows, alternating."""
     from moekit.dispatch import dispatcher
 
+    default_combine = dispatcher.COMBINE
     T, D, H, E, k = (256, 64, 64, 8, 2) if args.tiny else LAYER_SHAPES["qwen3-30b-a3b"]
     dtype = torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else torch.float32
     torch.manual_seed(0)
@@ -642,15 +643,42 @@ def section_profile(device: torch.device, args: argparse.Namespace) -> None:
         return run
 
     warmup, rounds = (1, 2) if args.tiny else (3, args.rounds)
-    ms = alternate({m: with_combine(m) for m in ("bmm", "index_add")}, device, warmup, rounds)
-    dispatcher.COMBINE = "bmm"
+    modes = ("bmm", "sum", "index_add")
+    ms = alternate({m: with_combine(m) for m in modes}, device, warmup, rounds)
     report(
         "profile",
-        f"combine bmm vs index_add, fwd+bwd T={T} D={D} H={H} E={E} k={k}",
+        f"combine, fwd+bwd T={T} D={D} H={H} E={E} k={k} {dtype}",
         "INFO",
-        f"bmm {ms['bmm']:.2f} ms, index_add {ms['index_add']:.2f} ms "
-        f"({ms['bmm'] / ms['index_add']:.2f}x)",
+        ", ".join(f"{m} {ms[m]:.2f} ms" for m in modes),
         ms=ms,
+    )
+    # the LM step's layer shape: fp32 master weights and stream under bf16 autocast
+    T2, E2, k2, H2 = (256, 8, 2, 64) if args.tiny else (16384, 16, 4, 1408)
+    with torch.device(device):
+        moe2 = build_layer(E2, k2, D, H2)
+    moe2.losses_enabled = False
+    moe2.train()
+    x2 = torch.randn(T2, D, device=device)
+    grad_y2 = torch.randn(T2, D, device=device)
+
+    def autocast_combine(mode):
+        def run():
+            dispatcher.COMBINE = mode
+            moe2.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, torch.bfloat16):
+                y = moe2(x2.detach().requires_grad_(True)).output
+            y.backward(grad_y2)
+
+        return run
+
+    ms2 = alternate({m: autocast_combine(m) for m in modes}, device, warmup, rounds)
+    dispatcher.COMBINE = default_combine
+    report(
+        "profile",
+        f"combine, fwd+bwd T={T2} D={D} H={H2} E={E2} k={k2} fp32 under bf16 autocast",
+        "INFO",
+        ", ".join(f"{m} {ms2[m]:.2f} ms" for m in modes),
+        ms=ms2,
     )
     from torch.profiler import ProfilerActivity, profile
 
@@ -689,8 +717,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile-train", action="store_true", help="print the LM step's top kernels"
     )
+    parser.add_argument(
+        "--combine",
+        choices=["bmm", "sum", "index_add"],
+        help="moekit.dispatch.dispatcher.COMBINE for every section (default: moekit's)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.combine:
+        from moekit.dispatch import dispatcher
+
+        dispatcher.COMBINE = args.combine
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report("env", "versions", "INFO", f"torch {torch.__version__}, device {name}")
     failed = False

@@ -96,8 +96,9 @@ class Dispatcher:
 
 # how ``combine`` sums each token's rows: "bmm" (rows placed in (T, K, D) slot order, then one
 # batched (1 x K) @ (K x D) product per token: fp32 accumulation inside the GEMM, deterministic,
-# no atomics) or "index_add" (weighted rows upcast to fp32 and added into an fp32 (T, D)
-# buffer). See ``benchmarks/bench_gpu.py --sections combine``.
+# no atomics), "sum" (weighted rows in slot order, then a reduction over K in fp32) or
+# "index_add" (weighted rows upcast to fp32 and added into an fp32 (T, D) buffer). Measured:
+# ``benchmarks/bench_gpu.py --sections profile``.
 COMBINE = "bmm"
 
 
@@ -109,6 +110,8 @@ def combine(x_TD: torch.Tensor, y_MD: torch.Tensor, plan: DispatchPlan) -> torch
     K = plan.top_k
     if COMBINE == "bmm" and K > 0 and T > 0:
         return _combine_bmm(x_TD, y_MD, plan, T, K, D)
+    if COMBINE == "sum" and K > 0 and T > 0:
+        return _combine_sum(x_TD, y_MD, plan, T, K, D)
     acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
     weighted_MD = y_MD.to(acc_dtype) * plan.weights_M.unsqueeze(-1).to(acc_dtype)
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=acc_dtype)
@@ -135,6 +138,21 @@ def _combine_bmm(
     with autocast_off(x_TD.device):
         out_T1D = torch.bmm(w_A.view(T, 1, K).to(dtype), y_AD.view(T, K, D))
     return out_T1D.view(T, D).to(x_TD.dtype)
+
+
+def _combine_sum(
+    x_TD: torch.Tensor, y_MD: torch.Tensor, plan: DispatchPlan, T: int, K: int, D: int
+) -> torch.Tensor:
+    """Rows back in slot order, then ``(y_TKD * w_TK1).sum(1)`` with fp32 products and sums:
+    elementwise work and a reduction instead of a batched GEMM with an inner width of K."""
+    A = T * K
+    full = y_MD.shape[0] == A
+    y_AD = y_MD.new_empty(A, D) if full else y_MD.new_zeros(A, D)
+    y_AD = y_AD.index_copy(0, plan.assignment_idx_M, y_MD)
+    w_A = plan.weights_M.new_zeros(A).index_copy(0, plan.assignment_idx_M, plan.weights_M)
+    acc = torch.promote_types(y_MD.dtype, torch.float32)
+    y_TKD = y_AD.view(T, K, D).to(acc)
+    return (y_TKD * w_A.view(T, K, 1).to(acc)).sum(dim=1).to(x_TD.dtype)
 
 
 def gather_rows(
