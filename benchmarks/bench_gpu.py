@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--combine",
-        choices=["bmm", "sum", "index_add"],
+        choices=["auto", "bmm", "sum", "index_add"],
         help="moekit.dispatch.dispatcher.COMBINE for every section (default: moekit's)",
     )
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,7 +96,7 @@ def wrap_data_parallel(model: nn.Module, group=None) -> nn.parallel.DistributedD
     )
     ddp = nn.parallel.DistributedDataParallel
     # torch >= 2.13 renames broadcast_buffers to forward_sync_buffers
-    no_sync = (
+    no_sync: dict[str, Any] = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
         else {"broadcast_buffers": False}

@@ -472,9 +472,9 @@ class Progress(Callback):
         due = step.is_eval or time.monotonic() - self.last_line >= 30.0
         if self.enabled and record and due:
             self.last_line = time.monotonic()
-            val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            val_text = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
             print(
-                f"{self.desc}: step {step.done}/{self.total} loss {record['loss']:.4f}{val}",
+                f"{self.desc}: step {step.done}/{self.total} loss {record['loss']:.4f}{val_text}",
                 file=sys.stderr,
                 flush=True,
             )
