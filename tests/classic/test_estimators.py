@@ -87,3 +87,21 @@ def test_one_class_only_is_refused():
     x, _ = _piecewise(20)
     with pytest.raises(ValueError, match="class"):
         HMEClassifier().fit(x, np.zeros(20))
+
+
+def test_estimators_import_from_the_package_and_name_the_extra_without_sklearn():
+    import subprocess
+    import sys
+
+    from moekit.classic import HMEClassifier, HMERegressor  # noqa: F401
+
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "import moekit, moekit.training, moekit.classic\n"
+        "try:\n"
+        "    from moekit.classic import HMERegressor\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'moekit[classic]'" in out.stdout, out.stderr

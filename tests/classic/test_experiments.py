@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from moekit.classic.experiments import two_link_arm
+from moekit.cli.classic_experiments import two_link_arm
 from moekit.cli.main import main
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moekit.training import load_train_config, train
+from moekit.training import load_train_config, train, train_evolved
 from moekit.training.methods import lm_parameter_groups
 from tests.builders import TINY_MOE
 
@@ -68,7 +68,8 @@ def test_router_phase_leaves_everything_else_unchanged(tmp_path, tiny_text):
 
 
 def test_em_is_refused_for_the_lm():
-    with pytest.raises(ValueError, match="for the classic mixtures"):
+    # em is the classic mixtures' method (moekit.classic): not among the LM's
+    with pytest.raises(ValueError, match="method must be one of 'joint'.*got 'em'"):
         load_train_config(None, ["method=em"])
 
 
@@ -89,7 +90,9 @@ def test_evolutionary_search_keeps_to_its_budget_and_trains_the_fittest(tmp_path
         ],
         steps=3,
     )
-    result = train(config, progress=False)
+    with pytest.raises(ValueError, match="train_evolved"):
+        train(config, progress=False)
+    result = train_evolved(config, progress=False)
     trials = result.search.trials
     trained = [t for t in trials if t.error is None]
     assert len(trained) == 3
@@ -106,7 +109,7 @@ def test_evolutionary_search_keeps_to_its_budget_and_trains_the_fittest(tmp_path
     summary = json.loads((tmp_path / "evolution" / "summary.json").read_text())
     assert summary["best"]["choices"] == best.choices
     # a resumed search reads the finished trials back instead of retraining them
-    again = train(config, resume=True, progress=False)
+    again = train_evolved(config, resume=True, progress=False)
     assert [t.choices for t in again.search.trials] == [t.choices for t in trials]
 
 

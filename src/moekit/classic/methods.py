@@ -18,51 +18,27 @@ Legend: N = samples, I = inputs, K = experts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
 
 from moekit.classic.mixture import ErrorFunction, MixtureOfLocalExperts
-from moekit.utils.validation import check_fields, coerce
+from moekit.utils.schedule import AlternatingSchedule, drop_gradients
+from moekit.utils.validation import coerce
+
+__all__ = ["AlternatingSchedule", "TrainingMethod", "drop_gradients", "fit_mixture"]
 
 
 class TrainingMethod(str, Enum):
+    """How a classic mixture is trained (``fit_mixture``; ``em`` is ``HME.fit_em``)."""
+
     JOINT = "joint"
     GRADIENT = "gradient"
     SEPARATE = "separate"
     ALTERNATING = "alternating"
     EM = "em"
     EVOLUTIONARY = "evolutionary"
-
-
-@dataclass(kw_only=True)
-class AlternatingSchedule:
-    """Blocks of ``expert_steps`` steps with the router frozen, then ``router_steps`` with the
-    experts frozen, repeated (experts first)."""
-
-    expert_steps: int = 10
-    router_steps: int = 10
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.expert_steps < 1 or self.router_steps < 1:
-            raise ValueError(
-                "expert_steps and router_steps must be >= 1, got "
-                f"{self.expert_steps} and {self.router_steps}"
-            )
-
-    def trains_router(self, step: int) -> bool:
-        """Whether step ``step`` (from 0) trains the router (else the experts)."""
-        return step % (self.expert_steps + self.router_steps) >= self.expert_steps
-
-
-def drop_gradients(parameters: list[nn.Parameter]) -> None:
-    """Freeze for this step: no gradient, so optimizers leave the tensors (and their state)
-    untouched. Dropping gradients rather than flipping ``requires_grad`` works under DDP too."""
-    for p in parameters:
-        p.grad = None
 
 
 def mixture_groups(model: MixtureOfLocalExperts) -> dict[str, list[nn.Parameter]]:

@@ -45,7 +45,7 @@ def _fmt(value, digits: int = 0) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.analysis.plots import plot_gate_partition, plot_learning_curves
-    from moekit.classic.experiments import compare, summary_rows
+    from moekit.cli.classic_experiments import compare, summary_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _em_vs_gradient_section(args: argparse.Namespace, results: dict) -> list[str]:
-    from moekit.classic.experiments import em_vs_gradient
+    from moekit.cli.classic_experiments import em_vs_gradient
 
     lines = [
         "## EM against gradient training of the same HME",

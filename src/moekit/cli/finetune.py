@@ -108,7 +108,7 @@ def _tokenizer_folder(folder: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.training.loop import train
+    from moekit.training import train_any as train
     from moekit.training.presets import format_summary
 
     config = build_config(args)

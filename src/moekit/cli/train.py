@@ -36,8 +36,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch.distributed
 
+    from moekit.training import train_any as train
     from moekit.training.config import load_train_config
-    from moekit.training.loop import train
 
     overrides = list(args.overrides)
     if args.out_dir is not None:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from moekit.adapters.lora import LoRAConfig
-from moekit.classic.methods import AlternatingSchedule, TrainingMethod
 from moekit.models.transformer.config import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
+from moekit.training.methods import AlternatingSchedule, TrainingMethod
 from moekit.utils.device import check_device_name
 from moekit.utils.serialization import config_from_dict
 from moekit.utils.validation import check_fields
@@ -214,11 +214,6 @@ class TrainConfig:
         check_device_name(self.device)
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
-        if self.method is TrainingMethod.EM:
-            raise ValueError(
-                "method='em' is for the classic mixtures (moekit.classic); the language model "
-                "trains by 'joint', 'gradient', 'separate', 'alternating' or 'evolutionary'"
-            )
         finetune = self.finetune
         if self.expert_parallel > 1 and (
             (finetune.lora is not None and "experts" in finetune.lora.targets)

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.classic.methods import TrainingMethod
 from moekit.training.checkpoint import refuse_to_overwrite
 from moekit.training.config import TrainConfig, apply_overrides
+from moekit.training.loop import TrainResult, train
+from moekit.training.methods import TrainingMethod
 from moekit.utils.serialization import atomic_write_json, config_from_dict, config_to_dict
 from moekit.utils.validation import ConfigError
 
@@ -92,8 +93,6 @@ def search_router_config(
     """CMA-ES over ``config.evolution.space``: at most ``budget`` distinct short runs of
     ``evolution.steps`` steps each (fewer when the space is smaller); returns every trial."""
     import cma
-
-    from moekit.training.loop import train
 
     evolution = config.evolution
     space = evolution.choices()
@@ -178,11 +177,9 @@ def search_router_config(
 
 def train_evolved(
     config: TrainConfig, *, resume: bool = False, progress: bool = True, desc: str = "train"
-):
+) -> TrainResult:
     """``method='evolutionary'``: search, then train the best configuration for ``steps`` steps
     in ``out_dir`` (the search summary is ``<out_dir>/evolution/summary.json``)."""
-    from moekit.training.loop import train
-
     if not resume:
         refuse_to_overwrite(Path(config.out_dir) / "checkpoints")
     search = search_router_config(config, resume=resume, progress=progress)
@@ -201,3 +198,11 @@ def train_evolved(
     result = train(winner, resume=resume, progress=progress, desc=desc)
     result.search = search
     return result
+
+
+def train_any(config: TrainConfig, **options: Any) -> TrainResult:
+    """``train_evolved`` for ``method='evolutionary'`` (a search that calls ``train`` per
+    candidate), else ``train``; what ``moekit train`` and ``moekit finetune`` run."""
+    if config.method is TrainingMethod.EVOLUTIONARY:
+        return train_evolved(config, **options)
+    return train(config, **options)

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moekit.analysis.inspect import load_summary
-from moekit.classic.methods import TrainingMethod, drop_gradients
 from moekit.distributed.parallelize import (
     full_optimizer_state,
     full_state_dict,
@@ -52,7 +51,12 @@ from moekit.training.checkpoint import (
 from moekit.training.config import TrainConfig
 from moekit.training.finetune import load_streams, prepare_model
 from moekit.training.instruct import IGNORE_INDEX
-from moekit.training.methods import frozen_groups, lm_parameter_groups
+from moekit.training.methods import (
+    TrainingMethod,
+    drop_gradients,
+    frozen_groups,
+    lm_parameter_groups,
+)
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.utils.allocator import retain_freed_memory
 from moekit.utils.device import (
@@ -291,9 +295,11 @@ def train(
             metrics, progress, checkpointing) at every step.
     """
     if config.method is TrainingMethod.EVOLUTIONARY:
-        from moekit.training.evolution import train_evolved
-
-        return train_evolved(config, resume=resume, progress=progress, desc=desc)
+        raise ValueError(
+            "method='evolutionary' searches router configurations, training each candidate "
+            "with train(): run it with moekit.training.train_evolved(config) (what `moekit "
+            "train` does)"
+        )
     start_time = time.perf_counter()
     run = _set_up(config, resume=resume, stop_after=stop_after)
     hooks: list[Callback] = [

@@ -11,10 +11,30 @@ mixtures (``moekit.classic.methods``) and is refused with the reason.
 
 from __future__ import annotations
 
+from enum import Enum
+
 from torch import nn
 
-from moekit.classic.methods import AlternatingSchedule, TrainingMethod
 from moekit.layers import MoE
+from moekit.utils.schedule import AlternatingSchedule, drop_gradients
+
+__all__ = [
+    "AlternatingSchedule",
+    "TrainingMethod",
+    "drop_gradients",
+    "frozen_groups",
+    "lm_parameter_groups",
+]
+
+
+class TrainingMethod(str, Enum):
+    """How the language model trains (``TrainConfig.method``)."""
+
+    JOINT = "joint"
+    GRADIENT = "gradient"
+    SEPARATE = "separate"
+    ALTERNATING = "alternating"
+    EVOLUTIONARY = "evolutionary"
 
 
 def lm_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -48,6 +68,7 @@ def frozen_groups(
     if method is TrainingMethod.SEPARATE:
         return ("router",) if step < separate_expert_steps else ("experts", "other")
     raise ValueError(
-        f"method={method.value!r} is for the classic mixtures (moekit.classic); the language "
-        "model trains by 'joint', 'gradient', 'separate' or 'alternating'"
+        f"method={method.value!r} searches router configurations "
+        "(moekit.training.evolution.train_evolved); a training step is 'joint', 'gradient', "
+        "'separate' or 'alternating'"
     )
