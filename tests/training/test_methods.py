@@ -69,7 +69,7 @@ def test_router_phase_leaves_everything_else_unchanged(tmp_path, tiny_text):
 
 def test_em_is_refused_for_the_lm():
     # em is the classic mixtures' method (moekit.classic): not among the LM's
-    with pytest.raises(ValueError, match="method must be one of 'joint'.*got 'em'"):
+    with pytest.raises(ValueError, match=r"method must be one of 'joint'.*got 'em'"):
         load_train_config(None, ["method=em"])
 
 
