@@ -1,7 +1,5 @@
 """moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
 
-from moekit.analysis.routing_stats import RoutingStats
-from moekit.collect import collect_moe_outputs
 from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
@@ -11,16 +9,21 @@ from moekit.layers import (
     MoE,
     MoEConfig,
     MoEOutput,
+    RoutingStats,
+    collect_moe_outputs,
+    record_routing,
+    replay_routing,
     serving,
     set_statistics,
+    set_top_k,
+    update_expert_bias,
     without_statistics,
 )
 from moekit.losses.config import AuxLossConfig, BalanceScope
-from moekit.routing.bias_balancing import update_expert_bias
 from moekit.routing.config import Gating, GroupScore, RouterConfig, RouterKind
 from moekit.routing.result import RoutingResult
-from moekit.routing.runtime import RoutingTrace, record_routing, replay_routing, set_top_k
 from moekit.routing.topk import TopKRouter
+from moekit.routing.trace import RoutingTrace
 
 __version__ = "0.1.0"
 

@@ -148,15 +148,16 @@ def test_routing_statistics_are_computed_only_on_steps_that_write_metrics(
     tmp_path, tiny_text, monkeypatch
 ):
     import moekit.layers
+    import moekit.layers.moe
 
     computed = []
-    real = moekit.layers.routing_stats
+    real = moekit.layers.moe.routing_stats
 
     def counted(*args, **kwargs):
         computed.append(torch.is_grad_enabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(moekit.layers, "routing_stats", counted)
+    monkeypatch.setattr(moekit.layers.moe, "routing_stats", counted)
     extra = ["steps=6", "log_every=3", "eval_every=6"]
     result = train(_config(tmp_path, "run", extra, text=tiny_text), progress=False)
     assert [r["step"] for r in result.records] == [3, 6]

@@ -68,6 +68,7 @@ class LoRAConfig:
             raise ValueError(f"lora.ranks names targets not in lora.targets: {sorted(unknown)}")
 
     def rank_of(self, target: str) -> int:
+        """The rank for ``target`` (``rank_overrides`` where given, else ``rank``)."""
         return self.ranks.get(target, self.rank)
 
 
@@ -113,12 +114,14 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the low-rank update into the base weight (the adapter goes idle)."""
         if self.active:
             self._replaced = self.weight.detach().clone()
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take the folded update back out of the base weight (the adapter is active again)."""
         if self._replaced is not None:
             self.weight.copy_(self._replaced)
             self._replaced = None
@@ -167,9 +170,11 @@ class ExpertLoRA(nn.Module):
         return self.scaling * grouped_linear(x_MR, B, counts_E, self.kernel)
 
     def in_delta(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``(M, 2H or H)``: the adapter's addition to the in-projection of expert-sorted rows."""
         return self._low_rank(x_MD, self.A_in_EDR, self.B_in_ERW, counts_E)
 
     def out_delta(self, a_MH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``(M, D)``: the adapter's addition to the out-projection of expert-sorted rows."""
         return self._low_rank(a_MH, self.A_out_EHR, self.B_out_ERD, counts_E)
 
     def delta_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +186,7 @@ class ExpertLoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self, bank: ExpertBank) -> None:
+        """Fold every expert's low-rank update into ``bank``'s stacked weights."""
         if self.active:
             self._replaced = (bank.w_in_EDH.detach().clone(), bank.w_out_EHD.detach().clone())
             d_in, d_out = self.delta_weights()
@@ -189,6 +195,7 @@ class ExpertLoRA(nn.Module):
 
     @torch.no_grad()
     def unmerge(self, bank: ExpertBank) -> None:
+        """Take the folded updates back out of ``bank``'s stacked weights."""
         if self._replaced is not None:
             bank.w_in_EDH.copy_(self._replaced[0])
             bank.w_out_EHD.copy_(self._replaced[1])
@@ -223,13 +230,16 @@ class DenseLoRA(nn.Module):
         return self._replaced is None
 
     def in_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's addition to the dense FFN's in-projection of ``x``."""
         return self.scaling * ((self.lora_dropout(x) @ self.A_in_DR) @ self.B_in_RW)
 
     def out_delta(self, a: torch.Tensor) -> torch.Tensor:
+        """The adapter's addition to the dense FFN's out-projection of the activation ``a``."""
         return self.scaling * ((self.lora_dropout(a) @ self.A_out_HR) @ self.B_out_RD)
 
     @torch.no_grad()
     def merge(self, ffn: FeedForward) -> None:
+        """Fold the low-rank updates into ``ffn``'s weights."""
         if self.active:
             self._replaced = (ffn.w_in_DH.detach().clone(), ffn.w_out_HD.detach().clone())
             ffn.w_in_DH.add_(self.scaling * self.A_in_DR @ self.B_in_RW)
@@ -237,6 +247,7 @@ class DenseLoRA(nn.Module):
 
     @torch.no_grad()
     def unmerge(self, ffn: FeedForward) -> None:
+        """Take the folded updates back out of ``ffn``'s weights."""
         if self._replaced is not None:
             ffn.w_in_DH.copy_(self._replaced[0])
             ffn.w_out_HD.copy_(self._replaced[1])

@@ -1,5 +1,1 @@
-"""Parameter/FLOP accounting, routing statistics, plots."""
-
-from moekit.analysis.routing_stats import RoutingStats, router_entropy
-
-__all__ = ["RoutingStats", "router_entropy"]
+"""Above the models: parameter and FLOP accounting, routing inspection, plots and reports."""

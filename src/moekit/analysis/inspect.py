@@ -341,9 +341,9 @@ def inspect_model(
 ) -> dict[str, Any]:
     """Run ``model`` (eval mode, no gradients) over ``batches`` of ``(B, S)`` token ids and
     return :meth:`RoutingInspector.report`. ``progress`` wraps the batch iterator (tqdm)."""
-    from moekit.routing.runtime import _routers
+    from moekit.layers.switches import moe_routers
 
-    routers = [(name, r) for name, r in _routers(model) if not getattr(r, "soft", False)]
+    routers = [(name, r) for name, r in moe_routers(model) if not getattr(r, "soft", False)]
     if not routers:
         raise ValueError("the model has no token routers to inspect")
     inspector = RoutingInspector(
@@ -381,7 +381,7 @@ def routing_differences(
     """Per router: the fraction of tokens whose set of chosen experts differs between
     ``model_a`` and ``model_b`` on the same batches (e.g. two checkpoints, fp32 against bf16).
     ``per_sequence``: ``model_b`` sees each sequence alone (batch composition)."""
-    from moekit.routing.runtime import record_routing
+    from moekit.layers.switches import record_routing
 
     differ: list[int] = []
     total = 0

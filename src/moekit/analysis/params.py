@@ -232,7 +232,7 @@ def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
 def count_parameters(source: Any, context: int = 4096) -> ParamReport:
     """Accounting for a moekit model or ``TransformerConfig``, or a Hugging Face config.json
     (path, folder or dict)."""
-    from moekit.models.transformer.config import TransformerConfig
+    from moekit.models.transformer.model import TransformerConfig
 
     config = getattr(source, "config", source)
     if isinstance(config, TransformerConfig):

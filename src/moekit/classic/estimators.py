@@ -158,6 +158,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, _MixtureOfExperts):
     """Jacobs et al. 1991 mixture of local experts for regression (see the module docstring)."""
 
     def predict(self, X) -> np.ndarray:
+        """Predicted targets for ``X`` ``(n_samples, n_features)``."""
         x_NI = self._inputs(X)
         with torch.no_grad():
             return self._regression_output(self.model_.predict(x_NI))
@@ -169,11 +170,13 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureOfExperts):
     _classification = True
 
     def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities ``(n_samples, n_classes)`` for ``X``."""
         x_NI = self._inputs(X)
         with torch.no_grad():
             return self.model_.predict(x_NI).numpy()
 
     def predict(self, X) -> np.ndarray:
+        """Predicted class labels for ``X`` ``(n_samples, n_features)``."""
         proba = self.predict_proba(X)  # checks that the estimator is fitted first
         return self.classes_[proba.argmax(axis=1)]
 
@@ -244,6 +247,7 @@ class HMERegressor(RegressorMixin, _HME):
     """Hierarchical mixture of Gaussian linear experts (Jordan & Jacobs 1994)."""
 
     def predict(self, X) -> np.ndarray:
+        """Predicted targets for ``X`` ``(n_samples, n_features)``."""
         x_NP = with_bias(self._inputs(X))
         with torch.no_grad():
             return self._regression_output(self.model_.predict(x_NP))
@@ -255,10 +259,12 @@ class HMEClassifier(ClassifierMixin, _HME):
     _classification = True
 
     def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities ``(n_samples, n_classes)`` for ``X``."""
         x_NP = with_bias(self._inputs(X))
         with torch.no_grad():
             return self.model_.predict(x_NP).numpy()
 
     def predict(self, X) -> np.ndarray:
+        """Predicted class labels for ``X`` ``(n_samples, n_features)``."""
         proba = self.predict_proba(X)  # checks that the estimator is fitted first
         return self.classes_[proba.argmax(axis=1)]

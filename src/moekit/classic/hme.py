@@ -36,6 +36,8 @@ from moekit.classic.glm import (
 
 
 class ExpertKind(str, Enum):
+    """The HME's experts: Gaussian (regression) or softmax (classification) GLMs."""
+
     GAUSSIAN = "gaussian"  # regression: y ~ N(x W, variance I)
     SOFTMAX = "softmax"  # classification: y ~ Categorical(softmax(x W))
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
     model.eval()
     if args.experts_per_token is not None:
-        from moekit.routing.runtime import set_top_k
+        from moekit.layers.switches import set_top_k
 
         set_top_k(model, args.experts_per_token)
     tokenizer = ByteTokenizer()

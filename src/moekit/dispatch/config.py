@@ -10,6 +10,8 @@ from moekit.utils.validation import check_fields
 
 
 class DispatchMode(str, Enum):
+    """Dropless (every assignment computed) or capacity (at most C per expert, rest dropped)."""
+
     DROPLESS = "dropless"  # every assignment computed (MegaBlocks-style, sort + grouped GEMM)
     CAPACITY = "capacity"  # each expert takes at most C assignments; the rest are dropped
 

@@ -69,6 +69,7 @@ class ExpertConfig:
             raise ValueError(f"experts.dropout must be in [0, 1), got {self.dropout}")
 
     def build(self, num_experts: int, d_model: int) -> ExpertBank:
+        """The bank of ``num_experts`` experts of width ``d_model``."""
         return ExpertBank(
             num_experts,
             d_model,
@@ -116,6 +117,7 @@ class ExpertBank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise the weights as ``nn.Linear`` would: uniform in +-1/sqrt(fan_in)."""
         bound_in = 1.0 / math.sqrt(self.d_model)
         bound_out = 1.0 / math.sqrt(self.hidden)
         nn.init.uniform_(self.w_in_EDH, -bound_in, bound_in)
@@ -238,6 +240,7 @@ class ModuleExperts(nn.Module):
         return torch.cat(outputs) if outputs else x_MD.new_zeros(x_MD.shape)
 
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Module ``expert`` on ``x_ND`` ``(N, D)`` (an MoE expert's output is kept)."""
         y = self.experts[expert](x_ND)
         if hasattr(y, "output"):  # an MoE layer as an expert: keep its losses and statistics
             self._inner_outputs.append(y)

@@ -58,6 +58,7 @@ class FeedForward(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise the weights as ``nn.Linear`` would: uniform in +-1/sqrt(fan_in)."""
         bound_in, bound_out = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.hidden)
         nn.init.uniform_(self.w_in_DH, -bound_in, bound_in)
         nn.init.uniform_(self.w_out_HD, -bound_out, bound_out)

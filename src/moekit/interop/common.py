@@ -115,7 +115,7 @@ def routed_experts(hf_experts: str, names=("gate_proj", "up_proj", "down_proj"))
 
 def rope(hf: dict[str, Any], default: float = 10000.0) -> tuple[float, Any]:
     """``(rope_theta, RopeScalingConfig or None)``; default and YaRN rotary positions."""
-    from moekit.models.transformer.config import RopeScalingConfig
+    from moekit.models.transformer.attention import RopeScalingConfig
 
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", default)))

@@ -13,7 +13,8 @@ from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.layers import MoEConfig
-from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
+from moekit.models.transformer.model import TransformerConfig
+from moekit.models.transformer.placement import MoEPlacementConfig
 
 MODEL_TYPE = "dbrx"
 

@@ -16,8 +16,9 @@ from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
 from moekit.models.transformer.mla import MLAConfig
+from moekit.models.transformer.model import TransformerConfig
+from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing.config import Gating, GroupScore, RouterConfig, TopKRouterConfig
 
 MODEL_TYPE = "deepseek_v3"

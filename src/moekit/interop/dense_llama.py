@@ -16,7 +16,7 @@ from moekit.interop.expressible import (
     unset,
 )
 from moekit.interop.keymap import Entry
-from moekit.models.transformer.config import TransformerConfig
+from moekit.models.transformer.model import TransformerConfig
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 

@@ -35,8 +35,7 @@ from moekit.interop import (
 )
 from moekit.interop import keymap as km
 from moekit.interop.expressible import export_problems
-from moekit.models.transformer.config import TransformerConfig
-from moekit.models.transformer.model import TransformerLM
+from moekit.models.transformer.model import TransformerConfig, TransformerLM
 from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
 FAMILIES: dict[str, ModuleType] = {

@@ -27,7 +27,8 @@ from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
-from moekit.models.transformer.config import MoEPlacementConfig, TransformerConfig
+from moekit.models.transformer.model import TransformerConfig
+from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
 
 

@@ -31,8 +31,7 @@ FORMAT_VERSION = 1
 
 
 def _registry() -> dict[str, tuple[type[nn.Module], type]]:
-    from moekit.models.transformer.config import TransformerConfig
-    from moekit.models.transformer.model import TransformerLM
+    from moekit.models.transformer.model import TransformerConfig, TransformerLM
     from moekit.models.vision.vit import VisionMoE, VisionMoEConfig
 
     return {

@@ -1,6 +1,5 @@
 """Routers: scores -> which experts, with which weights (one module per family)."""
 
-from moekit.routing.bias_balancing import update_expert_bias
 from moekit.routing.config import (
     ROUTER_CONFIGS,
     BaseRouterConfig,
@@ -45,5 +44,4 @@ __all__ = [
     "TopKRouterConfig",
     "TopPRouterConfig",
     "is_causal",
-    "update_expert_bias",
 ]

@@ -16,7 +16,7 @@ from moekit.dispatch.config import DispatchConfig
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
-from moekit.models.transformer.config import MoEPlacementConfig
+from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.training.config import TrainConfig
 from moekit.training.loop import TrainResult
 

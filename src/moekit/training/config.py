@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.adapters.lora import LoRAConfig
-from moekit.models.transformer.config import TransformerConfig
+from moekit.models.transformer.model import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.training.methods import AlternatingSchedule, TrainingMethod
 from moekit.utils.device import check_device_name

@@ -61,9 +61,11 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (its UTF-8 bytes)."""
         return list(text.encode("utf-8"))
 
     def decode(self, tokens: list[int]) -> str:
+        """The text of byte tokens (invalid UTF-8 replaced)."""
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 

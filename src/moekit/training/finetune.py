@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from moekit.analysis.inspect import count_routing
-from moekit.models.transformer.config import TransformerConfig
-from moekit.models.transformer.model import TransformerLM
+from moekit.models.transformer.model import TransformerConfig, TransformerLM
 from moekit.training.checkpoint import resolve_checkpoint
 from moekit.training.config import TrainConfig
 from moekit.training.data import load_corpus, load_tokenizer

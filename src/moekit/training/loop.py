@@ -37,9 +37,8 @@ from moekit.distributed.parallelize import (
     wrap_data_parallel,
 )
 from moekit.distributed.runtime import setup_distributed
-from moekit.layers import serving, without_statistics
+from moekit.layers.switches import serving, update_expert_bias, without_statistics
 from moekit.models.transformer.model import TransformerLM
-from moekit.routing.bias_balancing import update_expert_bias
 from moekit.training.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,

@@ -19,8 +19,8 @@ import torch
 from moekit.experts.bank import ExpertBank, ExpertConfig
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig
-from moekit.models.transformer.config import MoEPlacementConfig
 from moekit.models.transformer.model import Block, TransformerLM
+from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing.config import Gating, RouterOptions, TopKRouterConfig
 
 

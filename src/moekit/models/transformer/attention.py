@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.utils.validation import check_fields
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature term ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
@@ -50,6 +52,36 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor, 
     else:
         factor = yarn_mscale(scaling.factor)
     return inv_freq, factor
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """YaRN rotary scaling (Peng et al. 2023), as DeepSeek-V3 and GPT-OSS use it.
+
+    Args:
+        factor: context extension factor.
+        original_max_position_embeddings: the pre-extension context.
+        beta_fast, beta_slow: rotation counts bounding the interpolation ramp.
+        mscale, mscale_all_dim: DeepSeek's attention-temperature terms (0 = unused).
+        attention_factor: explicit cos/sin scale (``None``: derived from the above).
+        truncate: round the ramp bounds to whole dimensions.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.factor <= 0 or self.original_max_position_embeddings < 1:
+            raise ValueError(
+                "rope_scaling.factor must be > 0 and original_max_position_embeddings >= 1"
+            )
 
 
 def rotary_tables(

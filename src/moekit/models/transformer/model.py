@@ -17,12 +17,161 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
-from moekit.models.transformer.attention import Attention, KVCache, QKNorm, rotary_tables
-from moekit.models.transformer.config import TransformerConfig
-from moekit.models.transformer.mla import MultiHeadLatentAttention, mla_softmax_scale
+from moekit.models.transformer.attention import (
+    Attention,
+    KVCache,
+    QKNorm,
+    RopeScalingConfig,
+    rotary_tables,
+)
+from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
+from moekit.models.transformer.placement import MoEPlacementConfig, upgrade_moe_section
+from moekit.routing.config import RandomStaticRouterConfig
+from moekit.routing.registry import is_causal
 from moekit.utils.device import has_values
+from moekit.utils.validation import check_fields
+
+
+@dataclass(kw_only=True)
+class TransformerConfig:
+    """A pre-norm decoder-only transformer whose FFNs may be MoE layers.
+
+    Args:
+        vocab_size: tokens in the vocabulary.
+        d_model: model width.
+        n_layers: blocks.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (grouped-query attention); ``None`` means ``n_heads``.
+        head_dim: per-head width; ``None`` means ``d_model // n_heads``.
+        ffn_hidden: hidden width of the dense FFNs.
+        activation: FFN and expert activation.
+        max_seq_len: longest sequence (rotary table size, cache size).
+        rope_theta: rotary base.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: the output head reuses the token embedding.
+        qkv_bias: biases on the query, key and value projections (Qwen2).
+        qk_norm: RMSNorm on queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
+            or ``full`` (over the whole projection, OLMoE).
+        rope_scaling: YaRN scaling of the rotary positions, or ``None``.
+        o_bias: a bias on the attention output projection (GPT-OSS).
+        attention_sinks: a learned per-head sink logit in every softmax (GPT-OSS).
+        sliding_window: window of the sliding-window layers (0: none).
+        sliding_window_every: layer ``i`` uses the window when ``i % every == 0`` (GPT-OSS: 2,
+            i.e. every even layer; 1: every layer).
+        mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
+        moe: where the MoE layers are and how they are built.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    activation: Activation = Activation.SWIGLU
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: QKNorm = QKNorm.NONE
+    rope_scaling: RopeScalingConfig | None = None
+    o_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int = 0
+    sliding_window_every: int = 1
+    mla: MLAConfig | None = None
+    moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                    "(or set head_dim)"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+        if self.mla is not None and (self.qkv_bias or self.qk_norm != "none"):
+            raise ValueError("mla attention has no qkv_bias or qk_norm options")
+        layer = self.moe.layer
+        if layer is None:
+            return
+        counts = self.moe.experts_per_layer
+        if counts is not None and len(counts) != len(self.moe.moe_layer_indices(self.n_layers)):
+            raise ValueError(
+                f"moe.experts_per_layer has {len(counts)} entries for "
+                f"{len(self.moe.moe_layer_indices(self.n_layers))} MoE layers"
+            )
+        if layer.d_model != self.d_model:
+            raise ValueError(
+                f"moe.layer.d_model={layer.d_model} must equal the model's d_model={self.d_model}"
+            )
+        dispatch = layer.dispatch
+        if (
+            dispatch.mode is DispatchMode.CAPACITY
+            and dispatch.drop_priority is not DropPriority.TOKEN
+        ):
+            raise ValueError(
+                f"moe.layer.dispatch.drop_priority={dispatch.drop_priority.value!r} is not causal: "
+                "a later token could take an earlier token's capacity. Use drop_priority='token' "
+                "or mode='dropless' in a causal language model."
+            )
+        if not is_causal(layer.router.kind):
+            raise ValueError(
+                f"moe.layer.router.kind={layer.router.kind.value!r} is not causal (a token's "
+                "routing depends on later tokens of the batch), so a causal language model "
+                "cannot use it; see docs/routing.md for the causal routers"
+            )
+        router = layer.router
+        if isinstance(router, RandomStaticRouterConfig) and router.vocab_size != self.vocab_size:
+            raise ValueError("moe.layer.router.vocab_size must equal the model's vocab_size")
+
+    @classmethod
+    def upgrade_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Read older config dicts: see :func:`upgrade_moe_section`."""
+        if "moe" not in data:
+            return data
+        activation = data.get("activation", Activation.SWIGLU.value)
+        return {**data, "moe": upgrade_moe_section(data["moe"], data.get("d_model"), activation)}
+
+    def build(self) -> TransformerLM:
+        """The ``TransformerLM`` of this config (randomly initialised)."""
+        return TransformerLM(self)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``n_kv_heads`` after defaults are resolved)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_width(self) -> int:
+        """Per-head width (``head_dim`` after defaults are resolved)."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe.num_experts > 0
+
+    def window_of_layer(self, index: int) -> int:
+        """The sliding window of block ``index`` (0 for full attention)."""
+        return self.sliding_window if index % self.sliding_window_every == 0 else 0
 
 
 @dataclass

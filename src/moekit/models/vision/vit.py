@@ -19,8 +19,8 @@ from torch import nn
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig, MoEOutput
-from moekit.models.transformer.config import MoEPlacementConfig, upgrade_moe_section
 from moekit.models.transformer.model import Block
+from moekit.models.transformer.placement import MoEPlacementConfig, upgrade_moe_section
 from moekit.utils.validation import check_fields
 
 

@@ -6,20 +6,18 @@ token, M = kept token-expert assignments.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from moekit.analysis.routing_stats import RoutingStats, router_entropy, routing_stats
 from moekit.dispatch.config import DispatchConfig
 from moekit.dispatch.dispatcher import Dispatcher
 from moekit.dispatch.soft import soft_dispatch_and_combine
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
+from moekit.layers.statistics import RoutingStats, routing_stats, soft_routing_stats
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
 from moekit.routing.config import RouterKind, RouterOptions, TopKRouterConfig
@@ -259,77 +257,3 @@ class SoftMoE(MoE):
 def _router_float32(router: nn.Module) -> bool:
     """Whether ``router`` computes in at least float32 (its config's ``float32``)."""
     return bool(getattr(getattr(router, "config", None), "float32", False))
-
-
-def soft_routing_stats(
-    routing: SoftRoutingResult, x_BSD: torch.Tensor, mask_BS: torch.Tensor | None
-) -> RoutingStats:
-    """Soft MoE's statistics: every expert processes its slots, nothing is dropped."""
-    B, S = x_BSD.shape[:2]
-    E = routing.combine_BSN.shape[-1] // routing.slots_per_expert
-    slots_E = torch.full((E,), B * routing.slots_per_expert, device=x_BSD.device)
-    combine_TN = routing.combine_BSN.reshape(-1, routing.combine_BSN.shape[-1])
-    zero = x_BSD.new_zeros((), dtype=torch.float32)
-    return RoutingStats(
-        tokens_per_expert=slots_E,
-        kept_per_expert=slots_E,
-        dropped_fraction=zero,
-        router_entropy=router_entropy(combine_TN, None if mask_BS is None else mask_BS.reshape(-1)),
-        # expert evaluations per token: every slot is one expert call
-        experts_per_token=zero + E * routing.slots_per_expert / S,
-        unrouted_fraction=zero,
-    )
-
-
-def _moe_layers(model: nn.Module) -> list[MoE]:
-    """Every MoE layer of ``model`` (nested ones included), in module order."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-@contextmanager
-def _layer_switches(model: nn.Module, **values: bool) -> Iterator[int]:
-    """Set boolean attributes of every MoE layer of ``model`` inside the block; restore them on
-    exit. Yields how many layers it switched."""
-    layers = _moe_layers(model)
-    saved = [{name: getattr(layer, name) for name in values} for layer in layers]
-    for layer in layers:
-        for name, value in values.items():
-            setattr(layer, name, value)
-    try:
-        yield len(layers)
-    finally:
-        for layer, attributes in zip(layers, saved, strict=True):
-            for name, value in attributes.items():
-                setattr(layer, name, value)
-
-
-@contextmanager
-def serving(model: nn.Module) -> Iterator[int]:
-    """Inside the block, every MoE layer of ``model`` skips its auxiliary losses (``aux_loss``
-    is 0 and ``losses`` empty) and its routing statistics (``stats`` is ``None``): the work
-    generation never reads (``moekit.models.generate`` uses it). Routing and outputs are
-    unchanged. Yields how many layers it switched; their settings are restored on exit.
-    """
-    with _layer_switches(model, losses_enabled=False, statistics=False) as count:
-        yield count
-
-
-def set_statistics(model: nn.Module, enabled: bool) -> int:
-    """Turn routing statistics on or off in every MoE layer of ``model`` (off: no statistics
-    work and no host syncs, e.g. for ``torch.compile``); returns how many layers changed.
-    :func:`without_statistics` does the same for one block."""
-    layers = _moe_layers(model)
-    for layer in layers:
-        layer.statistics = enabled
-    return len(layers)
-
-
-@contextmanager
-def without_statistics(model: nn.Module) -> Iterator[int]:
-    """Inside the block, every MoE layer of ``model`` skips its routing statistics (``stats`` is
-    ``None``; under expert parallelism that also saves their all-reduces). Outputs, auxiliary
-    losses and bias-balancing tallies are unchanged. The training loop uses it on steps that
-    write no metrics line. Yields how many layers it switched; settings are restored on exit.
-    """
-    with _layer_switches(model, statistics=False) as count:
-        yield count

@@ -16,6 +16,7 @@ import torch
 if TYPE_CHECKING:
     from moekit.dispatch.sort import DispatchPlan
     from moekit.routing.result import RoutingResult
+    from moekit.routing.soft import SoftRoutingResult
 
 
 @dataclass
@@ -109,4 +110,24 @@ def routing_stats(
         capacity=plan.capacity,
         experts_per_token=plan.kept_per_expert_E.detach().sum().float() / real,
         unrouted_fraction=unrouted_T.sum().float() / real,
+    )
+
+
+def soft_routing_stats(
+    routing: SoftRoutingResult, x_BSD: torch.Tensor, mask_BS: torch.Tensor | None
+) -> RoutingStats:
+    """Soft MoE's statistics: every expert processes its slots, nothing is dropped."""
+    B, S = x_BSD.shape[:2]
+    E = routing.combine_BSN.shape[-1] // routing.slots_per_expert
+    slots_E = torch.full((E,), B * routing.slots_per_expert, device=x_BSD.device)
+    combine_TN = routing.combine_BSN.reshape(-1, routing.combine_BSN.shape[-1])
+    zero = x_BSD.new_zeros((), dtype=torch.float32)
+    return RoutingStats(
+        tokens_per_expert=slots_E,
+        kept_per_expert=slots_E,
+        dropped_fraction=zero,
+        router_entropy=router_entropy(combine_TN, None if mask_BS is None else mask_BS.reshape(-1)),
+        # expert evaluations per token: every slot is one expert call
+        experts_per_token=zero + E * routing.slots_per_expert / S,
+        unrouted_fraction=zero,
     )

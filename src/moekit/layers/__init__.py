@@ -1,0 +1,39 @@
+"""The MoE layer (router + dispatcher + expert bank + shared experts), its routing statistics,
+and every model-wide switch (``moekit.layers.switches``)."""
+
+from moekit.layers.moe import MoE, MoEConfig, MoEOutput, SoftMoE
+from moekit.layers.statistics import RoutingStats, router_entropy, routing_stats
+from moekit.layers.switches import (
+    MoEOutputCollector,
+    collect_moe_outputs,
+    moe_layers,
+    moe_routers,
+    record_routing,
+    replay_routing,
+    serving,
+    set_statistics,
+    set_top_k,
+    update_expert_bias,
+    without_statistics,
+)
+
+__all__ = [
+    "MoE",
+    "MoEConfig",
+    "MoEOutput",
+    "MoEOutputCollector",
+    "RoutingStats",
+    "SoftMoE",
+    "collect_moe_outputs",
+    "moe_layers",
+    "moe_routers",
+    "record_routing",
+    "replay_routing",
+    "router_entropy",
+    "routing_stats",
+    "serving",
+    "set_statistics",
+    "set_top_k",
+    "update_expert_bias",
+    "without_statistics",
+]

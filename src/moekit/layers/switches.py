@@ -1,0 +1,254 @@
+"""Every model-wide switch in one place, over one walker that finds MoE layers and routers by
+type: serving, routing statistics on and off, the number of experts per token, recording and
+replaying routes, the auxiliary-loss-free bias update, and collecting every layer's output.
+
+Routing at run time (record, replay, change k): reinforcement-learning fine-tuning of MoE models
+collapses when the experts chosen while generating differ from those chosen while training on
+the same tokens; replaying the generation-time routes at training time removes that gap while
+the combine weights still come from the live router, so it keeps learning.
+
+    with moekit.record_routing(model) as trace:
+        model(tokens)
+    trace.save("routes.safetensors")
+    with moekit.replay_routing(model, moekit.RoutingTrace.load("routes.safetensors")):
+        loss = model(tokens).logits...      # same experts, live weights, router gradients
+
+Collecting outputs: one call for all auxiliary losses (forward hooks registered on entry and
+removed on exit; nothing is stored globally).
+
+    with collect_moe_outputs(model) as moe_outputs:
+        logits = model(x)
+    loss = task_loss + moe_outputs.aux_loss()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.layers.moe import MoE, MoEOutput
+from moekit.layers.statistics import RoutingStats
+from moekit.routing.result import RoutingResult
+from moekit.routing.topk import TopKRouter
+from moekit.routing.trace import RoutingTrace
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of ``model`` (nested ones included), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def moe_routers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``(name, router)`` of every MoE layer's router in ``model``, in module order."""
+    return [
+        (f"{name}.router" if name else "router", module.router)
+        for name, module in model.named_modules()
+        if isinstance(module, MoE)
+    ]
+
+
+@contextmanager
+def _layer_switches(model: nn.Module, **values: bool) -> Iterator[int]:
+    """Set boolean attributes of every MoE layer of ``model`` inside the block; restore them on
+    exit. Yields how many layers it switched."""
+    layers = moe_layers(model)
+    saved = [{name: getattr(layer, name) for name in values} for layer in layers]
+    for layer in layers:
+        for name, value in values.items():
+            setattr(layer, name, value)
+    try:
+        yield len(layers)
+    finally:
+        for layer, attributes in zip(layers, saved, strict=True):
+            for name, value in attributes.items():
+                setattr(layer, name, value)
+
+
+@contextmanager
+def serving(model: nn.Module) -> Iterator[int]:
+    """Inside the block, every MoE layer of ``model`` skips its auxiliary losses (``aux_loss``
+    is 0 and ``losses`` empty) and its routing statistics (``stats`` is ``None``): the work
+    generation never reads (``moekit.models.generate`` uses it). Routing and outputs are
+    unchanged. Yields how many layers it switched; their settings are restored on exit.
+    """
+    with _layer_switches(model, losses_enabled=False, statistics=False) as count:
+        yield count
+
+
+def set_statistics(model: nn.Module, enabled: bool) -> int:
+    """Turn routing statistics on or off in every MoE layer of ``model`` (off: no statistics
+    work and no host syncs, e.g. for ``torch.compile``); returns how many layers changed.
+    :func:`without_statistics` does the same for one block."""
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.statistics = enabled
+    return len(layers)
+
+
+@contextmanager
+def without_statistics(model: nn.Module) -> Iterator[int]:
+    """Inside the block, every MoE layer of ``model`` skips its routing statistics (``stats`` is
+    ``None``; under expert parallelism that also saves their all-reduces). Outputs, auxiliary
+    losses and bias-balancing tallies are unchanged. The training loop uses it on steps that
+    write no metrics line. Yields how many layers it switched; settings are restored on exit.
+    """
+    with _layer_switches(model, statistics=False) as count:
+        yield count
+
+
+@contextmanager
+def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
+    """Record every router call inside the ``with`` block (on the CPU, detached)."""
+    routers = moe_routers(model)
+    if not routers:
+        raise ValueError("the model has no routers to record")
+    trace = RoutingTrace(
+        names=[n for n, _ in routers], num_experts=[int(m.num_experts) for _, m in routers]
+    )
+    trace.expert_idx = [[] for _ in routers]
+    trace.weights = [[] for _ in routers]
+    handles = []
+    for r, (_, router) in enumerate(routers):
+
+        def hook(_module, _inputs, output, r=r):
+            if isinstance(output, RoutingResult):
+                trace.expert_idx[r].append(output.expert_idx_TK.detach().cpu())
+                trace.weights[r].append(output.weights_TK.detach().float().cpu())
+
+        handles.append(router.register_forward_hook(hook))
+    try:
+        yield trace
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def replay_routing(model: nn.Module, trace: RoutingTrace) -> Iterator[None]:
+    """Inside the block, every token-choice top-k router takes the trace's experts, call by
+    call in recorded order; combine weights come from the live router (gradients flow)."""
+    routers = moe_routers(model)
+    if [int(m.num_experts) for _, m in routers] != trace.num_experts:
+        raise ValueError(
+            f"the trace was recorded on routers with {trace.num_experts} experts; this model's "
+            f"have {[int(m.num_experts) for _, m in routers]} (a trace from another model?)"
+        )
+    topk: list[tuple[str, TopKRouter]] = []
+    for name, router in routers:
+        if not isinstance(router, TopKRouter):
+            raise ValueError(
+                f"{name} is a {type(router).__name__}; replay needs token-choice top-k routers"
+            )
+        topk.append((name, router))
+    for r, (name, router) in enumerate(topk):
+        calls = iter(trace.expert_idx[r])
+
+        def next_routes(num_tokens: int, calls=calls, name=name) -> torch.Tensor:
+            try:
+                return next(calls)
+            except StopIteration:
+                raise ValueError(f"{name} is called more often than the trace recorded") from None
+
+        router.forced_routes = next_routes
+    try:
+        yield
+    finally:
+        for _, router in topk:
+            router.forced_routes = None
+
+
+def set_top_k(model: nn.Module, k: int) -> int:
+    """Route every token to ``k`` experts in every token-choice top-k router from now on (the
+    weights are renormalised the way each router was trained: renormalised top-k stays
+    renormalised, softmax-after-top-k re-softmaxes over the k). Returns how many routers
+    changed. Raises for k outside ``[1, E]`` or beyond what group-limited routing allows."""
+    routers = [(n, m) for n, m in moe_routers(model) if isinstance(m, TopKRouter)]
+    if not routers:
+        raise ValueError("the model has no token-choice top-k routers")
+    for name, router in routers:
+        cfg = router.config
+        limit = router.num_experts
+        if cfg.num_groups > 1:
+            limit = cfg.topk_groups * (router.num_experts // cfg.num_groups)
+        if not 1 <= k <= limit:
+            raise ValueError(f"k must be in [1, {limit}] for {name}, got {k}")
+    for _, router in routers:
+        router.top_k = k
+    return len(routers)
+
+
+def update_expert_bias(model: nn.Module, rate: float | None = None) -> int:
+    """Update every bias-balancing router in ``model``; returns how many routers were updated.
+
+    Args:
+        model: any module containing moekit routers.
+        rate: override each router's configured ``bias_update_rate``.
+    """
+    updated = 0
+    for module in model.modules():
+        if isinstance(module, TopKRouter) and module.expert_bias_E is not None:
+            module.update_expert_bias(rate)
+            updated += 1
+    return updated
+
+
+class MoEOutputCollector:
+    """The MoE outputs seen during a ``collect_moe_outputs`` block, by module name."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[MoEOutput]] = {}
+        self.nested: set[str] = set()  # MoE layers inside another MoE (hierarchical experts)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of every collected call's weighted auxiliary loss (0 if none). Nested MoE layers
+        are not added again: their losses are already inside their parent's ``aux_loss``."""
+        device = next((c[0].aux_loss.device for c in self.outputs.values() if c), None)
+        total = torch.zeros((), device=device)
+        for name, calls in self.outputs.items():
+            if name in self.nested:
+                continue
+            for out in calls:
+                total = total + out.aux_loss
+        return total
+
+    def stats(self) -> dict[str, RoutingStats]:
+        """The last call's routing statistics of each MoE layer (layers with statistics off
+        are left out)."""
+        return {
+            name: stats
+            for name, calls in self.outputs.items()
+            if calls and (stats := calls[-1].stats) is not None
+        }
+
+    def clear(self) -> None:
+        """Forget the outputs collected so far (the hooks stay until the block ends)."""
+        self.outputs.clear()
+
+
+@contextmanager
+def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
+    """Record the ``MoEOutput`` of every ``MoE`` module in ``model`` (nested ones included)."""
+    collector = MoEOutputCollector()
+    handles = []
+    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoE)]
+    collector.nested = {
+        name
+        for name in moe_names
+        if any(p != name and (p == "" or name.startswith(p + ".")) for p in moe_names)
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+
+            def hook(_module, _args, output, name=name or "<root>"):
+                collector.outputs.setdefault(name, []).append(output)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield collector
+    finally:
+        for handle in handles:
+            handle.remove()

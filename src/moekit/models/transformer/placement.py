@@ -1,0 +1,124 @@
+"""Which FFNs of a transformer are MoE layers, and the MoE layer each becomes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.layers import MoEConfig
+from moekit.utils.validation import check_fields
+
+
+@dataclass(kw_only=True)
+class MoEPlacementConfig:
+    """Which FFNs of a model are MoE layers, and the MoE layer each of them becomes.
+
+    Args:
+        layer: the MoE layer of every MoE block; its ``d_model`` must be the model's. ``None``
+            makes every FFN dense (the baseline). In a causal LM its dispatch must be dropless
+            or capacity with ``drop_priority='token'`` (the only order in which no token's
+            capacity depends on later tokens).
+        every: an MoE layer in every n-th block (layer ``i`` is MoE when ``(i + 1) % every == 0``).
+        first_dense: the first n blocks always use a dense FFN (DeepSeek).
+        experts_per_layer: routed experts of each MoE block, in order, where they differ from
+            ``layer.num_experts`` (after pruning or merging); ``None``: all the same.
+
+    In config files ``layer.d_model`` follows the model's ``d_model`` and may be left out; the
+    flat keys of moekit <= 0.3 (``num_experts``, ``top_k``, ``expert_hidden``, ``router``, ...
+    directly under ``moe``) are still read, see :func:`upgrade_moe_section`.
+    """
+
+    layer: MoEConfig | None = None
+    every: int = 1
+    first_dense: int = 0
+    experts_per_layer: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.every < 1 or self.first_dense < 0:
+            raise ValueError(
+                f"moe.every must be >= 1 and moe.first_dense >= 0, got every={self.every}, "
+                f"first_dense={self.first_dense}"
+            )
+        if self.experts_per_layer is not None:
+            if self.layer is None:
+                raise ValueError("moe.experts_per_layer needs moe.layer")
+            k = self.layer.top_k
+            for count in self.experts_per_layer:
+                if count < max(1, k):
+                    raise ValueError(
+                        f"moe.experts_per_layer entries must be >= top_k={k} (and >= 1), got "
+                        f"{self.experts_per_layer}"
+                    )
+
+    def moe_layer_indices(self, n_layers: int) -> list[int]:
+        """The blocks (of ``n_layers``) that hold MoE layers."""
+        return [i for i in range(n_layers) if self.is_moe_layer(i)]
+
+    def layer_for(self, index: int, n_layers: int) -> MoEConfig | None:
+        """The MoE layer of block ``index`` (``None`` for a dense block), with its own expert
+        count when ``experts_per_layer`` gives one."""
+        if not self.is_moe_layer(index) or self.layer is None:
+            return None
+        if self.experts_per_layer is None:
+            return self.layer
+        position = self.moe_layer_indices(n_layers).index(index)
+        return dataclasses.replace(self.layer, num_experts=self.experts_per_layer[position])
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0: a dense model)."""
+        return 0 if self.layer is None else self.layer.num_experts
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` holds an MoE layer."""
+        return (
+            self.layer is not None and index >= self.first_dense and (index + 1) % self.every == 0
+        )
+
+
+#: The keys of the flat ``moe`` section of moekit <= 0.3, now fields of ``moe.layer``.
+LEGACY_MOE_KEYS = (
+    "num_experts",
+    "top_k",
+    "expert_hidden",
+    "expert_bias",
+    "router",
+    "dispatch",
+    "shared_experts",
+    "aux_loss",
+    "statistics",
+)
+
+
+def upgrade_moe_section(moe: Any, d_model: Any, activation: Any) -> Any:
+    """The ``moe`` section of a model config dict in today's nested form.
+
+    Flat keys (``moe.num_experts=8``, ``moe.expert_hidden=...``, as older run folders and
+    ``--set model.moe.top_k=1`` write them) are moved into ``moe.layer`` (``expert_hidden`` and
+    ``expert_bias`` into ``moe.layer.experts``, whose activation defaults to the model's), on top
+    of whatever ``moe.layer`` already holds; ``num_experts=0`` means a dense model. The layer's
+    ``d_model`` is set to the model's.
+    """
+    if not isinstance(moe, dict):
+        return moe
+    moe = dict(moe)
+    flat = {key: moe.pop(key) for key in LEGACY_MOE_KEYS if key in moe}
+    layer = moe.get("layer")
+    if flat:
+        layer = dict(layer) if isinstance(layer, dict) else {"top_k": 2}
+        experts = dict(layer.get("experts") or {})
+        if "expert_hidden" in flat:
+            experts["hidden"] = flat.pop("expert_hidden")
+        if "expert_bias" in flat:
+            experts["bias"] = flat.pop("expert_bias")
+        experts.setdefault("activation", activation)
+        layer["experts"] = experts
+        layer.update(flat)
+        if layer.get("num_experts", 0) == 0:
+            layer = None
+    if isinstance(layer, dict):
+        layer = {**layer, "d_model": d_model}
+    moe["layer"] = layer
+    return moe
