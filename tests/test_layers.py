@@ -62,7 +62,7 @@ def test_module_experts_any_module():
         torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Tanh(), torch.nn.Linear(5, 8))
         for _ in range(4)
     ]
-    router = moekit.RouterConfig().build(8, 4, 2)
+    router = moekit.RouterConfig().build(d_model=8, num_experts=4, top_k=2)
     moe = moekit.MoE(d_model=8, router=router, experts=moekit.ModuleExperts(experts))
     assert_layer_matches_reference(moe, torch.randn(11, 8))
 

@@ -20,7 +20,21 @@ from moekit.layers import (
     without_statistics,
 )
 from moekit.losses.config import AuxLossConfig, BalanceScope
-from moekit.routing.config import Gating, GroupScore, RouterConfig, RouterKind
+from moekit.routing import (
+    BaseRouterConfig,
+    DenseRouterConfig,
+    ExpertChoiceRouterConfig,
+    Gating,
+    GroupScore,
+    GShardRouterConfig,
+    HashRouterConfig,
+    RandomStaticRouterConfig,
+    RouterConfig,
+    RouterKind,
+    SoftRouterConfig,
+    TopKRouterConfig,
+    TopPRouterConfig,
+)
 from moekit.routing.result import RoutingResult
 from moekit.routing.topk import TopKRouter
 from moekit.routing.trace import RoutingTrace
@@ -31,18 +45,24 @@ __all__ = [
     "Activation",
     "AuxLossConfig",
     "BalanceScope",
+    "BaseRouterConfig",
+    "DenseRouterConfig",
     "DispatchConfig",
     "DispatchMode",
     "DropPriority",
     "ExpertBank",
+    "ExpertChoiceRouterConfig",
     "ExpertConfig",
     "FeedForward",
+    "GShardRouterConfig",
     "Gating",
     "GroupScore",
+    "HashRouterConfig",
     "MoE",
     "MoEConfig",
     "MoEOutput",
     "ModuleExperts",
+    "RandomStaticRouterConfig",
     "RouterConfig",
     "RouterKind",
     "RoutingResult",
@@ -50,7 +70,10 @@ __all__ = [
     "RoutingTrace",
     "SharedExpertConfig",
     "SharedExperts",
+    "SoftRouterConfig",
     "TopKRouter",
+    "TopKRouterConfig",
+    "TopPRouterConfig",
     "collect_moe_outputs",
     "record_routing",
     "replay_routing",

@@ -69,7 +69,7 @@ def test_hand_written_activation_backward_matches_autograd_including_clamps(acti
 def test_zero_stride_incoming_gradient_is_accepted():
     """``out.sum().backward()`` hands the backward an expanded (zero-stride) gradient, which
     ``grouped_mm`` rejects; the fused backward makes it contiguous."""
-    bank = moekit.ExpertConfig(hidden=16).build(2, 16)
+    bank = moekit.ExpertConfig(hidden=16).build(num_experts=2, d_model=16)
     counts = torch.tensor([2, 3])
     x = torch.randn(5, 16, requires_grad=True)
     bank(x, counts).sum().backward()

@@ -1,4 +1,4 @@
-"""One small config per router family, picked by kind; the old flat RouterConfig still loads."""
+"""One small config per router family, beside its router, picked by kind."""
 
 import dataclasses
 
@@ -7,7 +7,6 @@ import torch
 
 import moekit
 from moekit.routing import ROUTER_CONFIGS, Router, RouterKind
-from moekit.routing.config import _LEGACY_DEFAULTS
 from moekit.training import load_train_config
 from moekit.utils.serialization import config_to_dict
 from moekit.utils.validation import ConfigError
@@ -47,17 +46,25 @@ def test_options_of_another_family_are_refused_by_name():
         moekit.RouterConfig(kind="expert_choice", noisy_gating=True)
 
 
-@pytest.mark.parametrize("kind", sorted(FAMILY_EXAMPLES))
-def test_a_flat_0_1_router_section_still_loads(kind):
-    """moekit 0.1 wrote all 22 router options into every checkpoint's config.json."""
-    legacy = dict(_LEGACY_DEFAULTS, kind=kind, **FAMILY_EXAMPLES[kind])
-    if kind == "expert_choice":
-        legacy["expert_capacity"] = legacy.pop("capacity_factor")
-        with pytest.warns(DeprecationWarning, match="capacity_factor"):
-            loaded = ROUTER_CONFIGS[RouterKind.TOP_K].from_config_dict(legacy)
-    else:
-        loaded = ROUTER_CONFIGS[RouterKind.TOP_K].from_config_dict(legacy)
-    assert loaded == moekit.RouterConfig(kind=kind, **FAMILY_EXAMPLES[kind])
+def test_family_configs_are_typed_keyword_dataclasses_beside_their_routers():
+    import inspect
+
+    for kind, family in ROUTER_CONFIGS.items():
+        router = family(**FAMILY_EXAMPLES[kind.value]).build(
+            d_model=8, num_experts=4, top_k=_top_k(kind.value)
+        )
+        # the config lives in its router's module
+        assert family.__module__ == type(router).__module__, family
+        assert all(
+            p.kind is inspect.Parameter.KEYWORD_ONLY
+            for name, p in inspect.signature(family.build).parameters.items()
+            if name != "self"
+        )
+        assert getattr(moekit, family.__name__) is family  # completable from the top level
+
+
+def _top_k(kind: str) -> int:
+    return {"dense": 4, "expert_choice": 4, "gshard_top2": 2, "top_k": 2, "top_p": 3}.get(kind, 1)
 
 
 def test_train_config_picks_the_family_by_kind():
@@ -81,8 +88,8 @@ def test_train_config_picks_the_family_by_kind():
 
 @pytest.mark.parametrize("kind", sorted(set(FAMILY_EXAMPLES) - {"soft"}))
 def test_every_token_router_follows_the_router_protocol(kind):
-    top_k = {"dense": 4, "expert_choice": 4, "gshard_top2": 2, "top_k": 2, "top_p": 3}.get(kind, 1)
-    router = moekit.RouterConfig(kind=kind, **FAMILY_EXAMPLES[kind]).build(8, 4, top_k)
+    config = moekit.RouterConfig(kind=kind, **FAMILY_EXAMPLES[kind])
+    router = config.build(d_model=8, num_experts=4, top_k=_top_k(kind))
     assert isinstance(router, Router)
     result = router(torch.randn(5, 8), torch.randint(0, 50, (5,)), torch.ones(5, dtype=torch.bool))
     assert result.expert_idx_TK.shape == (5, router.top_k)

@@ -71,7 +71,7 @@ def test_soft_moe_fully_padded_sequence_is_finite():
 def test_sigmoid_topk_does_not_underflow_against_a_float64_reference():
     """Large negative logits underflow every sigmoid to 0 in float32; the router must still
     give the float64 answer (not 0/0)."""
-    router = moekit.RouterConfig(gating="sigmoid_topk").build(D, 2, 1)
+    router = moekit.RouterConfig(gating="sigmoid_topk").build(d_model=D, num_experts=2, top_k=1)
     with torch.no_grad():
         router.weight_ED.copy_(torch.tensor([[-30.0] * D, [-35.0] * D]))
     x = torch.full((5, D), 1.0) + 0.1 * torch.randn(5, D)  # logits about -240 and -280

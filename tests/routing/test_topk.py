@@ -25,7 +25,7 @@ ROUTER_OPTIONS = {
 
 
 def _router(options: dict) -> TopKRouter:
-    router = RouterConfig(**options).build(D, E, K)
+    router = RouterConfig(**options).build(d_model=D, num_experts=E, top_k=K)
     if router.noise_weight_ED is not None:
         torch.nn.init.normal_(router.noise_weight_ED, std=0.3)
     if router.expert_bias_E is not None:
@@ -81,7 +81,9 @@ def test_noisy_gating_is_shazeer_formula():
 
 
 def test_selection_bias_changes_choice_but_not_weights():
-    router = RouterConfig(bias_balancing=True, normalize_weights=False).build(D, E, K)
+    router = RouterConfig(bias_balancing=True, normalize_weights=False).build(
+        d_model=D, num_experts=E, top_k=K
+    )
     x = torch.randn(T, D)
     router.expert_bias_E[3] = 10.0
     res = router(x)
@@ -92,7 +94,7 @@ def test_selection_bias_changes_choice_but_not_weights():
 
 def test_group_limited_selection_stays_in_top_groups():
     cfg = RouterConfig(num_groups=4, topk_groups=1, group_score=GroupScore.MAX)
-    router = cfg.build(D, E, K)
+    router = cfg.build(d_model=D, num_experts=E, top_k=K)
     res = router(torch.randn(50, D))
     groups = res.expert_idx_TK // (E // 4)
     assert (groups == groups[:, :1]).all()
@@ -113,13 +115,13 @@ def test_group_limited_selection_stays_in_top_groups():
 )
 def test_bad_router_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        RouterConfig(**kwargs).build(D, E, K)
+        RouterConfig(**kwargs).build(d_model=D, num_experts=E, top_k=K)
 
 
 @pytest.mark.parametrize("top_k", [0, E + 1])
 def test_bad_top_k(top_k):
     with pytest.raises(ValueError, match="top_k must be in"):
-        TopKRouter(D, E, top_k, RouterConfig())
+        TopKRouter(RouterConfig(), d_model=D, num_experts=E, top_k=top_k)
 
 
 def test_gating_enum_accepts_strings():

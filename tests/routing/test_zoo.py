@@ -198,7 +198,7 @@ def test_hierarchical_moe_collects_inner_losses_and_stats():
     ]
     outer = moekit.MoE(
         d_model=D,
-        router=moekit.RouterConfig().build(D, 2, 1),
+        router=moekit.RouterConfig().build(d_model=D, num_experts=2, top_k=1),
         experts=moekit.ModuleExperts(inner),
         aux_loss=moekit.AuxLossConfig(switch=0.1),
     )

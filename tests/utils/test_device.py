@@ -125,7 +125,9 @@ def test_lm_forward_and_cached_decoding_stay_on_the_input_device(name):
 )
 def test_routers_and_losses_stay_on_the_input_device(kind, top_k):
     mode = FakeTensorMode()
-    router = _fake_cuda(moekit.RouterConfig(kind=kind).build(16, 4, top_k).train(), mode)
+    router = _fake_cuda(
+        moekit.RouterConfig(kind=kind).build(d_model=16, num_experts=4, top_k=top_k).train(), mode
+    )
     with mode:
         x = torch.randn(10, 16, device="cuda")
         result = router(x)  # (a padding mask's count is data, which fake tensors lack)

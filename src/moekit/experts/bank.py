@@ -68,7 +68,7 @@ class ExpertConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"experts.dropout must be in [0, 1), got {self.dropout}")
 
-    def build(self, num_experts: int, d_model: int) -> ExpertBank:
+    def build(self, *, num_experts: int, d_model: int) -> ExpertBank:
         """The bank of ``num_experts`` experts of width ``d_model``."""
         return ExpertBank(
             num_experts,

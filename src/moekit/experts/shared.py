@@ -38,7 +38,7 @@ class SharedExpertConfig:
         if self.hidden < 1:
             raise ValueError(f"shared expert hidden must be >= 1, got {self.hidden}")
 
-    def build(self, d_model: int) -> SharedExperts:
+    def build(self, *, d_model: int) -> SharedExperts:
         """The shared experts of width ``d_model``."""
         return SharedExperts(d_model, self)
 

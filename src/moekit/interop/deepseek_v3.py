@@ -19,7 +19,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.mla import MLAConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing.config import Gating, GroupScore, RouterConfig, TopKRouterConfig
+from moekit.routing import Gating, GroupScore, RouterConfig, TopKRouterConfig
 
 MODEL_TYPE = "deepseek_v3"
 

@@ -23,7 +23,7 @@ from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing.config import Gating, RouterConfig
+from moekit.routing import Gating, RouterConfig
 
 MODEL_TYPE = "gpt_oss"
 

@@ -16,7 +16,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
+from moekit.routing import Gating, RouterConfig, TopKRouterConfig
 
 MODEL_TYPE = "olmoe"
 

@@ -29,7 +29,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing.config import Gating, RouterConfig, TopKRouterConfig
+from moekit.routing import Gating, RouterConfig, TopKRouterConfig
 
 
 def keymaps(config: TransformerConfig, qwen3: bool) -> dict[str, list[Entry]]:

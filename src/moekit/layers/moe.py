@@ -20,7 +20,7 @@ from moekit.experts.shared import SharedExpertConfig
 from moekit.layers.statistics import RoutingStats, routing_stats, soft_routing_stats
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
-from moekit.routing.config import RouterKind, RouterOptions, TopKRouterConfig
+from moekit.routing import RouterKind, RouterOptions, TopKRouterConfig
 from moekit.routing.projection import router_precision
 from moekit.routing.result import RoutingResult
 from moekit.routing.soft import SoftRoutingResult
@@ -75,11 +75,15 @@ class MoEConfig:
         layer_cls = SoftMoE if self.router.kind is RouterKind.SOFT else MoE
         return layer_cls(
             d_model=self.d_model,
-            router=self.router.build(self.d_model, self.num_experts, self.top_k),
-            experts=self.experts.build(self.num_experts, self.d_model),
+            router=self.router.build(
+                d_model=self.d_model, num_experts=self.num_experts, top_k=self.top_k
+            ),
+            experts=self.experts.build(num_experts=self.num_experts, d_model=self.d_model),
             dispatch=self.dispatch,
             shared_experts=(
-                None if self.shared_experts is None else self.shared_experts.build(self.d_model)
+                None
+                if self.shared_experts is None
+                else self.shared_experts.build(d_model=self.d_model)
             ),
             aux_loss=self.aux_loss,
             check_finite=self.check_finite,

@@ -1,47 +1,54 @@
-"""Routers: scores -> which experts, with which weights (one module per family)."""
+"""Routers: scores -> which experts, with which weights (one module per family, each with its
+config beside it; ``config.py`` holds what they share)."""
 
+from moekit.routing.base_layers import BalancedAssignmentRouter, BaseRouterConfig
 from moekit.routing.config import (
     ROUTER_CONFIGS,
-    BaseRouterConfig,
-    DenseRouterConfig,
-    ExpertChoiceRouterConfig,
-    Gating,
-    GroupScore,
-    GShardRouterConfig,
-    HashRouterConfig,
-    RandomStaticRouterConfig,
+    GateOptions,
+    RouterBase,
     RouterConfig,
     RouterKind,
     RouterOptions,
-    SoftRouterConfig,
-    TopKRouterConfig,
-    TopPRouterConfig,
+    is_causal,
 )
-from moekit.routing.registry import ROUTERS, is_causal
+from moekit.routing.dense import DenseGateRouter, DenseRouterConfig
+from moekit.routing.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
+from moekit.routing.gshard import GShardRouterConfig, GShardTop2Router, SecondExpertPolicy
+from moekit.routing.hashing import HashRouter, HashRouterConfig, RandomStaticRouterConfig
 from moekit.routing.result import Router, RoutingResult
-from moekit.routing.soft import SoftRoutingResult
-from moekit.routing.topk import TopKRouter
+from moekit.routing.soft import SoftMoERouter, SoftRouterConfig, SoftRoutingResult
+from moekit.routing.top_p import TopPRouter, TopPRouterConfig
+from moekit.routing.topk import Gating, GroupScore, TopKRouter, TopKRouterConfig
 
 __all__ = [
-    "ROUTERS",
     "ROUTER_CONFIGS",
+    "BalancedAssignmentRouter",
     "BaseRouterConfig",
+    "DenseGateRouter",
     "DenseRouterConfig",
+    "ExpertChoiceRouter",
     "ExpertChoiceRouterConfig",
     "GShardRouterConfig",
+    "GShardTop2Router",
+    "GateOptions",
     "Gating",
     "GroupScore",
+    "HashRouter",
     "HashRouterConfig",
     "RandomStaticRouterConfig",
     "Router",
+    "RouterBase",
     "RouterConfig",
     "RouterKind",
     "RouterOptions",
     "RoutingResult",
+    "SecondExpertPolicy",
+    "SoftMoERouter",
     "SoftRouterConfig",
     "SoftRoutingResult",
     "TopKRouter",
     "TopKRouterConfig",
+    "TopPRouter",
     "TopPRouterConfig",
     "is_causal",
 ]

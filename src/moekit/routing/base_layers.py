@@ -16,10 +16,12 @@ refuses it.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from moekit.routing.config import BaseRouterConfig
+import torch
+
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
@@ -73,16 +75,43 @@ def sinkhorn_balanced_assignment(scores_TE: torch.Tensor, iterations: int) -> to
     return expert_T
 
 
-class BalancedAssignmentRouter(nn.Module):
+def _one_expert_per_token(kind: RouterKind, top_k: int) -> None:
+    if top_k != 1:
+        raise ValueError(f"kind={kind.value!r} routes each token to one expert: top_k=1")
+
+
+@dataclass(kw_only=True)
+class BaseRouterConfig(GateOptions, RouterOptions):
+    """Balanced assignment (BASE layers, Lewis et al. 2021).
+
+    Args:
+        exact_assignment_max_tokens: solve exactly (Hungarian) up to this many tokens,
+            Sinkhorn above.
+        sinkhorn_iterations: Sinkhorn iterations for large batches.
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.BASE, init=False)
+    causal: ClassVar[bool] = False  # the assignment balances the whole batch
+    exact_assignment_max_tokens: int = 512
+    sinkhorn_iterations: int = 50
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        super().validate_for(num_experts, top_k)
+        _one_expert_per_token(self.kind, top_k)
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> BalancedAssignmentRouter:
+        """The ``BalancedAssignmentRouter`` of this config."""
+        return BalancedAssignmentRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class BalancedAssignmentRouter(RouterBase):
     """``(T, D) -> RoutingResult`` with K = 1: balanced in training, greedy at inference."""
 
-    causal = False
-
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: BaseRouterConfig
+        self, config: BaseRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 1
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(

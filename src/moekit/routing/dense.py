@@ -8,25 +8,46 @@ Nothing is dropped and nothing is sparse: the cost is E experts per token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import DenseRouterConfig
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
 from moekit.routing.result import RoutingResult
 
 
-class DenseGateRouter(nn.Module):
+@dataclass(kw_only=True)
+class DenseRouterConfig(GateOptions, RouterOptions):
+    """Every expert, softmax weights (the classic mixture; Eigen et al. 2013's MLP gate).
+
+    Args:
+        gate_hidden: 0 for a linear gate, else the hidden width of a linear-ReLU-linear gate.
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.DENSE, init=False)
+    gate_hidden: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gate_hidden < 0:
+            raise ValueError(f"gate_hidden must be >= 0, got {self.gate_hidden}")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> DenseGateRouter:
+        """The ``DenseGateRouter`` of this config."""
+        return DenseGateRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class DenseGateRouter(RouterBase):
     """``(T, D) -> RoutingResult`` with all E experts per token (K = E)."""
 
-    causal = True
-
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: DenseRouterConfig
+        self, config: DenseRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts = config, d_model, num_experts
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.top_k = num_experts
         width = config.gate_hidden or d_model
         self.hidden = nn.Linear(d_model, config.gate_hidden) if config.gate_hidden else None

@@ -13,29 +13,52 @@ later ones included, so a causal language model refuses it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from torch import nn
 
-from moekit.routing.config import ExpertChoiceRouterConfig
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
 
-class ExpertChoiceRouter(nn.Module):
+@dataclass(kw_only=True)
+class ExpertChoiceRouterConfig(GateOptions, RouterOptions):
+    """Expert-choice routing (Zhou et al. 2022).
+
+    Args:
+        capacity_factor: the paper's capacity factor ``c``, the average number of experts per
+            token: each expert takes ``ceil(c T / E)`` tokens.
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.EXPERT_CHOICE, init=False)
+    causal: ClassVar[bool] = False  # experts choose among all tokens of the batch
+    capacity_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> ExpertChoiceRouter:
+        """The ``ExpertChoiceRouter`` of this config."""
+        return ExpertChoiceRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class ExpertChoiceRouter(RouterBase):
     """``(T, D) -> RoutingResult``: K = E slots per token, masked to the experts that chose it."""
 
-    causal = False
-
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: ExpertChoiceRouterConfig
+        self, config: ExpertChoiceRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts = config, d_model, num_experts
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.top_k = num_experts
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def tokens_per_expert(self, num_tokens: int) -> int:
+        """Tokens each expert picks from ``num_tokens``: ``ceil(c T / E)``, at most T."""
         return min(
             num_tokens, math.ceil(self.config.capacity_factor * num_tokens / self.num_experts)
         )

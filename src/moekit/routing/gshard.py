@@ -8,24 +8,53 @@ choices are usually skipped and save capacity); a skipped second expert contribu
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass, field
+from enum import Enum
 
-from moekit.routing.config import GShardRouterConfig, SecondExpertPolicy
+import torch
+
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
 
-class GShardTop2Router(nn.Module):
+class SecondExpertPolicy(str, Enum):
+    """GShard's second expert in training."""
+
+    RANDOM = "random"  # kept with probability min(1, 2 g2)
+    ALL = "all"  # always kept
+
+
+@dataclass(kw_only=True)
+class GShardRouterConfig(GateOptions, RouterOptions):
+    """GShard's top-2 (Lepikhin et al. 2020).
+
+    Args:
+        second_expert_policy: ``random`` (keep expert 2 with probability ``min(1, 2 g2)`` in
+            training) or ``all``.
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.GSHARD_TOP2, init=False)
+    second_expert_policy: SecondExpertPolicy = SecondExpertPolicy.RANDOM
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        super().validate_for(num_experts, top_k)
+        if top_k != 2:
+            raise ValueError(f"kind='gshard_top2' needs top_k=2, got {top_k}")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> GShardTop2Router:
+        """The ``GShardTop2Router`` of this config."""
+        return GShardTop2Router(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class GShardTop2Router(RouterBase):
     """``(T, D) -> RoutingResult`` with K = 2 and a mask on skipped second experts."""
 
-    causal = True
-
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: GShardRouterConfig
+        self, config: GShardRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 2
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(

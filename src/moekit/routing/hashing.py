@@ -9,31 +9,80 @@ Both are pure functions of the token id (so causal), weight 1, and need ``token_
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from moekit.routing.config import HashRouterConfig, RandomStaticRouterConfig
+from moekit.routing.config import RouterBase, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 
 _PRIME = 2**31 - 1
 
 
-class HashRouter(nn.Module):
+def _one_expert_per_token(kind: RouterKind, top_k: int) -> None:
+    if top_k != 1:
+        raise ValueError(f"kind={kind.value!r} routes each token to one expert: top_k=1")
+
+
+@dataclass(kw_only=True)
+class HashRouterConfig(RouterOptions):
+    """Routing by a fixed hash of the token id (Roller et al. 2021).
+
+    Args:
+        hash_seed: seed of the fixed mapping.
+    """
+
+    kind: RouterKind = field(default=RouterKind.HASH, init=False)
+    hash_seed: int = 0
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        super().validate_for(num_experts, top_k)
+        _one_expert_per_token(self.kind, top_k)
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> HashRouter:
+        """The ``HashRouter`` of this config."""
+        return HashRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+@dataclass(kw_only=True)
+class RandomStaticRouterConfig(RouterOptions):
+    """Routing by a fixed random token-id -> expert table.
+
+    Args:
+        vocab_size: size of the token-id table.
+        hash_seed: seed of the table.
+    """
+
+    kind: RouterKind = field(default=RouterKind.RANDOM_STATIC, init=False)
+    vocab_size: int = 0
+    hash_seed: int = 0
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        super().validate_for(num_experts, top_k)
+        _one_expert_per_token(self.kind, top_k)
+        if self.vocab_size < 1:
+            raise ValueError("kind='random_static' needs vocab_size (the token-id table size)")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> HashRouter:
+        """The ``HashRouter`` of this config."""
+        return HashRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class HashRouter(RouterBase):
     """``(T, D), token ids (T,) -> RoutingResult`` with K = 1 and weight 1."""
 
-    causal = True
     needs_token_ids = True
 
     def __init__(
         self,
+        config: HashRouterConfig | RandomStaticRouterConfig,
+        *,
         d_model: int,
         num_experts: int,
         top_k: int,
-        config: HashRouterConfig | RandomStaticRouterConfig,
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts, self.top_k = config, d_model, num_experts, 1
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         generator = torch.Generator().manual_seed(config.hash_seed)
         if isinstance(config, RandomStaticRouterConfig):
             table = torch.randint(0, num_experts, (config.vocab_size,), generator=generator)

@@ -15,13 +15,14 @@ causal Soft MoE an open problem), so a causal language model refuses it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import SoftRouterConfig
+from moekit.routing.config import RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import router_dtype
 
 
@@ -42,17 +43,39 @@ class SoftRoutingResult:
     slots_per_expert: int
 
 
-class SoftMoERouter(nn.Module):
+@dataclass(kw_only=True)
+class SoftRouterConfig(RouterOptions):
+    """Soft MoE (Puigcerver et al. 2023).
+
+    Args:
+        slots_per_expert: slots each expert processes per sequence.
+        float32: compute the router in at least float32 (``GateOptions``).
+    """
+
+    kind: RouterKind = field(default=RouterKind.SOFT, init=False)
+    causal: ClassVar[bool] = False  # slots mix every token of a sequence
+    slots_per_expert: int = 1
+    float32: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be >= 1, got {self.slots_per_expert}")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> SoftMoERouter:
+        """The ``SoftMoERouter`` of this config."""
+        return SoftMoERouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class SoftMoERouter(RouterBase):
     """``(B, S, D) -> SoftRoutingResult``; parameters ``phi_DN`` and ``scale``."""
 
-    causal = False
     soft = True
 
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: SoftRouterConfig
+        self, config: SoftRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts = config, d_model, num_experts
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.top_k = config.slots_per_expert
         self.slots_per_expert = config.slots_per_expert
         slots = num_experts * config.slots_per_expert

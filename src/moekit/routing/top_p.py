@@ -9,29 +9,47 @@ use one expert, uncertain ("hard") tokens use more. Causal.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass, field
 
-from moekit.routing.config import TopPRouterConfig
+import torch
+
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
 
 
-class TopPRouter(nn.Module):
+@dataclass(kw_only=True)
+class TopPRouterConfig(GateOptions, RouterOptions):
+    """Adaptive number of experts per token (Huang et al. 2024): the smallest set whose
+    probability mass reaches ``top_p``, at most ``top_k``.
+
+    Args:
+        top_p: probability mass the chosen experts must reach.
+        normalize_weights: renormalise the chosen weights to sum 1.
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.TOP_P, init=False)
+    top_p: float = 0.5
+    normalize_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> TopPRouter:
+        """The ``TopPRouter`` of this config."""
+        return TopPRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class TopPRouter(RouterBase):
     """``(T, D) -> RoutingResult`` with K = ``top_k`` slots, masked past each token's set."""
 
-    causal = True
-
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: TopPRouterConfig
+        self, config: TopPRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        self.config, self.d_model, self.num_experts, self.top_k = (
-            config,
-            d_model,
-            num_experts,
-            top_k,
-        )
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(

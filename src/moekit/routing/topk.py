@@ -21,17 +21,102 @@ auxiliary-loss-free balancing: experts are chosen by ``score + b``, weighted by 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import Gating, GroupScore, TopKRouterConfig
-from moekit.routing.projection import linear_logits, router_dtype, router_precision
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
+from moekit.routing.projection import (
+    linear_logits,
+    new_router_weight,
+    router_dtype,
+    router_precision,
+)
 from moekit.routing.result import RoutingResult
 
 
-class TopKRouter(nn.Module):
+class Gating(str, Enum):
+    """How scores become top-K weights."""
+
+    SOFTMAX_TOPK = "softmax_topk"
+    TOPK_SOFTMAX = "topk_softmax"
+    SIGMOID_TOPK = "sigmoid_topk"
+
+
+class GroupScore(str, Enum):
+    """How a group of experts is scored for group-limited selection."""
+
+    MAX = "max"  # DeepSeek-V2: best expert score in the group
+    TOP2_SUM = "top2_sum"  # DeepSeek-V3: sum of the group's two best scores
+
+
+@dataclass(kw_only=True)
+class TopKRouterConfig(GateOptions, RouterOptions):
+    """Token-choice top-K routing (``moekit.routing.topk`` has the formulas).
+
+    Args:
+        gating: ``softmax_topk``, ``topk_softmax`` or ``sigmoid_topk``.
+        normalize_weights: renormalise the K weights to sum 1 (``softmax_topk``/``sigmoid_topk``).
+        routed_scaling_factor: multiply the combine weights by this (DeepSeek).
+        jitter_eps: multiplicative input jitter U(1-eps, 1+eps) on the router input in training.
+        noisy_gating: Shazeer et al. 2017 noisy top-k gating (trainable noise, training only).
+        float32, bias: see ``GateOptions``.
+        num_groups: expert groups for group-limited selection (1 = off).
+        topk_groups: groups kept per token.
+        group_score: ``max`` or ``top2_sum``.
+        bias_balancing: keep an expert bias for auxiliary-loss-free balancing (DeepSeek-V3).
+        bias_update_rate: the fixed step ``u`` of ``b_i += u * sign(mean load - load_i)``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.TOP_K, init=False)
+    gating: Gating = Gating.SOFTMAX_TOPK
+    normalize_weights: bool = True
+    routed_scaling_factor: float = 1.0
+    jitter_eps: float = 0.0
+    noisy_gating: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: GroupScore = GroupScore.MAX
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"topk_groups must be in [1, num_groups={self.num_groups}], got {self.topk_groups}"
+            )
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        super().validate_for(num_experts, top_k)
+        if num_experts % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} must divide num_experts={num_experts}")
+        per_group = num_experts // self.num_groups
+        if top_k > self.topk_groups * per_group:
+            raise ValueError(
+                f"top_k={top_k} exceeds the {self.topk_groups * per_group} experts in "
+                f"topk_groups={self.topk_groups} groups of {per_group}"
+            )
+        if self.group_score is GroupScore.TOP2_SUM and self.num_groups > 1 and per_group < 2:
+            raise ValueError("group_score='top2_sum' needs at least 2 experts per group")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> TopKRouter:
+        """The ``TopKRouter`` of this config."""
+        return TopKRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class TopKRouter(RouterBase):
     """Token-choice top-K router: ``(T, D) -> RoutingResult``.
 
     Parameters: ``weight_ED`` ``(E, D)`` (``nn.Linear`` layout and initialisation), optional
@@ -40,22 +125,14 @@ class TopKRouter(nn.Module):
     the tokens each expert received since the last :meth:`update_expert_bias`.
     """
 
-    causal = True
     expert_bias_E: torch.Tensor | None
     load_since_update_E: torch.Tensor | None
 
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, config: TopKRouterConfig
+        self, config: TopKRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
-        super().__init__()
-        config.validate_for(num_experts, top_k)
-        self.config = config
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.top_k = top_k
-        proj = nn.Linear(d_model, num_experts, bias=config.bias)
-        self.weight_ED = nn.Parameter(proj.weight.detach().clone())
-        self.bias_E = nn.Parameter(proj.bias.detach().clone()) if config.bias else None
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
+        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
         self.noise_weight_ED = (
             nn.Parameter(torch.zeros(num_experts, d_model)) if config.noisy_gating else None
         )

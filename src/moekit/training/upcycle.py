@@ -21,7 +21,7 @@ from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig
 from moekit.models.transformer.model import Block, TransformerLM
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing.config import Gating, RouterOptions, TopKRouterConfig
+from moekit.routing import Gating, RouterOptions, TopKRouterConfig
 
 
 def upcycle(

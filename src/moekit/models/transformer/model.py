@@ -30,8 +30,7 @@ from moekit.models.transformer.attention import (
 )
 from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
 from moekit.models.transformer.placement import MoEPlacementConfig, upgrade_moe_section
-from moekit.routing.config import RandomStaticRouterConfig
-from moekit.routing.registry import is_causal
+from moekit.routing import RandomStaticRouterConfig, is_causal
 from moekit.utils.device import has_values
 from moekit.utils.validation import check_fields
 
