@@ -52,7 +52,7 @@ def test_missing_shard_is_named_from_the_index(mixtral_folder):
 
 def test_invalid_config_json_names_the_file(mixtral_folder):
     (mixtral_folder / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"config\.json:1: not valid JSON"):
         from_hf(mixtral_folder)
 
 

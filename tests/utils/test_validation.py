@@ -94,9 +94,9 @@ def test_saved_config_with_a_bad_value_names_the_key(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"num_local_experts": 0}, "num_experts must be >= 1, got 0"),
-        ({"num_experts_per_tok": 9}, "top_k must be in [1, num_experts=8], got 9"),
-        ({"hidden_size": "4096"}, "d_model must be an integer, got '4096'"),
+        ({"num_local_experts": 0}, "num_local_experts must be >= 1, got 0"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok=9 exceeds num_local_experts=8"),
+        ({"hidden_size": "4096"}, "hidden_size must be an integer, got '4096'"),
     ],
 )
 def test_params_cli_refuses_impossible_hf_configs(tmp_path, capsys, change, message):

@@ -16,11 +16,12 @@ with ``d_qk`` and ``d_v`` the summed query-key and value widths of all heads.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from moekit.utils.serialization import read_config_file
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -201,12 +202,9 @@ def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no Hugging Face config.json at {config}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        data = read_config_file(path)
     from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
-    from moekit.interop.hf import CONFIG_PARSERS  # the same parsers the converters use
+    from moekit.interop.hf import CONFIG_PARSERS, check_hf_integers  # as the converters
 
     model_type = data.get("model_type")
     if model_type not in CONFIG_PARSERS:
@@ -214,6 +212,7 @@ def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
             f"model_type {model_type!r} is not supported; supported: {', '.join(CONFIG_PARSERS)}"
         )
     source = f"{model_type} config.json"
+    check_hf_integers(data, source)
     try:
         parsed = CONFIG_PARSERS[model_type](data, strict=False)
     except KeyError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -44,6 +45,12 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load checkpoints without checking their weights against the recorded SHA-256 "
+        "(faster for large models; sets MOEKIT_VERIFY_CHECKSUMS=0)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in SUBCOMMANDS.items():
         module.add_parser(
@@ -65,6 +72,8 @@ REPORT_BUGS = "https://github.com/moekit/moekit/issues"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_verify:
+        os.environ["MOEKIT_VERIFY_CHECKSUMS"] = "0"
     try:
         return SUBCOMMANDS[args.command].run(args)
     except USER_ERRORS as error:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from moekit.analysis.params import ParamReport, count_parameters
+from moekit.utils.serialization import read_config_file
 
 HELP = (
     "Count total and active parameters, forward FLOPs per token and weight memory of a "
@@ -35,7 +36,7 @@ def _load(path: Path, context: int) -> ParamReport:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
-    data = json.loads(config_file.read_text())
+    data = read_config_file(config_file)
     if str(data.get("model_type", "")).startswith("moekit_"):
         from moekit.models.checkpoint import read_config
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from moekit.utils.capacity import capacity_for
 from moekit.utils.validation import check_fields
 
 
@@ -64,4 +65,4 @@ class DispatchConfig:
         if self.mode is DispatchMode.DROPLESS:
             return None
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        return max(self.min_capacity, math.ceil(factor * num_tokens * top_k / num_experts))
+        return max(self.min_capacity, capacity_for(factor, num_tokens * top_k, num_experts))

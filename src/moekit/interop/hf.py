@@ -36,7 +36,11 @@ from moekit.interop import (
 from moekit.interop import keymap as km
 from moekit.interop.expressible import export_problems
 from moekit.models.transformer.model import TransformerConfig, TransformerLM
-from moekit.utils.serialization import atomic_write_json, write_folder_atomically
+from moekit.utils.serialization import (
+    atomic_write_json,
+    read_config_file,
+    write_folder_atomically,
+)
 
 FAMILIES: dict[str, ModuleType] = {
     module.MODEL_TYPE: module
@@ -65,18 +69,57 @@ def _family(model_type: str | None) -> ModuleType:
 INDEX_FILE = "model.safetensors.index.json"
 
 
+# integer fields of the Hugging Face MoE configs (the minimum each may take)
+HF_INTEGER_KEYS = {
+    "hidden_size": 1,
+    "intermediate_size": 1,
+    "moe_intermediate_size": 1,
+    "shared_expert_intermediate_size": 0,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 1,
+    "vocab_size": 1,
+    "max_position_embeddings": 1,
+    "num_local_experts": 1,
+    "num_experts": 1,
+    "n_routed_experts": 1,
+    "n_shared_experts": 0,
+    "num_experts_per_tok": 1,
+    "moe_topk": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "moe_layer_freq": 1,
+    "decoder_sparse_step": 1,
+    "sliding_window": 0,
+}
+
+
+def check_hf_integers(config: dict[str, Any], source: str) -> None:
+    """Refuse a non-integer or too small value of a known integer field, naming the Hugging
+    Face key (``num_local_experts``), before it is mapped to moekit's names."""
+    for key, minimum in HF_INTEGER_KEYS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{source}: {key} must be >= {minimum}, got {value}")
+    top_k = config.get("num_experts_per_tok")
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        experts = config.get(key)
+        if isinstance(experts, int) and isinstance(top_k, int) and experts and top_k > experts:
+            raise ValueError(f"{source}: num_experts_per_tok={top_k} exceeds {key}={experts}")
+
+
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a local HF checkpoint folder, with errors that name the file."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {Path(path)}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object")
-    return config
+    return read_config_file(config_path)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -164,12 +207,15 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     if isinstance(source, nn.Module):
         hf_config = cast(Any, source).config.to_dict()
         family = _family(hf_config.get("model_type"))
+        check_hf_integers(hf_config, f"{hf_config.get('model_type')} config")
         config = family.config_from_hf(hf_config)
         state = {k: v.detach() for k, v in source.state_dict().items()}
         _refuse_quantised(state, type(source).__name__)
     else:  # the config first: an unsupported family or option fails before any tensor is read
-        family = _family(read_hf_config(source).get("model_type"))
-        config = family.config_from_hf(read_hf_config(source))
+        hf_config = read_hf_config(source)
+        family = _family(hf_config.get("model_type"))
+        check_hf_integers(hf_config, str(Path(source) / "config.json"))
+        config = family.config_from_hf(hf_config)
         hf_config, state = read_hf_folder(source)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -6,6 +6,7 @@ token, M = kept token-expert assignments.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -174,6 +175,12 @@ class MoE(nn.Module):
     def dispatch(self, config: DispatchConfig) -> None:
         self.dispatcher.config = config
 
+    def _weight_device(self) -> torch.device | None:
+        """Where the layer's tensors are (``None`` for a layer without any)."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return None
+
     @property
     def top_k(self) -> int:
         """Expert slots per token in the routing result (E for dense and expert choice); the
@@ -193,7 +200,9 @@ class MoE(nn.Module):
             losses and statistics.
         token_ids: ``x.shape[:-1]`` integer token ids, for routers that route by id (hash).
         """
-        check_layer_input(x, self.d_model, padding_mask, token_ids, self.check_finite)
+        check_layer_input(
+            x, self.d_model, padding_mask, token_ids, self.check_finite, self._weight_device()
+        )
         x_TD = x.reshape(-1, self.d_model)
         mask_T = None if padding_mask is None else padding_mask.reshape(-1)
         ids_T = None if token_ids is None else token_ids.reshape(-1)
@@ -242,7 +251,11 @@ class SoftMoE(MoE):
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
     ) -> MoEOutput:
-        check_layer_input(x, self.d_model, padding_mask, token_ids, self.check_finite)
+        check_layer_input(
+            x, self.d_model, padding_mask, token_ids, self.check_finite, self._weight_device()
+        )
+        if (x.dim() < 3 and x.numel() == 0) or (x.dim() >= 2 and x.shape[-2] == 0):
+            return _soft_empty_output(self, x)
         S = x.shape[-2] if x.dim() >= 2 else 1
         x_BSD = x.reshape(-1, S, self.d_model)
         mask_BS = None if padding_mask is None else padding_mask.reshape(-1, S)
@@ -256,6 +269,18 @@ class SoftMoE(MoE):
         stats = soft_routing_stats(routing, x_BSD, mask_BS) if self.statistics else None
         zero = x.new_zeros((), dtype=torch.float32)
         return MoEOutput(y_BSD.reshape(x.shape), zero, {}, stats, routing)
+
+
+def _soft_empty_output(layer: SoftMoE, x: torch.Tensor) -> MoEOutput:
+    """Soft MoE's output for an input without tokens: empty, like every other layer's."""
+    N = layer.num_experts * layer.router.slots_per_expert
+    empty = x.new_zeros(0, 0, N, dtype=torch.float32)
+    routing = SoftRoutingResult(empty, empty, empty, layer.router.slots_per_expert)
+    stats = None
+    if layer.statistics:
+        stats = soft_routing_stats(routing, x.new_zeros(0, 1, layer.d_model), None)
+    zero = x.new_zeros((), dtype=torch.float32)
+    return MoEOutput(torch.zeros_like(x), zero, {}, stats, routing)
 
 
 def _router_float32(router: nn.Module) -> bool:

@@ -19,9 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moekit.utils.serialization import (
+    add_checksums,
     atomic_write_json,
     config_from_dict,
     config_to_dict,
+    read_config_file,
+    verify_checksums,
     write_folder_atomically,
 )
 
@@ -49,6 +52,7 @@ def write_model_files(model: nn.Module, folder: Path) -> None:
     """Write ``model.safetensors`` and ``config.json`` into ``folder`` (no atomicity here)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    add_checksums(folder, [WEIGHTS_FILE])
     atomic_write_json(
         folder / CONFIG_FILE,
         {
@@ -70,10 +74,7 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    data = read_config_file(path)
     registry = _registry()
     model_type = data.get("model_type")
     if model_type not in registry:
@@ -83,13 +84,18 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any]:
     return model_type, config_from_dict(registry[model_type][1], data.get("config", {}))
 
 
-def from_pretrained(directory: str | os.PathLike) -> nn.Module:
-    """Load a model saved by :func:`save_pretrained`."""
+def from_pretrained(directory: str | os.PathLike, *, verify: bool | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained`.
+
+    ``verify``: check the weights against the SHA-256 recorded when they were written
+    (``None``: unless ``$MOEKIT_VERIFY_CHECKSUMS=0``, which ``moekit --no-verify`` sets).
+    """
     directory = Path(directory)
     model_type, config = read_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+    verify_checksums(directory, [WEIGHTS_FILE], verify)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:

@@ -12,7 +12,6 @@ later ones included, so a causal language model refuses it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,6 +20,7 @@ import torch
 from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
+from moekit.utils.capacity import capacity_for
 
 
 @dataclass(kw_only=True)
@@ -59,9 +59,7 @@ class ExpertChoiceRouter(RouterBase):
 
     def tokens_per_expert(self, num_tokens: int) -> int:
         """Tokens each expert picks from ``num_tokens``: ``ceil(c T / E)``, at most T."""
-        return min(
-            num_tokens, math.ceil(self.config.capacity_factor * num_tokens / self.num_experts)
-        )
+        return capacity_for(self.config.capacity_factor, num_tokens, self.num_experts)
 
     def forward(
         self,

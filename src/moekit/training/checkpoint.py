@@ -22,8 +22,10 @@ from torch import nn
 
 from moekit.models.checkpoint import from_pretrained, write_model_files
 from moekit.utils.serialization import (
+    add_checksums,
     atomic_write_bytes,
     atomic_write_json,
+    verify_checksums,
     write_folder_atomically,
 )
 
@@ -77,6 +79,7 @@ def save_training_checkpoint(
     def write(folder: Path) -> None:
         write_model_files(model, folder)
         save_file(tensors, str(folder / OPTIMIZER_FILE))
+        add_checksums(folder, [OPTIMIZER_FILE])
         atomic_write_json(
             folder / STATE_FILE,
             {
@@ -170,6 +173,7 @@ def load_training_checkpoint(
             f"{state_path} is truncated or damaged ({error!r}); resume from an earlier "
             f"checkpoint by writing its folder name into {folder.parent / LATEST}"
         ) from None
+    verify_checksums(folder, [OPTIMIZER_FILE], None)
     try:
         tensors = load_file(str(folder / OPTIMIZER_FILE))
     except Exception as e:  # safetensors raises several types for a damaged file

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from moekit.models.transformer.model import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.training.methods import AlternatingSchedule, TrainingMethod
 from moekit.utils.device import check_device_name
-from moekit.utils.serialization import config_from_dict
+from moekit.utils.serialization import config_from_dict, read_config_file
 from moekit.utils.validation import check_fields
 
 
@@ -249,24 +248,7 @@ class TrainConfig:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        return json.loads(text)
-    if path.suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError("YAML configs need PyYAML (pip install pyyaml)") from None
-        return yaml.safe_load(text) or {}
-    raise ValueError(f"config file must end in .toml, .yaml, .yml or .json, got {path.name}")
+    return read_config_file(path)
 
 
 def _parse_value(text: str) -> Any:

@@ -136,3 +136,102 @@ def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path]
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The options in a TOML, YAML or JSON file (by suffix), which must hold a table/mapping at
+    the top. Every failure is a ``ValueError`` (or ``FileNotFoundError``) naming the file and,
+    for a syntax error, the line: the command line prints it as one line (exit status 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a text file ({error.reason})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}:{error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
+            ) from None
+    elif suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path}: not valid TOML: {error}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"{path}{where}: not valid YAML: {problem}") from None
+        if data is None:  # an empty file: no options
+            data = {}
+    else:
+        raise ValueError(f"config file must end in .toml, .yaml, .yml or .json, got {path.name!r}")
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: the top level must be a table of options (key = value), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+CHECKSUMS_FILE = "checksums.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def add_checksums(folder: str | os.PathLike, names: list[str]) -> None:
+    """Record the SHA-256 of the files ``names`` of ``folder`` in its ``checksums.json`` (merged
+    with what it already lists)."""
+    folder = Path(folder)
+    path = folder / CHECKSUMS_FILE
+    sums = json.loads(path.read_text()) if path.is_file() else {}
+    sums.update({name: file_sha256(folder / name) for name in names})
+    atomic_write_json(path, dict(sorted(sums.items())))
+
+
+def verify_checksums(folder: str | os.PathLike, names: list[str], verify: bool | None) -> None:
+    """Check the files ``names`` of ``folder`` against its ``checksums.json``; a damaged file is
+    a ``ValueError`` naming it. ``verify=None`` follows ``$MOEKIT_VERIFY_CHECKSUMS`` (``0`` turns
+    checking off; ``moekit --no-verify`` sets it); folders written before checksums existed,
+    or files they do not list, are not checked."""
+    if verify is None:
+        verify = os.environ.get("MOEKIT_VERIFY_CHECKSUMS", "1") != "0"
+    path = Path(folder) / CHECKSUMS_FILE
+    if not verify or not path.is_file():
+        return
+    try:
+        sums = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is damaged ({error}); moekit --no-verify skips the check"
+        ) from None
+    for name in names:
+        expected = sums.get(name)
+        if expected is not None and file_sha256(Path(folder) / name) != expected:
+            raise ValueError(
+                f"{Path(folder) / name} is damaged: its SHA-256 differs from the one recorded in "
+                f"{CHECKSUMS_FILE} when it was written (moekit --no-verify loads it anyway)"
+            )

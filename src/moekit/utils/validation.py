@@ -76,8 +76,6 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if annotation is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
@@ -108,6 +106,7 @@ def check_layer_input(
     padding_mask: Any = None,
     token_ids: Any = None,
     check_finite: bool = False,
+    device: Any = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument when an MoE layer's input is
     malformed: ``x`` must be a floating ``(..., d_model)`` tensor, ``padding_mask`` a bool
@@ -140,6 +139,11 @@ def check_layer_input(
         raise ValueError(
             f"token_ids must be an integer tensor of shape x.shape[:-1]={tuple(x.shape[:-1])}, "
             f"got {getattr(token_ids, 'shape', None)} {getattr(token_ids, 'dtype', None)}"
+        )
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"x is on {x.device} but the layer's weights are on {device}: move one to the other "
+            "(model.to(device) or x.to(device))"
         )
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf values (check_finite=True)")
