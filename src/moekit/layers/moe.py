@@ -273,9 +273,9 @@ class SoftMoE(MoE):
 
 def _soft_empty_output(layer: SoftMoE, x: torch.Tensor) -> MoEOutput:
     """Soft MoE's output for an input without tokens: empty, like every other layer's."""
-    N = layer.num_experts * layer.router.slots_per_expert
-    empty = x.new_zeros(0, 0, N, dtype=torch.float32)
-    routing = SoftRoutingResult(empty, empty, empty, layer.router.slots_per_expert)
+    slots_per_expert = int(cast(Any, layer.router).slots_per_expert)
+    empty = x.new_zeros(0, 0, layer.num_experts * slots_per_expert, dtype=torch.float32)
+    routing = SoftRoutingResult(empty, empty, empty, slots_per_expert)
     stats = None
     if layer.statistics:
         stats = soft_routing_stats(routing, x.new_zeros(0, 1, layer.d_model), None)
