@@ -241,9 +241,9 @@ def section_correct(device: torch.device, args: argparse.Namespace) -> None:
             "model.n_layers=2",
             "model.ffn_hidden=128",
             "model.max_seq_len=128",
-            "model.moe.num_experts=8",
-            "model.moe.expert_hidden=64",
-            "model.moe.top_k=2",
+            "model.moe.layer.num_experts=8",
+            "model.moe.layer.experts.hidden=64",
+            "model.moe.layer.top_k=2",
             f"device={device}",
             f"out_dir={out_dir}",
         ]

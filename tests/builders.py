@@ -36,9 +36,9 @@ TINY = [
 ]
 TINY_MOE = [
     *TINY,
-    "model.moe.num_experts=4",
-    "model.moe.expert_hidden=32",
-    "model.moe.top_k=2",
+    "model.moe.layer.num_experts=4",
+    "model.moe.layer.experts.hidden=32",
+    "model.moe.layer.top_k=2",
 ]
 
 

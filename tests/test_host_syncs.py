@@ -81,7 +81,10 @@ def _run(tmp_path, *overrides):
     [
         (),
         ("optim.grad_accum=2",),
-        ("model.moe.router.gating=sigmoid_topk", "model.moe.router.bias_balancing=true"),
+        (
+            "model.moe.layer.router.gating=sigmoid_topk",
+            "model.moe.layer.router.bias_balancing=true",
+        ),
     ],
 )
 def test_training_step_makes_no_host_sync(tmp_path, as_on_cuda, overrides):

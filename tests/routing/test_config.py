@@ -71,10 +71,11 @@ def test_train_config_picks_the_family_by_kind():
     config = load_train_config(
         None,
         [
-            "model.moe.num_experts=4",
-            "model.moe.expert_hidden=8",
-            "model.moe.router.kind=top_p",
-            "model.moe.router.top_p=0.7",
+            "model.moe.layer.num_experts=4",
+            "model.moe.layer.top_k=2",
+            "model.moe.layer.experts.hidden=8",
+            "model.moe.layer.router.kind=top_p",
+            "model.moe.layer.router.top_p=0.7",
         ],
     )
     assert type(config.model.moe.layer.router).__name__ == "TopPRouterConfig"
@@ -82,7 +83,11 @@ def test_train_config_picks_the_family_by_kind():
     with pytest.raises(ConfigError, match=r"model\.moe\.layer\.router: option\(s\) top_p=0\.7"):
         load_train_config(
             None,
-            ["model.moe.num_experts=4", "model.moe.expert_hidden=8", "model.moe.router.top_p=0.7"],
+            [
+                "model.moe.layer.num_experts=4",
+                "model.moe.layer.experts.hidden=8",
+                "model.moe.layer.router.top_p=0.7",
+            ],
         )
 
 

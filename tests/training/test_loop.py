@@ -35,8 +35,8 @@ def test_a_few_steps_lower_the_loss_and_metrics_are_logged(tmp_path, tiny_text):
 
 def test_resume_equals_uninterrupted_bit_exactly(tmp_path, tiny_text):
     extra = [
-        "model.moe.router.bias_balancing=true",
-        "model.moe.router.noisy_gating=true",
+        "model.moe.layer.router.bias_balancing=true",
+        "model.moe.layer.router.noisy_gating=true",
         "optim.grad_accum=2",
         "checkpoint_every=4",
     ]
@@ -114,10 +114,12 @@ def test_empty_corpus_fails_before_any_step(tmp_path):
 def test_config_files_and_overrides(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text(
-        "steps = 7\n[optim]\nlr = 0.01\n[model]\nn_heads = 8\n[model.moe]\n"
-        "num_experts = 4\nexpert_hidden = 16\n"
+        "steps = 7\n[optim]\nlr = 0.01\n[model]\nn_heads = 8\n[model.moe.layer]\n"
+        "num_experts = 4\ntop_k = 2\n[model.moe.layer.experts]\nhidden = 16\n"
     )
-    cfg = load_train_config(str(toml), ["optim.lr=0.02", "model.moe.router.gating=sigmoid_topk"])
+    cfg = load_train_config(
+        str(toml), ["optim.lr=0.02", "model.moe.layer.router.gating=sigmoid_topk"]
+    )
     assert cfg.steps == 7 and cfg.optim.lr == 0.02 and cfg.model.n_heads == 8
     assert cfg.model.head_dim == 16 and cfg.model.n_kv_heads == 8  # derived from the file
     assert cfg.model.moe.layer.router.gating.value == "sigmoid_topk"

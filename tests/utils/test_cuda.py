@@ -62,7 +62,7 @@ def test_resume_on_cuda_equals_uninterrupted(tmp_path, tiny_text):
                 *TINY_MOE,
                 "device=cuda",
                 "bf16=false",
-                "model.moe.router.noisy_gating=true",
+                "model.moe.layer.router.noisy_gating=true",
                 "checkpoint_every=4",
                 f"out_dir={tmp_path / name}",
                 f"data.path={tiny_text}",

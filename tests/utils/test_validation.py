@@ -15,7 +15,11 @@ from moekit.utils.validation import ConfigError
 from tests.builders import placement
 
 HF_CONFIGS = Path(__file__).parents[1] / "analysis" / "hf_configs"
-MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=8"]
+MOE = [
+    "model.moe.layer.num_experts=4",
+    "model.moe.layer.top_k=2",
+    "model.moe.layer.experts.hidden=8",
+]
 
 
 @pytest.mark.parametrize(
@@ -23,17 +27,23 @@ MOE = ["model.moe.num_experts=4", "model.moe.expert_hidden=8"]
     [
         (["steps=abc"], "steps must be an integer, got 'abc'"),
         (["data.batch_size=2.5"], "data.batch_size must be an integer, got 2.5"),
-        ([*MOE, "model.moe.router.noisy_gating=yes"], "noisy_gating must be true or false"),
+        ([*MOE, "model.moe.layer.router.noisy_gating=yes"], "noisy_gating must be true or false"),
         (["bf16=false1"], "bf16 must be true, false or 'auto'"),
         (["optim.lr=NaN"], "optim.lr must be a finite number"),
         (["optim.warmup_steps=Infinity"], "optim.warmup_steps must be an integer"),
         (["optim.grad_clip=NaN"], "optim.grad_clip must be a finite number"),
-        ([*MOE, "model.moe.router.routed_scaling_factor=Infinity"], "routed_scaling_factor"),
-        ([*MOE, "model.moe.dispatch.capacity_factor=NaN"], "capacity_factor must be a finite"),
-        ([*MOE, "model.moe.router.bias_update_rate=NaN"], "bias_update_rate must be a finite"),
-        ([*MOE, "model.moe.aux_loss.switch=-Infinity"], "aux_loss.switch must be a finite"),
+        ([*MOE, "model.moe.layer.router.routed_scaling_factor=Infinity"], "routed_scaling_factor"),
+        (
+            [*MOE, "model.moe.layer.dispatch.capacity_factor=NaN"],
+            "capacity_factor must be a finite",
+        ),
+        (
+            [*MOE, "model.moe.layer.router.bias_update_rate=NaN"],
+            "bias_update_rate must be a finite",
+        ),
+        ([*MOE, "model.moe.layer.aux_loss.switch=-Infinity"], "aux_loss.switch must be a finite"),
         (["model.moe=5"], "model.moe must be a section of options"),
-        ([*MOE, "model.moe.router.kind=fancy"], "model.moe.layer.router.kind must be one of"),
+        ([*MOE, "model.moe.layer.router.kind=fancy"], "model.moe.layer.router.kind must be one of"),
         (["model.d_model=[1]"], "model.d_model must be an integer"),
         (["model.unknown=1"], "unknown TransformerConfig keys: model.unknown"),
     ],
@@ -120,27 +130,26 @@ def test_cli_shows_a_traceback_only_for_bugs(monkeypatch, capsys):
     assert "Traceback" in err and "bug in moekit" in err
 
 
-def test_flat_moe_keys_of_older_configs_still_load_into_the_layer():
-    """moekit <= 0.3 wrote ``moe.num_experts`` etc. flat; they land in ``moe.layer``."""
+def test_the_moe_layer_is_one_nested_section_whose_width_follows_the_model():
+    """One spelling: the layer's options live under ``moe.layer`` (the flat keys of earlier,
+    unreleased versions are refused by name), and its ``d_model`` follows the model's."""
     from moekit.training.config import load_train_config
     from moekit.utils.serialization import config_from_dict, config_to_dict
 
-    flat = load_train_config(
-        None, [*MOE, "model.moe.top_k=1", "model.moe.expert_bias=true", "model.moe.every=2"]
+    model = load_train_config(
+        None,
+        [*MOE, "model.moe.layer.top_k=1", "model.moe.layer.experts.bias=true", "model.moe.every=2"],
     ).model
-    layer = flat.moe.layer
+    layer = model.moe.layer
     assert (layer.num_experts, layer.top_k, layer.experts.hidden) == (4, 1, 8)
-    assert layer.experts.bias and flat.moe.every == 2
-    assert layer.d_model == flat.d_model and layer.experts.activation == flat.activation
-    # the nested form round-trips, and a flat override lands on top of it (CLI --set)
-    data = config_to_dict(flat)
-    assert config_from_dict(TransformerConfig, data) == flat
-    data["moe"]["top_k"] = 2
+    assert layer.experts.bias and model.moe.every == 2 and layer.d_model == model.d_model
+    data = config_to_dict(model)
+    assert config_from_dict(TransformerConfig, data) == model
     data["d_model"] = 96  # moe.layer.d_model follows the model's
-    again = config_from_dict(TransformerConfig, data)
-    assert again.moe.layer.top_k == 2 and again.moe.layer.d_model == 96
-    data["moe"]["num_experts"] = 0  # the flat way to say "dense"
-    assert config_from_dict(TransformerConfig, data).moe.layer is None
+    data["moe"]["layer"].pop("d_model")
+    assert config_from_dict(TransformerConfig, data).moe.layer.d_model == 96
+    with pytest.raises(ConfigError, match=r"unknown MoEPlacementConfig keys: model\.moe\.top_k"):
+        load_train_config(None, [*MOE, "model.moe.top_k=1"])
 
 
 def test_a_layer_of_another_width_is_refused():

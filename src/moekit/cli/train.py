@@ -17,7 +17,8 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="TOML, YAML or JSON training config")
     add_overrides_argument(
-        parser, "override a config value, e.g. --set optim.lr=1e-3 --set model.moe.num_experts=8"
+        parser,
+        "override a config value, e.g. --set optim.lr=1e-3 --set model.moe.layer.num_experts=8",
     )
     parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir)")
     parser.add_argument(

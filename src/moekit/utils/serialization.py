@@ -57,9 +57,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
         raise ConfigError(
             f"{section or cls.__name__} must be a section of options (a table/object), got {data!r}"
         )
-    upgrade = getattr(cls, "upgrade_config_dict", None)
-    if upgrade is not None:  # older spellings of the same config
-        data = upgrade(data)
+    prepare = getattr(cls, "prepare_config_dict", None)
+    if prepare is not None:  # values that follow others (an MoE layer's d_model)
+        data = prepare(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - names)

@@ -29,7 +29,7 @@ from moekit.models.transformer.attention import (
     rotary_tables,
 )
 from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
-from moekit.models.transformer.placement import MoEPlacementConfig, upgrade_moe_section
+from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.routing import RandomStaticRouterConfig, is_causal
 from moekit.utils.device import has_values
 from moekit.utils.validation import check_fields
@@ -143,12 +143,11 @@ class TransformerConfig:
             raise ValueError("moe.layer.router.vocab_size must equal the model's vocab_size")
 
     @classmethod
-    def upgrade_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Read older config dicts: see :func:`upgrade_moe_section`."""
+    def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files)."""
         if "moe" not in data:
             return data
-        activation = data.get("activation", Activation.SWIGLU.value)
-        return {**data, "moe": upgrade_moe_section(data["moe"], data.get("d_model"), activation)}
+        return {**data, "moe": fill_layer_d_model(data["moe"], data.get("d_model"))}
 
     def build(self) -> TransformerLM:
         """The ``TransformerLM`` of this config (randomly initialised)."""
@@ -332,7 +331,6 @@ class TransformerLM(nn.Module):
         tokens: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
@@ -343,7 +341,6 @@ class TransformerLM(nn.Module):
             attention, padding is kept out of the MoE dispatch, losses and statistics, and
             each sequence's real tokens take positions 0, 1, 2, ... With a ``kv_cache`` the
             mask of earlier calls is kept in the cache.
-        padding_mask: the same as ``attention_mask`` (the older name).
         kv_cache: continue from the cached positions and append these (generation).
         segment_ids: ``(B, S)`` integers for packed sequences (several documents per row):
             a token attends only to earlier tokens of its own segment, positions restart at 0
@@ -366,9 +363,7 @@ class TransformerLM(nn.Module):
                 + ("" if kv_cache is None else f" or the cache length {kv_cache.max_len}")
             )
         check_token_range(tokens, self.config.vocab_size)
-        key_mask = self._key_mask(
-            attention_mask if attention_mask is not None else padding_mask, B, S, start, kv_cache
-        )
+        key_mask = self._key_mask(attention_mask, B, S, start, kv_cache)
         cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
         if key_mask is None:
             rope = (cos.narrow(0, start, S), sin.narrow(0, start, S))

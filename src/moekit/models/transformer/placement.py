@@ -24,9 +24,8 @@ class MoEPlacementConfig:
         experts_per_layer: routed experts of each MoE block, in order, where they differ from
             ``layer.num_experts`` (after pruning or merging); ``None``: all the same.
 
-    In config files ``layer.d_model`` follows the model's ``d_model`` and may be left out; the
-    flat keys of moekit <= 0.3 (``num_experts``, ``top_k``, ``expert_hidden``, ``router``, ...
-    directly under ``moe``) are still read, see :func:`upgrade_moe_section`.
+    In config files ``layer.d_model`` follows the model's ``d_model`` and is left out
+    (:func:`fill_layer_d_model`).
     """
 
     layer: MoEConfig | None = None
@@ -78,47 +77,10 @@ class MoEPlacementConfig:
         )
 
 
-#: The keys of the flat ``moe`` section of moekit <= 0.3, now fields of ``moe.layer``.
-LEGACY_MOE_KEYS = (
-    "num_experts",
-    "top_k",
-    "expert_hidden",
-    "expert_bias",
-    "router",
-    "dispatch",
-    "shared_experts",
-    "aux_loss",
-    "statistics",
-)
-
-
-def upgrade_moe_section(moe: Any, d_model: Any, activation: Any) -> Any:
-    """The ``moe`` section of a model config dict in today's nested form.
-
-    Flat keys (``moe.num_experts=8``, ``moe.expert_hidden=...``, as older run folders and
-    ``--set model.moe.top_k=1`` write them) are moved into ``moe.layer`` (``expert_hidden`` and
-    ``expert_bias`` into ``moe.layer.experts``, whose activation defaults to the model's), on top
-    of whatever ``moe.layer`` already holds; ``num_experts=0`` means a dense model. The layer's
-    ``d_model`` is set to the model's.
-    """
-    if not isinstance(moe, dict):
+def fill_layer_d_model(moe: Any, d_model: Any) -> Any:
+    """The ``moe`` section of a model config dict with ``moe.layer.d_model`` set to the model's
+    ``d_model``: in files (and ``--set``) the MoE layer's width follows the model's and is not
+    repeated."""
+    if not isinstance(moe, dict) or not isinstance(moe.get("layer"), dict):
         return moe
-    moe = dict(moe)
-    flat = {key: moe.pop(key) for key in LEGACY_MOE_KEYS if key in moe}
-    layer = moe.get("layer")
-    if flat:
-        layer = dict(layer) if isinstance(layer, dict) else {"top_k": 2}
-        experts = dict(layer.get("experts") or {})
-        if "expert_hidden" in flat:
-            experts["hidden"] = flat.pop("expert_hidden")
-        if "expert_bias" in flat:
-            experts["bias"] = flat.pop("expert_bias")
-        experts.setdefault("activation", activation)
-        layer["experts"] = experts
-        layer.update(flat)
-        if layer.get("num_experts", 0) == 0:
-            layer = None
-    if isinstance(layer, dict):
-        layer = {**layer, "d_model": d_model}
-    moe["layer"] = layer
-    return moe
+    return {**moe, "layer": {**moe["layer"], "d_model": d_model}}

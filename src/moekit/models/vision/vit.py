@@ -20,7 +20,7 @@ from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig, MoEOutput
 from moekit.models.transformer.model import Block
-from moekit.models.transformer.placement import MoEPlacementConfig, upgrade_moe_section
+from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.utils.validation import check_fields
 
 
@@ -84,13 +84,11 @@ class VisionMoEConfig:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
 
     @classmethod
-    def upgrade_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Read older config dicts (flat ``moe`` keys): see ``upgrade_moe_section``."""
+    def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files)."""
         if not isinstance(data.get("moe"), dict):
             return data
-        d_model = data.get("d_model", 128)
-        activation = data.get("activation", Activation.GELU.value)
-        return {**data, "moe": upgrade_moe_section(data["moe"], d_model, activation)}
+        return {**data, "moe": fill_layer_d_model(data["moe"], data.get("d_model", 128))}
 
     @property
     def placement(self) -> MoEPlacementConfig:
