@@ -149,3 +149,31 @@ def test_any_leading_dims_and_bf16():
     out = moe_bf16(torch.randn(4, 6, 8, dtype=torch.bfloat16))
     assert out.output.dtype == torch.bfloat16
     assert out.routing.logits_TE.dtype == torch.float32  # router computed in float32
+
+
+def test_an_moe_lm_is_declared_without_repeating_d_model():
+    """Inside a model config the MoE layer's width is the model's: MoEConfig(d_model=0, the
+    default) there; on its own a layer needs its width."""
+    from moekit.models import MoEPlacementConfig, TransformerConfig
+
+    layer = moekit.MoEConfig(num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16))
+    config = TransformerConfig(
+        vocab_size=32,
+        d_model=24,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=48,
+        moe=MoEPlacementConfig(layer=layer),
+    )
+    assert config.moe.layer.d_model == 24
+    model = config.build()
+    assert model.blocks[0].ffn.d_model == 24
+    with pytest.raises(ValueError, match="d_model must be set"):
+        layer.build()
+
+
+def test_dispatch_config_builds_its_dispatcher():
+    from moekit.dispatch.dispatcher import Dispatcher
+
+    dispatcher = moekit.DispatchConfig(mode="capacity").build(num_experts=4)
+    assert isinstance(dispatcher, Dispatcher) and dispatcher.num_experts == 4

@@ -1,6 +1,7 @@
 """moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
 
-from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
+from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
 from moekit.experts.dense import FeedForward

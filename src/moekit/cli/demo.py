@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from moekit.analysis.report import write_demo_report
-from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
+from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.training.compare import Comparison, moe_twin, param_reports
 from moekit.training.config import TrainConfig, load_train_config
 from moekit.training.loop import train

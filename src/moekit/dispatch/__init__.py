@@ -1,7 +1,7 @@
 """Moving tokens to experts and back: local sort-and-group, with or without capacity."""
 
-from moekit.dispatch.config import DispatchConfig, DispatchMode, DropPriority
-from moekit.dispatch.dispatcher import Dispatcher
+from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 
 __all__ = [

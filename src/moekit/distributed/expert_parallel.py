@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dispatch.config import DispatchConfig, DispatchMode
-from moekit.dispatch.dispatcher import Dispatcher
+from moekit.dispatch.config import DispatchMode
+from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.distributed.global_capacity import global_capacity_keep_mask
 from moekit.routing.result import RoutingResult
@@ -108,8 +108,8 @@ class ExpertParallelDispatcher(Dispatcher):
     and the bias-balancing tally).
     """
 
-    def __init__(self, config: DispatchConfig, num_experts: int, group=None) -> None:
-        super().__init__(config, num_experts)
+    def __init__(self, config: DispatchConfig, *, num_experts: int, group=None) -> None:
+        super().__init__(config, num_experts=num_experts)
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moekit.dispatch.config import DispatchConfig
+from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.dispatch.sort import plan_dispatch
 
 

@@ -47,7 +47,9 @@ def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
             )
         if not isinstance(module.experts, ExpertBank):
             raise ValueError(f"{name or 'MoE'}: expert parallelism needs an ExpertBank")
-        dispatcher = ExpertParallelDispatcher(module.dispatch, module.num_experts, group)
+        dispatcher = ExpertParallelDispatcher(
+            module.dispatch, num_experts=module.num_experts, group=group
+        )
         module.dispatcher = dispatcher
         module.experts = module.experts.select_experts(
             dispatcher.first_expert, dispatcher.local_experts

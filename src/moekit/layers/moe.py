@@ -13,8 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from moekit.dispatch.config import DispatchConfig
-from moekit.dispatch.dispatcher import Dispatcher
+from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.dispatch.soft import soft_dispatch_and_combine
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
@@ -33,7 +32,8 @@ class MoEConfig:
     """Everything that builds an :class:`MoE` layer.
 
     Args:
-        d_model: model width D.
+        d_model: model width D; 0 inside a model config (``MoEPlacementConfig.layer``) means
+            "the model's", filled in by the model config.
         num_experts: routed experts E.
         top_k: experts per token K (1 <= K <= E).
         experts: routed expert shape (hidden width, activation, bias).
@@ -46,7 +46,7 @@ class MoEConfig:
             layer does no statistics work at all.
     """
 
-    d_model: int
+    d_model: int = 0
     num_experts: int
     top_k: int
     experts: ExpertConfig
@@ -59,8 +59,8 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {self.d_model}")
+        if self.d_model < 0:
+            raise ValueError(f"d_model must be >= 1 (or 0: the model's), got {self.d_model}")
         self.router.validate_for(self.num_experts, self.top_k)
         if self.aux_loss.load > 0 and not getattr(self.router, "noisy_gating", False):
             raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
@@ -73,6 +73,11 @@ class MoEConfig:
 
     def build(self) -> MoE:
         """An :class:`MoE` layer (a :class:`SoftMoE` for ``router.kind='soft'``)."""
+        if self.d_model < 1:
+            raise ValueError(
+                "MoEConfig.d_model must be set to build a layer on its own (0 means the model's "
+                "width, filled in when the config sits in a model config)"
+            )
         layer_cls = SoftMoE if self.router.kind is RouterKind.SOFT else MoE
         return layer_cls(
             d_model=self.d_model,
@@ -159,7 +164,7 @@ class MoE(nn.Module):
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
-        self.dispatcher = Dispatcher(dispatch or DispatchConfig(), self.num_experts)
+        self.dispatcher = (dispatch or DispatchConfig()).build(num_experts=self.num_experts)
         self.aux_loss = aux_loss or AuxLossConfig()
         self.check_finite = check_finite
         self.statistics = statistics

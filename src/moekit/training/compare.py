@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from moekit.analysis.params import ParamReport, count_parameters
-from moekit.dispatch.config import DispatchConfig
+from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig

@@ -10,6 +10,7 @@ an MoE layer or a dense FFN (``MoEPlacementConfig``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -112,6 +113,9 @@ class TransformerConfig:
         layer = self.moe.layer
         if layer is None:
             return
+        if layer.d_model == 0:  # the layer's width follows the model's
+            layer = dataclasses.replace(layer, d_model=self.d_model)
+            self.moe = dataclasses.replace(self.moe, layer=layer)
         counts = self.moe.experts_per_layer
         if counts is not None and len(counts) != len(self.moe.moe_layer_indices(self.n_layers)):
             raise ValueError(

@@ -10,6 +10,7 @@ causal masking or rotary positions); the class logits come from the mean of the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,10 @@ class VisionMoEConfig:
         check_fields(self)
         if self.moe is None:
             self.moe = vmoe_placement(self.d_model, self.activation)
+        if self.moe.layer is not None and self.moe.layer.d_model == 0:  # follows the model's
+            self.moe = dataclasses.replace(
+                self.moe, layer=dataclasses.replace(self.moe.layer, d_model=self.d_model)
+            )
         if self.moe.layer is not None and self.moe.layer.d_model != self.d_model:
             raise ValueError(
                 f"moe.layer.d_model={self.moe.layer.d_model} must equal the model's "
@@ -82,6 +87,10 @@ class VisionMoEConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+    def build(self) -> VisionMoE:
+        """The ``VisionMoE`` of this config (randomly initialised)."""
+        return VisionMoE(self)
 
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
