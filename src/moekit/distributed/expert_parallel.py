@@ -68,6 +68,10 @@ def _all_to_all_rows(
     """Uneven all-to-all of rows: ``in_splits[r]`` rows go to rank r, ``out_splits[r]`` come
     from it (metered when :func:`meter_traffic` is on)."""
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    metered_cuda = _meter is not None and x.is_cuda
+    if metered_cuda:  # the collective is asynchronous on CUDA: time it with events
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
     start = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     if _meter is not None:
@@ -76,7 +80,12 @@ def _all_to_all_rows(
         _meter.exchanges += 1
         _meter.bytes_sent += (sum(in_splits) - in_splits[rank]) * row_bytes
         _meter.bytes_received += (sum(out_splits) - out_splits[rank]) * row_bytes
-        _meter.seconds += time.perf_counter() - start
+        if metered_cuda:
+            end.record()
+            end.synchronize()  # metering is opt-in: its sync is the price of a true time
+            _meter.seconds += begin.elapsed_time(end) / 1e3
+        else:
+            _meter.seconds += time.perf_counter() - start
     return out
 
 
