@@ -177,3 +177,29 @@ def test_dispatch_config_builds_its_dispatcher():
 
     dispatcher = moekit.DispatchConfig(mode="capacity").build(num_experts=4)
     assert isinstance(dispatcher, Dispatcher) and dispatcher.num_experts == 4
+
+
+def test_attention_and_blocks_are_built_from_configs():
+    from moekit.models import AttentionConfig, TransformerConfig
+    from moekit.models.transformer.attention import Attention
+
+    with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):
+        AttentionConfig(n_heads=6, n_kv_heads=4, head_dim=8)
+    attention = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sliding_window=3)
+    module = attention.build(d_model=16)
+    assert isinstance(module, Attention) and module.config is attention
+    config = TransformerConfig(
+        vocab_size=32,
+        d_model=16,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=32,
+        sliding_window=3,
+        sliding_window_every=2,
+    )
+    # block i's attention: its window from the config's every-n-th rule
+    windows = [config.attention_of_layer(i).sliding_window for i in range(2)]
+    model = config.build()
+    assert [b.attn.sliding_window for b in model.blocks] == windows
+    assert sorted(windows) == [0, 3]

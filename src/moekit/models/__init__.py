@@ -2,6 +2,7 @@
 
 from moekit.models.checkpoint import from_pretrained, read_config, save_pretrained
 from moekit.models.transformer import (
+    AttentionConfig,
     KVCache,
     LMOutput,
     MoEPlacementConfig,
@@ -12,6 +13,7 @@ from moekit.models.transformer import (
 from moekit.models.vision import VisionMoE, VisionMoEConfig, VisionOutput
 
 __all__ = [
+    "AttentionConfig",
     "KVCache",
     "LMOutput",
     "MoEPlacementConfig",

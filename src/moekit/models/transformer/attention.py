@@ -190,31 +190,56 @@ class KVCache:
         )
 
 
+@dataclass(kw_only=True)
+class AttentionConfig:
+    """One block's grouped-query self-attention.
+
+    Args:
+        n_heads: query heads. n_kv_heads: key/value heads (``n_heads`` is a multiple of it).
+        head_dim: width of each head.
+        causal: each position sees only earlier ones. rotary: rotary positions (RoPE).
+        qkv_bias, o_bias: biases in the projections. qk_norm: RMSNorm of queries and keys
+            (``none``, ``head``: per head, Qwen3; ``full``: over the projection, OLMoE).
+        norm_eps: the norms' epsilon. sinks: a learned per-head attention sink (GPT-OSS).
+        sliding_window: attend to this many positions at most (0: every earlier one).
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    causal: bool = True
+    rotary: bool = True
+    qkv_bias: bool = False
+    qk_norm: QKNorm = QKNorm.NONE
+    norm_eps: float = 1e-6
+    o_bias: bool = False
+    sinks: bool = False
+    sliding_window: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+
+    def build(self, *, d_model: int) -> Attention:
+        """The ``Attention`` of this config on a stream of width ``d_model``."""
+        return Attention(self, d_model=d_model)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE and grouped-query heads, via
     ``torch.nn.functional.scaled_dot_product_attention``; ``(B, S, D) -> (B, S, D)``."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_kv_heads: int,
-        head_dim: int,
-        *,
-        causal: bool = True,
-        rotary: bool = True,
-        qkv_bias: bool = False,
-        qk_norm: QKNorm | str = QKNorm.NONE,
-        norm_eps: float = 1e-6,
-        o_bias: bool = False,
-        sinks: bool = False,
-        sliding_window: int = 0,
-    ) -> None:
+    def __init__(self, config: AttentionConfig, *, d_model: int) -> None:
         super().__init__()
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        n_heads, n_kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        qkv_bias, o_bias, norm_eps = config.qkv_bias, config.o_bias, config.norm_eps
+        sinks, sliding_window, qk_norm = config.sinks, config.sliding_window, config.qk_norm
+        self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.causal, self.rotary = causal, rotary
+        self.causal, self.rotary = config.causal, config.rotary
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)

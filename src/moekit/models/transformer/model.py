@@ -23,7 +23,7 @@ from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.models.transformer.attention import (
-    Attention,
+    AttentionConfig,
     KVCache,
     QKNorm,
     RopeScalingConfig,
@@ -157,6 +157,28 @@ class TransformerConfig:
         """The ``TransformerLM`` of this config (randomly initialised)."""
         return TransformerLM(self)
 
+    def attention_of_layer(self, index: int) -> AttentionConfig | nn.Module:
+        """Block ``index``'s attention: its ``AttentionConfig`` (heads, biases, norms, window,
+        sinks), or the built multi-head latent attention when ``mla`` is set."""
+        if self.mla is not None:
+            return MultiHeadLatentAttention(
+                self.d_model,
+                self.n_heads,
+                self.mla,
+                softmax_scale=mla_softmax_scale(self.mla, self.rope_scaling),
+            )
+        return AttentionConfig(
+            n_heads=self.n_heads,
+            n_kv_heads=self.kv_heads,
+            head_dim=self.head_width,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            norm_eps=self.norm_eps,
+            o_bias=self.o_bias,
+            sinks=self.attention_sinks,
+            sliding_window=self.window_of_layer(index),
+        )
+
     @property
     def kv_heads(self) -> int:
         """Key/value heads (``n_kv_heads`` after defaults are resolved)."""
@@ -192,43 +214,32 @@ class LMOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the FFN is an MoE layer when ``moe_config`` is given."""
+    """Pre-norm transformer block: attention, then a dense FFN or (with ``moe_config``) an MoE
+    layer.
+
+    Args:
+        attention: the block's attention config (``AttentionConfig``), or a built attention
+            module (multi-head latent attention).
+        d_model, ffn_hidden, activation, norm_eps: the stream and the dense FFN.
+        moe_config: the MoE layer replacing the dense FFN, or ``None``.
+    """
 
     def __init__(
         self,
-        d_model: int,
-        n_heads: int,
-        n_kv_heads: int,
-        head_dim: int,
+        attention: AttentionConfig | nn.Module,
         *,
+        d_model: int,
         ffn_hidden: int,
         activation,
         norm_eps: float,
         moe_config: MoEConfig | None,
-        causal: bool = True,
-        rotary: bool = True,
-        qkv_bias: bool = False,
-        qk_norm: QKNorm | str = QKNorm.NONE,
-        attention: nn.Module | None = None,
-        o_bias: bool = False,
-        sinks: bool = False,
-        sliding_window: int = 0,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.attn = attention or Attention(
-            d_model,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            causal=causal,
-            rotary=rotary,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            norm_eps=norm_eps,
-            o_bias=o_bias,
-            sinks=sinks,
-            sliding_window=sliding_window,
+        self.attn = (
+            attention.build(d_model=d_model)
+            if isinstance(attention, AttentionConfig)
+            else attention
         )
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn: nn.Module = (
@@ -290,29 +301,12 @@ class TransformerLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
             Block(
-                config.d_model,
-                config.n_heads,
-                config.kv_heads,
-                config.head_width,
+                config.attention_of_layer(i),
+                d_model=config.d_model,
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
                 norm_eps=config.norm_eps,
                 moe_config=config.moe.layer_for(i, config.n_layers),
-                qkv_bias=config.qkv_bias,
-                qk_norm=config.qk_norm,
-                o_bias=config.o_bias,
-                sinks=config.attention_sinks,
-                sliding_window=config.window_of_layer(i),
-                attention=(
-                    None
-                    if config.mla is None
-                    else MultiHeadLatentAttention(
-                        config.d_model,
-                        config.n_heads,
-                        config.mla,
-                        softmax_scale=mla_softmax_scale(config.mla, config.rope_scaling),
-                    )
-                ),
             )
             for i in range(config.n_layers)
         )

@@ -20,6 +20,7 @@ from torch import nn
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig, MoEOutput
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.model import Block
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.utils.validation import check_fields
@@ -135,16 +136,18 @@ class VisionMoE(nn.Module):
         head_dim = d // config.n_heads
         self.blocks = nn.ModuleList(
             Block(
-                d,
-                config.n_heads,
-                config.n_heads,
-                head_dim,
+                AttentionConfig(
+                    n_heads=config.n_heads,
+                    n_kv_heads=config.n_heads,
+                    head_dim=head_dim,
+                    causal=False,
+                    rotary=False,
+                ),
+                d_model=d,
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
                 norm_eps=config.norm_eps,
                 moe_config=config.placement.layer_for(i, config.n_layers),
-                causal=False,
-                rotary=False,
             )
             for i in range(config.n_layers)
         )
