@@ -19,7 +19,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moekit demo
 
-test: lint
+# CI runs this: the lint of `make lint` (ruff check, ruff format --check, mypy as configured in
+# pyproject.toml), then every test not marked slow
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
