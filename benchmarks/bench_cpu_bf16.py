@@ -15,6 +15,7 @@ native bf16 (a bf16 matrix product ran ~80x slower than fp32 on an AVX2-only CPU
 from __future__ import annotations
 
 import argparse
+import copy as copy_module
 import statistics
 import sys
 import tempfile
@@ -54,15 +55,7 @@ def layer_table(tokens: int, experts: int, rounds: int, with_hf: bool) -> None:
     moe.losses_enabled = False
     modules: dict[str, tuple[torch.nn.Module, Callable]] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        copy = moekit.MoEConfig(
-            d_model=D,
-            num_experts=experts,
-            top_k=k,
-            experts=moekit.ExpertConfig(hidden=H, activation="swiglu"),
-            statistics=False,
-        ).build()
-        copy.load_state_dict(moe.state_dict())
-        copy.losses_enabled = False
+        copy = copy_module.deepcopy(moe)  # the same weights in each dtype
         modules[f"moekit {str(dtype)[6:]}"] = (copy.to(dtype), lambda x, m=copy: m(x).output)
         if with_hf:
             from transformers import MixtralConfig

@@ -47,29 +47,21 @@ def grouped_mm_available(
     device: torch.device | str | None = None,
     num_groups: int | None = None,
 ) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` exists here and is a good choice for
-    ``dtype`` with inner width ``k`` and output width ``n`` on ``device`` (default: the CPU).
+    """Whether ``torch.nn.functional.grouped_mm`` is a good choice here for ``dtype`` with inner
+    width ``k`` and output width ``n`` on ``device`` (default: the CPU): it runs at all
+    (:func:`grouped_mm_supported`) and
 
-    * Every device: float32/bfloat16/float16 and row strides that are multiples of 16 bytes.
-    * CUDA: only bfloat16 on compute capability 9.x or 10.x (Hopper, Blackwell), with fewer
-      than 1024 groups, where torch runs CUTLASS without a host sync. Elsewhere torch >= 2.9
-      falls back to a host sync plus one GEMM per group (torch 2.8 raises), which moekit's own
-      loop does as well, so the loop is chosen.
+    * CUDA: only bfloat16 on compute capability 9.x or 10.x (Hopper, Blackwell), where torch
+      runs CUTLASS without a host sync. Elsewhere torch >= 2.9 falls back to a host sync plus one
+      GEMM per group (torch 2.8 raises), which moekit's own loop does as well.
     * CPU: torch >= 2.9 (2.8 had no CPU kernel).
     """
-    if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
-        return False
-    itemsize = dtype.itemsize
-    if (k * itemsize) % 16 or (n * itemsize) % 16:
+    if not grouped_mm_supported(dtype, k, n, device=device, num_groups=num_groups):
         return False
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda":
-        if dtype is not torch.bfloat16:
-            return False
-        if num_groups is not None and num_groups > MAX_CUDA_GROUPS:
-            return False
         major, _ = torch.cuda.get_device_capability(device)
-        return major in (9, 10)
+        return dtype is torch.bfloat16 and major in (9, 10)
     if device.type == "cpu":
         return _torch_version() >= (2, 9)
     return False  # mps and others: the loop
