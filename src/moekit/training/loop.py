@@ -255,6 +255,7 @@ class StepOutput:
     grad_norm: torch.Tensor | None  # before clipping; None without clipping
     lr: float
     seconds: float  # this step's wall time (the device caught up on record steps)
+    tokens: int  # tokens trained on in this step, over every rank
     moe_outputs: list[Any]
     writes_record: bool
     is_eval: bool
@@ -375,7 +376,8 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
         synchronize(run.device)  # the step's time includes the device's work
     seconds = time.perf_counter() - step_start
     run.result.train_time += seconds
-    run.result.tokens += optim.grad_accum * data.batch_size * data.seq_len * run.ctx.world
+    tokens = optim.grad_accum * data.batch_size * data.seq_len * run.ctx.world
+    run.result.tokens += tokens
     return StepOutput(
         done=done,
         loss=loss,
@@ -383,6 +385,7 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
         grad_norm=grad_norm,
         lr=lr,
         seconds=seconds,
+        tokens=tokens,
         moe_outputs=out.moe_outputs,
         writes_record=writes_record,
         is_eval=is_eval,
@@ -416,29 +419,27 @@ class Metrics(Callback):
     def __init__(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.on_record = on_record
         self.window_seconds = 0.0
-        self.window_steps = 0
+        self.window_tokens = 0
 
     def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
         self.window_seconds += step.seconds
-        self.window_steps += 1
+        self.window_tokens += step.tokens
         if not step.writes_record:
             return
         loss = step.loss.item()
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} by step {step.done}")
-        data, optim = run.config.data, run.config.optim
-        tokens = optim.grad_accum * data.batch_size * data.seq_len * run.ctx.world
         record: dict[str, Any] = {
             "step": step.done,
             "loss": loss,
             "aux_loss": step.aux_loss.item(),
             "lr": step.lr,
             "grad_norm": float("nan") if step.grad_norm is None else step.grad_norm.item(),
-            "tokens_per_second": tokens * self.window_steps / self.window_seconds,
+            "tokens_per_second": self.window_tokens / self.window_seconds,
             "moe": _moe_record(step.moe_outputs),
             "train_seconds": run.result.train_time,  # training steps so far (no evaluation)
         }
-        self.window_seconds, self.window_steps = 0.0, 0
+        self.window_seconds, self.window_tokens = 0.0, 0
         record.update(step.record)  # val_loss, and whatever earlier callbacks added
         step.record = record
         run.log.write(record)
