@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
+from moekit.models.transformer.attention import AttentionConfig
 
 
 def build(moe: bool) -> TransformerLM:
@@ -30,7 +31,7 @@ def build(moe: bool) -> TransformerLM:
             vocab_size=256,
             d_model=128,
             n_layers=4,
-            n_heads=4,
+            attention=AttentionConfig(n_heads=4),
             ffn_hidden=512,
             max_seq_len=256,
             moe=MoEPlacementConfig(

@@ -32,6 +32,7 @@ from moekit.analysis.params import count_parameters
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
+from moekit.models.transformer.attention import AttentionConfig
 
 
 def build(d_model: int, ffn_hidden: int, experts: int = 0) -> TransformerLM:
@@ -49,7 +50,7 @@ def build(d_model: int, ffn_hidden: int, experts: int = 0) -> TransformerLM:
         vocab_size=256,
         d_model=d_model,
         n_layers=4,
-        n_heads=8,
+        attention=AttentionConfig(n_heads=8),
         ffn_hidden=ffn_hidden,  # unused by an all-MoE model; Mixtral wants it = expert width
         max_seq_len=512,
         moe=MoEPlacementConfig(layer=layer),

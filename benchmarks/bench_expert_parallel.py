@@ -38,6 +38,7 @@ from moekit.analysis.params import spec_from_moekit
 from moekit.analysis.plan import plan_expert_parallel
 from moekit.distributed import meter_traffic, parallelize_experts, wrap_data_parallel
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 
 SEQ_LEN = 128
 
@@ -54,7 +55,7 @@ def lm_config() -> TransformerConfig:
         vocab_size=256,
         d_model=256,
         n_layers=4,
-        n_heads=4,
+        attention=AttentionConfig(n_heads=4),
         ffn_hidden=512,
         max_seq_len=SEQ_LEN,
         moe=MoEPlacementConfig(layer=layer),

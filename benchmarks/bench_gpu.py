@@ -47,6 +47,7 @@ import torch
 
 import moekit
 from moekit.dispatch.reference import reference_moe_output
+from moekit.models.transformer.attention import AttentionConfig
 
 RESULTS: list[dict[str, Any]] = []
 START = time.time()
@@ -453,8 +454,7 @@ def lm_config(tiny: bool):
         vocab_size=vocab,
         d_model=d,
         n_layers=layers,
-        n_heads=heads,
-        n_kv_heads=kv,
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=kv),
         ffn_hidden=4 * d,
         max_seq_len=seq,
         moe=MoEPlacementConfig(layer=moe),

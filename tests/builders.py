@@ -7,6 +7,7 @@ import torch
 import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.models import MoEPlacementConfig
+from moekit.models.transformer.attention import AttentionConfig
 
 # Router families other than plain top-k: (RouterConfig options, top_k) for tiny layers.
 KINDS = {
@@ -96,7 +97,7 @@ def tiny_lm(
         vocab_size=vocab_size,
         d_model=d_model,
         n_layers=n_layers,
-        n_heads=2,
+        attention=AttentionConfig(n_heads=2),
         ffn_hidden=ffn_hidden,
         moe=placement(d_model, **moe),
     )

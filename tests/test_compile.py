@@ -9,6 +9,7 @@ import moekit
 from moekit.experts.activations import Activation, activation_backward
 from moekit.experts.activations import _gated_backward_functional as functional_backward
 from moekit.models import TransformerConfig, TransformerLM, generate
+from moekit.models.transformer.attention import AttentionConfig
 from tests.builders import placement
 
 
@@ -50,7 +51,7 @@ def test_lm_training_step_and_generation_compile():
         vocab_size=64,
         d_model=32,
         n_layers=2,
-        n_heads=4,
+        attention=AttentionConfig(n_heads=4),
         ffn_hidden=48,
         max_seq_len=32,
         moe=placement(32, num_experts=4, top_k=2, expert_hidden=24, statistics=False),

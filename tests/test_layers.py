@@ -5,6 +5,7 @@ import torch
 
 import moekit
 from moekit.experts.grouped_matmul import grouped_mm_available
+from moekit.models.transformer.attention import AttentionConfig
 from tests.builders import (
     assert_layer_matches_reference,
     loss_and_grads,
@@ -161,7 +162,7 @@ def test_an_moe_lm_is_declared_without_repeating_d_model():
         vocab_size=32,
         d_model=24,
         n_layers=2,
-        n_heads=2,
+        attention=AttentionConfig(n_heads=2),
         ffn_hidden=48,
         moe=MoEPlacementConfig(layer=layer),
     )
@@ -182,9 +183,14 @@ def test_dispatch_config_builds_its_dispatcher():
 def test_attention_and_blocks_are_built_from_configs():
     from moekit.models import AttentionConfig, TransformerConfig
     from moekit.models.transformer.attention import Attention
+    from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention
 
-    with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):
+    with pytest.raises(
+        ValueError, match=r"n_heads=6 must be a multiple of attention\.n_kv_heads=4"
+    ):
         AttentionConfig(n_heads=6, n_kv_heads=4, head_dim=8)
+    with pytest.raises(ValueError, match=r"mla .* has no o_bias, sinks, sliding_window option"):
+        AttentionConfig(n_heads=2, mla=MLAConfig(), o_bias=True, sinks=True, sliding_window=4)
     attention = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sliding_window=3)
     module = attention.build(d_model=16)
     assert isinstance(module, Attention) and module.config is attention
@@ -192,14 +198,34 @@ def test_attention_and_blocks_are_built_from_configs():
         vocab_size=32,
         d_model=16,
         n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
+        attention=AttentionConfig(
+            n_heads=4, n_kv_heads=2, sliding_window=3, sliding_window_every=2
+        ),
         ffn_hidden=32,
-        sliding_window=3,
-        sliding_window_every=2,
     )
     # block i's attention: its window from the config's every-n-th rule
     windows = [config.attention_of_layer(i).sliding_window for i in range(2)]
     model = config.build()
     assert [b.attn.sliding_window for b in model.blocks] == windows
     assert sorted(windows) == [0, 3]
+    # the defaults are resolved once, against the model's width and norm epsilon
+    assert (config.attention.head_dim, config.attention.n_kv_heads) == (4, 2)
+    assert config.attention.norm_eps == config.norm_eps
+    mla = TransformerConfig(
+        vocab_size=32,
+        d_model=16,
+        n_layers=1,
+        attention=AttentionConfig(n_heads=2, mla=MLAConfig(kv_lora_rank=8, qk_rope_head_dim=4)),
+        ffn_hidden=32,
+    ).build()
+    assert isinstance(mla.blocks[0].attn, MultiHeadLatentAttention)
+
+
+def test_a_flat_attention_key_names_its_new_home():
+    from moekit.training.config import load_train_config
+    from moekit.utils.serialization import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.n_heads is now model.attention.n_heads"):
+        load_train_config(None, ["model.n_heads=2"])
+    with pytest.raises(ConfigError, match=r"model.attention_sinks is now model.attention.sinks"):
+        load_train_config(None, ["model.attention_sinks=true"])

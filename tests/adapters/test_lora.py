@@ -171,3 +171,12 @@ def test_expert_dropout_acts_only_while_training():
     h = torch.nn.functional.dropout(h, 0.5, training=True)
     expected = torch.cat([h[:6] @ plain.w_out_EHD[0], h[6:] @ plain.w_out_EHD[1]])
     torch.testing.assert_close(noisy, expected)
+
+
+def test_lora_config_build_attaches_adapters_like_add_lora():
+    built = LoRAConfig(rank=2, targets=["attention"]).build(model=_model())
+    reference = _model()
+    names = add_lora(reference, LoRAConfig(rank=2, targets=["attention"]))
+    assert built.lora_config == reference.lora_config
+    adapted = {n for n, m in built.named_modules() if isinstance(m, LoRALinear)}
+    assert adapted == set(names) and adapted

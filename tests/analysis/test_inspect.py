@@ -9,6 +9,7 @@ import torch
 from moekit.analysis.inspect import RoutingInspector, inspect_model, mutual_information
 from moekit.cli.main import main
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.routing.result import RoutingResult
 from moekit.training import load_train_config, train
 from tests.builders import TINY_MOE, placement
@@ -75,7 +76,7 @@ def test_inspect_model_counts_every_assignment():
             vocab_size=32,
             d_model=16,
             n_layers=2,
-            n_heads=2,
+            attention=AttentionConfig(n_heads=2),
             ffn_hidden=16,
             moe=placement(16, num_experts=4, top_k=2, expert_hidden=8),
         )

@@ -10,6 +10,7 @@ import moekit
 from moekit.analysis.params import count_parameters
 from moekit.cli.main import main
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, save_pretrained
+from moekit.models.transformer.attention import AttentionConfig
 from tests.builders import placement
 
 CONFIGS = Path(__file__).parent / "hf_configs"
@@ -70,13 +71,10 @@ def test_qwen3_non_embedding_total_matches_model_card():
 )
 def test_moekit_counts_equal_the_built_model(moe, tied, qkv_bias, qk_norm):
     cfg = TransformerConfig(
-        qkv_bias=qkv_bias,
-        qk_norm=qk_norm,
+        attention=AttentionConfig(qkv_bias=qkv_bias, qk_norm=qk_norm, n_heads=4, n_kv_heads=2),
         vocab_size=50,
         d_model=16,
         n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
         ffn_hidden=40,
         tie_embeddings=tied,
         moe=moe,
@@ -98,15 +96,17 @@ def test_moekit_gpt_oss_style_counts_equal_the_built_model():
         vocab_size=50,
         d_model=16,
         n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
+        attention=AttentionConfig(
+            n_heads=4,
+            n_kv_heads=2,
+            qkv_bias=True,
+            o_bias=True,
+            sinks=True,
+            sliding_window=4,
+            sliding_window_every=2,
+        ),
         ffn_hidden=8,
         activation="swiglu_oai",
-        qkv_bias=True,
-        o_bias=True,
-        attention_sinks=True,
-        sliding_window=4,
-        sliding_window_every=2,
         moe=placement(
             16,
             num_experts=4,
@@ -128,15 +128,17 @@ def test_moekit_mla_counts_equal_the_built_model():
             vocab_size=50,
             d_model=16,
             n_layers=2,
-            n_heads=4,
-            ffn_hidden=24,
-            mla=MLAConfig(
-                q_lora_rank=q_rank,
-                kv_lora_rank=8,
-                qk_nope_head_dim=4,
-                qk_rope_head_dim=4,
-                v_head_dim=6,
+            attention=AttentionConfig(
+                n_heads=4,
+                mla=MLAConfig(
+                    q_lora_rank=q_rank,
+                    kv_lora_rank=8,
+                    qk_nope_head_dim=4,
+                    qk_rope_head_dim=4,
+                    v_head_dim=6,
+                ),
             ),
+            ffn_hidden=24,
         )
         model = TransformerLM(cfg)
         assert count_parameters(model).total == sum(p.numel() for p in model.parameters())
@@ -167,7 +169,9 @@ def test_cli_table_and_json(capsys, tmp_path):
     data = json.loads(capsys.readouterr().out)
     assert data["total"] == count_parameters(CONFIGS / "mixtral-8x7b.json").total
     model = TransformerLM(
-        TransformerConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, ffn_hidden=8)
+        TransformerConfig(
+            vocab_size=20, d_model=8, n_layers=1, attention=AttentionConfig(n_heads=2), ffn_hidden=8
+        )
     )
     save_pretrained(model, tmp_path / "m")
     assert main(["params", str(tmp_path / "m"), "--json"]) == 0

@@ -21,6 +21,7 @@ from moekit.distributed import (
     wrap_data_parallel,
 )
 from moekit.models import TransformerConfig, TransformerLM, from_pretrained
+from moekit.models.transformer.attention import AttentionConfig
 from tests.builders import TINY_MOE, placement
 
 D = 16
@@ -126,7 +127,7 @@ def _lm_config() -> TransformerConfig:
         vocab_size=40,
         d_model=D,
         n_layers=2,
-        n_heads=2,
+        attention=AttentionConfig(n_heads=2),
         ffn_hidden=16,
         max_seq_len=16,
         moe=placement(

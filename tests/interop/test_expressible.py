@@ -69,11 +69,15 @@ def _hf_dict(family: str, **changes) -> dict:
 
 def _moekit_config(family: str, **changes):
     """The family's tiny config with changes: ``router_x`` (router option), ``expert_x``
-    (expert option), anything else a model option."""
+    (expert option), ``attention_x`` (attention option), anything else a model option."""
     config = FAMILIES[family].config_from_hf(_hf_dict(family))
     expert_changes = {k[7:]: v for k, v in changes.items() if k.startswith("expert_")}
     router_changes = {k[7:]: v for k, v in changes.items() if k.startswith("router_")}
-    top = {k: v for k, v in changes.items() if not k.startswith(("expert_", "router_"))}
+    attention_changes = {k[10:]: v for k, v in changes.items() if k.startswith("attention_")}
+    top = {
+        k: v for k, v in changes.items() if not k.startswith(("expert_", "router_", "attention_"))
+    }
+    top["attention"] = dataclasses.replace(config.attention, **attention_changes)
     layer = config.moe.layer
     layer = dataclasses.replace(
         layer,
@@ -129,14 +133,18 @@ def test_quantised_configs_are_named():
             ["moe.layer.router.routed_scaling_factor"],
         ),
         ("mixtral", dict(expert_bias=True), ["moe.layer.experts.bias"]),
-        ("mixtral", dict(o_bias=True, attention_sinks=True), ["o_bias", "attention_sinks"]),
-        ("mixtral", dict(sliding_window=4), ["sliding_window"]),
+        (
+            "mixtral",
+            dict(attention_o_bias=True, attention_sinks=True),
+            ["attention.o_bias", "attention.sinks"],
+        ),
+        ("mixtral", dict(attention_sliding_window=4), ["attention.sliding_window"]),
         (
             "qwen3_moe",
-            dict(sliding_window=4, router_routed_scaling_factor=3.0),
-            ["sliding_window", "moe.layer.router.routed_scaling_factor"],
+            dict(attention_sliding_window=4, router_routed_scaling_factor=3.0),
+            ["attention.sliding_window", "moe.layer.router.routed_scaling_factor"],
         ),
-        ("qwen2_moe", dict(o_bias=True), ["o_bias"]),
+        ("qwen2_moe", dict(attention_o_bias=True), ["attention.o_bias"]),
         (
             "olmoe",
             dict(expert_bias=True, activation="geglu"),
@@ -174,10 +182,10 @@ def _reloaded_logits_match(model: TransformerLM, family: str, folder) -> None:
 
 def test_gpt_oss_without_rope_scaling_reloads_with_the_same_logits(tmp_path):
     """transformers' GPT-OSS defaults to YaRN: export must write the default rope explicitly."""
-    config = dataclasses.replace(_moekit_config("gpt_oss"), rope_scaling=None)
+    config = _moekit_config("gpt_oss", attention_rope_scaling=None)
     torch.manual_seed(0)
     _reloaded_logits_match(TransformerLM(config), "gpt_oss", tmp_path / "gpt_oss")
-    assert from_hf(tmp_path / "gpt_oss").config.rope_scaling is None
+    assert from_hf(tmp_path / "gpt_oss").config.attention.rope_scaling is None
 
 
 # Each change is expressible by some families and not by others; a drawn case applies 0-2.
@@ -186,12 +194,12 @@ CHANGES = [
     ("router_normalize_weights", False),
     ("router_normalize_weights", True),
     ("expert_bias", True),
-    ("o_bias", True),
-    ("qkv_bias", True),
-    ("sliding_window", 4),
-    ("qk_norm", "none"),
-    ("qk_norm", "head"),
-    ("qk_norm", "full"),
+    ("attention_o_bias", True),
+    ("attention_qkv_bias", True),
+    ("attention_sliding_window", 4),
+    ("attention_qk_norm", "none"),
+    ("attention_qk_norm", "head"),
+    ("attention_qk_norm", "full"),
     ("activation", "geglu"),
     ("expert_activation", "geglu"),
     ("tie_embeddings", True),

@@ -14,7 +14,10 @@ from tests.interop.tiny_hf import gpt_oss as _hf  # noqa: E402
 def test_gpt_oss_round_trip(tmp_path):
     hf = _hf()
     ours = from_hf(hf).eval()
-    assert ours.config.activation.value == "swiglu_oai" and ours.config.rope_scaling is not None
+    assert (
+        ours.config.activation.value == "swiglu_oai"
+        and ours.config.attention.rope_scaling is not None
+    )
     assert [ours.config.window_of_layer(i) for i in range(2)] == [4, 0]
     tokens = torch.randint(0, 64, (2, 12))  # longer than the window
     with torch.no_grad():

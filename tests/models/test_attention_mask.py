@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM, generate
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.mla import MLAConfig
 from tests.builders import placement
 
@@ -14,20 +15,26 @@ BASE = TransformerConfig(
     vocab_size=50,
     d_model=32,
     n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
+    attention=AttentionConfig(n_heads=4, n_kv_heads=2),
     ffn_hidden=48,
     max_seq_len=64,
     moe=placement(32, num_experts=4, top_k=2, expert_hidden=24),
 )
 VARIANTS = {
     "gqa": BASE,
-    "window_and_sinks": dataclasses.replace(BASE, sliding_window=3, attention_sinks=True),
-    "window": dataclasses.replace(BASE, sliding_window=3),
+    "window_and_sinks": dataclasses.replace(
+        BASE, attention=dataclasses.replace(BASE.attention, sliding_window=3, sinks=True)
+    ),
+    "window": dataclasses.replace(
+        BASE, attention=dataclasses.replace(BASE.attention, sliding_window=3)
+    ),
     "mla": dataclasses.replace(
         BASE,
-        mla=MLAConfig(
-            kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=0
+        attention=AttentionConfig(
+            n_heads=4,
+            mla=MLAConfig(
+                kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=0
+            ),
         ),
     ),
 }

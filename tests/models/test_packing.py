@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.mla import MLAConfig
 from tests.builders import placement
 
@@ -23,10 +24,9 @@ def test_each_packed_document_equals_the_document_alone(variant):
             vocab_size=50,
             d_model=16,
             n_layers=2,
-            n_heads=2,
+            attention=AttentionConfig(n_heads=2, **extra),
             ffn_hidden=32,
             moe=placement(16, num_experts=4, top_k=2, expert_hidden=8),
-            **extra,
         )
     ).eval()
     docs = [torch.randint(0, 50, (n,)) for n in (5, 3, 4)]
@@ -45,7 +45,9 @@ def test_each_packed_document_equals_the_document_alone(variant):
 
 def test_segment_ids_are_checked():
     model = TransformerLM(
-        TransformerConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, ffn_hidden=8)
+        TransformerConfig(
+            vocab_size=20, d_model=8, n_layers=1, attention=AttentionConfig(n_heads=2), ffn_hidden=8
+        )
     )
     tokens = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="segment_ids must be integers of the tokens' shape"):

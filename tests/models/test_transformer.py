@@ -10,6 +10,7 @@ from moekit.models import (
     generate,
     save_pretrained,
 )
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.generate import filter_logits
 from tests.builders import placement
 
@@ -59,19 +60,16 @@ ROUTER_SETUPS = {
 }
 
 
-def tiny_config(moe: MoEPlacementConfig, **kw) -> TransformerConfig:
-    base = dict(
-        vocab_size=37,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_hidden=32,
-        max_seq_len=64,
+def tiny_config(
+    moe: MoEPlacementConfig, *, attention: dict | None = None, **model
+) -> TransformerConfig:
+    """A 3-block model on ``moe``; ``attention`` and ``model`` override fields."""
+    fields = dict(vocab_size=37, d_model=32, n_layers=3, ffn_hidden=32, max_seq_len=64)
+    return TransformerConfig(
+        **{**fields, **model},
+        attention=AttentionConfig(**{"n_heads": 4, "n_kv_heads": 2, **(attention or {})}),
         moe=moe,
     )
-    base.update(kw)
-    return TransformerConfig(**base)
 
 
 @pytest.mark.parametrize("setup", sorted(ROUTER_SETUPS))
@@ -131,7 +129,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="max_seq_len=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="n_kv_heads"):
-        tiny_config(MoEPlacementConfig(), n_kv_heads=3)
+        tiny_config(MoEPlacementConfig(), attention={"n_kv_heads": 3})
 
 
 @pytest.mark.parametrize("setup", ["dense", "sigmoid_groups_bias_shared", "topk_softmax_every2"])

@@ -5,6 +5,7 @@ import torch
 
 import moekit
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from tests.builders import placement
 
 
@@ -15,8 +16,7 @@ def _lm(seed=0, **layer) -> TransformerLM:
         vocab_size=64,
         d_model=32,
         n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2),
         ffn_hidden=48,
         moe=placement(32, num_experts=4, top_k=2, expert_hidden=48, router=router, **layer),
     )
@@ -104,7 +104,7 @@ def test_bad_inputs_are_refused():
             vocab_size=64,
             d_model=32,
             n_layers=2,
-            n_heads=4,
+            attention=AttentionConfig(n_heads=4),
             ffn_hidden=48,
             moe=placement(32, num_experts=8, top_k=2, expert_hidden=48),
         )

@@ -9,6 +9,7 @@ import torch
 import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.routing.base_layers import (
     exact_balanced_assignment,
     sinkhorn_balanced_assignment,
@@ -220,7 +221,7 @@ def test_causal_lm_refuses_non_causal_routers(kind):
             vocab_size=20,
             d_model=16,
             n_layers=1,
-            n_heads=2,
+            attention=AttentionConfig(n_heads=2),
             ffn_hidden=16,
             moe=placement(
                 16, num_experts=4, top_k=1, expert_hidden=8, router=moekit.RouterConfig(kind=kind)
@@ -244,7 +245,7 @@ def test_causal_routers_train_in_the_lm_and_stay_causal(kind, top_k, extra):
         vocab_size=37,
         d_model=16,
         n_layers=2,
-        n_heads=2,
+        attention=AttentionConfig(n_heads=2),
         ffn_hidden=16,
         moe=placement(
             16,

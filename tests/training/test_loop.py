@@ -114,14 +114,16 @@ def test_empty_corpus_fails_before_any_step(tmp_path):
 def test_config_files_and_overrides(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text(
-        "steps = 7\n[optim]\nlr = 0.01\n[model]\nn_heads = 8\n[model.moe.layer]\n"
+        "steps = 7\n[optim]\nlr = 0.01\n[model.attention]\nn_heads = 8\n[model.moe.layer]\n"
         "num_experts = 4\ntop_k = 2\n[model.moe.layer.experts]\nhidden = 16\n"
     )
     cfg = load_train_config(
         str(toml), ["optim.lr=0.02", "model.moe.layer.router.gating=sigmoid_topk"]
     )
-    assert cfg.steps == 7 and cfg.optim.lr == 0.02 and cfg.model.n_heads == 8
-    assert cfg.model.head_dim == 16 and cfg.model.n_kv_heads == 8  # derived from the file
+    assert cfg.steps == 7 and cfg.optim.lr == 0.02 and cfg.model.attention.n_heads == 8
+    assert (
+        cfg.model.attention.head_dim == 16 and cfg.model.attention.n_kv_heads == 8
+    )  # derived from the file
     assert cfg.model.moe.layer.router.gating.value == "sigmoid_topk"
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"steps": 3}))

@@ -6,6 +6,7 @@ import torch
 from moekit.analysis.inspect import count_routing
 from moekit.experts.shared import SharedExpertConfig
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.training.config import OptimConfig
 from moekit.training.optim import build_optimizer
 from moekit.training.presets import (
@@ -116,7 +117,13 @@ def test_bad_presets_are_refused(preset, message):
 
 def test_a_preset_matching_nothing_is_refused():
     dense = TransformerLM(
-        TransformerConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2, ffn_hidden=8)
+        TransformerConfig(
+            vocab_size=40,
+            d_model=16,
+            n_layers=1,
+            attention=AttentionConfig(n_heads=2),
+            ffn_hidden=8,
+        )
     )
     for preset in ("router", "shared_experts", "experts:0"):
         with pytest.raises(ValueError, match="matches no parameter"):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.training import load_train_config, train
 from moekit.training.data import DataConfig, load_corpus
 from moekit.training.loop import evaluate
@@ -10,7 +11,13 @@ from moekit.training.upcycle import upcycle
 
 def test_upcycled_model_equals_dense_at_step_zero():
     dense = TransformerLM(
-        TransformerConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64)
+        TransformerConfig(
+            vocab_size=50,
+            d_model=32,
+            n_layers=3,
+            attention=AttentionConfig(n_heads=4),
+            ffn_hidden=64,
+        )
     ).eval()
     moe = upcycle(dense, num_experts=4, top_k=2, every=2).eval()
     assert [type(b.ffn).__name__ for b in moe.blocks] == ["FeedForward", "MoE", "FeedForward"]

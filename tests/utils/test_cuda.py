@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from tests.builders import placement
 
 pytestmark = [
@@ -17,7 +18,7 @@ def test_lm_step_on_cuda_matches_the_cpu():
         vocab_size=64,
         d_model=32,
         n_layers=2,
-        n_heads=4,
+        attention=AttentionConfig(n_heads=4),
         ffn_hidden=48,
         moe=placement(32, num_experts=4, top_k=2, expert_hidden=24),
     )

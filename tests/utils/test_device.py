@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import moekit
 from moekit.models import TransformerConfig, TransformerLM
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.mla import MLAConfig
 from moekit.utils import device as device_mod
 from moekit.utils.device import autocast, distributed_backend, resolve_device
@@ -88,7 +89,7 @@ def _fake_cuda(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
 
 LM_VARIANTS = {
     "dense": {},
-    "sinks_window": dict(attention_sinks=True, sliding_window=3, o_bias=True),
+    "sinks_window": dict(sinks=True, sliding_window=3, o_bias=True),
     "mla": dict(
         mla=MLAConfig(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
     ),
@@ -101,10 +102,9 @@ def test_lm_forward_and_cached_decoding_stay_on_the_input_device(name):
         vocab_size=32,
         d_model=16,
         n_layers=2,
-        n_heads=2,
+        attention=AttentionConfig(n_heads=2, **LM_VARIANTS[name]),
         ffn_hidden=16,
         max_seq_len=32,
-        **LM_VARIANTS[name],
     )
     mode = FakeTensorMode()
     model = _fake_cuda(TransformerLM(config).eval(), mode)

@@ -10,6 +10,7 @@ import moekit
 from moekit.cli.main import main
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
 from moekit.models.checkpoint import from_pretrained, save_pretrained
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.training.config import OptimConfig, load_train_config
 from moekit.utils.validation import ConfigError
 from tests.builders import placement
@@ -89,7 +90,7 @@ def test_saved_config_with_a_bad_value_names_the_key(tmp_path):
         vocab_size=32,
         d_model=16,
         n_layers=1,
-        n_heads=2,
+        attention=AttentionConfig(n_heads=2),
         ffn_hidden=16,
         moe=placement(16, num_experts=2, top_k=1, expert_hidden=8),
     )
@@ -157,7 +158,12 @@ def test_a_layer_of_another_width_is_refused():
         ValueError, match=r"moe\.layer\.d_model=8 must equal the model's d_model=16"
     ):
         TransformerConfig(
-            vocab_size=32, d_model=16, n_layers=1, n_heads=2, ffn_hidden=16, moe=placement(8)
+            vocab_size=32,
+            d_model=16,
+            n_layers=1,
+            attention=AttentionConfig(n_heads=2),
+            ffn_hidden=16,
+            moe=placement(8),
         )
     with pytest.raises(ValueError, match=r"moe\.every must be >= 1"):
         MoEPlacementConfig(every=0)

@@ -71,6 +71,12 @@ class LoRAConfig:
         """The rank for ``target`` (``rank_overrides`` where given, else ``rank``)."""
         return self.ranks.get(target, self.rank)
 
+    def build(self, *, model: nn.Module) -> nn.Module:
+        """``model`` with adapters attached in place (``add_lora``): every other parameter is
+        frozen and the config kept as ``model.lora_config``. Returns ``model``."""
+        add_lora(model, self)
+        return model
+
 
 def _kaiming_uniform(tensor: torch.Tensor, fan_in: int) -> None:
     # as nn.Linear (and PEFT) initialise A: uniform in ±1/sqrt(fan_in)

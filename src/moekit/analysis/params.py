@@ -146,8 +146,9 @@ def spec_from_moekit(config) -> ArchSpec:
     gated = Activation(config.activation).is_gated
     layer = config.moe.layer
     moe_layers = sum(config.moe.is_moe_layer(i) for i in range(config.n_layers))
-    d, hd = config.d_model, config.head_dim
-    q_width, kv_width = config.n_heads * hd, config.n_kv_heads * hd
+    attn = config.attention
+    d, hd = config.d_model, config.head_width
+    q_width, kv_width = attn.n_heads * hd, config.kv_heads * hd
     shared = router = experts = num_experts = top_k = 0
     counts = None
     if layer is not None:
@@ -163,11 +164,11 @@ def spec_from_moekit(config) -> ArchSpec:
         router += d if getattr(layer.router, "noisy_gating", False) else 0
         router *= num_experts
     attention = 2 * d * q_width + 2 * d * kv_width
-    attention += (q_width + 2 * kv_width) if config.qkv_bias else 0
-    attention += (d if config.o_bias else 0) + (config.n_heads if config.attention_sinks else 0)
+    attention += (q_width + 2 * kv_width) if attn.qkv_bias else 0
+    attention += (d if attn.o_bias else 0) + (attn.n_heads if attn.sinks else 0)
     qk_width = v_width = q_width
-    if config.mla is not None:
-        attention, qk_width, v_width = _mla_attention(d, config.n_heads, config.mla)
+    if attn.mla is not None:
+        attention, qk_width, v_width = _mla_attention(d, attn.n_heads, attn.mla)
     return ArchSpec(
         name="moekit",
         vocab_size=config.vocab_size,
@@ -178,7 +179,7 @@ def spec_from_moekit(config) -> ArchSpec:
         attention_qk_width=qk_width,
         attention_v_width=v_width,
         norms_per_layer=2 * d
-        + {"none": 0, "head": 2 * hd, "full": q_width + kv_width}[config.qk_norm],
+        + {"none": 0, "head": 2 * hd, "full": q_width + kv_width}[attn.qk_norm],
         final_norm=d,
         dense_ffn_layers=config.n_layers - moe_layers,
         dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),

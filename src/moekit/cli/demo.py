@@ -129,7 +129,7 @@ def demo_train_configs(
         f"seed={seed}",
         f"model.d_model={preset['d_model']}",
         f"model.n_layers={preset['layers']}",
-        f"model.n_heads={heads}",
+        f"model.attention.n_heads={heads}",
         f"model.ffn_hidden={preset['ffn_hidden']}",
         f"model.max_seq_len={preset['seq_len']}",
         f"data.seq_len={preset['seq_len']}",

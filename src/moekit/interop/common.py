@@ -115,7 +115,7 @@ def routed_experts(hf_experts: str, names=("gate_proj", "up_proj", "down_proj"))
 
 def rope(hf: dict[str, Any], default: float = 10000.0) -> tuple[float, Any]:
     """``(rope_theta, RopeScalingConfig or None)``; default and YaRN rotary positions."""
-    from moekit.models.transformer.attention import RopeScalingConfig
+    from moekit.models.transformer.rotary import RopeScalingConfig
 
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", default)))
@@ -164,13 +164,14 @@ ATTENTION_HF_FIELDS = frozenset(
 def rope_to_hf(config) -> dict[str, Any]:
     """Rotary parameters written explicitly, so no family fills in its own default (GPT-OSS
     defaults to YaRN when none are given)."""
-    scaling = config.rope_scaling
+    attention = config.attention
+    scaling, theta = attention.rope_scaling, attention.rope_theta
     if scaling is None:
-        params = {"rope_type": "default", "rope_theta": config.rope_theta}
-        return {"rope_theta": config.rope_theta, "rope_scaling": params, "rope_parameters": params}
+        params = {"rope_type": "default", "rope_theta": theta}
+        return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params}
     params = {
         "rope_type": "yarn",
-        "rope_theta": config.rope_theta,
+        "rope_theta": theta,
         "factor": scaling.factor,
         "original_max_position_embeddings": scaling.original_max_position_embeddings,
         "beta_fast": scaling.beta_fast,
@@ -181,22 +182,30 @@ def rope_to_hf(config) -> dict[str, Any]:
     }
     if scaling.attention_factor is not None:
         params["attention_factor"] = scaling.attention_factor
-    return {"rope_theta": config.rope_theta, "rope_scaling": params, "rope_parameters": params}
+    return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params}
 
 
-def attention_fields(hf: dict[str, Any]) -> dict[str, Any]:
+def attention_fields(hf: dict[str, Any], **attention_options: Any) -> dict[str, Any]:
+    """The ``TransformerConfig`` keywords every Llama-style family reads the same way: the
+    shape, the norms and an ``attention`` config (heads, rotary positions) to which
+    ``attention_options`` (the family's biases, norms, windows, sinks, MLA) are added."""
+    from moekit.models.transformer.attention import AttentionConfig
+
     heads = hf["num_attention_heads"]
     theta, scaling = rope(hf)
     return dict(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim"),  # None: d_model // n_heads, as transformers does
+        attention=AttentionConfig(
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim"),  # None: d_model // n_heads, as transformers does
+            rope_theta=theta,
+            rope_scaling=scaling,
+            **attention_options,
+        ),
         max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=theta,
-        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
@@ -207,9 +216,9 @@ def attention_to_hf(config) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
+        "num_attention_heads": config.attention.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_width,
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,

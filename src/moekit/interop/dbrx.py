@@ -13,6 +13,7 @@ from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.layers import MoEConfig
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
 
@@ -43,12 +44,14 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         vocab_size=hf["vocab_size"],
         d_model=hf["d_model"],
         n_layers=hf["n_layers"],
-        n_heads=hf["n_heads"],
-        n_kv_heads=attn.get("kv_n_heads", hf["n_heads"]),
+        attention=AttentionConfig(
+            n_heads=hf["n_heads"],
+            n_kv_heads=attn.get("kv_n_heads", hf["n_heads"]),
+            rope_theta=float(attn.get("rope_theta", 500000.0)),
+        ),
         ffn_hidden=ffn["ffn_hidden_size"],
         activation=Activation.SWIGLU,
         max_seq_len=hf.get("max_seq_len", 32768),
-        rope_theta=float(attn.get("rope_theta", 500000.0)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=MoEPlacementConfig(
             layer=MoEConfig(

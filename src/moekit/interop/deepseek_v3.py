@@ -32,7 +32,7 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         Rename(f"{attn}.kv_a_norm.weight", f"{hf}.kv_a_layernorm.weight"),
         Rename(f"{attn}.kv_b_proj.weight", f"{hf}.kv_b_proj.weight"),
     ]
-    if config.mla is not None and config.mla.q_lora_rank:
+    if config.attention.mla is not None and config.attention.mla.q_lora_rank:
         latent += [
             Rename(f"{attn}.q_a_proj.weight", f"{hf}.q_a_proj.weight"),
             Rename(f"{attn}.q_a_norm.weight", f"{hf}.q_a_layernorm.weight"),
@@ -114,11 +114,8 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
     if not hf.get("n_shared_experts"):
         raise ValueError(f"{family} import expects n_shared_experts >= 1")
     experts = hf.get("n_routed_experts") or hf["num_local_experts"]
-    fields = common.attention_fields({**hf, "head_dim": hf["qk_rope_head_dim"]})
-    return TransformerConfig(
-        **fields,
-        ffn_hidden=hf["intermediate_size"],
-        activation=Activation.SWIGLU,
+    fields = common.attention_fields(
+        {**hf, "head_dim": hf["qk_rope_head_dim"]},
         mla=MLAConfig(
             q_lora_rank=hf.get("q_lora_rank") or 0,
             kv_lora_rank=hf["kv_lora_rank"],
@@ -127,6 +124,11 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
             v_head_dim=hf["v_head_dim"],
             rope_interleave=bool(hf.get("rope_interleave", True)),
         ),
+    )
+    return TransformerConfig(
+        **fields,
+        ffn_hidden=hf["intermediate_size"],
+        activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
                 d_model=hf["hidden_size"],
@@ -153,7 +155,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    moe, mla = config.moe.layer, config.mla
+    moe, mla = config.moe.layer, config.attention.mla
     if mla is None or moe is None or moe.shared_experts is None:
         raise ValueError("DeepSeek-V3 export needs MLA attention, MoE layers and shared experts")
     router = cast(TopKRouterConfig, moe.router)  # export_problems checked the kind

@@ -23,7 +23,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     entries = [
-        *common.backbone(qkv_bias=config.qkv_bias, tied=config.tie_embeddings),
+        *common.backbone(qkv_bias=config.attention.qkv_bias, tied=config.tie_embeddings),
         *common.dense_ffn("blocks.{layer}.ffn", "model.layers.{layer}.mlp", layers="dense"),
     ]
     return {"checkpoint": entries}
@@ -60,10 +60,9 @@ def config_from_hf(hf: dict[str, Any], model_type: str, strict: bool = True) -> 
     """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
     check_hf_config(hf, model_type, HF_FIELDS[model_type], strict)
     return TransformerConfig(
-        **common.attention_fields({**hf, "model_type": model_type}),
+        **common.attention_fields({**hf, "model_type": model_type}, qkv_bias=model_type == "qwen2"),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
-        qkv_bias=model_type == "qwen2",
     )
 
 

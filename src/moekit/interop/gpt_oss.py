@@ -110,14 +110,16 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     check_hf_config(hf, "GPT-OSS", HF_FIELDS, strict)
     k = hf.get("num_experts_per_tok") or hf["experts_per_token"]
     return TransformerConfig(
-        **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
+        **common.attention_fields(
+            {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)},
+            qkv_bias=True,
+            o_bias=True,
+            sinks=True,
+            sliding_window=hf.get("sliding_window") or 0,
+            sliding_window_every=_sliding_every(hf) if hf.get("sliding_window") else 1,
+        ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU_OAI,
-        qkv_bias=True,
-        o_bias=True,
-        attention_sinks=True,
-        sliding_window=hf.get("sliding_window") or 0,
-        sliding_window_every=_sliding_every(hf) if hf.get("sliding_window") else 1,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
                 d_model=hf["hidden_size"],
@@ -148,7 +150,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "num_experts_per_tok": moe.top_k,
         "experts_per_token": moe.top_k,
         "attention_bias": True,
-        "sliding_window": config.sliding_window or None,
+        "sliding_window": config.attention.sliding_window or None,
         "layer_types": layer_types,
         "swiglu_limit": 7.0,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,

@@ -42,10 +42,11 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     check_hf_config(hf, "OLMoE", HF_FIELDS, strict)
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
-        **common.attention_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
+        **common.attention_fields(
+            {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}, qk_norm=QKNorm.FULL
+        ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
-        qk_norm=QKNorm.FULL,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
                 d_model=hf["hidden_size"],

@@ -85,11 +85,11 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> Tran
     shared = hf.get("shared_expert_intermediate_size") or 0
     k = hf["num_experts_per_tok"]
     return TransformerConfig(
-        **common.attention_fields(hf),
+        **common.attention_fields(
+            hf, qkv_bias=not qwen3, qk_norm=QKNorm.HEAD if qwen3 else QKNorm.NONE
+        ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
-        qkv_bias=not qwen3,
-        qk_norm=QKNorm.HEAD if qwen3 else QKNorm.NONE,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
                 d_model=hf["hidden_size"],

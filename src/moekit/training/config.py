@@ -3,6 +3,7 @@ overrides, validated before any training starts."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -60,14 +61,14 @@ DEFAULT_MODEL: dict[str, Any] = {
     "vocab_size": ByteTokenizer.vocab_size,
     "d_model": 128,
     "n_layers": 4,
-    "n_heads": 4,
+    "attention": {"n_heads": 4},
     "ffn_hidden": 512,
     "max_seq_len": 256,
 }
 
 
 def _default_model() -> TransformerConfig:
-    return TransformerConfig(**DEFAULT_MODEL)
+    return config_from_dict(TransformerConfig, copy.deepcopy(DEFAULT_MODEL), "model")
 
 
 def _default_space() -> list[str]:
@@ -281,9 +282,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults, updated by the file at ``path`` (if any), then by ``overrides``."""
-    # Start from the explicitly chosen defaults only, so derived fields (n_kv_heads, head_dim)
-    # follow whatever the file or the overrides set.
-    data: dict[str, Any] = {"model": dict(DEFAULT_MODEL)}
+    # Start from the explicitly chosen defaults only, so derived fields (attention.n_kv_heads,
+    # attention.head_dim) follow whatever the file or the overrides set.
+    data: dict[str, Any] = {"model": copy.deepcopy(DEFAULT_MODEL)}
     if path is not None:
         _merge(data, _read_file(Path(path)))
     apply_overrides(data, overrides or [])

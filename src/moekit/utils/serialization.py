@@ -65,8 +65,15 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
     unknown = sorted(set(data) - names)
     if unknown:
         keys = ", ".join(f"{section}.{k}" if section else k for k in unknown)
+        moved = getattr(cls, "moved_keys", {})
+        hints_moved = [
+            f"{section}.{k} is now {section}.{moved[k]}" if section else f"{k} is now {moved[k]}"
+            for k in unknown
+            if k in moved
+        ]
         raise ConfigError(
             f"unknown {cls.__name__} keys: {keys} (known: {', '.join(sorted(names))})"
+            + (f"; {'; '.join(hints_moved)}" if hints_moved else "")
         )
     kwargs = {}
     for name, value in data.items():

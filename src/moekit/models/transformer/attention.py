@@ -7,7 +7,7 @@ G = key/value heads (H % G == 0), Dh = head dim, D = d_model.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -15,94 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.models.transformer.masks import allowed_keys
+from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
+from moekit.models.transformer.rotary import RopeScalingConfig, apply_rotary
 from moekit.utils.validation import check_fields
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature term ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _yarn_inv_freq(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor, float]:
-    """YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp in between."""
-    dim = head_dim
-    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
-
-    def correction_dim(rotations: float) -> float:
-        return (
-            dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi))
-        ) / (2 * math.log(theta))
-
-    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
-    if scaling.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    keep = 1 - ramp
-    inv_freq = interpolation * (1 - keep) + extrapolation * keep
-    if scaling.attention_factor is not None:
-        factor = scaling.attention_factor
-    elif scaling.mscale and scaling.mscale_all_dim:
-        factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(
-            scaling.factor, scaling.mscale_all_dim
-        )
-    else:
-        factor = yarn_mscale(scaling.factor)
-    return inv_freq, factor
-
-
-@dataclass(kw_only=True)
-class RopeScalingConfig:
-    """YaRN rotary scaling (Peng et al. 2023), as DeepSeek-V3 and GPT-OSS use it.
-
-    Args:
-        factor: context extension factor.
-        original_max_position_embeddings: the pre-extension context.
-        beta_fast, beta_slow: rotation counts bounding the interpolation ramp.
-        mscale, mscale_all_dim: DeepSeek's attention-temperature terms (0 = unused).
-        attention_factor: explicit cos/sin scale (``None``: derived from the above).
-        truncate: round the ramp bounds to whole dimensions.
-    """
-
-    factor: float
-    original_max_position_embeddings: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 0.0
-    mscale_all_dim: float = 0.0
-    attention_factor: float | None = None
-    truncate: bool = True
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.factor <= 0 or self.original_max_position_embeddings < 1:
-            raise ValueError(
-                "rope_scaling.factor must be > 0 and original_max_position_embeddings >= 1"
-            )
-
-
-def rotary_tables(
-    head_dim: int, max_positions: int, theta: float, scaling=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``, ``sin`` of shape ``(max_positions, head_dim)`` for rotate-half RoPE (Su et al.),
-    optionally YaRN-scaled (``scaling``: a ``RopeScalingConfig``)."""
-    if scaling is None:
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        attention_factor = 1.0
-    else:
-        inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos() * attention_factor, angles.sin() * attention_factor
-
-
-def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    first, second = x_BHSD.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return x_BHSD * cos_SD.to(x_BHSD.dtype) + rotated * sin_SD.to(x_BHSD.dtype)
 
 
 class QKNorm(str, Enum):
@@ -111,38 +27,6 @@ class QKNorm(str, Enum):
     NONE = "none"
     HEAD = "head"  # per head (Qwen3)
     FULL = "full"  # over the whole projection (OLMoE)
-
-
-def allowed_keys(
-    S: int,
-    L: int,
-    start: int,
-    *,
-    causal: bool,
-    window: int = 0,
-    key_mask_BL: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Which keys each query may attend to: ``(S, L)``, or ``(B, 1, S, L)`` with a key mask.
-
-    Queries are positions ``start .. start+S-1`` of the ``L`` keys; ``window`` keeps the last
-    ``window`` keys of each query (0: all); ``key_mask_BL`` (``True`` = real token) hides
-    padding keys, or, shaped ``(B, 1, S, L)``, says per query which keys it may see (packed
-    segments). A padding query may then see no key at all, which would make its softmax NaN:
-    it is allowed to see itself instead (no real query ever sees a padding key, so real
-    outputs are unchanged).
-    """
-    query_S1 = torch.arange(start, start + S, device=device).unsqueeze(1)
-    key_1L = torch.arange(L, device=device).unsqueeze(0)
-    allowed = key_1L <= query_S1 if causal else torch.ones(S, L, dtype=torch.bool, device=device)
-    if window:
-        allowed = allowed & (key_1L > query_S1 - window)
-    if key_mask_BL is not None:
-        B = key_mask_BL.shape[0]
-        # (B, L): padding keys; (B, 1, S, L): any per-query mask (packed sequences' segments)
-        keys = key_mask_BL if key_mask_BL.dim() == 4 else key_mask_BL.view(B, 1, 1, L)
-        allowed = (allowed & keys) | (key_1L == query_S1)
-    return allowed
 
 
 @dataclass
@@ -192,39 +76,136 @@ class KVCache:
 
 @dataclass(kw_only=True)
 class AttentionConfig:
-    """One block's grouped-query self-attention.
+    """A block's self-attention: grouped-query heads or multi-head latent attention (MLA), with
+    rotary positions, optional biases, query/key norms, a sliding window and attention sinks.
 
     Args:
-        n_heads: query heads. n_kv_heads: key/value heads (``n_heads`` is a multiple of it).
-        head_dim: width of each head.
-        causal: each position sees only earlier ones. rotary: rotary positions (RoPE).
-        qkv_bias, o_bias: biases in the projections. qk_norm: RMSNorm of queries and keys
-            (``none``, ``head``: per head, Qwen3; ``full``: over the projection, OLMoE).
-        norm_eps: the norms' epsilon. sinks: a learned per-head attention sink (GPT-OSS).
+        n_heads: query heads.
+        n_kv_heads: key/value heads (grouped-query attention; ``n_heads`` is a multiple of it);
+            ``None`` means ``n_heads``.
+        head_dim: width of each head; ``None`` means ``d_model // n_heads``.
+        causal: each position sees only earlier ones.
+        rotary: rotary positions (RoPE) on queries and keys.
+        rope_theta: the rotary base.
+        rope_scaling: YaRN scaling of the rotary positions, or ``None``.
+        qkv_bias: biases on the query, key and value projections (Qwen2).
+        qk_norm: RMSNorm of queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
+            or ``full`` (over the whole projection, OLMoE).
+        norm_eps: the query/key norms' epsilon; ``None`` means the model's ``norm_eps``
+            (1e-6 for a stand-alone ``Attention``).
+        o_bias: a bias on the output projection (GPT-OSS).
+        sinks: a learned per-head sink logit in every softmax (GPT-OSS).
         sliding_window: attend to this many positions at most (0: every earlier one).
+        sliding_window_every: in a model, layer ``i`` uses the window when
+            ``i % sliding_window_every == 0`` (GPT-OSS: 2, every even layer; 1: every layer).
+        mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
     """
 
     n_heads: int
-    n_kv_heads: int
-    head_dim: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
     causal: bool = True
     rotary: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None
     qkv_bias: bool = False
     qk_norm: QKNorm = QKNorm.NONE
-    norm_eps: float = 1e-6
+    norm_eps: float | None = None
     o_bias: bool = False
     sinks: bool = False
     sliding_window: int = 0
+    sliding_window_every: int = 1
+    mla: MLAConfig | None = None
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        if self.n_heads % self.n_kv_heads:
+        check_fields(self, "attention.")
+        if self.n_heads < 1:
+            raise ValueError(f"attention.n_heads must be >= 1, got {self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+                f"attention.n_heads={self.n_heads} must be a multiple of "
+                f"attention.n_kv_heads={self.n_kv_heads}"
             )
+        if self.head_dim is not None and (
+            self.head_dim < 1 or (self.rotary and self.mla is None and self.head_dim % 2)
+        ):
+            raise ValueError(
+                f"attention.head_dim must be >= 1 (and even for rotary positions), got "
+                f"{self.head_dim}"
+            )
+        if self.sliding_window < 0 or self.sliding_window_every < 1:
+            raise ValueError(
+                "attention.sliding_window must be >= 0 and attention.sliding_window_every >= 1, "
+                f"got {self.sliding_window} and {self.sliding_window_every}"
+            )
+        if self.mla is not None:
+            unsupported = [
+                name
+                for name, value in (
+                    ("qkv_bias", self.qkv_bias),
+                    ("qk_norm", self.qk_norm != QKNorm.NONE),
+                    ("o_bias", self.o_bias),
+                    ("sinks", self.sinks),
+                    ("sliding_window", self.sliding_window),
+                    ("causal=false", not self.causal),
+                )
+                if value
+            ]
+            if unsupported:
+                raise ValueError(
+                    f"attention.mla (multi-head latent attention) has no {', '.join(unsupported)} "
+                    "option"
+                )
 
-    def build(self, *, d_model: int) -> Attention:
-        """The ``Attention`` of this config on a stream of width ``d_model``."""
+    def resolved(self, *, d_model: int, norm_eps: float) -> AttentionConfig:
+        """This config with its defaults filled in for a model of width ``d_model``:
+        ``n_kv_heads``, ``head_dim`` and ``norm_eps`` (when ``None``) get concrete values."""
+        head_dim = self.head_dim
+        if head_dim is None:
+            if d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={d_model} must be divisible by attention.n_heads={self.n_heads} "
+                    "(or set attention.head_dim)"
+                )
+            head_dim = d_model // self.n_heads
+        return dataclasses.replace(
+            self,
+            n_kv_heads=self.kv_heads,
+            head_dim=head_dim,
+            norm_eps=norm_eps if self.norm_eps is None else self.norm_eps,
+        )
+
+    def of_layer(self, index: int) -> AttentionConfig:
+        """Block ``index``'s attention: the window applies when ``index`` is a multiple of
+        ``sliding_window_every``."""
+        window = self.sliding_window if index % self.sliding_window_every == 0 else 0
+        return dataclasses.replace(self, sliding_window=window, sliding_window_every=1)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``n_kv_heads``, or ``n_heads`` when unset)."""
+        return self.n_kv_heads or self.n_heads
+
+    def head_width(self, d_model: int) -> int:
+        """Per-head width on a stream of width ``d_model`` (``head_dim`` when set)."""
+        return self.head_dim or d_model // self.n_heads
+
+    @property
+    def rope_width(self) -> int | None:
+        """Width of the rotated part of a head when it is fixed by the config (MLA's RoPE part
+        or ``head_dim``), else ``None``."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+
+    def build(self, *, d_model: int) -> nn.Module:
+        """The ``Attention`` of this config on a stream of width ``d_model`` (a
+        ``MultiHeadLatentAttention`` when ``mla`` is set)."""
+        if self.mla is not None:
+            return MultiHeadLatentAttention(
+                self.mla,
+                d_model=d_model,
+                n_heads=self.n_heads,
+                softmax_scale=mla_softmax_scale(self.mla, self.rope_scaling),
+            )
         return Attention(self, d_model=d_model)
 
 
@@ -234,9 +215,12 @@ class Attention(nn.Module):
 
     def __init__(self, config: AttentionConfig, *, d_model: int) -> None:
         super().__init__()
-        n_heads, n_kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        qkv_bias, o_bias, norm_eps = config.qkv_bias, config.o_bias, config.norm_eps
-        sinks, sliding_window, qk_norm = config.sinks, config.sliding_window, config.qk_norm
+        if config.mla is not None:
+            raise ValueError("an AttentionConfig with mla builds MultiHeadLatentAttention")
+        n_heads, n_kv_heads = config.n_heads, config.kv_heads
+        head_dim = config.head_width(d_model)
+        norm_eps = 1e-6 if config.norm_eps is None else config.norm_eps
+        qkv_bias, o_bias, qk_norm = config.qkv_bias, config.o_bias, config.qk_norm
         self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal, self.rotary = config.causal, config.rotary
@@ -245,8 +229,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
         # GPT-OSS: a learned per-head logit that joins every softmax and takes some of its mass
-        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
-        self.sliding_window = sliding_window  # 0: attend to every earlier position
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if config.sinks else None
+        self.sliding_window = config.sliding_window  # 0: attend to every earlier position
         # RMSNorm on queries and keys before RoPE: per head (Qwen3) or over the whole
         # projection (OLMoE)
         self.qk_norm = qk_norm = QKNorm(qk_norm)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.transformer.attention import allowed_keys, apply_rotary, yarn_mscale
+from moekit.models.transformer.masks import allowed_keys
+from moekit.models.transformer.rotary import apply_rotary, yarn_mscale
 from moekit.utils.validation import check_fields
 
 
@@ -61,10 +62,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def __init__(
         self,
-        d_model: int,
-        n_heads: int,
         config: MLAConfig,
         *,
+        d_model: int,
+        n_heads: int,
         softmax_scale: float,
         latent_norm_eps: float = 1e-6,
     ) -> None:

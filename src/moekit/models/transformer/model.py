@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,9 @@ from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
-from moekit.models.transformer.attention import (
-    AttentionConfig,
-    KVCache,
-    QKNorm,
-    RopeScalingConfig,
-    rotary_tables,
-)
-from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
+from moekit.models.transformer.attention import AttentionConfig, KVCache
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
+from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, is_causal
 from moekit.utils.device import has_values
 from moekit.utils.validation import check_fields
@@ -44,72 +38,58 @@ class TransformerConfig:
         vocab_size: tokens in the vocabulary.
         d_model: model width.
         n_layers: blocks.
-        n_heads: query heads.
-        n_kv_heads: key/value heads (grouped-query attention); ``None`` means ``n_heads``.
-        head_dim: per-head width; ``None`` means ``d_model // n_heads``.
+        attention: every block's attention (heads, grouped-query or latent attention, biases,
+            norms, sliding window, sinks, rotary positions); see ``AttentionConfig``.
         ffn_hidden: hidden width of the dense FFNs.
         activation: FFN and expert activation.
         max_seq_len: longest sequence (rotary table size, cache size).
-        rope_theta: rotary base.
-        norm_eps: RMSNorm epsilon.
+        norm_eps: RMSNorm epsilon (and the attention's query/key norms', unless it sets one).
         tie_embeddings: the output head reuses the token embedding.
-        qkv_bias: biases on the query, key and value projections (Qwen2).
-        qk_norm: RMSNorm on queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
-            or ``full`` (over the whole projection, OLMoE).
-        rope_scaling: YaRN scaling of the rotary positions, or ``None``.
-        o_bias: a bias on the attention output projection (GPT-OSS).
-        attention_sinks: a learned per-head sink logit in every softmax (GPT-OSS).
-        sliding_window: window of the sliding-window layers (0: none).
-        sliding_window_every: layer ``i`` uses the window when ``i % every == 0`` (GPT-OSS: 2,
-            i.e. every even layer; 1: every layer).
-        mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
         moe: where the MoE layers are and how they are built.
     """
 
     vocab_size: int
     d_model: int
     n_layers: int
-    n_heads: int
+    attention: AttentionConfig
     ffn_hidden: int
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
     activation: Activation = Activation.SWIGLU
     max_seq_len: int = 1024
-    rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_norm: QKNorm = QKNorm.NONE
-    rope_scaling: RopeScalingConfig | None = None
-    o_bias: bool = False
-    attention_sinks: bool = False
-    sliding_window: int = 0
-    sliding_window_every: int = 1
-    mla: MLAConfig | None = None
     moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
+
+    #: keys of the flat layout, named by their new home in the error for an old config file
+    moved_keys: ClassVar[dict[str, str]] = {
+        **{
+            name: f"attention.{name}"
+            for name in (
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+                "rope_theta",
+                "rope_scaling",
+                "qkv_bias",
+                "qk_norm",
+                "o_bias",
+                "sliding_window",
+                "sliding_window_every",
+                "mla",
+            )
+        },
+        "attention_sinks": "attention.sinks",
+    }
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            if self.d_model % self.n_heads:
-                raise ValueError(
-                    f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
-                    "(or set head_dim)"
-                )
-            self.head_dim = self.d_model // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
-        if self.mla is not None and (self.qkv_bias or self.qk_norm != "none"):
-            raise ValueError("mla attention has no qkv_bias or qk_norm options")
+        if not self.attention.causal:
+            raise ValueError("attention.causal must be true in a causal language model")
+        self.attention = self.attention.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
+        if self.attention.rotary and self.attention.mla is None and self.head_width % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_width}")
         layer = self.moe.layer
         if layer is None:
             return
@@ -157,37 +137,19 @@ class TransformerConfig:
         """The ``TransformerLM`` of this config (randomly initialised)."""
         return TransformerLM(self)
 
-    def attention_of_layer(self, index: int) -> AttentionConfig | nn.Module:
-        """Block ``index``'s attention: its ``AttentionConfig`` (heads, biases, norms, window,
-        sinks), or the built multi-head latent attention when ``mla`` is set."""
-        if self.mla is not None:
-            return MultiHeadLatentAttention(
-                self.d_model,
-                self.n_heads,
-                self.mla,
-                softmax_scale=mla_softmax_scale(self.mla, self.rope_scaling),
-            )
-        return AttentionConfig(
-            n_heads=self.n_heads,
-            n_kv_heads=self.kv_heads,
-            head_dim=self.head_width,
-            qkv_bias=self.qkv_bias,
-            qk_norm=self.qk_norm,
-            norm_eps=self.norm_eps,
-            o_bias=self.o_bias,
-            sinks=self.attention_sinks,
-            sliding_window=self.window_of_layer(index),
-        )
+    def attention_of_layer(self, index: int) -> AttentionConfig:
+        """Block ``index``'s attention config (its sliding window resolved)."""
+        return self.attention.of_layer(index)
 
     @property
     def kv_heads(self) -> int:
-        """Key/value heads (``n_kv_heads`` after defaults are resolved)."""
-        return self.n_kv_heads or self.n_heads
+        """Key/value heads (``attention.n_kv_heads`` after defaults are resolved)."""
+        return self.attention.kv_heads
 
     @property
     def head_width(self) -> int:
-        """Per-head width (``head_dim`` after defaults are resolved)."""
-        return self.head_dim or self.d_model // self.n_heads
+        """Per-head width (``attention.head_dim`` after defaults are resolved)."""
+        return self.attention.head_width(self.d_model)
 
     @property
     def is_moe(self) -> bool:
@@ -195,7 +157,7 @@ class TransformerConfig:
 
     def window_of_layer(self, index: int) -> int:
         """The sliding window of block ``index`` (0 for full attention)."""
-        return self.sliding_window if index % self.sliding_window_every == 0 else 0
+        return self.attention.of_layer(index).sliding_window
 
 
 @dataclass
@@ -218,15 +180,14 @@ class Block(nn.Module):
     layer.
 
     Args:
-        attention: the block's attention config (``AttentionConfig``), or a built attention
-            module (multi-head latent attention).
+        attention: the block's attention config (``AttentionConfig.of_layer``).
         d_model, ffn_hidden, activation, norm_eps: the stream and the dense FFN.
         moe_config: the MoE layer replacing the dense FFN, or ``None``.
     """
 
     def __init__(
         self,
-        attention: AttentionConfig | nn.Module,
+        attention: AttentionConfig,
         *,
         d_model: int,
         ffn_hidden: int,
@@ -236,11 +197,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.attn = (
-            attention.build(d_model=d_model)
-            if isinstance(attention, AttentionConfig)
-            else attention
-        )
+        self.attn = attention.build(d_model=d_model)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn: nn.Module = (
             moe_config.build()
@@ -316,9 +273,10 @@ class TransformerLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        rope_dim = config.head_width if config.mla is None else config.mla.qk_rope_head_dim
+        attention = config.attention
+        rope_dim = config.head_width if attention.mla is None else attention.mla.qk_rope_head_dim
         cos, sin = rotary_tables(
-            rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling
+            rope_dim, config.max_seq_len, attention.rope_theta, attention.rope_scaling
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -1,0 +1,101 @@
+"""Rotary position embeddings (RoPE, Su et al. 2021) in the rotate-half layout, with YaRN
+context extension (Peng et al. 2023).
+
+Legend: B = batch, H = heads, S = positions, D = rotated width (a head's, or MLA's RoPE part).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moekit.utils.validation import check_fields
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp in between."""
+    dim = head_dim
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+
+    def correction_dim(rotations: float) -> float:
+        return (
+            dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi))
+        ) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    inv_freq = interpolation * (1 - keep) + extrapolation * keep
+    if scaling.attention_factor is not None:
+        factor = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
+        factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(
+            scaling.factor, scaling.mscale_all_dim
+        )
+    else:
+        factor = yarn_mscale(scaling.factor)
+    return inv_freq, factor
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """YaRN rotary scaling (Peng et al. 2023), as DeepSeek-V3 and GPT-OSS use it.
+
+    Args:
+        factor: context extension factor.
+        original_max_position_embeddings: the pre-extension context.
+        beta_fast, beta_slow: rotation counts bounding the interpolation ramp.
+        mscale, mscale_all_dim: DeepSeek's attention-temperature terms (0 = unused).
+        attention_factor: explicit cos/sin scale (``None``: derived from the above).
+        truncate: round the ramp bounds to whole dimensions.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.factor <= 0 or self.original_max_position_embeddings < 1:
+            raise ValueError(
+                "rope_scaling.factor must be > 0 and original_max_position_embeddings >= 1"
+            )
+
+
+def rotary_tables(
+    head_dim: int, max_positions: int, theta: float, scaling=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` of shape ``(max_positions, head_dim)`` for rotate-half RoPE (Su et al.),
+    optionally YaRN-scaled (``scaling``: a ``RopeScalingConfig``)."""
+    if scaling is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        attention_factor = 1.0
+    else:
+        inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    first, second = x_BHSD.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x_BHSD * cos_SD.to(x_BHSD.dtype) + rotated * sin_SD.to(x_BHSD.dtype)
