@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.models.transformer.masks import allowed_keys
-from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
+from moekit.models.transformer.mla import MLAConfig
 from moekit.models.transformer.rotary import RopeScalingConfig, apply_rotary
 from moekit.utils.validation import check_fields
 
@@ -200,11 +200,8 @@ class AttentionConfig:
         """The ``Attention`` of this config on a stream of width ``d_model`` (a
         ``MultiHeadLatentAttention`` when ``mla`` is set)."""
         if self.mla is not None:
-            return MultiHeadLatentAttention(
-                self.mla,
-                d_model=d_model,
-                n_heads=self.n_heads,
-                softmax_scale=mla_softmax_scale(self.mla, self.rope_scaling),
+            return self.mla.build(
+                d_model=d_model, n_heads=self.n_heads, rope_scaling=self.rope_scaling
             )
         return Attention(self, d_model=d_model)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.models.transformer.masks import allowed_keys
-from moekit.models.transformer.rotary import apply_rotary, yarn_mscale
+from moekit.models.transformer.rotary import RopeScalingConfig, apply_rotary, yarn_mscale
 from moekit.utils.validation import check_fields
 
 
@@ -49,6 +49,18 @@ class MLAConfig:
                 raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")
         if self.q_lora_rank < 0 or self.qk_rope_head_dim % 2:
             raise ValueError("mla.q_lora_rank must be >= 0 and mla.qk_rope_head_dim even")
+
+    def build(
+        self, *, d_model: int, n_heads: int, rope_scaling: RopeScalingConfig | None = None
+    ) -> MultiHeadLatentAttention:
+        """The ``MultiHeadLatentAttention`` of ``n_heads`` heads on a stream of width
+        ``d_model``, its softmax scale adjusted for YaRN ``rope_scaling``."""
+        return MultiHeadLatentAttention(
+            self,
+            d_model=d_model,
+            n_heads=n_heads,
+            softmax_scale=mla_softmax_scale(self, rope_scaling),
+        )
 
 
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +146,8 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * c.v_head_dim))
 
 
-def mla_softmax_scale(config: MLAConfig, rope_scaling) -> float:
+def mla_softmax_scale(config: MLAConfig, rope_scaling: RopeScalingConfig | None) -> float:
+    """``(N + R)^-0.5``, times YaRN's ``mscale(factor, mscale_all_dim)^2`` when set."""
     scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
     if rope_scaling is not None and rope_scaling.mscale_all_dim:
         m = yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim)
