@@ -23,9 +23,12 @@ from typing import cast
 import torch
 from torch import nn
 
+from moekit.experts.activations import in_projection_width
 from moekit.experts.bank import ExpertBank
 from moekit.experts.dense import FeedForward
 from moekit.experts.grouped_linear import grouped_linear
+from moekit.experts.grouped_matmul import GroupedMatmulKernel
+from moekit.experts.quantized import QuantizedExpertBank
 from moekit.experts.shared import SharedExperts
 from moekit.layers import MoE
 from moekit.utils.validation import check_fields
@@ -147,13 +150,16 @@ class ExpertLoRA(nn.Module):
     B_out[e]``.
     """
 
-    def __init__(self, bank: ExpertBank, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self, bank: ExpertBank | QuantizedExpertBank, rank: int, alpha: float, dropout: float
+    ) -> None:
         super().__init__()
-        E, D, W = bank.w_in_EDH.shape
-        H = bank.w_out_EHD.shape[1]
-        like = bank.w_in_EDH
+        E, D, H = bank.num_experts, bank.d_model, bank.hidden
+        W = in_projection_width(bank.activation, H)
+        # on a quantised bank (QLoRA) the adapters take the dtype its weights dequantise into
+        like = bank.w_in_EDH if isinstance(bank, ExpertBank) else bank.compute_like
         self.scaling = alpha / rank
-        self.kernel = bank.kernel
+        self.kernel = bank.kernel if isinstance(bank, ExpertBank) else GroupedMatmulKernel.AUTO
         self.A_in_EDR = nn.Parameter(like.new_empty(E, D, rank))
         self.B_in_ERW = nn.Parameter(like.new_zeros(E, rank, W))
         self.A_out_EHR = nn.Parameter(like.new_empty(E, H, rank))
@@ -193,6 +199,12 @@ class ExpertLoRA(nn.Module):
     @torch.no_grad()
     def merge(self, bank: ExpertBank) -> None:
         """Fold every expert's low-rank update into ``bank``'s stacked weights."""
+        if not isinstance(bank, ExpertBank):
+            raise ValueError(
+                "LoRA cannot be merged into quantised experts (the sum is not representable in "
+                "the quantised format); export the adapters (moekit.interop.to_peft), or load "
+                "the full-precision model and merge there"
+            )
         if self.active:
             self._replaced = (bank.w_in_EDH.detach().clone(), bank.w_out_EHD.detach().clone())
             d_in, d_out = self.delta_weights()
@@ -274,7 +286,7 @@ def _groups_of(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, nn.Modu
                     found.setdefault("attention", []).append((module, name, child))
                     found.setdefault(name, []).append((module, name, child))
         elif isinstance(module, MoE):
-            if isinstance(module.experts, ExpertBank):
+            if isinstance(module.experts, ExpertBank | QuantizedExpertBank):
                 found.setdefault("experts", []).append((module, "experts", module.experts))
             if isinstance(module.shared_experts, SharedExperts):
                 ffn = module.shared_experts.ffn
@@ -305,7 +317,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     for target in config.targets:
         rank = config.rank_of(target)
         for parent, attribute, module in groups[target]:
-            if isinstance(module, ExpertBank):
+            if isinstance(module, ExpertBank | QuantizedExpertBank):
                 if module.adapter is None:
                     module.adapter = ExpertLoRA(module, rank, config.alpha, config.dropout)
                     adapted.append(names[id(module)])
@@ -334,7 +346,10 @@ def merge_lora(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.merge()
-        elif isinstance(module, ExpertBank | FeedForward) and module.adapter is not None:
+        elif (
+            isinstance(module, ExpertBank | QuantizedExpertBank | FeedForward)
+            and module.adapter is not None
+        ):
             cast(ExpertLoRA | DenseLoRA, module.adapter).merge(module)  # type: ignore[arg-type]
 
 

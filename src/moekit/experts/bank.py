@@ -22,6 +22,7 @@ from moekit.experts.activations import Activation, apply_activation, in_projecti
 from moekit.experts.fused_ffn import expert_ffn
 from moekit.experts.grouped_linear import grouped_linear
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
+from moekit.experts.quantized import QuantizationConfig, QuantizedExpertBank
 from moekit.utils.validation import check_fields
 
 
@@ -53,6 +54,8 @@ class ExpertConfig:
         kernel: grouped-matmul kernel, ``auto``, ``grouped_mm`` or ``loop``.
         dropout: dropout on each expert's hidden activations while training ("expert dropout",
             Fedus et al. 2021, Switch Transformers' fine-tuning recipe); 0 keeps the fused path.
+        quantization: store the experts' weights quantised (int8, int4 or mxfp4; frozen,
+            ``moekit.experts.quantized``), or ``None`` for full precision.
     """
 
     hidden: int
@@ -60,6 +63,7 @@ class ExpertConfig:
     bias: bool = False
     kernel: GroupedMatmulKernel = GroupedMatmulKernel.AUTO
     dropout: float = 0.0
+    quantization: QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -68,8 +72,19 @@ class ExpertConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"experts.dropout must be in [0, 1), got {self.dropout}")
 
-    def build(self, *, num_experts: int, d_model: int) -> ExpertBank:
-        """The bank of ``num_experts`` experts of width ``d_model``."""
+    def build(self, *, num_experts: int, d_model: int) -> ExpertBank | QuantizedExpertBank:
+        """The bank of ``num_experts`` experts of width ``d_model`` (a ``QuantizedExpertBank``,
+        its codes zero until loaded, when ``quantization`` is set)."""
+        if self.quantization is not None:
+            return QuantizedExpertBank(
+                self.quantization,
+                num_experts=num_experts,
+                d_model=d_model,
+                hidden=self.hidden,
+                activation=self.activation,
+                bias=self.bias,
+                dropout=self.dropout,
+            )
         return ExpertBank(
             num_experts,
             d_model,
@@ -200,6 +215,31 @@ class ExpertBank(nn.Module):
         for name, param in bank.named_parameters():
             param.copy_(getattr(self, name).narrow(0, first, count))
         return bank
+
+    def quantized(self, quantization: QuantizationConfig) -> QuantizedExpertBank:
+        """A quantised copy of this bank (its weights as ``quantization`` stores them)."""
+        return QuantizedExpertBank.quantize(self, quantization)
+
+    @classmethod
+    @torch.no_grad()
+    def dequantized(cls, bank: QuantizedExpertBank) -> ExpertBank:
+        """A full-precision bank with ``bank``'s dequantised weights (and biases)."""
+        w_in, w_out = bank.dequantized_weights()
+        out = cls(
+            bank.num_experts,
+            bank.d_model,
+            bank.hidden,
+            activation=bank.activation,
+            bias=bank.b_in_EH is not None,
+            dropout=bank.dropout,
+        ).to(w_in.device, w_in.dtype)
+        out.w_in_EDH.copy_(w_in)
+        out.w_out_EHD.copy_(w_out)
+        if bank.b_in_EH is not None and bank.b_out_ED is not None:
+            assert out.b_in_EH is not None and out.b_out_ED is not None
+            out.b_in_EH.copy_(bank.b_in_EH)
+            out.b_out_ED.copy_(bank.b_out_ED)
+        return out
 
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` alone on ``x_ND`` ``(N, D)``; the plain math, for references."""

@@ -27,6 +27,7 @@ import torch
 
 from moekit.adapters.lora import ExpertLoRA, LoRALinear, lora_parameters
 from moekit.experts.bank import ExpertBank
+from moekit.experts.quantized import QuantizedExpertBank
 
 #: families whose ``transformers`` models stack the routed experts as gate_up_proj/down_proj
 STACKED_EXPERT_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
@@ -114,7 +115,8 @@ def export_peft_adapter(
             block = blocks[int(layer.group(1))]
             if isinstance(module, ParamWrapper):
                 bank = block.ffn.experts
-                assert isinstance(bank, ExpertBank) and isinstance(bank.adapter, ExpertLoRA)
+                assert isinstance(bank, ExpertBank | QuantizedExpertBank)
+                assert isinstance(bank.adapter, ExpertLoRA)
                 A, B = _stacked_factors(bank.adapter, module.parameter_name)
                 _set_factors(module, A, B)
                 filled += 1
