@@ -21,6 +21,7 @@ from moekit.cli import (
     params,
     plan,
     prune,
+    quantize,
     train,
     upcycle,
 )
@@ -38,6 +39,7 @@ SUBCOMMANDS = {
     "upcycle": upcycle,
     "prune": prune,
     "merge": merge,
+    "quantize": quantize,
     "example": example,
     "classic": classic,
 }

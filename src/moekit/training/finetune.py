@@ -54,6 +54,7 @@ def load_source(path: str) -> TransformerLM:
     """The model to start from: a run folder's latest checkpoint, a moekit checkpoint folder,
     or a Hugging Face folder. Adapters of a fine-tuned source are merged in."""
     from moekit.adapters.lora import lora_parameters, merge_lora
+    from moekit.experts.quantized import QuantizedExpertBank
 
     folder = Path(path)
     if is_hf_folder(folder):
@@ -65,7 +66,10 @@ def load_source(path: str) -> TransformerLM:
     model = from_pretrained(resolve_checkpoint(path))
     if not isinstance(model, TransformerLM):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a language model")
-    if lora_parameters(model):
+    quantized = any(
+        isinstance(m, QuantizedExpertBank) and m.adapter is not None for m in model.modules()
+    )
+    if lora_parameters(model) and not quantized:  # QLoRA adapters stay: no merged form exists
         merge_lora(model)
     return model
 

@@ -10,7 +10,7 @@ loads a checkpoint (``eval``, ``generate``, ``inspect``, ``finetune``) runs it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -43,7 +43,7 @@ def quantize_experts(model: nn.Module, quantization: QuantizationConfig) -> nn.M
                 "quantise the base model and attach adapters afterwards (QLoRA)"
             )
     for layer in layers:  # validate every width before changing anything
-        bank = layer.experts
+        bank = cast(ExpertBank, layer.experts)
         quantization.check_width(bank.d_model, "d_model")
         quantization.check_width(bank.hidden, "experts.hidden")
     for layer in layers:
@@ -71,7 +71,5 @@ def expert_weight_bytes(model: nn.Module) -> int:
         if isinstance(bank, QuantizedExpertBank):
             total += bank.weight_bytes
         elif isinstance(bank, ExpertBank):
-            total += sum(
-                w.numel() * w.element_size() for w in (bank.w_in_EDH, bank.w_out_EHD)
-            )
+            total += sum(w.numel() * w.element_size() for w in (bank.w_in_EDH, bank.w_out_EHD))
     return total
