@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import cast
 
 HELP = "Generate text from a prompt with a checkpoint (greedy or sampled, KV-cached)."
@@ -23,6 +24,25 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="route each token to K experts instead of the trained k (token-choice routers)",
     )
+    parser.add_argument(
+        "--expert-budget",
+        default=None,
+        metavar="SIZE",
+        help="keep the routed experts in the checkpoint file and at most SIZE of them in memory "
+        "(64KB, 512MB, 2GB: powers of 1000; 512MiB, 2GiB: powers of 1024); the tokens are the "
+        "same as with every expert resident",
+    )
+    parser.add_argument(
+        "--expert-policy",
+        choices=("lru", "lfu"),
+        default="lru",
+        help="which cached expert leaves first under --expert-budget",
+    )
+    parser.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="under --expert-budget, do not read the next layer's predicted experts ahead",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +54,18 @@ def run(args: argparse.Namespace) -> int:
     from moekit.training.checkpoint import resolve_checkpoint
     from moekit.training.data import ByteTokenizer
 
-    model = cast(TransformerLM, from_pretrained(resolve_checkpoint(args.checkpoint)))
+    folder = resolve_checkpoint(args.checkpoint)
+    if args.expert_budget is not None:
+        from moekit.models.offload import load_offloaded
+
+        model = load_offloaded(
+            folder,
+            budget=args.expert_budget,
+            policy=args.expert_policy,
+            prefetch=not args.no_prefetch,
+        )
+    else:
+        model = cast(TransformerLM, from_pretrained(folder))
     model.eval()
     if args.experts_per_token is not None:
         from moekit.layers.switches import set_top_k
@@ -55,4 +86,14 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     print(tokenizer.decode(out.tolist()))
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None:
+        cache.close()
+        stats = cache.stats
+        print(
+            f"expert cache: hit rate {stats.hit_rate:.1%} ({stats.hits} hits, {stats.misses} "
+            f"misses, {stats.prefetch_hits}/{stats.prefetched} prefetches used), peak "
+            f"{stats.peak_bytes / 2**20:.2f} MiB of a {cache.budget_bytes / 2**20:.2f} MiB budget",
+            file=sys.stderr,
+        )
     return 0

@@ -249,6 +249,42 @@ def quantized_grouped_linear(
         return _QuantizedGroupedLinear.apply(x_MK, counts_E, codes, scales, config)
 
 
+def quantized_expert_ffn(
+    x_MD: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_in: tuple[torch.Tensor, torch.Tensor],
+    w_out: tuple[torch.Tensor, torch.Tensor],
+    b_in_EH: torch.Tensor | None,
+    b_out_ED: torch.Tensor | None,
+    *,
+    activation: Activation,
+    quantization: QuantizationConfig,
+    adapter: Any = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The experts' FFN ``w_out(act(x @ w_in + b_in)) + b_out`` on expert-sorted rows, the two
+    weights given as ``(codes, scales)``; an expert adapter (LoRA) adds its low-rank terms to
+    each projection. ``(M, D) -> (M, D)``."""
+    h_MH = quantized_grouped_linear(x_MD, counts_E, *w_in, quantization)
+    expert_of_row = None
+    if b_in_EH is not None:
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts_E), device=x_MD.device), counts_E, output_size=len(x_MD)
+        )
+        h_MH = h_MH + b_in_EH[expert_of_row].to(h_MH.dtype)
+    if adapter is not None:
+        h_MH = h_MH + adapter.in_delta(x_MD, counts_E)
+    a_MH = apply_activation(activation, h_MH)
+    if dropout:
+        a_MH = nn.functional.dropout(a_MH, dropout, training=True)
+    y_MD = quantized_grouped_linear(a_MH, counts_E, *w_out, quantization)
+    if b_out_ED is not None and expert_of_row is not None:
+        y_MD = y_MD + b_out_ED[expert_of_row].to(y_MD.dtype)
+    if adapter is not None:
+        y_MD = y_MD + adapter.out_delta(a_MH, counts_E)
+    return y_MD
+
+
 class QuantizedExpertBank(nn.Module):
     """E experts whose stacked weights are quantised (``QuantizationConfig``); biases stay in
     full precision. Frozen: its weights are buffers. Same interface as ``ExpertBank``:
@@ -361,28 +397,20 @@ class QuantizedExpertBank(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """``(M, D)`` expert-sorted rows -> ``(M, D)``; see ``ExpertBank.forward``."""
-        adapter = self.adapter if self.adapter is not None and self.adapter.active else None
         if not torch.is_autocast_enabled(x_MD.device.type) and x_MD.dtype != self.dtype:
             raise TypeError(f"x dtype {x_MD.dtype} differs from the bank's dtype {self.dtype}")
-        q = self.quantization
-        h_MH = quantized_grouped_linear(x_MD, counts_E, self.w_in_codes, self.w_in_scales, q)
-        expert_of_row = None
-        if self.b_in_EH is not None:
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=len(x_MD)
-            )
-            h_MH = h_MH + self.b_in_EH[expert_of_row].to(h_MH.dtype)
-        if adapter is not None:
-            h_MH = h_MH + adapter.in_delta(x_MD, counts_E)
-        a_MH = apply_activation(self.activation, h_MH)
-        if self.dropout and self.training:
-            a_MH = nn.functional.dropout(a_MH, self.dropout, training=True)
-        y_MD = quantized_grouped_linear(a_MH, counts_E, self.w_out_codes, self.w_out_scales, q)
-        if self.b_out_ED is not None and expert_of_row is not None:
-            y_MD = y_MD + self.b_out_ED[expert_of_row].to(y_MD.dtype)
-        if adapter is not None:
-            y_MD = y_MD + adapter.out_delta(a_MH, counts_E)
-        return y_MD
+        return quantized_expert_ffn(
+            x_MD,
+            counts_E,
+            (self.w_in_codes, self.w_in_scales),
+            (self.w_out_codes, self.w_out_scales),
+            self.b_in_EH,
+            self.b_out_ED,
+            activation=self.activation,
+            quantization=self.quantization,
+            adapter=self.adapter if self.adapter is not None and self.adapter.active else None,
+            dropout=self.dropout if self.training else 0.0,
+        )
 
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``expert`` alone on ``x_ND``, from its dequantised weights (the reference)."""

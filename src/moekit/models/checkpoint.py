@@ -116,20 +116,22 @@ def from_pretrained(directory: str | os.PathLike, *, verify: bool | None = None)
     )
     # integer tensors (quantised experts' codes) must come as they were written: a float
     # there is a damaged or foreign file, which load_state_dict would silently round
-    wrong_shape += sorted(
+    wrong_dtype = sorted(
         f"{k}: file {tensors[k].dtype} vs model {expected[k].dtype}"
         for k in set(expected) & set(tensors)
         if tensors[k].dtype != expected[k].dtype
         and not (tensors[k].is_floating_point() and expected[k].is_floating_point())
     )
-    if missing or unexpected or wrong_shape:
+    if missing or unexpected or wrong_shape or wrong_dtype:
         problems = []
         if missing:
             problems.append("missing: " + ", ".join(missing))
         if unexpected:
             problems.append("unexpected: " + ", ".join(unexpected))
         if wrong_shape:
-            problems.append("shape or dtype mismatch: " + "; ".join(wrong_shape))
+            problems.append("shape mismatch: " + "; ".join(wrong_shape))
+        if wrong_dtype:
+            problems.append("dtype mismatch: " + "; ".join(wrong_dtype))
         raise ValueError(f"{weights} does not match its config.json ({' | '.join(problems)})")
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)

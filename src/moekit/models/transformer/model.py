@@ -273,14 +273,25 @@ class TransformerLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        attention = config.attention
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_buffers()
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def init_buffers(self) -> None:
+        """(Re)compute the buffers that are not saved (the rotary tables) on the embedding's
+        device: after building on the meta device and ``to_empty``, as torchtitan does."""
+        config, attention = self.config, self.config.attention
         rope_dim = config.head_width if attention.mla is None else attention.mla.qk_rope_head_dim
         cos, sin = rotary_tables(
             rope_dim, config.max_seq_len, attention.rope_theta, attention.rope_scaling
         )
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        device = self.embed.weight.device
+        if device.type == "meta":
+            cos, sin = cos.to("meta"), sin.to("meta")
+        else:
+            cos, sin = cos.to(device), sin.to(device)
+        self.rope_cos, self.rope_sin = cos, sin
 
     def forward(
         self,
@@ -320,7 +331,7 @@ class TransformerLM(nn.Module):
             )
         check_token_range(tokens, self.config.vocab_size)
         key_mask = self._key_mask(attention_mask, B, S, start, kv_cache)
-        cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
+        cos, sin = self.rope_cos, self.rope_sin
         if key_mask is None:
             rope = (cos.narrow(0, start, S), sin.narrow(0, start, S))
             new_mask = None
@@ -393,7 +404,7 @@ class TransformerLM(nn.Module):
                 f"sequence of {seq_len} positions exceeds max_seq_len={self.config.max_seq_len}"
             )
         positions_BS = index_S - segment_start_BS
-        cos, sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
+        cos, sin = self.rope_cos, self.rope_sin
         rope = (
             F.embedding(positions_BS, cos).unsqueeze(1),
             F.embedding(positions_BS, sin).unsqueeze(1),
