@@ -34,7 +34,9 @@ def test_quantize_then_eval_generate_inspect_and_qlora(run, tmp_path, tiny_text,
     data = ["--data", str(tiny_text), "--batches", "1", "--seq-len", "32"]
     assert main(["eval", str(out), *data]) == 0
     assert main(["generate", str(out), "--max-new-tokens", "4", "--temperature", "0"]) == 0
-    assert main(["inspect", str(out), *data, "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    report = ["--out", str(tmp_path / "report"), "--expert-budget", "20KB", "--quiet"]
+    assert main(["inspect", str(out), *data, *report]) == 0
+    assert "hit rate LRU" in capsys.readouterr().out
     # QLoRA: adapters on the quantised experts and attention
     ft = tmp_path / "qlora"
     args = ["finetune", "--from", str(out), "--lora-rank", "2", "--steps", "2", "--quiet"]

@@ -330,6 +330,22 @@ def count_routing(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tenso
     return counts
 
 
+def expert_bytes_per_layer(model: torch.nn.Module) -> list[int]:
+    """Bytes of one routed expert (weights, biases; codes and scales when quantised) of each
+    MoE layer, in module order."""
+    from moekit.layers import moe_layers
+
+    sizes = []
+    for layer in moe_layers(model):
+        bank = layer.experts
+        adapter_module = getattr(bank, "adapter", None)
+        adapter = set() if adapter_module is None else {id(t) for t in adapter_module.parameters()}
+        tensors = [t for t in (*bank.parameters(), *bank.buffers()) if id(t) not in adapter]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        sizes.append(total // max(int(getattr(bank, "num_experts", 1)), 1))
+    return sizes
+
+
 def inspect_model(
     model: torch.nn.Module,
     batches: Any,
@@ -338,10 +354,14 @@ def inspect_model(
     capacity_factor: float = 1.25,
     decode: Any = None,
     progress: Any = None,
+    budgets_bytes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` (eval mode, no gradients) over ``batches`` of ``(B, S)`` token ids and
-    return :meth:`RoutingInspector.report`. ``progress`` wraps the batch iterator (tqdm)."""
-    from moekit.layers.switches import moe_routers
+    return :meth:`RoutingInspector.report`, with the hot-set measures
+    (``moekit.analysis.hot_set``; cache hit rates at ``budgets_bytes``) under ``hot_set``.
+    ``progress`` wraps the batch iterator (tqdm)."""
+    from moekit.analysis.hot_set import HotSetTracker
+    from moekit.layers.switches import moe_layers, moe_routers
 
     routers = [(name, r) for name, r in moe_routers(model) if not getattr(r, "soft", False)]
     if not routers:
@@ -353,25 +373,65 @@ def inspect_model(
         vocab_size,
         capacity_factor=capacity_factor,
     )
-    current: dict[str, torch.Tensor] = {}
+    layers = moe_layers(model)
+    tracker = None
+    if len(layers) == len(routers):  # every MoE layer routes tokens (no Soft MoE)
+        tracker = HotSetTracker(
+            [int(r.num_experts) for _, r in routers], expert_bytes_per_layer(model)
+        )
+    current: dict[str, Any] = {"lookahead": False}
 
     def observer(i: int) -> Any:
         def hook(_m: Any, _inputs: Any, output: Any) -> None:
-            if isinstance(output, RoutingResult):
+            if isinstance(output, RoutingResult) and not current["lookahead"]:
                 tokens = current["tokens"].reshape(-1)
                 if tokens.numel() == output.expert_idx_TK.shape[0]:
                     inspector.observe(i, output, tokens)
+                    if tracker is not None:
+                        tracker.observe(i, output.expert_idx_TK, output.assignment_mask_TK)
 
         return hook
 
-    stream_with_hooks(
-        model,
-        batches,
-        [(router, observer(i)) for i, (_, router) in enumerate(routers)],
-        before_batch=lambda tokens: current.__setitem__("tokens", tokens),
-        progress=progress,
-    )
-    return inspector.report(decode=decode)
+    def lookahead(i: int) -> Any:
+        following = routers[i + 1][1]
+
+        def hook(_m: Any, args: Any) -> None:
+            if tracker is None or getattr(following, "forced_routes", None) is not None:
+                return
+            x = args[0]
+            current["lookahead"] = True
+            try:
+                guess = following(x.reshape(-1, x.shape[-1]))
+            except (TypeError, ValueError):  # a router that needs token ids (hash routing)
+                return
+            finally:
+                current["lookahead"] = False
+            tracker.observe_lookahead(i + 1, guess.expert_idx_TK)
+
+        return hook
+
+    def before_batch(tokens: torch.Tensor) -> None:
+        if tracker is not None:
+            tracker.end_batch()
+        current["tokens"] = tokens
+
+    handles = [layer.register_forward_pre_hook(lookahead(i)) for i, layer in enumerate(layers[:-1])]
+    try:
+        stream_with_hooks(
+            model,
+            batches,
+            [(router, observer(i)) for i, (_, router) in enumerate(routers)],
+            before_batch=before_batch,
+            progress=progress,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    report = inspector.report(decode=decode)
+    if tracker is not None:
+        tracker.end_batch()
+        report["hot_set"] = tracker.report(budgets_bytes)
+    return report
 
 
 @torch.no_grad()

@@ -51,6 +51,36 @@ def _layer_figures(layer: dict[str, Any]) -> list[tuple[str, str]]:
     return figures
 
 
+def hot_set_lines(hot: dict[str, Any]) -> list[str]:
+    """The hot-set measures as short lines (the CLI prints them; the HTML lists them)."""
+    cover = ", ".join(
+        f"{level} of routes by {c['pairs']} pairs ({c['share_of_pairs']:.0%})"
+        for level, c in hot["coverage"].items()
+    )
+    lines = [f"hot set: {hot['pairs']} (layer, expert) pairs; {cover}"]
+    for p in hot["next_layer_prediction"]:
+        if p["top1_table_accuracy"] is None:
+            continue
+        lookahead = p["router_lookahead_recall"]
+        lines.append(
+            f"layer {p['from_layer']} -> {p['to_layer']}: top-1 predicted "
+            f"{p['top1_table_accuracy']:.0%} (baseline {p['top1_baseline_accuracy']:.0%})"
+            + ("" if lookahead is None else f", router lookahead recall {lookahead:.0%}")
+        )
+    for h in hot["cache_hit_rate"]:
+        lines.append(
+            f"budget {h['budget_bytes'] / 2**20:.2f} MiB ({h['share_of_expert_bytes']:.0%} of the "
+            f"experts): hit rate LRU {h['lru_hit_rate']:.1%}, LFU {h['lfu_hit_rate']:.1%} "
+            f"(batch-1 decoding of {hot['replayed_tokens']} tokens)"
+        )
+    return lines
+
+
+def _hot_set_section(hot: dict[str, Any]) -> list[str]:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in hot_set_lines(hot))
+    return ["<h2>Hot set (expert offload)</h2><ul>", items, "</ul>"]
+
+
 def write_inspect_report(report: dict[str, Any], out_dir: str | Path, title: str) -> Path:
     """Write ``report.json`` and ``report.html`` into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -88,6 +118,8 @@ def write_inspect_report(report: dict[str, Any], out_dir: str | Path, title: str
                 f"{a['top1_normalised_mutual_information']:.3f}</li>"
             )
         parts.append("</ul>")
+    if report.get("hot_set"):
+        parts.extend(_hot_set_section(report["hot_set"]))
     if report.get("differences"):
         parts.append("<h2>Routing differences</h2><ul>")
         for d in report["differences"]:

@@ -8,7 +8,8 @@ from pathlib import Path
 HELP = (
     "Per-layer expert load as percentiles, dead experts, router entropy, routing margins, drops "
     "at a capacity factor, co-activation, agreement between layers and which tokens each "
-    "expert takes, over a data stream; --compare reports routing differences."
+    "expert takes, how concentrated routing is (the hot set an expert cache would keep), over "
+    "a data stream; --compare reports routing differences."
 )
 
 
@@ -33,6 +34,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     compare.add_argument(
         "--compare-batching", action="store_true", help="each sequence alone vs in the batch"
     )
+    parser.add_argument(
+        "--expert-budget",
+        action="append",
+        default=None,
+        metavar="SIZE",
+        help="report the expert-cache hit rate batch-1 decoding would get with SIZE of experts "
+        "in memory (64KB, 512MB, 2GB, 512MiB; repeatable; default: 10%%, 25%%, 50%% of them)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -43,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moekit.analysis.inspect import inspect_model, routing_differences
-    from moekit.analysis.inspect_report import write_inspect_report
+    from moekit.analysis.inspect_report import hot_set_lines, write_inspect_report
+    from moekit.experts.offload import parse_bytes
     from moekit.training.data import calibration_batches, load_tokenizer
     from moekit.training.finetune import is_hf_folder, load_source
 
+    budgets = [parse_bytes(b) for b in args.expert_budget] if args.expert_budget else None
     model = load_source(args.model)
     folder = Path(args.model)
     tokenizer = load_tokenizer(str(folder) if is_hf_folder(folder) else None)
@@ -63,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         capacity_factor=args.capacity_factor,
         decode=decode,
         progress=None if args.quiet else lambda b: tqdm(b, desc="inspect", leave=False),
+        budgets_bytes=budgets,
     )
     other = None
     if args.compare is not None:
@@ -84,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             f"{load['p95']:.2f} max {load['max']:.2f} (x ideal), dead {layer['dead_experts']}, "
             f"entropy {layer['router_entropy']:.3f}/{layer['max_entropy']:.3f}"
         )
+    for line in hot_set_lines(report["hot_set"]) if "hot_set" in report else []:
+        print(line)
     for d in report.get("differences", []):
         print(f"{d['layer']}: {d['differing_fraction']:.2%} of tokens take other experts")
     print(f"wrote {path} and report.json")
