@@ -100,25 +100,47 @@ def all_full_attention(value: Any) -> bool:
     return value is None or all(t == "full_attention" for t in value)
 
 
+def quant_method(hf: Mapping[str, Any]) -> str | None:
+    """The ``quant_method`` of a quantised HF config (``"unknown"`` when unnamed), else
+    ``None``."""
+    for marker in QUANTISED_MARKERS:
+        if hf.get(marker):
+            section = hf[marker]
+            return (
+                str(dict(section).get("quant_method", "unknown"))
+                if isinstance(section, Mapping)
+                else "unknown"
+            )
+    return None
+
+
 def check_hf_config(
-    hf: Mapping[str, Any], family: str, fields: HFFields, strict: bool = True
+    hf: Mapping[str, Any],
+    family: str,
+    fields: HFFields,
+    strict: bool = True,
+    quantization: tuple[str, ...] = (),
 ) -> None:
     """Raise ``ValueError`` naming every key of ``hf`` that ``family``'s import cannot map.
 
     ``strict=False`` (parameter accounting) checks only the fixed keys: quantised checkpoints
-    and unknown keys do not change the architecture's shape.
+    and unknown keys do not change the architecture's shape. ``quantization``: the quantisation
+    methods the family imports (GPT-OSS: ``mxfp4``); any other is refused.
     """
-    for marker in QUANTISED_MARKERS if strict else ():
-        if hf.get(marker):
-            method = (
-                dict(hf[marker]).get("quant_method", "unknown")
-                if isinstance(hf[marker], Mapping)
-                else "unknown"
-            )
+    method = quant_method(hf) if strict else None
+    if method is not None and method not in quantization:
+        for marker in QUANTISED_MARKERS:
+            if not hf.get(marker):
+                continue
             raise ValueError(
                 f"this {family} checkpoint is quantised ({marker}.quant_method={method!r}); "
-                "moekit loads float weights only: dequantise it first (e.g. load it in "
-                "transformers and save_pretrained in bf16/fp32)"
+                + (
+                    f"moekit imports {family} quantised as {', '.join(quantization)} only"
+                    if quantization
+                    else "moekit loads float weights only"
+                )
+                + ": dequantise it first (e.g. load it in transformers and save_pretrained in "
+                "bf16/fp32)"
             )
     problems = [
         f"{key}={hf[key]!r} (supported: {', '.join(_describe(a) for a in allowed)})"

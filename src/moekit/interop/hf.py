@@ -157,8 +157,12 @@ _QUANTISED_SUFFIXES = (
 )
 
 
-def read_hf_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``config.json`` and every tensor of a local HF checkpoint (sharded or not)."""
+def read_hf_folder(
+    path: str | os.PathLike, *, quantised_experts: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` and every tensor of a local HF checkpoint (sharded or not).
+    ``quantised_experts``: the experts' MXFP4 blocks and scales are expected (GPT-OSS); any
+    other quantised tensor is still refused."""
     folder = Path(path)
     config = read_hf_config(folder)
     state: dict[str, torch.Tensor] = {}
@@ -171,16 +175,26 @@ def read_hf_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             raise ValueError(
                 f"{file} is not a readable safetensors file (truncated or corrupt?): {error}"
             ) from None
-    _refuse_quantised(state, folder)
+    _refuse_quantised(state, folder, quantised_experts)
     return config, state
 
 
-def _refuse_quantised(state: dict[str, torch.Tensor], where: Path | str) -> None:
-    quantised = sorted(k for k in state if k.endswith(_QUANTISED_SUFFIXES))
+def _is_quantised_expert(key: str) -> bool:
+    return ".experts." in key and key.endswith(("_blocks", "_scales"))
+
+
+def _refuse_quantised(
+    state: dict[str, torch.Tensor], where: Path | str, quantised_experts: bool = False
+) -> None:
+    def allowed(key: str) -> bool:
+        return quantised_experts and _is_quantised_expert(key)
+
+    quantised = sorted(k for k in state if k.endswith(_QUANTISED_SUFFIXES) and not allowed(k))
     low_bit = sorted(
         k
         for k, v in state.items()
-        if v.dtype in (torch.uint8, torch.int8, torch.int32) or "float8" in str(v.dtype)
+        if (v.dtype in (torch.uint8, torch.int8, torch.int32) or "float8" in str(v.dtype))
+        and not allowed(k)
     )
     if quantised or low_bit:
         example = (quantised or low_bit)[0]
@@ -216,7 +230,11 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
         family = _family(hf_config.get("model_type"))
         check_hf_integers(hf_config, str(Path(source) / "config.json"))
         config = family.config_from_hf(hf_config)
-        hf_config, state = read_hf_folder(source)
+        layer = config.moe.layer
+        hf_config, state = read_hf_folder(
+            source,
+            quantised_experts=layer is not None and layer.experts.quantization is not None,
+        )
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
@@ -243,7 +261,7 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
             + "; ".join(wrong[:5])
             + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else "")
         )
-    dtype = next(iter(moekit_state.values())).dtype
+    dtype = next(v.dtype for v in moekit_state.values() if v.is_floating_point())
     for name, value in expected.items():  # run-time buffers HF does not store
         if name.endswith(km.RUNTIME_BUFFERS):
             moekit_state.setdefault(name, value)
