@@ -108,3 +108,28 @@ def test_generate_cli_with_an_expert_budget_prints_the_same_text(tmp_path, capsy
     assert captured.out == resident and "hit rate" in captured.err
     assert main([*args, "--expert-budget", "1KB"]) == 2
     assert "smaller than one expert" in capsys.readouterr().err
+
+
+def test_a_truncated_expert_file_is_named(tmp_path):
+    import json
+    import struct
+
+    from moekit.experts.offload import ExpertStore
+
+    _, folder = _saved(tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    name = "blocks.2.ffn.experts.w_out_EHD"
+    _, end = header[name]["data_offsets"]
+    weights.write_bytes(data[: 8 + size + end - 100])  # the last expert's slice is cut short
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupt or truncated"):
+        load_offloaded(folder, budget="1MB", prefetch=False, verify=False)
+    store = ExpertStore(weights)
+    store.read("blocks.2.ffn.experts", 0, ["w_out_EHD"])  # whole experts still read
+    with pytest.raises(ValueError, match=rf"model.safetensors is truncated: {name} expert 7"):
+        store.read("blocks.2.ffn.experts", 7, ["w_out_EHD"])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"junk.safetensors is not a readable safetensors file"):
+        ExpertStore(tmp_path / "junk.safetensors")

@@ -1,10 +1,10 @@
-"""Experts outside fast memory: read one expert at a time from memory-mapped safetensors into a
+"""Experts outside fast memory: read one expert at a time from a safetensors file into a
 cache of hot experts with a byte budget (inference).
 
 Legend: M = expert-sorted rows, D = d_model, E = experts.
 
-``ExpertStore`` reads expert ``e`` of a layer as a slice of the checkpoint's stacked tensors
-(``safe_open(...).get_slice(name)[e]``: only those bytes are read from the mapped file).
+``ExpertStore`` reads expert ``e`` of a layer as a slice of the checkpoint's stacked tensors:
+only those bytes, with a positioned read at the offset the safetensors header gives.
 ``ExpertCache`` keeps the most useful experts within ``budget_bytes`` on the compute device
 (least recently or least frequently used is evicted), counts hits and misses, and can load
 predicted experts ahead of need on a background thread (prefetch). ``OffloadedExpertBank``
@@ -16,7 +16,10 @@ model on the CPU.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import struct
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
@@ -26,7 +29,6 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from moekit.experts.activations import Activation
@@ -99,36 +101,84 @@ def parse_bytes(text: str | int) -> int:
     return int(value * units[unit])
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class ExpertStore:
-    """Reads single experts from a checkpoint's memory-mapped ``model.safetensors``.
+    """Reads single experts from a checkpoint's ``model.safetensors`` with positioned reads of
+    exactly their bytes (``os.pread``; no memory map, so the process holds only what the cache
+    keeps; the operating system's page cache may keep the file warm).
 
     Args:
         path: the safetensors file.
         device: where read experts are put (the compute device).
-        dtype: float tensors are cast to it (``None``: as stored); integer codes stay.
+        dtype: float weights are cast to it (``None``: as stored); codes and scales stay.
+
+    Raises ``ValueError`` naming the file when its header is not a safetensors header.
     """
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", dtype=None) -> None:
         self.path = Path(path)
         self.device, self.dtype = torch.device(device), dtype
-        self._file = safe_open(str(self.path), framework="pt")
-        self._names = set(self._file.keys())
-        self._lock = threading.Lock()
+        self._fd: int | None = None
+        fd = self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if size > os.fstat(fd).st_size - 8:
+                raise ValueError(f"the header claims {size} bytes, more than the file holds")
+            header = json.loads(os.pread(fd, size, 8))
+        except (struct.error, ValueError, OSError) as error:
+            os.close(fd)
+            self._fd = None
+            raise ValueError(f"{self.path} is not a readable safetensors file: {error}") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + size
+        self._tensors: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, info in header.items():
+            if info.get("dtype") not in _DTYPES:
+                raise ValueError(f"{self.path}: tensor {name} has unknown dtype {info!r}")
+            begin, end = info["data_offsets"]
+            self._tensors[name] = (_DTYPES[info["dtype"]], list(info["shape"]), begin, end)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
 
     def names_under(self, prefix: str) -> list[str]:
         """The tensor names of the bank at ``prefix`` (``blocks.0.ffn.experts``)."""
-        return sorted(n.rsplit(".", 1)[1] for n in self._names if n.rsplit(".", 1)[0] == prefix)
+        return sorted(n.rsplit(".", 1)[1] for n in self._tensors if n.rsplit(".", 1)[0] == prefix)
 
     def shape(self, name: str) -> list[int]:
         """The stored shape of tensor ``name``."""
-        return list(self._file.get_slice(name).get_shape())
+        return list(self._tensors[name][1])
+
+    def _read_slice(self, name: str, expert: int) -> torch.Tensor:
+        dtype, shape, begin, end = self._tensors[name]
+        per_expert = (end - begin) // shape[0]
+        assert self._fd is not None
+        data = os.pread(self._fd, per_expert, self._data_start + begin + expert * per_expert)
+        if len(data) != per_expert:
+            raise ValueError(f"{self.path} is truncated: {name} expert {expert} is incomplete")
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape[1:])
 
     def read(self, prefix: str, expert: int, tensors: Iterable[str]) -> ExpertWeights:
         """Expert ``expert``'s slice of each of ``tensors`` under ``prefix``."""
         out: ExpertWeights = {}
         for name in tensors:
-            with self._lock:  # safetensors' file handle is shared by the prefetch thread
-                t = self._file.get_slice(f"{prefix}.{name}")[expert]
+            t = self._read_slice(f"{prefix}.{name}", expert)
             if self.dtype is not None and t.is_floating_point() and not name.endswith("_scales"):
                 t = t.to(self.dtype)
             out[name] = t.to(self.device)
@@ -138,9 +188,10 @@ class ExpertStore:
         """Bytes of one expert of the bank at ``prefix`` (as held in the cache)."""
         total = 0
         for name in tensors:
-            shape = self.shape(f"{prefix}.{name}")
-            sample = self.read(prefix, 0, [name])[name]
-            total += sample.element_size() * math.prod(shape[1:])
+            dtype, shape, _, _ = self._tensors[f"{prefix}.{name}"]
+            if self.dtype is not None and dtype.is_floating_point and not name.endswith("_scales"):
+                dtype = self.dtype
+            total += torch.empty(0, dtype=dtype).element_size() * math.prod(shape[1:])
         return total
 
 

@@ -2,8 +2,9 @@
 byte budget allows are held in memory at once (``moekit generate --expert-budget 2GB``).
 
 Everything but the routed experts (embeddings, attention, norms, routers, shared experts, dense
-FFNs) is loaded as usual; each MoE layer's bank becomes an ``OffloadedExpertBank`` reading from
-the memory-mapped ``model.safetensors`` through one ``ExpertCache`` shared by all layers. With
+FFNs) is loaded as usual; each MoE layer's bank becomes an ``OffloadedExpertBank`` reading one
+expert's bytes at a time from ``model.safetensors`` through one ``ExpertCache`` shared by all
+layers. With
 ``prefetch``, while layer ``l`` runs, layer ``l+1``'s router is applied to layer ``l``'s input
 (the residual stream changes little between blocks) and the experts it would pick are read
 ahead on a background thread.
@@ -110,12 +111,17 @@ def _offload_banks(model: nn.Module, store: ExpertStore, cache: ExpertCache) -> 
 def _load_resident(model: nn.Module, weights: Path, device: torch.device) -> None:
     """Every tensor but the offloaded experts, read from the file; named when missing."""
     expected = model.state_dict()
-    with safe_open(str(weights), framework="pt", device=str(device)) as f:
-        names = set(f.keys())
-        missing = sorted(set(expected) - names)
-        if missing:
-            raise ValueError(f"{weights} does not match its config.json (missing: {missing})")
-        tensors = {name: f.get_tensor(name) for name in expected}
+    try:
+        with safe_open(str(weights), framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            if missing:
+                raise ValueError(f"{weights} does not match its config.json (missing: {missing})")
+            tensors = {name: f.get_tensor(name) for name in expected}
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"{weights} is corrupt or truncated: {error}") from None
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(
