@@ -168,6 +168,22 @@ def quantize_weight(
     return _pack_nibbles(q + 8), scales
 
 
+_BYTE_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _byte_table(format: QuantFormat, device: torch.device) -> torch.Tensor:
+    """``(256, 2)`` float32: the two fp4 values a packed byte holds (low nibble first), so
+    unpacking is one gather instead of masks, shifts, a stack and a lookup (1.7x faster for an
+    MXFP4 expert here)."""
+    key = (format.value, device)
+    table = _BYTE_TABLES.get(key)
+    if table is None:
+        nibbles = _unpack_nibbles(torch.arange(256, dtype=torch.uint8)).view(256, 2)
+        table = torch.tensor(FP4_VALUES, dtype=torch.float32)[nibbles]
+        table = _BYTE_TABLES[key] = table.to(device)
+    return table
+
+
 def dequantize_weight(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -179,15 +195,15 @@ def dequantize_weight(
     ``(..., N, K/G)`` (one expert's, or a stack's), in ``dtype``."""
     if config.format is QuantFormat.INT8:
         values = codes.to(torch.float32)
-    elif config.format is QuantFormat.INT4:
+    elif config.format is QuantFormat.INT4:  # masks and shifts (measured 2.5x the gather's speed)
         values = (_unpack_nibbles(codes) - 8).to(torch.float32)
-    else:
-        lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=codes.device)
-        values = lut[_unpack_nibbles(codes)]
+    else:  # (..., G/2) bytes -> (..., G/2, 2) values -> (..., G): one gather
+        values = _byte_table(config.format, codes.device)[codes.long()].flatten(-2)
     if config.format is QuantFormat.MXFP4:
-        values = torch.ldexp(values, (scales.to(torch.int32) - 127).unsqueeze(-1))
+        multiplier = torch.exp2(scales.to(torch.float32) - 127)
     else:
-        values = values * scales.to(torch.float32).unsqueeze(-1)
+        multiplier = scales.to(torch.float32)
+    values = values * multiplier.unsqueeze(-1)
     return values.flatten(-2).transpose(-1, -2).to(dtype)
 
 
