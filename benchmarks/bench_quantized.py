@@ -7,7 +7,7 @@ Sections (``--sections``, default all):
   (int8, int4 with groups of 128 and 32, MXFP4), timed alternately in one process.
 - ``qlora``: LoRA fine-tuning steps on a model whose experts are most of its bytes, on the
   full-precision bank and on the int4 bank, each in a fresh process: peak resident memory
-  (``ru_maxrss``) and the bytes autograd saves for backward per step.
+  (``VmHWM``) and the bytes autograd saves for backward per step.
 - ``offload``: greedy generation with the experts in the checkpoint file and a byte budget of
   10-100 % of the experts (LRU and LFU, prefetch on and off), each in a fresh process: tokens/s,
   cache hit rate, peak cache bytes and peak resident memory, against the resident model; every
@@ -36,6 +36,11 @@ FORMATS = [("int8", 128), ("int4", 128), ("int4", 32), ("mxfp4", 32)]
 
 
 def _rss_mib() -> float:
+    """Peak resident memory of this process in MiB: ``VmHWM`` (``ru_maxrss`` would carry the
+    parent's peak over fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -137,6 +142,7 @@ def _qlora_child(folder: str, steps: int) -> dict:
         "rss_before_mib": round(before, 1),
         "rss_after_load_mib": round(loaded, 1),
         "peak_rss_mib": round(_rss_mib(), 1),
+        "training_peak_over_loaded_mib": round(_rss_mib() - loaded, 1),
         "saved_for_backward_mib": round(max(saved) / 2**20, 2),
     }
 

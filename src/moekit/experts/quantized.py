@@ -125,9 +125,9 @@ def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """``(..., G/2)`` uint8 -> ``(..., G)`` int64 codes 0..15."""
+    """``(..., G/2)`` uint8 -> ``(..., G)`` uint8 codes 0..15."""
     low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).flatten(-2).long()
+    return torch.stack([low, high], dim=-1).flatten(-2)
 
 
 def _round_to_fp4(x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ def _byte_table(format: QuantFormat, device: torch.device) -> torch.Tensor:
     key = (format.value, device)
     table = _BYTE_TABLES.get(key)
     if table is None:
-        nibbles = _unpack_nibbles(torch.arange(256, dtype=torch.uint8)).view(256, 2)
+        nibbles = _unpack_nibbles(torch.arange(256, dtype=torch.uint8)).view(256, 2).long()
         table = torch.tensor(FP4_VALUES, dtype=torch.float32)[nibbles]
         table = _BYTE_TABLES[key] = table.to(device)
     return table
@@ -196,7 +196,7 @@ def dequantize_weight(
     if config.format is QuantFormat.INT8:
         values = codes.to(torch.float32)
     elif config.format is QuantFormat.INT4:  # masks and shifts (measured 2.5x the gather's speed)
-        values = (_unpack_nibbles(codes) - 8).to(torch.float32)
+        values = _unpack_nibbles(codes).to(torch.float32) - 8
     else:  # (..., G/2) bytes -> (..., G/2, 2) values -> (..., G): one gather
         values = _byte_table(config.format, codes.device)[codes.long()].flatten(-2)
     if config.format is QuantFormat.MXFP4:
