@@ -191,7 +191,7 @@ class ExpertStore:
             dtype, shape, _, _ = self._tensors[f"{prefix}.{name}"]
             if self.dtype is not None and dtype.is_floating_point and not name.endswith("_scales"):
                 dtype = self.dtype
-            total += torch.empty(0, dtype=dtype).element_size() * math.prod(shape[1:])
+            total += dtype.itemsize * math.prod(shape[1:])
         return total
 
 

@@ -178,8 +178,9 @@ def _byte_table(format: QuantFormat, device: torch.device) -> torch.Tensor:
     key = (format.value, device)
     table = _BYTE_TABLES.get(key)
     if table is None:
-        nibbles = _unpack_nibbles(torch.arange(256, dtype=torch.uint8)).view(256, 2).long()
-        table = torch.tensor(FP4_VALUES, dtype=torch.float32)[nibbles]
+        every_byte = torch.arange(256, dtype=torch.uint8, device="cpu")
+        nibbles = _unpack_nibbles(every_byte).view(256, 2).long()
+        table = torch.tensor(FP4_VALUES, dtype=torch.float32, device="cpu")[nibbles]
         table = _BYTE_TABLES[key] = table.to(device)
     return table
 

@@ -5,7 +5,7 @@ Everything but the routed experts (embeddings, attention, norms, routers, shared
 FFNs) is loaded as usual; each MoE layer's bank becomes an ``OffloadedExpertBank`` reading one
 expert's bytes at a time from ``model.safetensors`` through one ``ExpertCache`` shared by all
 layers. With
-``prefetch``, while layer ``l`` runs, layer ``l+1``'s router is applied to layer ``l``'s input
+``prefetch=True``, while layer ``l`` runs, layer ``l+1``'s router is applied to layer ``l``'s input
 (the residual stream changes little between blocks) and the experts it would pick are read
 ahead on a background thread.
 """
@@ -40,7 +40,7 @@ def load_offloaded(
     *,
     budget: int | str,
     policy: EvictionPolicy | str = EvictionPolicy.LRU,
-    prefetch: bool = True,
+    prefetch: bool = False,
     device: torch.device | str = "cpu",
     verify: bool | None = None,
 ) -> TransformerLM:
@@ -51,7 +51,9 @@ def load_offloaded(
         budget: bytes the cached experts may take (``"2GB"``, ``"512MiB"`` or an int); must hold
             at least one expert.
         policy: ``lru`` or ``lfu`` eviction.
-        prefetch: read the next MoE layer's predicted experts ahead (top-k routers).
+        prefetch: read the next MoE layer's predicted experts ahead (top-k routers). Off by
+            default: on the demo model the lookahead guessed few of the next layer's experts
+            and, under small budgets, evicted useful ones (docs/quantization.md).
         device: where the model runs and cached experts are kept.
         verify: check the file's recorded SHA-256 first (``None``: as ``from_pretrained``).
 
