@@ -150,3 +150,35 @@ def test_presets_work_on_models_imported_from_hugging_face():
     apply_selection(model, select_parameters(model, "router+shared_experts"))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == set(groups["router"]) | set(groups["shared_experts"])
+
+
+def test_qlora_adapters_export_to_peft_for_the_full_precision_base(tmp_path):
+    """QLoRA on an imported Mixtral's int4 experts: the PEFT adapter, applied by PEFT to the
+    transformers model carrying the same dequantised experts, gives our logits."""
+    from moekit.experts.quantized import QuantizationConfig, QuantizedExpertBank
+    from moekit.training.quantize import quantize_experts
+
+    source = tmp_path / "hf"
+    mixtral().save_pretrained(source)
+    model = from_hf(source).eval()
+    quantize_experts(model, QuantizationConfig(format="int4", group_size=16))
+    add_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["attention", "experts"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.normal_(0, 0.2)
+    export_peft_adapter(model, source, tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():  # the base with the experts our model computes with
+        for i, layer in enumerate(model.blocks):
+            bank = layer.ffn.experts
+            assert isinstance(bank, QuantizedExpertBank)
+            w_in, w_out = bank.dequantized_weights(torch.float32)
+            experts = base.model.layers[i].mlp.experts
+            gate, up = w_in.chunk(2, dim=-1)
+            experts.gate_up_proj.copy_(torch.cat([gate, up], dim=-1).transpose(1, 2))
+            experts.down_proj.copy_(w_out.transpose(1, 2))
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(tokens).logits - loaded(tokens).logits).abs().max() <= 1e-4

@@ -27,7 +27,7 @@ import torch
 
 from moekit.adapters.lora import ExpertLoRA, LoRALinear, lora_parameters
 from moekit.experts.bank import ExpertBank
-from moekit.experts.quantized import QuantizedExpertBank
+from moekit.experts.quantized import QuantizedExpertBank, quantization_error_bound
 
 #: families whose ``transformers`` models stack the routed experts as gate_up_proj/down_proj
 STACKED_EXPERT_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
@@ -65,6 +65,19 @@ def _check_base_unchanged(model: torch.nn.Module, hf_model: torch.nn.Module) -> 
         for name, value in model.state_dict().items()
         if name not in adapters and name in source and not torch.equal(value.cpu(), source[name])
     ]
+    # QLoRA: a quantised bank must be the source's experts quantised (within the format's bound)
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedExpertBank):
+            continue
+        for weight, dequantized in zip(
+            ("w_in_EDH", "w_out_EHD"), module.dequantized_weights(torch.float32), strict=True
+        ):
+            original = source.get(f"{name}.{weight}")
+            if original is None:
+                continue
+            bound = quantization_error_bound(original, module.quantization)
+            if (dequantized.cpu() - original).abs().max() > bound:
+                changed.append(f"{name}.{weight} (quantised)")
     if changed:
         raise ValueError(
             f"the base weights differ from the source's ({', '.join(changed[:3])}"
