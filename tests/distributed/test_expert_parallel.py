@@ -73,3 +73,19 @@ def test_train_frees_its_ddp_wrapper_while_the_group_is_alive(tmp_path, tiny_tex
     _assert_workers_pass(
         workers.train_frees_its_ddp_wrapper, 2, str(tiny_text), str(tmp_path / "run")
     )
+
+
+@pytest.mark.parametrize(
+    "parallel, experts, capacity",
+    [
+        (dict(ep=2, dp_shard=4), 4, False),  # EP2 × FSDP2 (efsdp 2)
+        (dict(ep=4), 4, False),  # EP4, dense sharded over 4
+        (dict(ep=1), 4, False),  # FSDP2 alone on 4 ranks
+        (dict(ep=2), 2, False),  # E = 2 on 4 ranks
+        (dict(ep=2, dp_shard=2, dp_replicate=2), 4, False),  # HSDP 2 × 2, EP2
+        (dict(ep=2, dp_shard=4), 4, True),  # capacity decided over the global batch
+    ],
+    ids=["ep2-fsdp4", "ep4", "fsdp4", "e2-on-4", "hsdp2x2-ep2", "ep2-fsdp4-capacity"],
+)
+def test_mesh_training_matches_one_process(parallel, experts, capacity):
+    _assert_workers_pass(workers.mesh_training_equivalence, 4, parallel, experts, capacity)

@@ -246,3 +246,95 @@ def train_frees_its_ddp_wrapper(rank: int, world: int, port: int, corpus: str, o
     finally:
         gc.enable()
     finish()
+
+
+def _mesh_lm_config(num_experts: int, capacity: bool) -> TransformerConfig:
+    dispatch = (
+        moekit.DispatchConfig(
+            mode="capacity", capacity_factor=0.75, min_capacity=1, drop_priority="token"
+        )
+        if capacity
+        else moekit.DispatchConfig()
+    )
+    return TransformerConfig(
+        vocab_size=40,
+        d_model=D,
+        n_layers=2,
+        attention=AttentionConfig(n_heads=2),
+        ffn_hidden=16,
+        max_seq_len=16,
+        moe=placement(
+            D,
+            num_experts=num_experts,
+            top_k=2,
+            expert_hidden=8,
+            expert_bias=True,
+            router=moekit.RouterConfig(bias_balancing=True),
+            shared_experts=moekit.SharedExpertConfig(hidden=8),
+            dispatch=dispatch,
+            aux_loss=moekit.AuxLossConfig(switch=0.05, z_loss=0.01),
+        ),
+    )
+
+
+def mesh_training_equivalence(
+    rank: int,
+    world: int,
+    port: int,
+    parallel: dict,
+    num_experts: int = 4,
+    capacity: bool = False,
+    steps: int = 3,
+) -> None:
+    """``steps`` optimizer steps (AdamW, global-norm clipping, bias balancing) on a data ×
+    expert mesh with FSDP2 equal one process with the global batch: losses, gradient norms and
+    every parameter (fp32)."""
+    from moekit.distributed.mesh import (
+        ParallelConfig,
+        clip_grad_norm_,
+        finish_expert_gradients,
+        full_tensors,
+        parallelize,
+    )
+
+    init(rank, world, port)
+    torch.manual_seed(0)
+    ref = TransformerLM(_mesh_lm_config(num_experts, capacity))
+    dims = ParallelConfig(**parallel).resolve(world, num_experts)
+    meshes = dims.build_meshes("cpu")
+    model = parallelize(copy.deepcopy(ref), meshes)
+    B = 2
+    data = torch.randint(0, 40, (steps, world * B, 9), generator=torch.Generator().manual_seed(1))
+
+    def step(module, batch, clip):
+        out = module(batch[:, :-1])
+        ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+        (ce + out.aux_loss).backward()
+        norm = clip(module)
+        return torch.stack([ce.detach(), out.aux_loss.detach()]), norm
+
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for s in range(steps):
+        losses_ref, norm_ref = step(
+            ref, data[s], lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+        )
+
+        def clip(m):
+            finish_expert_gradients(m, meshes)
+            return clip_grad_norm_(m, 0.5, meshes)
+
+        losses, norm = step(model, data[s, rank * B : (rank + 1) * B], clip)
+        for o, m in ((opt_ref, ref), (opt, model)):
+            o.step()
+            o.zero_grad(set_to_none=True)
+            moekit.update_expert_bias(m)
+        dist.all_reduce(losses)
+        torch.testing.assert_close(losses / world, losses_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm, norm_ref, rtol=1e-5, atol=1e-6)
+    state = full_tensors(model, meshes)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    del model, opt
+    gc.collect()
+    finish()

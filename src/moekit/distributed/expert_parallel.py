@@ -115,11 +115,22 @@ class ExpertParallelDispatcher(Dispatcher):
     ``run``: rows go to their expert's rank, through the local bank, and back.
     ``global_sum``: an all-reduce over the group (expert counts for the Switch loss, statistics
     and the bias-balancing tally).
+
+    Args:
+        config, num_experts: as for ``Dispatcher``.
+        group: the expert-parallel group the experts are split over (default: every rank); of
+            size 1, rows stay on this rank (data parallelism only).
+        count_group: the ranks whose tokens make up the global batch (expert counts and
+            capacity are decided over them); default ``group``. On a data × expert mesh it is
+            every data-parallel rank, a superset of ``group``.
     """
 
-    def __init__(self, config: DispatchConfig, *, num_experts: int, group=None) -> None:
+    def __init__(
+        self, config: DispatchConfig, *, num_experts: int, group=None, count_group=None
+    ) -> None:
         super().__init__(config, num_experts=num_experts)
         self.group = group if group is not None else dist.group.WORLD
+        self.count_group = count_group if count_group is not None else self.group
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         if num_experts % self.world:
@@ -148,7 +159,7 @@ class ExpertParallelDispatcher(Dispatcher):
             token_mask_T=token_mask_T,
             assignment_mask_TK=routing.assignment_mask_TK,
             sequence_length=sequence_length,
-            group=self.group,
+            group=self.count_group,
         )
         demand = plan_dispatch(  # before drops, for the statistics
             routing.expert_idx_TK,
@@ -171,6 +182,8 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def compute(self, x_MD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
         """The exchange: rows to their expert's rank, through the local bank, and back."""
+        if self.world == 1:  # every expert is here (data parallelism only)
+            return experts(x_MD, plan.expert_rows_E)
         return self._through_local_experts(x_MD, plan.expert_rows_E, experts)
 
     def _through_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor, experts):
@@ -197,5 +210,5 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().clone()
-        dist.all_reduce(value, group=self.group)
+        dist.all_reduce(value, group=self.count_group)
         return value

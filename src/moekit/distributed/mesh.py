@@ -1,0 +1,272 @@
+"""A data × expert parallel mesh with FSDP2, as torchtitan lays it out (``parallel_dims.py``).
+
+Over the same ``W = dp_replicate · dp_shard`` ranks there are two views:
+
+- dense: ``(dp_replicate, dp_shard)``. Embeddings, attention, norms, routers, shared experts,
+  dense FFNs and the head are sharded with ``fully_shard`` over ``dp_shard`` and replicated over
+  ``dp_replicate`` (HSDP when both are > 1).
+- sparse: ``(dp_replicate, efsdp, ep)`` with ``ep | dp_shard`` and ``efsdp = dp_shard / ep``.
+  Routed experts are split by expert over ``ep`` (all-to-all of rows) and each rank's experts are
+  sharded with ``fully_shard`` over ``efsdp`` (and replicated over ``dp_replicate``).
+
+After each backward, ``finish_expert_gradients`` divides expert gradients by ``ep`` (the rows
+came from all ``ep`` ranks' tokens; FSDP2 averages over the expert mesh only).
+
+Ranks of one ``ep`` group are consecutive (rank = ``(r · efsdp + f) · ep + e``). Any world that
+factors this way works, including more ranks than experts (E = 4 on 8 ranks: ``ep = 4``,
+``efsdp = 2``). Every data-parallel rank sees its own slice of the global batch; expert counts
+(Switch loss, statistics, the DeepSeek bias tally) and capacity are decided over all of them, so
+a step equals one process with the global batch up to reduction order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.distributed.expert_parallel import ExpertParallelDispatcher
+from moekit.experts.bank import ExpertBank
+from moekit.layers import MoE
+from moekit.utils.validation import check_fields
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks split the work (the ``parallel`` section of a training config).
+
+    Args:
+        ep: expert-parallel degree: each MoE layer's experts are split over ``ep`` ranks.
+        dp_shard: ranks that shard the weights with FSDP2 (-1: the world / ``dp_replicate``).
+        dp_replicate: replicas of the sharded model (HSDP across them).
+    """
+
+    ep: int = 1
+    dp_shard: int = -1
+    dp_replicate: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(self, "parallel.")
+        if self.ep < 1 or self.dp_replicate < 1 or (self.dp_shard < 1 and self.dp_shard != -1):
+            raise ValueError(
+                f"parallel.ep and parallel.dp_replicate must be >= 1 and parallel.dp_shard >= 1 "
+                f"(or -1: the rest), got ep={self.ep}, dp_shard={self.dp_shard}, "
+                f"dp_replicate={self.dp_replicate}"
+            )
+
+    def resolve(self, world: int, num_experts: int = 0) -> ParallelDims:
+        """The sizes for ``world`` ranks; raises naming the sizes that do not factor."""
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world % self.dp_replicate:
+                raise ValueError(
+                    f"parallel.dp_replicate={self.dp_replicate} does not divide the {world} ranks"
+                )
+            dp_shard = world // self.dp_replicate
+        if self.dp_replicate * dp_shard != world:
+            raise ValueError(
+                f"parallel.dp_replicate={self.dp_replicate} × parallel.dp_shard={dp_shard} = "
+                f"{self.dp_replicate * dp_shard}, not the {world} ranks launched"
+            )
+        if dp_shard % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep} must divide parallel.dp_shard={dp_shard} (experts are "
+                "split over ranks that also shard the dense weights)"
+            )
+        if num_experts and num_experts % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep} must divide the {num_experts} experts of each MoE layer"
+            )
+        return ParallelDims(
+            world=world, dp_replicate=self.dp_replicate, dp_shard=dp_shard, ep=self.ep
+        )
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved mesh sizes (``ParallelConfig.resolve``)."""
+
+    world: int
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+
+    @property
+    def efsdp(self) -> int:
+        """Ranks that shard one set of experts (``dp_shard / ep``)."""
+        return self.dp_shard // self.ep
+
+    def build_meshes(self, device_type: str = "cpu") -> Meshes:
+        """The dense ``(dp_replicate, dp_shard)`` and sparse ``(dp_replicate, efsdp, ep)`` device
+        meshes over every rank (collective: every rank must call)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dense = init_device_mesh(
+            device_type,
+            (self.dp_replicate, self.dp_shard),
+            mesh_dim_names=("dp_replicate", "dp_shard"),
+        )
+        sparse = init_device_mesh(
+            device_type,
+            (self.dp_replicate, self.efsdp, self.ep),
+            mesh_dim_names=("dp_replicate", "efsdp", "ep"),
+        )
+        return Meshes(dense=dense, sparse=sparse, dims=self)
+
+
+@dataclass
+class Meshes:
+    """The two views of one set of ranks."""
+
+    dense: Any  # DeviceMesh (dp_replicate, dp_shard)
+    sparse: Any  # DeviceMesh (dp_replicate, efsdp, ep)
+    dims: ParallelDims
+
+    def dense_fsdp_mesh(self) -> Any:
+        """The mesh FSDP2 shards dense weights over (1-D without replication)."""
+        return self.dense if self.dims.dp_replicate > 1 else self.dense["dp_shard"]
+
+    def expert_fsdp_mesh(self) -> Any:
+        """The mesh FSDP2 shards each rank's experts over (``efsdp``, with ``dp_replicate`` when
+        > 1). Of one rank it still takes the experts out of the dense blocks' sharding."""
+        if self.dims.dp_replicate > 1:
+            return self.sparse["dp_replicate", "efsdp"]
+        return self.sparse["efsdp"]
+
+
+def parallelize(model: nn.Module, meshes: Meshes, *, reshard_after_forward: bool = True):
+    """Apply the mesh to a single-device moekit model, in place; returns it.
+
+    Every MoE layer gets an ``ExpertParallelDispatcher`` over the ``ep`` group (counting over
+    every rank) and keeps its ``num_experts / ep`` experts, sharded with ``fully_shard`` over
+    ``(dp_replicate, efsdp)`` (also when that is one rank: it keeps them out of the blocks'
+    sharding); every block and then the whole model are sharded with
+    ``fully_shard`` over ``(dp_replicate, dp_shard)``. Parameters become ``DTensor``s.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    dims = meshes.dims
+    ep_group = meshes.sparse["ep"].get_group()
+    expert_mesh = meshes.expert_fsdp_mesh()
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        if not isinstance(module.experts, ExpertBank):
+            raise ValueError(f"{name or 'MoE'}: the mesh needs an ExpertBank")
+        dispatcher = ExpertParallelDispatcher(
+            module.dispatch,
+            num_experts=module.num_experts,
+            group=ep_group,
+            count_group=dist.group.WORLD,
+        )
+        module.dispatcher = dispatcher
+        module.experts = module.experts.select_experts(
+            dispatcher.first_expert, dispatcher.local_experts
+        )
+        # the experts are this rank's own: shard them apart from the dense blocks
+        fully_shard(module.experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
+    dense_mesh = meshes.dense_fsdp_mesh()
+    if dims.world > 1:
+        blocks = getattr(model, "blocks", [])
+        for block in blocks:
+            fully_shard(block, mesh=dense_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=dense_mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+@torch.no_grad()
+def finish_expert_gradients(model: nn.Module, meshes: Meshes) -> None:
+    """Call after backward, before clipping and the optimizer step: divide expert gradients by
+    ``ep``. (FSDP2's reduce-scatter averages over the expert mesh only, but an expert's rows came
+    from all ``ep`` ranks' tokens; gloo has no pre-scaled reduction for FSDP2 to do it.)"""
+    ep = meshes.dims.ep
+    if ep == 1:
+        return
+    for p in model.parameters():
+        if id(p) in _is_expert(model) and p.grad is not None:
+            _local(p.grad).div_(ep)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _is_expert(model: nn.Module) -> set[int]:
+    return {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, MoE) and isinstance(m.dispatcher, ExpertParallelDispatcher)
+        for p in m.experts.parameters()
+    }
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, meshes: Meshes) -> torch.Tensor:
+    """Clip every gradient by one global norm over the dense and the expert shards; returns the
+    norm before clipping (what one process with the whole model would compute).
+
+    A sharded gradient's squares are summed over the mesh dimensions it is sharded on; expert
+    gradients are also summed over ``ep`` (each ``ep`` rank holds other experts); replicated
+    dimensions are not summed (their copies are equal).
+    """
+    experts = _is_expert(model)
+    sums: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad
+        local_sq = _local(grad).float().pow(2).sum()
+        reduce_over: list[Any] = []
+        placements = getattr(grad, "placements", None)
+        if placements is not None:
+            mesh = getattr(grad, "device_mesh")  # noqa: B009 (a DTensor attribute)
+            reduce_over += [mesh.get_group(i) for i, pl in enumerate(placements) if pl.is_shard()]
+        if id(p) in experts and meshes.dims.ep > 1:
+            reduce_over.append(meshes.sparse["ep"].get_group())
+        key = tuple(id(g) for g in reduce_over)
+        sums.setdefault(key, []).append(local_sq)
+        groups[key] = reduce_over
+    total = torch.zeros((), dtype=torch.float32)
+    for key, values in sums.items():
+        value = torch.stack(values).sum()
+        for group in groups[key]:
+            dist.all_reduce(value, group=group)
+        total = total + value.to(total.device)
+    norm = total.sqrt()
+    coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            _local(p.grad).mul_(coefficient.to(_local(p.grad).device, _local(p.grad).dtype))
+    return norm
+
+
+@torch.no_grad()
+def full_tensors(model: nn.Module, meshes: Meshes) -> dict[str, torch.Tensor]:
+    """The single-process state dict of a parallelised model (collective): sharded tensors
+    gathered, each rank's experts gathered over ``ep``."""
+    experts = {
+        f"{name}.experts.{n}"
+        for name, m in model.named_modules()
+        if isinstance(m, MoE) and isinstance(m.dispatcher, ExpertParallelDispatcher)
+        for n, _ in m.experts.named_parameters()
+    }
+    ep_group = meshes.sparse["ep"].get_group()
+    out = {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if name in experts and meshes.dims.ep > 1:
+            pieces = [torch.empty_like(full) for _ in range(meshes.dims.ep)]
+            dist.all_gather(pieces, full.contiguous(), group=ep_group)
+            full = torch.cat(pieces)
+        out[name] = full.detach().cpu()
+    return out
+
+
+def world_of(meshes: Meshes) -> int:
+    """Ranks in the mesh."""
+    return math.prod(meshes.dense.shape)
