@@ -61,3 +61,46 @@ def test_train_with_expert_parallel_2_then_resume_and_evaluate(tmp_path, tiny_te
     assert (
         main(["eval", str(run), "--data", str(tiny_text), "--batches", "1", "--seq-len", "32"]) == 0
     )
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        ["--set", "parallel.ep=2", "--set", "parallel.dp_shard=4"],
+        ["--dp-replicate", "2", "--dp-shard", "2", "--ep", "2"],
+    ],
+    ids=["ep2-fsdp4", "hsdp2x2-ep2"],
+)
+def test_a_4_rank_mesh_logs_the_losses_of_one_process_and_resumes(tmp_path, tiny_text, mesh):
+    """The same global batch (8 sequences: 2 per rank, or 8 in one process) gives the same
+    logged losses; the run resumes on its mesh and its checkpoint loads in one process."""
+    common = ["--quiet", "--set", f"data.path={tiny_text}"]
+    for item in [*TINY_MOE, "steps=4", "checkpoint_every=2", "optim.grad_clip=0.5"]:
+        common += ["--set", item]
+    single, meshed = tmp_path / "one", tmp_path / "mesh"
+    assert main(["train", *common, "--out-dir", str(single), "--set", "data.batch_size=8"]) == 0
+    _torchrun(4, [*common, "--out-dir", str(meshed), "--set", "data.batch_size=2", *mesh])
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["aux_loss"]) for r in map(json.loads, lines)]
+
+    for (s1, l1, a1), (s2, l2, a2) in zip(losses(single), losses(meshed), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and a1 == pytest.approx(a2, rel=1e-4)
+    more = ["--set", "steps=6", "--set", "data.batch_size=2"]
+    _torchrun(4, [*common, "--out-dir", str(meshed), *mesh, *more, "--resume"])
+    assert losses(meshed)[-1][0] == 6
+    data = ["--data", str(tiny_text), "--batches", "1", "--seq-len", "32"]
+    assert main(["eval", str(meshed), *data]) == 0
+
+
+def test_sizes_that_do_not_factor_are_named_before_any_collective(tmp_path, capsys):
+    from moekit.distributed.mesh import ParallelConfig
+
+    with pytest.raises(ValueError, match=r"parallel.ep=3 must divide parallel.dp_shard=4"):
+        ParallelConfig(ep=3).resolve(4)
+    with pytest.raises(ValueError, match=r"dp_replicate=2 × parallel.dp_shard=3 = 6, not the 4"):
+        ParallelConfig(dp_replicate=2, dp_shard=3).resolve(4)
+    with pytest.raises(ValueError, match=r"parallel.ep=4 must divide the 6 experts"):
+        ParallelConfig(ep=4).resolve(8, num_experts=6)
+    assert ParallelConfig(ep=4).resolve(8, num_experts=4).efsdp == 2  # more ranks than experts

@@ -240,7 +240,7 @@ def train_frees_its_ddp_wrapper(rank: int, world: int, port: int, corpus: str, o
     gc.disable()  # only train's own collection may free the wrapper
     try:
         overrides = [*TINY_MOE, "steps=2", f"data.path={corpus}", f"out_dir={out}"]
-        train(load_train_config(None, [*overrides, f"expert_parallel={world}"]), progress=False)
+        train(load_train_config(None, [*overrides, f"parallel.ep={world}"]), progress=False)
         alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
         assert not alive, f"{len(alive)} DDP wrapper(s) outlive train()"
     finally:

@@ -155,5 +155,5 @@ def test_instruction_file_without_the_fields_fails_before_any_step(pretrained, t
 
 
 def test_expert_lora_is_refused_under_expert_parallelism():
-    with pytest.raises(ValueError, match="not with expert_parallel > 1"):
-        load_train_config(None, [*TINY_MOE, "expert_parallel=2", "finetune.lora.rank=2"])
+    with pytest.raises(ValueError, match=r"not with parallel\.ep > 1"):
+        load_train_config(None, [*TINY_MOE, "parallel.ep=2", "finetune.lora.rank=2"])

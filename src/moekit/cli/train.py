@@ -27,10 +27,28 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--expert-parallel",
+        "--ep",
+        dest="expert_parallel",
         type=int,
         default=None,
         metavar="N",
-        help="split the experts over the N processes started by torchrun --nproc-per-node N",
+        help="split each MoE layer's experts over N ranks (parallel.ep); N must divide "
+        "--dp-shard, which defaults to every rank",
+    )
+    parser.add_argument(
+        "--dp-shard",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shard the weights with FSDP2 over N ranks (parallel.dp_shard; default: the world "
+        "/ --dp-replicate)",
+    )
+    parser.add_argument(
+        "--dp-replicate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replicate the sharded model N times (parallel.dp_replicate, HSDP)",
     )
 
 
@@ -43,8 +61,13 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.out_dir is not None:
         overrides.append(f"out_dir={args.out_dir}")
-    if args.expert_parallel is not None:
-        overrides.append(f"expert_parallel={args.expert_parallel}")
+    for flag, key in (
+        ("expert_parallel", "ep"),
+        ("dp_shard", "dp_shard"),
+        ("dp_replicate", "dp_replicate"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append(f"parallel.{key}={getattr(args, flag)}")
     config = load_train_config(args.config, overrides)
     result = train(config, resume=args.resume, progress=not args.quiet)
     if torch.distributed.is_initialized():

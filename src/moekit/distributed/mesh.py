@@ -231,13 +231,15 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, meshes: Meshes) -> torch.
         key = tuple(id(g) for g in reduce_over)
         sums.setdefault(key, []).append(local_sq)
         groups[key] = reduce_over
-    total = torch.zeros((), dtype=torch.float32)
+    parts = []
     for key, values in sums.items():
         value = torch.stack(values).sum()
         for group in groups[key]:
             dist.all_reduce(value, group=group)
-        total = total + value.to(total.device)
-    norm = total.sqrt()
+        parts.append(value)
+    if not parts:  # no gradient anywhere
+        return torch.zeros((), dtype=torch.float32, device=meshes.dense.device_type)
+    norm = torch.stack([p.to(parts[0].device) for p in parts]).sum().sqrt()
     coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         if p.grad is not None:
@@ -249,24 +251,105 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, meshes: Meshes) -> torch.
 def full_tensors(model: nn.Module, meshes: Meshes) -> dict[str, torch.Tensor]:
     """The single-process state dict of a parallelised model (collective): sharded tensors
     gathered, each rank's experts gathered over ``ep``."""
-    experts = {
-        f"{name}.experts.{n}"
-        for name, m in model.named_modules()
-        if isinstance(m, MoE) and isinstance(m.dispatcher, ExpertParallelDispatcher)
-        for n, _ in m.experts.named_parameters()
+    slices = _expert_slices(model)
+    return {
+        name: _gather_full(value, name in slices, meshes)
+        for name, value in model.state_dict().items()
     }
-    ep_group = meshes.sparse["ep"].get_group()
-    out = {}
-    for name, value in model.state_dict().items():
-        full = value.full_tensor() if hasattr(value, "full_tensor") else value
-        if name in experts and meshes.dims.ep > 1:
-            pieces = [torch.empty_like(full) for _ in range(meshes.dims.ep)]
-            dist.all_gather(pieces, full.contiguous(), group=ep_group)
-            full = torch.cat(pieces)
-        out[name] = full.detach().cpu()
-    return out
 
 
 def world_of(meshes: Meshes) -> int:
     """Ranks in the mesh."""
     return math.prod(meshes.dense.shape)
+
+
+def _expert_slices(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Name of every expert parameter -> ``(first expert, local experts)`` on this rank."""
+    return {
+        f"{name}.experts.{n}": (m.dispatcher.first_expert, m.dispatcher.local_experts)
+        for name, m in model.named_modules()
+        if isinstance(m, MoE) and isinstance(m.dispatcher, ExpertParallelDispatcher)
+        for n, _ in m.experts.named_parameters()
+    }
+
+
+def _gather_full(value: torch.Tensor, expert: bool, meshes: Meshes) -> torch.Tensor:
+    full = value.full_tensor() if hasattr(value, "full_tensor") else value
+    if expert and meshes.dims.ep > 1:
+        pieces = [torch.empty_like(full) for _ in range(meshes.dims.ep)]
+        dist.all_gather(pieces, full.contiguous(), group=meshes.sparse["ep"].get_group())
+        full = torch.cat(pieces)
+    return full.detach().cpu()
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like`` (a DTensor: this rank's shard, no communication)."""
+    if not hasattr(like, "device_mesh"):
+        return full.to(like.device, like.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, placements = getattr(like, "device_mesh"), getattr(like, "placements")  # noqa: B009
+    full = full.to(_local(like).device, like.dtype)
+    return distribute_tensor(full, mesh, placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a single-process state dict into a parallelised model (each rank keeps its experts
+    and its shards; no communication)."""
+    slices = _expert_slices(model)
+    for name, target in model.state_dict().items():
+        value = state[name]
+        if name in slices:
+            first, count = slices[name]
+            value = value.narrow(0, first, count)
+        shard = _shard_like(value, target)
+        _local(target).copy_(_local(shard))
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, meshes: Meshes
+) -> dict:
+    """The optimizer state dict in the single-process layout (collective)."""
+    slices = _expert_slices(model)
+    names = _parameter_names(model, optimizer)
+    state = optimizer.state_dict()
+    full_state = {}
+    for index, entries in state["state"].items():
+        expert = names[index] in slices
+        full_state[index] = {
+            key: _gather_full(value, expert, meshes)
+            if torch.is_tensor(value) and value.dim() > 0
+            else (_local(value).detach().cpu() if torch.is_tensor(value) else value)
+            for key, value in entries.items()
+        }
+    return {"state": full_state, "param_groups": state["param_groups"]}
+
+
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Load a single-process optimizer state dict into the optimizer of a parallelised model."""
+    slices = _expert_slices(model)
+    names = _parameter_names(model, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, entries in state["state"].items():
+        index = int(index)
+        param, name = params[index], names[index]
+        converted = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                if name in slices:
+                    first, count = slices[name]
+                    value = value.narrow(0, first, count)
+                converted[key] = _shard_like(value, param)
+            else:
+                converted[key] = value
+        sharded[index] = converted
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})

@@ -8,9 +8,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moekit.adapters.lora import LoRAConfig
+from moekit.distributed.mesh import ParallelConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.training.methods import AlternatingSchedule, TrainingMethod
@@ -176,8 +177,9 @@ class TrainConfig:
             (``torch.set_float32_matmul_precision("high")``).
         retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
             ``moekit.utils.allocator``).
-        expert_parallel: 1, or the number of ``torchrun`` processes to split the experts over
-            (``data.batch_size`` is then per process).
+        parallel: how ``torchrun``'s processes split the work (``moekit.distributed.mesh``):
+            ``ep`` (experts split over ``ep`` ranks), ``dp_shard`` (FSDP2 sharding; -1: the
+            rest), ``dp_replicate``; ``data.batch_size`` is per data-parallel rank (every rank).
         method: ``joint`` (default), ``gradient``, ``separate``, ``alternating`` (see
             ``moekit.training.methods``) or ``evolutionary`` (a search over router
             configurations, then the winner trained: ``moekit.training.evolution``).
@@ -202,12 +204,15 @@ class TrainConfig:
     bf16: bool | str = "auto"
     tf32: bool = True
     retain_freed_memory: bool = True
-    expert_parallel: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     method: TrainingMethod = TrainingMethod.JOINT
     alternating: AlternatingSchedule = field(default_factory=AlternatingSchedule)
     separate_expert_steps: int = 0
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    #: keys that moved, named by their new home in the error for an old config file
+    moved_keys: ClassVar[dict[str, str]] = {"expert_parallel": "parallel.ep"}
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -215,16 +220,16 @@ class TrainConfig:
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
         finetune = self.finetune
-        if self.expert_parallel > 1 and (
+        if self.parallel.ep > 1 and (
             (finetune.lora is not None and "experts" in finetune.lora.targets)
             or "experts:" in finetune.preset
         ):
             raise ValueError(
                 "expert LoRA and experts:<selection> presets run in one process or under plain "
-                "data parallelism, not with expert_parallel > 1"
+                "data parallelism, not with parallel.ep > 1"
             )
-        if self.method is TrainingMethod.EVOLUTIONARY and self.expert_parallel > 1:
-            raise ValueError("method='evolutionary' runs in one process (expert_parallel=1)")
+        if self.method is TrainingMethod.EVOLUTIONARY and self.parallel.ep > 1:
+            raise ValueError("method='evolutionary' runs in one process (parallel.ep=1)")
         if self.separate_expert_steps < 0:
             raise ValueError(
                 f"separate_expert_steps must be >= 0, got {self.separate_expert_steps}"

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moekit.analysis.inspect import load_summary
-from moekit.distributed.parallelize import (
+from moekit.distributed.mesh import (
+    clip_grad_norm_,
+    finish_expert_gradients,
     full_optimizer_state,
-    full_state_dict,
+    full_tensors,
+    load_full_optimizer_state,
     load_full_state_dict,
-    parallelize_experts,
-    reduce_load_tallies,
-    shard_optimizer_state,
-    wrap_data_parallel,
+    parallelize,
 )
 from moekit.distributed.runtime import setup_distributed
 from moekit.layers.switches import serving, update_expert_bias, without_statistics
@@ -153,7 +153,7 @@ def _moe_record(outputs) -> list[dict[str, Any]]:
 
 
 def _checkpoint(ctx, device, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:
-    """Save in the single-process layout: gathered under expert parallelism, written by rank 0,
+    """Save in the single-process layout: gathered from the mesh's shards, written by rank 0,
     with every rank's generator states."""
     states = rng_states(ctx.rank, ctx.world, device)
     if not ctx.enabled:
@@ -161,8 +161,8 @@ def _checkpoint(ctx, device, checkpoints, step, model, optimizer, scheduler, con
             checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict, states
         )
         return
-    model_state = full_state_dict(model)
-    optimizer_state = full_optimizer_state(model, optimizer)
+    model_state = full_tensors(model, ctx.meshes)
+    optimizer_state = full_optimizer_state(model, optimizer, ctx.meshes)
     if ctx.is_main:
         full = TransformerLM(model.config)
         full.load_state_dict(model_state)
@@ -327,6 +327,21 @@ def train(
     return run.result
 
 
+def _global_batch_slice(run: TrainingRun, index: int) -> tuple:
+    """This rank's rows of micro-batch ``index`` of the global batch: the global batch is one
+    fixed draw (a function of the seed and the index) of ``batch_size`` rows per data-parallel
+    rank, sliced by rank, so the data is the same whatever the mesh (and a run resumed on
+    another world size continues the same stream)."""
+    data, ctx = run.config.data, run.ctx
+    batch = run.train_stream.batch(
+        index, data.batch_size * ctx.world, data.seq_len, run.config.seed
+    )
+    if ctx.world == 1:
+        return batch
+    rows = slice(ctx.rank * data.batch_size, (ctx.rank + 1) * data.batch_size)
+    return tuple(t[rows] for t in batch)
+
+
 def train_step(run: TrainingRun, step: int) -> StepOutput:
     """One optimizer step (0-based ``step``): ``grad_accum`` micro-batches of cross-entropy plus
     auxiliary losses, the frozen groups of the training method, clipping, AdamW, the schedule.
@@ -341,8 +356,7 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     # routing statistics feed only the metrics line: skip their work on the other steps
     with contextlib.nullcontext() if writes_record else without_statistics(run.model):
         for micro in range(optim.grad_accum):
-            index = (step * optim.grad_accum + micro) * run.ctx.world + run.ctx.rank
-            batch = run.train_stream.batch(index, data.batch_size, data.seq_len, config.seed)
+            batch = _global_batch_slice(run, step * optim.grad_accum + micro)
             x, y, segments = _to_device(batch, run.device)
             with autocast(run.device, use_bf16(config.bf16, run.device)):
                 out = (
@@ -361,17 +375,23 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
         separate_expert_steps=config.separate_expert_steps or config.steps // 2,
     ):
         drop_gradients(run.groups[group])  # frozen this step: no update, no optimizer state
-    grad_norm = (
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), optim.grad_clip)
-        if optim.grad_clip > 0
-        else None
-    )
+    meshes = run.ctx.meshes
+    if meshes is not None:
+        finish_expert_gradients(run.model, meshes)
+    if optim.grad_clip <= 0:
+        grad_norm = None
+    elif meshes is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), optim.grad_clip)
+    else:  # one norm over the dense and the expert shards
+        grad_norm = clip_grad_norm_(run.model, optim.grad_clip, meshes)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ctx.enabled and not run.ctx.expert_parallel:
-        reduce_load_tallies(run.model)  # plain data parallelism: every rank's tokens count
+    if writes_record and run.ctx.enabled:  # the global batch's losses, as one process logs
+        losses = torch.stack([loss, aux])
+        dist.all_reduce(losses)
+        loss, aux = losses / run.ctx.world
     if writes_record:
         synchronize(run.device)  # the step's time includes the device's work
     seconds = time.perf_counter() - step_start
@@ -514,7 +534,7 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         retain_freed_memory()
     device = resolve_device(config.device)
     set_matmul_precision(device, config.tf32)
-    ctx = setup_distributed(config.expert_parallel, device)
+    ctx = setup_distributed(config.parallel, device, num_experts=config.model.moe.num_experts)
     train_stream, val_stream = load_streams(config)  # fails before any model is built
     torch.manual_seed(config.seed)
     model = TransformerLM(config.model)
@@ -523,10 +543,8 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
     trainable = prepare_model(model, config, train_stream, resuming=resuming)
     model.to(device)
     step_model: torch.nn.Module = model
-    if ctx.enabled:
-        if ctx.expert_parallel:
-            parallelize_experts(model)
-        step_model = wrap_data_parallel(model)
+    if ctx.meshes is not None:  # FSDP2 over the data × expert mesh
+        parallelize(model, ctx.meshes)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     out_dir = Path(config.out_dir)
@@ -538,8 +556,12 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         model_state, optimizer_state, trainer_state = load_training_checkpoint(
             folder, config.model, rank=ctx.rank, device=device
         )
-        load_full_state_dict(model, model_state)
-        optimizer.load_state_dict(shard_optimizer_state(model, optimizer, optimizer_state))
+        if ctx.meshes is None:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            load_full_state_dict(model, model_state)
+            load_full_optimizer_state(model, optimizer, optimizer_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
         start_step = trainer_state["step"]
     elif not resume:
