@@ -89,3 +89,35 @@ def test_train_frees_its_ddp_wrapper_while_the_group_is_alive(tmp_path, tiny_tex
 )
 def test_mesh_training_matches_one_process(parallel, experts, capacity):
     _assert_workers_pass(workers.mesh_training_equivalence, 4, parallel, experts, capacity)
+
+
+def test_sharded_checkpoints_reshard_between_meshes_and_consolidate(tmp_path):
+    """EP2×DP2 writes (every rank its part) -> EP4 reads -> one process reads -> consolidated
+    model.safetensors -> EP2×DP2 reads: the same logits everywhere."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from moekit.models.sharded_checkpoint import consolidate
+
+    folder = str(tmp_path / "ckpt")
+    ep2 = dict(ep=2, dp_shard=2, dp_replicate=2)
+    _assert_workers_pass(workers.mesh_save_sharded, 4, ep2, folder)
+    assert not list(tmp_path.glob(".ckpt.saving*"))  # published, staging gone
+    _assert_workers_pass(workers.mesh_load_sharded, 4, dict(ep=4), folder)
+    one = from_pretrained(folder).eval()
+    expected = load_file(folder + ".logits.safetensors")["logits"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            one(workers._fixed_tokens()).logits, expected, rtol=1e-5, atol=1e-5
+        )
+    single = tmp_path / "single"
+    shutil.copytree(folder, single, ignore=shutil.ignore_patterns("sharded"))
+    consolidate(folder, single / "model.safetensors")
+    assert set(load_file(str(single / "model.safetensors"))) == set(one.state_dict())
+    with torch.no_grad():
+        reloaded = from_pretrained(single, verify=False).eval()
+        torch.testing.assert_close(
+            reloaded(workers._fixed_tokens()).logits, expected, rtol=1e-5, atol=1e-5
+        )
+    _assert_workers_pass(workers.mesh_load_sharded, 4, ep2, folder)

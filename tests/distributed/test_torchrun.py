@@ -91,7 +91,11 @@ def test_a_4_rank_mesh_logs_the_losses_of_one_process_and_resumes(tmp_path, tiny
     _torchrun(4, [*common, "--out-dir", str(meshed), *mesh, *more, "--resume"])
     assert losses(meshed)[-1][0] == 6
     data = ["--data", str(tiny_text), "--batches", "1", "--seq-len", "32"]
-    assert main(["eval", str(meshed), *data]) == 0
+    assert main(["eval", str(meshed), *data]) == 0  # one process reads every rank's part
+    step = meshed / "checkpoints" / "step_0000006"
+    assert (step / "sharded" / ".metadata").is_file() and not (step / "model.safetensors").exists()
+    assert main(["consolidate", str(meshed), str(tmp_path / "one_file")]) == 0
+    assert main(["eval", str(tmp_path / "one_file"), *data]) == 0
 
 
 def test_sizes_that_do_not_factor_are_named_before_any_collective(tmp_path, capsys):

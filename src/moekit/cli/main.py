@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from moekit.cli import (
     classic,
+    consolidate,
     convert,
     demo,
     evaluate,
@@ -36,6 +37,7 @@ SUBCOMMANDS = {
     "params": params,
     "plan": plan,
     "convert": convert,
+    "consolidate": consolidate,
     "upcycle": upcycle,
     "prune": prune,
     "merge": merge,

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moekit.models.sharded_checkpoint import is_sharded, read_state_dict
 from moekit.utils.serialization import (
     add_checksums,
     atomic_write_json,
@@ -53,6 +54,11 @@ def write_model_files(model: nn.Module, folder: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     add_checksums(folder, [WEIGHTS_FILE])
+    write_model_config(model, folder)
+
+
+def write_model_config(model: nn.Module, folder: Path) -> None:
+    """Write ``config.json`` (model type, format version, config, LoRA) into ``folder``."""
     atomic_write_json(
         folder / CONFIG_FILE,
         {
@@ -93,13 +99,16 @@ def from_pretrained(directory: str | os.PathLike, *, verify: bool | None = None)
     directory = Path(directory)
     model_type, config = read_config(directory)
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
-    verify_checksums(directory, [WEIGHTS_FILE], verify)
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{weights} is corrupt or not a safetensors file: {e}") from None
+    if not weights.is_file() and is_sharded(directory):  # written by every rank (DCP)
+        tensors = read_state_dict(directory)
+    else:
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+        verify_checksums(directory, [WEIGHTS_FILE], verify)
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{weights} is corrupt or not a safetensors file: {e}") from None
     model = _registry()[model_type][0](config)
     lora = json.loads((directory / CONFIG_FILE).read_text()).get("lora")
     if lora is not None:

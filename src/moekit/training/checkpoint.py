@@ -95,6 +95,56 @@ def save_training_checkpoint(
     return folder
 
 
+def save_sharded_training_checkpoint(
+    checkpoints_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_config: dict[str, Any],
+    rng_states: dict[str, torch.Tensor],
+) -> Path:
+    """Every rank writes its shards of the model and optimizer (DCP, ``sharded/``), rank 0 the
+    config, trainer state and generator states; ``latest`` is switched last (collective)."""
+    import torch.distributed as dist
+
+    from moekit.distributed.checkpoint import save_sharded
+    from moekit.models.checkpoint import write_model_config
+
+    checkpoints_dir = Path(checkpoints_dir)
+    _, plain = _split_optimizer_state(
+        {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+
+    def write_rest(folder: Path) -> None:
+        write_model_config(model, folder)
+        save_file({k: v.contiguous() for k, v in rng_states.items()}, str(folder / OPTIMIZER_FILE))
+        atomic_write_json(
+            folder / STATE_FILE,
+            {
+                "step": step,
+                "optimizer": plain,
+                "scheduler": scheduler.state_dict(),
+                "train_config": train_config,
+                "sharded": True,
+            },
+        )
+
+    folder = save_sharded(checkpoints_dir / f"step_{step:07d}", model, optimizer, write_rest)
+    if dist.get_rank() == 0:
+        atomic_write_bytes(checkpoints_dir / LATEST, (folder.name + "\n").encode())
+    dist.barrier()
+    return folder
+
+
+def read_trainer_state(folder: str | Path, *, rank: int = 0, device=None) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint, with rank ``rank``'s generators restored."""
+    folder = Path(folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    restore_rng_states(load_file(str(folder / OPTIMIZER_FILE)), rank, device)
+    return state
+
+
 def remove_stale_staging(checkpoints_dir: str | Path) -> list[Path]:
     """Delete what killed checkpoint writes leave behind: staging folders
     (``.step_*.saving.*``, ``.step_*.old``) and temporary files (``.*.tmp``); returns them."""

@@ -27,24 +27,27 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moekit.analysis.inspect import load_summary
+from moekit.distributed.checkpoint import load_sharded
 from moekit.distributed.mesh import (
     clip_grad_norm_,
     finish_expert_gradients,
-    full_optimizer_state,
-    full_tensors,
     load_full_optimizer_state,
     load_full_state_dict,
     parallelize,
 )
 from moekit.distributed.runtime import setup_distributed
 from moekit.layers.switches import serving, update_expert_bias, without_statistics
+from moekit.models.checkpoint import read_config
+from moekit.models.sharded_checkpoint import is_sharded
 from moekit.models.transformer.model import TransformerLM
 from moekit.training.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
+    read_trainer_state,
     refuse_to_overwrite,
     remove_stale_staging,
     rng_states,
+    save_sharded_training_checkpoint,
     save_training_checkpoint,
 )
 from moekit.training.config import TrainConfig
@@ -153,23 +156,19 @@ def _moe_record(outputs) -> list[dict[str, Any]]:
 
 
 def _checkpoint(ctx, device, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:
-    """Save in the single-process layout: gathered from the mesh's shards, written by rank 0,
-    with every rank's generator states."""
+    """One process: the single-process layout (``model.safetensors``). On a mesh: a sharded
+    checkpoint every rank writes its part of (it loads on any mesh, or in one process). Both
+    hold every rank's generator states."""
     states = rng_states(ctx.rank, ctx.world, device)
     if not ctx.enabled:
         save_training_checkpoint(
             checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict, states
         )
         return
-    model_state = full_tensors(model, ctx.meshes)
-    optimizer_state = full_optimizer_state(model, optimizer, ctx.meshes)
-    if ctx.is_main:
-        full = TransformerLM(model.config)
-        full.load_state_dict(model_state)
-        save_training_checkpoint(
-            checkpoints, step, full, optimizer_state, scheduler, config_dict, states
-        )
-    dist.barrier()
+    # every rank writes its own shards (DCP); nothing is gathered to one rank
+    save_sharded_training_checkpoint(
+        checkpoints, step, model, optimizer, scheduler, config_dict, states
+    )
 
 
 class _MetricsLog:
@@ -552,7 +551,15 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
     start_step = 0
     if ctx.is_main:
         remove_stale_staging(checkpoints)  # left by a run killed while saving
-    if resume and (folder := latest_checkpoint(checkpoints)) is not None:
+    if resume and (folder := latest_checkpoint(checkpoints)) is not None and is_sharded(folder):
+        _, saved_config = read_config(folder)
+        if saved_config != config.model:
+            raise ValueError(f"{folder} holds a different model config than this run's")
+        load_sharded(folder, model, optimizer, ctx.meshes)  # resharded onto this mesh
+        trainer_state = read_trainer_state(folder, rank=ctx.rank, device=device)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        start_step = trainer_state["step"]
+    elif resume and folder is not None:
         model_state, optimizer_state, trainer_state = load_training_checkpoint(
             folder, config.model, rank=ctx.rank, device=device
         )
