@@ -336,6 +336,19 @@ def mesh_training_equivalence(
     state = full_tensors(model, meshes)
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    # the bytes each rank holds, against moekit plan's estimate for this mesh
+    from moekit.analysis.params import spec_from_moekit
+    from moekit.analysis.plan import plan_expert_parallel
+
+    held = torch.tensor(
+        float(sum(p.to_local().numel() * p.element_size() for p in model.parameters()))
+    )
+    most = held.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    plan = plan_expert_parallel(
+        spec_from_moekit(ref.config), dims.ep, 1, "fp32", dp_shard=dims.dp_shard
+    )
+    assert abs(float(most) - plan.weight_bytes) <= 0.05 * plan.weight_bytes, (most, plan)
     del model, opt
     gc.collect()
     finish()

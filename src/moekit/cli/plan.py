@@ -28,6 +28,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["bf16", "fp32"], default="bf16", help="weight/activation dtype"
     )
+    parser.add_argument(
+        "--dp-shard",
+        type=int,
+        default=1,
+        help="ranks FSDP2 shards the weights over (a multiple of each --ep; 1: dense weights "
+        "replicated, as with DDP)",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -47,14 +54,18 @@ def run(args: argparse.Namespace) -> int:
         spec = spec_from_moekit(read_config(config_file.parent)[1])
     else:
         spec = spec_from_hf_config(data)
-    plans = [plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype) for ep in args.ep]
+    plans = [
+        plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype, dp_shard=args.dp_shard)
+        for ep in args.ep
+    ]
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
         return 0
     gib = 2**30
     print(
         f"{spec.name}: {spec.moe_layers} MoE layers x {spec.num_experts} experts, top-"
-        f"{spec.top_k}; {args.tokens_per_rank:,} tokens per rank per step, {args.dtype}"
+        f"{spec.top_k}; {args.tokens_per_rank:,} tokens per rank per step, {args.dtype}; "
+        f"dp_shard {args.dp_shard}"
     )
     print(
         f"{'EP':>4}{'params/rank':>14}{'weights GiB':>13}{'grads GiB':>11}{'AdamW GiB':>11}"

@@ -167,8 +167,22 @@ def parallelize(model: nn.Module, meshes: Meshes, *, reshard_after_forward: bool
         module.experts = module.experts.select_experts(
             dispatcher.first_expert, dispatcher.local_experts
         )
-        # the experts are this rank's own: shard them apart from the dense blocks
-        fully_shard(module.experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
+        # the experts are this rank's own: shard them apart from the dense blocks; with fewer
+        # local experts than efsdp ranks, shard each expert's rows (dim 1) instead of the
+        # experts (dim 0), which would leave some ranks empty (as torchtitan does)
+        placement = None
+        if dispatcher.local_experts < dims.efsdp:
+            from torch.distributed.tensor import Shard
+
+            def placement(param: nn.Parameter) -> Shard:
+                return Shard(1)
+
+        fully_shard(
+            module.experts,
+            mesh=expert_mesh,
+            reshard_after_forward=reshard_after_forward,
+            shard_placement_fn=placement,
+        )
     dense_mesh = meshes.dense_fsdp_mesh()
     if dims.world > 1:
         blocks = getattr(model, "blocks", [])
