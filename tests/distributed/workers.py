@@ -273,7 +273,7 @@ def _mesh_lm_config(num_experts: int, capacity: bool) -> TransformerConfig:
             router=moekit.RouterConfig(bias_balancing=True),
             shared_experts=moekit.SharedExpertConfig(hidden=8),
             dispatch=dispatch,
-            aux_loss=moekit.AuxLossConfig(switch=0.05, z_loss=0.01),
+            aux_loss=moekit.AuxLossConfig(switch=0.05, z_loss=0.01, importance=0.1),
         ),
     )
 

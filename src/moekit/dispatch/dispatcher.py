@@ -137,6 +137,10 @@ class Dispatcher:
         """``value`` summed over the processes that share this layer's load (here: itself)."""
         return value
 
+    def differentiable_global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed like :meth:`global_sum`, keeping its gradient (here: itself)."""
+        return value
+
 
 # How ``combine`` sums each token's rows: "bmm" (rows placed in (T, K, D) slot order, then one
 # batched (1 x K) @ (K x D) product per token: fp32 accumulation inside the GEMM, deterministic,

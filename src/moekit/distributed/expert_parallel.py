@@ -212,3 +212,11 @@ class ExpertParallelDispatcher(Dispatcher):
         value = value.detach().clone()
         dist.all_reduce(value, group=self.count_group)
         return value
+
+    def differentiable_global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """An autograd all-reduce: every rank's loss on the global sum sends its gradient
+        back to every rank's part (averaged with the other gradients, that is the gradient of
+        the global loss)."""
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(value, group=self.count_group)

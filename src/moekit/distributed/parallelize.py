@@ -40,11 +40,6 @@ def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
-        if module.aux_loss.importance > 0 or module.aux_loss.load > 0:
-            raise ValueError(
-                f"{name or 'MoE'}: the importance and load losses are not supported with expert "
-                "parallelism yet; use the Switch loss or bias balancing"
-            )
         if not isinstance(module.experts, ExpertBank):
             raise ValueError(f"{name or 'MoE'}: expert parallelism needs an ExpertBank")
         dispatcher = ExpertParallelDispatcher(

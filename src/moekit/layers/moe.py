@@ -230,6 +230,7 @@ class MoE(nn.Module):
                     token_mask_T=mask_T,
                     sequence_length=seq_len,
                     global_sum=global_sum,
+                    differentiable_global_sum=self.dispatcher.differentiable_global_sum,
                 )
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))

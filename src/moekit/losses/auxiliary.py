@@ -23,6 +23,7 @@ def auxiliary_losses(
     token_mask_T: torch.Tensor | None = None,
     sequence_length: int | None = None,
     global_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    differentiable_global_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each loss with a non-zero weight in ``config``, unweighted, by name.
 
@@ -33,6 +34,8 @@ def auxiliary_losses(
         sequence_length: S, for the per-sequence Switch loss (``switch_scope='sequence'``).
         global_sum: sums expert counts over the processes sharing the batch (expert/data
             parallelism), so the Switch loss's ``f`` is global.
+        differentiable_global_sum: the same sum with a gradient (an autograd all-reduce), for
+            the Shazeer losses' importance and load, whose CV² is then the global batch's.
     """
     weights = config.weights()
     losses: dict[str, torch.Tensor] = {}
@@ -53,7 +56,11 @@ def auxiliary_losses(
         if routing.assignment_mask_TK is not None:
             gates_TK = gates_TK * routing.assignment_mask_TK
         losses["importance"] = importance_loss(
-            gates_TK, routing.expert_idx_TK, routing.num_experts, token_mask_T=token_mask_T
+            gates_TK,
+            routing.expert_idx_TK,
+            routing.num_experts,
+            token_mask_T=token_mask_T,
+            sum_across_ranks=differentiable_global_sum,
         )
     if "load" in weights and routing.noise_std_TE is not None:
         assert routing.clean_logits_TE is not None
@@ -63,6 +70,7 @@ def auxiliary_losses(
             routing.noise_std_TE,
             routing.top_k,
             token_mask_T=token_mask_T,
+            sum_across_ranks=differentiable_global_sum,
         )
     return losses
 

@@ -5,6 +5,8 @@ Legend: T = tokens, E = experts, K = experts per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -31,6 +33,7 @@ def importance_loss(
     num_experts: int,
     *,
     token_mask_T: torch.Tensor | None = None,
+    sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``L_importance = CV(Importance)^2`` with ``Importance_i = sum_x G(x)_i``.
 
@@ -42,10 +45,15 @@ def importance_loss(
         expert_idx_TK: ``(T, K)`` chosen experts.
         num_experts: E.
         token_mask_T: ``(T,)`` bool; padding is ignored.
+        sum_across_ranks: with data/expert parallelism, a *differentiable* sum of the ``(E,)``
+            importance over the ranks sharing the batch, so the CV² is the global batch's.
     """
     gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
     gates_TE = gates_TE.scatter_add(1, expert_idx_TK, weights_TK)
-    return cv_squared(_masked(gates_TE, token_mask_T).sum(dim=0))
+    importance_E = _masked(gates_TE, token_mask_T).sum(dim=0)
+    if sum_across_ranks is not None:
+        importance_E = sum_across_ranks(importance_E)
+    return cv_squared(importance_E)
 
 
 def load_loss(
@@ -55,6 +63,7 @@ def load_loss(
     top_k: int,
     *,
     token_mask_T: torch.Tensor | None = None,
+    sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``L_load = CV(Load)^2`` with the smooth load estimator of Shazeer et al. (Appendix A).
 
@@ -69,6 +78,8 @@ def load_loss(
         noise_std_TE: ``(T, E)`` ``softplus(x W_noise)``.
         top_k: K (must be < E for the threshold to exist).
         token_mask_T: ``(T,)`` bool; padding is ignored.
+        sum_across_ranks: a differentiable sum of the ``(E,)`` load over ranks (as for
+            :func:`importance_loss`).
     """
     E = noisy_logits_TE.shape[-1]
     if not 1 <= top_k < E:
@@ -80,4 +91,7 @@ def load_loss(
     threshold_TE = torch.where(in_top_TE, kplus1_T1, kth_T1)
     # the standard normal CDF (torch.distributions.Normal would validate its arguments: syncs)
     prob_TE = torch.special.ndtr((clean_logits_TE - threshold_TE) / noise_std_TE.clamp(min=1e-9))
-    return cv_squared(_masked(prob_TE, token_mask_T).sum(dim=0))
+    load_E = _masked(prob_TE, token_mask_T).sum(dim=0)
+    if sum_across_ranks is not None:
+        load_E = sum_across_ranks(load_E)
+    return cv_squared(load_E)
