@@ -121,3 +121,7 @@ def test_sharded_checkpoints_reshard_between_meshes_and_consolidate(tmp_path):
             reloaded(workers._fixed_tokens()).logits, expected, rtol=1e-5, atol=1e-5
         )
     _assert_workers_pass(workers.mesh_load_sharded, 4, ep2, folder)
+
+
+def test_global_batch_balancing_on_a_mesh_matches_one_batch():
+    _assert_workers_pass(workers.mesh_global_batch_equivalence, 4, dict(ep=2, dp_shard=4))

@@ -407,3 +407,69 @@ def mesh_load_sharded(rank: int, world: int, port: int, parallel: dict, folder: 
     del model, opt
     gc.collect()
     finish()
+
+
+def mesh_global_batch_equivalence(rank: int, world: int, port: int, parallel: dict) -> None:
+    """Global-batch balancing on a mesh: 2 micro-batches per rank on 4 ranks give the losses,
+    the parameters after a step and the bias update of one process with one batch of all."""
+    from moekit.distributed.mesh import (
+        ParallelConfig,
+        clip_grad_norm_,
+        finish_expert_gradients,
+        full_tensors,
+        parallelize,
+    )
+    from moekit.layers import global_batch_balance
+
+    init(rank, world, port)
+    config = _mesh_lm_config(4, False)
+    aux = moekit.AuxLossConfig(
+        switch=0.1, switch_scope="global_batch", importance=0.2, importance_scope="global_batch"
+    )
+    config.moe.layer.aux_loss = aux  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    ref = TransformerLM(config)
+    meshes = ParallelConfig(**parallel).resolve(world, 4).build_meshes("cpu")
+    model = parallelize(copy.deepcopy(ref), meshes)
+    K, B = 2, 2
+    data = torch.randint(0, 40, (K * world * B, 9), generator=torch.Generator().manual_seed(3))
+
+    def run(module, batches, scale, clip):
+        def forward(batch):
+            out = module(batch[:, :-1])
+            ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+            return ce, out.aux_loss
+
+        total = torch.zeros(2)
+        with global_batch_balance(module, lambda: [forward(b) for b in batches], scale=scale):
+            for batch in batches:
+                ce, aux_loss = forward(batch)
+                ((ce + aux_loss) / len(batches)).backward()
+                total += torch.stack([ce.detach(), aux_loss.detach()]) / len(batches)
+        norm = clip(module)
+        return total, norm
+
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses_ref, norm_ref = run(
+        ref, [data], 1, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+    )
+    mine = [data[(k * world + rank) * B : (k * world + rank + 1) * B] for k in range(K)]
+
+    def clip(m):
+        finish_expert_gradients(m, meshes)
+        return clip_grad_norm_(m, 0.5, meshes)
+
+    losses, norm = run(model, mine, K * world, clip)
+    for o, m in ((opt_ref, ref), (opt, model)):
+        o.step()
+        moekit.update_expert_bias(m)
+    dist.all_reduce(losses)
+    torch.testing.assert_close(losses / world, losses_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm, norm_ref, rtol=1e-5, atol=1e-6)
+    state = full_tensors(model, meshes)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    del model, opt
+    gc.collect()
+    finish()

@@ -6,6 +6,7 @@ from moekit.layers.statistics import RoutingStats, router_entropy, routing_stats
 from moekit.layers.switches import (
     MoEOutputCollector,
     collect_moe_outputs,
+    global_batch_balance,
     moe_layers,
     moe_routers,
     record_routing,
@@ -25,6 +26,7 @@ __all__ = [
     "RoutingStats",
     "SoftMoE",
     "collect_moe_outputs",
+    "global_batch_balance",
     "moe_layers",
     "moe_routers",
     "record_routing",

@@ -20,6 +20,7 @@ from moekit.experts.shared import SharedExpertConfig
 from moekit.layers.statistics import RoutingStats, routing_stats, soft_routing_stats
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
+from moekit.losses.global_batch import BalanceTally, GlobalBalance
 from moekit.routing import RouterKind, RouterOptions, TopKRouterConfig
 from moekit.routing.projection import router_precision
 from moekit.routing.result import RoutingResult
@@ -170,6 +171,10 @@ class MoE(nn.Module):
         self.statistics = statistics
         # off inside ``moekit.serving(model)``: no auxiliary losses (``aux_loss`` is 0)
         self.losses_enabled = True
+        # global-batch balancing (moekit.losses.global_batch): the pre-pass's running sums while
+        # it runs, then the optimizer step's sums the losses use
+        self.balance_tally: BalanceTally | None = None
+        self.global_balance: GlobalBalance | None = None
 
     @property
     def dispatch(self) -> DispatchConfig:
@@ -222,6 +227,8 @@ class MoE(nn.Module):
 
         global_sum = self.dispatcher.global_sum  # 5
         losses = {}
+        if self.balance_tally is not None:  # the pre-pass of a global-batch step
+            self.balance_tally.add(routing, mask_T)
         if self.losses_enabled:
             with router_precision(x.device, _router_float32(self.router)):
                 losses = auxiliary_losses(
@@ -231,13 +238,15 @@ class MoE(nn.Module):
                     sequence_length=seq_len,
                     global_sum=global_sum,
                     differentiable_global_sum=self.dispatcher.differentiable_global_sum,
+                    global_balance=self.global_balance,
                 )
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
         aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
         stats = routing_stats(routing, plan, mask_T, global_sum) if self.statistics else None
         record_load = getattr(self.router, "record_load", None)
-        if self.training and record_load is not None:  # bias balancing: global under EP
+        # bias balancing, global under EP (the pre-pass must not count the step twice)
+        if self.training and record_load is not None and self.balance_tally is None:
             record_load(global_sum(plan.routed_per_expert_E.detach()))
         return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
 

@@ -252,3 +252,47 @@ def collect_moe_outputs(model: nn.Module) -> Iterator[MoEOutputCollector]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def global_batch_balance(
+    model: nn.Module,
+    run_pre_pass: Any,
+    *,
+    scale: float,
+    devices: list[torch.device] | None = None,
+) -> Iterator[int]:
+    """Balance over the whole optimizer step (``aux_loss.*_scope = "global_batch"``).
+
+    ``run_pre_pass()`` runs the model forward over every micro-batch of the step (as the step
+    will); it runs here without gradients, statistics or the bias tally, and with the random
+    generators restored afterwards (``devices``: CUDA devices to restore too), so the step's
+    own forwards route exactly as the pre-pass did. The layers' sums are then summed over the
+    data-parallel ranks; inside the block each layer's balance losses are those of the whole
+    step (``moekit.losses.global_batch``). ``scale``: micro-batches × data-parallel ranks (the
+    averaging the loop applies). Yields how many layers balance over the step.
+    """
+    from moekit.losses.global_batch import BalanceTally
+
+    layers = [m for m in moe_layers(model) if m.aux_loss.global_batch]
+    if not layers:
+        yield 0
+        return
+    for layer in layers:
+        layer.balance_tally, layer.global_balance = BalanceTally(), None
+    try:
+        restored_rng = torch.random.fork_rng(devices=devices or [])
+        with restored_rng, torch.no_grad(), without_statistics(model):
+            run_pre_pass()
+        tallies = [layer.balance_tally for layer in layers]
+    finally:
+        for layer in layers:
+            layer.balance_tally = None
+    for layer, tally in zip(layers, tallies, strict=True):
+        if tally is not None and tally.counts_E is not None:
+            layer.global_balance = tally.finish(layer.dispatcher.global_sum, scale)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.global_balance = None

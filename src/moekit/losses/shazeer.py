@@ -48,9 +48,7 @@ def importance_loss(
         sum_across_ranks: with data/expert parallelism, a *differentiable* sum of the ``(E,)``
             importance over the ranks sharing the batch, so the CV² is the global batch's.
     """
-    gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
-    gates_TE = gates_TE.scatter_add(1, expert_idx_TK, weights_TK)
-    importance_E = _masked(gates_TE, token_mask_T).sum(dim=0)
+    importance_E = _importance_E(weights_TK, expert_idx_TK, num_experts, token_mask_T)
     if sum_across_ranks is not None:
         importance_E = sum_across_ranks(importance_E)
     return cv_squared(importance_E)
@@ -81,6 +79,30 @@ def load_loss(
         sum_across_ranks: a differentiable sum of the ``(E,)`` load over ranks (as for
             :func:`importance_loss`).
     """
+    load_E = _load_E(clean_logits_TE, noisy_logits_TE, noise_std_TE, top_k, token_mask_T)
+    if sum_across_ranks is not None:
+        load_E = sum_across_ranks(load_E)
+    return cv_squared(load_E)
+
+
+def _importance_E(
+    weights_TK: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    num_experts: int,
+    token_mask_T: torch.Tensor | None,
+) -> torch.Tensor:
+    gates_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
+    gates_TE = gates_TE.scatter_add(1, expert_idx_TK, weights_TK)
+    return _masked(gates_TE, token_mask_T).sum(dim=0)
+
+
+def _load_E(
+    clean_logits_TE: torch.Tensor,
+    noisy_logits_TE: torch.Tensor,
+    noise_std_TE: torch.Tensor,
+    top_k: int,
+    token_mask_T: torch.Tensor | None,
+) -> torch.Tensor:
     E = noisy_logits_TE.shape[-1]
     if not 1 <= top_k < E:
         raise ValueError(f"load_loss needs 1 <= top_k < num_experts={E}, got top_k={top_k}")
@@ -91,7 +113,25 @@ def load_loss(
     threshold_TE = torch.where(in_top_TE, kplus1_T1, kth_T1)
     # the standard normal CDF (torch.distributions.Normal would validate its arguments: syncs)
     prob_TE = torch.special.ndtr((clean_logits_TE - threshold_TE) / noise_std_TE.clamp(min=1e-9))
-    load_E = _masked(prob_TE, token_mask_T).sum(dim=0)
-    if sum_across_ranks is not None:
-        load_E = sum_across_ranks(load_E)
-    return cv_squared(load_E)
+    return _masked(prob_TE, token_mask_T).sum(dim=0)
+
+
+def importance_sums(routing, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """``(E,)`` importance of a routing decision (the sums :func:`importance_loss` takes the
+    CV² of): combine weights of real assignments summed per expert."""
+    gates_TK = routing.weights_TK
+    if routing.assignment_mask_TK is not None:
+        gates_TK = gates_TK * routing.assignment_mask_TK
+    return _importance_E(gates_TK, routing.expert_idx_TK, routing.num_experts, token_mask_T)
+
+
+def load_sums(routing, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """``(E,)`` smooth load estimate of a noisy-gating routing decision (what
+    :func:`load_loss` takes the CV² of)."""
+    return _load_E(
+        routing.clean_logits_TE,
+        routing.logits_TE,
+        routing.noise_std_TE,
+        routing.top_k,
+        token_mask_T,
+    )

@@ -36,7 +36,12 @@ from moekit.distributed.mesh import (
     parallelize,
 )
 from moekit.distributed.runtime import setup_distributed
-from moekit.layers.switches import serving, update_expert_bias, without_statistics
+from moekit.layers.switches import (
+    global_batch_balance,
+    serving,
+    update_expert_bias,
+    without_statistics,
+)
 from moekit.models.checkpoint import read_config
 from moekit.models.sharded_checkpoint import is_sharded
 from moekit.models.transformer.model import TransformerLM
@@ -352,11 +357,26 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     writes_record = done % config.log_every == 0 or is_eval or done == run.last_step
     loss = torch.zeros((), device=run.device)
     aux = torch.zeros((), device=run.device)
+    batches = [
+        _to_device(_global_batch_slice(run, step * optim.grad_accum + micro), run.device)
+        for micro in range(optim.grad_accum)
+    ]
+
+    def forward_only() -> None:  # global-batch balancing's routing pre-pass
+        for x, _, segments in batches:
+            with autocast(run.device, use_bf16(config.bf16, run.device)):
+                run.step_model(x) if segments is None else run.step_model(x, segment_ids=segments)
+
+    balance = global_batch_balance(
+        run.model,
+        forward_only,
+        scale=optim.grad_accum * run.ctx.world,
+        devices=[run.device] if run.device.type == "cuda" else None,
+    )
     # routing statistics feed only the metrics line: skip their work on the other steps
-    with contextlib.nullcontext() if writes_record else without_statistics(run.model):
-        for micro in range(optim.grad_accum):
-            batch = _global_batch_slice(run, step * optim.grad_accum + micro)
-            x, y, segments = _to_device(batch, run.device)
+    statistics = contextlib.nullcontext() if writes_record else without_statistics(run.model)
+    with statistics, balance:
+        for x, y, segments in batches:
             with autocast(run.device, use_bf16(config.bf16, run.device)):
                 out = (
                     run.step_model(x)
