@@ -35,6 +35,16 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="ranks FSDP2 shards the weights over (a multiple of each --ep; 1: dense weights "
         "replicated, as with DDP)",
     )
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also build the real sharding on the meta device under a fake process group of "
+        "--world ranks and report what rank 0 and the last rank hold (needs --world)",
+    )
+    parser.add_argument("--world", type=int, default=None, help="ranks to simulate")
+    parser.add_argument(
+        "--dp-replicate", type=int, default=1, help="replicas of the sharded model (simulation)"
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -48,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
     data = json.loads(config_file.read_text())
+    moekit_config = None
     if str(data.get("model_type", "")).startswith("moekit_"):
         from moekit.models.checkpoint import read_config
 
-        spec = spec_from_moekit(read_config(config_file.parent)[1])
+        moekit_config = read_config(config_file.parent)[1]
+        spec = spec_from_moekit(moekit_config)
     else:
         spec = spec_from_hf_config(data)
+    if args.simulate:
+        return _simulate(args, data, moekit_config, spec)
     plans = [
         plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype, dp_shard=args.dp_shard)
         for ep in args.ep
@@ -84,4 +98,49 @@ def run(args: argparse.Namespace) -> int:
         .replace("\n", " ")
         .replace("Assumptions (stated in the output):", " Assumptions:")
     )
+    return 0
+
+
+def _simulate(args: argparse.Namespace, data: dict, moekit_config, spec) -> int:
+    """``--simulate``: the real sharding, rank 0 and the last rank, next to the analytic plan."""
+    from moekit.distributed.mesh import ParallelConfig
+    from moekit.distributed.simulate import simulate_rank
+
+    if args.world is None:
+        raise ValueError("--simulate needs --world N (the ranks to simulate)")
+    if moekit_config is None:
+        from moekit.interop.hf import FAMILIES
+
+        family = FAMILIES.get(str(data.get("model_type")))
+        if family is None:
+            raise ValueError(f"--simulate cannot build model_type {data.get('model_type')!r}")
+        moekit_config = family.config_from_hf(data, strict=False)
+    gib = 2**30
+    dp_shard = args.world // args.dp_replicate
+    rows = []
+    for ep in args.ep:
+        parallel = ParallelConfig(ep=ep, dp_shard=dp_shard, dp_replicate=args.dp_replicate)
+        plan = plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype, dp_shard=dp_shard)
+        for rank in sorted({0, args.world - 1}):
+            sim = simulate_rank(
+                moekit_config, parallel, world=args.world, rank=rank, dtype=args.dtype
+            )
+            rows.append({**sim.as_dict(), "planned_params": plan.params_per_rank})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        f"{spec.name}: simulated on {args.world} ranks (dp_replicate {args.dp_replicate}, "
+        f"dp_shard {dp_shard}), {args.dtype} weights"
+    )
+    print(
+        f"{'EP':>4}{'rank':>6}{'params':>12}{'experts':>12}{'dense':>12}{'weights GiB':>13}"
+        f"{'planned':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['ep']:>4}{r['rank']:>6}{r['params'] / 1e9:>11.3f}B"
+            f"{r['expert_params'] / 1e9:>11.3f}B{r['dense_params'] / 1e9:>11.3f}B"
+            f"{r['weight_bytes'] / gib:>13.2f}{r['planned_params'] / 1e9:>11.3f}B"
+        )
     return 0

@@ -203,15 +203,16 @@ class ExpertBank(nn.Module):
                 f"experts {first}..{first + count - 1} are not all in this bank of "
                 f"{self.num_experts}"
             )
-        bank = ExpertBank(
-            count,
-            self.d_model,
-            self.hidden,
-            activation=self.activation,
-            bias=self.b_in_EH is not None,
-            kernel=self.kernel,
-            dropout=self.dropout,
-        ).to(self.w_in_EDH.device, self.w_in_EDH.dtype)
+        with torch.device(self.w_in_EDH.device):  # meta stays meta (planning at scale)
+            bank = ExpertBank(
+                count,
+                self.d_model,
+                self.hidden,
+                activation=self.activation,
+                bias=self.b_in_EH is not None,
+                kernel=self.kernel,
+                dropout=self.dropout,
+            ).to(self.w_in_EDH.dtype)
         for name, param in bank.named_parameters():
             param.copy_(getattr(self, name).narrow(0, first, count))
         return bank
