@@ -68,8 +68,9 @@ def test_train_with_expert_parallel_2_then_resume_and_evaluate(tmp_path, tiny_te
     [
         ["--set", "parallel.ep=2", "--set", "parallel.dp_shard=4"],
         ["--dp-replicate", "2", "--dp-shard", "2", "--ep", "2"],
+        ["--expert-parallel", "4"],
     ],
-    ids=["ep2-fsdp4", "hsdp2x2-ep2"],
+    ids=["ep2-fsdp4", "hsdp2x2-ep2", "expert-parallel-4"],
 )
 def test_a_4_rank_mesh_logs_the_losses_of_one_process_and_resumes(tmp_path, tiny_text, mesh):
     """The same global batch (8 sequences: 2 per rank, or 8 in one process) gives the same
@@ -108,3 +109,52 @@ def test_sizes_that_do_not_factor_are_named_before_any_collective(tmp_path, caps
     with pytest.raises(ValueError, match=r"parallel.ep=4 must divide the 6 experts"):
         ParallelConfig(ep=4).resolve(8, num_experts=6)
     assert ParallelConfig(ep=4).resolve(8, num_experts=4).efsdp == 2  # more ranks than experts
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split()
+        found += [int(c) for c in children]
+    return found
+
+
+def test_a_killed_rank_tears_every_rank_down(tmp_path, tiny_text):
+    """SIGKILL one of 2 ranks mid-run: torchrun stops the other and exits with an error; no
+    process is left behind."""
+    import signal
+    import time
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--quiet", "--out-dir", str(tmp_path / "run"), "--set", f"data.path={tiny_text}"]
+    for item in [*TINY_MOE, "steps=100000", "log_every=1"]:
+        args += ["--set", item]
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port)]
+    cmd += ["-m", "moekit.cli.main", "train", *args, "--ep", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert launcher.poll() is None, launcher.stderr.read().decode()[-4000:]  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    try:
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert code != 0
+    time.sleep(1.0)
+    assert not [
+        pid
+        for pid in workers
+        if Path(f"/proc/{pid}").exists()
+        and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
