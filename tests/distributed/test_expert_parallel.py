@@ -125,3 +125,7 @@ def test_sharded_checkpoints_reshard_between_meshes_and_consolidate(tmp_path):
 
 def test_global_batch_balancing_on_a_mesh_matches_one_batch():
     _assert_workers_pass(workers.mesh_global_batch_equivalence, 4, dict(ep=2, dp_shard=4))
+
+
+def test_bf16_mixed_precision_policy_on_the_mesh():
+    _assert_workers_pass(workers.mesh_bf16_step, 4)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,6 +92,13 @@ def test_a_4_rank_mesh_logs_the_losses_of_one_process_and_resumes(tmp_path, tiny
     more = ["--set", "steps=6", "--set", "data.batch_size=2"]
     _torchrun(4, [*common, "--out-dir", str(meshed), *mesh, *more, "--resume"])
     assert losses(meshed)[-1][0] == 6
+    # resuming on the same mesh is bit-exact: back to step 4, then on to 6 again
+    before = losses(meshed)
+    checkpoints = meshed / "checkpoints"
+    shutil.rmtree(checkpoints / "step_0000006")
+    (checkpoints / "latest").write_text("step_0000004\n")
+    _torchrun(4, [*common, "--out-dir", str(meshed), *mesh, *more, "--resume"])
+    assert losses(meshed) == before
     data = ["--data", str(tiny_text), "--batches", "1", "--seq-len", "32"]
     assert main(["eval", str(meshed), *data]) == 0  # one process reads every rank's part
     step = meshed / "checkpoints" / "step_0000006"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -471,5 +472,38 @@ def mesh_global_batch_equivalence(rank: int, world: int, port: int, parallel: di
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5, msg=name)
     del model, opt
+    gc.collect()
+    finish()
+
+
+def mesh_bf16_step(rank: int, world: int, port: int) -> None:
+    """FSDP2's MixedPrecisionPolicy (bf16 parameters, fp32 reduction) on the mesh: a step under
+    bf16 autocast keeps fp32 master weights and gradients and stays close to fp32."""
+    from moekit.distributed.mesh import ParallelConfig, finish_expert_gradients, parallelize
+
+    init(rank, world, port)
+    torch.manual_seed(0)
+    ref = TransformerLM(_mesh_lm_config(4, False))
+    meshes = ParallelConfig(ep=2).resolve(world, 4).build_meshes("cpu")
+    fp32 = parallelize(copy.deepcopy(ref), meshes)
+    bf16 = parallelize(copy.deepcopy(ref), meshes, param_dtype=torch.bfloat16)
+    tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(rank))
+    losses = []
+    for model, dtype in ((fp32, None), (bf16, torch.bfloat16)):
+        context = (
+            torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        )
+        with context:
+            out = model(tokens[:, :-1])
+            ce = torch.nn.functional.cross_entropy(
+                out.logits.float().flatten(0, 1), tokens[:, 1:].flatten()
+            )
+        (ce + out.aux_loss).backward()
+        finish_expert_gradients(model, meshes)
+        losses.append(ce.detach())
+    for p in bf16.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    assert torch.isfinite(losses[1]) and abs(float(losses[1] - losses[0])) < 0.05
+    del fp32, bf16
     gc.collect()
     finish()

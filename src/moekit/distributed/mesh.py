@@ -138,7 +138,13 @@ class Meshes:
         return self.sparse["efsdp"]
 
 
-def parallelize(model: nn.Module, meshes: Meshes, *, reshard_after_forward: bool = True):
+def parallelize(
+    model: nn.Module,
+    meshes: Meshes,
+    *,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+):
     """Apply the mesh to a single-device moekit model, in place; returns it.
 
     Every MoE layer gets an ``ExpertParallelDispatcher`` over the ``ep`` group (counting over
@@ -146,8 +152,18 @@ def parallelize(model: nn.Module, meshes: Meshes, *, reshard_after_forward: bool
     ``(dp_replicate, efsdp)`` (also when that is one rank: it keeps them out of the blocks'
     sharding); every block and then the whole model are sharded with
     ``fully_shard`` over ``(dp_replicate, dp_shard)``. Parameters become ``DTensor``s.
+
+    ``param_dtype``: FSDP2's ``MixedPrecisionPolicy``: parameters gathered and computed in this
+    dtype (``torch.bfloat16`` on devices with bf16), gradients reduced in float32; the
+    sharded master weights and the optimizer stay float32.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if param_dtype is not None
+        else MixedPrecisionPolicy()
+    )
 
     dims = meshes.dims
     ep_group = meshes.sparse["ep"].get_group()
@@ -182,13 +198,18 @@ def parallelize(model: nn.Module, meshes: Meshes, *, reshard_after_forward: bool
             mesh=expert_mesh,
             reshard_after_forward=reshard_after_forward,
             shard_placement_fn=placement,
+            mp_policy=mp,
         )
     dense_mesh = meshes.dense_fsdp_mesh()
     if dims.world > 1:
         blocks = getattr(model, "blocks", [])
         for block in blocks:
-            fully_shard(block, mesh=dense_mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=dense_mesh, reshard_after_forward=reshard_after_forward)
+            fully_shard(
+                block, mesh=dense_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp
+            )
+        fully_shard(
+            model, mesh=dense_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp
+        )
     return model
 
 

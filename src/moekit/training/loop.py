@@ -563,7 +563,9 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
     model.to(device)
     step_model: torch.nn.Module = model
     if ctx.meshes is not None:  # FSDP2 over the data × expert mesh
-        parallelize(model, ctx.meshes)
+        # bf16 parameters and fp32 gradient reduction where the device computes in bf16
+        bf16 = use_bf16(config.bf16, device)
+        parallelize(model, ctx.meshes, param_dtype=torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     out_dir = Path(config.out_dir)
