@@ -122,3 +122,31 @@ def test_train_runs_a_global_batch_step_with_gradient_accumulation(tmp_path, tin
     ]
     result = train(load_train_config(None, overrides), progress=False)
     assert all(r["aux_loss"] > 0 and r["loss"] == r["loss"] for r in result.records)
+
+
+def test_load_scope_with_noisy_gating(monkeypatch):
+    """Shazeer's load loss over the step: the noise is made a function of each token's logits
+    (so K micro-batches and one batch draw the same noise), then K·B ≡ one batch as above."""
+    # rounded first: the same logits computed in a smaller batch may differ in the last bit
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.cos(torch.round(t.detach() * 64)))
+    aux = moekit.AuxLossConfig(switch=0.0, load=0.2, load_scope="global_batch")
+    tokens = torch.randint(0, 40, (6, 9), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    one = tiny_lm(
+        d_model=16,
+        num_experts=4,
+        top_k=2,
+        expert_hidden=8,
+        router=moekit.RouterConfig(noisy_gating=True),
+        aux_loss=aux,
+    ).train()
+    with torch.no_grad():  # the noise weights start at zero: give them a value
+        for layer in moekit.layers.moe_layers(one):
+            layer.router.noise_weight_ED.normal_(std=0.3)
+    split = copy.deepcopy(one)
+    expected = _step(one, [tokens], global_scope=True)
+    got = _step(split, list(tokens.split(2)), global_scope=True)
+    assert expected[1] > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(one.named_parameters(), split.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
