@@ -20,27 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.distributed.expert_parallel import ExpertParallelDispatcher
-from moekit.distributed.mesh import Meshes, _local, _parameter_names, _shard_like
-from moekit.experts.bank import ExpertBank
-from moekit.layers import MoE
+from moekit.distributed.mesh import (
+    Meshes,
+    _expert_slices,
+    _local,
+    _parameter_names,
+    _shard_like,
+)
 from moekit.models.sharded_checkpoint import SHARDED_DIR, expert_key
-
-
-def _expert_slices(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Name of every stacked expert tensor -> ``(first expert, experts here)``: this rank's
-    share under expert parallelism, all of them otherwise."""
-    slices = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, MoE) or not isinstance(m.experts, ExpertBank):
-            continue
-        if isinstance(m.dispatcher, ExpertParallelDispatcher):
-            share = (m.dispatcher.first_expert, m.dispatcher.local_experts)
-        else:
-            share = (0, m.num_experts)
-        for n, _ in m.experts.named_parameters():
-            slices[f"{name}.experts.{n}"] = share
-    return slices
 
 
 def _experts_full(value: torch.Tensor) -> torch.Tensor:

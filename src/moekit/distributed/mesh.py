@@ -299,13 +299,19 @@ def world_of(meshes: Meshes) -> int:
 
 
 def _expert_slices(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Name of every expert parameter -> ``(first expert, local experts)`` on this rank."""
-    return {
-        f"{name}.experts.{n}": (m.dispatcher.first_expert, m.dispatcher.local_experts)
-        for name, m in model.named_modules()
-        if isinstance(m, MoE) and isinstance(m.dispatcher, ExpertParallelDispatcher)
-        for n, _ in m.experts.named_parameters()
-    }
+    """Name of every stacked expert tensor -> ``(first expert, experts here)``: this rank's
+    share under expert parallelism, all of them otherwise."""
+    slices = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, MoE) or not isinstance(m.experts, ExpertBank):
+            continue
+        if isinstance(m.dispatcher, ExpertParallelDispatcher):
+            share = (m.dispatcher.first_expert, m.dispatcher.local_experts)
+        else:
+            share = (0, m.num_experts)
+        for n, _ in m.experts.named_parameters():
+            slices[f"{name}.experts.{n}"] = share
+    return slices
 
 
 def _gather_full(value: torch.Tensor, expert: bool, meshes: Meshes) -> torch.Tensor:

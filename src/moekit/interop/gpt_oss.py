@@ -110,23 +110,12 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
             split=lambda w: (_interleave(w),),
         ),
         Experts(
-            f"{ffn}.experts.b_in_EH",
-            (f"{mlp}.experts.gate_up_proj_bias",),
-            join=_deinterleave,
-            split=lambda b: (_interleave(b),),
-        ),
-        Experts(
             f"{ffn}.experts.w_out_EHD",
             (f"{mlp}.experts.down_proj",),
             join=lambda t: t,
             split=lambda w: (w,),
         ),
-        Experts(
-            f"{ffn}.experts.b_out_ED",
-            (f"{mlp}.experts.down_proj_bias",),
-            join=lambda t: t,
-            split=lambda b: (b,),
-        ),
+        *biases,
     ]
     return {"stacked": entries}
 
