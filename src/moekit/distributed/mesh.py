@@ -21,7 +21,6 @@ a step equals one process with the global batch up to reduction order.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,11 +292,6 @@ def full_tensors(model: nn.Module, meshes: Meshes) -> dict[str, torch.Tensor]:
     }
 
 
-def world_of(meshes: Meshes) -> int:
-    """Ranks in the mesh."""
-    return math.prod(meshes.dense.shape)
-
-
 def _expert_slices(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Name of every stacked expert tensor -> ``(first expert, experts here)``: this rank's
     share under expert parallelism, all of them otherwise."""
@@ -351,25 +345,6 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def full_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, meshes: Meshes
-) -> dict:
-    """The optimizer state dict in the single-process layout (collective)."""
-    slices = _expert_slices(model)
-    names = _parameter_names(model, optimizer)
-    state = optimizer.state_dict()
-    full_state = {}
-    for index, entries in state["state"].items():
-        expert = names[index] in slices
-        full_state[index] = {
-            key: _gather_full(value, expert, meshes)
-            if torch.is_tensor(value) and value.dim() > 0
-            else (_local(value).detach().cpu() if torch.is_tensor(value) else value)
-            for key, value in entries.items()
-        }
-    return {"state": full_state, "param_groups": state["param_groups"]}
 
 
 def load_full_optimizer_state(
