@@ -1,6 +1,6 @@
 """moekit: Mixture-of-Experts layers, routers, losses and tools on PyTorch."""
 
-from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.config import CapacityScope, DispatchMode, DropPriority
 from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertBank, ExpertConfig, ModuleExperts
@@ -47,6 +47,7 @@ __all__ = [
     "AuxLossConfig",
     "BalanceScope",
     "BaseRouterConfig",
+    "CapacityScope",
     "DenseRouterConfig",
     "DispatchConfig",
     "DispatchMode",

@@ -27,3 +27,15 @@ class DropPriority(str, Enum):
     PROBABILITY = "probability"
     POSITION = "position"
     TOKEN = "token"
+
+
+class CapacityScope(str, Enum):
+    """Over which tokens an expert's capacity C is counted.
+
+    ``batch``: one C per expert for the whole call (every sequence of the micro-batch competes).
+    ``sequence``: one C per expert *per sequence* (each sequence is its own group, as in the
+    Switch Transformer's T5X/Mesh TensorFlow code and Hugging Face's ``switch_transformers``).
+    """
+
+    BATCH = "batch"
+    SEQUENCE = "sequence"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.config import CapacityScope, DispatchMode, DropPriority
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.routing.result import RoutingResult
 from moekit.utils.capacity import capacity_for
@@ -34,7 +34,11 @@ class DispatchConfig:
         capacity_factor: training capacity factor ``c`` in ``C = ceil(c * T * K / E)``.
         eval_capacity_factor: the same in eval mode.
         min_capacity: lower bound on ``C``.
-        drop_priority: ``probability`` or ``position``.
+        drop_priority: ``probability``, ``position`` or ``token`` (see ``DropPriority``).
+        expert_capacity: a fixed ``C`` (0: from the capacity factor); Switch Transformer
+            checkpoints name theirs ``expert_capacity``.
+        capacity_scope: ``batch`` (one ``C`` per expert for the call) or ``sequence`` (one per
+            expert per sequence, where ``T`` in the formula is the sequence length).
     """
 
     mode: DispatchMode = DispatchMode.DROPLESS
@@ -42,6 +46,8 @@ class DispatchConfig:
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
     drop_priority: DropPriority = DropPriority.PROBABILITY
+    expert_capacity: int = 0
+    capacity_scope: CapacityScope = CapacityScope.BATCH
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -51,11 +57,18 @@ class DispatchConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+        if self.expert_capacity < 0:
+            raise ValueError(
+                f"expert_capacity must be >= 0 (0: from the factor), got {self.expert_capacity}"
+            )
 
     def capacity(self, num_tokens: int, top_k: int, num_experts: int, training: bool) -> int | None:
-        """``C = max(min_capacity, ceil(factor * T * K / E))``, or ``None`` when dropless."""
+        """``C = max(min_capacity, ceil(factor * T * K / E))`` (``expert_capacity`` when set),
+        or ``None`` when dropless; per sequence, ``T`` is the sequence length."""
         if self.mode is DispatchMode.DROPLESS:
             return None
+        if self.expert_capacity:
+            return self.expert_capacity
         factor = self.capacity_factor if training else self.eval_capacity_factor
         return max(self.min_capacity, capacity_for(factor, num_tokens * top_k, num_experts))
 
@@ -88,20 +101,29 @@ class Dispatcher:
             routing.expert_idx_TK,
             routing.weights_TK,
             self.num_experts,
-            capacity=self.capacity(routing, token_mask_T, training),
+            capacity=self.capacity(routing, token_mask_T, training, sequence_length),
             priority=self.config.drop_priority,
             token_mask_T=token_mask_T,
             sequence_length=sequence_length,
             assignment_mask_TK=routing.assignment_mask_TK,
+            per_sequence=self.config.capacity_scope is CapacityScope.SEQUENCE,
         )
 
     def capacity(
-        self, routing: RoutingResult, token_mask_T: torch.Tensor | None, training: bool
+        self,
+        routing: RoutingResult,
+        token_mask_T: torch.Tensor | None,
+        training: bool,
+        sequence_length: int | None = None,
     ) -> int | None:
-        """Per-expert capacity C from this call's real tokens, or ``None`` when dropless."""
-        if self.config.mode is DispatchMode.DROPLESS:
-            return None  # (no token count needed: no host sync)
+        """Per-expert capacity C from this call's real tokens (per sequence: from its length),
+        or ``None`` when dropless."""
+        if self.config.mode is DispatchMode.DROPLESS or self.config.expert_capacity:
+            return self.config.capacity(0, routing.top_k, self.num_experts, training)
         T = routing.expert_idx_TK.shape[0]
+        if self.config.capacity_scope is CapacityScope.SEQUENCE:
+            S = sequence_length or T
+            return self.config.capacity(S, routing.top_k, self.num_experts, training)
         real = T if token_mask_T is None else int(token_mask_T.sum())
         return self.config.capacity(real, routing.top_k, self.num_experts, training)
 

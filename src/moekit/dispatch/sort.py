@@ -69,6 +69,7 @@ def plan_dispatch(
     token_mask_T: torch.Tensor | None = None,
     sequence_length: int | None = None,
     assignment_mask_TK: torch.Tensor | None = None,
+    per_sequence: bool = False,
 ) -> DispatchPlan:
     """Sort assignments by expert, dropping padding and (with ``capacity``) overflow.
 
@@ -82,6 +83,8 @@ def plan_dispatch(
         sequence_length: S when the T tokens are B sequences of S (``token`` priority walks
             positions across sequences); ``None`` means one sequence.
         assignment_mask_TK: ``(T, K)`` bool, ``False`` for slots that hold no assignment.
+        per_sequence: ``capacity`` applies to each sequence (of ``sequence_length``) on its
+            own, ranked in ``priority`` order inside the sequence (Switch Transformer groups).
 
     Returns:
         A :class:`DispatchPlan`.
@@ -121,13 +124,18 @@ def plan_dispatch(
             pre_A = pre_A.reshape(-1)
         else:
             pre_A = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
-        order_A = pre_A[torch.argsort(expert_A[pre_A], stable=True)]
-        starts_E = torch.cumsum(bucket_counts, 0) - bucket_counts
-        sorted_expert_A = expert_A[order_A]
-        rank_in_expert_A = torch.arange(T * K, device=device) - starts_E[sorted_expert_A]
-        keep_A = (rank_in_expert_A < capacity) & (sorted_expert_A < num_experts)
-        order_M = order_A[keep_A]
-        kept_per_expert_E = routed_per_expert_E.clamp(max=capacity)
+        if per_sequence:
+            order_M, kept_per_expert_E = _keep_per_sequence(
+                expert_A, pre_A, num_experts, capacity, sequence_length or T, K
+            )
+        else:
+            order_A = pre_A[torch.argsort(expert_A[pre_A], stable=True)]
+            starts_E = torch.cumsum(bucket_counts, 0) - bucket_counts
+            sorted_expert_A = expert_A[order_A]
+            rank_in_expert_A = torch.arange(T * K, device=device) - starts_E[sorted_expert_A]
+            keep_A = (rank_in_expert_A < capacity) & (sorted_expert_A < num_experts)
+            order_M = order_A[keep_A]
+            kept_per_expert_E = routed_per_expert_E.clamp(max=capacity)
 
     return DispatchPlan(
         token_idx_M=torch.div(order_M, K, rounding_mode="floor"),
@@ -139,6 +147,39 @@ def plan_dispatch(
         capacity=capacity,
         top_k=K,
     )
+
+
+def _keep_per_sequence(
+    expert_A: torch.Tensor,
+    pre_A: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    sequence_length: int,
+    K: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order_M, kept_per_expert_E)`` when each sequence has its own capacity: assignments are
+    bucketed by (sequence, expert), ranked in ``pre_A`` order inside each bucket, cut at
+    ``capacity``, and the survivors grouped by expert (stably, so by sequence inside one)."""
+    A = expert_A.shape[0]
+    buckets = num_experts + 1  # the sentinel bucket E holds padding and empty slots
+    sequence_A = torch.div(
+        torch.arange(A, device=expert_A.device), sequence_length * K, rounding_mode="floor"
+    )
+    key_A = sequence_A * buckets + expert_A
+    order_A = pre_A[torch.argsort(key_A[pre_A], stable=True)]
+    sorted_key_A = key_A[order_A]
+    counts = torch.zeros(
+        (A // (sequence_length * K) + 1) * buckets, dtype=torch.long, device=expert_A.device
+    ).index_add_(0, key_A, torch.ones_like(key_A))
+    starts = torch.cumsum(counts, 0) - counts
+    rank_A = torch.arange(A, device=expert_A.device) - starts[sorted_key_A]
+    keep_A = (rank_A < capacity) & (sorted_key_A % buckets < num_experts)
+    kept_A = order_A[keep_A]
+    kept_expert_A = expert_A[kept_A]
+    order_M = kept_A[torch.argsort(kept_expert_A, stable=True)]
+    kept_per_expert_E = torch.zeros(num_experts, dtype=torch.long, device=expert_A.device)
+    kept_per_expert_E.index_add_(0, kept_expert_A, torch.ones_like(kept_expert_A))
+    return order_M, kept_per_expert_E
 
 
 def _plan_dropless_keeping_padding(

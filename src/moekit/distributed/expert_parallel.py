@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dispatch.config import DispatchMode
+from moekit.dispatch.config import CapacityScope, DispatchMode
 from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.distributed.global_capacity import global_capacity_keep_mask
@@ -148,7 +148,10 @@ class ExpertParallelDispatcher(Dispatcher):
         sequence_length: int | None,
         training: bool,
     ) -> DispatchPlan:
-        if self.config.mode is DispatchMode.DROPLESS:
+        if (
+            self.config.mode is DispatchMode.DROPLESS
+            or self.config.capacity_scope is CapacityScope.SEQUENCE
+        ):  # per-sequence capacity is decided where the sequence is: no exchange needed
             return super().plan(routing, token_mask_T, sequence_length, training)
         capacity, keep_TK = global_capacity_keep_mask(
             routing.expert_idx_TK,

@@ -32,9 +32,11 @@ from moekit.interop import (
     olmoe,
     qwen2_moe,
     qwen3_moe,
+    switch_transformers,
 )
 from moekit.interop import keymap as km
 from moekit.interop.expressible import export_problems
+from moekit.models.encoder_decoder.model import EncoderDecoderLM
 from moekit.models.transformer.model import TransformerConfig, TransformerLM
 from moekit.utils.serialization import (
     atomic_write_json,
@@ -54,14 +56,17 @@ CONFIG_PARSERS: dict[str, Callable[..., TransformerConfig]] = {
     **{name: module.config_from_hf for name, module in FAMILIES.items()},
     "deepseek_v2": partial(deepseek_v3.config_from_hf, v2=True),
     "dbrx": dbrx.config_from_hf,
+    switch_transformers.MODEL_TYPE: switch_transformers.config_from_hf,
 }
+# encoder–decoder families: their own model class and state translation
+SEQ2SEQ_FAMILIES: dict[str, ModuleType] = {switch_transformers.MODEL_TYPE: switch_transformers}
 
 
 def _family(model_type: str | None) -> ModuleType:
     if model_type not in FAMILIES:
         raise ValueError(
             f"model_type {model_type!r} has no moekit converter yet; supported: "
-            f"{', '.join(FAMILIES)}"
+            f"{', '.join([*FAMILIES, *SEQ2SEQ_FAMILIES])}"
         )
     return FAMILIES[model_type]
 
@@ -216,8 +221,51 @@ def _layout(maps: dict[str, list[km.Entry]], state: dict[str, torch.Tensor]) -> 
     return next(iter(maps.values()))  # reports every missing key
 
 
-def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
-    """A moekit ``TransformerLM`` with the weights of an HF model (in memory or a folder)."""
+def _from_hf_seq2seq(source: nn.Module | str | os.PathLike) -> EncoderDecoderLM:
+    if isinstance(source, nn.Module):
+        hf_config = cast(Any, source).config.to_dict()
+        family = SEQ2SEQ_FAMILIES[hf_config["model_type"]]
+        config = family.config_from_hf(hf_config)
+        state = {k: v.detach() for k, v in source.state_dict().items()}
+        _refuse_quantised(state, type(source).__name__)
+    else:
+        hf_config = read_hf_config(source)
+        family = SEQ2SEQ_FAMILIES[hf_config["model_type"]]
+        config = family.config_from_hf(hf_config)
+        _, state = read_hf_folder(source)
+    model = EncoderDecoderLM(config)
+    moekit_state = family.state_to_moekit(config, state)
+    expected = model.state_dict()
+    wrong = [
+        f"{name}: checkpoint {tuple(v.shape)}, config.json implies {tuple(expected[name].shape)}"
+        for name, v in moekit_state.items()
+        if name in expected and v.shape != expected[name].shape
+    ]
+    if wrong:
+        raise ValueError(
+            "the checkpoint's tensors do not match its config.json: " + "; ".join(wrong[:5])
+        )
+    dtype = next(v.dtype for v in moekit_state.values() if v.is_floating_point())
+    model.to(dtype).load_state_dict(moekit_state, strict=True)
+    return model
+
+
+def _model_type_of(source: nn.Module | str | os.PathLike) -> Any:
+    if isinstance(source, nn.Module):
+        return getattr(getattr(source, "config", None), "model_type", None)
+    return read_hf_config(source).get("model_type")
+
+
+def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM | EncoderDecoderLM:
+    """A moekit model with the weights of an HF model (in memory or a folder): a
+    ``TransformerLM`` for the decoder-only families, an ``EncoderDecoderLM`` for
+    ``switch_transformers``."""
+    if _model_type_of(source) in SEQ2SEQ_FAMILIES:
+        return _from_hf_seq2seq(source)
+    return _from_hf_decoder(source)
+
+
+def _from_hf_decoder(source: nn.Module | str | os.PathLike) -> TransformerLM:
     if isinstance(source, nn.Module):
         hf_config = cast(Any, source).config.to_dict()
         family = _family(hf_config.get("model_type"))
@@ -269,8 +317,40 @@ def from_hf(source: nn.Module | str | os.PathLike) -> TransformerLM:
     return model
 
 
-def to_hf(model: TransformerLM, directory: str | os.PathLike, family: str) -> Path:
+def _to_hf_seq2seq(model: EncoderDecoderLM, directory: str | os.PathLike, family: str) -> Path:
+    fam = SEQ2SEQ_FAMILIES.get(family)
+    if fam is None:
+        raise ValueError(
+            f"an encoder–decoder exports as {', '.join(SEQ2SEQ_FAMILIES)}, not {family!r}"
+        )
+    problems = fam.export_problems(model.config)
+    if problems:
+        raise ValueError(
+            f"cannot export as {family!r}: the family cannot express "
+            + "; ".join(problems)
+            + ". The exported model would compute something else, so nothing was written."
+        )
+    hf_config = fam.config_to_hf(model.config)
+    state = fam.state_to_hf(
+        model.config, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    )
+    state = {k: v.contiguous() for k, v in state.items()}
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(folder / "config.json", hf_config)
+
+    return write_folder_atomically(directory, write)
+
+
+def to_hf(
+    model: TransformerLM | EncoderDecoderLM, directory: str | os.PathLike, family: str
+) -> Path:
     """Write ``model`` as an HF checkpoint of ``family`` (per-expert layout, safetensors)."""
+    if isinstance(model, EncoderDecoderLM):
+        return _to_hf_seq2seq(model, directory, family)
+    if family in SEQ2SEQ_FAMILIES:
+        raise ValueError(f"{family!r} is an encoder–decoder family; this model is decoder-only")
     fam = _family(family)
     config = model.config
     problems = export_problems(config, fam.config_to_hf, fam.config_from_hf)

@@ -23,6 +23,9 @@ class MoEPlacementConfig:
         first_dense: the first n blocks always use a dense FFN (DeepSeek).
         experts_per_layer: routed experts of each MoE block, in order, where they differ from
             ``layer.num_experts`` (after pruning or merging); ``None``: all the same.
+        layers: the MoE blocks by index, when no ``every``/``first_dense`` rule gives them
+            (Switch Transformer checkpoints: blocks 1, 3, 5, ...; Llama 4's interleaving);
+            ``None``: the rule.
 
     In config files ``layer.d_model`` follows the model's ``d_model`` and is left out
     (:func:`fill_layer_d_model`).
@@ -32,9 +35,17 @@ class MoEPlacementConfig:
     every: int = 1
     first_dense: int = 0
     experts_per_layer: list[int] | None = None
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.layers is not None and (
+            any(i < 0 for i in self.layers) or sorted(set(self.layers)) != list(self.layers)
+        ):
+            raise ValueError(
+                f"moe.layers must be distinct block indices >= 0 in increasing order, got "
+                f"{self.layers}"
+            )
         if self.every < 1 or self.first_dense < 0:
             raise ValueError(
                 f"moe.every must be >= 1 and moe.first_dense >= 0, got every={self.every}, "
@@ -72,6 +83,8 @@ class MoEPlacementConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` holds an MoE layer."""
+        if self.layers is not None:
+            return self.layer is not None and index in self.layers
         return (
             self.layer is not None and index >= self.first_dense and (index + 1) % self.every == 0
         )
