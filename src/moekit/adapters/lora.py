@@ -274,13 +274,14 @@ class DenseLoRA(nn.Module):
 
 def _groups_of(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, nn.Module]]]:
     """``target -> [(parent, attribute, module)]`` for every adaptable module."""
+    from moekit.models.encoder_decoder.attention import T5Attention
     from moekit.models.transformer.attention import Attention
     from moekit.models.transformer.mla import MultiHeadLatentAttention
 
     found: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {}
     moe_parts = {id(sub) for m in model.modules() if isinstance(m, MoE) for sub in m.modules()}
     for module in model.modules():
-        if isinstance(module, Attention | MultiHeadLatentAttention):
+        if isinstance(module, Attention | MultiHeadLatentAttention | T5Attention):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
                     found.setdefault("attention", []).append((module, name, child))

@@ -90,9 +90,16 @@ def build_config(args: argparse.Namespace):
             "targets": [t.strip() for t in args.lora_targets.split(",") if t.strip()],
         }
     if args.expert_dropout is not None:
-        if data["model"]["moe"]["layer"] is None:
+        # a decoder-only model has one placement, an encoder–decoder one per stack
+        layers = [
+            data["model"][name]["layer"]
+            for name in ("moe", "encoder_moe", "decoder_moe")
+            if name in data["model"] and data["model"][name]["layer"] is not None
+        ]
+        if not layers:
             raise ValueError("--expert-dropout needs a model with MoE layers")
-        data["model"]["moe"]["layer"]["experts"]["dropout"] = args.expert_dropout
+        for layer in layers:
+            layer["experts"]["dropout"] = args.expert_dropout
     apply_overrides(data, args.overrides)
     return config_from_dict(TrainConfig, data)
 
@@ -134,7 +141,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _export(model, args: argparse.Namespace, config) -> None:
     from moekit.interop.hf import to_hf
-    from moekit.models.transformer.model import TransformerLM
     from moekit.training.finetune import base_state_dict
 
     if args.from_hf is None:
@@ -143,7 +149,7 @@ def _export(model, args: argparse.Namespace, config) -> None:
     from moekit.adapters.lora import merge_lora
 
     merge_lora(model)
-    plain = TransformerLM(model.config)
+    plain = type(model)(model.config)  # a TransformerLM or an EncoderDecoderLM
     plain.load_state_dict(base_state_dict(model), strict=True)
     folder = to_hf(plain.eval(), args.export_hf, family)
     for name in (

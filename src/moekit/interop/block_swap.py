@@ -44,11 +44,13 @@ def swap_moe_blocks(hf_model: nn.Module) -> nn.Module:
     from moekit.interop.hf import from_hf
 
     converted = from_hf(hf_model)
+    if not hasattr(converted, "blocks"):
+        raise ValueError("block swapping replaces the MoE blocks of decoder-only models")
     hf: Any = hf_model  # a transformers model: attributes beyond nn.Module
     layers = hf.model.layers
     with_scores = hf.config.model_type == "gpt_oss"
     swapped = 0
-    for i, block in enumerate(converted.blocks):
+    for i, block in enumerate(cast(Any, converted).blocks):
         ffn = cast(Any, block).ffn
         if isinstance(ffn, MoE):
             dtype = next(layers[i].parameters()).dtype

@@ -35,11 +35,13 @@ FORMAT_VERSION = 1
 
 
 def _registry() -> dict[str, tuple[type[nn.Module], type]]:
+    from moekit.models.encoder_decoder.model import EncoderDecoderConfig, EncoderDecoderLM
     from moekit.models.transformer.model import TransformerConfig, TransformerLM
     from moekit.models.vision.vit import VisionMoE, VisionMoEConfig
 
     return {
         TransformerLM.model_type: (TransformerLM, TransformerConfig),
+        EncoderDecoderLM.model_type: (EncoderDecoderLM, EncoderDecoderConfig),
         VisionMoE.model_type: (VisionMoE, VisionMoEConfig),
     }
 

@@ -16,6 +16,7 @@ from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
+from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.training.config import TrainConfig
 from moekit.training.loop import TrainResult
@@ -32,6 +33,8 @@ def moe_twin(
     model: a shared expert of width ``shared_hidden`` (0: none) plus ``num_experts`` routed
     experts of width ``(ffn_hidden - shared_hidden) / top_k``, top-k softmax routing."""
     model = config.model
+    if not isinstance(model, TransformerConfig):
+        raise ValueError("the dense/MoE comparison builds decoder-only models")
     routed = model.ffn_hidden - shared_hidden
     if shared_hidden < 0 or routed < top_k or routed % top_k:
         raise ValueError(

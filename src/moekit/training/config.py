@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from moekit.adapters.lora import LoRAConfig
 from moekit.distributed.mesh import ParallelConfig
+from moekit.models.encoder_decoder.model import EncoderDecoderConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.training.methods import AlternatingSchedule, TrainingMethod
@@ -157,7 +158,9 @@ class TrainConfig:
     """Everything a training run needs.
 
     Args:
-        model: the transformer (its ``vocab_size`` must be 256 for byte tokens).
+        model: the transformer (its ``vocab_size`` must be 256 for byte tokens): a decoder-only
+            ``TransformerConfig`` or an encoder–decoder ``EncoderDecoderConfig`` (trained on
+            T5's prefix-LM objective: each window's first half in, its second half out).
         data: corpus and batch shape.
         optim: optimizer and schedule.
         steps: optimizer steps.
@@ -190,7 +193,7 @@ class TrainConfig:
         finetune: starting weights, the parameters to train, LoRA.
     """
 
-    model: TransformerConfig = field(default_factory=_default_model)
+    model: TransformerConfig | EncoderDecoderConfig = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 300

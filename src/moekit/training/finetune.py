@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from moekit.analysis.inspect import count_routing
-from moekit.models.transformer.model import TransformerConfig, TransformerLM
+from moekit.models.encoder_decoder.model import EncoderDecoderLM
+from moekit.models.transformer.model import TransformerLM
 from moekit.training.checkpoint import resolve_checkpoint
 from moekit.training.config import TrainConfig
 from moekit.training.data import load_corpus, load_tokenizer
@@ -50,7 +52,7 @@ def is_hf_folder(path: Path) -> bool:
     return isinstance(data, dict) and "model_type" in data and "format_version" not in data
 
 
-def load_source(path: str) -> TransformerLM:
+def load_source(path: str) -> TransformerLM | EncoderDecoderLM:
     """The model to start from: a run folder's latest checkpoint, a moekit checkpoint folder,
     or a Hugging Face folder. Adapters of a fine-tuned source are merged in."""
     from moekit.adapters.lora import lora_parameters, merge_lora
@@ -64,7 +66,7 @@ def load_source(path: str) -> TransformerLM:
     from moekit.models.checkpoint import from_pretrained
 
     model = from_pretrained(resolve_checkpoint(path))
-    if not isinstance(model, TransformerLM):
+    if not isinstance(model, TransformerLM | EncoderDecoderLM):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a language model")
     quantized = any(
         isinstance(m, QuantizedExpertBank) and m.adapter is not None for m in model.modules()
@@ -74,7 +76,7 @@ def load_source(path: str) -> TransformerLM:
     return model
 
 
-def base_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights without adapter tensors (merged adapters are already in them)."""
     from moekit.adapters.lora import lora_parameters
 
@@ -82,7 +84,7 @@ def base_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in adapters}
 
 
-def _config_differences(a: TransformerConfig, b: TransformerConfig) -> list[str]:
+def _config_differences(a: Any, b: Any) -> list[str]:
     """The options that change what the weights compute (not dropout, statistics, losses)."""
     from moekit.interop.expressible import function_fields
 
@@ -91,7 +93,7 @@ def _config_differences(a: TransformerConfig, b: TransformerConfig) -> list[str]
 
 
 def prepare_model(
-    model: TransformerLM, config: TrainConfig, train_stream: Any, *, resuming: bool = False
+    model: nn.Module, config: TrainConfig, train_stream: Any, *, resuming: bool = False
 ) -> list[tuple[str, int, int]]:
     """Load ``finetune.init_from`` (not when ``resuming``: the checkpoint's weights replace
     them), add LoRA, freeze what the preset does not train; returns the trainable/total counts

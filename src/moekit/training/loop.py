@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from moekit.analysis.inspect import load_summary
@@ -43,8 +44,9 @@ from moekit.layers.switches import (
     without_statistics,
 )
 from moekit.models.checkpoint import read_config
+from moekit.models.encoder_decoder.model import EncoderDecoderConfig, EncoderDecoderLM
 from moekit.models.sharded_checkpoint import is_sharded
-from moekit.models.transformer.model import TransformerLM
+from moekit.models.transformer.model import TransformerConfig, TransformerLM
 from moekit.training.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -80,7 +82,7 @@ from moekit.utils.serialization import atomic_write_bytes, config_to_dict
 class TrainResult:
     """What a run produced."""
 
-    model: TransformerLM
+    model: TransformerLM | EncoderDecoderLM
     out_dir: Path
     records: list[dict[str, Any]] = field(default_factory=list)
     wall_time: float = 0.0
@@ -125,22 +127,43 @@ def _token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") 
     return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def evaluate(
-    model: TransformerLM, stream: Any, batches: int, batch_size: int, seq_len: int
-) -> float:
+def model_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None
+) -> tuple[Any, torch.Tensor]:
+    """``(output, mean cross-entropy)`` of one batch: next-token prediction for a decoder-only
+    model; for an encoder–decoder, T5's prefix-LM split of the window
+    (``EncoderDecoderLM.split_window``)."""
+    split = getattr(model, "split_window", None)
+    if split is None:
+        out = model(x) if segments is None else model(x, segment_ids=segments)
+        return out, _token_loss(out.logits, y)
+    if segments is not None:
+        raise ValueError(
+            "packed instruction data (segment ids) trains decoder-only models; an encoder–decoder "
+            "reads plain text windows"
+        )
+    source, decoder_tokens, targets = split(x, y)
+    out = model(source, decoder_tokens=decoder_tokens)
+    return out, _token_loss(out.logits, targets)
+
+
+def evaluate(model: nn.Module, stream: Any, batches: int, batch_size: int, seq_len: int) -> float:
     """Mean next-token cross-entropy (nats) over fixed validation windows (over the response
     tokens only for instruction data)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = model.embed.weight.device
+    device = next(model.parameters()).device
     # no autograd graph, and no auxiliary losses or routing statistics: nothing reads them
     with torch.no_grad(), serving(model):
         for batch in stream.eval_batches(batches, batch_size, seq_len):
             x, y, segments = _to_device(batch, device)
-            logits = (model(x) if segments is None else model(x, segment_ids=segments)).logits
-            total += _token_loss(logits, y, reduction="sum").item()
-            count += int((y != IGNORE_INDEX).sum())
+            _, loss = model_loss(model, x, y, segments)
+            split = getattr(model, "split_window", None)
+            targets = y if split is None else split(x, y)[2]
+            n = int((targets != IGNORE_INDEX).sum())
+            total += loss.item() * n
+            count += n
     model.train(was_training)
     return total / max(count, 1)
 
@@ -232,7 +255,7 @@ class TrainingRun:
     """What a run's step and callbacks share: the model, optimizer, data and where it writes."""
 
     config: TrainConfig
-    model: TransformerLM
+    model: TransformerLM | EncoderDecoderLM
     step_model: torch.nn.Module  # the model, or its data-parallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -363,9 +386,9 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     ]
 
     def forward_only() -> None:  # global-batch balancing's routing pre-pass
-        for x, _, segments in batches:
+        for x, y, segments in batches:
             with autocast(run.device, use_bf16(config.bf16, run.device)):
-                run.step_model(x) if segments is None else run.step_model(x, segment_ids=segments)
+                model_loss(run.step_model, x, y, segments)
 
     balance = global_batch_balance(
         run.model,
@@ -378,12 +401,7 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     with statistics, balance:
         for x, y, segments in batches:
             with autocast(run.device, use_bf16(config.bf16, run.device)):
-                out = (
-                    run.step_model(x)
-                    if segments is None
-                    else run.step_model(x, segment_ids=segments)
-                )
-                ce = _token_loss(out.logits, y)
+                out, ce = model_loss(run.step_model, x, y, segments)
             ((ce + out.aux_loss) / optim.grad_accum).backward()
             loss += ce.detach() / optim.grad_accum
             aux += out.aux_loss.detach() / optim.grad_accum
@@ -553,10 +571,17 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         retain_freed_memory()
     device = resolve_device(config.device)
     set_matmul_precision(device, config.tf32)
-    ctx = setup_distributed(config.parallel, device, num_experts=config.model.moe.num_experts)
+    seq2seq = isinstance(config.model, EncoderDecoderConfig)
+    num_experts = 0 if seq2seq else cast(TransformerConfig, config.model).moe.num_experts
+    ctx = setup_distributed(config.parallel, device, num_experts=num_experts)
+    if seq2seq and ctx.enabled:
+        raise ValueError(
+            "encoder–decoder models train in one process for now (torchrun with a mesh trains "
+            "the decoder-only TransformerLM)"
+        )
     train_stream, val_stream = load_streams(config)  # fails before any model is built
     torch.manual_seed(config.seed)
-    model = TransformerLM(config.model)
+    model = config.model.build()
     resuming = resume and latest_checkpoint(Path(config.out_dir) / "checkpoints") is not None
     # fine-tuning: starting weights (a resumed run takes the checkpoint's), LoRA, preset
     trainable = prepare_model(model, config, train_stream, resuming=resuming)

@@ -56,6 +56,8 @@ EXPERT_MASK = "moekit_expert_mask"
 
 def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """``group -> {name: parameter}`` for every parameter of ``model`` (each in one group)."""
+    from moekit.models.encoder_decoder.attention import T5Attention
+    from moekit.models.encoder_decoder.relative_position import RelativePositionBias
     from moekit.models.transformer.attention import Attention
     from moekit.models.transformer.mla import MultiHeadLatentAttention
 
@@ -79,7 +81,11 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
             if module.shared_experts is not None:
                 claim(module.shared_experts, "shared_experts")
     for module in model.modules():
-        if isinstance(module, Attention | MultiHeadLatentAttention):
+        # T5Attention: an encoder–decoder's self- and cross-attention; the relative position
+        # bias is part of attention, not an embedding of tokens
+        if isinstance(
+            module, Attention | MultiHeadLatentAttention | T5Attention | RelativePositionBias
+        ):
             claim(module, "attention")
         elif isinstance(module, nn.Embedding):
             claim(module, "embeddings")

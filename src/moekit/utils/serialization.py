@@ -49,6 +49,22 @@ def _dataclass_in(annotation: Any) -> Any:
     return None
 
 
+def _dataclass_for(annotation: Any, value: Any) -> Any:
+    """The dataclass of ``annotation`` that a dict ``value`` describes: in a union of several
+    (a model that is a ``TransformerConfig`` or an ``EncoderDecoderConfig``), the first whose
+    fields hold every key of ``value``; else the first dataclass (whose errors name the keys)."""
+    first = _dataclass_in(annotation)
+    if first is None or not isinstance(value, dict):
+        return first
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arg) and set(value) <= {
+                f.name for f in dataclasses.fields(arg)
+            }:
+                return arg
+    return first
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
     """Build ``cls`` from :func:`config_to_dict` output; unknown keys, values of the wrong type
     and values out of range raise :class:`ConfigError` naming the key (``model.moe.top_k``)."""
@@ -77,7 +93,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
         )
     kwargs = {}
     for name, value in data.items():
-        sub = _dataclass_in(hints[name])
+        sub = _dataclass_for(hints[name], value)
         if sub is not None and isinstance(value, dict) and hasattr(sub, "from_config_dict"):
             # a family of configs picked by a key (router kinds)
             path = f"{section}.{name}" if section else name

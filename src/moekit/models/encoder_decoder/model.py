@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -342,7 +342,8 @@ class EncoderDecoderLM(nn.Module):
             memory_bias = additive_mask(encoded.attention_mask.view(B, 1, 1, S), x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
         outputs: list[MoEOutput] = []
-        for i, block in enumerate(self.decoder.blocks):
+        for i, decoder_block in enumerate(self.decoder.blocks):
+            block = cast(DecoderBlock, decoder_block)
             if cache is None:
                 memory_kv = block.cross_attn.keys_values(memory)
                 layer_cache = None
@@ -411,11 +412,12 @@ class EncoderDecoderLM(nn.Module):
         length = max_len or self.config.max_seq_len
         assert self.config.head_dim is not None
         shape = (batch, self.config.n_heads, length, self.config.head_dim)
-        kw = dict(dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
+        dtype = dtype or self.embed.weight.dtype
+        device = self.embed.weight.device
         n = self.config.n_decoder_layers
         return Seq2SeqCache(
-            keys=[torch.zeros(shape, **kw) for _ in range(n)],  # type: ignore[arg-type]
-            values=[torch.zeros(shape, **kw) for _ in range(n)],  # type: ignore[arg-type]
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
             memory_kv=[],
         )
 
