@@ -34,6 +34,44 @@ PUBLISHED = [
 ]
 
 
+# Switch Transformers (Fedus et al. 2021, Table 9, and the google/switch-* model cards): totals
+# 619M, 7.4B and 1571B; Switch-Base is FLOP-matched to T5-Base, whose 223M parameters are what
+# one token touches (active), whatever the number of experts.
+SWITCH = [
+    ("switch-base-8.json", 619e6, 223e6),
+    ("switch-base-128.json", 7.4e9, 223e6),
+    ("switch-c-2048.json", 1571e9, None),
+]
+
+
+@pytest.mark.parametrize(("name", "total", "active"), SWITCH)
+def test_switch_transformer_published_totals(name, total, active):
+    report = count_parameters(CONFIGS / name)
+    assert report.total == pytest.approx(total, rel=0.01)
+    if active is not None:
+        assert report.active == pytest.approx(active, rel=0.01)
+    assert report.breakdown["lm_head"] == 0  # tied
+
+
+def test_switch_accounting_equals_a_built_model():
+    from moekit.interop.switch_transformers import config_from_hf
+
+    data = json.loads((CONFIGS / "switch-base-8.json").read_text())
+    data.update(
+        d_model=16,
+        d_kv=4,
+        d_ff=24,
+        num_heads=4,
+        vocab_size=40,
+        num_layers=4,
+        num_decoder_layers=3,
+        num_sparse_encoder_layers=2,
+        num_sparse_decoder_layers=1,
+    )
+    model = config_from_hf(data).build()
+    assert count_parameters(model).total == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize(("name", "total", "active", "convention", "tol"), PUBLISHED)
 def test_published_totals_and_active_counts(name, total, active, convention, tol):
     report = count_parameters(CONFIGS / name)

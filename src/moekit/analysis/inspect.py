@@ -299,7 +299,10 @@ def stream_with_hooks(
             segments = batch[2] if isinstance(batch, tuple) and len(batch) > 2 else None
             if before_batch is not None:
                 before_batch(tokens)
-            if segments is None:
+            window = getattr(model, "forward_window", None)  # an encoder–decoder
+            if window is not None and segments is None:
+                window(tokens)
+            elif segments is None:
                 model(tokens)
             else:
                 model(tokens, segment_ids=segments)

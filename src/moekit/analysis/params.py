@@ -193,17 +193,20 @@ def spec_from_moekit(config) -> ArchSpec:
     )
 
 
+def _hf_config_dict(config: dict | str | os.PathLike) -> dict:
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no Hugging Face config.json at {config}")
+    return read_config_file(path)
+
+
 def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
     """An ``ArchSpec`` from a Hugging Face ``config.json`` (a path, a folder or a dict)."""
-    if isinstance(config, dict):
-        data = config
-    else:
-        path = Path(config)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no Hugging Face config.json at {config}")
-        data = read_config_file(path)
+    data = _hf_config_dict(config)
     from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
     from moekit.interop.hf import CONFIG_PARSERS, check_hf_integers  # as the converters
 
@@ -229,12 +232,83 @@ def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
     return spec
 
 
+def seq2seq_report(config: Any, context: int = 4096, name: str = "moekit") -> ParamReport:
+    """Accounting for an encoder–decoder (``EncoderDecoderConfig``): per-stack attention (the
+    decoder's self- and cross-attention), one relative position bias per stack, dense FFNs and
+    MoE layers where each stack's placement puts them; the shared embedding counted once.
+    ``flops_per_token`` is for one encoder token plus one decoder token, attending over
+    ``context`` positions in each attention."""
+    from moekit.experts.activations import Activation
+
+    d, inner = config.d_model, config.n_heads * config.head_dim
+    stacks = (
+        (config.encoder_moe, config.n_encoder_layers, 1),
+        (config.decoder_moe, config.n_decoder_layers, 2),
+    )
+    dense_ffn = _ffn_params(d, config.ffn_hidden, Activation(config.activation).is_gated)
+    breakdown = dict.fromkeys(
+        ("embeddings", "lm_head", "attention", "dense_ffn", "routed_experts", "routers", "norms"),
+        0,
+    )
+    breakdown["embeddings"] = config.vocab_size * d
+    breakdown["lm_head"] = 0 if config.tie_embeddings else config.vocab_size * d
+    active_routed = 0
+    attention_flops = 0
+    for placement, n_layers, attentions in stacks:
+        moe_blocks = placement.moe_layer_indices(n_layers) if placement.layer else []
+        breakdown["attention"] += n_layers * attentions * 4 * d * inner
+        breakdown["attention"] += config.relative_attention_buckets * config.n_heads
+        breakdown["norms"] += n_layers * (1 + attentions) * d + d
+        breakdown["dense_ffn"] += (n_layers - len(moe_blocks)) * dense_ffn
+        attention_flops += 2 * n_layers * attentions * context * 2 * inner
+        layer = placement.layer
+        if layer is None:
+            continue
+        e = layer.experts
+        expert = _ffn_params(d, e.hidden, Activation(e.activation).is_gated, e.bias)
+        counts = placement.experts_per_layer or [layer.num_experts] * len(moe_blocks)
+        breakdown["routed_experts"] += sum(counts) * expert
+        bias = 1 if getattr(layer.router, "bias", False) else 0
+        breakdown["routers"] += sum(counts) * (d + bias)
+        active_routed += len(moe_blocks) * layer.top_k * expert
+    active_breakdown = {**breakdown, "routed_experts": active_routed}
+    total, active = sum(breakdown.values()), sum(active_breakdown.values())
+    embeddings = breakdown["embeddings"]
+    matmul_active = active - embeddings - breakdown["lm_head"] - breakdown["norms"]
+    matmul_active += config.vocab_size * d  # the output head runs tied or not
+    return ParamReport(
+        name=name,
+        total=total,
+        active=active,
+        active_non_embedding=active - embeddings,
+        breakdown=breakdown,
+        active_breakdown=active_breakdown,
+        flops_per_token=2 * matmul_active + attention_flops,
+        context=context,
+        weight_bytes={k: total * b for k, b in BYTES_PER_PARAM.items()},
+    )
+
+
 def count_parameters(source: Any, context: int = 4096) -> ParamReport:
-    """Accounting for a moekit model or ``TransformerConfig``, or a Hugging Face config.json
-    (path, folder or dict)."""
+    """Accounting for a moekit model or config (``TransformerConfig``, ``EncoderDecoderConfig``),
+    or a Hugging Face config.json (path, folder or dict)."""
+    from moekit.models.encoder_decoder.model import EncoderDecoderConfig
     from moekit.models.transformer.model import TransformerConfig
 
     config = getattr(source, "config", source)
     if isinstance(config, TransformerConfig):
         return report(spec_from_moekit(config), context)
-    return report(spec_from_hf_config(source), context)
+    if isinstance(config, EncoderDecoderConfig):
+        return seq2seq_report(config, context)
+    data = _hf_config_dict(source)
+    if data.get("model_type") == "switch_transformers":
+        from moekit.interop.switch_transformers import config_from_hf
+
+        try:
+            parsed = config_from_hf(data, strict=False)
+        except KeyError as e:
+            raise ValueError(
+                f"switch_transformers config.json lacks the field {e.args[0]!r}"
+            ) from None
+        return seq2seq_report(parsed, context, name="switch_transformers")
+    return report(spec_from_hf_config(data), context)

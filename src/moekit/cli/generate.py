@@ -50,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moekit.models.checkpoint import from_pretrained
+    from moekit.models.encoder_decoder import EncoderDecoderLM
     from moekit.models.transformer.generate import generate
     from moekit.models.transformer.model import TransformerLM
     from moekit.training.checkpoint import resolve_checkpoint
     from moekit.training.data import ByteTokenizer
 
     folder = resolve_checkpoint(args.checkpoint)
+    model: TransformerLM | EncoderDecoderLM
     if args.expert_budget is not None:
         from moekit.models.offload import load_offloaded
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
         )
     else:
-        model = cast(TransformerLM, from_pretrained(folder))
+        model = cast(TransformerLM | EncoderDecoderLM, from_pretrained(folder))
     model.eval()
     if args.experts_per_token is not None:
         from moekit.layers.switches import set_top_k
@@ -74,6 +76,20 @@ def run(args: argparse.Namespace) -> int:
         set_top_k(model, args.experts_per_token)
     tokenizer = ByteTokenizer()
     prompt = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.long)
+    if isinstance(model, EncoderDecoderLM):  # the prompt is the encoder's input
+        from moekit.models.encoder_decoder import generate_seq2seq
+
+        decoded = generate_seq2seq(
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=torch.Generator(model.embed.weight.device).manual_seed(args.seed),
+        )
+        print(args.prompt + tokenizer.decode(decoded[1:].tolist()))
+        return 0
     out = cast(  # a tensor prompt gives a tensor
         torch.Tensor,
         generate(

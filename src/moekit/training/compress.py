@@ -33,6 +33,11 @@ from moekit.routing.topk import TopKRouter
 
 
 def _moe_layers(model: TransformerLM) -> list[tuple[str, MoE]]:
+    if not isinstance(model, TransformerLM):
+        raise ValueError(
+            f"pruning and merging rebuild decoder-only models (TransformerLM), not "
+            f"{type(model).__name__}"
+        )
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
     if not layers:
         raise ValueError("the model has no MoE layers")

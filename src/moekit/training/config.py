@@ -294,7 +294,11 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
     # attention.head_dim) follow whatever the file or the overrides set.
     data: dict[str, Any] = {"model": copy.deepcopy(DEFAULT_MODEL)}
     if path is not None:
-        _merge(data, _read_file(Path(path)))
+        from_file = _read_file(Path(path))
+        model = from_file.get("model")
+        if isinstance(model, dict) and "n_encoder_layers" in model:
+            data["model"] = {}  # an encoder–decoder: the decoder-only defaults do not apply
+        _merge(data, from_file)
     apply_overrides(data, overrides or [])
     return config_from_dict(TrainConfig, data)
 

@@ -405,6 +405,12 @@ class EncoderDecoderLM(nn.Module):
         targets = y[:, half - 1 :]
         return x[:, :half], self.shift_right(targets), targets
 
+    def forward_window(self, tokens: torch.Tensor) -> LMOutput:
+        """The model on a window of text ``(B, S)`` split as in training (its first half in,
+        the rest out; :meth:`split_window`): what ``moekit inspect`` and routing counts run."""
+        source, decoder_tokens, _ = self.split_window(tokens[:, :-1], tokens[:, 1:])
+        return self(source, decoder_tokens=decoder_tokens)
+
     def new_cache(
         self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
     ) -> Seq2SeqCache:
