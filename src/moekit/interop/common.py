@@ -17,7 +17,12 @@ from moekit.interop.keymap import Entry, Experts, Joined, Rename
 
 
 def backbone(
-    *, qkv_bias: bool = False, qk_norm: bool = False, tied: bool = False, gqa: bool = True
+    *,
+    qkv_bias: bool = False,
+    qk_norm: bool = False,
+    tied: bool = False,
+    gqa: bool = True,
+    o_bias: bool = False,
 ) -> list[Entry]:
     """Embedding, attention (``gqa=False`` leaves q/k/v to the family), block norms, final
     norm and (untied) head."""
@@ -33,6 +38,8 @@ def backbone(
         entries.append(Rename(f"{layer}.attn.{proj}.weight", f"{hf}.self_attn.{proj}.weight"))
         if qkv_bias:
             entries.append(Rename(f"{layer}.attn.{proj}.bias", f"{hf}.self_attn.{proj}.bias"))
+    if o_bias:
+        entries.append(Rename(f"{layer}.attn.o_proj.bias", f"{hf}.self_attn.o_proj.bias"))
     if qk_norm:
         for norm in ("q_norm", "k_norm"):
             entries.append(Rename(f"{layer}.attn.{norm}.weight", f"{hf}.self_attn.{norm}.weight"))
@@ -113,17 +120,24 @@ def routed_experts(hf_experts: str, names=("gate_proj", "up_proj", "down_proj"))
     }
 
 
-def rope(hf: dict[str, Any], default: float = 10000.0) -> tuple[float, Any]:
-    """``(rope_theta, RopeScalingConfig or None)``; default and YaRN rotary positions."""
+def partial_rotary_factor(hf: dict[str, Any]) -> float:
+    """The rotated share of each head (``rope_parameters`` or top level; 1.0 when unset)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    return float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0)
+
+
+def rope(hf: dict[str, Any], default: float = 10000.0, partial: bool = False) -> tuple[float, Any]:
+    """``(rope_theta, RopeScalingConfig or None)``; default and YaRN rotary positions.
+    ``partial``: the family rotates part of each head (else a partial factor is refused)."""
     from moekit.models.transformer.rotary import RopeScalingConfig
 
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", default)))
     kind = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    if not partial and partial_rotary_factor(hf) != 1.0:
         raise ValueError(
-            f"rope partial_rotary_factor={params['partial_rotary_factor']} is not supported "
-            "(moekit rotates the whole head)"
+            f"rope partial_rotary_factor={partial_rotary_factor(hf)} is not supported by this "
+            "family's import (its transformers code rotates the whole head)"
         )
     if kind in ("default", None):
         return theta, None
@@ -166,9 +180,14 @@ def rope_to_hf(config) -> dict[str, Any]:
     defaults to YaRN when none are given)."""
     attention = config.attention
     scaling, theta = attention.rope_scaling, attention.rope_theta
+    partial = (
+        {}
+        if attention.partial_rotary_factor == 1.0
+        else {"partial_rotary_factor": attention.partial_rotary_factor}
+    )
     if scaling is None:
-        params = {"rope_type": "default", "rope_theta": theta}
-        return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params}
+        params = {"rope_type": "default", "rope_theta": theta, **partial}
+        return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params, **partial}
     params = {
         "rope_type": "yarn",
         "rope_theta": theta,
@@ -179,10 +198,11 @@ def rope_to_hf(config) -> dict[str, Any]:
         "mscale": scaling.mscale,
         "mscale_all_dim": scaling.mscale_all_dim,
         "truncate": scaling.truncate,
+        **partial,
     }
     if scaling.attention_factor is not None:
         params["attention_factor"] = scaling.attention_factor
-    return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params}
+    return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params, **partial}
 
 
 def attention_fields(hf: dict[str, Any], **attention_options: Any) -> dict[str, Any]:
@@ -192,7 +212,8 @@ def attention_fields(hf: dict[str, Any], **attention_options: Any) -> dict[str, 
     from moekit.models.transformer.attention import AttentionConfig
 
     heads = hf["num_attention_heads"]
-    theta, scaling = rope(hf)
+    partial = "partial_rotary_factor" in attention_options
+    theta, scaling = rope(hf, partial=partial)
     return dict(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],

@@ -24,6 +24,75 @@ from moekit.routing import Gating, GroupScore, RouterConfig, TopKRouterConfig
 MODEL_TYPE = "deepseek_v3"
 
 
+def moe_entries(config: TransformerConfig, bias: bool = True) -> list[Entry]:
+    """The DeepSeek-style FFN entries other families share (dots.llm1, GLM-4.5): router and
+    (``bias``) its selection bias, dense FFNs, shared experts; the routed experts come from
+    ``common.routed_experts``."""
+    mlp = "model.layers.{layer}.mlp"
+    entries: list[Entry] = [
+        Rename("blocks.{layer}.ffn.router.weight_ED", f"{mlp}.gate.weight", layers="moe"),
+        *common.dense_ffn("blocks.{layer}.ffn", mlp, layers="dense"),
+    ]
+    if bias:
+        entries.append(
+            Rename(
+                "blocks.{layer}.ffn.router.expert_bias_E",
+                f"{mlp}.gate.e_score_correction_bias",
+                layers="moe",
+            )
+        )
+    layer = config.moe.layer
+    if layer is not None and layer.shared_experts is not None:
+        entries += common.dense_ffn(
+            "blocks.{layer}.ffn.shared_experts.ffn", f"{mlp}.shared_experts", layers="moe"
+        )
+    return entries
+
+
+def moe_layer_from_hf(hf: dict[str, Any], family: str, v2: bool = False) -> MoEConfig:
+    """The MoE layer of a DeepSeek-style config: sigmoid scores with a selection-only bias and
+    top-2-sum groups (V3, dots.llm1, GLM-4.5), or V2's softmax with best-score groups; shared
+    experts of ``n_shared_experts * moe_intermediate_size`` (none when 0)."""
+    experts = hf.get("n_routed_experts") or hf["num_local_experts"]
+    shared = (hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"]
+    return MoEConfig(
+        d_model=hf["hidden_size"],
+        num_experts=experts,
+        top_k=hf["num_experts_per_tok"],
+        experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
+        router=RouterConfig(
+            gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
+            normalize_weights=bool(hf.get("norm_topk_prob", not v2)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            num_groups=hf.get("n_group") or 1,
+            topk_groups=hf.get("topk_group") or 1,
+            group_score=GroupScore.MAX if v2 else GroupScore.TOP2_SUM,
+            bias_balancing=not v2,
+        ),
+        shared_experts=SharedExpertConfig(hidden=shared) if shared else None,
+        aux_loss=AuxLossConfig(switch=0.0),  # balanced with the bias
+    )
+
+
+def moe_layer_to_hf(config: TransformerConfig) -> dict[str, Any]:
+    """The HF keys of :func:`moe_layer_from_hf`'s layer and its placement."""
+    moe = common.moe_layer(config, "DeepSeek-style")
+    router = cast(TopKRouterConfig, moe.router)
+    shared = moe.shared_experts
+    return {
+        "intermediate_size": config.ffn_hidden,
+        "moe_intermediate_size": moe.experts.hidden,
+        "n_routed_experts": moe.num_experts,
+        "n_shared_experts": 0 if shared is None else shared.hidden // moe.experts.hidden,
+        "num_experts_per_tok": moe.top_k,
+        "first_k_dense_replace": config.moe.first_dense,
+        "norm_topk_prob": router.normalize_weights,
+        "routed_scaling_factor": router.routed_scaling_factor,
+        "n_group": router.num_groups,
+        "topk_group": router.topk_groups,
+    }
+
+
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     attn, hf = "blocks.{layer}.attn", "model.layers.{layer}.self_attn"
     mlp = "model.layers.{layer}.mlp"

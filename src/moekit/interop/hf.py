@@ -27,6 +27,8 @@ from moekit.interop import (
     dbrx,
     deepseek_v3,
     dense_llama,
+    dots1,
+    glm4_moe,
     gpt_oss,
     mixtral,
     olmoe,
@@ -46,7 +48,16 @@ from moekit.utils.serialization import (
 
 FAMILIES: dict[str, ModuleType] = {
     module.MODEL_TYPE: module
-    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss)
+    for module in (
+        mixtral,
+        qwen2_moe,
+        qwen3_moe,
+        olmoe,
+        deepseek_v3,
+        gpt_oss,
+        dots1,
+        glm4_moe,
+    )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 

@@ -88,6 +88,9 @@ class AttentionConfig:
         rotary: rotary positions (RoPE) on queries and keys.
         rope_theta: the rotary base.
         rope_scaling: YaRN scaling of the rotary positions, or ``None``.
+        partial_rotary_factor: rotate only the first ``int(head_dim * factor)`` dimensions of
+            each query and key head, the rest carry no position (GLM-4.5, MiniMax-M2, Phi;
+            1.0: the whole head).
         qkv_bias: biases on the query, key and value projections (Qwen2).
         qk_norm: RMSNorm of queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
             or ``full`` (over the whole projection, OLMoE).
@@ -108,6 +111,7 @@ class AttentionConfig:
     rotary: bool = True
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig | None = None
+    partial_rotary_factor: float = 1.0
     qkv_bias: bool = False
     qk_norm: QKNorm = QKNorm.NONE
     norm_eps: float | None = None
@@ -133,6 +137,11 @@ class AttentionConfig:
                 f"attention.head_dim must be >= 1 (and even for rotary positions), got "
                 f"{self.head_dim}"
             )
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(
+                f"attention.partial_rotary_factor must be in (0, 1], got "
+                f"{self.partial_rotary_factor}"
+            )
         if self.sliding_window < 0 or self.sliding_window_every < 1:
             raise ValueError(
                 "attention.sliding_window must be >= 0 and attention.sliding_window_every >= 1, "
@@ -148,6 +157,7 @@ class AttentionConfig:
                     ("sinks", self.sinks),
                     ("sliding_window", self.sliding_window),
                     ("causal=false", not self.causal),
+                    ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
                 )
                 if value
             ]
@@ -190,6 +200,13 @@ class AttentionConfig:
         """Per-head width on a stream of width ``d_model`` (``head_dim`` when set)."""
         return self.head_dim or d_model // self.n_heads
 
+    def rotary_dim(self, d_model: int) -> int:
+        """Width of the rotated part of each head (MLA's RoPE part, or the first
+        ``int(head_dim * partial_rotary_factor)`` dimensions)."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return int(self.head_width(d_model) * self.partial_rotary_factor)
+
     @property
     def rope_width(self) -> int | None:
         """Width of the rotated part of a head when it is fixed by the config (MLA's RoPE part
@@ -221,6 +238,12 @@ class Attention(nn.Module):
         self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal, self.rotary = config.causal, config.rotary
+        self.rotary_dim = config.rotary_dim(d_model)
+        if self.rotary and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ValueError(
+                f"the rotated part of each head (head_dim * partial_rotary_factor = "
+                f"{self.rotary_dim}) must be even and >= 2"
+            )
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
@@ -287,7 +310,12 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary and rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if self.rotary_dim == self.head_dim:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            else:  # partial rotary: the first rotary_dim dimensions carry the position
+                r = self.rotary_dim
+                q = torch.cat([apply_rotary(q[..., :r], *rope), q[..., r:]], dim=-1)
+                k = torch.cat([apply_rotary(k[..., :r], *rope), k[..., r:]], dim=-1)
         if cache is not None:
             keys, values = cache
             positions = torch.arange(start, start + S, device=keys.device)

@@ -90,6 +90,15 @@ class TransformerConfig:
         self.attention = self.attention.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
         if self.attention.rotary and self.attention.mla is None and self.head_width % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_width}")
+        rotated = self.attention.rotary_dim(self.d_model)
+        if self.attention.rotary and self.attention.mla is None and (rotated < 2 or rotated % 2):
+            raise ValueError(
+                f"attention.partial_rotary_factor={self.attention.partial_rotary_factor} rotates "
+                f"{rotated} of head_dim={self.head_width} dimensions; it must be even and >= 2"
+            )
+        placed = self.moe.layers
+        if placed and placed[-1] >= self.n_layers:
+            raise ValueError(f"moe.layers names blocks beyond the model's {self.n_layers}")
         layer = self.moe.layer
         if layer is None:
             return
@@ -282,7 +291,7 @@ class TransformerLM(nn.Module):
         """(Re)compute the buffers that are not saved (the rotary tables) on the embedding's
         device: after building on the meta device and ``to_empty``, as torchtitan does."""
         config, attention = self.config, self.config.attention
-        rope_dim = config.head_width if attention.mla is None else attention.mla.qk_rope_head_dim
+        rope_dim = attention.rotary_dim(config.d_model)
         cos, sin = rotary_tables(
             rope_dim, config.max_seq_len, attention.rope_theta, attention.rope_scaling
         )

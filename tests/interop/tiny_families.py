@@ -1,0 +1,68 @@
+"""Tiny random transformers models of the families added for issue 23, each with every option
+the family has turned on (built offline, seconds each)."""
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def _build(config_cls, model_cls, **options):
+    torch.manual_seed(0)
+    config = config_cls(**{**COMMON, **options})
+    model = model_cls(config).eval()
+    with torch.no_grad():  # zero-initialised biases and buffers would hide mapping mistakes
+        for name, tensor in model.state_dict().items():
+            if name.endswith(("bias", "e_score_correction_bias")):
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+    return model
+
+
+def dots1():
+    return _build(
+        transformers.Dots1Config,
+        transformers.Dots1ForCausalLM,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        attention_bias=True,
+        head_dim=16,
+    )
+
+
+def glm4_moe():
+    return _build(
+        transformers.Glm4MoeConfig,
+        transformers.Glm4MoeForCausalLM,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.5,
+        attention_bias=True,
+        use_qk_norm=True,
+        head_dim=16,
+    )
+
+
+FAMILIES = {"dots1": dots1, "glm4_moe": glm4_moe}
