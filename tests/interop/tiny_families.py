@@ -66,3 +66,29 @@ def glm4_moe():
 
 
 FAMILIES = {"dots1": dots1, "glm4_moe": glm4_moe}
+
+
+def deepseek_v2():
+    return _build(
+        transformers.DeepseekV2Config,
+        transformers.DeepseekV2ForCausalLM,
+        num_key_value_heads=4,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+        q_lora_rank=12,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+    )
+
+
+FAMILIES["deepseek_v2"] = deepseek_v2

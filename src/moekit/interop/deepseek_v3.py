@@ -109,18 +109,12 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         ]
     else:
         latent.append(Rename(f"{attn}.q_proj.weight", f"{hf}.q_proj.weight"))
+    layer = config.moe.layer
     base = [
         *common.backbone(tied=config.tie_embeddings, gqa=False),
         *latent,
-        Rename("blocks.{layer}.ffn.router.weight_ED", f"{mlp}.gate.weight", layers="moe"),
-        Rename(
-            "blocks.{layer}.ffn.router.expert_bias_E",
-            f"{mlp}.gate.e_score_correction_bias",
-            layers="moe",
-        ),
-        *common.dense_ffn("blocks.{layer}.ffn", mlp, layers="dense"),
-        *common.dense_ffn(
-            "blocks.{layer}.ffn.shared_experts.ffn", f"{mlp}.shared_experts", layers="moe"
+        *moe_entries(
+            config, bias=layer is not None and getattr(layer.router, "bias_balancing", False)
         ),
     ]
     experts = common.routed_experts(f"{mlp}.experts")
@@ -163,11 +157,16 @@ HF_FIELDS = HFFields(
 
 
 V2_HF_FIELDS = HFFields(
-    mapped=HF_FIELDS.mapped,
+    mapped=HF_FIELDS.mapped - {"norm_topk_prob", "rope_interleave"},
     fixed={
         **{k: v for k, v in HF_FIELDS.fixed.items() if k not in ("topk_method", "scoring_func")},
         "topk_method": ("greedy", "group_limited_greedy"),
         "scoring_func": ("softmax",),
+        # transformers' DeepSeek-V2 never renormalises the top-k weights, whatever this says
+        "norm_topk_prob": (any_value,),
+        "mlp_bias": (False,),
+        # V2 rotates complex pairs: the interleaved layout
+        "rope_interleave": (True, None),
     },
 )
 
@@ -176,7 +175,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
     """The moekit config of an HF ``config.json`` (``strict=False``: accounting only).
 
     ``v2``: DeepSeek-V2's router instead (softmax scores, group-limited by each group's best
-    score, no correction bias); V2 checkpoints are parsed for accounting, not converted.
+    score, no correction bias, no renormalisation: ``moekit.interop.deepseek_v2``).
     """
     family = "DeepSeek-V2" if v2 else "DeepSeek-V3"
     check_hf_config(hf, family, V2_HF_FIELDS if v2 else HF_FIELDS, strict)
@@ -206,7 +205,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
                 router=RouterConfig(
                     gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
-                    normalize_weights=bool(hf.get("norm_topk_prob", not v2)),
+                    normalize_weights=False if v2 else bool(hf.get("norm_topk_prob", True)),
                     routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
                     num_groups=hf.get("n_group") or 1,
                     topk_groups=hf.get("topk_group") or 1,

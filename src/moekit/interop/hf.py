@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -25,6 +24,7 @@ from torch import nn
 
 from moekit.interop import (
     dbrx,
+    deepseek_v2,
     deepseek_v3,
     dense_llama,
     dots1,
@@ -54,6 +54,7 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_moe,
         olmoe,
         deepseek_v3,
+        deepseek_v2,
         gpt_oss,
         dots1,
         glm4_moe,
@@ -62,10 +63,9 @@ FAMILIES: dict[str, ModuleType] = {
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 
 # One config parser per family, for converters and accounting alike (``moekit params``);
-# DeepSeek-V2 and DBRX are parsed for accounting only.
+# DBRX is parsed for accounting only.
 CONFIG_PARSERS: dict[str, Callable[..., Any]] = {
     **{name: module.config_from_hf for name, module in FAMILIES.items()},
-    "deepseek_v2": partial(deepseek_v3.config_from_hf, v2=True),
     "dbrx": dbrx.config_from_hf,
     switch_transformers.MODEL_TYPE: switch_transformers.config_from_hf,
 }
