@@ -92,3 +92,18 @@ def deepseek_v2():
 
 
 FAMILIES["deepseek_v2"] = deepseek_v2
+
+
+def hunyuan_v1_moe():
+    return _build(
+        transformers.HunYuanMoEV1Config,
+        transformers.HunYuanMoEV1ForCausalLM,
+        intermediate_size=24,
+        num_experts=6,
+        moe_topk=2,
+        attention_bias=True,
+        head_dim=16,
+    )
+
+
+FAMILIES["hunyuan_v1_moe"] = hunyuan_v1_moe

@@ -179,7 +179,9 @@ def spec_from_moekit(config) -> ArchSpec:
         attention_qk_width=qk_width,
         attention_v_width=v_width,
         norms_per_layer=2 * d
-        + {"none": 0, "head": 2 * hd, "full": q_width + kv_width}[attn.qk_norm],
+        + {"none": 0, "head": 2 * hd, "head_after_rope": 2 * hd, "full": q_width + kv_width}[
+            attn.qk_norm
+        ],
         final_norm=d,
         dense_ffn_layers=config.n_layers - moe_layers,
         dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),

@@ -30,6 +30,7 @@ from moekit.interop import (
     dots1,
     glm4_moe,
     gpt_oss,
+    hunyuan_v1_moe,
     mixtral,
     olmoe,
     qwen2_moe,
@@ -58,6 +59,7 @@ FAMILIES: dict[str, ModuleType] = {
         gpt_oss,
         dots1,
         glm4_moe,
+        hunyuan_v1_moe,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

@@ -27,6 +27,7 @@ class QKNorm(str, Enum):
     NONE = "none"
     HEAD = "head"  # per head (Qwen3)
     FULL = "full"  # over the whole projection (OLMoE)
+    HEAD_AFTER_ROPE = "head_after_rope"  # per head, after the rotation (Hunyuan-MoE)
 
 
 @dataclass
@@ -92,8 +93,9 @@ class AttentionConfig:
             each query and key head, the rest carry no position (GLM-4.5, MiniMax-M2, Phi;
             1.0: the whole head).
         qkv_bias: biases on the query, key and value projections (Qwen2).
-        qk_norm: RMSNorm of queries and keys before RoPE: ``none``, ``head`` (per head, Qwen3)
-            or ``full`` (over the whole projection, OLMoE).
+        qk_norm: RMSNorm of queries and keys: ``none``, ``head`` (per head before RoPE, Qwen3),
+            ``full`` (over the whole projection, OLMoE) or ``head_after_rope`` (per head after
+            the rotation, Hunyuan-MoE).
         norm_eps: the query/key norms' epsilon; ``None`` means the model's ``norm_eps``
             (1e-6 for a stand-alone ``Attention``).
         o_bias: a bias on the output projection (GPT-OSS).
@@ -255,14 +257,16 @@ class Attention(nn.Module):
         # projection (OLMoE)
         self.qk_norm = qk_norm = QKNorm(qk_norm)
         self.q_norm = self.k_norm = None
-        if qk_norm is QKNorm.HEAD:
+        if qk_norm in (QKNorm.HEAD, QKNorm.HEAD_AFTER_ROPE):
             self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
         elif qk_norm is QKNorm.FULL:
             self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=norm_eps)
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=norm_eps)
         elif qk_norm != "none":
-            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {qk_norm!r}")
+            raise ValueError(
+                f"qk_norm must be 'none', 'head', 'full' or 'head_after_rope', got {qk_norm!r}"
+            )
 
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
@@ -316,6 +320,12 @@ class Attention(nn.Module):
                 r = self.rotary_dim
                 q = torch.cat([apply_rotary(q[..., :r], *rope), q[..., r:]], dim=-1)
                 k = torch.cat([apply_rotary(k[..., :r], *rope), k[..., r:]], dim=-1)
+        if (
+            self.q_norm is not None
+            and self.k_norm is not None
+            and self.qk_norm == "head_after_rope"
+        ):
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             keys, values = cache
             positions = torch.arange(start, start + S, device=keys.device)
