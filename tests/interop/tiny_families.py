@@ -107,3 +107,22 @@ def hunyuan_v1_moe():
 
 
 FAMILIES["hunyuan_v1_moe"] = hunyuan_v1_moe
+
+
+def minimax_m2():
+    return _build(
+        transformers.MiniMaxM2Config,
+        transformers.MiniMaxM2ForCausalLM,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000.0,
+            "partial_rotary_factor": 0.5,
+        },
+    )
+
+
+FAMILIES["minimax_m2"] = minimax_m2

@@ -31,6 +31,7 @@ from moekit.interop import (
     glm4_moe,
     gpt_oss,
     hunyuan_v1_moe,
+    minimax_m2,
     mixtral,
     olmoe,
     qwen2_moe,
@@ -60,6 +61,7 @@ FAMILIES: dict[str, ModuleType] = {
         dots1,
         glm4_moe,
         hunyuan_v1_moe,
+        minimax_m2,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
