@@ -126,3 +126,23 @@ def minimax_m2():
 
 
 FAMILIES["minimax_m2"] = minimax_m2
+
+
+def ernie4_5_moe():
+    return _build(
+        transformers.Ernie4_5_MoeConfig,
+        transformers.Ernie4_5_MoeForCausalLM,
+        num_hidden_layers=4,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        moe_num_experts=8,
+        moe_num_shared_experts=2,
+        moe_k=3,
+        moe_layer_start_index=1,
+        moe_layer_end_index=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+
+
+FAMILIES["ernie4_5_moe"] = ernie4_5_moe

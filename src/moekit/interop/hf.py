@@ -28,6 +28,7 @@ from moekit.interop import (
     deepseek_v3,
     dense_llama,
     dots1,
+    ernie4_5_moe,
     glm4_moe,
     gpt_oss,
     hunyuan_v1_moe,
@@ -62,6 +63,7 @@ FAMILIES: dict[str, ModuleType] = {
         glm4_moe,
         hunyuan_v1_moe,
         minimax_m2,
+        ernie4_5_moe,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
