@@ -146,3 +146,28 @@ def ernie4_5_moe():
 
 
 FAMILIES["ernie4_5_moe"] = ernie4_5_moe
+
+
+def _granite(shared: bool):
+    config_cls = transformers.GraniteMoeSharedConfig if shared else transformers.GraniteMoeConfig
+    model_cls = (
+        transformers.GraniteMoeSharedForCausalLM if shared else transformers.GraniteMoeForCausalLM
+    )
+    extra = {"shared_intermediate_size": 20} if shared else {}
+    return _build(
+        config_cls,
+        model_cls,
+        intermediate_size=16,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        attention_bias=True,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        logits_scaling=8.0,
+        attention_multiplier=0.015625,
+        **extra,
+    )
+
+
+FAMILIES["granitemoe"] = lambda: _granite(False)
+FAMILIES["granitemoeshared"] = lambda: _granite(True)

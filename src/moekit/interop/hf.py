@@ -31,6 +31,8 @@ from moekit.interop import (
     ernie4_5_moe,
     glm4_moe,
     gpt_oss,
+    granitemoe,
+    granitemoeshared,
     hunyuan_v1_moe,
     minimax_m2,
     mixtral,
@@ -64,6 +66,8 @@ FAMILIES: dict[str, ModuleType] = {
         hunyuan_v1_moe,
         minimax_m2,
         ernie4_5_moe,
+        granitemoe,
+        granitemoeshared,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

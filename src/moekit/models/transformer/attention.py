@@ -104,6 +104,8 @@ class AttentionConfig:
         sliding_window_every: in a model, layer ``i`` uses the window when
             ``i % sliding_window_every == 0`` (GPT-OSS: 2, every even layer; 1: every layer).
         mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
+        scale: the logits' scale; ``None`` means ``head_dim ** -0.5`` (Granite sets its own
+            ``attention_multiplier``).
     """
 
     n_heads: int
@@ -122,9 +124,12 @@ class AttentionConfig:
     sliding_window: int = 0
     sliding_window_every: int = 1
     mla: MLAConfig | None = None
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "attention.")
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"attention.scale must be > 0 (or None), got {self.scale}")
         if self.n_heads < 1:
             raise ValueError(f"attention.n_heads must be >= 1, got {self.n_heads}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
@@ -160,6 +165,7 @@ class AttentionConfig:
                     ("sliding_window", self.sliding_window),
                     ("causal=false", not self.causal),
                     ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
+                    ("scale", self.scale is not None),
                 )
                 if value
             ]
@@ -240,6 +246,7 @@ class Attention(nn.Module):
         self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal, self.rotary = config.causal, config.rotary
+        self.scale = head_dim**-0.5 if config.scale is None else config.scale
         self.rotary_dim = config.rotary_dim(d_model)
         if self.rotary and (self.rotary_dim < 2 or self.rotary_dim % 2):
             raise ValueError(
@@ -276,7 +283,7 @@ class Attention(nn.Module):
         """Explicit softmax attention for attention sinks (``(B, H, S, Dh)`` out)."""
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(2, 3)) * self.head_dim**-0.5
+        scores = (q @ k.transpose(2, 3)) * self.scale
         scores = torch.where(allowed, scores, float("-inf"))
         if self.sinks is not None:
             sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
@@ -369,6 +376,6 @@ class Attention(nn.Module):
                 v = v.repeat_interleave(groups, dim=1)
                 grouped = False
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped, scale=self.scale
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

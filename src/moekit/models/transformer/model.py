@@ -46,6 +46,10 @@ class TransformerConfig:
         norm_eps: RMSNorm epsilon (and the attention's query/key norms', unless it sets one).
         tie_embeddings: the output head reuses the token embedding.
         moe: where the MoE layers are and how they are built.
+        embedding_multiplier: scales the token embeddings (Granite's muP-style multipliers).
+        residual_multiplier: scales each block's attention and FFN outputs before they join
+            the residual stream (Granite).
+        logits_scaling: the logits are divided by this (Granite).
     """
 
     vocab_size: int
@@ -58,6 +62,9 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     moe: MoEPlacementConfig = field(default_factory=MoEPlacementConfig)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     #: keys of the flat layout, named by their new home in the error for an old config file
     moved_keys: ClassVar[dict[str, str]] = {
@@ -85,6 +92,9 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.attention.causal:
             raise ValueError("attention.causal must be true in a causal language model")
         self.attention = self.attention.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
@@ -203,8 +213,10 @@ class Block(nn.Module):
         activation,
         norm_eps: float,
         moe_config: MoEConfig | None,
+        residual_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
+        self.residual_multiplier = residual_multiplier
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.attn = attention.build(d_model=d_model)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
@@ -225,14 +237,18 @@ class Block(nn.Module):
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        x_BSD = x_BSD + self.attn(
+        m = self.residual_multiplier
+        attn = self.attn(
             self.attn_norm(x_BSD), rope=rope, cache=cache, start=start, key_mask=key_mask
         )
+        x_BSD = x_BSD + (attn if m == 1.0 else attn * m)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             moe_out = self.ffn(h_BSD, padding_mask, token_ids)
-            return x_BSD + moe_out.output, moe_out
-        return x_BSD + self.ffn(h_BSD), None
+            y = moe_out.output
+            return x_BSD + (y if m == 1.0 else y * m), moe_out
+        y = self.ffn(h_BSD)
+        return x_BSD + (y if m == 1.0 else y * m), None
 
 
 def host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -273,6 +289,7 @@ class TransformerLM(nn.Module):
                 activation=config.activation,
                 norm_eps=config.norm_eps,
                 moe_config=config.moe.layer_for(i, config.n_layers),
+                residual_multiplier=config.residual_multiplier,
             )
             for i in range(config.n_layers)
         )
@@ -363,6 +380,8 @@ class TransformerLM(nn.Module):
         start: int,
     ) -> LMOutput:
         x = self.embed(tokens)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_outputs: list[MoEOutput] = []
         for i, block in enumerate(self.blocks):
@@ -383,6 +402,8 @@ class TransformerLM(nn.Module):
             kv_cache.length = start + tokens.shape[1]
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
         return LMOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
 
     def _forward_packed(
