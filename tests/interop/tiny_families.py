@@ -171,3 +171,20 @@ def _granite(shared: bool):
 
 FAMILIES["granitemoe"] = lambda: _granite(False)
 FAMILIES["granitemoeshared"] = lambda: _granite(True)
+
+
+def phimoe():
+    return _build(
+        transformers.PhimoeConfig,
+        transformers.PhimoeForCausalLM,
+        intermediate_size=16,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        attention_bias=True,
+        lm_head_bias=True,
+        sliding_window=5,  # shorter than the test's 13 tokens
+        router_jitter_noise=0.3,  # a wide threshold: several candidates per round
+    )
+
+
+FAMILIES["phimoe"] = phimoe

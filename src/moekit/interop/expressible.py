@@ -223,7 +223,7 @@ def export_problems(
 ) -> list[str]:
     """Every function-changing option of ``config`` that does not survive the round trip."""
     layer = config.moe.layer
-    if layer is not None and layer.router.kind.value != "top_k":
+    if layer is not None and layer.router.kind.value not in ("top_k", "sparsemixer"):
         router = layer.router
         return [
             f"moe.layer.router.kind={router.kind.value!r} (Hugging Face MoE families route by "

@@ -37,6 +37,7 @@ from moekit.interop import (
     minimax_m2,
     mixtral,
     olmoe,
+    phimoe,
     qwen2_moe,
     qwen3_moe,
     switch_transformers,
@@ -68,6 +69,7 @@ FAMILIES: dict[str, ModuleType] = {
         ernie4_5_moe,
         granitemoe,
         granitemoeshared,
+        phimoe,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

@@ -17,6 +17,7 @@ from moekit.routing.gshard import GShardRouterConfig, GShardTop2Router, SecondEx
 from moekit.routing.hashing import HashRouter, HashRouterConfig, RandomStaticRouterConfig
 from moekit.routing.result import Router, RoutingResult
 from moekit.routing.soft import SoftMoERouter, SoftRouterConfig, SoftRoutingResult
+from moekit.routing.sparsemixer import SparseMixerRouter, SparseMixerRouterConfig
 from moekit.routing.top_p import TopPRouter, TopPRouterConfig
 from moekit.routing.topk import Gating, GroupScore, TopKRouter, TopKRouterConfig
 
@@ -46,6 +47,8 @@ __all__ = [
     "SoftMoERouter",
     "SoftRouterConfig",
     "SoftRoutingResult",
+    "SparseMixerRouter",
+    "SparseMixerRouterConfig",
     "TopKRouter",
     "TopKRouterConfig",
     "TopPRouter",

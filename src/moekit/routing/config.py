@@ -35,6 +35,7 @@ class RouterKind(str, Enum):
     RANDOM_STATIC = "random_static"  # a fixed random token-id -> expert table
     BASE = "base"  # balanced assignment (BASE layers, Lewis et al. 2021)
     TOP_P = "top_p"  # adaptive number of experts: smallest set with mass >= p (Huang et al.)
+    SPARSEMIXER = "sparsemixer"  # sampled top-k with GRIN's gradient (Phi-3.5-MoE)
 
 
 # every family config by kind, filled as the family modules are imported

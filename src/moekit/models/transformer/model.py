@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, ClassVar, cast
 
 import torch
@@ -28,6 +29,21 @@ from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, is_causal
 from moekit.utils.device import has_values
 from moekit.utils.validation import check_fields
+
+
+class NormKind(str, Enum):
+    """The blocks' and the final norm: RMSNorm (Llama and most MoE models) or LayerNorm with a
+    bias (Phi-3.5-MoE)."""
+
+    RMS = "rms"
+    LAYER = "layer"
+
+
+def build_norm(kind: NormKind, width: int, eps: float) -> nn.Module:
+    """An ``nn.RMSNorm`` or ``nn.LayerNorm`` (with weight and bias) of ``width``."""
+    if NormKind(kind) is NormKind.LAYER:
+        return nn.LayerNorm(width, eps=eps)
+    return nn.RMSNorm(width, eps=eps)
 
 
 @dataclass(kw_only=True)
@@ -50,6 +66,9 @@ class TransformerConfig:
         residual_multiplier: scales each block's attention and FFN outputs before they join
             the residual stream (Granite).
         logits_scaling: the logits are divided by this (Granite).
+        norm: ``rms`` (RMSNorm) or ``layer`` (LayerNorm with a bias, Phi-3.5-MoE) for the
+            blocks' and the final norm.
+        lm_head_bias: the output head has a bias (Phi-3.5-MoE; not with tied embeddings).
     """
 
     vocab_size: int
@@ -65,6 +84,8 @@ class TransformerConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    norm: NormKind = NormKind.RMS
+    lm_head_bias: bool = False
 
     #: keys of the flat layout, named by their new home in the error for an old config file
     moved_keys: ClassVar[dict[str, str]] = {
@@ -92,6 +113,8 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ValueError("lm_head_bias needs an untied head (tie_embeddings=false)")
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -214,12 +237,13 @@ class Block(nn.Module):
         norm_eps: float,
         moe_config: MoEConfig | None,
         residual_multiplier: float = 1.0,
+        norm: NormKind = NormKind.RMS,
     ) -> None:
         super().__init__()
         self.residual_multiplier = residual_multiplier
-        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn_norm = build_norm(norm, d_model, norm_eps)
         self.attn = attention.build(d_model=d_model)
-        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn_norm = build_norm(norm, d_model, norm_eps)
         self.ffn: nn.Module = (
             moe_config.build()
             if moe_config is not None
@@ -290,14 +314,15 @@ class TransformerLM(nn.Module):
                 norm_eps=config.norm_eps,
                 moe_config=config.moe.layer_for(i, config.n_layers),
                 residual_multiplier=config.residual_multiplier,
+                norm=config.norm,
             )
             for i in range(config.n_layers)
         )
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = build_norm(config.norm, config.d_model, config.norm_eps)
         self.lm_head = (
             None
             if config.tie_embeddings
-            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+            else nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         )
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)

@@ -1,0 +1,132 @@
+"""SparseMixer routing (Liu et al. 2024, "GRIN: GRadient-INformed MoE", arXiv:2409.12136), the
+router of Phi-3.5-MoE.
+
+Legend: T = tokens, D = d_model, E = experts, K = experts per token.
+
+The K experts are chosen one after another. In round ``j`` (the experts already chosen masked
+out), with ``m`` the best remaining logit, an expert ``e`` stays a candidate when
+``(m - s_e) / max(|s_e|, m) <= 2 * eps`` (``eps``: ``jitter_eps``); the weight of the chosen
+expert is its softmax probability among the candidates. At inference the chosen expert is the
+best remaining one. In training it is *sampled* among the candidates (Gumbel-max), and its weight's
+gradient follows GRIN's estimator: ``dL/ds = w * g * (onehot(chosen) - p)`` (``p``: the
+candidates' softmax), with the forward weight scaled by 1 when the sample is the best candidate
+(or, with probability 1/4, anyway) and by 1/3 otherwise (Heun's third-order midpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
+from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
+from moekit.routing.result import RoutingResult
+
+
+@dataclass(kw_only=True)
+class SparseMixerRouterConfig(GateOptions, RouterOptions):
+    """SparseMixer routing (``moekit.routing.sparsemixer`` has the rule).
+
+    Args:
+        jitter_eps: the candidate threshold ``eps`` (Phi-3.5-MoE: 0.01).
+        input_jitter_eps: multiplicative input jitter U(1-eps, 1+eps) in training (0: off).
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.SPARSEMIXER, init=False)
+    jitter_eps: float = 0.01
+    input_jitter_eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.jitter_eps < 0 or not 0 <= self.input_jitter_eps < 1:
+            raise ValueError(
+                f"jitter_eps must be >= 0 and input_jitter_eps in [0, 1), got {self.jitter_eps} "
+                f"and {self.input_jitter_eps}"
+            )
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> SparseMixerRouter:
+        return SparseMixerRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class _HeunMultiplier(torch.autograd.Function):
+    """``w * scale`` forward; GRIN's gradient ``w * g * (onehot(chosen) - p)`` to the logits."""
+
+    @staticmethod
+    def forward(ctx, scores_TE, weight_T1, chosen_T1, probs_TE, scale_T1):  # type: ignore[override]
+        ctx.save_for_backward(weight_T1, chosen_T1, probs_TE)
+        return weight_T1 * scale_T1
+
+    @staticmethod
+    def backward(ctx, grad_T1):  # type: ignore[override]
+        weight_T1, chosen_T1, probs_TE = ctx.saved_tensors
+        grad_T1 = grad_T1 * weight_T1
+        grad_TE = -probs_TE * grad_T1
+        grad_TE = grad_TE.scatter_add(-1, chosen_T1, grad_T1)
+        return grad_TE, None, None, None, None
+
+
+def sparsemixer(
+    scores_TE: torch.Tensor, top_k: int, jitter_eps: float, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights (T, K), experts (T, K))`` of SparseMixer on router logits ``scores_TE``."""
+    masked_TE = scores_TE
+    weights, chosen = [], []
+    for _ in range(top_k):  # K rounds, each over every token at once
+        with torch.no_grad():
+            best_T1, best_idx_T1 = masked_TE.max(dim=-1, keepdim=True)
+            factor_TE = scores_TE.abs().clamp(min=best_T1)
+            outside_TE = ((best_T1 - scores_TE) / factor_TE) > 2 * jitter_eps
+        gates_TE = masked_TE.masked_fill(outside_TE, float("-inf"))
+        if training:  # Gumbel-max sampling among the candidates
+            noise = torch.empty_like(gates_TE).exponential_().log()
+            pick_T1 = (gates_TE - noise).argmax(dim=-1, keepdim=True)
+        else:
+            pick_T1 = best_idx_T1
+        probs_TE = torch.softmax(gates_TE, dim=-1)
+        weight_T1 = probs_TE.gather(-1, pick_T1)
+        if training:
+            best_prob_idx = probs_TE.argmax(dim=-1, keepdim=True)
+            one = (pick_T1 == best_prob_idx) | (torch.rand_like(weight_T1) > 0.75)
+            scale_T1 = torch.add(0.3333, one.to(weight_T1.dtype), alpha=0.6667)
+            weight_T1 = _HeunMultiplier.apply(
+                scores_TE, weight_T1.detach(), pick_T1, probs_TE.detach(), scale_T1
+            )
+        weights.append(weight_T1)
+        chosen.append(pick_T1)
+        masked_TE = masked_TE.scatter(-1, pick_T1, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(chosen, dim=-1)
+
+
+class SparseMixerRouter(RouterBase):
+    """SparseMixer router: ``(T, D) -> RoutingResult``; parameters ``weight_ED`` (and
+    ``bias_E``)."""
+
+    def __init__(
+        self, config: SparseMixerRouterConfig, *, d_model: int, num_experts: int, top_k: int
+    ) -> None:
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
+        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
+        cfg = self.config
+        x_TD = x_TD.to(router_dtype(x_TD, cfg.float32))
+        if self.training and cfg.input_jitter_eps > 0:
+            eps = cfg.input_jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
+        weights_TK, expert_idx_TK = sparsemixer(
+            logits_TE, self.top_k, cfg.jitter_eps, self.training
+        )
+        return RoutingResult(
+            expert_idx_TK=expert_idx_TK,
+            weights_TK=weights_TK,
+            logits_TE=logits_TE,
+            probs_TE=torch.softmax(logits_TE, dim=-1),
+        )
