@@ -23,6 +23,8 @@ def _build(config_cls, model_cls, **options):
         for name, tensor in model.state_dict().items():
             if name.endswith(("bias", "e_score_correction_bias")):
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
+            elif "norm" in name and name.endswith("weight"):  # not all ones
+                tensor.copy_(1 + torch.randn_like(tensor) * 0.2)
     return model
 
 
@@ -188,3 +190,32 @@ def phimoe():
 
 
 FAMILIES["phimoe"] = phimoe
+
+
+def llama4_text():
+    return _build(
+        transformers.Llama4TextConfig,
+        transformers.Llama4ForCausalLM,
+        num_hidden_layers=4,
+        head_dim=8,
+        intermediate_size=16,
+        intermediate_size_mlp=24,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        interleave_moe_layer_step=2,
+        no_rope_layers=[1, 0, 1, 0],  # NoPE in blocks 1 and 3
+        attention_chunk_size=5,  # chunks shorter than the test's 13 tokens
+        floor_scale=3,  # temperature tuning changes within the test's positions
+        attn_scale=0.3,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
+
+
+FAMILIES["llama4_text"] = llama4_text

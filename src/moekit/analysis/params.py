@@ -179,9 +179,13 @@ def spec_from_moekit(config) -> ArchSpec:
         attention_qk_width=qk_width,
         attention_v_width=v_width,
         norms_per_layer=2 * d * (2 if config.norm == "layer" else 1)  # LayerNorm: + bias
-        + {"none": 0, "head": 2 * hd, "head_after_rope": 2 * hd, "full": q_width + kv_width}[
-            attn.qk_norm
-        ],
+        + {
+            "none": 0,
+            "head": 2 * hd,
+            "head_after_rope": 2 * hd,
+            "weightless": 0,
+            "full": q_width + kv_width,
+        }[attn.qk_norm],
         final_norm=d * (2 if config.norm == "layer" else 1),
         dense_ffn_layers=config.n_layers - moe_layers,
         dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),

@@ -12,6 +12,7 @@ collective lives there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ class DispatchConfig:
             checkpoints name theirs ``expert_capacity``.
         capacity_scope: ``batch`` (one ``C`` per expert for the call) or ``sequence`` (one per
             expert per sequence, where ``T`` in the formula is the sequence length).
+        weight_input: apply each assignment's router weight to the expert's *input* instead of
+            its output (``expert(w * x)``, Llama 4); the outputs are then summed unweighted.
     """
 
     mode: DispatchMode = DispatchMode.DROPLESS
@@ -48,6 +51,7 @@ class DispatchConfig:
     drop_priority: DropPriority = DropPriority.PROBABILITY
     expert_capacity: int = 0
     capacity_scope: CapacityScope = CapacityScope.BATCH
+    weight_input: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -141,6 +145,9 @@ class Dispatcher:
             the caller's residual carries it unchanged.
         """
         x_MD = self.dispatch(x_TD, plan)
+        if self.config.weight_input:  # expert(w * x), summed unweighted (Llama 4)
+            x_MD = x_MD * plan.weights_M.unsqueeze(-1).to(x_MD.dtype)
+            plan = dataclasses.replace(plan, weights_M=torch.ones_like(plan.weights_M))
         y_MD = self.compute(x_MD, plan, experts)
         return combine(x_TD, y_MD, plan)
 

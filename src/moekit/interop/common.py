@@ -141,8 +141,18 @@ def rope(hf: dict[str, Any], default: float = 10000.0, partial: bool = False) ->
         )
     if kind in ("default", None):
         return theta, None
+    if kind == "llama3":
+        return theta, RopeScalingConfig(
+            kind="llama3",
+            factor=float(params["factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+        )
     if kind != "yarn":
-        raise ValueError(f"rope scaling {kind!r} is not supported yet (default and yarn are)")
+        raise ValueError(
+            f"rope scaling {kind!r} is not supported yet (default, yarn and llama3 are)"
+        )
     return theta, RopeScalingConfig(
         factor=float(params["factor"]),
         original_max_position_embeddings=int(params["original_max_position_embeddings"]),
@@ -187,6 +197,17 @@ def rope_to_hf(config) -> dict[str, Any]:
     )
     if scaling is None:
         params = {"rope_type": "default", "rope_theta": theta, **partial}
+        return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params, **partial}
+    if scaling.kind == "llama3":
+        params = {
+            "rope_type": "llama3",
+            "rope_theta": theta,
+            "factor": scaling.factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            **partial,
+        }
         return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params, **partial}
     params = {
         "rope_type": "yarn",

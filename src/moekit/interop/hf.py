@@ -34,6 +34,7 @@ from moekit.interop import (
     granitemoe,
     granitemoeshared,
     hunyuan_v1_moe,
+    llama4,
     minimax_m2,
     mixtral,
     olmoe,
@@ -70,6 +71,7 @@ FAMILIES: dict[str, ModuleType] = {
         granitemoe,
         granitemoeshared,
         phimoe,
+        llama4,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

@@ -28,6 +28,8 @@ class QKNorm(str, Enum):
     HEAD = "head"  # per head (Qwen3)
     FULL = "full"  # over the whole projection (OLMoE)
     HEAD_AFTER_ROPE = "head_after_rope"  # per head, after the rotation (Hunyuan-MoE)
+    # per head after the rotation, without a learned weight, on rotary layers only (Llama 4)
+    WEIGHTLESS = "weightless"
 
 
 @dataclass
@@ -95,7 +97,8 @@ class AttentionConfig:
         qkv_bias: biases on the query, key and value projections (Qwen2).
         qk_norm: RMSNorm of queries and keys: ``none``, ``head`` (per head before RoPE, Qwen3),
             ``full`` (over the whole projection, OLMoE) or ``head_after_rope`` (per head after
-            the rotation, Hunyuan-MoE).
+            the rotation, Hunyuan-MoE) or ``weightless`` (per head after the rotation, no
+            learned weight, rotary layers only: Llama 4).
         norm_eps: the query/key norms' epsilon; ``None`` means the model's ``norm_eps``
             (1e-6 for a stand-alone ``Attention``).
         o_bias: a bias on the output projection (GPT-OSS).
@@ -106,6 +109,13 @@ class AttentionConfig:
         mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
         scale: the logits' scale; ``None`` means ``head_dim ** -0.5`` (Granite sets its own
             ``attention_multiplier``).
+        no_rope_layers: blocks whose attention has no rotary positions (NoPE; Llama 4's
+            iRoPE: every fourth block).
+        chunk_size: the rotary blocks attend only within chunks of this many positions (Llama
+            4's local attention; the NoPE blocks see every earlier position); 0: off.
+        temperature_floor_scale, temperature_scale: NoPE blocks scale their queries by
+            ``1 + temperature_scale * log(1 + floor((position + 1) / floor_scale))`` (Llama 4's
+            attention temperature tuning, arXiv:2501.19399); floor scale 0: off.
     """
 
     n_heads: int
@@ -125,9 +135,18 @@ class AttentionConfig:
     sliding_window_every: int = 1
     mla: MLAConfig | None = None
     scale: float | None = None
+    no_rope_layers: list[int] | None = None
+    chunk_size: int = 0
+    temperature_floor_scale: int = 0
+    temperature_scale: float = 0.1
 
     def __post_init__(self) -> None:
         check_fields(self, "attention.")
+        if self.chunk_size < 0 or self.temperature_floor_scale < 0:
+            raise ValueError(
+                f"attention.chunk_size and attention.temperature_floor_scale must be >= 0, got "
+                f"{self.chunk_size} and {self.temperature_floor_scale}"
+            )
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"attention.scale must be > 0 (or None), got {self.scale}")
         if self.n_heads < 1:
@@ -166,6 +185,9 @@ class AttentionConfig:
                     ("causal=false", not self.causal),
                     ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
                     ("scale", self.scale is not None),
+                    ("no_rope_layers", bool(self.no_rope_layers)),
+                    ("chunk_size", self.chunk_size),
+                    ("temperature_floor_scale", self.temperature_floor_scale),
                 )
                 if value
             ]
@@ -197,7 +219,15 @@ class AttentionConfig:
         """Block ``index``'s attention: the window applies when ``index`` is a multiple of
         ``sliding_window_every``."""
         window = self.sliding_window if index % self.sliding_window_every == 0 else 0
-        return dataclasses.replace(self, sliding_window=window, sliding_window_every=1)
+        layer = dataclasses.replace(self, sliding_window=window, sliding_window_every=1)
+        if self.no_rope_layers is None:
+            return layer
+        if index in self.no_rope_layers:  # NoPE: no rotation, no chunks, temperature tuning
+            norm = QKNorm.NONE if self.qk_norm is QKNorm.WEIGHTLESS else self.qk_norm
+            return dataclasses.replace(
+                layer, rotary=False, chunk_size=0, qk_norm=norm, no_rope_layers=None
+            )
+        return dataclasses.replace(layer, temperature_floor_scale=0, no_rope_layers=None)
 
     @property
     def kv_heads(self) -> int:
@@ -260,6 +290,9 @@ class Attention(nn.Module):
         # GPT-OSS: a learned per-head logit that joins every softmax and takes some of its mass
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if config.sinks else None
         self.sliding_window = config.sliding_window  # 0: attend to every earlier position
+        self.chunk_size = config.chunk_size  # 0: no chunks
+        self.temperature_floor_scale = config.temperature_floor_scale
+        self.temperature_scale = config.temperature_scale
         # RMSNorm on queries and keys before RoPE: per head (Qwen3) or over the whole
         # projection (OLMoE)
         self.qk_norm = qk_norm = QKNorm(qk_norm)
@@ -267,12 +300,15 @@ class Attention(nn.Module):
         if qk_norm in (QKNorm.HEAD, QKNorm.HEAD_AFTER_ROPE):
             self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+        elif qk_norm is QKNorm.WEIGHTLESS:
+            self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps, elementwise_affine=False)
+            self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps, elementwise_affine=False)
         elif qk_norm is QKNorm.FULL:
             self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=norm_eps)
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=norm_eps)
         elif qk_norm != "none":
             raise ValueError(
-                f"qk_norm must be 'none', 'head', 'full' or 'head_after_rope', got {qk_norm!r}"
+                f"qk_norm must be one of {', '.join(n.value for n in QKNorm)}, got {qk_norm!r}"
             )
 
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -330,9 +366,14 @@ class Attention(nn.Module):
         if (
             self.q_norm is not None
             and self.k_norm is not None
-            and self.qk_norm == "head_after_rope"
+            and self.qk_norm in ("head_after_rope", "weightless")
         ):
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.temperature_floor_scale:  # Llama 4: the queries' temperature grows with position
+            positions = torch.arange(start, start + S, device=q.device, dtype=torch.float32)
+            floors = torch.floor((positions + 1.0) / self.temperature_floor_scale)
+            scales = torch.log1p(floors) * self.temperature_scale + 1.0
+            q = (q * scales.view(1, 1, S, 1)).to(q.dtype)
         if cache is not None:
             keys, values = cache
             positions = torch.arange(start, start + S, device=keys.device)
@@ -342,7 +383,7 @@ class Attention(nn.Module):
             # a cache kept in another dtype than the queries (new_kv_cache(dtype=...))
             k, v = k.to(q.dtype), v.to(q.dtype)
         L = k.shape[2]
-        if key_mask is None and not self.sliding_window:
+        if key_mask is None and not self.sliding_window and not self.chunk_size:
             mask, is_causal = None, False
             if self.causal and S > 1:
                 if L == S:
@@ -357,6 +398,7 @@ class Attention(nn.Module):
                     start,
                     causal=self.causal,
                     window=self.sliding_window,
+                    chunk=self.chunk_size,
                     key_mask_BL=key_mask,
                     device=x_BSD.device,
                 ),

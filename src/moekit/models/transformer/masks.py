@@ -15,13 +15,15 @@ def allowed_keys(
     *,
     causal: bool,
     window: int = 0,
+    chunk: int = 0,
     key_mask_BL: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Which keys each query may attend to: ``(S, L)``, or ``(B, 1, S, L)`` with a key mask.
 
     Queries are positions ``start .. start+S-1`` of the ``L`` keys; ``window`` keeps the last
-    ``window`` keys of each query (0: all); ``key_mask_BL`` (``True`` = real token) hides
+    ``window`` keys of each query (0: all); ``chunk`` keeps the keys in the query's chunk of
+    ``chunk`` positions (0: off); ``key_mask_BL`` (``True`` = real token) hides
     padding keys, or, shaped ``(B, 1, S, L)``, says per query which keys it may see (packed
     segments). A padding query may then see no key at all, which would make its softmax NaN:
     it is allowed to see itself instead (no real query ever sees a padding key, so real
@@ -32,6 +34,11 @@ def allowed_keys(
     allowed = key_1L <= query_S1 if causal else torch.ones(S, L, dtype=torch.bool, device=device)
     if window:
         allowed = allowed & (key_1L > query_S1 - window)
+    if chunk:  # local attention within fixed chunks of positions (Llama 4)
+        allowed = allowed & (
+            torch.div(key_1L, chunk, rounding_mode="floor")
+            == torch.div(query_S1, chunk, rounding_mode="floor")
+        )
     if key_mask_BL is not None:
         B = key_mask_BL.shape[0]
         # (B, L): padding keys; (B, 1, S, L): any per-query mask (packed sequences' segments)

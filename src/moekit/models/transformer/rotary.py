@@ -50,17 +50,36 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor, 
     return inv_freq, factor
 
 
+def _llama3_inv_freq(head_dim: int, theta: float, scaling) -> torch.Tensor:
+    """Llama 3's frequency-dependent interpolation: long wavelengths divided by ``factor``,
+    short ones kept, a smooth ramp between (``low_freq_factor``/``high_freq_factor``)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 @dataclass(kw_only=True)
 class RopeScalingConfig:
-    """YaRN rotary scaling (Peng et al. 2023), as DeepSeek-V3 and GPT-OSS use it.
+    """Rotary context extension: YaRN (Peng et al. 2023; DeepSeek-V3, GPT-OSS) or Llama 3's
+    frequency-dependent interpolation (Llama 3.1, Llama 4).
 
     Args:
+        kind: ``yarn`` or ``llama3``.
         factor: context extension factor.
         original_max_position_embeddings: the pre-extension context.
         beta_fast, beta_slow: rotation counts bounding the interpolation ramp.
         mscale, mscale_all_dim: DeepSeek's attention-temperature terms (0 = unused).
         attention_factor: explicit cos/sin scale (``None``: derived from the above).
         truncate: round the ramp bounds to whole dimensions.
+        low_freq_factor, high_freq_factor: Llama 3's wavelength bounds (``original / factor``).
     """
 
     factor: float
@@ -71,9 +90,16 @@ class RopeScalingConfig:
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
     truncate: bool = True
+    kind: str = "yarn"
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.kind not in ("yarn", "llama3"):
+            raise ValueError(f"rope_scaling.kind must be 'yarn' or 'llama3', got {self.kind!r}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError("rope_scaling.high_freq_factor must exceed low_freq_factor")
         if self.factor <= 0 or self.original_max_position_embeddings < 1:
             raise ValueError(
                 "rope_scaling.factor must be > 0 and original_max_position_embeddings >= 1"
@@ -88,6 +114,8 @@ def rotary_tables(
     if scaling is None:
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         attention_factor = 1.0
+    elif scaling.kind == "llama3":
+        inv_freq, attention_factor = _llama3_inv_freq(head_dim, theta, scaling), 1.0
     else:
         inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
