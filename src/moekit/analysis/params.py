@@ -162,7 +162,9 @@ def spec_from_moekit(config) -> ArchSpec:
             shared += d if s.gated else 0
         router = d + (1 if getattr(layer.router, "bias", False) else 0)  # per expert
         router += d if getattr(layer.router, "noisy_gating", False) else 0
-        router *= num_experts
+        router *= layer.routed_choices  # zero-computation experts have router rows too
+        if layer.zero_computation is not None:  # constant experts: a vector and a 2-way gate
+            router += 3 * d * layer.zero_computation.constant
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if attn.qkv_bias else 0
     attention += (d if attn.o_bias else 0) + (attn.n_heads if attn.sinks else 0)

@@ -6,6 +6,7 @@ token, M = kept token-expert assignments.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -17,6 +18,7 @@ from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.dispatch.soft import soft_dispatch_and_combine
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
+from moekit.experts.zero_computation import ZeroComputationConfig
 from moekit.layers.statistics import RoutingStats, routing_stats, soft_routing_stats
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
@@ -45,6 +47,8 @@ class MoEConfig:
         check_finite: raise on NaN/Inf inputs (costs one reduction per call).
         statistics: compute ``MoEOutput.stats`` (tokens per expert, drops, entropy); off, the
             layer does no statistics work at all.
+        zero_computation: zero-computation experts (zero, copy, constant) the router may
+            choose besides the ``num_experts`` real ones (MoE++, LongCat-Flash), or ``None``.
     """
 
     d_model: int = 0
@@ -57,12 +61,28 @@ class MoEConfig:
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
     check_finite: bool = False
     statistics: bool = True
+    zero_computation: ZeroComputationConfig | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.d_model < 0:
             raise ValueError(f"d_model must be >= 1 (or 0: the model's), got {self.d_model}")
-        self.router.validate_for(self.num_experts, self.top_k)
+        self.router.validate_for(self.routed_choices, self.top_k)
+        if self.zero_computation is not None and self.router.kind in (
+            RouterKind.SOFT,
+            RouterKind.EXPERT_CHOICE,
+            RouterKind.DENSE,
+        ):
+            raise ValueError(
+                f"zero_computation experts need a token-choice router, not kind="
+                f"{self.router.kind.value!r}"
+            )
+
+    @property
+    def routed_choices(self) -> int:
+        """The experts the router scores: the real ones plus the zero-computation ones."""
+        extra = 0 if self.zero_computation is None else self.zero_computation.count
+        return self.num_experts + extra
         if self.aux_loss.load > 0 and not getattr(self.router, "noisy_gating", False):
             raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
         if self.aux_loss.load > 0 and self.top_k >= self.num_experts:
@@ -83,7 +103,7 @@ class MoEConfig:
         return layer_cls(
             d_model=self.d_model,
             router=self.router.build(
-                d_model=self.d_model, num_experts=self.num_experts, top_k=self.top_k
+                d_model=self.d_model, num_experts=self.routed_choices, top_k=self.top_k
             ),
             experts=self.experts.build(num_experts=self.num_experts, d_model=self.d_model),
             dispatch=self.dispatch,
@@ -95,6 +115,11 @@ class MoEConfig:
             aux_loss=self.aux_loss,
             check_finite=self.check_finite,
             statistics=self.statistics,
+            zero_computation=(
+                None
+                if self.zero_computation is None
+                else self.zero_computation.build(d_model=self.d_model)
+            ),
         )
 
 
@@ -151,17 +176,22 @@ class MoE(nn.Module):
         aux_loss: AuxLossConfig | None = None,
         check_finite: bool = False,
         statistics: bool = True,
+        zero_computation: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        router_experts, bank_experts = router.num_experts, experts.num_experts
-        if router_experts != bank_experts:
+        router_experts = int(cast(Any, router).num_experts)
+        bank_experts = int(cast(Any, experts).num_experts)
+        special = 0 if zero_computation is None else int(cast(Any, zero_computation).config.count)
+        if router_experts != bank_experts + special:
             raise ValueError(
                 f"router has {router_experts} experts but the expert bank has {bank_experts}"
+                + (f" and {special} zero-computation experts" if special else "")
             )
         if getattr(router, "soft", False) and not isinstance(self, SoftMoE):
             raise TypeError("a Soft MoE router needs the SoftMoE layer (MoEConfig.build picks it)")
         self.d_model = d_model
-        self.num_experts: int = int(cast(Any, router).num_experts)
+        self.num_experts: int = int(cast(Any, experts).num_experts)  # the bank's (real) experts
+        self.zero_computation = zero_computation
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -220,8 +250,21 @@ class MoE(nn.Module):
 
         with router_precision(x.device, _router_float32(self.router)):
             routing = self.router(x_TD, ids_T, mask_T)  # 1
-        plan = self.dispatcher.plan(routing, mask_T, seq_len, self.training)  # 2
+        to_bank = routing
+        if self.zero_computation is not None:  # special slots skip the bank
+            real_TK = routing.expert_idx_TK < self.num_experts
+            if routing.assignment_mask_TK is not None:
+                real_TK = real_TK & routing.assignment_mask_TK
+            to_bank = dataclasses.replace(routing, assignment_mask_TK=real_TK)
+        plan = self.dispatcher.plan(to_bank, mask_T, seq_len, self.training)  # 2
         y_TD = self.dispatcher.run(x_TD, plan, self.experts)  # 3
+        if self.zero_computation is not None:
+            special_TD = self.zero_computation(
+                x_TD, routing.expert_idx_TK, routing.weights_TK, self.num_experts
+            )
+            if mask_T is not None:
+                special_TD = special_TD * mask_T.unsqueeze(-1).to(special_TD.dtype)
+            y_TD = y_TD + special_TD.to(y_TD.dtype)
         if self.shared_experts is not None:  # 4
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 

@@ -14,7 +14,13 @@ from moekit.routing.config import (
 from moekit.routing.dense import DenseGateRouter, DenseRouterConfig
 from moekit.routing.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
 from moekit.routing.gshard import GShardRouterConfig, GShardTop2Router, SecondExpertPolicy
-from moekit.routing.hashing import HashRouter, HashRouterConfig, RandomStaticRouterConfig
+from moekit.routing.hashing import (
+    HashRouter,
+    HashRouterConfig,
+    RandomStaticRouterConfig,
+    TokenTableRouter,
+    TokenTableRouterConfig,
+)
 from moekit.routing.result import Router, RoutingResult
 from moekit.routing.soft import SoftMoERouter, SoftRouterConfig, SoftRoutingResult
 from moekit.routing.sparsemixer import SparseMixerRouter, SparseMixerRouterConfig
@@ -49,6 +55,8 @@ __all__ = [
     "SoftRoutingResult",
     "SparseMixerRouter",
     "SparseMixerRouterConfig",
+    "TokenTableRouter",
+    "TokenTableRouterConfig",
     "TopKRouter",
     "TopKRouterConfig",
     "TopPRouter",

@@ -36,6 +36,7 @@ class RouterKind(str, Enum):
     BASE = "base"  # balanced assignment (BASE layers, Lewis et al. 2021)
     TOP_P = "top_p"  # adaptive number of experts: smallest set with mass >= p (Huang et al.)
     SPARSEMIXER = "sparsemixer"  # sampled top-k with GRIN's gradient (Phi-3.5-MoE)
+    TOKEN_TABLE = "token_table"  # experts from a token-id table, weights from a gate (DSV4)
 
 
 # every family config by kind, filled as the family modules are imported

@@ -5,6 +5,11 @@ Sparse Models").
 ``a, b`` drawn once from ``hash_seed`` and ``p`` the Mersenne prime 2^31 - 1.
 ``random_static``: expert = ``table[id]``, a fixed random table of ``vocab_size`` entries.
 Both are pure functions of the token id (so causal), weight 1, and need ``token_ids``.
+
+``token_table`` (DeepSeek-V4's hash layers): the K experts of a token are ``table[id]``, a
+``(vocab_size, K)`` token-id -> experts table that comes with the checkpoint (computed offline;
+a seeded random table of distinct experts until one is loaded), while a learned gate's scores
+(``gating``: softmax, sigmoid or sqrt-softplus) weight them, optionally renormalised and scaled.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moekit.routing.config import RouterBase, RouterKind, RouterOptions
+from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
+from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
 from moekit.routing.result import RoutingResult
+from moekit.routing.topk import Gating
 
 _PRIME = 2**31 - 1
 
@@ -123,3 +130,84 @@ class HashRouter(RouterBase):
         logits_TE = F.one_hot(expert_T, self.num_experts).to(torch.float32)
         weights_TK = torch.ones(len(expert_T), 1, dtype=torch.float32, device=x_TD.device)
         return RoutingResult(expert_T.unsqueeze(1), weights_TK, logits_TE, logits_TE)
+
+
+@dataclass(kw_only=True)
+class TokenTableRouterConfig(GateOptions, RouterOptions):
+    """Experts from a token-id table, weights from a learned gate (DeepSeek-V4's hash layers).
+
+    Args:
+        vocab_size: rows of the table (the model's vocabulary).
+        gating: how the gate's logits become scores: ``softmax_topk`` (softmax),
+            ``sigmoid_topk`` (sigmoid) or ``sqrt_softplus_topk`` (``sqrt(softplus(.))``).
+        normalize_weights: renormalise the K weights to sum 1.
+        routed_scaling_factor: multiply the weights by this.
+        hash_seed: seed of the initial random table (replaced by a checkpoint's).
+        float32, bias: see ``GateOptions``.
+    """
+
+    kind: RouterKind = field(default=RouterKind.TOKEN_TABLE, init=False)
+    vocab_size: int = 0
+    gating: Gating = Gating.SQRT_SOFTPLUS_TOPK
+    normalize_weights: bool = True
+    routed_scaling_factor: float = 1.0
+    hash_seed: int = 0
+
+    def validate_for(self, num_experts: int, top_k: int) -> None:
+        super().validate_for(num_experts, top_k)
+        if self.vocab_size < 1:
+            raise ValueError("kind='token_table' needs vocab_size (the token-id table's rows)")
+        if self.gating is Gating.TOPK_SOFTMAX:
+            raise ValueError("kind='token_table' scores with softmax, sigmoid or sqrt-softplus")
+
+    def build(self, *, d_model: int, num_experts: int, top_k: int) -> TokenTableRouter:
+        return TokenTableRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
+
+
+class TokenTableRouter(RouterBase):
+    """``(T, D), token ids (T,) -> RoutingResult``: experts ``table_VK[id]``, weights from the
+    gate ``weight_ED``. The table is a buffer (saved and loaded with the weights)."""
+
+    needs_token_ids = True
+    table_VK: torch.Tensor
+
+    def __init__(
+        self, config: TokenTableRouterConfig, *, d_model: int, num_experts: int, top_k: int
+    ) -> None:
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
+        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
+        generator = torch.Generator().manual_seed(config.hash_seed)
+        table = torch.stack(
+            [
+                torch.randperm(num_experts, generator=generator)[:top_k]
+                for _ in range(config.vocab_size)
+            ]
+        )
+        self.register_buffer("table_VK", table)
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_T: torch.Tensor | None = None,
+        token_mask_T: torch.Tensor | None = None,
+    ) -> RoutingResult:
+        if token_ids_T is None:
+            raise ValueError("router kind 'token_table' routes by token id: pass token_ids")
+        cfg = self.config
+        logits_TE = linear_logits(
+            x_TD.to(router_dtype(x_TD, cfg.float32)), self.weight_ED, self.bias_E, cfg.float32
+        )
+        if cfg.gating is Gating.SQRT_SOFTPLUS_TOPK:
+            scores_TE = F.softplus(logits_TE).sqrt()
+        elif cfg.gating is Gating.SIGMOID_TOPK:
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        expert_idx_TK = self.table_VK[token_ids_T.reshape(-1).long()].long()
+        weights_TK = scores_TE.gather(-1, expert_idx_TK)
+        if cfg.normalize_weights:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        return RoutingResult(expert_idx_TK, weights_TK, logits_TE, probs_TE)

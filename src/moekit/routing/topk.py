@@ -9,6 +9,8 @@ One router covers the token-choice routers that shipped models use:
 * ``topk_softmax``: keep the top K logits, softmax over those K (Shazeer et al. 2017's
   ``Softmax(KeepTopK(H, k))``; GPT-OSS).
 * ``sigmoid_topk``: s = sigmoid(x W_g); keep the top K, optionally renormalised (DeepSeek-V3).
+* ``sqrt_softplus_topk``: s = sqrt(softplus(x W_g)); keep the top K, optionally renormalised
+  (DeepSeek-V4).
 
 Options: a routed scaling factor on the weights; router math in at least float32; multiplicative
 input jitter in training (Switch Transformer, x * U(1-eps, 1+eps)); **noisy top-k gating**
@@ -44,6 +46,7 @@ class Gating(str, Enum):
     SOFTMAX_TOPK = "softmax_topk"
     TOPK_SOFTMAX = "topk_softmax"
     SIGMOID_TOPK = "sigmoid_topk"
+    SQRT_SOFTPLUS_TOPK = "sqrt_softplus_topk"
 
 
 class GroupScore(str, Enum):
@@ -58,7 +61,7 @@ class TopKRouterConfig(GateOptions, RouterOptions):
     """Token-choice top-K routing (``moekit.routing.topk`` has the formulas).
 
     Args:
-        gating: ``softmax_topk``, ``topk_softmax`` or ``sigmoid_topk``.
+        gating: ``softmax_topk``, ``topk_softmax``, ``sigmoid_topk`` or ``sqrt_softplus_topk``.
         normalize_weights: renormalise the K weights to sum 1 (``softmax_topk``/``sigmoid_topk``).
         routed_scaling_factor: multiply the combine weights by this (DeepSeek).
         jitter_eps: multiplicative input jitter U(1-eps, 1+eps) on the router input in training.
@@ -170,7 +173,15 @@ class TopKRouter(RouterBase):
             noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight_ED.to(dtype)))
             logits_TE = clean_logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
-        if cfg.gating is Gating.SIGMOID_TOPK:
+        if cfg.gating is Gating.SQRT_SOFTPLUS_TOPK:
+            # positive scores; the balancing losses see them normalised to sum 1
+            scores_TE = F.softplus(logits_TE).sqrt()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+            expert_idx_TK = self._choose(scores_TE.detach())
+            weights_TK = scores_TE.gather(-1, expert_idx_TK)
+            if cfg.normalize_weights:
+                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        elif cfg.gating is Gating.SIGMOID_TOPK:
             # sigmoid scores normalised in log space: sigmoid(a) / sum sigmoid = softmax of
             # logsigmoid, which stays exact where every sigmoid underflows to 0 (0/0 otherwise)
             log_scores_TE = F.logsigmoid(logits_TE)

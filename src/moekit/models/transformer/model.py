@@ -26,7 +26,7 @@ from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.models.transformer.attention import AttentionConfig, KVCache
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.models.transformer.rotary import rotary_tables
-from moekit.routing import RandomStaticRouterConfig, is_causal
+from moekit.routing import RandomStaticRouterConfig, TokenTableRouterConfig, is_causal
 from moekit.utils.device import has_values
 from moekit.utils.validation import check_fields
 
@@ -165,7 +165,10 @@ class TransformerConfig:
                 "cannot use it; see docs/routing.md for the causal routers"
             )
         router = layer.router
-        if isinstance(router, RandomStaticRouterConfig) and router.vocab_size != self.vocab_size:
+        if (
+            isinstance(router, RandomStaticRouterConfig | TokenTableRouterConfig)
+            and router.vocab_size != self.vocab_size
+        ):
             raise ValueError("moe.layer.router.vocab_size must equal the model's vocab_size")
 
     @classmethod
