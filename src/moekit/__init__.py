@@ -33,6 +33,8 @@ from moekit.routing import (
     RouterConfig,
     RouterKind,
     SoftRouterConfig,
+    SparseMixerRouterConfig,
+    TokenTableRouterConfig,
     TopKRouterConfig,
     TopPRouterConfig,
 )
@@ -73,6 +75,8 @@ __all__ = [
     "SharedExpertConfig",
     "SharedExperts",
     "SoftRouterConfig",
+    "SparseMixerRouterConfig",
+    "TokenTableRouterConfig",
     "TopKRouter",
     "TopKRouterConfig",
     "TopPRouterConfig",

@@ -79,7 +79,7 @@ def deepseek_v2():
         moe_intermediate_size=16,
         n_routed_experts=8,
         n_shared_experts=2,
-        num_experts_per_tok=3,
+        num_experts_per_tok=2,
         n_group=4,
         topk_group=2,
         topk_method="group_limited_greedy",

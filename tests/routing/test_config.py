@@ -22,6 +22,8 @@ FAMILY_EXAMPLES = {
     "random_static": dict(vocab_size=50),
     "base": dict(sinkhorn_iterations=10),
     "top_p": dict(top_p=0.7),
+    "sparsemixer": dict(jitter_eps=0.1),
+    "token_table": dict(vocab_size=50, gating="sigmoid_topk"),
 }
 
 

@@ -147,6 +147,7 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "rand", "rand
 CPU_ON_PURPOSE = {
     "rotary_tables",
     "_yarn_inv_freq",
+    "_llama3_inv_freq",
     "exact_balanced_assignment",
     "grouped_mm_available",
 }

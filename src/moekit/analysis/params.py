@@ -51,6 +51,7 @@ class ArchSpec:
     # routed experts of each MoE layer where they differ (pruned or merged models); None: all
     # layers have num_experts, and router_params is per layer
     experts_per_layer: list[int] | None = None
+    lm_head_bias: bool = False
 
     @property
     def total_routed_experts(self) -> int:
@@ -80,7 +81,7 @@ class ParamReport:
 def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
     """Totals, active counts, breakdown, forward FLOPs per token and weight memory."""
     embeddings = spec.vocab_size * spec.d_model
-    lm_head = 0 if spec.tie_embeddings else spec.vocab_size * spec.d_model
+    lm_head = 0 if spec.tie_embeddings else spec.vocab_size * (spec.d_model + spec.lm_head_bias)
     breakdown = {
         "embeddings": embeddings,
         "lm_head": lm_head,
@@ -198,6 +199,7 @@ def spec_from_moekit(config) -> ArchSpec:
         shared_expert_params=shared,
         router_params=router,
         experts_per_layer=counts,
+        lm_head_bias=config.lm_head_bias,
     )
 
 

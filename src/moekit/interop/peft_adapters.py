@@ -28,22 +28,62 @@ import torch
 from moekit.adapters.lora import ExpertLoRA, LoRALinear, lora_parameters
 from moekit.experts.bank import ExpertBank
 from moekit.experts.quantized import QuantizedExpertBank, quantization_error_bound
+from moekit.interop.ernie4_5_moe import interleave_heads
 
-#: families whose ``transformers`` models stack the routed experts as gate_up_proj/down_proj
-STACKED_EXPERT_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+#: families whose ``transformers`` models stack the routed experts as gate_up_proj ``(E, 2I, D)``
+#: and down_proj ``(E, D, I)``, with the module path of the stack
+STACKED_EXPERT_FAMILIES = {
+    **dict.fromkeys(
+        (
+            "mixtral",
+            "qwen3_moe",
+            "qwen2_moe",
+            "olmoe",
+            "dots1",
+            "glm4_moe",
+            "deepseek_v2",
+            "hunyuan_v1_moe",
+            "minimax_m2",
+            "ernie4_5_moe",
+            "phimoe",
+        ),
+        "mlp.experts",
+    ),
+    "granitemoe": "block_sparse_moe.experts",
+    "granitemoeshared": "block_sparse_moe.experts",
+}
+#: families whose attention LoRA exports but whose experts do not (Llama 4 stacks them
+#: ``(E, D, 2I)``, the transpose of what PEFT's parameter wrapper is written for here)
+ATTENTION_ONLY = ("llama4_text",)
+#: families with multi-head latent attention, whose projections PEFT names otherwise: their
+#: expert LoRA exports, their attention LoRA does not yet
+MLA_FAMILIES = ("deepseek_v2",)
+#: families whose query/key rows moekit stores de-interleaved per head (interleaved rotary)
+INTERLEAVED_QK = ("ernie4_5_moe", "llama4_text")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _peft_targets(config: Any) -> tuple[list[str], list[str], dict[str, int]]:
+def _peft_targets(config: Any, family: str) -> tuple[list[str], list[str], dict[str, int]]:
     modules: list[str] = []
     parameters: list[str] = []
     ranks: dict[str, int] = {}
     for target in config.targets:
         projections = ATTENTION_PROJECTIONS if target == "attention" else (target,)
         if target == "experts":
-            for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            if family in ATTENTION_ONLY:
+                raise ValueError(
+                    f"expert LoRA of {family!r} cannot be exported in the PEFT format yet "
+                    "(attention can); export the merged model with to_hf instead"
+                )
+            stack = STACKED_EXPERT_FAMILIES[family]
+            for name in (f"{stack}.gate_up_proj", f"{stack}.down_proj"):
                 parameters.append(name)
                 ranks[name] = config.rank_of(target)  # PEFT matches the parameter's key
+        elif family in MLA_FAMILIES:
+            raise ValueError(
+                f"attention LoRA of {family!r} (multi-head latent attention) cannot be exported "
+                "in the PEFT format yet (expert LoRA can); export the merged model with to_hf"
+            )
         elif all(p in ATTENTION_PROJECTIONS for p in projections):
             modules += [p for p in projections if p not in modules]
             ranks.update({p: config.rank_of(target) for p in projections})
@@ -101,11 +141,12 @@ def export_peft_adapter(
     if config is None:
         raise ValueError("the model has no LoRA adapters (moekit.adapters.add_lora)")
     family = json.loads((Path(hf_folder) / "config.json").read_text()).get("model_type")
-    if family not in STACKED_EXPERT_FAMILIES:
+    if family not in STACKED_EXPERT_FAMILIES and family not in ATTENTION_ONLY:
         raise ValueError(
-            f"PEFT export supports {', '.join(STACKED_EXPERT_FAMILIES)}, not {family!r}"
+            f"PEFT export supports {', '.join([*STACKED_EXPERT_FAMILIES, *ATTENTION_ONLY])}, "
+            f"not {family!r}"
         )
-    modules, parameters, ranks = _peft_targets(config)
+    modules, parameters, ranks = _peft_targets(config, family)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     _check_base_unchanged(model, hf_model)
     lora_config = peft.LoraConfig(
@@ -134,9 +175,13 @@ def export_peft_adapter(
                 _set_factors(module, A, B)
                 filled += 1
             elif isinstance(module, PeftLinear) and not isinstance(module, ParamWrapper):
-                ours = getattr(block.attn, name.rsplit(".", 1)[-1])
+                projection = name.rsplit(".", 1)[-1]
+                ours = getattr(block.attn, projection)
                 assert isinstance(ours, LoRALinear)
-                _set_factors(module, ours.lora_A, ours.lora_B)
+                B = ours.lora_B
+                if family in INTERLEAVED_QK and projection in ("q_proj", "k_proj"):
+                    B = interleave_heads(B, block.attn.head_dim)  # HF's row order
+                _set_factors(module, ours.lora_A, B)
                 filled += 1
     if not filled:
         raise ValueError("no adapter of this model has a place in the PEFT model")

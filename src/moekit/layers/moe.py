@@ -78,11 +78,6 @@ class MoEConfig:
                 f"{self.router.kind.value!r}"
             )
 
-    @property
-    def routed_choices(self) -> int:
-        """The experts the router scores: the real ones plus the zero-computation ones."""
-        extra = 0 if self.zero_computation is None else self.zero_computation.count
-        return self.num_experts + extra
         if self.aux_loss.load > 0 and not getattr(self.router, "noisy_gating", False):
             raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
         if self.aux_loss.load > 0 and self.top_k >= self.num_experts:
@@ -91,6 +86,12 @@ class MoEConfig:
                 f"logit with the k-th and (k+1)-th), got top_k={self.top_k}, "
                 f"num_experts={self.num_experts}"
             )
+
+    @property
+    def routed_choices(self) -> int:
+        """The experts the router scores: the real ones plus the zero-computation ones."""
+        extra = 0 if self.zero_computation is None else self.zero_computation.count
+        return self.num_experts + extra
 
     def build(self) -> MoE:
         """An :class:`MoE` layer (a :class:`SoftMoE` for ``router.kind='soft'``)."""

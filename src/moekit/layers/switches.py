@@ -137,9 +137,11 @@ def replay_routing(model: nn.Module, trace: RoutingTrace) -> Iterator[None]:
             f"the trace was recorded on routers with {trace.num_experts} experts; this model's "
             f"have {[int(m.num_experts) for _, m in routers]} (a trace from another model?)"
         )
-    topk: list[tuple[str, TopKRouter]] = []
+    from moekit.routing.sparsemixer import SparseMixerRouter
+
+    topk: list[tuple[str, TopKRouter | SparseMixerRouter]] = []
     for name, router in routers:
-        if not isinstance(router, TopKRouter):
+        if not isinstance(router, TopKRouter | SparseMixerRouter):
             raise ValueError(
                 f"{name} is a {type(router).__name__}; replay needs token-choice top-k routers"
             )

@@ -15,6 +15,7 @@ candidates' softmax), with the forward weight scaled by 1 when the sample is the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,18 +69,26 @@ class _HeunMultiplier(torch.autograd.Function):
 
 
 def sparsemixer(
-    scores_TE: torch.Tensor, top_k: int, jitter_eps: float, training: bool
+    scores_TE: torch.Tensor,
+    top_k: int,
+    jitter_eps: float,
+    training: bool,
+    forced_TK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights (T, K), experts (T, K))`` of SparseMixer on router logits ``scores_TE``."""
+    """``(weights (T, K), experts (T, K))`` of SparseMixer on router logits ``scores_TE``;
+    ``forced_TK``: the experts to take in each round (a replayed trace), weighted as if chosen."""
     masked_TE = scores_TE
-    weights, chosen = [], []
+    weights: list[torch.Tensor] = []
+    chosen: list[torch.Tensor] = []
     for _ in range(top_k):  # K rounds, each over every token at once
         with torch.no_grad():
             best_T1, best_idx_T1 = masked_TE.max(dim=-1, keepdim=True)
             factor_TE = scores_TE.abs().clamp(min=best_T1)
             outside_TE = ((best_T1 - scores_TE) / factor_TE) > 2 * jitter_eps
         gates_TE = masked_TE.masked_fill(outside_TE, float("-inf"))
-        if training:  # Gumbel-max sampling among the candidates
+        if forced_TK is not None:
+            pick_T1 = forced_TK[:, len(chosen)].unsqueeze(-1)
+        elif training:  # Gumbel-max sampling among the candidates
             noise = torch.empty_like(gates_TE).exponential_().log()
             pick_T1 = (gates_TE - noise).argmax(dim=-1, keepdim=True)
         else:
@@ -108,6 +117,8 @@ class SparseMixerRouter(RouterBase):
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
+        # set by moekit.replay_routing: returns the recorded (T, K) experts of the next call
+        self.forced_routes: Callable[[int], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -121,8 +132,16 @@ class SparseMixerRouter(RouterBase):
             eps = cfg.input_jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
+        forced = None
+        if self.forced_routes is not None:
+            forced = self.forced_routes(logits_TE.shape[0]).to(logits_TE.device)
+            if forced.shape != (logits_TE.shape[0], self.top_k):
+                raise ValueError(
+                    f"the replayed routes are {tuple(forced.shape)} but this call routes "
+                    f"{logits_TE.shape[0]} tokens to top_k={self.top_k} experts"
+                )
         weights_TK, expert_idx_TK = sparsemixer(
-            logits_TE, self.top_k, cfg.jitter_eps, self.training
+            logits_TE, self.top_k, cfg.jitter_eps, self.training, forced
         )
         return RoutingResult(
             expert_idx_TK=expert_idx_TK,

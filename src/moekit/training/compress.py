@@ -29,6 +29,7 @@ from moekit.analysis.inspect import count_routing, stream_with_hooks
 from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
 from moekit.models.transformer.model import TransformerLM
+from moekit.routing.sparsemixer import SparseMixerRouter
 from moekit.routing.topk import TopKRouter
 
 
@@ -42,7 +43,9 @@ def _moe_layers(model: TransformerLM) -> list[tuple[str, MoE]]:
     if not layers:
         raise ValueError("the model has no MoE layers")
     for name, moe in layers:
-        if not isinstance(moe.router, TopKRouter) or not isinstance(moe.experts, ExpertBank):
+        if not isinstance(moe.router, TopKRouter | SparseMixerRouter) or not isinstance(
+            moe.experts, ExpertBank
+        ):
             raise ValueError(
                 f"{name}: pruning and merging need a token-choice top-k router and an expert "
                 f"bank, not {type(moe.router).__name__}/{type(moe.experts).__name__}"
@@ -177,9 +180,40 @@ def prune(
 ) -> tuple[TransformerLM, dict[str, list[int]]]:
     """Score on ``batches``, remove ``fraction`` of the experts, return the new model and the
     kept experts per layer."""
-    top_k = max(m.top_k for _, m in _moe_layers(model))
-    kept = choose_kept(expert_scores(model, batches, method), fraction, top_k, scope)
+    layers = _moe_layers(model)
+    top_k = max(m.top_k for _, m in layers)
+    scores = expert_scores(model, batches, method)
+    configs: dict[str, Any] = {name: m.router.config for name, m in layers}
+    if any(getattr(c, "num_groups", 1) > 1 for c in configs.values()):
+        if scope != "layer":  # group-limited routing: prune inside each group
+            raise ValueError("group-limited routers are pruned per layer (scope='layer')")
+        kept = {
+            name: _kept_per_group(
+                s, fraction, top_k, configs[name].num_groups, configs[name].topk_groups
+            )
+            for name, s in scores.items()
+        }
+    else:
+        kept = choose_kept(scores, fraction, top_k, scope)
     return prune_experts(model, kept), kept
+
+
+def _kept_per_group(
+    scores_E: torch.Tensor, fraction: float, top_k: int, num_groups: int, topk_groups: int
+) -> list[int]:
+    """The best experts of every group, the same number in each (group-limited routing keeps
+    its groups: expert ``e`` stays in group ``e // (E / G)``), enough that the ``topk_groups``
+    chosen groups still hold ``top_k`` experts."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    E = len(scores_E)
+    size = E // num_groups
+    per_group = max(1, size - round(fraction * size), -(-top_k // topk_groups))
+    kept: list[int] = []
+    for g in range(num_groups):
+        best = scores_E[g * size : (g + 1) * size].topk(per_group).indices + g * size
+        kept += best.tolist()
+    return sorted(kept)
 
 
 def _unit_vectors(bank: ExpertBank, e: int) -> torch.Tensor:
@@ -252,15 +286,22 @@ def plan_merges(
     plans = {}
     for name, moe in _moe_layers(model):
         E = moe.num_experts
-        keep = max(moe.top_k, E - round(fraction * E))
-        kept = sorted(frequencies[name].topk(keep).indices.tolist())
+        num_groups = int(getattr(moe.router.config, "num_groups", 1))
+        if num_groups > 1:  # group-limited routing: merge inside each group, evenly
+            topk_groups = int(cast(Any, moe.router).config.topk_groups)
+            kept = _kept_per_group(frequencies[name], fraction, moe.top_k, num_groups, topk_groups)
+        else:
+            keep = max(moe.top_k, E - round(fraction * E))
+            kept = sorted(frequencies[name].topk(keep).indices.tolist())
         rows = torch.nn.functional.normalize(
             cast(TopKRouter, moe.router).weight_ED.detach().float(), dim=1
         )
+        size = E // num_groups
         groups = {e: [e] for e in kept}
         for e in range(E):
             if e not in groups:
-                nearest = max(kept, key=lambda k: float(rows[e] @ rows[k]))
+                same_group = [k for k in kept if k // size == e // size]
+                nearest = max(same_group, key=lambda k: float(rows[e] @ rows[k]))
                 groups[nearest].append(e)
         plans[name] = [groups[e] for e in kept]
     return plans
