@@ -25,3 +25,32 @@ def test_parity_export_reload(name, tmp_path):
     with torch.no_grad():
         assert (reloaded(tokens).logits - expected).abs().max() <= 1e-5
         assert torch.equal(again(tokens).logits, got)
+
+
+# one option each family's transformers code has and moekit does not map: refused by name
+REFUSED = {
+    "dots1": ("layer_types", ["sliding_attention", "full_attention", "full_attention"]),
+    "glm4_moe": ("topk_method", "greedy"),
+    "deepseek_v2": ("scoring_func", "sigmoid"),
+    "hunyuan_v1_moe": ("moe_topk", [2, 2, 2]),
+    "minimax_m2": ("hidden_act", "gelu"),
+    "ernie4_5_moe": ("use_bias", True),
+    "granitemoe": ("hidden_act", "gelu"),
+    "granitemoeshared": ("hidden_act", "gelu"),
+    "phimoe": ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}),
+    "llama4_text": ("no_rope_layers", [2, 1, 1, 0]),
+    "flex_olmo": ("hidden_act", "gelu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_unmapped_options_are_refused_by_name(name):
+    from moekit.interop.hf import FAMILIES as CONVERTERS
+    from moekit.interop.hf import check_hf_integers
+
+    key, value = REFUSED[name]
+    config = FAMILIES[name]().config.to_dict()
+    config[key] = value
+    with pytest.raises(ValueError, match=key):
+        check_hf_integers(config, name)
+        CONVERTERS[config["model_type"]].config_from_hf(config)

@@ -219,3 +219,20 @@ def llama4_text():
 
 
 FAMILIES["llama4_text"] = llama4_text
+
+
+def flex_olmo():
+    return _build(
+        transformers.FlexOlmoConfig,
+        transformers.FlexOlmoForCausalLM,
+        intermediate_size=16,
+        num_experts=6,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        attention_bias=True,
+        pad_token_id=None,
+        eos_token_id=None,
+    )
+
+
+FAMILIES["flex_olmo"] = flex_olmo

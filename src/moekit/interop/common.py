@@ -151,7 +151,8 @@ def rope(hf: dict[str, Any], default: float = 10000.0, partial: bool = False) ->
         )
     if kind != "yarn":
         raise ValueError(
-            f"rope scaling {kind!r} is not supported yet (default, yarn and llama3 are)"
+            f"rope_parameters.rope_type={kind!r} (rope scaling) is not supported yet (default, "
+            "yarn and llama3 are)"
         )
     return theta, RopeScalingConfig(
         factor=float(params["factor"]),

@@ -29,6 +29,7 @@ from moekit.interop import (
     dense_llama,
     dots1,
     ernie4_5_moe,
+    flex_olmo,
     glm4_moe,
     gpt_oss,
     granitemoe,
@@ -72,6 +73,7 @@ FAMILIES: dict[str, ModuleType] = {
         granitemoeshared,
         phimoe,
         llama4,
+        flex_olmo,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

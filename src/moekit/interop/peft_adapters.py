@@ -46,6 +46,7 @@ STACKED_EXPERT_FAMILIES = {
             "minimax_m2",
             "ernie4_5_moe",
             "phimoe",
+            "flex_olmo",
         ),
         "mlp.experts",
     ),

@@ -39,6 +39,14 @@ class NormKind(str, Enum):
     LAYER = "layer"
 
 
+class NormPosition(str, Enum):
+    """Where each block normalises: before each sublayer (``pre``: ``x + f(norm(x))``, most
+    models) or after it (``post``: ``x + norm(f(x))``, OLMo-2 and FlexOlmo)."""
+
+    PRE = "pre"
+    POST = "post"
+
+
 def build_norm(kind: NormKind, width: int, eps: float) -> nn.Module:
     """An ``nn.RMSNorm`` or ``nn.LayerNorm`` (with weight and bias) of ``width``."""
     if NormKind(kind) is NormKind.LAYER:
@@ -69,6 +77,8 @@ class TransformerConfig:
         norm: ``rms`` (RMSNorm) or ``layer`` (LayerNorm with a bias, Phi-3.5-MoE) for the
             blocks' and the final norm.
         lm_head_bias: the output head has a bias (Phi-3.5-MoE; not with tied embeddings).
+        norm_position: ``pre`` (``x + f(norm(x))``) or ``post`` (``x + norm(f(x))``, OLMo-2 /
+            FlexOlmo) blocks; the final norm is there either way.
     """
 
     vocab_size: int
@@ -86,6 +96,7 @@ class TransformerConfig:
     logits_scaling: float = 1.0
     norm: NormKind = NormKind.RMS
     lm_head_bias: bool = False
+    norm_position: NormPosition = NormPosition.PRE
 
     #: keys of the flat layout, named by their new home in the error for an old config file
     moved_keys: ClassVar[dict[str, str]] = {
@@ -241,9 +252,11 @@ class Block(nn.Module):
         moe_config: MoEConfig | None,
         residual_multiplier: float = 1.0,
         norm: NormKind = NormKind.RMS,
+        norm_position: NormPosition = NormPosition.PRE,
     ) -> None:
         super().__init__()
         self.residual_multiplier = residual_multiplier
+        self.post_norm = NormPosition(norm_position) is NormPosition.POST
         self.attn_norm = build_norm(norm, d_model, norm_eps)
         self.attn = attention.build(d_model=d_model)
         self.ffn_norm = build_norm(norm, d_model, norm_eps)
@@ -265,17 +278,25 @@ class Block(nn.Module):
         token_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         m = self.residual_multiplier
-        attn = self.attn(
-            self.attn_norm(x_BSD), rope=rope, cache=cache, start=start, key_mask=key_mask
-        )
-        x_BSD = x_BSD + (attn if m == 1.0 else attn * m)
-        h_BSD = self.ffn_norm(x_BSD)
+        if self.post_norm:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
+            attn = self.attn(x_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask)
+            x_BSD = x_BSD + self.attn_norm(attn)
+            h_BSD = x_BSD
+        else:
+            attn = self.attn(
+                self.attn_norm(x_BSD), rope=rope, cache=cache, start=start, key_mask=key_mask
+            )
+            x_BSD = x_BSD + (attn if m == 1.0 else attn * m)
+            h_BSD = self.ffn_norm(x_BSD)
+        moe_out = None
         if isinstance(self.ffn, MoE):
             moe_out = self.ffn(h_BSD, padding_mask, token_ids)
             y = moe_out.output
-            return x_BSD + (y if m == 1.0 else y * m), moe_out
-        y = self.ffn(h_BSD)
-        return x_BSD + (y if m == 1.0 else y * m), None
+        else:
+            y = self.ffn(h_BSD)
+        if self.post_norm:
+            y = self.ffn_norm(y)
+        return x_BSD + (y if m == 1.0 else y * m), moe_out
 
 
 def host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -318,6 +339,7 @@ class TransformerLM(nn.Module):
                 moe_config=config.moe.layer_for(i, config.n_layers),
                 residual_multiplier=config.residual_multiplier,
                 norm=config.norm,
+                norm_position=config.norm_position,
             )
             for i in range(config.n_layers)
         )
