@@ -40,6 +40,7 @@ REFUSED = {
     "phimoe": ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}),
     "llama4_text": ("no_rope_layers", [2, 1, 1, 0]),
     "flex_olmo": ("hidden_act", "gelu"),
+    "jetmoe": ("activation_function", "gelu"),
 }
 
 

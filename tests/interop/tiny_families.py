@@ -236,3 +236,19 @@ def flex_olmo():
 
 
 FAMILIES["flex_olmo"] = flex_olmo
+
+
+def jetmoe():
+    return _build(
+        transformers.JetMoeConfig,
+        transformers.JetMoeForCausalLM,
+        num_key_value_heads=2,
+        kv_channels=8,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+
+
+FAMILIES["jetmoe"] = jetmoe

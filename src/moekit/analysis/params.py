@@ -52,6 +52,8 @@ class ArchSpec:
     # layers have num_experts, and router_params is per layer
     experts_per_layer: list[int] | None = None
     lm_head_bias: bool = False
+    # attention parameters one token touches, when fewer than stored (mixture of attention heads)
+    attention_active_per_layer: int | None = None
 
     @property
     def total_routed_experts(self) -> int:
@@ -99,6 +101,8 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
     }
     active_breakdown = dict(breakdown)
     active_breakdown["routed_experts"] = spec.moe_layers * spec.top_k * spec.expert_params
+    if spec.attention_active_per_layer is not None:
+        active_breakdown["attention"] = spec.n_layers * spec.attention_active_per_layer
     total = sum(breakdown.values())
     active = sum(active_breakdown.values())
     head_for_flops = spec.vocab_size * spec.d_model  # tied or not, the output matmul runs
@@ -166,12 +170,19 @@ def spec_from_moekit(config) -> ArchSpec:
         router *= layer.routed_choices  # zero-computation experts have router rows too
         if layer.zero_computation is not None:  # constant experts: a vector and a 2-way gate
             router += 3 * d * layer.zero_computation.constant
+        shared += d if layer.output_bias else 0  # always applied
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if attn.qkv_bias else 0
     attention += (d if attn.o_bias else 0) + (attn.n_heads if attn.sinks else 0)
     qk_width = v_width = q_width
+    attention_active = None
     if attn.mla is not None:
         attention, qk_width, v_width = _mla_attention(d, attn.n_heads, attn.mla)
+    if attn.moa is not None:  # shared keys/values; per-expert query and output projections
+        moa = attn.moa
+        shared_part = 2 * d * kv_width + moa.num_experts * d + (d if moa.output_bias else 0)
+        attention = shared_part + moa.num_experts * 2 * d * kv_width
+        attention_active = shared_part + moa.top_k * 2 * d * kv_width
     return ArchSpec(
         name="moekit",
         vocab_size=config.vocab_size,
@@ -200,6 +211,7 @@ def spec_from_moekit(config) -> ArchSpec:
         router_params=router,
         experts_per_layer=counts,
         lm_head_bias=config.lm_head_bias,
+        attention_active_per_layer=attention_active,
     )
 
 

@@ -35,6 +35,7 @@ from moekit.interop import (
     granitemoe,
     granitemoeshared,
     hunyuan_v1_moe,
+    jetmoe,
     llama4,
     minimax_m2,
     mixtral,
@@ -74,6 +75,7 @@ FAMILIES: dict[str, ModuleType] = {
         phimoe,
         llama4,
         flex_olmo,
+        jetmoe,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

@@ -49,6 +49,7 @@ class MoEConfig:
             layer does no statistics work at all.
         zero_computation: zero-computation experts (zero, copy, constant) the router may
             choose besides the ``num_experts`` real ones (MoE++, LongCat-Flash), or ``None``.
+        output_bias: a learned bias added to the layer's output (JetMoE).
     """
 
     d_model: int = 0
@@ -62,6 +63,7 @@ class MoEConfig:
     check_finite: bool = False
     statistics: bool = True
     zero_computation: ZeroComputationConfig | None = None
+    output_bias: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -121,6 +123,7 @@ class MoEConfig:
                 if self.zero_computation is None
                 else self.zero_computation.build(d_model=self.d_model)
             ),
+            output_bias=self.output_bias,
         )
 
 
@@ -178,6 +181,7 @@ class MoE(nn.Module):
         check_finite: bool = False,
         statistics: bool = True,
         zero_computation: nn.Module | None = None,
+        output_bias: bool = False,
     ) -> None:
         super().__init__()
         router_experts = int(cast(Any, router).num_experts)
@@ -193,6 +197,7 @@ class MoE(nn.Module):
         self.d_model = d_model
         self.num_experts: int = int(cast(Any, experts).num_experts)  # the bank's (real) experts
         self.zero_computation = zero_computation
+        self.output_bias_D = nn.Parameter(torch.zeros(d_model)) if output_bias else None
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -268,6 +273,8 @@ class MoE(nn.Module):
             y_TD = y_TD + special_TD.to(y_TD.dtype)
         if self.shared_experts is not None:  # 4
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+        if self.output_bias_D is not None:
+            y_TD = y_TD + self.output_bias_D.to(y_TD.dtype)
 
         global_sum = self.dispatcher.global_sum  # 5
         losses = {}

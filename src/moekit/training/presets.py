@@ -60,6 +60,7 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     from moekit.models.encoder_decoder.relative_position import RelativePositionBias
     from moekit.models.transformer.attention import Attention
     from moekit.models.transformer.mla import MultiHeadLatentAttention
+    from moekit.models.transformer.moa import MixtureOfAttentionHeads
 
     owner: dict[int, str] = {}
 
@@ -84,7 +85,12 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
         # T5Attention: an encoder–decoder's self- and cross-attention; the relative position
         # bias is part of attention, not an embedding of tokens
         if isinstance(
-            module, Attention | MultiHeadLatentAttention | T5Attention | RelativePositionBias
+            module,
+            Attention
+            | MultiHeadLatentAttention
+            | MixtureOfAttentionHeads
+            | T5Attention
+            | RelativePositionBias,
         ):
             claim(module, "attention")
         elif isinstance(module, nn.Embedding):

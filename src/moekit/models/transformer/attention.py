@@ -17,6 +17,7 @@ from torch import nn
 
 from moekit.models.transformer.masks import allowed_keys
 from moekit.models.transformer.mla import MLAConfig
+from moekit.models.transformer.moa import MixtureOfAttentionHeads, MoAConfig
 from moekit.models.transformer.rotary import RopeScalingConfig, apply_rotary
 from moekit.utils.validation import check_fields
 
@@ -107,6 +108,8 @@ class AttentionConfig:
         sliding_window_every: in a model, layer ``i`` uses the window when
             ``i % sliding_window_every == 0`` (GPT-OSS: 2, every even layer; 1: every layer).
         mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
+        moa: a mixture of attention heads (JetMoE; ``moekit.models.transformer.moa``) instead:
+            ``n_kv_heads`` shared key/value heads, ``n_heads = moa.top_k * n_kv_heads``.
         scale: the logits' scale; ``None`` means ``head_dim ** -0.5`` (Granite sets its own
             ``attention_multiplier``).
         no_rope_layers: blocks whose attention has no rotary positions (NoPE; Llama 4's
@@ -134,6 +137,7 @@ class AttentionConfig:
     sliding_window: int = 0
     sliding_window_every: int = 1
     mla: MLAConfig | None = None
+    moa: MoAConfig | None = None
     scale: float | None = None
     no_rope_layers: list[int] | None = None
     chunk_size: int = 0
@@ -173,6 +177,34 @@ class AttentionConfig:
                 "attention.sliding_window must be >= 0 and attention.sliding_window_every >= 1, "
                 f"got {self.sliding_window} and {self.sliding_window_every}"
             )
+        if self.moa is not None:
+            kv = self.n_kv_heads or self.n_heads
+            if self.n_heads != self.moa.top_k * kv:
+                raise ValueError(
+                    f"attention.moa: n_heads={self.n_heads} must be moa.top_k={self.moa.top_k} "
+                    f"x n_kv_heads={kv}"
+                )
+            refused = [
+                name
+                for name, value in (
+                    ("mla", self.mla is not None),
+                    ("qkv_bias", self.qkv_bias),
+                    ("qk_norm", self.qk_norm != QKNorm.NONE),
+                    ("o_bias", self.o_bias),
+                    ("sinks", self.sinks),
+                    ("sliding_window", self.sliding_window),
+                    ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
+                    ("scale", self.scale is not None),
+                    ("no_rope_layers", bool(self.no_rope_layers)),
+                    ("chunk_size", self.chunk_size),
+                    ("rotary=false", not self.rotary),
+                )
+                if value
+            ]
+            if refused:
+                raise ValueError(
+                    f"attention.moa (mixture of attention heads) has no {', '.join(refused)} option"
+                )
         if self.mla is not None:
             unsupported = [
                 name
@@ -257,6 +289,14 @@ class AttentionConfig:
         if self.mla is not None:
             return self.mla.build(
                 d_model=d_model, n_heads=self.n_heads, rope_scaling=self.rope_scaling
+            )
+        if self.moa is not None:
+            return MixtureOfAttentionHeads(
+                self.moa,
+                d_model=d_model,
+                n_kv_heads=self.kv_heads,
+                head_dim=self.head_width(d_model),
+                causal=self.causal,
             )
         return Attention(self, d_model=d_model)
 

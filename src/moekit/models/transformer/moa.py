@@ -1,0 +1,136 @@
+"""Mixture of attention heads (MoA; Zhang et al. 2022, "Mixture of Attention Heads"; JetMoE):
+an MoE *of attention*.
+
+Legend: B = batch, S = new positions, L = cached + new positions, T = B*S tokens, D = d_model,
+E = attention experts, K = experts per token, G = key/value heads, Dh = head width,
+X = G*Dh, M = T*K assignments sorted by expert.
+
+Keys and values are shared: one projection ``kv_proj`` gives ``G`` key/value heads. Each
+attention expert owns a query projection ``D -> X`` and an output projection ``X -> D``. A router
+(top-K logits, softmax over those K) picks K experts per token; slot ``j``'s query (G heads)
+attends over the shared keys like grouped-query attention, and the K slot outputs, each through
+its expert's output projection, are summed with the router weights, plus a shared output bias.
+The projections run as grouped matmuls over the assignments sorted by expert (no loop over
+tokens or experts); the attention itself is one ``scaled_dot_product_attention`` with the K
+slots as query heads grouped onto the G key/value heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.dispatch.sort import plan_dispatch
+from moekit.experts.grouped_linear import grouped_linear
+from moekit.models.transformer.masks import allowed_keys
+from moekit.models.transformer.rotary import apply_rotary
+from moekit.routing.topk import Gating, TopKRouterConfig
+from moekit.utils.validation import check_fields
+
+
+@dataclass(kw_only=True)
+class MoAConfig:
+    """Mixture of attention heads (``AttentionConfig.moa``): ``num_experts`` query/output
+    projection pairs, ``top_k`` of them per token; ``AttentionConfig.n_kv_heads`` heads of
+    ``head_dim`` are shared, and ``n_heads`` must be ``top_k * n_kv_heads``.
+
+    Args:
+        num_experts: E.
+        top_k: K.
+        output_bias: a learned bias added to the attention output (JetMoE).
+    """
+
+    num_experts: int
+    top_k: int
+    output_bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "attention.moa.")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"attention.moa.top_k must be in [1, num_experts={self.num_experts}], got "
+                f"{self.top_k}"
+            )
+
+
+class MixtureOfAttentionHeads(nn.Module):
+    """``(B, S, D) -> (B, S, D)``; parameters: the router ``router.weight_ED``, ``w_q_EDX``,
+    ``w_o_EXD``, ``kv_proj`` (``D -> 2X``: keys then values), ``bias_D``."""
+
+    def __init__(
+        self, moa: MoAConfig, *, d_model: int, n_kv_heads: int, head_dim: int, causal: bool
+    ) -> None:
+        super().__init__()
+        self.moa = moa
+        self.n_kv_heads, self.head_dim, self.causal = n_kv_heads, head_dim, causal
+        self.rotary = True
+        width = n_kv_heads * head_dim
+        E, K = moa.num_experts, moa.top_k
+        self.router = TopKRouterConfig(gating=Gating.TOPK_SOFTMAX).build(
+            d_model=d_model, num_experts=E, top_k=K
+        )
+        scale_in, scale_out = d_model**-0.5, width**-0.5
+        self.w_q_EDX = nn.Parameter(torch.randn(E, d_model, width) * scale_in)
+        self.w_o_EXD = nn.Parameter(torch.randn(E, width, d_model) * scale_out)
+        self.kv_proj = nn.Linear(d_model, 2 * width, bias=False)
+        self.bias_D = nn.Parameter(torch.zeros(d_model)) if moa.output_bias else None
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        return shape, shape
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        G, Dh, K = self.n_kv_heads, self.head_dim, self.moa.top_k
+        x_TD = x_BSD.reshape(-1, D)
+        routing = self.router(x_TD)
+        plan = plan_dispatch(routing.expert_idx_TK, routing.weights_TK, self.moa.num_experts)
+        counts_E = plan.kept_per_expert_E
+        # queries: each assignment's token through its expert, back in slot order t*K + j
+        q_MX = grouped_linear(x_TD[plan.token_idx_M], self.w_q_EDX.to(x_TD.dtype), counts_E)
+        q_AX = torch.empty_like(q_MX).index_copy_(0, plan.assignment_idx_M, q_MX)
+        # (B, S, K, G, Dh) -> (B, G*K, S, Dh): slot j of kv head g is query head g*K + j
+        q = q_AX.view(B, S, K, G, Dh).permute(0, 3, 2, 1, 4).reshape(B, G * K, S, Dh)
+        k, v = self.kv_proj(x_BSD).chunk(2, dim=-1)
+        k = k.view(B, S, G, Dh).transpose(1, 2)
+        v = v.view(B, S, G, Dh).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            keys, values = cache
+            positions = torch.arange(start, start + S, device=keys.device)
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            k = keys.narrow(2, 0, start + S).to(q.dtype)
+            v = values.narrow(2, 0, start + S).to(q.dtype)
+        L = k.shape[2]
+        mask = None
+        if key_mask is not None or (self.causal and S > 1):
+            mask = allowed_keys(
+                S, L, start, causal=self.causal, key_mask_BL=key_mask, device=x_BSD.device
+            )
+        if K > 1 and (mask is not None and q.device.type == "cuda"):
+            k, v = k.repeat_interleave(K, dim=1), v.repeat_interleave(K, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K > 1)
+        # (B, G*K, S, Dh) -> slot order (T*K, X), then each slot through its expert's output
+        out_AX = out.view(B, G, K, S, Dh).permute(0, 3, 2, 1, 4).reshape(B * S * K, G * Dh)
+        y_MD = grouped_linear(
+            out_AX[plan.assignment_idx_M].contiguous(), self.w_o_EXD.to(out_AX.dtype), counts_E
+        )
+        y_MD = y_MD * plan.weights_M.unsqueeze(-1).to(y_MD.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD.to(x_TD.dtype))
+        if self.bias_D is not None:
+            y_TD = y_TD + self.bias_D.to(y_TD.dtype)
+        return y_TD.view(B, S, D)
