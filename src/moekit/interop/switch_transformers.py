@@ -325,6 +325,30 @@ def _num_experts(config: EncoderDecoderConfig) -> int:
     return 0 if layer is None else layer.num_experts
 
 
+def _translate(
+    config: EncoderDecoderConfig, state: dict[str, torch.Tensor], convert: Any
+) -> dict[str, torch.Tensor]:
+    """``convert`` (``keymap.to_moekit`` or ``keymap.to_hf``) applied to each stack's keys with
+    that stack's key map and MoE blocks, then to the model-level keys. Both directions name
+    the stacks' keys by their ``encoder.``/``decoder.`` prefix."""
+    rest = dict(state)
+    out: dict[str, torch.Tensor] = {}
+    for stack, decoder, n_layers, moe_layers in _stacks(config):
+        part = {k: rest.pop(k) for k in list(rest) if k.startswith(f"{stack}.")}
+        keymap = stack_keymap(decoder=decoder, router_bias=_router_bias(config))
+        out.update(
+            convert(
+                part,
+                keymap,
+                n_layers=n_layers,
+                moe_layers=moe_layers,
+                num_experts=_num_experts(config),
+            )
+        )
+    out.update(convert(rest, model_keymap(config), n_layers=0, moe_layers=[], num_experts=0))
+    return out
+
+
 def state_to_moekit(
     config: EncoderDecoderConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -341,21 +365,7 @@ def state_to_moekit(
         copy = state.pop(key, None)
         if copy is not None and shared is not None and not torch.equal(copy, shared):
             raise ValueError(f"{key} differs from shared.weight: moekit ties them")
-    out: dict[str, torch.Tensor] = {}
-    rest = dict(state)
-    for stack, decoder, n_layers, moe_layers in _stacks(config):
-        part = {k: rest.pop(k) for k in list(rest) if k.startswith(f"{stack}.")}
-        out.update(
-            km.to_moekit(
-                part,
-                stack_keymap(decoder=decoder, router_bias=_router_bias(config)),
-                n_layers=n_layers,
-                moe_layers=moe_layers,
-                num_experts=_num_experts(config),
-            )
-        )
-    out.update(km.to_moekit(rest, model_keymap(config), n_layers=0, moe_layers=[], num_experts=0))
-    return out
+    return _translate(config, state, km.to_moekit)
 
 
 def state_to_hf(
@@ -364,18 +374,4 @@ def state_to_hf(
     """The HF state dict (per-expert layout) of a moekit ``EncoderDecoderLM`` state dict."""
     from moekit.interop import keymap as km
 
-    rest = dict(state)
-    out: dict[str, torch.Tensor] = {}
-    for stack, decoder, n_layers, moe_layers in _stacks(config):
-        part = {k: rest.pop(k) for k in list(rest) if k.startswith(f"{stack}.")}
-        out.update(
-            km.to_hf(
-                part,
-                stack_keymap(decoder=decoder, router_bias=_router_bias(config)),
-                n_layers=n_layers,
-                moe_layers=moe_layers,
-                num_experts=_num_experts(config),
-            )
-        )
-    out.update(km.to_hf(rest, model_keymap(config), n_layers=0, moe_layers=[], num_experts=0))
-    return out
+    return _translate(config, state, km.to_hf)
