@@ -2,6 +2,7 @@
 scores (DeepSeek-V4) and token-table routing (DeepSeek-V4's hash layers), each against a loop
 over tokens on outputs and gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -140,3 +141,85 @@ def test_zero_computation_in_a_language_model_and_its_accounting():
     out = model(torch.randint(0, 32, (2, 7)))
     out.logits.sum().backward()
     assert count_parameters(config).total == sum(p.numel() for p in model.parameters())
+
+
+def test_hash_layers_route_the_first_blocks_by_the_token_table():
+    from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
+    from moekit.models.transformer.attention import AttentionConfig
+    from moekit.routing.hashing import TokenTableRouter
+    from moekit.routing.topk import TopKRouter
+    from moekit.utils.serialization import config_from_dict, config_to_dict
+
+    config = TransformerConfig(
+        vocab_size=32,
+        d_model=16,
+        n_layers=3,
+        attention=AttentionConfig(n_heads=2),
+        ffn_hidden=24,
+        moe=MoEPlacementConfig(
+            layer=MoEConfig(
+                num_experts=4,
+                top_k=2,
+                experts=ExpertConfig(hidden=8),
+                router=TopKRouterConfig(gating=Gating.SQRT_SOFTPLUS_TOPK),
+            ),
+            hash_layers=2,
+            hash_router=TokenTableRouterConfig(vocab_size=32),
+        ),
+    )
+    assert config_from_dict(TransformerConfig, config_to_dict(config)) == config
+    model = TransformerLM(config)
+    kinds = [type(block.ffn.router) for block in model.blocks]
+    assert kinds == [TokenTableRouter, TokenTableRouter, TopKRouter]
+    tokens = torch.randint(0, 32, (2, 5))
+    out = model(tokens)
+    table = model.blocks[0].ffn.router.table_VK
+    assert torch.equal(out.moe_outputs[0].routing.expert_idx_TK, table[tokens.reshape(-1)])
+    with pytest.raises(ValueError, match="vocab_size"):
+        TransformerConfig(
+            **{
+                **config.__dict__,
+                "moe": MoEPlacementConfig(
+                    layer=config.moe.layer,
+                    hash_layers=1,
+                    hash_router=TokenTableRouterConfig(vocab_size=31),
+                ),
+            }
+        )
+
+
+def test_router_weight_on_the_expert_input_matches_a_loop():
+    from moekit.dispatch.dispatcher import DispatchConfig
+
+    torch.manual_seed(0)
+    layer = (
+        MoEConfig(
+            d_model=8,
+            num_experts=4,
+            top_k=2,
+            experts=ExpertConfig(hidden=6),
+            router=TopKRouterConfig(gating=Gating.SIGMOID_TOPK, normalize_weights=False),
+            dispatch=DispatchConfig(weight_input=True),
+        )
+        .build()
+        .double()
+    )
+    x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    routing = out.routing
+    expected = torch.stack(
+        [
+            sum(
+                layer.experts.forward_one(int(e), (w * x[t]).unsqueeze(0))[0]
+                for e, w in zip(routing.expert_idx_TK[t], routing.weights_TK[t], strict=True)
+            )
+            for t in range(20)
+        ]
+    )
+    assert torch.allclose(out.output, expected, atol=1e-10)
+    g = torch.randn_like(expected)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((out.output * g).sum(), params, retain_graph=True)
+    grads_ref = torch.autograd.grad((expected * g).sum(), params)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)

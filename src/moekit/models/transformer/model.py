@@ -175,12 +175,12 @@ class TransformerConfig:
                 "routing depends on later tokens of the batch), so a causal language model "
                 "cannot use it; see docs/routing.md for the causal routers"
             )
-        router = layer.router
-        if (
-            isinstance(router, RandomStaticRouterConfig | TokenTableRouterConfig)
-            and router.vocab_size != self.vocab_size
-        ):
-            raise ValueError("moe.layer.router.vocab_size must equal the model's vocab_size")
+        for router in (layer.router, self.moe.hash_router):
+            if (
+                isinstance(router, RandomStaticRouterConfig | TokenTableRouterConfig)
+                and router.vocab_size != self.vocab_size
+            ):
+                raise ValueError("the routers' vocab_size must equal the model's vocab_size")
 
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:

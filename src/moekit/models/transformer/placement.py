@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.layers import MoEConfig
+from moekit.routing import RouterOptions
 from moekit.utils.validation import check_fields
 
 
@@ -26,6 +27,10 @@ class MoEPlacementConfig:
         layers: the MoE blocks by index, when no ``every``/``first_dense`` rule gives them
             (Switch Transformer checkpoints: blocks 1, 3, 5, ...; Llama 4's interleaving);
             ``None``: the rule.
+        hash_layers: the first ``hash_layers`` MoE blocks route with ``hash_router`` instead of
+            ``layer.router`` (DeepSeek-V4's hash layers: experts from a token-id table, weights
+            from a learned gate).
+        hash_router: the router of those blocks (a ``TokenTableRouterConfig``, or any router).
 
     In config files ``layer.d_model`` follows the model's ``d_model`` and is left out
     (:func:`fill_layer_d_model`).
@@ -36,9 +41,18 @@ class MoEPlacementConfig:
     first_dense: int = 0
     experts_per_layer: list[int] | None = None
     layers: list[int] | None = None
+    hash_layers: int = 0
+    hash_router: RouterOptions | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.hash_layers < 0 or (self.hash_layers > 0) != (self.hash_router is not None):
+            raise ValueError(
+                f"moe.hash_layers={self.hash_layers} and moe.hash_router go together (both set, "
+                "or neither)"
+            )
+        if self.hash_router is not None and self.layer is not None:
+            self.hash_router.validate_for(self.layer.num_experts, self.layer.top_k)
         if self.layers is not None and (
             any(i < 0 for i in self.layers) or sorted(set(self.layers)) != list(self.layers)
         ):
@@ -71,10 +85,13 @@ class MoEPlacementConfig:
         count when ``experts_per_layer`` gives one."""
         if not self.is_moe_layer(index) or self.layer is None:
             return None
-        if self.experts_per_layer is None:
-            return self.layer
         position = self.moe_layer_indices(n_layers).index(index)
-        return dataclasses.replace(self.layer, num_experts=self.experts_per_layer[position])
+        layer = self.layer
+        if position < self.hash_layers and self.hash_router is not None:
+            layer = dataclasses.replace(layer, router=self.hash_router)
+        if self.experts_per_layer is None:
+            return layer
+        return dataclasses.replace(layer, num_experts=self.experts_per_layer[position])
 
     @property
     def num_experts(self) -> int:
