@@ -75,3 +75,43 @@ def test_moa_cache_and_padding():
     padded = layer(x, rope=(cos[:6], sin[:6]), key_mask=mask)
     short = layer(x[1:, :4], rope=(cos[:4], sin[:4]))
     assert torch.allclose(padded[1, :4], short[0], atol=1e-10)
+
+
+def test_the_attention_routers_balancing_loss_joins_the_model_loss():
+    import moekit
+    from moekit.experts.bank import ExpertConfig
+    from moekit.layers import MoEConfig
+    from moekit.losses.config import AuxLossConfig
+    from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
+    from moekit.models.transformer.attention import AttentionConfig
+
+    def model(moa_weight: float) -> TransformerLM:
+        torch.manual_seed(0)
+        return TransformerLM(
+            TransformerConfig(
+                vocab_size=32,
+                d_model=16,
+                n_layers=2,
+                attention=AttentionConfig(
+                    n_heads=4,
+                    n_kv_heads=2,
+                    head_dim=4,
+                    moa=MoAConfig(
+                        num_experts=4, top_k=2, aux_loss=AuxLossConfig(switch=moa_weight)
+                    ),
+                ),
+                ffn_hidden=24,
+                moe=MoEPlacementConfig(
+                    layer=MoEConfig(num_experts=4, top_k=2, experts=ExpertConfig(hidden=8))
+                ),
+            )
+        )
+
+    tokens = torch.randint(0, 32, (2, 7))
+    with_loss, without = model(0.5), model(0.0)
+    extra = with_loss(tokens).aux_loss - without(tokens).aux_loss
+    assert extra > 0.5 * 2 * 0.9  # two layers' Switch losses (>= 1 each), weighted 0.5
+    with_loss(tokens).aux_loss.backward()
+    assert with_loss.blocks[0].attn.router.weight_ED.grad.abs().sum() > 0
+    with moekit.serving(with_loss), torch.no_grad():
+        assert with_loss(tokens).aux_loss == 0

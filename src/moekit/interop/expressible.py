@@ -184,6 +184,7 @@ _NOT_FUNCTION = (
     "moe.layer.dispatch.eval_capacity_factor",
     "moe.layer.dispatch.min_capacity",
     "moe.layer.dispatch.drop_priority",
+    "attention.moa.aux_loss",  # training only
 )
 
 

@@ -108,7 +108,11 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
             head_dim=hf.get("kv_channels", 128),
             rope_theta=theta,
             rope_scaling=scaling,
-            moa=MoAConfig(num_experts=experts, top_k=k),
+            moa=MoAConfig(
+                num_experts=experts,
+                top_k=k,
+                aux_loss=AuxLossConfig(switch=hf.get("aux_loss_coef", 0.01) * k),
+            ),
         ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,

@@ -53,19 +53,22 @@ def moe_routers(model: nn.Module) -> list[tuple[str, Any]]:
 
 @contextmanager
 def _layer_switches(model: nn.Module, **values: bool) -> Iterator[int]:
-    """Set boolean attributes of every MoE layer of ``model`` inside the block; restore them on
-    exit. Yields how many layers it switched."""
-    layers = moe_layers(model)
-    saved = [{name: getattr(layer, name) for name in values} for layer in layers]
-    for layer in layers:
-        for name, value in values.items():
-            setattr(layer, name, value)
+    """Set boolean attributes of every MoE layer of ``model`` inside the block (and of any other
+    routed module that has them: a mixture of attention heads' ``losses_enabled``); restore them
+    on exit. Yields how many MoE layers it switched."""
+    layers: list[nn.Module] = list(moe_layers(model))
+    others = [m for m in model.modules() if not isinstance(m, MoE) and hasattr(m, "losses_enabled")]
+    touched = layers + others
+    saved = [{n: getattr(m, n) for n in values if hasattr(m, n)} for m in touched]
+    for module, attributes in zip(touched, saved, strict=True):
+        for name in attributes:
+            setattr(module, name, values[name])
     try:
         yield len(layers)
     finally:
-        for layer, attributes in zip(layers, saved, strict=True):
+        for module, attributes in zip(touched, saved, strict=True):
             for name, value in attributes.items():
-                setattr(layer, name, value)
+                setattr(module, name, value)
 
 
 @contextmanager

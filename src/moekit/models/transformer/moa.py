@@ -17,7 +17,7 @@ slots as query heads grouped onto the G key/value heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,8 @@ from torch import nn
 
 from moekit.dispatch.sort import plan_dispatch
 from moekit.experts.grouped_linear import grouped_linear
+from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
+from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.masks import allowed_keys
 from moekit.models.transformer.rotary import apply_rotary
 from moekit.routing.topk import Gating, TopKRouterConfig
@@ -41,11 +43,14 @@ class MoAConfig:
         num_experts: E.
         top_k: K.
         output_bias: a learned bias added to the attention output (JetMoE).
+        aux_loss: the balancing losses of the attention router (Switch loss, z-loss, ...),
+            added to the model's ``aux_loss`` like an MoE layer's.
     """
 
     num_experts: int
     top_k: int
     output_bias: bool = True
+    aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "attention.moa.")
@@ -77,6 +82,10 @@ class MixtureOfAttentionHeads(nn.Module):
         self.w_o_EXD = nn.Parameter(torch.randn(E, width, d_model) * scale_out)
         self.kv_proj = nn.Linear(d_model, 2 * width, bias=False)
         self.bias_D = nn.Parameter(torch.zeros(d_model)) if moa.output_bias else None
+        # off inside ``moekit.serving(model)``, as for MoE layers
+        self.losses_enabled = True
+        # the router's weighted auxiliary loss of the last call, taken (and cleared) by the model
+        self.last_aux_loss: torch.Tensor | None = None
 
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
@@ -94,6 +103,13 @@ class MixtureOfAttentionHeads(nn.Module):
         G, Dh, K = self.n_kv_heads, self.head_dim, self.moa.top_k
         x_TD = x_BSD.reshape(-1, D)
         routing = self.router(x_TD)
+        if self.losses_enabled:
+            real_T = None
+            if key_mask is not None and key_mask.dim() == 2:  # this call's tokens: the last S
+                real_T = key_mask[:, -S:].reshape(-1)
+            losses = auxiliary_losses(routing, self.moa.aux_loss, token_mask_T=real_T)
+            zero = routing.weights_TK.new_zeros(())
+            self.last_aux_loss = weighted_sum(losses, self.moa.aux_loss, start=zero)
         plan = plan_dispatch(routing.expert_idx_TK, routing.weights_TK, self.moa.num_experts)
         counts_E = plan.kept_per_expert_E
         # queries: each assignment's token through its expert, back in slot order t*K + j

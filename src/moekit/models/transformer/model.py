@@ -448,6 +448,10 @@ class TransformerLM(nn.Module):
             if moe_out is not None:
                 moe_outputs.append(moe_out)
                 aux_loss = aux_loss + moe_out.aux_loss
+            attention_loss = getattr(block.attn, "last_aux_loss", None)
+            if attention_loss is not None:  # a mixture of attention heads' router
+                aux_loss = aux_loss + attention_loss
+                cast(Any, block.attn).last_aux_loss = None
         if kv_cache is not None:
             kv_cache.length = start + tokens.shape[1]
         x = self.norm(x)
