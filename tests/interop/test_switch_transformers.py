@@ -176,3 +176,58 @@ def test_switch_finetuned_with_a_preset_exports_and_reloads(tmp_path, capsys):
     # self-attention, cross-attention (EncDecAttention) and the relative bias; nothing else
     assert changed == {"q", "k", "v", "o", "relative_attention_bias"}
     assert any("EncDecAttention" in k for k in old if not torch.equal(old[k], new[k]))
+
+
+def test_prune_merge_and_lora_on_an_imported_switch_transformer(tmp_path):
+    """The tools that rebuild or adapt a model take the encoder–decoder too: prune and merge
+    (each stack's MoE layers shrink; a non-uniform result no longer exports as a Switch
+    checkpoint, by name), LoRA on self- and cross-attention and the experts (merged exactly)."""
+    from moekit.adapters.lora import LoRAConfig, add_lora, merge_lora
+    from moekit.training.compress import merge, prune, prune_experts
+
+    model = from_hf(tiny_switch(expert_capacity=64)).eval()
+    windows = [
+        torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    tokens, decoder, _ = _inputs()
+    for smaller, _ in (prune(model, windows, 0.5), merge(model, windows, 0.5)):
+        assert isinstance(smaller, EncoderDecoderLM)
+        assert smaller.config.encoder_moe.experts_per_layer == [2, 2]
+        assert smaller.config.decoder_moe.experts_per_layer == [2]
+        with torch.no_grad():
+            assert torch.isfinite(smaller(tokens, decoder_tokens=decoder).logits).all()
+    pruned, kept = prune(model, windows, 0.5)
+    to_hf(pruned, tmp_path / "pruned", "switch_transformers")  # every layer alike: exports
+    reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "pruned").eval()
+    assert reloaded.config.num_experts == 2
+    with torch.no_grad():
+        ours = pruned(tokens, decoder_tokens=decoder).logits
+        theirs = reloaded(input_ids=tokens, decoder_input_ids=decoder).logits
+        assert (ours - theirs).abs().max() <= 1e-4
+    with torch.no_grad():  # a pruned expert set with every kept expert's weights unchanged
+        layer = pruned.encoder.blocks[1].ffn
+        source = model.encoder.blocks[1].ffn
+        index = torch.tensor(kept["encoder.blocks.1.ffn"])
+        assert torch.equal(layer.experts.w_in_EDH, source.experts.w_in_EDH[index])
+    uneven = prune_experts(
+        model,
+        {
+            "encoder.blocks.1.ffn": [0, 1, 2],
+            "encoder.blocks.3.ffn": [0, 1],
+            "decoder.blocks.1.ffn": [3],
+        },
+    )
+    assert uneven.config.encoder_moe.experts_per_layer == [3, 2]
+    with pytest.raises(ValueError, match="experts_per_layer"):
+        to_hf(uneven, tmp_path / "x", "switch_transformers")
+    assert not (tmp_path / "x").exists()
+    add_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["attention", "experts"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name or ".adapter." in name:
+                p.normal_(0, 0.05)
+        adapted = model(tokens, decoder_tokens=decoder).logits
+        adapters = [n for n, _ in model.named_parameters() if "lora" in n]
+        assert any("cross_attn" in n for n in adapters)
+        merge_lora(model)
+        assert (model(tokens, decoder_tokens=decoder).logits - adapted).abs().max() <= 1e-5

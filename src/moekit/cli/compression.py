@@ -32,7 +32,8 @@ def load_with_calibration(args: argparse.Namespace):
 
 def write_result(model, args: argparse.Namespace) -> None:
     from moekit.cli.convert import save_any
+    from moekit.layers.switches import moe_layers
 
     save_any(model, args.destination, args.export)
-    counts = model.config.moe.experts_per_layer or []
+    counts = [layer.num_experts for layer in moe_layers(model)]
     print(f"wrote {args.destination} ({args.export}): experts per MoE layer {counts}")

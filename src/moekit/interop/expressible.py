@@ -240,3 +240,19 @@ def export_problems(
         for name in want
         if want[name] != got.get(name)
     ]
+
+
+def fold_uniform_expert_counts(config: Any) -> Any:
+    """``config`` with a uniform ``experts_per_layer`` (every MoE layer pruned or merged to the
+    same count) folded into ``layer.num_experts``: what a family with one expert count per model
+    can express. Each placement is folded on its own (an encoder–decoder has two)."""
+
+    def fold(placement: Any) -> Any:
+        counts = getattr(placement, "experts_per_layer", None)
+        if placement is None or placement.layer is None or not counts or len(set(counts)) != 1:
+            return placement
+        layer = dataclasses.replace(placement.layer, num_experts=counts[0])
+        return dataclasses.replace(placement, layer=layer, experts_per_layer=None)
+
+    names = [n for n in ("moe", "encoder_moe", "decoder_moe") if hasattr(config, n)]
+    return dataclasses.replace(config, **{n: fold(getattr(config, n)) for n in names})

@@ -46,7 +46,7 @@ from moekit.interop import (
     switch_transformers,
 )
 from moekit.interop import keymap as km
-from moekit.interop.expressible import export_problems
+from moekit.interop.expressible import export_problems, fold_uniform_expert_counts
 from moekit.models.encoder_decoder.model import EncoderDecoderLM
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import (
@@ -352,17 +352,16 @@ def _to_hf_seq2seq(model: EncoderDecoderLM, directory: str | os.PathLike, family
         raise ValueError(
             f"an encoder–decoder exports as {', '.join(SEQ2SEQ_FAMILIES)}, not {family!r}"
         )
-    problems = fam.export_problems(model.config)
+    config = fold_uniform_expert_counts(model.config)
+    problems = fam.export_problems(config)
     if problems:
         raise ValueError(
             f"cannot export as {family!r}: the family cannot express "
             + "; ".join(problems)
             + ". The exported model would compute something else, so nothing was written."
         )
-    hf_config = fam.config_to_hf(model.config)
-    state = fam.state_to_hf(
-        model.config, {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    )
+    hf_config = fam.config_to_hf(config)
+    state = fam.state_to_hf(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     state = {k: v.contiguous() for k, v in state.items()}
 
     def write(folder: Path) -> None:
@@ -381,7 +380,7 @@ def to_hf(
     if family in SEQ2SEQ_FAMILIES:
         raise ValueError(f"{family!r} is an encoder–decoder family; this model is decoder-only")
     fam = _family(family)
-    config = model.config
+    config = fold_uniform_expert_counts(model.config)  # a uniformly pruned model is a family's
     problems = export_problems(config, fam.config_to_hf, fam.config_from_hf)
     if problems:
         raise ValueError(

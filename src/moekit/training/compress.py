@@ -28,15 +28,19 @@ from torch import nn
 from moekit.analysis.inspect import count_routing, stream_with_hooks
 from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
+from moekit.models.encoder_decoder.model import EncoderDecoderConfig, EncoderDecoderLM
 from moekit.models.transformer.model import TransformerLM
 from moekit.routing.sparsemixer import SparseMixerRouter
 from moekit.routing.topk import TopKRouter
 
+#: the models pruning and merging rebuild
+LM = TransformerLM | EncoderDecoderLM
 
-def _moe_layers(model: TransformerLM) -> list[tuple[str, MoE]]:
-    if not isinstance(model, TransformerLM):
+
+def _moe_layers(model: LM) -> list[tuple[str, MoE]]:
+    if not isinstance(model, TransformerLM | EncoderDecoderLM):
         raise ValueError(
-            f"pruning and merging rebuild decoder-only models (TransformerLM), not "
+            f"pruning and merging rebuild TransformerLM and EncoderDecoderLM models, not "
             f"{type(model).__name__}"
         )
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
@@ -56,9 +60,7 @@ def _moe_layers(model: TransformerLM) -> list[tuple[str, MoE]]:
 
 
 @torch.no_grad()
-def saliency_scores(
-    model: TransformerLM, batches: Iterable[torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def saliency_scores(model: LM, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{MoE layer: (E,) mean of gate weight × ‖expert output‖ over the tokens routed to each
     expert}`` (0 for an expert no token reaches)."""
     sums: dict[str, torch.Tensor] = {}
@@ -85,7 +87,7 @@ def saliency_scores(
 
 
 def expert_scores(
-    model: TransformerLM, batches: Iterable[torch.Tensor], method: str
+    model: LM, batches: Iterable[torch.Tensor], method: str
 ) -> dict[str, torch.Tensor]:
     if method == "frequency":
         return {n: c.double() for n, c in count_routing(model, batches).items()}
@@ -121,14 +123,29 @@ def choose_kept(
     return {name: sorted(v) for name, v in kept.items()}
 
 
-def _rebuilt(model: TransformerLM, counts: list[int]) -> TransformerLM:
+def _rebuilt(model: LM, counts: list[int]) -> LM:
+    """The model with ``counts`` routed experts in its MoE layers (in module order: an
+    encoder–decoder's encoder layers, then its decoder layers)."""
     config = model.config
-    placement = dataclasses.replace(config.moe, experts_per_layer=counts)
-    new = TransformerLM(dataclasses.replace(config, moe=placement))
+    new: LM
+    if isinstance(config, EncoderDecoderConfig):
+        n_enc = len(config.encoder_moe.moe_layer_indices(config.n_encoder_layers))
+        if config.encoder_moe.layer is None:
+            n_enc = 0
+        stacks = {}
+        for name, part in (("encoder_moe", counts[:n_enc]), ("decoder_moe", counts[n_enc:])):
+            placement = getattr(config, name)
+            if placement.layer is not None:
+                stacks[name] = dataclasses.replace(placement, experts_per_layer=part)
+        new = EncoderDecoderLM(dataclasses.replace(config, **stacks))
+    else:
+        placement = dataclasses.replace(config.moe, experts_per_layer=counts)
+        new = TransformerLM(dataclasses.replace(config, moe=placement))
+    new.train(model.training)  # the source's mode (eval: no jitter, no sampled routing)
     return new.to(next(model.parameters()).dtype)
 
 
-def _copy_non_moe(model: TransformerLM, new: TransformerLM, moe_names: list[str]) -> None:
+def _copy_non_moe(model: LM, new: LM, moe_names: list[str]) -> None:
     prefixes = tuple(f"{n}.router." for n in moe_names) + tuple(f"{n}.experts." for n in moe_names)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     missing = new.load_state_dict(state, strict=False)
@@ -138,7 +155,7 @@ def _copy_non_moe(model: TransformerLM, new: TransformerLM, moe_names: list[str]
 
 
 @torch.no_grad()
-def prune_experts(model: TransformerLM, kept: dict[str, list[int]]) -> TransformerLM:
+def prune_experts(model: LM, kept: dict[str, list[int]]) -> LM:
     """A new model with only the ``kept`` experts of each MoE layer (router rows, biases,
     balancing state and expert weights sliced; everything else copied)."""
     layers = _moe_layers(model)
@@ -171,13 +188,13 @@ def _copy_sliced(source: nn.Module, target: nn.Module, index: torch.Tensor) -> N
 
 
 def prune(
-    model: TransformerLM,
+    model: LM,
     batches: list[torch.Tensor],
     fraction: float,
     *,
     method: str = "frequency",
     scope: str = "layer",
-) -> tuple[TransformerLM, dict[str, list[int]]]:
+) -> tuple[LM, dict[str, list[int]]]:
     """Score on ``batches``, remove ``fraction`` of the experts, return the new model and the
     kept experts per layer."""
     layers = _moe_layers(model)
@@ -242,8 +259,8 @@ def _permuted(bank: ExpertBank, e: int, order: torch.Tensor) -> dict[str, torch.
 
 @torch.no_grad()
 def merge_experts(
-    model: TransformerLM, groups: dict[str, list[list[int]]], frequencies: dict[str, torch.Tensor]
-) -> TransformerLM:
+    model: LM, groups: dict[str, list[list[int]]], frequencies: dict[str, torch.Tensor]
+) -> LM:
     """A new model in which each group of experts (per layer; the first member is the anchor
     whose router row the merged expert keeps) becomes one expert: hidden units aligned to the
     anchor's, weights averaged by routing frequency."""
@@ -277,7 +294,7 @@ def merge_experts(
 
 
 def plan_merges(
-    model: TransformerLM, frequencies: dict[str, torch.Tensor], fraction: float
+    model: LM, frequencies: dict[str, torch.Tensor], fraction: float
 ) -> dict[str, list[list[int]]]:
     """Per layer, fold the least-routed experts (``fraction`` of them) into the kept expert
     with the most similar router row (cosine); returns groups, anchor first."""
@@ -308,8 +325,8 @@ def plan_merges(
 
 
 def merge(
-    model: TransformerLM, batches: list[torch.Tensor], fraction: float
-) -> tuple[TransformerLM, dict[str, list[list[int]]]]:
+    model: LM, batches: list[torch.Tensor], fraction: float
+) -> tuple[LM, dict[str, list[list[int]]]]:
     """Merge ``fraction`` of each layer's experts into their nearest kept experts."""
     frequencies = {n: c.double() for n, c in count_routing(model, batches).items()}
     groups = plan_merges(model, frequencies, fraction)
