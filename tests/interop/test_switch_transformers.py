@@ -231,3 +231,29 @@ def test_prune_merge_and_lora_on_an_imported_switch_transformer(tmp_path):
         assert any("cross_attn" in n for n in adapters)
         merge_lora(model)
         assert (model(tokens, decoder_tokens=decoder).logits - adapted).abs().max() <= 1e-5
+
+
+def test_lora_on_a_switch_transformer_exports_to_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from moekit.adapters.lora import LoRAConfig, add_lora
+    from moekit.interop.peft_adapters import export_peft_adapter
+
+    source = tmp_path / "hf"
+    tiny_switch(expert_capacity=64).save_pretrained(source)
+    model = from_hf(source)
+    add_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["attention", "experts"]))
+    with torch.no_grad():  # adapters away from zero, as after training
+        for name, p in model.named_parameters():
+            if "lora" in name or ".adapter." in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    export_peft_adapter(model, source, tmp_path / "adapter")
+    base = transformers.AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokens, decoder, mask = _inputs()
+    with torch.no_grad():
+        ours = model(tokens, decoder_tokens=decoder, attention_mask=mask).logits
+        theirs = adapted(input_ids=tokens, decoder_input_ids=decoder, attention_mask=mask).logits
+        plain = from_hf(source).eval()(tokens, decoder_tokens=decoder, attention_mask=mask).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapters do something
+    assert (ours - theirs).abs().max() <= 1e-4

@@ -142,6 +142,8 @@ def export_peft_adapter(
     if config is None:
         raise ValueError("the model has no LoRA adapters (moekit.adapters.add_lora)")
     family = json.loads((Path(hf_folder) / "config.json").read_text()).get("model_type")
+    if family == "switch_transformers":
+        return _export_switch(model, config, hf_folder, Path(directory))
     if family not in STACKED_EXPERT_FAMILIES and family not in ATTENTION_ONLY:
         raise ValueError(
             f"PEFT export supports {', '.join([*STACKED_EXPERT_FAMILIES, *ATTENTION_ONLY])}, "
@@ -209,3 +211,73 @@ def _stacked_factors(adapter: ExpertLoRA, parameter: str) -> tuple[torch.Tensor,
     A = A_EDR.transpose(1, 2).reshape(E * R, n_in)
     B = B_ERW.permute(2, 1, 0).reshape(n_out, R * E)
     return A, B
+
+
+#: Switch Transformer module names: ``{encoder,decoder}.block.{i}.layer.{j}.<module>``
+_SWITCH_MODULE = re.compile(
+    r"(encoder|decoder)\.block\.(\d+)\.layer\.\d+\."
+    r"(?:(SelfAttention|EncDecAttention)\.([qkvo])|mlp\.experts\.expert_(\d+)\.(wi|wo))$"
+)
+
+
+def _export_switch(
+    model: torch.nn.Module, config: Any, hf_folder: str | os.PathLike, directory: Path
+) -> Path:
+    """PEFT adapters for a Switch Transformer: self- and cross-attention projections
+    (``q``, ``k``, ``v``, ``o``) and each expert's ``wi``/``wo`` (``nn.Linear`` modules in
+    ``transformers``, so per-expert ``lora_A``/``lora_B`` are slices of moekit's stacked
+    adapters)."""
+    import peft
+    import transformers
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    patterns = []
+    for target in config.targets:
+        if target == "attention":
+            patterns.append(r".*(SelfAttention|EncDecAttention)\.(q|k|v|o)")
+        elif target == "experts":
+            patterns.append(r".*mlp\.experts\.expert_\d+\.(wi|wo)")
+        else:
+            raise ValueError(
+                f"LoRA target {target!r} of a Switch Transformer cannot be exported in the PEFT "
+                "format yet (attention and experts can); export the merged model with to_hf"
+            )
+    if any(config.rank_of(t) != config.rank for t in config.targets):
+        raise ValueError("per-target LoRA ranks of a Switch Transformer do not export to PEFT yet")
+    hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_folder, dtype=torch.float32)
+    _check_base_unchanged(model, hf_model)
+    lora_config = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules="|".join(f"({p})" for p in patterns),
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(hf_model, lora_config)
+    filled = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            found = _SWITCH_MODULE.search(name)
+            if found is None or not isinstance(module, PeftLinear):
+                continue
+            stack, block_index, attention, projection, expert, expert_projection = found.groups()
+            block: Any = getattr(model, stack).blocks[int(block_index)]
+            if attention is not None:
+                owner = block.attn if attention == "SelfAttention" else block.cross_attn
+                ours = getattr(owner, f"{projection}_proj")
+                assert isinstance(ours, LoRALinear)
+                _set_factors(module, ours.lora_A, ours.lora_B)
+            else:
+                adapter = block.ffn.experts.adapter
+                assert isinstance(adapter, ExpertLoRA)
+                e = int(expert)
+                if expert_projection == "wi":  # HF (H, D) = moekit (D, H) transposed
+                    A, B = adapter.A_in_EDR[e].t(), adapter.B_in_ERW[e].t()
+                else:
+                    A, B = adapter.A_out_EHR[e].t(), adapter.B_out_ERD[e].t()
+                _set_factors(module, A, B)
+            filled += 1
+    if not filled:
+        raise ValueError("no adapter of this model has a place in the PEFT model")
+    peft_model.save_pretrained(str(directory))
+    return directory
