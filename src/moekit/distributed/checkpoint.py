@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ def save_sharded(
     state = _model_entries(model, full_local_experts=True)
     if optimizer is not None:
         state.update(_optimizer_entries(model, optimizer))
+    _fault_injection_point(folder.name)
     dcp.save(state, checkpoint_id=str(staging / SHARDED_DIR))
     if dist.get_rank() == 0:
         if write_rest is not None:
@@ -101,6 +103,14 @@ def save_sharded(
         os.replace(staging, folder)
     dist.barrier()
     return folder
+
+
+def _fault_injection_point(folder_name: str) -> None:
+    """For the preemption tests: ``MOEKIT_KILL_DURING_SAVE=<folder name>`` SIGKILLs rank 1
+    as the shards of that checkpoint start to be written (the other ranks are inside the
+    collective write, the staging folder half full). Unset in normal runs."""
+    if os.environ.get("MOEKIT_KILL_DURING_SAVE") == folder_name and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @torch.no_grad()

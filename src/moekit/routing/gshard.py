@@ -16,6 +16,7 @@ import torch
 from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.routing.result import RoutingResult
+from moekit.utils.randomness import uniform_like
 
 
 class SecondExpertPolicy(str, Enum):
@@ -70,7 +71,7 @@ class GShardTop2Router(RouterBase):
         mask_TK = None
         if self.training and self.config.second_expert_policy is SecondExpertPolicy.RANDOM:
             second_T = weights_TK.select(1, 1).detach()
-            keep_second_T = torch.rand_like(second_T) < 2.0 * second_T
+            keep_second_T = uniform_like(second_T, self, "second") < 2.0 * second_T
             mask_TK = torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)
         return RoutingResult(
             top.indices, weights_TK, logits_TE, probs_TE, assignment_mask_TK=mask_TK

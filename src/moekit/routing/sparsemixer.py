@@ -19,10 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
 from moekit.routing.result import RoutingResult
+from moekit.utils.randomness import exponential_like, jitter_like, uniform_like
+
+_ANONYMOUS = nn.Module()  # draw site of calls without a module (not keyed by a model)
 
 
 @dataclass(kw_only=True)
@@ -74,9 +78,13 @@ def sparsemixer(
     jitter_eps: float,
     training: bool,
     forced_TK: torch.Tensor | None = None,
+    draw_site: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights (T, K), experts (T, K))`` of SparseMixer on router logits ``scores_TE``;
-    ``forced_TK``: the experts to take in each round (a replayed trace), weighted as if chosen."""
+    ``forced_TK``: the experts to take in each round (a replayed trace), weighted as if chosen;
+    ``draw_site``: the module whose key the random draws take under
+    :func:`moekit.utils.randomness.token_randomness` (torch's generator without it)."""
+    site = draw_site if draw_site is not None else _ANONYMOUS
     masked_TE = scores_TE
     weights: list[torch.Tensor] = []
     chosen: list[torch.Tensor] = []
@@ -89,7 +97,7 @@ def sparsemixer(
         if forced_TK is not None:
             pick_T1 = forced_TK[:, len(chosen)].unsqueeze(-1)
         elif training:  # Gumbel-max sampling among the candidates
-            noise = torch.empty_like(gates_TE).exponential_().log()
+            noise = exponential_like(gates_TE, site, f"gumbel{len(chosen)}").log()
             pick_T1 = (gates_TE - noise).argmax(dim=-1, keepdim=True)
         else:
             pick_T1 = best_idx_T1
@@ -97,7 +105,9 @@ def sparsemixer(
         weight_T1 = probs_TE.gather(-1, pick_T1)
         if training:
             best_prob_idx = probs_TE.argmax(dim=-1, keepdim=True)
-            one = (pick_T1 == best_prob_idx) | (torch.rand_like(weight_T1) > 0.75)
+            one = (pick_T1 == best_prob_idx) | (
+                uniform_like(weight_T1, site, f"heun{len(chosen)}") > 0.75
+            )
             scale_T1 = torch.add(0.3333, one.to(weight_T1.dtype), alpha=0.6667)
             weight_T1 = _HeunMultiplier.apply(
                 scores_TE, weight_T1.detach(), pick_T1, probs_TE.detach(), scale_T1
@@ -130,7 +140,7 @@ class SparseMixerRouter(RouterBase):
         x_TD = x_TD.to(router_dtype(x_TD, cfg.float32))
         if self.training and cfg.input_jitter_eps > 0:
             eps = cfg.input_jitter_eps
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+            x_TD = x_TD * jitter_like(x_TD, self, "jitter", eps)
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
         forced = None
         if self.forced_routes is not None:
@@ -141,7 +151,7 @@ class SparseMixerRouter(RouterBase):
                     f"{logits_TE.shape[0]} tokens to top_k={self.top_k} experts"
                 )
         weights_TK, expert_idx_TK = sparsemixer(
-            logits_TE, self.top_k, cfg.jitter_eps, self.training, forced
+            logits_TE, self.top_k, cfg.jitter_eps, self.training, forced, self
         )
         return RoutingResult(
             expert_idx_TK=expert_idx_TK,

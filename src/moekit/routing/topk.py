@@ -38,6 +38,7 @@ from moekit.routing.projection import (
     router_precision,
 )
 from moekit.routing.result import RoutingResult
+from moekit.utils.randomness import jitter_like, normal_like
 
 
 class Gating(str, Enum):
@@ -162,16 +163,14 @@ class TopKRouter(RouterBase):
         cfg = self.config
         x_TD = x_TD.to(router_dtype(x_TD, cfg.float32))
         if self.training and cfg.jitter_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(
-                1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps
-            )
+            x_TD = x_TD * jitter_like(x_TD, self, "jitter", cfg.jitter_eps)
         logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
         dtype = logits_TE.dtype
         clean_logits_TE = noise_std_TE = None
         if self.noise_weight_ED is not None and self.training:
             clean_logits_TE = logits_TE
             noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight_ED.to(dtype)))
-            logits_TE = clean_logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+            logits_TE = clean_logits_TE + normal_like(logits_TE, self, "noise") * noise_std_TE
 
         if cfg.gating is Gating.SQRT_SOFTPLUS_TOPK:
             # positive scores; the balancing losses see them normalised to sum 1

@@ -137,6 +137,32 @@ def save_sharded_training_checkpoint(
     return folder
 
 
+def restore_param_groups(optimizer: torch.optim.Optimizer, saved_groups: list[dict]) -> None:
+    """Set each parameter group's hyperparameters (``lr``, ``betas``, ``weight_decay``, ...) to
+    the saved ones, as ``Optimizer.load_state_dict`` does for a single-process checkpoint.
+
+    A sharded checkpoint restores the optimizer's tensors through DCP; without this the first
+    step after a resume runs at the constructor's ``lr`` instead of the schedule's (the
+    scheduler writes the group's ``lr`` only at its next ``step()``). Groups that do not match
+    in number or size are refused by name."""
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
+            f"{len(groups)}: it trains a different set of parameters (method, preset or "
+            "LoRA settings changed?)"
+        )
+    for i, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"optimizer parameter group {i} holds {len(saved['params'])} parameters in the "
+                f"checkpoint and {len(group['params'])} in this run"
+            )
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+
+
 def read_trainer_state(folder: str | Path, *, rank: int = 0, device=None) -> dict[str, Any]:
     """``trainer_state.json`` of a checkpoint, with rank ``rank``'s generators restored."""
     folder = Path(folder)

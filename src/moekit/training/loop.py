@@ -53,6 +53,7 @@ from moekit.training.checkpoint import (
     read_trainer_state,
     refuse_to_overwrite,
     remove_stale_staging,
+    restore_param_groups,
     rng_states,
     save_sharded_training_checkpoint,
     save_training_checkpoint,
@@ -75,6 +76,7 @@ from moekit.utils.device import (
     synchronize,
     use_bf16,
 )
+from moekit.utils.randomness import token_randomness
 from moekit.utils.serialization import atomic_write_bytes, config_to_dict
 
 
@@ -354,19 +356,31 @@ def train(
     return run.result
 
 
-def _global_batch_slice(run: TrainingRun, index: int) -> tuple:
-    """This rank's rows of micro-batch ``index`` of the global batch: the global batch is one
-    fixed draw (a function of the seed and the index) of ``batch_size`` rows per data-parallel
-    rank, sliced by rank, so the data is the same whatever the mesh (and a run resumed on
-    another world size continues the same stream)."""
-    data, ctx = run.config.data, run.ctx
+def _global_batch_parts(run: TrainingRun, step: int) -> list[tuple]:
+    """This rank's micro-batches of optimizer step ``step``.
+
+    The step's global batch is one draw from the stream (a function of the seed and the step
+    only) of ``batch_size × data-parallel ranks × grad_accum`` rows; micro-batch ``m`` of rank
+    ``r`` holds rows ``(m · ranks + r) · batch_size`` onward. The data a step trains on is
+    therefore the same whatever its split into ranks and micro-batches, and a run resumed on
+    another mesh or with another split continues the same stream."""
+    data, ctx, accum = run.config.data, run.ctx, run.config.optim.grad_accum
     batch = run.train_stream.batch(
-        index, data.batch_size * ctx.world, data.seq_len, run.config.seed
+        step, data.batch_size * ctx.world * accum, data.seq_len, run.config.seed
     )
-    if ctx.world == 1:
-        return batch
-    rows = slice(ctx.rank * data.batch_size, (ctx.rank + 1) * data.batch_size)
-    return tuple(t[rows] for t in batch)
+    if ctx.world == 1 and accum == 1:
+        return [batch]
+    parts = []
+    for micro in range(accum):
+        first = (micro * ctx.world + ctx.rank) * data.batch_size
+        parts.append(tuple(t[first : first + data.batch_size] for t in batch))
+    return parts
+
+
+def micro_batch_row_offset(run: TrainingRun, micro: int) -> int:
+    """Index of the first row of this rank's micro-batch ``micro`` in the step's global batch
+    (the layout of :func:`_global_batch_parts`)."""
+    return (micro * run.ctx.world + run.ctx.rank) * run.config.data.batch_size
 
 
 def train_step(run: TrainingRun, step: int) -> StepOutput:
@@ -380,14 +394,20 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     writes_record = done % config.log_every == 0 or is_eval or done == run.last_step
     loss = torch.zeros((), device=run.device)
     aux = torch.zeros((), device=run.device)
-    batches = [
-        _to_device(_global_batch_slice(run, step * optim.grad_accum + micro), run.device)
-        for micro in range(optim.grad_accum)
-    ]
+    batches = [_to_device(part, run.device) for part in _global_batch_parts(run, step)]
+
+    def keyed(micro: int):  # the model's random draws: a function of step and token place
+        return token_randomness(
+            run.model,
+            seed=config.seed,
+            step=step,
+            row_offset=micro_batch_row_offset(run, micro),
+            rows=data.batch_size,
+        )
 
     def forward_only() -> None:  # global-batch balancing's routing pre-pass
-        for x, y, segments in batches:
-            with autocast(run.device, use_bf16(config.bf16, run.device)):
+        for micro, (x, y, segments) in enumerate(batches):
+            with keyed(micro), autocast(run.device, use_bf16(config.bf16, run.device)):
                 model_loss(run.step_model, x, y, segments)
 
     balance = global_batch_balance(
@@ -399,10 +419,11 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     # routing statistics feed only the metrics line: skip their work on the other steps
     statistics = contextlib.nullcontext() if writes_record else without_statistics(run.model)
     with statistics, balance:
-        for x, y, segments in batches:
-            with autocast(run.device, use_bf16(config.bf16, run.device)):
-                out, ce = model_loss(run.step_model, x, y, segments)
-            ((ce + out.aux_loss) / optim.grad_accum).backward()
+        for micro, (x, y, segments) in enumerate(batches):
+            with keyed(micro):  # backward too: activation checkpointing recomputes the draws
+                with autocast(run.device, use_bf16(config.bf16, run.device)):
+                    out, ce = model_loss(run.step_model, x, y, segments)
+                ((ce + out.aux_loss) / optim.grad_accum).backward()
             loss += ce.detach() / optim.grad_accum
             aux += out.aux_loss.detach() / optim.grad_accum
     for group in frozen_groups(
@@ -604,6 +625,7 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
             raise ValueError(f"{folder} holds a different model config than this run's")
         load_sharded(folder, model, optimizer, ctx.meshes)  # resharded onto this mesh
         trainer_state = read_trainer_state(folder, rank=ctx.rank, device=device)
+        restore_param_groups(optimizer, trainer_state["optimizer"]["param_groups"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         start_step = trainer_state["step"]
     elif resume and folder is not None:
