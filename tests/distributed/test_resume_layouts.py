@@ -151,3 +151,21 @@ def test_a_rank_killed_while_a_checkpoint_is_written_resumes_from_the_previous_o
     _train(4, [*common, "--out-dir", str(killed), *MESH, "--resume"])
     assert not list(checkpoints.glob(".*saving*"))  # the stale staging folder was removed
     _assert_same_run(killed, reference, exact=True, after=4)
+
+
+def test_four_ranks_with_micro_batches_train_as_one_process_with_one_batch(tmp_path, tiny_text):
+    """4 ranks × batch 1 × 2 micro-batches, global-batch balancing, noisy gating: the same losses
+    and parameters as one process with one batch of 8 (and as 4 × 2 in one process)."""
+    common = _common(tiny_text)
+    balance = ["switch_scope=global_batch", "load_scope=global_batch"]
+    for item in balance:
+        common += ["--set", f"model.moe.layer.aux_loss.{item}"]
+    one, accum, mesh = tmp_path / "one", tmp_path / "accum", tmp_path / "mesh"
+    assert _train(1, [*common, "--out-dir", str(one), *ONE]) == 0
+    split = ["--set", "data.batch_size=4", "--set", "optim.grad_accum=2"]
+    assert _train(1, [*common, "--out-dir", str(accum), *split]) == 0
+    four = ["--set", "parallel.ep=2", "--set", "parallel.dp_shard=4"]
+    four += ["--set", "data.batch_size=1", "--set", "optim.grad_accum=2"]
+    _train(4, [*common, "--out-dir", str(mesh), *four])
+    _assert_same_run(accum, one, exact=False, after=0)
+    _assert_same_run(mesh, one, exact=False, after=0)
