@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -20,12 +19,12 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def load_with_calibration(args: argparse.Namespace):
-    from moekit.training.data import calibration_batches, load_tokenizer
-    from moekit.training.finetune import is_hf_folder, load_source
+    from moekit.training.data import calibration_batches
+    from moekit.training.finetune import load_source
+    from moekit.training.tokenizer_files import resolve_tokenizer
 
     model = load_source(args.model)
-    folder = Path(args.model)
-    tokenizer = load_tokenizer(str(folder) if is_hf_folder(folder) else None)
+    tokenizer = resolve_tokenizer(args.model, model.config.vocab_size)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     return model, calibration_batches(args.data, tokenizer, args.batches, args.batch_size, seq_len)
 

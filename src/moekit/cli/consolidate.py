@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
     from moekit.models.sharded_checkpoint import consolidate, is_sharded
     from moekit.training.checkpoint import resolve_checkpoint
+    from moekit.training.tokenizer_files import copy_tokenizer, find_tokenizer_folder
     from moekit.utils.serialization import add_checksums, write_folder_atomically
 
     source = resolve_checkpoint(args.checkpoint)
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.copy2(source / CONFIG_FILE, folder / CONFIG_FILE)
         consolidate(source, folder / WEIGHTS_FILE)
         add_checksums(folder, [WEIGHTS_FILE])
+        copy_tokenizer(find_tokenizer_folder(args.checkpoint), folder)
 
     out = write_folder_atomically(args.destination, write)
     print(f"wrote {out / WEIGHTS_FILE} from {source}")

@@ -39,7 +39,15 @@ def save_any(model, destination: str, target: str) -> None:
         to_hf(model, destination, target)
 
 
+def carry_tokenizer(source: str, destination: str) -> None:
+    """Copy the tokenizer of the model at ``source`` (if it has one) into ``destination``."""
+    from moekit.training.tokenizer_files import copy_tokenizer, find_tokenizer_folder
+
+    copy_tokenizer(find_tokenizer_folder(source), destination)
+
+
 def run(args: argparse.Namespace) -> int:
     save_any(load_any(args.source), args.destination, args.to)
+    carry_tokenizer(args.source, args.destination)
     print(f"wrote {args.destination} ({args.to})")
     return 0

@@ -82,6 +82,11 @@ def build_config(args: argparse.Namespace):
     }
     if args.from_hf is not None:
         data["data"]["tokenizer"] = _tokenizer_folder(Path(args.from_hf))
+    else:  # a second stage reads the tokens the first one did (its copy of the tokenizer)
+        from moekit.training.tokenizer_files import find_tokenizer_folder
+
+        found = find_tokenizer_folder(args.from_run)
+        data["data"]["tokenizer"] = None if found is None else str(found.resolve())
     if args.lora_rank:
         data["finetune"]["lora"] = {
             "rank": args.lora_rank,
@@ -114,10 +119,28 @@ def _tokenizer_folder(folder: Path) -> str:
     return str(folder)
 
 
+def _check_exports(args: argparse.Namespace) -> None:
+    if args.export_hf is not None and args.from_hf is None:
+        raise ValueError("--export-hf writes back to the source's family: use it with --from-hf")
+    if args.export_peft is None:
+        return
+    if args.from_hf is None:
+        raise ValueError("--export-peft needs --from-hf: PEFT adapters belong to an HF model")
+    if not args.lora_rank:
+        raise ValueError("--export-peft writes LoRA adapters: give --lora-rank")
+    if args.preset:
+        raise ValueError(
+            f"--export-peft writes LoRA adapters only, but --preset {args.preset} also trains "
+            "whole weights, which a PEFT adapter cannot carry: drop --preset (train LoRA only) "
+            "or drop --export-peft (--export-hf writes the merged model)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.training import train_any as train
     from moekit.training.presets import format_summary
 
+    _check_exports(args)  # before the long work: a conflict found after training loses it
     config = build_config(args)
     result = train(config, resume=args.resume, progress=not args.quiet, desc="finetune")
     summary = format_summary(result.trainable)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = (
     "Per-layer expert load as percentiles, dead experts, router entropy, routing margins, drops "
@@ -54,13 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from moekit.analysis.inspect import inspect_model, routing_differences
     from moekit.analysis.inspect_report import hot_set_lines, write_inspect_report
     from moekit.experts.offload import parse_bytes
-    from moekit.training.data import calibration_batches, load_tokenizer
-    from moekit.training.finetune import is_hf_folder, load_source
+    from moekit.training.data import calibration_batches
+    from moekit.training.finetune import load_source
+    from moekit.training.tokenizer_files import resolve_tokenizer
 
     budgets = [parse_bytes(b) for b in args.expert_budget] if args.expert_budget else None
     model = load_source(args.model)
-    folder = Path(args.model)
-    tokenizer = load_tokenizer(str(folder) if is_hf_folder(folder) else None)
+    tokenizer = resolve_tokenizer(args.model, model.config.vocab_size)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     batches = calibration_batches(args.data, tokenizer, args.batches, args.batch_size, seq_len)
 

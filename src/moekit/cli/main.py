@@ -47,8 +47,18 @@ SUBCOMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moekit")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moekit {_version()}")
     parser.add_argument(
         "--no-verify",
         action="store_true",
@@ -83,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"moekit {args.command}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moekit params ... | head -1`: the reader is gone, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not fail again
+        return 0
     except KeyboardInterrupt:
         print(f"moekit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from moekit.analysis.params import ParamReport, count_parameters
-from moekit.utils.serialization import read_config_file
 
 HELP = (
     "Count total and active parameters, forward FLOPs per token and weight memory of a "
@@ -17,7 +16,11 @@ HELP = (
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="config.json file, or a folder holding one")
+    parser.add_argument(
+        "config",
+        help="a config.json (HF or moekit) or its folder, a run folder, a checkpoint folder, "
+        "or a training config file (.toml/.yaml/.json)",
+    )
     parser.add_argument(
         "--context", type=int, default=4096, help="context length for attention FLOPs"
     )
@@ -32,17 +35,10 @@ def _human(n: float) -> str:
 
 
 def _load(path: Path, context: int) -> ParamReport:
-    folder = path if path.is_dir() else path.parent
-    config_file = path / "config.json" if path.is_dir() else path
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json at {path}")
-    data = read_config_file(config_file)
-    if str(data.get("model_type", "")).startswith("moekit_"):
-        from moekit.models.checkpoint import read_config
+    from moekit.cli.sources import model_config_source
 
-        _, config = read_config(folder)
-        return count_parameters(config, context)
-    return count_parameters(data, context)
+    data, moekit_config = model_config_source(str(path))
+    return count_parameters(moekit_config if moekit_config is not None else data, context)
 
 
 def format_report(r: ParamReport) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from moekit.analysis.plan import __doc__ as PLAN_ASSUMPTIONS
 from moekit.analysis.plan import plan_expert_parallel
@@ -15,7 +16,11 @@ HELP = (
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="config.json file, or a folder holding one")
+    parser.add_argument(
+        "config",
+        help="a config.json (HF or moekit) or its folder, a run folder, a checkpoint folder, "
+        "or a training config file (.toml/.yaml/.json)",
+    )
     parser.add_argument(
         "--ep", type=int, nargs="+", default=[1, 2, 4, 8], help="expert-parallel degrees to compare"
     )
@@ -49,29 +54,30 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from moekit.analysis.params import spec_from_hf_config, spec_from_moekit
+    from moekit.cli.sources import model_config_source
 
-    path = Path(args.config)
-    config_file = path / "config.json" if path.is_dir() else path
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json at {path}")
-    data = json.loads(config_file.read_text())
-    moekit_config = None
-    if str(data.get("model_type", "")).startswith("moekit_"):
-        from moekit.models.checkpoint import read_config
-
-        moekit_config = read_config(config_file.parent)[1]
-        spec = spec_from_moekit(moekit_config)
-    else:
-        spec = spec_from_hf_config(data)
+    data, moekit_config = model_config_source(args.config)
+    spec = (
+        spec_from_moekit(moekit_config) if moekit_config is not None else spec_from_hf_config(data)
+    )
     if args.simulate:
         return _simulate(args, data, moekit_config, spec)
-    plans = [
-        plan_expert_parallel(spec, ep, args.tokens_per_rank, args.dtype, dp_shard=args.dp_shard)
-        for ep in args.ep
-    ]
+    plans, refused = [], []
+    for ep in args.ep:  # a degree that does not fit is named; the others are still planned
+        try:
+            plans.append(
+                plan_expert_parallel(
+                    spec, ep, args.tokens_per_rank, args.dtype, dp_shard=args.dp_shard
+                )
+            )
+        except ValueError as error:
+            refused.append(f"--ep {ep}: {error}")
+    for line in refused:
+        print(f"moekit plan: skipped {line}", file=sys.stderr)
+    if not plans:
+        raise ValueError("no --ep degree fits this model: " + "; ".join(refused))
     if args.json:
         print(json.dumps([p.as_dict() for p in plans], indent=2))
         return 0

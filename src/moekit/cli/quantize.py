@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 HELP = (
     "Quantise the routed experts' weights (int8 or int4 with group-wise scales, or MXFP4) and "
     "write a moekit checkpoint that eval, generate, inspect and finetune (QLoRA) load as any."
 )
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+def default_group_size(model, fmt: str) -> int:
+    """The largest group size up to the format's default (128 for int, 32 for MXFP4) that
+    divides every quantised width (d_model and each expert width), said on stderr when it is
+    not the default. MXFP4's block is 32 by definition: its widths must be multiples of 32."""
+    import math
+    import sys
+
+    from moekit.experts.bank import ExpertBank
+
+    widths = {model.config.d_model}
+    widths |= {m.w_out_EHD.shape[1] for m in model.modules() if isinstance(m, ExpertBank)}
+    common = 0
+    for width in widths:
+        common = math.gcd(common, width)
+    default = 32 if fmt == "mxfp4" else 128
+    if fmt == "mxfp4":
+        if common % 32:
+            raise ValueError(
+                f"--format mxfp4 stores blocks of 32 values, but the widths {sorted(widths)} are "
+                "not all multiples of 32: use --format int"
+            )
+        return 32
+    group = max(g for g in range(1, default + 1) if common % g == 0)
+    if group != default:
+        print(
+            f"group size {group}: the largest that divides every width {sorted(widths)} "
+            f"(the default {default} does not)",
+            file=sys.stderr,
+        )
+    return group
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -35,26 +63,25 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.cli.convert import carry_tokenizer
     from moekit.experts.quantized import QuantFormat, QuantizationConfig
     from moekit.models.checkpoint import save_pretrained
-    from moekit.training.finetune import is_hf_folder, load_source
+    from moekit.training.finetune import load_source
     from moekit.training.quantize import expert_weight_bytes, quantize_experts
 
     if args.format == "mxfp4" and args.bits != 4:
         raise ValueError(f"--format mxfp4 stores 4 bits per weight, got --bits {args.bits}")
     fmt = "mxfp4" if args.format == "mxfp4" else f"int{args.bits}"
-    group = args.group_size or (32 if fmt == "mxfp4" else 128)
-    quantization = QuantizationConfig(format=QuantFormat(fmt), group_size=group)
+    if args.group_size is not None and args.group_size < 1:
+        raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
     model = load_source(args.model)
+    group = args.group_size or default_group_size(model, fmt)
+    quantization = QuantizationConfig(format=QuantFormat(fmt), group_size=group)
     before = expert_weight_bytes(model)
     quantize_experts(model, quantization)
     after = expert_weight_bytes(model)
     save_pretrained(model, args.destination)
-    source = Path(args.model)
-    if is_hf_folder(source):  # keep the tokenizer beside the weights
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, Path(args.destination) / name)
+    carry_tokenizer(args.model, args.destination)  # the tokenizer travels with the weights
     print(
         f"wrote {args.destination}: experts {fmt}, group size {group}, "
         f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB "

@@ -15,7 +15,17 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="TOML, YAML or JSON training config")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="TOML, YAML or JSON training config (see --print-config and examples/)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full config (defaults, then --config and --set applied) as TOML with "
+        "a comment per key, and exit",
+    )
     add_overrides_argument(
         parser,
         "override a config value, e.g. --set optim.lr=1e-3 --set model.moe.layer.num_experts=8",
@@ -52,6 +62,23 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def printed_config(config) -> str:
+    """``config`` as commented TOML; a dense model shows an example MoE layer, commented out."""
+    from moekit.models.transformer.model import TransformerConfig
+    from moekit.training.config import example_moe_layer
+    from moekit.utils.config_docs import config_toml
+
+    examples = {}
+    header = "moekit training config (moekit train --config FILE)."
+    if isinstance(config.model, TransformerConfig) and config.model.moe.layer is None:
+        examples["model.moe.layer"] = example_moe_layer(config.model)
+        header += (
+            " The model is dense: [model.moe.layer] is unset. Uncomment that section (an example "
+            "of 8 experts, top-2) or --set model.moe.layer.num_experts=8 to make it an MoE."
+        )
+    return config_toml(config, header=header, examples=examples)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.distributed
 
@@ -69,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"parallel.{key}={getattr(args, flag)}")
     config = load_train_config(args.config, overrides)
+    if args.print_config:
+        print(printed_config(config), end="")
+        return 0
     result = train(config, resume=args.resume, progress=not args.quiet)
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()

@@ -29,7 +29,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.cli.convert import load_any, save_any
+    from moekit.cli.convert import carry_tokenizer, load_any, save_any
     from moekit.training.upcycle import upcycle
 
     model = upcycle(
@@ -42,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     save_any(model, args.destination, args.export)
+    carry_tokenizer(args.source, args.destination)
     print(f"wrote {args.destination}: {args.experts} experts, top-{args.top_k} ({args.export})")
     return 0

@@ -259,8 +259,14 @@ def load_training_checkpoint(
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A model folder: ``path`` itself, or the latest checkpoint of a run folder."""
+    """A model folder: ``path`` itself, the latest checkpoint of a run folder, or the checkpoint
+    a ``checkpoints/latest`` pointer file names."""
     folder = Path(path)
+    if folder.is_file() and folder.name == LATEST:  # the pointer file: the checkpoint it names
+        named = latest_checkpoint(folder.parent)
+        if named is None:
+            raise FileNotFoundError(f"{path} names no checkpoint that exists")
+        return named
     if (folder / "config.json").is_file():
         return folder
     latest = latest_checkpoint(folder / "checkpoints")

@@ -247,7 +247,8 @@ class TrainConfig:
         if self.data.tokenizer is None and self.model.vocab_size != ByteTokenizer.vocab_size:
             raise ValueError(
                 f"model.vocab_size must be {ByteTokenizer.vocab_size} for byte tokens, got "
-                f"{self.model.vocab_size}"
+                f"{self.model.vocab_size}: set data.tokenizer=FOLDER to the Hugging Face "
+                "tokenizer this vocabulary belongs to (a run folder's tokenizer/ holds a copy)"
             )
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
@@ -309,3 +310,17 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+def example_moe_layer(model: TransformerConfig) -> Any:
+    """An MoE layer for ``model`` as ``--print-config`` shows it: 8 experts of half the dense
+    FFN's width, top-2 (the demo's layer)."""
+    from moekit.experts.bank import ExpertConfig
+    from moekit.layers.moe import MoEConfig
+
+    return MoEConfig(
+        d_model=model.d_model,
+        num_experts=8,
+        top_k=2,
+        experts=ExpertConfig(hidden=max(1, model.ffn_hidden // 2)),
+    )

@@ -68,6 +68,7 @@ from moekit.training.methods import (
     lm_parameter_groups,
 )
 from moekit.training.optim import build_optimizer, build_scheduler
+from moekit.training.tokenizer_files import RUN_TOKENIZER_DIR, copy_tokenizer
 from moekit.utils.allocator import retain_freed_memory
 from moekit.utils.device import (
     autocast,
@@ -646,6 +647,8 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         dist.barrier()  # every rank has read the checkpoint before rank 0 may write one
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # the run folder holds its own copy of the tokenizer: commands run from anywhere
+        copy_tokenizer(config.data.tokenizer, out_dir / RUN_TOKENIZER_DIR)
     log = _MetricsLog(out_dir, start_step, enabled=ctx.is_main)
     result = TrainResult(model=model, out_dir=out_dir, records=log.records, trainable=trainable)
     return TrainingRun(

@@ -140,6 +140,12 @@ def _parse_expert_selection(spec: str) -> tuple[list[int] | None, int | None]:
         ) from None
 
 
+def _ffn_hint(empty_groups: list[str]) -> str:
+    if any("ffn" in g or "dense" in g for g in empty_groups):
+        return ": every block is an MoE block, so there is no dense FFN"
+    return ""
+
+
 @dataclass
 class Selection:
     """What a preset trains: whole tensors, and stacked expert tensors with an ``(E,)`` mask."""
@@ -172,7 +178,13 @@ def select_parameters(
         check_preset(part)
         chosen = {n: p for g in PRESETS[part] for n, p in groups[g].items()}
         if not chosen:
-            raise ValueError(f"preset {part!r} matches no parameter of this model")
+            useful = [name for name, gs in PRESETS.items() if any(groups[g] for g in gs)]
+            empty = [g for g in PRESETS[part] if not groups[g]]
+            raise ValueError(
+                f"preset {part!r} matches no parameter of this model (it has no "
+                f"{' or '.join(empty)} parameters{_ffn_hint(empty)}); presets that train "
+                f"something here: {', '.join(useful)}"
+            )
         selection.whole.update(chosen)
     for name in selection.whole:
         selection.partial.pop(name, None)

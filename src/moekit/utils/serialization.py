@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moekit.utils.config_docs import missing_required
 from moekit.utils.validation import ConfigError, coerce
 
 T = TypeVar("T")
@@ -105,6 +106,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
             if sub and isinstance(value, dict)
             else coerce(value, hints[name], path)  # names the full key in its message
         )
+    missing = missing_required(cls, kwargs, section)
+    if missing:
+        raise ConfigError(f"missing required config keys: {'; '.join(missing)}")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as error:
