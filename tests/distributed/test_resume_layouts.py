@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moekit.cli.main import main
 from moekit.models.sharded_checkpoint import is_sharded, read_state_dict
 from tests.builders import TINY_MOE
 
@@ -51,16 +50,25 @@ def _common(tiny_text: Path) -> list[str]:
     return args
 
 
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+
+
 def _train(nproc: int, args: list[str], env: dict[str, str] | None = None) -> int:
+    """``moekit train`` in fresh processes (one process too: nothing left in this process by
+    other tests, such as a process group or launcher variables, can reach the run)."""
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    full_env = {**clean, "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc == 1:
-        return main(["train", *args])
+        cmd = [sys.executable, "-m", "moekit.cli.main", "train", *args]
+        done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-8000:]
+        return 0
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-port", str(port)]
     cmd += ["-m", "moekit.cli.main", "train", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
     if env is None:
         assert done.returncode == 0, done.stderr[-8000:]

@@ -58,7 +58,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="size of the run (default: about 5 minutes on 2 CPU cores)",
+        help="size of the run (default: about 6-7 minutes on 2 CPU cores)",
     )
     for name in (
         "steps",

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
         )
     else:
-        model = cast(TransformerLM | EncoderDecoderLM, load_source(args.checkpoint))
+        model = load_source(args.checkpoint)
     model.eval()
     if args.experts_per_token is not None:
         from moekit.layers.switches import set_top_k
