@@ -18,10 +18,11 @@ def model_config_source(path_text: str) -> tuple[dict[str, Any], Any]:
     from moekit.models.checkpoint import read_config
     from moekit.training.checkpoint import resolve_checkpoint
     from moekit.training.config import load_train_config
+    from moekit.utils.serialization import read_config_file
 
     path = Path(path_text)
     if not path.exists():
-        raise FileNotFoundError(f"{path_text} does not exist")
+        raise FileNotFoundError(f"no config.json at {path_text}: it does not exist")
     if path.is_file() and (path.suffix in TRAIN_CONFIG_SUFFIXES or _is_train_config(path)):
         return {}, load_train_config(str(path)).model
     folder = path if path.is_dir() else path.parent
@@ -33,10 +34,7 @@ def model_config_source(path_text: str) -> tuple[dict[str, Any], Any]:
             f"no config.json at {path_text}: give a config.json, a model or checkpoint folder, "
             "a run folder, or a training config file (.toml/.yaml/.json)"
         )
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file}:{error.lineno}: not valid JSON ({error.msg})") from None
+    data = read_config_file(config_file)  # names the file and line of a bad one
     if str(data.get("model_type", "")).startswith("moekit_"):
         return data, read_config(config_file.parent)[1]
     return data, None
