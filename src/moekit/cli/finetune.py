@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from moekit.cli.train import add_overrides_argument
@@ -170,20 +169,11 @@ def _export(model, args: argparse.Namespace, config) -> None:
         raise ValueError("--export-hf writes back to the source's family: use it with --from-hf")
     family = json.loads((Path(args.from_hf) / "config.json").read_text())["model_type"]
     from moekit.adapters.lora import merge_lora
+    from moekit.training.tokenizer_files import copy_tokenizer, find_tokenizer_folder
 
     merge_lora(model)
     plain = type(model)(model.config)  # a TransformerLM or an EncoderDecoderLM
     plain.load_state_dict(base_state_dict(model), strict=True)
     folder = to_hf(plain.eval(), args.export_hf, family)
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-        "vocab.json",
-        "merges.txt",
-        "chat_template.jinja",
-    ):
-        if (Path(args.from_hf) / name).is_file():
-            shutil.copyfile(Path(args.from_hf) / name, folder / name)
+    copy_tokenizer(find_tokenizer_folder(args.from_hf), folder)  # one list of its files
     print(f"wrote {args.export_hf} ({family}, adapters merged)")
