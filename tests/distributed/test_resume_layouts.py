@@ -36,7 +36,8 @@ ONE = ["--set", "data.batch_size=8"]
 
 def _common(tiny_text: Path) -> list[str]:
     args = ["--quiet", "--set", f"data.path={tiny_text}"]
-    # noisy gating and jitter: the model's random draws are part of what must resume exactly
+    # noisy gating, jitter and expert dropout: the model's random draws are part of what must
+    # resume exactly, and be the same on any mesh
     extra = [
         f"steps={STEPS}",
         "checkpoint_every=4",
@@ -44,6 +45,7 @@ def _common(tiny_text: Path) -> list[str]:
         "model.moe.layer.router.noisy_gating=true",
         "model.moe.layer.aux_loss.load=0.01",
         "model.moe.layer.router.jitter_eps=0.01",
+        "model.moe.layer.experts.dropout=0.1",
     ]
     for item in [*TINY_MOE, *extra]:
         args += ["--set", item]

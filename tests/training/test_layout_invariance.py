@@ -13,7 +13,13 @@ import moekit
 from moekit.routing.config import RouterConfig
 from moekit.training import load_train_config, train
 from moekit.training.checkpoint import restore_param_groups
-from moekit.utils.randomness import normal_like, token_randomness, uniform_like
+from moekit.utils.randomness import (
+    dropout_rows,
+    normal_like,
+    rows_named,
+    token_randomness,
+    uniform_like,
+)
 from tests.builders import TINY_MOE
 
 GLOBAL_BALANCE = [
@@ -24,6 +30,7 @@ GLOBAL_BALANCE = [
     "model.moe.layer.aux_loss.load=0.01",
     "model.moe.layer.aux_loss.load_scope=global_batch",
     "model.moe.layer.router.jitter_eps=0.01",
+    "model.moe.layer.experts.dropout=0.1",
 ]
 
 
@@ -100,6 +107,40 @@ def test_a_routers_draws_depend_on_the_token_not_on_the_split(router):
         for r in (other, whole)
     ]
     assert not torch.equal(*drawn)
+
+
+def test_expert_dropout_depends_on_the_token_and_expert_not_on_the_split():
+    """Expert dropout acts on rows sorted by expert; keyed, a token's mask in an expert is the
+    same whether its row was computed with 8 rows or 4 + 4, and differs between layers."""
+    torch.manual_seed(0)
+    config = moekit.MoEConfig(
+        d_model=8, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16, dropout=0.5)
+    )
+    moe = config.build()
+    moe.train()
+    x = torch.randn(8, 5, 8)
+
+    def output(rows: slice, offset: int):
+        with token_randomness(moe, seed=3, step=7, row_offset=offset, rows=rows.stop - rows.start):
+            return moe(x[rows]).output
+
+    whole = output(slice(0, 8), 0)
+    torch.testing.assert_close(whole, torch.cat([output(slice(0, 4), 0), output(slice(4, 8), 4)]))
+    moe.eval()
+    without = moe(x).output
+    assert not torch.allclose(whole, without)  # the dropout did act
+    moe.train()
+    with token_randomness(moe, seed=3, step=8, row_offset=0, rows=8):
+        assert not torch.allclose(moe(x).output, whole)  # a new step draws anew
+    # the keyed mask keeps about 1 - p of the hidden units
+    a = torch.ones(4096, 64)
+    with (
+        token_randomness(moe, seed=0, step=0, row_offset=0, rows=1),
+        rows_named(torch.arange(4096)),
+    ):
+        kept = dropout_rows(a, 0.5, moe.experts, "dropout")
+    assert abs(float((kept > 0).float().mean()) - 0.5) < 0.01
+    assert torch.all((kept == 0) | (kept == 2.0))
 
 
 def test_keyed_noise_has_the_right_distribution():

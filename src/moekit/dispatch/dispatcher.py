@@ -23,6 +23,7 @@ from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.routing.result import RoutingResult
 from moekit.utils.capacity import capacity_for
 from moekit.utils.precision import autocast_off
+from moekit.utils.randomness import expert_row_keys, rows_named
 from moekit.utils.validation import check_fields
 
 
@@ -148,7 +149,10 @@ class Dispatcher:
         if self.config.weight_input:  # expert(w * x), summed unweighted (Llama 4)
             x_MD = x_MD * plan.weights_M.unsqueeze(-1).to(x_MD.dtype)
             plan = dataclasses.replace(plan, weights_M=torch.ones_like(plan.weights_M))
-        y_MD = self.compute(x_MD, plan, experts)
+        row_names_M = None
+        if getattr(experts, "dropout", 0.0) and experts.training:  # keyed expert dropout
+            row_names_M = expert_row_keys(plan.token_idx_M, plan.expert_rows_E, x_TD.shape[0])
+        y_MD = self.compute(x_MD, plan, experts, row_names_M)
         return combine(x_TD, y_MD, plan)
 
     def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -157,10 +161,18 @@ class Dispatcher:
             x_TD = x_TD.masked_fill(plan.padding_T.unsqueeze(-1), 0.0)
         return gather_rows(x_TD, plan)
 
-    def compute(self, x_MD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
+    def compute(
+        self,
+        x_MD: torch.Tensor,
+        plan: DispatchPlan,
+        experts,
+        row_names_M: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``(M, D)``: the rows through their experts. Here the experts are all local; a
-        parallel dispatcher overrides this step with its exchange."""
-        return experts(x_MD, plan.expert_rows_E)
+        parallel dispatcher overrides this step with its exchange. ``row_names_M`` (int64, one
+        per row: token position × E + expert) keys the experts' dropout when given."""
+        with rows_named(row_names_M):
+            return experts(x_MD, plan.expert_rows_E)
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the processes that share this layer's load (here: itself)."""

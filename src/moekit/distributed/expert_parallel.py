@@ -28,6 +28,7 @@ from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.distributed.global_capacity import global_capacity_keep_mask
 from moekit.routing.result import RoutingResult
+from moekit.utils.randomness import rows_named
 
 
 @dataclass
@@ -183,13 +184,27 @@ class ExpertParallelDispatcher(Dispatcher):
         plan.capacity = capacity
         return plan
 
-    def compute(self, x_MD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
-        """The exchange: rows to their expert's rank, through the local bank, and back."""
+    def compute(
+        self,
+        x_MD: torch.Tensor,
+        plan: DispatchPlan,
+        experts,
+        row_names_M: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The exchange: rows to their expert's rank, through the local bank, and back (the
+        rows' names, when given, travel with them and key the experts' dropout)."""
         if self.world == 1:  # every expert is here (data parallelism only)
-            return experts(x_MD, plan.expert_rows_E)
-        return self._through_local_experts(x_MD, plan.expert_rows_E, experts)
+            with rows_named(row_names_M):
+                return experts(x_MD, plan.expert_rows_E)
+        return self._through_local_experts(x_MD, plan.expert_rows_E, experts, row_names_M)
 
-    def _through_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor, experts):
+    def _through_local_experts(
+        self,
+        x_MD: torch.Tensor,
+        counts_E: torch.Tensor,
+        experts,
+        row_names_M: torch.Tensor | None = None,
+    ):
         R, L = self.world, self.local_experts
         # 1. how many rows go to each rank, and (exchanged first) how many arrive per expert
         send_counts_RL = counts_E.view(R, L).to(torch.long)
@@ -206,7 +221,13 @@ class ExpertParallelDispatcher(Dispatcher):
             output_size=recv_MD.shape[0],
         )
         order = torch.argsort(local_expert_of_row, stable=True)
-        y_sorted = experts(recv_MD[order], recv_counts_RL.sum(dim=0))
+        recv_names = None
+        if row_names_M is not None:
+            recv_names = row_names_M.new_empty(recv_MD.shape[0])
+            dist.all_to_all_single(recv_names, row_names_M, out_splits, in_splits, group=self.group)
+            recv_names = recv_names[order]
+        with rows_named(recv_names):
+            y_sorted = experts(recv_MD[order], recv_counts_RL.sum(dim=0))
         y_MD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
         # 4. results travel back to the rows' home ranks, in their original order
         return _exchange(y_MD, in_splits, out_splits, self.group)

@@ -23,6 +23,7 @@ from moekit.experts.fused_ffn import expert_ffn
 from moekit.experts.grouped_linear import grouped_linear
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
 from moekit.experts.quantized import QuantizationConfig, QuantizedExpertBank
+from moekit.utils.randomness import dropout_rows
 from moekit.utils.validation import check_fields
 
 
@@ -186,7 +187,7 @@ class ExpertBank(nn.Module):
             h_MH = h_MH + adapter.in_delta(x_MD, counts_E)
         a_MH = apply_activation(self.activation, h_MH)
         if dropout:
-            a_MH = nn.functional.dropout(a_MH, dropout, training=True)
+            a_MH = dropout_rows(a_MH, dropout, self, "dropout")
         y_MD = grouped_linear(a_MH, self.w_out_EHD, counts_E, self.kernel)
         if self.b_out_ED is not None:
             y_MD = y_MD + self.b_out_ED[expert_of_row].to(y_MD.dtype)

@@ -32,6 +32,7 @@ from torch import nn
 
 from moekit.experts.activations import Activation, apply_activation, in_projection_width
 from moekit.utils.precision import autocast_off, autocast_operands
+from moekit.utils.randomness import dropout_rows
 from moekit.utils.validation import check_fields
 
 
@@ -278,6 +279,7 @@ def quantized_expert_ffn(
     quantization: QuantizationConfig,
     adapter: Any = None,
     dropout: float = 0.0,
+    dropout_site: nn.Module | None = None,
 ) -> torch.Tensor:
     """The experts' FFN ``w_out(act(x @ w_in + b_in)) + b_out`` on expert-sorted rows, the two
     weights given as ``(codes, scales)``; an expert adapter (LoRA) adds its low-rank terms to
@@ -293,7 +295,11 @@ def quantized_expert_ffn(
         h_MH = h_MH + adapter.in_delta(x_MD, counts_E)
     a_MH = apply_activation(activation, h_MH)
     if dropout:
-        a_MH = nn.functional.dropout(a_MH, dropout, training=True)
+        a_MH = (
+            nn.functional.dropout(a_MH, dropout, training=True)
+            if dropout_site is None
+            else dropout_rows(a_MH, dropout, dropout_site, "dropout")
+        )
     y_MD = quantized_grouped_linear(a_MH, counts_E, *w_out, quantization)
     if b_out_ED is not None and expert_of_row is not None:
         y_MD = y_MD + b_out_ED[expert_of_row].to(y_MD.dtype)
@@ -427,6 +433,7 @@ class QuantizedExpertBank(nn.Module):
             quantization=self.quantization,
             adapter=self.adapter if self.adapter is not None and self.adapter.active else None,
             dropout=self.dropout if self.training else 0.0,
+            dropout_site=self,
         )
 
     def forward_one(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:

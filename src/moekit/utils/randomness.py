@@ -162,3 +162,69 @@ def jitter_like(x: torch.Tensor, module: nn.Module, name: str, eps: float) -> to
     if _ACTIVE.get() is None:
         return torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
     return 1.0 - eps + 2.0 * eps * uniform_like(x, module, name)
+
+
+# Expert dropout acts on rows sorted by expert (and, under expert parallelism, moved to another
+# rank), so a row's place says nothing about its token. The dispatcher therefore names each row
+# by ``global token position × E + expert`` and the bank keys its dropout mask by that name.
+_ROW_KEYS: ContextVar[torch.Tensor | None] = ContextVar("moekit_expert_row_keys", default=None)
+
+
+def expert_row_keys(
+    token_idx_M: torch.Tensor, counts_E: torch.Tensor, num_tokens: int
+) -> torch.Tensor | None:
+    """``(M,)`` int64 names of rows grouped by expert: ``global token position × E + expert``
+    (``token_idx_M``: each row's token among this call's ``num_tokens``, ``counts_E``: rows per
+    expert); ``None`` outside :func:`token_randomness`."""
+    keys = _ACTIVE.get()
+    if keys is None:
+        return None
+    if num_tokens % keys.rows:
+        raise ValueError(
+            f"{num_tokens} tokens cannot be split into the micro-batch's {keys.rows} rows; "
+            "keyed randomness needs every layer to see whole rows"
+        )
+    E = counts_E.shape[0]
+    expert_M = torch.repeat_interleave(
+        torch.arange(E, device=counts_E.device), counts_E, output_size=token_idx_M.shape[0]
+    )
+    first = keys.row_offset * (num_tokens // keys.rows)
+    return (token_idx_M.to(torch.int64) + first) * E + expert_M
+
+
+@contextlib.contextmanager
+def rows_named(keys_M: torch.Tensor | None) -> Iterator[None]:
+    """While inside, :func:`dropout_rows` keys its mask by ``keys_M`` (one name per row)."""
+    token = _ROW_KEYS.set(keys_M)
+    try:
+        yield
+    finally:
+        _ROW_KEYS.reset(token)
+
+
+def dropout_rows(a_MH: torch.Tensor, p: float, module: nn.Module, name: str) -> torch.Tensor:
+    """Dropout on ``(M, H)`` rows: keyed by the row names of :func:`rows_named` when training
+    draws are keyed (the same mask for a token and expert on any layout), ``F.dropout``
+    otherwise."""
+    keys_M = _ROW_KEYS.get()
+    active = _ACTIVE.get()
+    if keys_M is None or active is None or not p:
+        return nn.functional.dropout(a_MH, p, training=True)
+    if keys_M.shape[0] != a_MH.shape[0]:
+        raise ValueError(f"{keys_M.shape[0]} row names for {a_MH.shape[0]} rows")
+    site = active.sites.get(id(module))
+    if site is None:
+        raise ValueError(
+            f"{type(module).__name__} draws randomness but is not part of the model given to "
+            "token_randomness()"
+        )
+    base = _mix_int(_mix_int(_mix_int(active.seed & _MASK) ^ (active.step & _MASK)) ^ site)
+    base = _mix_int(base ^ zlib.crc32(name.encode()))
+    H = a_MH.shape[1]
+    col_H = torch.arange(H, device=a_MH.device, dtype=torch.int64)
+    h_M = _mix(_mix(keys_M & _MASK) ^ (keys_M >> 32) ^ base)
+    u_MH = (_mix(h_M.unsqueeze(1) ^ _mix(col_H ^ 0x9E3779B9).unsqueeze(0)) >> 8).to(
+        torch.float32
+    ) * 2.0**-24
+    keep_MH = u_MH >= p
+    return a_MH * keep_MH.to(a_MH.dtype) / (1.0 - p)
