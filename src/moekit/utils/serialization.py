@@ -117,11 +117,26 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
         raise ConfigError(f"{error}{where}") from None
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _with_user_mode(path: Path, *, folder: bool) -> None:
+    """Give a ``tempfile``-made file (0600) or folder (0700) the mode ``open``/``mkdir`` would
+    have given it under the user's umask (usually 0644 / 0755)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one; the
+    file gets the mode the user's umask gives new files."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _with_user_mode(Path(tmp), folder=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -147,10 +162,14 @@ def write_folder_atomically(directory: str | os.PathLike, write: Callable[[Path]
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving."))
     try:
+        _with_user_mode(staging, folder=True)
         write(staging)
-        for path in staging.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        for path in staging.rglob("*"):
+            # some writers (safetensors) make their files 0600 whatever the umask
+            _with_user_mode(path, folder=path.is_dir())
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         if not directory.exists():
             os.replace(staging, directory)
             return directory
