@@ -13,10 +13,10 @@ import time
 from typing import cast
 
 import torch
-from tqdm import tqdm
 
 import moekit
 from moekit.experts.activations import Activation
+from moekit.utils.progress import progress_bar
 
 HELP = "Train a small MoE layer and a dense FFN with equal active parameters on a toy task."
 
@@ -31,6 +31,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, default=8, help="sub-problems in the data")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 class _ClusterTask:
@@ -50,11 +51,11 @@ class _ClusterTask:
         return x, y, c
 
 
-def _train(model, forward, task, steps, batch, lr, desc):
+def _train(model, forward, task, steps, batch, lr, desc, show_progress=True):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for _ in progress_bar(range(steps), desc=desc, enabled=show_progress):
         x, y, _ = task.sample(batch)
         pred, aux = forward(x)
         loss = torch.nn.functional.mse_loss(pred, y)
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for name, model, forward in (("moe", moe, moe_forward), ("dense", dense, dense_forward)):
         task = _ClusterTask(d, args.clusters, torch.Generator().manual_seed(args.seed))
-        results[name] = _train(model, forward, task, args.steps, args.batch, args.lr, name)
+        results[name] = _train(
+            model, forward, task, args.steps, args.batch, args.lr, name, not args.quiet
+        )
 
     eval_task = _ClusterTask(d, args.clusters, torch.Generator().manual_seed(args.seed))
     eval_task.generator.manual_seed(args.seed + 1)

@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     import copy
 
     import torch
-    from tqdm import tqdm
 
     from moekit.analysis.inspect import inspect_model, routing_differences
     from moekit.analysis.inspect_report import hot_set_lines, write_inspect_report
@@ -56,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.training.data import calibration_batches
     from moekit.training.finetune import load_source
     from moekit.training.tokenizer_files import resolve_tokenizer
+    from moekit.utils.progress import progress_bar
 
     budgets = [parse_bytes(b) for b in args.expert_budget] if args.expert_budget else None
     model = load_source(args.model)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=model.config.vocab_size,
         capacity_factor=args.capacity_factor,
         decode=decode,
-        progress=None if args.quiet else lambda b: tqdm(b, desc="inspect", leave=False),
+        progress=lambda b: progress_bar(b, desc="inspect", enabled=not args.quiet),
         budgets_bytes=budgets,
     )
     other = None

@@ -26,6 +26,7 @@ from moekit.cli import (
     train,
     upcycle,
 )
+from moekit.utils.progress import interactive, quiet_third_party_bars
 
 SUBCOMMANDS = {
     "demo": demo,
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.no_verify:
         os.environ["MOEKIT_VERIFY_CHECKSUMS"] = "0"
+    if getattr(args, "quiet", False) or not interactive():
+        quiet_third_party_bars()
     try:
         return SUBCOMMANDS[args.command].run(args)
     except USER_ERRORS as error:

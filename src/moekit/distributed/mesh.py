@@ -21,6 +21,7 @@ a step equals one process with the global batch up to reduction order.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +201,11 @@ def parallelize(
             mp_policy=mp,
         )
     dense_mesh = meshes.dense_fsdp_mesh()
+    # Blocks return views (the MoE output and routing tensors reshaped to (B, S, ·)); FSDP2
+    # warns once per rank and module that an in-place op on such a view would skip its
+    # all-gather. moekit only adds block outputs out of place (tests/distributed compares every
+    # mesh with one process), so the warning says nothing a user could act on.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     if dims.world > 1:
         blocks = getattr(model, "blocks", [])
         for block in blocks:
