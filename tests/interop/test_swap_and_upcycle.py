@@ -63,6 +63,42 @@ def test_dense_sources_import_with_parity(model_type, tmp_path):
     tokens = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         assert (dense(tokens).logits - hf(tokens).logits).abs().max() <= 1e-4
+    # and back: a dense moekit model exports to its dense family (issue 30: it was refused)
+    to_hf(dense, tmp_path / "back", model_type)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(again).__name__ == type(hf).__name__
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, hf(tokens).logits)
+
+
+@pytest.mark.parametrize(
+    ("family", "says"),
+    [
+        ("llama", "'llama' is a dense family and this model has MoE layers"),
+        ("deepseek_v3", "this one has no latent attention (attention.mla), no shared experts"),
+    ],
+)
+def test_exports_a_family_cannot_take_are_refused_in_one_sentence(family, says, tmp_path):
+    torch.manual_seed(0)
+    from moekit.models import TransformerConfig
+    from moekit.models.transformer.attention import AttentionConfig
+    from moekit.models.transformer.placement import MoEPlacementConfig
+
+    model = TransformerConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=1,
+        ffn_hidden=48,
+        attention=AttentionConfig(n_heads=4),
+        moe=MoEPlacementConfig(
+            layer=moekit.MoEConfig(num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16))
+        ),
+    ).build()
+    with pytest.raises(ValueError) as refused:
+        to_hf(model, tmp_path / "out", family)
+    message = str(refused.value)
+    assert message.startswith(f"cannot export as {family!r}: ") and says in message, message
+    assert "cannot express" not in message and not (tmp_path / "out").exists()
 
 
 def test_upcycled_llama_exports_as_mixtral_with_the_dense_logits(tmp_path, capsys):
@@ -99,15 +135,18 @@ def test_upcycled_llama_exports_as_mixtral_with_the_dense_logits(tmp_path, capsy
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, mixtral(tokens).logits)
     capsys.readouterr()
-    assert main(["convert", str(tmp_path / "moekit"), str(tmp_path / "x"), "--to", "gpt2"]) == 2
-    assert "no moekit converter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # --to's choices are the converters' registry
+        main(["convert", str(tmp_path / "moekit"), str(tmp_path / "x"), "--to", "gpt2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gpt2'" in err and "qwen3_moe" in err
 
 
 def test_upcycle_errors():
     dense = from_hf(_hf("olmoe"))
     with pytest.raises(ValueError, match="dense model"):
         upcycle(dense, 4, 2)
-    with pytest.raises(ValueError, match="dense Llama-style export"):
-        torch.manual_seed(0)
-        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
-        to_hf(from_hf(llama), "/tmp/never", "llama")
+    torch.manual_seed(0)
+    llama = from_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)))
+    with pytest.raises(ValueError, match="MoE layers"):  # a dense model is not a Mixtral
+        to_hf(llama, "/tmp/never", "mixtral")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.interop.hf import FAMILIES, SEQ2SEQ_FAMILIES
+
 HELP = (
-    "Convert a local Hugging Face checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, or dense "
-    "Llama/Mistral/Qwen2) to a moekit checkpoint, or a moekit checkpoint to a Hugging Face family."
+    "Convert a local Hugging Face checkpoint (any family of `--to`'s list) to a moekit "
+    "checkpoint, or a moekit checkpoint to a Hugging Face family."
 )
 
 
@@ -16,7 +18,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--to",
         default="moekit",
-        help="'moekit', or an HF family: mixtral, qwen2_moe, qwen3_moe, olmoe",
+        choices=["moekit", *FAMILIES, *SEQ2SEQ_FAMILIES],
+        metavar="FAMILY",
+        help="'moekit', or an HF family: " + ", ".join([*FAMILIES, *SEQ2SEQ_FAMILIES]),
     )
 
 

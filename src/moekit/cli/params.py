@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 from moekit.analysis.params import ParamReport, count_parameters
+from moekit.interop.hf import CONFIG_PARSERS
 
 HELP = (
     "Count total and active parameters, forward FLOPs per token and weight memory of a "
-    "Hugging Face MoE config.json (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, DBRX, GPT-OSS) "
-    "or a moekit checkpoint folder."
+    "Hugging Face config.json (" + ", ".join(CONFIG_PARSERS) + ") or a moekit run, "
+    "checkpoint or training config."
 )
 
 

@@ -224,8 +224,23 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe, mla = config.moe.layer, config.attention.mla
-    if mla is None or moe is None or moe.shared_experts is None:
-        raise ValueError("DeepSeek-V3 export needs MLA attention, MoE layers and shared experts")
+    missing = [
+        what
+        for what, absent in (
+            ("latent attention (attention.mla)", mla is None),
+            ("MoE layers (moe.layer)", moe is None),
+            (
+                "shared experts (moe.layer.shared_experts)",
+                moe is None or moe.shared_experts is None,
+            ),
+        )
+        if absent
+    ]
+    if missing or moe is None or mla is None:
+        raise ValueError(
+            "a DeepSeek-V3 model has latent attention, MoE layers and shared experts; this one "
+            "has no " + ", no ".join(missing)
+        )
     router = cast(TopKRouterConfig, moe.router)  # export_problems checked the kind
     return {
         **common.attention_to_hf(config),

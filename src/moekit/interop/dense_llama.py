@@ -1,5 +1,6 @@
-"""Dense Llama-style models (Llama, Mistral, Qwen2) -> moekit dense ``TransformerLM``: the
-sources for sparse upcycling. Import only; export an upcycled model as Mixtral or Qwen-MoE."""
+"""Dense Llama-style models (Llama, Mistral, Qwen2) <-> moekit dense ``TransformerLM``: the
+sources for sparse upcycling, and the export of a dense moekit model (an upcycled one exports
+as Mixtral or Qwen-MoE)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,34 @@ def config_from_hf(hf: dict[str, Any], model_type: str, strict: bool = True) -> 
     )
 
 
-def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    raise ValueError("dense Llama-style export is not provided; upcycle and export as 'mixtral'")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def config_to_hf(config: TransformerConfig, model_type: str) -> dict[str, Any]:
+    """The HF config of a dense moekit model (whether it expresses every option is checked by
+    the round trip in ``moekit.interop.expressible``)."""
+    if any(config.moe.is_moe_layer(i) for i in range(config.n_layers)):
+        raise ValueError(
+            f"{model_type!r} is a dense family and this model has MoE layers; export it as an "
+            "MoE family (mixtral, qwen2_moe, qwen3_moe, ...)"
+        )
+    hf = {
+        **common.attention_to_hf(config),
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "intermediate_size": config.ffn_hidden,
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif model_type == "mistral":
+        hf["sliding_window"] = None
+    else:
+        hf.update(use_sliding_window=False, max_window_layers=config.n_layers)
+    return hf
 
 
 def family(model_type: str):
@@ -79,5 +106,5 @@ def family(model_type: str):
         HF_FIELDS=HF_FIELDS[model_type],
         keymaps=keymaps,
         config_from_hf=partial(config_from_hf, model_type=model_type),
-        config_to_hf=config_to_hf,
+        config_to_hf=partial(config_to_hf, model_type=model_type),
     )

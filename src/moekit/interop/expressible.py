@@ -217,6 +217,25 @@ def function_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class Refusal(str):
+    """A family's whole-sentence refusal (not one option it cannot express)."""
+
+
+def export_refusal(family: str, problems: list[str]) -> str:
+    """The one-line message refusing an export to ``family`` for ``problems`` (from
+    :func:`export_problems`)."""
+    sentences = [p for p in problems if isinstance(p, Refusal)]
+    options = [p for p in problems if not isinstance(p, Refusal)]
+    parts = [*sentences]
+    if options:
+        parts.append("the family cannot express " + "; ".join(options))
+    return (
+        f"cannot export as {family!r}: "
+        + "; ".join(parts)
+        + ". The exported model would compute something else, so nothing was written."
+    )
+
+
 def export_problems(
     config: Any,
     to_hf: Callable[[Any], dict[str, Any]],
@@ -232,8 +251,8 @@ def export_problems(
         ]
     try:
         back = from_hf(to_hf(config))
-    except ValueError as error:
-        return [str(error)]
+    except ValueError as error:  # the family refuses the model as a whole, in a sentence
+        return [Refusal(str(error).rstrip("."))]
     want, got = function_fields(config), function_fields(back)
     return [
         f"{name}={want[name]!r} (the family gives {got.get(name)!r})"

@@ -46,7 +46,11 @@ from moekit.interop import (
     switch_transformers,
 )
 from moekit.interop import keymap as km
-from moekit.interop.expressible import export_problems, fold_uniform_expert_counts
+from moekit.interop.expressible import (
+    export_problems,
+    export_refusal,
+    fold_uniform_expert_counts,
+)
 from moekit.models.encoder_decoder.model import EncoderDecoderLM
 from moekit.models.transformer.model import TransformerLM
 from moekit.utils.serialization import (
@@ -355,11 +359,7 @@ def _to_hf_seq2seq(model: EncoderDecoderLM, directory: str | os.PathLike, family
     config = fold_uniform_expert_counts(model.config)
     problems = fam.export_problems(config)
     if problems:
-        raise ValueError(
-            f"cannot export as {family!r}: the family cannot express "
-            + "; ".join(problems)
-            + ". The exported model would compute something else, so nothing was written."
-        )
+        raise ValueError(export_refusal(family, problems))
     hf_config = fam.config_to_hf(config)
     state = fam.state_to_hf(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     state = {k: v.contiguous() for k, v in state.items()}
@@ -383,11 +383,7 @@ def to_hf(
     config = fold_uniform_expert_counts(model.config)  # a uniformly pruned model is a family's
     problems = export_problems(config, fam.config_to_hf, fam.config_from_hf)
     if problems:
-        raise ValueError(
-            f"cannot export as {family!r}: the family cannot express "
-            + "; ".join(problems)
-            + ". The exported model would compute something else, so nothing was written."
-        )
+        raise ValueError(export_refusal(family, problems))
     hf_config = fam.config_to_hf(config)
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]
     state = km.to_hf(
