@@ -236,7 +236,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         )
         if absent
     ]
-    if missing or moe is None or mla is None:
+    if missing or moe is None or mla is None or moe.shared_experts is None:
         raise ValueError(
             "a DeepSeek-V3 model has latent attention, MoE layers and shared experts; this one "
             "has no " + ", no ".join(missing)
