@@ -226,7 +226,7 @@ def export_refusal(family: str, problems: list[str]) -> str:
     :func:`export_problems`)."""
     sentences = [p for p in problems if isinstance(p, Refusal)]
     options = [p for p in problems if not isinstance(p, Refusal)]
-    parts = [*sentences]
+    parts: list[str] = [*sentences]
     if options:
         parts.append("the family cannot express " + "; ".join(options))
     return (
