@@ -16,7 +16,9 @@ DATASETS = ("arm", "diabetes", "wine", "breast_cancer", "digits")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, help="tasks to run"
+    )
     parser.add_argument("--seeds", type=int, default=5, help="seeds per method")
     parser.add_argument("--experts", type=int, default=4, help="experts per mixture")
     parser.add_argument("--epochs", type=int, default=300, help="full-batch epochs")

@@ -10,9 +10,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("destination", help="output folder")
     parser.add_argument("--fraction", type=float, default=0.25, help="share of experts removed")
     parser.add_argument("--data", default=None, help="calibration text (default: embedded)")
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     parser.add_argument(
         "--export", default="moekit", help="'moekit' or an HF family to write (e.g. mixtral)"
     )

@@ -24,16 +24,25 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--preset", default="", help="parameters to train, e.g. ffn or attention+router"
     )
     parser.add_argument("--lora-rank", type=int, default=0, help="add LoRA adapters of this rank")
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (alpha / rank)"
+    )
+    parser.add_argument(
+        "--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input"
+    )
     parser.add_argument(
         "--lora-targets", default="attention,experts", help="comma-separated LoRA targets"
     )
     parser.add_argument(
-        "--expert-dropout", type=float, default=None, help="dropout inside the routed experts"
+        "--expert-dropout",
+        type=float,
+        default=None,
+        help="dropout inside the routed experts (default: the source's, usually 0)",
     )
     parser.add_argument(
-        "--data", default=None, help="text, folder or JSON lines (default: embedded)"
+        "--data",
+        default=None,
+        help="text, folder or JSON lines (default: the embedded standard-library text)",
     )
     parser.add_argument(
         "--instruction",
@@ -41,8 +50,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="instruction tuning: --data is JSON lines of prompt/response or messages "
         "(default: the embedded standard-library set), loss on responses only",
     )
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     parser.add_argument("--out-dir", required=True, help="run folder")
     add_overrides_argument(parser, "any other TrainConfig value, e.g. --set data.seq_len=256")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -18,9 +18,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--data", default=None, help="text, folder or JSON lines (default: embedded)"
     )
     parser.add_argument("--batches", type=int, default=16, help="batches to stream")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    parser.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.25,
+        help="capacity factor for the dropped-token figures",
+    )
     parser.add_argument("--out", default="reports/inspect", help="report.html and report.json")
     compare = parser.add_mutually_exclusive_group()
     compare.add_argument("--compare", default=None, metavar="MODEL", help="a second model")

@@ -57,6 +57,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help followed by its default, when it has one worth showing (not
+    ``None``, ``False``, empty) and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default in ("", [], argparse.SUPPRESS))
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"moekit {_version()}")
@@ -73,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                 name,
                 help=module.HELP,
                 description=module.HELP,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                formatter_class=HelpWithDefaults,
             )
         )
     return parser

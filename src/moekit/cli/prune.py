@@ -14,8 +14,18 @@ HELP = (
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--method", choices=("frequency", "saliency"), default="frequency")
-    parser.add_argument("--scope", choices=("layer", "global"), default="layer")
+    parser.add_argument(
+        "--method",
+        choices=("frequency", "saliency"),
+        default="frequency",
+        help="rank experts by routed tokens, or by REAP saliency (gate weight × output norm)",
+    )
+    parser.add_argument(
+        "--scope",
+        choices=("layer", "global"),
+        default="layer",
+        help="prune the fraction in every layer, or of all experts together",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
