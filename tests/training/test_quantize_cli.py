@@ -47,6 +47,32 @@ def test_quantize_then_eval_generate_inspect_and_qlora(run, tmp_path, tiny_text,
         assert torch.equal(tensor, after[name]), name  # codes, scales and the rest unchanged
     assert any(".experts.adapter." in n and after[n].abs().sum() > 0 for n in after if "B_" in n)
     assert main(["eval", str(ft), *data]) == 0
+    # parameters.txt counts the quantised experts as the weights they stand for (issue 30: it
+    # left them out, 95,040 instead of 193,344 at the issue's size)
+    full = from_pretrained(resolve_checkpoint(str(run)))
+    adapters = sum(v.numel() for n, v in after.items() if ".lora_" in n or ".adapter." in n)
+    total = int((ft / "parameters.txt").read_text().splitlines()[-1].split()[-1].replace(",", ""))
+    assert total == sum(p.numel() for p in full.parameters()) + adapters
+
+
+def test_a_lora_run_quantises_with_its_adapters_merged(run, tmp_path, tiny_text, capsys):
+    """Issue 30: a LoRA run was refused with only a Python call as the way out."""
+    ft = tmp_path / "lora"
+    args = ["finetune", "--from", str(run), "--lora-rank", "2", "--steps", "2", "--quiet"]
+    assert main([*args, "--data", str(tiny_text), "--out-dir", str(ft), *SMALL]) == 0
+    capsys.readouterr()
+    out = tmp_path / "q8"
+    assert main(["quantize", str(ft), str(out), "--bits", "8"]) == 0
+    assert "LoRA adapters merged" in capsys.readouterr().err
+    quantized = from_pretrained(out)
+    assert not any(".lora_" in n or ".adapter." in n for n in quantized.state_dict())
+    from moekit.training.finetune import load_source
+
+    merged = load_source(str(ft)).eval()  # the LoRA run with its adapters folded in
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        want, got = merged(tokens).logits, quantized.eval()(tokens).logits
+    assert (want - got).abs().max() < 0.05 * want.abs().max()  # int8 rounding only
 
 
 def test_quantize_refuses_bad_arguments_by_name(run, tmp_path, capsys):

@@ -10,6 +10,7 @@ from moekit.adapters.lora import (
     add_lora,
     lora_parameters,
     merge_lora,
+    remove_lora,
     unmerge_lora,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "add_lora",
     "lora_parameters",
     "merge_lora",
+    "remove_lora",
     "unmerge_lora",
 ]

@@ -361,3 +361,31 @@ def unmerge_lora(model: nn.Module) -> None:
             module.unmerge()
         elif isinstance(module, ExpertBank | FeedForward) and module.adapter is not None:
             cast(ExpertLoRA | DenseLoRA, module.adapter).unmerge(module)  # type: ignore[arg-type]
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Merge every adapter into its weights and take the adapters off (PEFT's
+    ``merge_and_unload``): a plain model again, whose checkpoints hold no adapter. Quantised
+    experts' adapters cannot be folded into their codes and are refused."""
+    if any(isinstance(m, QuantizedExpertBank) and m.adapter is not None for m in model.modules()):
+        raise ValueError(
+            "the quantised experts carry LoRA adapters (QLoRA), which cannot be folded into "
+            "their codes: keep them as adapters, or merge into the full-precision model"
+        )
+    merge_lora(model)
+    for parent in list(model.modules()):
+        for attribute, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                plain = nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, attribute, plain)
+        if isinstance(parent, ExpertBank | FeedForward) and parent.adapter is not None:
+            parent.adapter = None
+    if getattr(model, "lora_config", None) is not None:
+        setattr(model, "lora_config", None)  # noqa: B010 (any nn.Module)

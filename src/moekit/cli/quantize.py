@@ -63,6 +63,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from moekit.adapters.lora import lora_parameters, remove_lora
     from moekit.cli.convert import carry_tokenizer
     from moekit.experts.quantized import QuantFormat, QuantizationConfig
     from moekit.models.checkpoint import save_pretrained
@@ -75,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.group_size is not None and args.group_size < 1:
         raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
     model = load_source(args.model)
+    if lora_parameters(model):  # a LoRA run: its adapters become part of what is quantised
+        remove_lora(model)
+        print("LoRA adapters merged into the weights before quantising", file=sys.stderr)
     group = args.group_size or default_group_size(model, fmt)
     quantization = QuantizationConfig(format=QuantFormat(fmt), group_size=group)
     before = expert_weight_bytes(model)

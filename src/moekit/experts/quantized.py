@@ -356,6 +356,11 @@ class QuantizedExpertBank(nn.Module):
         # weights are dequantised into, and adapters are created in
         self.register_buffer("compute_like", torch.zeros(0), persistent=False)
 
+    def logical_weight_count(self) -> int:
+        """The full-precision weights the codes stand for: ``E · (D · width_in + H · D)``."""
+        width = in_projection_width(self.activation, self.hidden)
+        return self.num_experts * (self.d_model * width + self.hidden * self.d_model)
+
     @classmethod
     @torch.no_grad()
     def quantize(cls, bank: Any, quantization: QuantizationConfig) -> QuantizedExpertBank:

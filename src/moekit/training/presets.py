@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moekit.experts.bank import ExpertBank
+from moekit.experts.quantized import QuantizedExpertBank
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE
 
@@ -250,12 +251,17 @@ def apply_selection(
 
 def trainable_summary(model: nn.Module) -> list[tuple[str, int, int]]:
     """``(group, trainable, total)`` parameter counts per non-empty group, then ``all``; a
-    partly trained expert tensor counts only its selected experts."""
+    partly trained expert tensor counts only its selected experts, and quantised experts (QLoRA:
+    frozen codes and scales, buffers rather than parameters) count the weights they stand for."""
+    quantized = sum(
+        m.logical_weight_count() for m in model.modules() if isinstance(m, QuantizedExpertBank)
+    )
     rows, trainable_all, total_all = [], 0, 0
     for group, params in parameter_groups(model).items():
-        if not params:
+        frozen = quantized if group == "experts" else 0
+        if not params and not frozen:
             continue
-        total = sum(p.numel() for p in params.values())
+        total = sum(p.numel() for p in params.values()) + frozen
         trainable = 0
         for p in params.values():
             if p.requires_grad:

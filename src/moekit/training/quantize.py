@@ -39,8 +39,9 @@ def quantize_experts(model: nn.Module, quantization: QuantizationConfig) -> nn.M
             )
         if layer.experts.adapter is not None:
             raise ValueError(
-                "the experts carry LoRA adapters: merge them (moekit.adapters.merge_lora) or "
-                "quantise the base model and attach adapters afterwards (QLoRA)"
+                "the experts carry LoRA adapters: merge and remove them first "
+                "(moekit.adapters.lora.remove_lora; `moekit quantize` does) or quantise the base "
+                "model and attach adapters afterwards (QLoRA)"
             )
     for layer in layers:  # validate every width before changing anything
         bank = cast(ExpertBank, layer.experts)
