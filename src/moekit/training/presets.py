@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from moekit.experts.bank import ExpertBank
-from moekit.experts.quantized import QuantizedExpertBank
 from moekit.experts.dense import FeedForward
+from moekit.experts.quantized import QuantizedExpertBank
 from moekit.layers import MoE
 
 #: the groups every parameter belongs to exactly one of
