@@ -105,3 +105,11 @@ def test_inspect_cli_writes_a_self_contained_report(tmp_path, tiny_text, capsys)
     assert "load p5" in capsys.readouterr().out
     assert main(["inspect", str(run), "--data", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # issue 30: --batches 0 reported every expert dead with exit 0; a budget larger than the
+    # experts printed "130208% of the experts"
+    assert main([*args[:4], "--batches", "0", "--quiet"]) == 2
+    assert "--batches must be >= 1, got 0" in capsys.readouterr().err
+    budget = ["--expert-budget", "512MB", "--out", str(tmp_path / "r2"), "--quiet"]
+    assert main([*args, *budget]) == 0
+    printed = capsys.readouterr().out
+    assert "every expert fits: they take" in printed and "%" not in printed.split("budget")[-1][:40]

@@ -67,10 +67,15 @@ def hot_set_lines(hot: dict[str, Any]) -> list[str]:
             f"{p['top1_table_accuracy']:.0%} (baseline {p['top1_baseline_accuracy']:.0%})"
             + ("" if lookahead is None else f", router lookahead recall {lookahead:.0%}")
         )
+    total_mib = hot["expert_bytes_total"] / 2**20
     for h in hot["cache_hit_rate"]:
+        share = (
+            f"{h['share_of_expert_bytes']:.0%} of the experts' {total_mib:.2f} MiB"
+            if h["share_of_expert_bytes"] < 1
+            else f"every expert fits: they take {total_mib:.2f} MiB"
+        )
         lines.append(
-            f"budget {h['budget_bytes'] / 2**20:.2f} MiB ({h['share_of_expert_bytes']:.0%} of the "
-            f"experts): hit rate LRU {h['lru_hit_rate']:.1%}, LFU {h['lfu_hit_rate']:.1%} "
+            f"budget {h['budget_bytes'] / 2**20:.2f} MiB ({share}): hit rate LRU {h['lru_hit_rate']:.1%}, LFU {h['lfu_hit_rate']:.1%} "
             f"(batch-1 decoding of {hot['replayed_tokens']} tokens)"
         )
     return lines

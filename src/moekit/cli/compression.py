@@ -18,7 +18,16 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_calibration_sizes(args: argparse.Namespace) -> None:
+    """Refuse ``--batches``, ``--batch-size`` or ``--seq-len`` below 1, by flag."""
+    for name in ("batches", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
+
+
 def load_with_calibration(args: argparse.Namespace):
+    check_calibration_sizes(args)
     from moekit.training.data import calibration_batches
     from moekit.training.finetune import load_source
     from moekit.training.tokenizer_files import resolve_tokenizer

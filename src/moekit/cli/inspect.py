@@ -56,12 +56,14 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.analysis.inspect import inspect_model, routing_differences
     from moekit.analysis.inspect_report import hot_set_lines, write_inspect_report
+    from moekit.cli.compression import check_calibration_sizes
     from moekit.experts.offload import parse_bytes
     from moekit.training.data import calibration_batches
     from moekit.training.finetune import load_source
     from moekit.training.tokenizer_files import resolve_tokenizer
     from moekit.utils.progress import progress_bar
 
+    check_calibration_sizes(args)  # 0 batches reported every expert dead, with exit 0
     budgets = [parse_bytes(b) for b in args.expert_budget] if args.expert_budget else None
     model = load_source(args.model)
     tokenizer = resolve_tokenizer(args.model, model.config.vocab_size)
