@@ -75,7 +75,8 @@ def hot_set_lines(hot: dict[str, Any]) -> list[str]:
             else f"every expert fits: they take {total_mib:.2f} MiB"
         )
         lines.append(
-            f"budget {h['budget_bytes'] / 2**20:.2f} MiB ({share}): hit rate LRU {h['lru_hit_rate']:.1%}, LFU {h['lfu_hit_rate']:.1%} "
+            f"budget {h['budget_bytes'] / 2**20:.2f} MiB ({share}): "
+            f"hit rate LRU {h['lru_hit_rate']:.1%}, LFU {h['lfu_hit_rate']:.1%} "
             f"(batch-1 decoding of {hot['replayed_tokens']} tokens)"
         )
     return lines
