@@ -35,7 +35,9 @@ class QKNorm(str, Enum):
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for generation: ``(B, G, max_len, Dh)`` per layer.
+    """Every layer's decoding state: keys and values ``(B, G, max_len, Dh)`` of an attention
+    layer, or the convolution and recurrent states of a recurrent token mixer (Gated DeltaNet,
+    Mamba2, short convolution: ``keys[i]`` and ``values[i]`` hold them, fixed-size).
 
     ``length`` counts the positions already written; the model advances it after each call.
     """
@@ -45,6 +47,7 @@ class KVCache:
     length: int = 0
     # (B, max_len) bool, which cached positions are real tokens (None: all of them)
     key_mask: torch.Tensor | None = None
+    capacity: int = 0  # max_len when the first layer's state does not show it (0: it does)
 
     @classmethod
     def empty(
@@ -65,17 +68,27 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        if self.capacity:
+            return self.capacity
         return self.keys[0].shape[2] if self.keys else 0
 
     @classmethod
     def for_layers(
-        cls, shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], dtype, device
+        cls,
+        shapes: list[tuple[tuple[int, ...], ...]],
+        dtype,
+        device,
+        max_len: int = 0,
     ) -> KVCache:
-        """A cache with per-layer ``(key shape, value shape)``; positions on dim 2."""
-        return cls(
-            keys=[torch.zeros(k, dtype=dtype, device=device) for k, _ in shapes],
-            values=[torch.zeros(v, dtype=dtype, device=device) for _, v in shapes],
-        )
+        """A cache with per-layer ``(key shape, value shape)`` (positions on dim 2), or a
+        recurrent mixer's ``(conv state shape, recurrent state shape, "float32")`` (its
+        recurrent state is kept in float32 whatever ``dtype``)."""
+        keys, values = [], []
+        for entry in shapes:
+            value_dtype = torch.float32 if len(entry) == 3 else dtype
+            keys.append(torch.zeros(entry[0], dtype=dtype, device=device))
+            values.append(torch.zeros(entry[1], dtype=value_dtype, device=device))
+        return cls(keys=keys, values=values, capacity=max_len)
 
 
 @dataclass(kw_only=True)

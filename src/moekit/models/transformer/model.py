@@ -535,4 +535,5 @@ class TransformerLM(nn.Module):
             [cast(Any, block).attn.cache_shapes(batch, length) for block in self.blocks],
             dtype=dtype or self.embed.weight.dtype,
             device=self.embed.weight.device,
+            max_len=length,
         )

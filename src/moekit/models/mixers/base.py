@@ -1,0 +1,78 @@
+"""What every recurrent token mixer shares: the config base (a ``kind`` picks the class, in
+files), the marker the model, LoRA and the presets find mixers by, and the gated RMSNorm."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class RecurrentMixerConfig:
+    """Base of the recurrent token mixers' configs; each subclass sets ``kind`` and builds its
+    mixer with ``build(*, d_model, norm_eps)``."""
+
+    kind: str = field(default="", init=False)
+    registry: ClassVar[dict[str, type[RecurrentMixerConfig]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("kind")
+        kind = declared.default if isinstance(declared, dataclasses.Field) else declared
+        if isinstance(kind, str) and kind:
+            RecurrentMixerConfig.registry[kind] = cls
+
+    def build(self, *, d_model: int, norm_eps: float) -> nn.Module:
+        raise NotImplementedError
+
+    def state_shapes(self, batch: int, d_model: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(convolution state shape, recurrent state shape)`` for ``batch`` sequences."""
+        raise NotImplementedError
+
+
+class RecurrentMixer(nn.Module):
+    """Marker base of the recurrent token mixers (``token_mixer`` names the sublayer for the
+    presets and LoRA; ``recurrent`` tells the block to pass padding and segments).
+
+    ``forward(x_BSD, *, cache, mask_BS, segment_ids_BS) -> (B, S, D)``: ``cache`` is the
+    ``(conv state, recurrent state)`` pair of this layer, updated in place, or ``None``.
+    """
+
+    token_mixer: ClassVar[bool] = True
+    recurrent: ClassVar[bool] = True
+
+
+class GatedRMSNorm(nn.Module):
+    """``RMSNorm(x) · weight · silu(z)`` (``norm_before_gate``, Gated DeltaNet) or
+    ``RMSNorm(x · silu(z)) · weight`` per group of ``group_size`` channels (Mamba2)."""
+
+    def __init__(
+        self, width: int, eps: float, *, norm_before_gate: bool = True, group_size: int = 0
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.group_size = group_size or width
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        x = x.to(work)
+        if not self.norm_before_gate:
+            x = x * nn.functional.silu(z.to(work))
+        grouped = x.unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = grouped.flatten(-2)
+        if self.norm_before_gate:
+            return ((self.weight * x.to(dtype)) * nn.functional.silu(z.to(work))).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(‖x‖² + eps)`` over the last dimension (as the FLA kernels do)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)

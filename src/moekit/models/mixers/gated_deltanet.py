@@ -1,0 +1,156 @@
+"""Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with
+Delta Rule", arXiv 2412.06464), as Qwen3-Next and Qwen3.5/3.6-MoE use it between their
+attention layers.
+
+Legend: B = batch, S = positions, D = d_model, Hk / Hv = key / value heads, K / V = their widths.
+
+``x -> [q | k | v] = conv(silu)(x W_qkv)``; ``q, k`` L2-normalised per head (``q`` also scaled
+by ``K^-1/2``); per value head a step ``β = sigmoid(x W_b)`` and a log decay
+``g = -exp(A_log) · softplus(x W_a + dt_bias)``; the gated delta rule
+(:mod:`moekit.models.mixers.recurrence`) gives ``o``; ``y = (RMSNorm(o) · w · silu(x W_z)) W_out``.
+With ``Hv > Hk`` each key head serves ``Hv / Hk`` consecutive value heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.models.mixers.base import (
+    GatedRMSNorm,
+    RecurrentMixer,
+    RecurrentMixerConfig,
+    l2_normalize,
+)
+from moekit.models.mixers.conv import causal_conv
+from moekit.models.mixers.recurrence import (
+    recurrence_chunked,
+    recurrence_loop,
+    working_dtype,
+)
+
+
+@dataclass(kw_only=True)
+class GatedDeltaNetConfig(RecurrentMixerConfig):
+    """A Gated DeltaNet token mixer.
+
+    Args:
+        n_key_heads: query/key heads ``Hk``.
+        n_value_heads: value heads ``Hv`` (a multiple of ``Hk``).
+        key_head_dim: ``K``.
+        value_head_dim: ``V``.
+        conv_width: the short causal convolution's width over positions.
+        chunk: positions per chunk of the parallel training form.
+    """
+
+    kind: str = field(default="gated_deltanet", init=False)
+    n_key_heads: int = 4
+    n_value_heads: int = 4
+    key_head_dim: int = 32
+    value_head_dim: int = 32
+    conv_width: int = 4
+    chunk: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("n_key_heads", "n_value_heads", "key_head_dim", "value_head_dim", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gated_deltanet.{name} must be >= 1, got {getattr(self, name)}")
+        if self.conv_width < 2:
+            raise ValueError(f"gated_deltanet.conv_width must be >= 2, got {self.conv_width}")
+        if self.n_value_heads % self.n_key_heads:
+            raise ValueError(
+                f"gated_deltanet.n_value_heads={self.n_value_heads} must be a multiple of "
+                f"n_key_heads={self.n_key_heads}"
+            )
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.n_key_heads * self.key_head_dim + self.n_value_heads * self.value_head_dim
+
+    def build(self, *, d_model: int, norm_eps: float) -> GatedDeltaNet:
+        return GatedDeltaNet(self, d_model=d_model, norm_eps=norm_eps)
+
+    def state_shapes(self, batch: int, d_model: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (batch, self.conv_channels, self.conv_width - 1), (
+            batch,
+            self.n_value_heads,
+            self.key_head_dim,
+            self.value_head_dim,
+        )
+
+
+class GatedDeltaNet(RecurrentMixer):
+    """``(B, S, D) -> (B, S, D)``; see the module docstring. ``use_loop`` runs the recurrence
+    one position at a time (the reference) instead of in chunks."""
+
+    def __init__(self, config: GatedDeltaNetConfig, *, d_model: int, norm_eps: float) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.key_dim = c.n_key_heads * c.key_head_dim
+        self.value_dim = c.n_value_heads * c.value_head_dim
+        self.in_proj_qkv = nn.Linear(d_model, 2 * self.key_dim + self.value_dim, bias=False)
+        self.in_proj_z = nn.Linear(d_model, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(d_model, c.n_value_heads, bias=False)
+        self.in_proj_a = nn.Linear(d_model, c.n_value_heads, bias=False)
+        channels = c.conv_channels
+        self.conv1d = nn.Conv1d(channels, channels, c.conv_width, groups=channels, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(c.n_value_heads))
+        self.A_log = nn.Parameter(torch.log(torch.empty(c.n_value_heads).uniform_(1.0, 16.0)))
+        self.norm = GatedRMSNorm(c.value_head_dim, norm_eps, norm_before_gate=True)
+        self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.use_loop = False
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+        conv, recurrent = self.config.state_shapes(batch, 0)
+        return conv, recurrent, "float32"
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        *,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_BS: torch.Tensor | None = None,
+        segment_ids_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, S, _ = x_BSD.shape
+        work = working_dtype(x_BSD)
+        if mask_BS is not None:
+            x_BSD = x_BSD * mask_BS.unsqueeze(-1).to(x_BSD.dtype)
+        conv_state, state = (None, None) if cache is None else cache
+        qkv, new_conv_state = causal_conv(
+            self.in_proj_qkv(x_BSD),
+            self.conv1d.weight.squeeze(1),
+            state_BCW=conv_state,
+            mask_BS=mask_BS,
+            segment_ids_BS=segment_ids_BS,
+        )
+        qkv = F.silu(qkv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.unflatten(-1, (c.n_key_heads, c.key_head_dim)).to(work)
+        k = k.unflatten(-1, (c.n_key_heads, c.key_head_dim)).to(work)
+        v = v.unflatten(-1, (c.n_value_heads, c.value_head_dim))
+        q = l2_normalize(q) * (1.0 / math.sqrt(c.key_head_dim))
+        k = l2_normalize(k)
+        repeat = c.n_value_heads // c.n_key_heads
+        if repeat > 1:
+            q, k = q.repeat_interleave(repeat, dim=2), k.repeat_interleave(repeat, dim=2)
+        beta = self.in_proj_b(x_BSD).to(work).sigmoid()
+        g = -self.A_log.to(work).exp() * F.softplus(self.in_proj_a(x_BSD).to(work) + self.dt_bias)
+        run = recurrence_loop if self.use_loop or (cache is not None and S == 1) else None
+        options = dict(initial_state_BHKV=state, mask_BS=mask_BS, segment_ids_BS=segment_ids_BS)
+        if run is None:
+            o, new_state = recurrence_chunked(q, k, v, g, beta, chunk=c.chunk, **options)
+        else:
+            o, new_state = run(q, k, v, g, beta, **options)
+        if cache is not None:
+            cache[0].copy_(new_conv_state)
+            cache[1].copy_(new_state)
+        z = self.in_proj_z(x_BSD).unflatten(-1, (c.n_value_heads, c.value_head_dim))
+        y = self.norm(o.to(x_BSD.dtype), z).flatten(-2)
+        return self.out_proj(y)
