@@ -176,7 +176,7 @@ def test_padding_and_packing_change_no_other_sequence(name):
 def test_configs_refuse_bad_sizes_by_name():
     with pytest.raises(ValueError, match="n_value_heads=3 must be a multiple of n_key_heads=2"):
         GatedDeltaNetConfig(n_key_heads=2, n_value_heads=3)
-    with pytest.raises(ValueError, match="mamba2.n_groups=3 must divide n_heads=4"):
+    with pytest.raises(ValueError, match=r"mamba2\.n_groups=3 must divide n_heads=4"):
         Mamba2Config(n_heads=4, n_groups=3)
-    with pytest.raises(ValueError, match="short_conv.conv_width must be >= 2"):
+    with pytest.raises(ValueError, match=r"short_conv\.conv_width must be >= 2"):
         ShortConvConfig(conv_width=1)

@@ -118,7 +118,7 @@ class GatedDeltaNet(RecurrentMixer):
         segment_ids_BS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         c = self.config
-        B, S, _ = x_BSD.shape
+        S = x_BSD.shape[1]
         work = working_dtype(x_BSD)
         if mask_BS is not None:
             x_BSD = x_BSD * mask_BS.unsqueeze(-1).to(x_BSD.dtype)
