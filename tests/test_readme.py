@@ -58,7 +58,7 @@ def test_the_marked_command_block_runs_as_written(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "runs" / "x" / "checkpoints" / "step_0000015").is_dir()
 
 
-@pytest.mark.parametrize("name", ["dense", "moe", "encoder_decoder"])
+@pytest.mark.parametrize("name", ["dense", "moe", "hybrid", "encoder_decoder"])
 def test_every_example_config_trains_a_few_steps(tmp_path, name):
     config = ROOT / "examples" / f"{name}.toml"
     args = ["train", "--config", str(config), "--set", "steps=2", "--set", "eval_batches=1"]

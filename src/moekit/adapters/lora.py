@@ -36,7 +36,7 @@ from moekit.utils.validation import check_fields
 #: Target groups: ``attention`` (every projection of the attention blocks), ``experts`` (routed
 #: expert banks), ``shared_experts``, ``ffn`` (the dense FFN layers); single projections can be
 #: named too (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ...).
-TARGET_GROUPS = ("attention", "experts", "shared_experts", "ffn")
+TARGET_GROUPS = ("attention", "recurrent_mixers", "experts", "shared_experts", "ffn")
 
 
 @dataclass(kw_only=True)
@@ -274,17 +274,15 @@ class DenseLoRA(nn.Module):
 
 def _groups_of(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, nn.Module]]]:
     """``target -> [(parent, attribute, module)]`` for every adaptable module."""
-    from moekit.models.encoder_decoder.attention import T5Attention
-    from moekit.models.transformer.attention import Attention
-    from moekit.models.transformer.mla import MultiHeadLatentAttention
-
     found: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {}
     moe_parts = {id(sub) for m in model.modules() if isinstance(m, MoE) for sub in m.modules()}
     for module in model.modules():
-        if isinstance(module, Attention | MultiHeadLatentAttention | T5Attention):
+        mixer = getattr(type(module), "token_mixer", None)  # found by marker, not class
+        if mixer is not None and getattr(type(module), "lora_on_linears", True):
+            target = "attention" if mixer == "attention" else "recurrent_mixers"
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
-                    found.setdefault("attention", []).append((module, name, child))
+                    found.setdefault(target, []).append((module, name, child))
                     found.setdefault(name, []).append((module, name, child))
         elif isinstance(module, MoE):
             if isinstance(module.experts, ExpertBank | QuantizedExpertBank):

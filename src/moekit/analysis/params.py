@@ -54,6 +54,13 @@ class ArchSpec:
     lm_head_bias: bool = False
     # attention parameters one token touches, when fewer than stored (mixture of attention heads)
     attention_active_per_layer: int | None = None
+    # hybrids: blocks with attention (None: all of them); the other blocks' recurrent token
+    # mixers (Gated DeltaNet, Mamba2, short convolutions), their parameters summed, and the
+    # per-token FLOPs of their state updates and read-outs
+    attention_layers: int | None = None
+    attention_norms_per_layer: int = 0  # query/key norms, in attention blocks only
+    recurrent_mixer_params: int = 0
+    recurrent_state_flops: int = 0
 
     @property
     def total_routed_experts(self) -> int:
@@ -84,10 +91,11 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
     """Totals, active counts, breakdown, forward FLOPs per token and weight memory."""
     embeddings = spec.vocab_size * spec.d_model
     lm_head = 0 if spec.tie_embeddings else spec.vocab_size * (spec.d_model + spec.lm_head_bias)
+    attention_layers = spec.n_layers if spec.attention_layers is None else spec.attention_layers
     breakdown = {
         "embeddings": embeddings,
         "lm_head": lm_head,
-        "attention": spec.n_layers * spec.attention_per_layer,
+        "attention": attention_layers * spec.attention_per_layer,
         "dense_ffn": spec.dense_ffn_layers * spec.dense_ffn_params,
         "routed_experts": spec.total_routed_experts * spec.expert_params,
         "shared_experts": spec.moe_layers * spec.shared_expert_params,
@@ -97,18 +105,23 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
             if spec.experts_per_layer is None
             else spec.total_routed_experts * spec.router_params // max(spec.num_experts, 1)
         ),
-        "norms": spec.n_layers * spec.norms_per_layer + spec.final_norm,
+        "norms": spec.n_layers * spec.norms_per_layer
+        + attention_layers * spec.attention_norms_per_layer
+        + spec.final_norm,
     }
+    if spec.recurrent_mixer_params:
+        breakdown["recurrent_mixers"] = spec.recurrent_mixer_params
     active_breakdown = dict(breakdown)
     active_breakdown["routed_experts"] = spec.moe_layers * spec.top_k * spec.expert_params
     if spec.attention_active_per_layer is not None:
-        active_breakdown["attention"] = spec.n_layers * spec.attention_active_per_layer
+        active_breakdown["attention"] = attention_layers * spec.attention_active_per_layer
     total = sum(breakdown.values())
     active = sum(active_breakdown.values())
     head_for_flops = spec.vocab_size * spec.d_model  # tied or not, the output matmul runs
     matmul_active = active - embeddings - lm_head - active_breakdown["norms"] + head_for_flops
     attention_flops = (
-        2 * spec.n_layers * context * (spec.attention_qk_width + spec.attention_v_width)
+        2 * attention_layers * context * (spec.attention_qk_width + spec.attention_v_width)
+        + spec.recurrent_state_flops
     )
     return ParamReport(
         name=spec.name,
@@ -192,8 +205,8 @@ def spec_from_moekit(config) -> ArchSpec:
         attention_per_layer=attention,
         attention_qk_width=qk_width,
         attention_v_width=v_width,
-        norms_per_layer=2 * d * (2 if config.norm == "layer" else 1)  # LayerNorm: + bias
-        + {
+        norms_per_layer=2 * d * (2 if config.norm == "layer" else 1),  # LayerNorm: + bias
+        attention_norms_per_layer={
             "none": 0,
             "head": 2 * hd,
             "head_after_rope": 2 * hd,
@@ -212,7 +225,37 @@ def spec_from_moekit(config) -> ArchSpec:
         experts_per_layer=counts,
         lm_head_bias=config.lm_head_bias,
         attention_active_per_layer=attention_active,
+        **_recurrent_mixers(config),
     )
+
+
+def _recurrent_mixers(config) -> dict[str, Any]:
+    """The hybrid fields of an ``ArchSpec``: attention blocks, the recurrent mixers' parameters
+    (counted on a meta-device build, so exactly what the model stores) and state FLOPs per
+    token (Gated DeltaNet: decay, prediction, update and read-out, ``≈ 6 H K V``; Mamba2:
+    ``≈ 4 H N P``)."""
+    layout = getattr(config, "token_mixers", None)
+    if layout is None:
+        return {}
+    import torch
+
+    params = flops = 0
+    for index in range(config.n_layers):
+        mixer = layout.mixer_of_layer(index)
+        if mixer is None:
+            continue
+        with torch.device("meta"):
+            module = mixer.build(d_model=config.d_model, norm_eps=config.norm_eps)
+        params += sum(p.numel() for p in module.parameters())
+        if mixer.kind == "gated_deltanet":
+            flops += 6 * mixer.n_value_heads * mixer.key_head_dim * mixer.value_head_dim
+        elif mixer.kind == "mamba2":
+            flops += 4 * mixer.n_heads * mixer.state_dim * mixer.head_dim
+    return {
+        "attention_layers": len(layout.attention_layers(config.n_layers)),
+        "recurrent_mixer_params": params,
+        "recurrent_state_flops": flops,
+    }
 
 
 def _hf_config_dict(config: dict | str | os.PathLike) -> dict:

@@ -30,6 +30,7 @@ from moekit.layers import MoE
 GROUPS = (
     "embeddings",
     "attention",
+    "recurrent_mixers",
     "norms",
     "ffn",
     "router",
@@ -41,9 +42,11 @@ GROUPS = (
 #: preset -> the groups it trains (``experts:<selection>`` is handled on its own)
 PRESETS: dict[str, tuple[str, ...]] = {
     "all": GROUPS,
-    "non_moe": ("embeddings", "attention", "norms", "ffn", "other"),
+    "non_moe": ("embeddings", "attention", "recurrent_mixers", "norms", "ffn", "other"),
     "moe": ("router", "experts", "shared_experts"),
     "attention": ("attention",),
+    "recurrent_mixers": ("recurrent_mixers",),
+    "token_mixers": ("attention", "recurrent_mixers"),
     "ffn": ("ffn",),
     "router": ("router",),
     "shared_experts": ("shared_experts",),
@@ -57,11 +60,7 @@ EXPERT_MASK = "moekit_expert_mask"
 
 def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """``group -> {name: parameter}`` for every parameter of ``model`` (each in one group)."""
-    from moekit.models.encoder_decoder.attention import T5Attention
     from moekit.models.encoder_decoder.relative_position import RelativePositionBias
-    from moekit.models.transformer.attention import Attention
-    from moekit.models.transformer.mla import MultiHeadLatentAttention
-    from moekit.models.transformer.moa import MixtureOfAttentionHeads
 
     owner: dict[int, str] = {}
 
@@ -85,15 +84,11 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     for module in model.modules():
         # T5Attention: an encoder–decoder's self- and cross-attention; the relative position
         # bias is part of attention, not an embedding of tokens
-        if isinstance(
-            module,
-            Attention
-            | MultiHeadLatentAttention
-            | MixtureOfAttentionHeads
-            | T5Attention
-            | RelativePositionBias,
-        ):
+        mixer = getattr(type(module), "token_mixer", None)  # the marker, not a class list
+        if mixer == "attention" or isinstance(module, RelativePositionBias):
             claim(module, "attention")
+        elif mixer == "recurrent":
+            claim(module, "recurrent_mixers")
         elif isinstance(module, nn.Embedding):
             claim(module, "embeddings")
         elif isinstance(module, nn.RMSNorm | nn.LayerNorm):

@@ -35,6 +35,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             return value.value
         if isinstance(value, (list, tuple)):
             return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
         return value
 
     return convert(config)

@@ -10,6 +10,8 @@ folded into the initialisation) and the projections have no biases.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,9 @@ class T5Attention(nn.Module):
         n_heads: H.
         head_dim: Dh (``d_kv`` in T5 configs; H * Dh need not equal D).
     """
+
+    #: the marker presets and LoRA find token mixers by (moekit.models.mixers.base)
+    token_mixer: ClassVar[str] = "attention"
 
     def __init__(self, *, d_model: int, n_heads: int, head_dim: int) -> None:
         super().__init__()

@@ -42,7 +42,8 @@ class RecurrentMixer(nn.Module):
     ``(conv state, recurrent state)`` pair of this layer, updated in place, or ``None``.
     """
 
-    token_mixer: ClassVar[bool] = True
+    #: what the presets and LoRA find token mixers by: "attention" or "recurrent"
+    token_mixer: ClassVar[str] = "recurrent"
     recurrent: ClassVar[bool] = True
 
 

@@ -105,9 +105,12 @@ class GatedDeltaNet(RecurrentMixer):
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.use_loop = False
 
-    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    def cache_shapes(
+        self, batch: int, max_len: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str]]:
+        """The decoding cache's (convolution state, float32 recurrent state) shapes."""
         conv, recurrent = self.config.state_shapes(batch, 0)
-        return conv, recurrent, "float32"
+        return conv, recurrent, ("float32",)
 
     def forward(
         self,

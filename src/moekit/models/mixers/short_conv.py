@@ -52,7 +52,8 @@ class ShortConv(RecurrentMixer):
         self.out_proj = nn.Linear(d_model, d_model, bias=config.bias)
         self.use_loop = False
 
-    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], ...]:
+        """The decoding cache's (convolution state, empty) shapes."""
         return self.config.state_shapes(batch, self.d_model)
 
     def forward(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class KVCache:
     @classmethod
     def for_layers(
         cls,
-        shapes: list[tuple[tuple[int, ...], ...]],
+        shapes: list[tuple[Any, ...]],
         dtype,
         device,
         max_len: int = 0,
@@ -317,6 +318,9 @@ class AttentionConfig:
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE and grouped-query heads, via
     ``torch.nn.functional.scaled_dot_product_attention``; ``(B, S, D) -> (B, S, D)``."""
+
+    #: the marker presets and LoRA find token mixers by (moekit.models.mixers.base)
+    token_mixer: ClassVar[str] = "attention"
 
     def __init__(self, config: AttentionConfig, *, d_model: int) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ Attention scale ``(N + R)^-0.5``, times ``mscale^2`` under YaRN with ``mscale_al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,9 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 class MultiHeadLatentAttention(nn.Module):
     """Causal MLA: ``(B, S, D) -> (B, S, D)`` with a latent KV cache."""
+
+    #: the marker presets and LoRA find token mixers by (moekit.models.mixers.base)
+    token_mixer: ClassVar[str] = "attention"
 
     def __init__(
         self,

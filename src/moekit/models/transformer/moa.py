@@ -18,6 +18,7 @@ slots as query heads grouped onto the G key/value heads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,11 @@ class MoAConfig:
 class MixtureOfAttentionHeads(nn.Module):
     """``(B, S, D) -> (B, S, D)``; parameters: the router ``router.weight_ED``, ``w_q_EDX``,
     ``w_o_EXD``, ``kv_proj`` (``D -> 2X``: keys then values), ``bias_D``."""
+
+    #: the marker presets and LoRA find token mixers by (moekit.models.mixers.base)
+    token_mixer: ClassVar[str] = "attention"
+    #: LoRA adapts no linear of it (its expert projections are stacked tensors)
+    lora_on_linears: ClassVar[bool] = False
 
     def __init__(
         self, moa: MoAConfig, *, d_model: int, n_kv_heads: int, head_dim: int, causal: bool

@@ -23,7 +23,9 @@ from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
+from moekit.models.mixers import RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig, KVCache
+from moekit.models.transformer.layout import TokenMixerLayout
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, TokenTableRouterConfig, is_causal
@@ -79,6 +81,9 @@ class TransformerConfig:
         lm_head_bias: the output head has a bias (Phi-3.5-MoE; not with tied embeddings).
         norm_position: ``pre`` (``x + f(norm(x))``) or ``post`` (``x + norm(f(x))``, OLMo-2 /
             FlexOlmo) blocks; the final norm is there either way.
+        token_mixers: which token mixer each block runs (``TokenMixerLayout``: attention or a
+            recurrent mixer such as Gated DeltaNet, Mamba2 or a short convolution); ``None``:
+            attention everywhere.
     """
 
     vocab_size: int
@@ -97,6 +102,7 @@ class TransformerConfig:
     norm: NormKind = NormKind.RMS
     lm_head_bias: bool = False
     norm_position: NormPosition = NormPosition.PRE
+    token_mixers: TokenMixerLayout | None = None
 
     #: keys of the flat layout, named by their new home in the error for an old config file
     moved_keys: ClassVar[dict[str, str]] = {
@@ -197,6 +203,14 @@ class TransformerConfig:
         """Block ``index``'s attention config (its sliding window resolved)."""
         return self.attention.of_layer(index)
 
+    def token_mixer_of_layer(self, index: int) -> AttentionConfig | RecurrentMixerConfig:
+        """Block ``index``'s token mixer: its attention config, or a recurrent mixer's."""
+        recurrent = None if self.token_mixers is None else self.token_mixers.mixer_of_layer(index)
+        return self.attention_of_layer(index) if recurrent is None else recurrent
+
+    def is_attention_layer(self, index: int) -> bool:
+        return self.token_mixers is None or self.token_mixers.mixer_of_layer(index) is None
+
     @property
     def kv_heads(self) -> int:
         """Key/value heads (``attention.n_kv_heads`` after defaults are resolved)."""
@@ -232,18 +246,19 @@ class LMOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention, then a dense FFN or (with ``moe_config``) an MoE
-    layer.
+    """Pre-norm transformer block: a token mixer (attention, or a recurrent mixer), then a dense
+    FFN or (with ``moe_config``) an MoE layer.
 
     Args:
-        attention: the block's attention config (``AttentionConfig.of_layer``).
+        attention: the block's token mixer config: attention (``AttentionConfig.of_layer``) or
+            a recurrent mixer (``moekit.models.mixers``); built as ``self.attn`` either way.
         d_model, ffn_hidden, activation, norm_eps: the stream and the dense FFN.
         moe_config: the MoE layer replacing the dense FFN, or ``None``.
     """
 
     def __init__(
         self,
-        attention: AttentionConfig,
+        attention: AttentionConfig | RecurrentMixerConfig,
         *,
         d_model: int,
         ffn_hidden: int,
@@ -258,7 +273,11 @@ class Block(nn.Module):
         self.residual_multiplier = residual_multiplier
         self.post_norm = NormPosition(norm_position) is NormPosition.POST
         self.attn_norm = build_norm(norm, d_model, norm_eps)
-        self.attn = attention.build(d_model=d_model)
+        self.attn = (
+            attention.build(d_model=d_model, norm_eps=norm_eps)
+            if isinstance(attention, RecurrentMixerConfig)
+            else attention.build(d_model=d_model)
+        )
         self.ffn_norm = build_norm(norm, d_model, norm_eps)
         self.ffn: nn.Module = (
             moe_config.build()
@@ -276,16 +295,22 @@ class Block(nn.Module):
         key_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         m = self.residual_multiplier
+
+        def mix(h_BSD: torch.Tensor) -> torch.Tensor:
+            if getattr(self.attn, "recurrent", False):  # padding and segments, not a key mask
+                return self.attn(
+                    h_BSD, cache=cache, mask_BS=padding_mask, segment_ids_BS=segment_ids
+                )
+            return self.attn(h_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask)
+
         if self.post_norm:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
-            attn = self.attn(x_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask)
-            x_BSD = x_BSD + self.attn_norm(attn)
+            x_BSD = x_BSD + self.attn_norm(mix(x_BSD))
             h_BSD = x_BSD
         else:
-            attn = self.attn(
-                self.attn_norm(x_BSD), rope=rope, cache=cache, start=start, key_mask=key_mask
-            )
+            attn = mix(self.attn_norm(x_BSD))
             x_BSD = x_BSD + (attn if m == 1.0 else attn * m)
             h_BSD = self.ffn_norm(x_BSD)
         moe_out = None
@@ -331,7 +356,7 @@ class TransformerLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
             Block(
-                config.attention_of_layer(i),
+                config.token_mixer_of_layer(i),
                 d_model=config.d_model,
                 ffn_hidden=config.ffn_hidden,
                 activation=config.activation,
@@ -428,6 +453,7 @@ class TransformerLM(nn.Module):
         new_mask: torch.Tensor | None,
         kv_cache: KVCache | None,
         start: int,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         x = self.embed(tokens)
         if self.config.embedding_multiplier != 1.0:
@@ -444,6 +470,7 @@ class TransformerLM(nn.Module):
                 key_mask=key_mask,
                 padding_mask=new_mask,
                 token_ids=tokens,
+                segment_ids=segment_ids,
             )
             if moe_out is not None:
                 moe_outputs.append(moe_out)
@@ -493,7 +520,9 @@ class TransformerLM(nn.Module):
             F.embedding(positions_BS, cos).unsqueeze(1),
             F.embedding(positions_BS, sin).unsqueeze(1),
         )
-        return self._run_blocks(tokens, rope, same_BSS.unsqueeze(1), segment_ids != 0, None, 0)
+        return self._run_blocks(
+            tokens, rope, same_BSS.unsqueeze(1), segment_ids != 0, None, 0, segment_ids
+        )
 
     @staticmethod
     def _key_mask(

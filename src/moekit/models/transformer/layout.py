@@ -1,0 +1,95 @@
+"""The layer pattern as data: which token mixer each block runs (a hybrid model is a config).
+
+``pattern`` names one mixer per block, repeated when shorter than the model (``["linear",
+"linear", "linear", "attention"]`` is Qwen3-Next's 3:1); ``"attention"`` is the model's
+``attention``; every other name is a key of ``mixers``, whose entries are recurrent mixer configs
+chosen by their ``kind`` (``gated_deltanet``, ``mamba2``, ``short_conv``). In a TOML file::
+
+    [model.token_mixers]
+    pattern = ["linear", "linear", "linear", "attention"]
+    [model.token_mixers.mixers.linear]
+    kind = "gated_deltanet"
+    n_key_heads = 2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moekit.models.mixers import MIXER_CONFIGS, RecurrentMixerConfig
+from moekit.utils.validation import ConfigError
+
+ATTENTION = "attention"
+
+
+@dataclass(kw_only=True)
+class TokenMixerLayout:
+    """Which token mixer each block runs.
+
+    Args:
+        pattern: mixer names, one per block, repeated to the model's depth.
+        mixers: the recurrent mixers' configs by name (``"attention"`` is reserved for the
+            model's attention).
+    """
+
+    pattern: list[str]
+    mixers: dict[str, RecurrentMixerConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise ValueError("token_mixers.pattern must name at least one mixer")
+        if ATTENTION in self.mixers:
+            raise ValueError("token_mixers.mixers cannot redefine 'attention' (model.attention)")
+        unknown = sorted({n for n in self.pattern if n != ATTENTION and n not in self.mixers})
+        if unknown:
+            raise ValueError(
+                f"token_mixers.pattern names {unknown}, which are neither 'attention' nor keys "
+                f"of token_mixers.mixers ({', '.join(sorted(self.mixers)) or 'none'})"
+            )
+        for name, config in self.mixers.items():
+            if not isinstance(config, RecurrentMixerConfig):
+                raise ValueError(
+                    f"token_mixers.mixers.{name} must be a mixer config "
+                    f"({', '.join(sorted(MIXER_CONFIGS))}), got {type(config).__name__}"
+                )
+
+    def name_of_layer(self, index: int) -> str:
+        return self.pattern[index % len(self.pattern)]
+
+    def mixer_of_layer(self, index: int) -> RecurrentMixerConfig | None:
+        """Block ``index``'s recurrent mixer config, or ``None`` for attention."""
+        name = self.name_of_layer(index)
+        return None if name == ATTENTION else self.mixers[name]
+
+    def attention_layers(self, n_layers: int) -> list[int]:
+        return [i for i in range(n_layers) if self.name_of_layer(i) == ATTENTION]
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any], section: str = "token_mixers"):
+        """Each ``mixers`` entry's ``kind`` picks its config class."""
+        from moekit.utils.serialization import config_from_dict
+
+        options = dict(data)
+        unknown = sorted(set(options) - {"pattern", "mixers"})
+        if unknown:
+            raise ConfigError(f"unknown {section} keys: {unknown} (known: mixers, pattern)")
+        mixers = {}
+        for name, entry in (options.get("mixers") or {}).items():
+            where = f"{section}.mixers.{name}"
+            if not isinstance(entry, dict) or "kind" not in entry:
+                raise ConfigError(
+                    f"{where} must be a section with a kind ({', '.join(sorted(MIXER_CONFIGS))})"
+                )
+            entry = dict(entry)
+            kind = entry.pop("kind")
+            if kind not in MIXER_CONFIGS:
+                raise ConfigError(
+                    f"{where}.kind={kind!r} is not a mixer; choose one of "
+                    f"{', '.join(sorted(MIXER_CONFIGS))}"
+                )
+            mixers[name] = config_from_dict(MIXER_CONFIGS[kind], entry, where)
+        try:
+            return cls(pattern=list(options.get("pattern", [])), mixers=mixers)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
