@@ -252,3 +252,27 @@ def jetmoe():
 
 
 FAMILIES["jetmoe"] = jetmoe
+
+
+def lfm2_moe():
+    """LFM2-MoE: short convolutions (with biases) and attention, dense first block, sigmoid
+    routing with the expert bias."""
+    return _build(
+        transformers.Lfm2MoeConfig,
+        transformers.Lfm2MoeForCausalLM,
+        num_hidden_layers=4,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=3,
+        num_dense_layers=1,
+        use_expert_bias=True,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=True,
+        conv_bias=True,
+        conv_L_cache=3,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
+    )
+
+
+FAMILIES["lfm2_moe"] = lfm2_moe

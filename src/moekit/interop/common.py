@@ -61,7 +61,7 @@ def gated_in_split(w_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dense_ffn(
     moekit: str,
     hf: str,
-    layers: str,
+    layers: str | tuple[int, ...],
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
 ) -> list[Entry]:
     """A gated FFN (``FeedForward`` or a shared expert) stored as three HF linears."""

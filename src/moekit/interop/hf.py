@@ -36,6 +36,7 @@ from moekit.interop import (
     granitemoeshared,
     hunyuan_v1_moe,
     jetmoe,
+    lfm2_moe,
     llama4,
     minimax_m2,
     mixtral,
@@ -80,6 +81,7 @@ FAMILIES: dict[str, ModuleType] = {
         llama4,
         flex_olmo,
         jetmoe,
+        lfm2_moe,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

@@ -27,14 +27,15 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Rename:
-    """One tensor; ``layers`` is ``all``, ``moe`` or ``dense`` (which blocks have it) or
-    ``none`` (a model-level tensor without ``{layer}``)."""
+    """One tensor; ``layers`` is ``all``, ``moe`` or ``dense`` (which blocks have it),
+    ``none`` (a model-level tensor without ``{layer}``) or a tuple of block indices (a hybrid's
+    attention or recurrent blocks)."""
 
     moekit: str
     hf: str
     to_moekit_fn: Callable[[torch.Tensor], torch.Tensor] = _same
     to_hf_fn: Callable[[torch.Tensor], torch.Tensor] = _same
-    layers: str = "all"
+    layers: str | tuple[int, ...] = "all"
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,15 @@ class Joined:
     hf: tuple[str, ...]
     join: Callable[..., torch.Tensor]
     split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-    layers: str = "all"
+    layers: str | tuple[int, ...] = "all"
 
 
 Entry = Rename | Experts | Joined
 
 
 def _layers(entry: Entry, n_layers: int, moe_layers: list[int]) -> list[int | None]:
+    if not isinstance(entry, Experts) and isinstance(entry.layers, tuple):  # listed blocks
+        return list(entry.layers)
     if isinstance(entry, Experts) or entry.layers == "moe":
         return list(moe_layers)
     if entry.layers == "dense":

@@ -50,6 +50,7 @@ STACKED_EXPERT_FAMILIES = {
         ),
         "mlp.experts",
     ),
+    "lfm2_moe": "feed_forward.experts",
     "granitemoe": "block_sparse_moe.experts",
     "granitemoeshared": "block_sparse_moe.experts",
 }
@@ -62,6 +63,26 @@ MLA_FAMILIES = ("deepseek_v2",)
 #: families whose query/key rows moekit stores de-interleaved per head (interleaved rotary)
 INTERLEAVED_QK = ("ernie4_5_moe", "llama4_text")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: hybrids: the HF module of the attention and of the recurrent mixer, and HF names of moekit's
+#: attention projections where they differ (their targets are matched by full path, since a
+#: recurrent mixer has projections of the same names)
+HYBRID_MODULES = {"lfm2_moe": ("self_attn", "conv", {"o_proj": "out_proj"})}
+RECURRENT_PROJECTIONS = {"lfm2_moe": ("in_proj", "out_proj")}
+
+
+def _hybrid_targets(family: str, modules: list[str]) -> str:
+    """A PEFT ``target_modules`` regex for a hybrid: attention projections under the attention
+    module, ``recurrent:<name>`` entries under the recurrent mixer's."""
+    attention, recurrent, renamed = HYBRID_MODULES[family]
+    wanted = [m for m in modules if not m.startswith("recurrent:")]
+    mixer = [m.split(":", 1)[1] for m in modules if m.startswith("recurrent:")]
+    parts = []
+    if wanted:
+        names = "|".join(renamed.get(m, m) for m in wanted)
+        parts.append(rf"{attention}\.({names})")
+    if mixer:
+        parts.append(rf"{recurrent}\.({'|'.join(mixer)})")
+    return rf".*\.({'|'.join(parts)})"
 
 
 def _peft_targets(config: Any, family: str) -> tuple[list[str], list[str], dict[str, int]]:
@@ -80,6 +101,10 @@ def _peft_targets(config: Any, family: str) -> tuple[list[str], list[str], dict[
             for name in (f"{stack}.gate_up_proj", f"{stack}.down_proj"):
                 parameters.append(name)
                 ranks[name] = config.rank_of(target)  # PEFT matches the parameter's key
+        elif target == "recurrent_mixers" and family in RECURRENT_PROJECTIONS:
+            names = RECURRENT_PROJECTIONS[family]
+            modules += [f"recurrent:{n}" for n in names]
+            ranks.update({n: config.rank_of(target) for n in names})
         elif family in MLA_FAMILIES:
             raise ValueError(
                 f"attention LoRA of {family!r} (multi-head latent attention) cannot be exported "
@@ -87,7 +112,8 @@ def _peft_targets(config: Any, family: str) -> tuple[list[str], list[str], dict[
             )
         elif all(p in ATTENTION_PROJECTIONS for p in projections):
             modules += [p for p in projections if p not in modules]
-            ranks.update({p: config.rank_of(target) for p in projections})
+            renamed = HYBRID_MODULES[family][2] if family in HYBRID_MODULES else {}
+            ranks.update({renamed.get(p, p): config.rank_of(target) for p in projections})
         else:
             raise ValueError(
                 f"LoRA target {target!r} cannot be exported in the PEFT format yet (attention "
@@ -156,7 +182,11 @@ def export_peft_adapter(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=0.0,  # dropout is training-only, and PEFT's expert wrapper refuses it
-        target_modules=modules or None,
+        target_modules=(
+            _hybrid_targets(family, modules) if family in HYBRID_MODULES and modules else None
+        )
+        or modules
+        or None,
         target_parameters=parameters or None,
         rank_pattern={k: v for k, v in ranks.items() if v != config.rank},
         init_lora_weights=False,
@@ -178,7 +208,10 @@ def export_peft_adapter(
                 _set_factors(module, A, B)
                 filled += 1
             elif isinstance(module, PeftLinear) and not isinstance(module, ParamWrapper):
-                projection = name.rsplit(".", 1)[-1]
+                parent, projection = name.rsplit(".", 2)[-2:]
+                if family in HYBRID_MODULES and parent == HYBRID_MODULES[family][0]:
+                    back = {v: k for k, v in HYBRID_MODULES[family][2].items()}
+                    projection = back.get(projection, projection)
                 ours = getattr(block.attn, projection)
                 assert isinstance(ours, LoRALinear)
                 B = ours.lora_B
