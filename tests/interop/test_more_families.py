@@ -41,6 +41,7 @@ REFUSED = {
     "llama4_text": ("no_rope_layers", [2, 1, 1, 0]),
     "flex_olmo": ("hidden_act", "gelu"),
     "jetmoe": ("activation_function", "gelu"),
+    "qwen3_next": ("mlp_only_layers", [1]),
     "lfm2_moe": ("layer_types", ["conv", "sliding_attention", "conv", "full_attention"]),
 }
 

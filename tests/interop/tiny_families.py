@@ -276,3 +276,29 @@ def lfm2_moe():
 
 
 FAMILIES["lfm2_moe"] = lfm2_moe
+
+
+def qwen3_next():
+    """Qwen3-Next: Gated DeltaNet (2 key heads, 4 value heads) and gated attention 1:1 here,
+    partial rotary, a gated shared expert, MoE every block."""
+    return _build(
+        transformers.Qwen3NextConfig,
+        transformers.Qwen3NextForCausalLM,
+        num_hidden_layers=4,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    )
+
+
+FAMILIES["qwen3_next"] = qwen3_next

@@ -186,6 +186,8 @@ def spec_from_moekit(config) -> ArchSpec:
         shared += d if layer.output_bias else 0  # always applied
     attention = 2 * d * q_width + 2 * d * kv_width
     attention += (q_width + 2 * kv_width) if attn.qkv_bias else 0
+    if attn.output_gate:  # the query projection also computes the gate
+        attention += d * q_width + (q_width if attn.qkv_bias else 0)
     attention += (d if attn.o_bias else 0) + (attn.n_heads if attn.sinks else 0)
     qk_width = v_width = q_width
     attention_active = None

@@ -44,6 +44,7 @@ from moekit.interop import (
     phimoe,
     qwen2_moe,
     qwen3_moe,
+    qwen3_next,
     switch_transformers,
 )
 from moekit.interop import keymap as km
@@ -82,6 +83,7 @@ FAMILIES: dict[str, ModuleType] = {
         flex_olmo,
         jetmoe,
         lfm2_moe,
+        qwen3_next,
     )
 }
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources

@@ -51,6 +51,7 @@ STACKED_EXPERT_FAMILIES = {
         "mlp.experts",
     ),
     "lfm2_moe": "feed_forward.experts",
+    "qwen3_next": "mlp.experts",
     "granitemoe": "block_sparse_moe.experts",
     "granitemoeshared": "block_sparse_moe.experts",
 }
@@ -66,8 +67,27 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: hybrids: the HF module of the attention and of the recurrent mixer, and HF names of moekit's
 #: attention projections where they differ (their targets are matched by full path, since a
 #: recurrent mixer has projections of the same names)
-HYBRID_MODULES = {"lfm2_moe": ("self_attn", "conv", {"o_proj": "out_proj"})}
-RECURRENT_PROJECTIONS = {"lfm2_moe": ("in_proj", "out_proj")}
+HYBRID_MODULES = {
+    "lfm2_moe": ("self_attn", "conv", {"o_proj": "out_proj"}),
+    "qwen3_next": ("self_attn", "linear_attn", {}),
+}
+RECURRENT_PROJECTIONS = {
+    "lfm2_moe": ("in_proj", "out_proj"),
+    "qwen3_next": ("in_proj_qkvz", "in_proj_ba", "out_proj"),
+}
+
+
+def _hf_rows(family: str, model: Any, projection: str, B: torch.Tensor) -> torch.Tensor:
+    """A recurrent projection's LoRA ``B`` ``(out, R)`` in HF's row order (Qwen3-Next groups
+    its Gated DeltaNet projections by key head, moekit by kind)."""
+    if family != "qwen3_next" or projection not in ("in_proj_qkvz", "in_proj_ba"):
+        return B
+    from moekit.interop.qwen3_next import _grouped_layout, gated_deltanet_of
+
+    mixer = gated_deltanet_of(model.config)
+    assert mixer is not None
+    _, qkvz_to_hf, _, ba_to_hf = _grouped_layout(mixer)
+    return qkvz_to_hf(B) if projection == "in_proj_qkvz" else ba_to_hf(B)
 
 
 def _hybrid_targets(family: str, modules: list[str]) -> str:
@@ -215,6 +235,8 @@ def export_peft_adapter(
                 ours = getattr(block.attn, projection)
                 assert isinstance(ours, LoRALinear)
                 B = ours.lora_B
+                if family in HYBRID_MODULES and parent == HYBRID_MODULES[family][1]:
+                    B = _hf_rows(family, model, projection, B)
                 if family in INTERLEAVED_QK and projection in ("q_proj", "k_proj"):
                     B = interleave_heads(B, block.attn.head_dim)  # HF's row order
                 _set_factors(module, ours.lora_A, B)

@@ -4,10 +4,11 @@ attention layers.
 
 Legend: B = batch, S = positions, D = d_model, Hk / Hv = key / value heads, K / V = their widths.
 
-``x -> [q | k | v] = conv(silu)(x W_qkv)``; ``q, k`` L2-normalised per head (``q`` also scaled
-by ``K^-1/2``); per value head a step ``β = sigmoid(x W_b)`` and a log decay
-``g = -exp(A_log) · softplus(x W_a + dt_bias)``; the gated delta rule
-(:mod:`moekit.models.mixers.recurrence`) gives ``o``; ``y = (RMSNorm(o) · w · silu(x W_z)) W_out``.
+``[q | k | v | z] = x W_qkvz`` and ``[b | a] = x W_ba``; ``q | k | v`` through a short causal
+convolution and silu; ``q, k`` L2-normalised per head (``q`` also scaled by ``K^-1/2``); per
+value head a step ``β = sigmoid(b)`` and a log decay ``g = -exp(A_log) · softplus(a +
+dt_bias)``; the gated delta rule (:mod:`moekit.models.mixers.recurrence`) gives ``o``;
+``y = (RMSNorm(o) · w · silu(z)) W_out``.
 With ``Hv > Hk`` each key head serves ``Hv / Hk`` consecutive value heads.
 """
 
@@ -93,10 +94,9 @@ class GatedDeltaNet(RecurrentMixer):
         c = config
         self.key_dim = c.n_key_heads * c.key_head_dim
         self.value_dim = c.n_value_heads * c.value_head_dim
-        self.in_proj_qkv = nn.Linear(d_model, 2 * self.key_dim + self.value_dim, bias=False)
-        self.in_proj_z = nn.Linear(d_model, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(d_model, c.n_value_heads, bias=False)
-        self.in_proj_a = nn.Linear(d_model, c.n_value_heads, bias=False)
+        # rows [q | k | v | z] (heads major within each) and [b | a]
+        self.in_proj_qkvz = nn.Linear(d_model, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(d_model, 2 * c.n_value_heads, bias=False)
         channels = c.conv_channels
         self.conv1d = nn.Conv1d(channels, channels, c.conv_width, groups=channels, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(c.n_value_heads))
@@ -126,8 +126,12 @@ class GatedDeltaNet(RecurrentMixer):
         if mask_BS is not None:
             x_BSD = x_BSD * mask_BS.unsqueeze(-1).to(x_BSD.dtype)
         conv_state, state = (None, None) if cache is None else cache
+        qkv, z = self.in_proj_qkvz(x_BSD).split(
+            [self.key_dim * 2 + self.value_dim, self.value_dim], -1
+        )
+        b, a = self.in_proj_ba(x_BSD).chunk(2, dim=-1)
         qkv, new_conv_state = causal_conv(
-            self.in_proj_qkv(x_BSD),
+            qkv,
             self.conv1d.weight.squeeze(1),
             state_BCW=conv_state,
             mask_BS=mask_BS,
@@ -143,8 +147,8 @@ class GatedDeltaNet(RecurrentMixer):
         repeat = c.n_value_heads // c.n_key_heads
         if repeat > 1:
             q, k = q.repeat_interleave(repeat, dim=2), k.repeat_interleave(repeat, dim=2)
-        beta = self.in_proj_b(x_BSD).to(work).sigmoid()
-        g = -self.A_log.to(work).exp() * F.softplus(self.in_proj_a(x_BSD).to(work) + self.dt_bias)
+        beta = b.to(work).sigmoid()
+        g = -self.A_log.to(work).exp() * F.softplus(a.to(work) + self.dt_bias)
         run = recurrence_loop if self.use_loop or (cache is not None and S == 1) else None
         options = dict(initial_state_BHKV=state, mask_BS=mask_BS, segment_ids_BS=segment_ids_BS)
         if run is None:
@@ -154,6 +158,6 @@ class GatedDeltaNet(RecurrentMixer):
         if cache is not None:
             cache[0].copy_(new_conv_state)
             cache[1].copy_(new_state)
-        z = self.in_proj_z(x_BSD).unflatten(-1, (c.n_value_heads, c.value_head_dim))
+        z = z.unflatten(-1, (c.n_value_heads, c.value_head_dim))
         y = self.norm(o.to(x_BSD.dtype), z).flatten(-2)
         return self.out_proj(y)

@@ -118,6 +118,9 @@ class AttentionConfig:
             (1e-6 for a stand-alone ``Attention``).
         o_bias: a bias on the output projection (GPT-OSS).
         sinks: a learned per-head sink logit in every softmax (GPT-OSS).
+        output_gate: each head's output is multiplied by ``sigmoid`` of a gate the query
+            projection also computes (Qwen3-Next, Qwen3.5: ``q_proj`` gives ``[query | gate]``
+            per head).
         sliding_window: attend to this many positions at most (0: every earlier one).
         sliding_window_every: in a model, layer ``i`` uses the window when
             ``i % sliding_window_every == 0`` (GPT-OSS: 2, every even layer; 1: every layer).
@@ -148,6 +151,7 @@ class AttentionConfig:
     norm_eps: float | None = None
     o_bias: bool = False
     sinks: bool = False
+    output_gate: bool = False
     sliding_window: int = 0
     sliding_window_every: int = 1
     mla: MLAConfig | None = None
@@ -206,6 +210,7 @@ class AttentionConfig:
                     ("qk_norm", self.qk_norm != QKNorm.NONE),
                     ("o_bias", self.o_bias),
                     ("sinks", self.sinks),
+                    ("output_gate", self.output_gate),
                     ("sliding_window", self.sliding_window),
                     ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
                     ("scale", self.scale is not None),
@@ -227,6 +232,7 @@ class AttentionConfig:
                     ("qk_norm", self.qk_norm != QKNorm.NONE),
                     ("o_bias", self.o_bias),
                     ("sinks", self.sinks),
+                    ("output_gate", self.output_gate),
                     ("sliding_window", self.sliding_window),
                     ("causal=false", not self.causal),
                     ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
@@ -340,7 +346,9 @@ class Attention(nn.Module):
                 f"the rotated part of each head (head_dim * partial_rotary_factor = "
                 f"{self.rotary_dim}) must be even and >= 2"
             )
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.output_gate = config.output_gate
+        q_width = n_heads * head_dim * (2 if config.output_gate else 1)
+        self.q_proj = nn.Linear(d_model, q_width, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
@@ -405,6 +413,10 @@ class Attention(nn.Module):
         """
         B, S, _ = x_BSD.shape
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        gate = None
+        if self.output_gate:  # per head [query | gate]
+            q, gate = q.view(B, S, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(B, S, -1), gate.reshape(B, S, -1)
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.head_dim)
@@ -477,4 +489,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped, scale=self.scale
             )
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
