@@ -168,3 +168,41 @@ def test_exports_that_conflict_are_refused_before_training(tmp_path, hf_moe_with
     assert main(args) == 2
     assert "--export-peft writes LoRA adapters only" in capsys.readouterr().err
     assert not run.exists()  # nothing was trained
+
+
+def test_a_hybrid_qwen3_5_moe_fine_tunes_and_exports_to_transformers(tmp_path, hf_moe_with_bpe):
+    """Issue 31's journey: ``finetune --from-hf`` a tiny Qwen3.5-MoE (Gated DeltaNet + gated
+    attention), then ``--export-hf``; transformers reloads the export with moekit's logits."""
+    _, corpus, tokenizer = hf_moe_with_bpe
+    source = tmp_path / "qwen3_5"
+    tokenizer.save_pretrained(source)
+    config = transformers.Qwen3_5MoeTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen3_5MoeForCausalLM(config).save_pretrained(source)
+    run = _finetune(tmp_path, source, corpus)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    from moekit.training.finetune import load_source
+
+    ours = load_source(str(run)).eval()
+    tokens = torch.tensor([tokenizer.encode("def main():\n    return 1")])
+    with torch.no_grad():
+        assert (exported(tokens).logits - ours(tokens).logits).abs().max() <= 1e-5
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "4"]) == 0

@@ -16,7 +16,7 @@ from moekit.interop.peft_adapters import export_peft_adapter  # noqa: E402
 from moekit.training.presets import apply_selection, select_parameters  # noqa: E402
 from tests.interop.tiny_families import FAMILIES  # noqa: E402
 
-HYBRIDS = ["lfm2_moe", "qwen3_next"]
+HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe"]
 TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -86,3 +86,25 @@ def test_a_left_padded_batch_matches_transformers(name):
     with torch.no_grad():  # and the padded row computes what the row alone computes
         alone = ours(TOKENS[:1, 4:]).logits
     assert (got[0, 4:] - alone[0]).abs().max() <= 1e-6
+
+
+def test_a_vision_language_qwen3_5_checkpoint_loads_its_text_model(tmp_path):
+    """The published Qwen3.5/3.6-MoE checkpoints carry a vision tower: the text model loads,
+    with a warning that names what was left out, and computes what transformers' does."""
+    text = FAMILIES["qwen3_5_moe"]().config.to_dict()
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        num_position_embeddings=16,
+    )
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3_5MoeForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "vl")
+    with pytest.warns(UserWarning, match=r"left out the vision tower \([\d,]+ parameters\)"):
+        ours = from_hf(tmp_path / "vl").eval()
+    with torch.no_grad():
+        assert (ours(TOKENS).logits - hf(input_ids=TOKENS).logits).abs().max() <= 1e-5

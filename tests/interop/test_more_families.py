@@ -42,6 +42,7 @@ REFUSED = {
     "flex_olmo": ("hidden_act", "gelu"),
     "jetmoe": ("activation_function", "gelu"),
     "qwen3_next": ("mlp_only_layers", [1]),
+    "qwen3_5_moe": ("decoder_sparse_step", 2),
     "lfm2_moe": ("layer_types", ["conv", "sliding_attention", "conv", "full_attention"]),
 }
 

@@ -302,3 +302,25 @@ def qwen3_next():
 
 
 FAMILIES["qwen3_next"] = qwen3_next
+
+
+def qwen3_5_moe():
+    """Qwen3.5-MoE's text model: Gated DeltaNet and gated attention, a gated shared expert."""
+    return _build(
+        transformers.Qwen3_5MoeTextConfig,
+        transformers.Qwen3_5MoeForCausalLM,
+        num_hidden_layers=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=3,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    )
+
+
+FAMILIES["qwen3_5_moe"] = qwen3_5_moe

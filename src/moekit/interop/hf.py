@@ -43,6 +43,7 @@ from moekit.interop import (
     olmoe,
     phimoe,
     qwen2_moe,
+    qwen3_5_moe,
     qwen3_moe,
     qwen3_next,
     switch_transformers,
@@ -84,8 +85,10 @@ FAMILIES: dict[str, ModuleType] = {
         jetmoe,
         lfm2_moe,
         qwen3_next,
+        qwen3_5_moe,
     )
 }
+FAMILIES[qwen3_5_moe.TEXT_MODEL_TYPE] = qwen3_5_moe  # a text-only checkpoint
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 
 # One config parser per family, for converters and accounting alike (``moekit params``);
@@ -310,6 +313,8 @@ def _from_hf_decoder(source: nn.Module | str | os.PathLike) -> TransformerLM:
         config = family.config_from_hf(hf_config)
         state = {k: v.detach() for k, v in source.state_dict().items()}
         _refuse_quantised(state, type(source).__name__)
+        if hasattr(family, "text_checkpoint"):  # a vision-language checkpoint's text model
+            _, state = family.text_checkpoint(hf_config, state)
     else:  # the config first: an unsupported family or option fails before any tensor is read
         hf_config = read_hf_config(source)
         family = _family(hf_config.get("model_type"))
@@ -320,6 +325,8 @@ def _from_hf_decoder(source: nn.Module | str | os.PathLike) -> TransformerLM:
             source,
             quantised_experts=layer is not None and layer.experts.quantization is not None,
         )
+        if hasattr(family, "text_checkpoint"):  # a vision-language checkpoint's text model
+            _, state = family.text_checkpoint(hf_config, state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]

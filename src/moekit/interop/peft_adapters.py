@@ -52,6 +52,8 @@ STACKED_EXPERT_FAMILIES = {
     ),
     "lfm2_moe": "feed_forward.experts",
     "qwen3_next": "mlp.experts",
+    "qwen3_5_moe": "mlp.experts",
+    "qwen3_5_moe_text": "mlp.experts",
     "granitemoe": "block_sparse_moe.experts",
     "granitemoeshared": "block_sparse_moe.experts",
 }
@@ -70,11 +72,36 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 HYBRID_MODULES = {
     "lfm2_moe": ("self_attn", "conv", {"o_proj": "out_proj"}),
     "qwen3_next": ("self_attn", "linear_attn", {}),
+    "qwen3_5_moe": ("self_attn", "linear_attn", {}),
+    "qwen3_5_moe_text": ("self_attn", "linear_attn", {}),
 }
+_QWEN3_5_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 RECURRENT_PROJECTIONS = {
     "lfm2_moe": ("in_proj", "out_proj"),
     "qwen3_next": ("in_proj_qkvz", "in_proj_ba", "out_proj"),
+    "qwen3_5_moe": _QWEN3_5_PROJECTIONS,
+    "qwen3_5_moe_text": _QWEN3_5_PROJECTIONS,
 }
+
+
+def _moekit_rows(family: str, model: Any, projection: str) -> tuple[str, slice]:
+    """The moekit projection (and its rows) an HF recurrent projection is part of: Qwen3.5
+    stores apart what moekit joins (``in_proj_qkv`` + ``in_proj_z``, ``in_proj_b`` +
+    ``in_proj_a``); a LoRA on the joined rows is the two LoRAs with ``A`` shared."""
+    if not family.startswith("qwen3_5_moe") or projection == "out_proj":
+        return projection, slice(None)
+    from moekit.interop.qwen3_next import gated_deltanet_of
+
+    mixer = gated_deltanet_of(model.config)
+    assert mixer is not None
+    qkv = 2 * mixer.n_key_heads * mixer.key_head_dim + mixer.n_value_heads * mixer.value_head_dim
+    heads = mixer.n_value_heads
+    return {
+        "in_proj_qkv": ("in_proj_qkvz", slice(0, qkv)),
+        "in_proj_z": ("in_proj_qkvz", slice(qkv, None)),
+        "in_proj_b": ("in_proj_ba", slice(0, heads)),
+        "in_proj_a": ("in_proj_ba", slice(heads, None)),
+    }[projection]
 
 
 def _hf_rows(family: str, model: Any, projection: str, B: torch.Tensor) -> torch.Tensor:
@@ -229,14 +256,18 @@ def export_peft_adapter(
                 filled += 1
             elif isinstance(module, PeftLinear) and not isinstance(module, ParamWrapper):
                 parent, projection = name.rsplit(".", 2)[-2:]
+                rows = slice(None)
+                recurrent = family in HYBRID_MODULES and parent == HYBRID_MODULES[family][1]
                 if family in HYBRID_MODULES and parent == HYBRID_MODULES[family][0]:
                     back = {v: k for k, v in HYBRID_MODULES[family][2].items()}
                     projection = back.get(projection, projection)
+                elif recurrent:
+                    projection, rows = _moekit_rows(family, model, projection)
                 ours = getattr(block.attn, projection)
                 assert isinstance(ours, LoRALinear)
                 B = ours.lora_B
-                if family in HYBRID_MODULES and parent == HYBRID_MODULES[family][1]:
-                    B = _hf_rows(family, model, projection, B)
+                if recurrent:
+                    B = _hf_rows(family, model, projection, B)[rows]
                 if family in INTERLEAVED_QK and projection in ("q_proj", "k_proj"):
                     B = interleave_heads(B, block.attn.head_dim)  # HF's row order
                 _set_factors(module, ours.lora_A, B)
