@@ -14,6 +14,7 @@ tower (``model.visual.*``) and the multi-token-prediction head (``mtp.*``) are l
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -63,6 +64,14 @@ def text_checkpoint(
     return hf, kept
 
 
+def _rows_joined(*parts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts)
+
+
+def _rows_split(first: int, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return w[:first], w[first:]
+
+
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     maps = qwen3_next.keymaps(config)
     mixer = qwen3_next.gated_deltanet_of(config)
@@ -84,15 +93,15 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
                 Joined(
                     "blocks.{layer}.attn.in_proj_qkvz.weight",
                     (f"{lin}.in_proj_qkv.weight", f"{lin}.in_proj_z.weight"),
-                    join=lambda qkv_w, z_w: torch.cat([qkv_w, z_w]),
-                    split=lambda w, n=qkv: (w[:n], w[n:]),
+                    join=_rows_joined,
+                    split=partial(_rows_split, qkv),
                     layers=linear,
                 ),
                 Joined(
                     "blocks.{layer}.attn.in_proj_ba.weight",
                     (f"{lin}.in_proj_b.weight", f"{lin}.in_proj_a.weight"),
-                    join=lambda b_w, a_w: torch.cat([b_w, a_w]),
-                    split=lambda w, n=heads: (w[:n], w[n:]),
+                    join=_rows_joined,
+                    split=partial(_rows_split, heads),
                     layers=linear,
                 ),
             ]
