@@ -324,3 +324,27 @@ def qwen3_5_moe():
 
 
 FAMILIES["qwen3_5_moe"] = qwen3_5_moe
+
+
+def glm4_moe_lite():
+    """GLM-4.7-Flash: latent attention with a query LoRA, DeepSeek-V3's router, dense first."""
+    return _build(
+        transformers.Glm4MoeLiteConfig,
+        transformers.Glm4MoeLiteForCausalLM,
+        num_key_value_heads=4,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        routed_scaling_factor=1.8,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+    )
+
+
+FAMILIES["glm4_moe_lite"] = glm4_moe_lite

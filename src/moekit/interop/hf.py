@@ -31,6 +31,7 @@ from moekit.interop import (
     ernie4_5_moe,
     flex_olmo,
     glm4_moe,
+    glm4_moe_lite,
     gpt_oss,
     granitemoe,
     granitemoeshared,
@@ -86,6 +87,7 @@ FAMILIES: dict[str, ModuleType] = {
         lfm2_moe,
         qwen3_next,
         qwen3_5_moe,
+        glm4_moe_lite,
     )
 }
 FAMILIES[qwen3_5_moe.TEXT_MODEL_TYPE] = qwen3_5_moe  # a text-only checkpoint

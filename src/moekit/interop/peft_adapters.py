@@ -52,6 +52,7 @@ STACKED_EXPERT_FAMILIES = {
     ),
     "lfm2_moe": "feed_forward.experts",
     "qwen3_next": "mlp.experts",
+    "glm4_moe_lite": "mlp.experts",
     "qwen3_5_moe": "mlp.experts",
     "qwen3_5_moe_text": "mlp.experts",
     "granitemoe": "block_sparse_moe.experts",
@@ -62,7 +63,7 @@ STACKED_EXPERT_FAMILIES = {
 ATTENTION_ONLY = ("llama4_text",)
 #: families with multi-head latent attention, whose projections PEFT names otherwise: their
 #: expert LoRA exports, their attention LoRA does not yet
-MLA_FAMILIES = ("deepseek_v2",)
+MLA_FAMILIES = ("deepseek_v2", "glm4_moe_lite")
 #: families whose query/key rows moekit stores de-interleaved per head (interleaved rotary)
 INTERLEAVED_QK = ("ernie4_5_moe", "llama4_text")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
