@@ -16,7 +16,7 @@ from moekit.interop.peft_adapters import export_peft_adapter  # noqa: E402
 from moekit.training.presets import apply_selection, select_parameters  # noqa: E402
 from tests.interop.tiny_families import FAMILIES  # noqa: E402
 
-HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe"]
+HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe", "granitemoehybrid"]
 TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
 

@@ -348,3 +348,32 @@ def glm4_moe_lite():
 
 
 FAMILIES["glm4_moe_lite"] = glm4_moe_lite
+
+
+def granitemoehybrid():
+    """Granite-4.0-H: Mamba2 (2 groups, conv bias) and NoPE attention, Granite multipliers, a
+    shared FFN; the dt limit on."""
+    return _build(
+        transformers.GraniteMoeHybridConfig,
+        transformers.GraniteMoeHybridForCausalLM,
+        num_hidden_layers=4,
+        intermediate_size=16,
+        shared_intermediate_size=20,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        logits_scaling=8.0,
+        attention_multiplier=0.015625,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        mamba_n_heads=4,
+        mamba_n_groups=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=8,
+        time_step_limit=(0.0, 0.5),
+    )
+
+
+FAMILIES["granitemoehybrid"] = granitemoehybrid

@@ -34,6 +34,7 @@ from moekit.interop import (
     glm4_moe_lite,
     gpt_oss,
     granitemoe,
+    granitemoehybrid,
     granitemoeshared,
     hunyuan_v1_moe,
     jetmoe,
@@ -88,6 +89,7 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_next,
         qwen3_5_moe,
         glm4_moe_lite,
+        granitemoehybrid,
     )
 }
 FAMILIES[qwen3_5_moe.TEXT_MODEL_TYPE] = qwen3_5_moe  # a text-only checkpoint

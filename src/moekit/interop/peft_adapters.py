@@ -57,6 +57,7 @@ STACKED_EXPERT_FAMILIES = {
     "qwen3_5_moe_text": "mlp.experts",
     "granitemoe": "block_sparse_moe.experts",
     "granitemoeshared": "block_sparse_moe.experts",
+    "granitemoehybrid": "block_sparse_moe.experts",
 }
 #: families whose attention LoRA exports but whose experts do not (Llama 4 stacks them
 #: ``(E, D, 2I)``, the transpose of what PEFT's parameter wrapper is written for here)
@@ -75,6 +76,7 @@ HYBRID_MODULES = {
     "qwen3_next": ("self_attn", "linear_attn", {}),
     "qwen3_5_moe": ("self_attn", "linear_attn", {}),
     "qwen3_5_moe_text": ("self_attn", "linear_attn", {}),
+    "granitemoehybrid": ("self_attn", "mamba", {}),
 }
 _QWEN3_5_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 RECURRENT_PROJECTIONS = {
@@ -82,6 +84,7 @@ RECURRENT_PROJECTIONS = {
     "qwen3_next": ("in_proj_qkvz", "in_proj_ba", "out_proj"),
     "qwen3_5_moe": _QWEN3_5_PROJECTIONS,
     "qwen3_5_moe_text": _QWEN3_5_PROJECTIONS,
+    "granitemoehybrid": ("in_proj", "out_proj"),
 }
 
 
