@@ -179,3 +179,40 @@ def test_four_ranks_with_micro_batches_train_as_one_process_with_one_batch(tmp_p
     _train(4, [*common, "--out-dir", str(mesh), *four])
     _assert_same_run(accum, one, exact=False, after=0)
     _assert_same_run(mesh, one, exact=False, after=0)
+    saved = json.loads((one / "checkpoints" / f"step_{STEPS:07d}" / "config.json").read_text())
+    assert saved["config"]["token_mixers"]["pattern"] == ["deltanet", "attention", "mamba", "conv"]
+
+
+HYBRID_TOML = """
+[model.token_mixers]
+pattern = ["deltanet", "attention", "mamba", "conv"]
+[model.token_mixers.mixers.deltanet]
+kind = "gated_deltanet"
+n_key_heads = 2
+n_value_heads = 4
+key_head_dim = 8
+value_head_dim = 8
+chunk = 16
+[model.token_mixers.mixers.mamba]
+kind = "mamba2"
+n_heads = 4
+head_dim = 8
+state_dim = 8
+chunk = 16
+[model.token_mixers.mixers.conv]
+kind = "short_conv"
+"""
+
+
+def test_a_hybrid_trains_on_the_mesh_as_in_one_process(tmp_path, tiny_text):
+    """Issue 31: a hybrid of Gated DeltaNet, attention, Mamba2 and short convolutions on 4 ranks
+    (expert parallel 2 × FSDP 4) logs the losses and weights of one process."""
+    config = tmp_path / "hybrid.toml"
+    config.write_text(HYBRID_TOML)
+    common = [*_common(tiny_text), "--config", str(config), "--set", "model.n_layers=4"]
+    mesh, one = tmp_path / "mesh", tmp_path / "one"
+    _train(4, [*common, "--out-dir", str(mesh), *MESH])
+    assert _train(1, [*common, "--out-dir", str(one), *ONE]) == 0
+    _assert_same_run(mesh, one, exact=False, after=0)
+    saved = json.loads((one / "checkpoints" / f"step_{STEPS:07d}" / "config.json").read_text())
+    assert saved["config"]["token_mixers"]["pattern"] == ["deltanet", "attention", "mamba", "conv"]
