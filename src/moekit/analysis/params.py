@@ -16,6 +16,7 @@ with ``d_qk`` and ``d_v`` the summed query-key and value widths of all heads.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,19 @@ class ArchSpec:
     attention_norms_per_layer: int = 0  # query/key norms, in attention blocks only
     recurrent_mixer_params: int = 0
     recurrent_state_flops: int = 0
+    # decoding state: cached elements per token per attention block (keys and values, or MLA's
+    # latent and rotary key), and the recurrent blocks' fixed state per sequence (elements)
+    kv_cache_width: int = 0
+    recurrent_state_elements: int = 0
+
+    def decoding_state_bytes(self, context: int, kv_bytes: float = 2.0) -> dict[str, float]:
+        """Bytes of one sequence's decoding state at ``context`` positions: the KV cache (in
+        ``kv_bytes`` per element) and the recurrent states (float32, whatever the context)."""
+        attention_layers = self.n_layers if self.attention_layers is None else self.attention_layers
+        return {
+            "kv_cache": attention_layers * self.kv_cache_width * context * kv_bytes,
+            "recurrent_state": self.recurrent_state_elements * 4.0,
+        }
 
     @property
     def total_routed_experts(self) -> int:
@@ -227,6 +241,11 @@ def spec_from_moekit(config) -> ArchSpec:
         experts_per_layer=counts,
         lm_head_bias=config.lm_head_bias,
         attention_active_per_layer=attention_active,
+        kv_cache_width=(
+            attn.mla.kv_lora_rank + attn.mla.qk_rope_head_dim
+            if attn.mla is not None
+            else 2 * kv_width
+        ),
         **_recurrent_mixers(config),
     )
 
@@ -241,11 +260,13 @@ def _recurrent_mixers(config) -> dict[str, Any]:
         return {}
     import torch
 
-    params = flops = 0
+    params = flops = state = 0
     for index in range(config.n_layers):
         mixer = layout.mixer_of_layer(index)
         if mixer is None:
             continue
+        conv_shape, recurrent_shape = mixer.state_shapes(1, config.d_model)
+        state += math.prod(conv_shape) + math.prod(recurrent_shape)
         with torch.device("meta"):
             module = mixer.build(d_model=config.d_model, norm_eps=config.norm_eps)
         params += sum(p.numel() for p in module.parameters())
@@ -257,6 +278,7 @@ def _recurrent_mixers(config) -> dict[str, Any]:
         "attention_layers": len(layout.attention_layers(config.n_layers)),
         "recurrent_mixer_params": params,
         "recurrent_state_flops": flops,
+        "recurrent_state_elements": state,
     }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from moekit.analysis.params import BYTES_PER_PARAM
 from moekit.analysis.plan import __doc__ as PLAN_ASSUMPTIONS
 from moekit.analysis.plan import plan_expert_parallel
 
@@ -49,6 +50,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", type=int, default=None, help="ranks to simulate")
     parser.add_argument(
         "--dp-replicate", type=int, default=1, help="replicas of the sharded model (simulation)"
+    )
+    parser.add_argument(
+        "--decode-context",
+        type=int,
+        default=32768,
+        help="context length for the decoding-state line (KV cache and recurrent states)",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -98,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
             f"{p.optimizer_bytes / gib:>11.1f}{p.total_bytes / gib:>11.1f}"
             f"{p.all_to_all_bytes_per_step / gib:>21.2f}"
         )
+    state = spec.decoding_state_bytes(args.decode_context, BYTES_PER_PARAM[args.dtype])
+    print(
+        f"\ndecoding state per sequence at {args.decode_context:,} positions: KV cache "
+        f"{state['kv_cache'] / gib:.2f} GiB ({args.dtype}), recurrent states "
+        f"{state['recurrent_state'] / 2**20:.1f} MiB (float32, fixed whatever the context)"
+    )
     print(
         "\nActivations are not included."
         + PLAN_ASSUMPTIONS.split("\n\n")[1]

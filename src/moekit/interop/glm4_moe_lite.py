@@ -22,6 +22,8 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
 
 def _dense_first(value: Any) -> bool:
     """``mlp_layer_types`` moekit maps: some dense blocks, then sparse ones."""
+    if value is None:  # unset: the family's default layout
+        return True
     types = list(value)
     dense = types.count("dense")
     return set(types) <= {"dense", "sparse"} and types[:dense] == ["dense"] * dense

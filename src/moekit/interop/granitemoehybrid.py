@@ -55,6 +55,8 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
 
 
 def _layer_types(value: Any) -> bool:
+    if value is None:  # unset: the family's default layout
+        return True
     return all(t in (MAMBA, "full_attention", "attention") for t in value)
 
 

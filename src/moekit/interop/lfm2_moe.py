@@ -86,8 +86,10 @@ def _short_conv(config: TransformerConfig) -> ShortConvConfig | None:
     return mixer if isinstance(mixer, ShortConvConfig) else None
 
 
-def _layer_types(hf: dict[str, Any]) -> bool:
-    return all(t in ("conv", "full_attention") for t in hf)
+def _layer_types(value: Any) -> bool:
+    if value is None:  # unset: every block attention
+        return True
+    return all(t in ("conv", "full_attention") for t in value)
 
 
 HF_FIELDS = HFFields(
