@@ -179,8 +179,6 @@ def test_four_ranks_with_micro_batches_train_as_one_process_with_one_batch(tmp_p
     _train(4, [*common, "--out-dir", str(mesh), *four])
     _assert_same_run(accum, one, exact=False, after=0)
     _assert_same_run(mesh, one, exact=False, after=0)
-    saved = json.loads((one / "checkpoints" / f"step_{STEPS:07d}" / "config.json").read_text())
-    assert saved["config"]["token_mixers"]["pattern"] == ["deltanet", "attention", "mamba", "conv"]
 
 
 HYBRID_TOML = """

@@ -16,6 +16,8 @@ class Activation(str, Enum):
     """An expert activation; the gated ones (``swiglu``, ``geglu``) double the input width."""
 
     RELU = "relu"
+    # squared ReLU, relu(x)^2 (So et al. 2021, Primer; Nemotron-H's non-gated experts)
+    RELU2 = "relu2"
     GELU = "gelu"
     SILU = "silu"
     SWIGLU = "swiglu"
@@ -116,6 +118,8 @@ def _scalar_backward(activation: Activation, grad: torch.Tensor, h: torch.Tensor
     """``grad * act'(h)`` in one fused ATen kernel per activation."""
     if activation is Activation.RELU:
         return torch.ops.aten.threshold_backward(grad, h, 0)
+    if activation is Activation.RELU2:  # d/dh relu(h)^2 = 2 relu(h)
+        return grad * (2.0 * torch.relu(h))
     if activation is Activation.GELU:
         return torch.ops.aten.gelu_backward(grad, h)
     return torch.ops.aten.silu_backward(grad, h)
@@ -134,6 +138,8 @@ def apply_activation(activation: Activation, h_NH: torch.Tensor) -> torch.Tensor
     activation = Activation(activation)
     if activation is Activation.RELU:
         return F.relu(h_NH)
+    if activation is Activation.RELU2:
+        return F.relu(h_NH).square()
     if activation is Activation.GELU:
         return F.gelu(h_NH)
     if activation is Activation.SILU:

@@ -39,6 +39,8 @@ def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Ten
         return a.mul_(up)
     if activation is Activation.RELU:
         return torch.relu(h_MH)
+    if activation is Activation.RELU2:
+        return torch.relu(h_MH).square()
     if activation is Activation.GELU:
         return torch.nn.functional.gelu(h_MH)
     return torch.nn.functional.silu(h_MH)
