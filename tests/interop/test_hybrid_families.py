@@ -16,7 +16,7 @@ from moekit.interop.peft_adapters import export_peft_adapter  # noqa: E402
 from moekit.training.presets import apply_selection, select_parameters  # noqa: E402
 from tests.interop.tiny_families import FAMILIES  # noqa: E402
 
-HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe", "granitemoehybrid"]
+HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe", "granitemoehybrid", "nemotron_h"]
 TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -32,6 +32,10 @@ def test_lora_on_recurrent_mixers_exports_to_peft(name, tmp_path):
             if "lora" in n:
                 p.normal_(0, 0.05)
     model.eval()
+    if name == "nemotron_h":  # PEFT's own list refuses LoRA on Mamba's out_proj and conv1d
+        with pytest.raises(ValueError, match="PEFT refuses LoRA on 'nemotron_h'"):
+            export_peft_adapter(model, folder, tmp_path / "adapter")
+        return
     export_peft_adapter(model, folder, tmp_path / "adapter")
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()

@@ -44,6 +44,7 @@ REFUSED = {
     "qwen3_next": ("mlp_only_layers", [1]),
     "qwen3_5_moe": ("decoder_sparse_step", 2),
     "granitemoehybrid": ("position_embedding_type", "alibi"),
+    "nemotron_h": ("moe_latent_size", 8),
     "glm4_moe_lite": ("mlp_layer_types", ["sparse", "dense", "sparse"]),
     "lfm2_moe": ("layer_types", ["conv", "sliding_attention", "conv", "full_attention"]),
 }

@@ -377,3 +377,42 @@ def granitemoehybrid():
 
 
 FAMILIES["granitemoehybrid"] = granitemoehybrid
+
+
+def nemotron_h():
+    """Nemotron-H: one-sublayer blocks (Mamba2, MoE, attention, MLP), squared-ReLU experts and
+    a shared expert, sigmoid routing with the correction bias in groups."""
+    return _build(
+        transformers.NemotronHConfig,
+        transformers.NemotronHForCausalLM,
+        num_hidden_layers=6,
+        layers_block_type=[
+            "linear_attention",
+            "moe",
+            "full_attention",
+            "mlp",
+            "linear_attention",
+            "moe",
+        ],
+        head_dim=8,
+        intermediate_size=48,
+        ssm_state_size=8,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=8,
+        time_step_limit=(0.0, 0.5),
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        moe_shared_expert_intermediate_size=24,
+        num_experts_per_tok=3,
+        routed_scaling_factor=2.0,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+    )
+
+
+FAMILIES["nemotron_h"] = nemotron_h

@@ -60,6 +60,7 @@ class ArchSpec:
     # per-token FLOPs of their state updates and read-outs
     attention_layers: int | None = None
     attention_norms_per_layer: int = 0  # query/key norms, in attention blocks only
+    block_norms: int | None = None  # every block's norms when not n_layers x norms_per_layer
     recurrent_mixer_params: int = 0
     recurrent_state_flops: int = 0
     # decoding state: cached elements per token per attention block (keys and values, or MLA's
@@ -119,7 +120,9 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
             if spec.experts_per_layer is None
             else spec.total_routed_experts * spec.router_params // max(spec.num_experts, 1)
         ),
-        "norms": spec.n_layers * spec.norms_per_layer
+        "norms": (
+            spec.n_layers * spec.norms_per_layer if spec.block_norms is None else spec.block_norms
+        )
         + attention_layers * spec.attention_norms_per_layer
         + spec.final_norm,
     }
@@ -222,6 +225,12 @@ def spec_from_moekit(config) -> ArchSpec:
         attention_qk_width=qk_width,
         attention_v_width=v_width,
         norms_per_layer=2 * d * (2 if config.norm == "layer" else 1),  # LayerNorm: + bias
+        block_norms=(2 if config.norm == "layer" else 1)
+        * d
+        * sum(  # a norm per sublayer; a block may lack one (Nemotron-H)
+            (config.token_mixer_of_layer(i) is not None) + config.has_channel_mixer(i)
+            for i in range(config.n_layers)
+        ),
         attention_norms_per_layer={
             "none": 0,
             "head": 2 * hd,
@@ -230,7 +239,10 @@ def spec_from_moekit(config) -> ArchSpec:
             "full": q_width + kv_width,
         }[attn.qk_norm],
         final_norm=d * (2 if config.norm == "layer" else 1),
-        dense_ffn_layers=config.n_layers - moe_layers,
+        dense_ffn_layers=sum(
+            config.has_channel_mixer(i) and not config.moe.is_moe_layer(i)
+            for i in range(config.n_layers)
+        ),
         dense_ffn_params=_ffn_params(d, config.ffn_hidden, gated),
         moe_layers=moe_layers,
         num_experts=num_experts,

@@ -171,6 +171,8 @@ class Dispatcher:
         """``(M, D)``: the rows through their experts. Here the experts are all local; a
         parallel dispatcher overrides this step with its exchange. ``row_names_M`` (int64, one
         per row: token position × E + expert) keys the experts' dropout when given."""
+        if row_names_M is None:  # no context to enter (torch.compile cannot trace ContextVar)
+            return experts(x_MD, plan.expert_rows_E)
         with rows_named(row_names_M):
             return experts(x_MD, plan.expert_rows_E)
 

@@ -194,6 +194,8 @@ class ExpertParallelDispatcher(Dispatcher):
         """The exchange: rows to their expert's rank, through the local bank, and back (the
         rows' names, when given, travel with them and key the experts' dropout)."""
         if self.world == 1:  # every expert is here (data parallelism only)
+            if row_names_M is None:
+                return experts(x_MD, plan.expert_rows_E)
             with rows_named(row_names_M):
                 return experts(x_MD, plan.expert_rows_E)
         return self._through_local_experts(x_MD, plan.expert_rows_E, experts, row_names_M)

@@ -42,6 +42,7 @@ from moekit.interop import (
     llama4,
     minimax_m2,
     mixtral,
+    nemotron_h,
     olmoe,
     phimoe,
     qwen2_moe,
@@ -90,6 +91,7 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_5_moe,
         glm4_moe_lite,
         granitemoehybrid,
+        nemotron_h,
     )
 }
 FAMILIES[qwen3_5_moe.TEXT_MODEL_TYPE] = qwen3_5_moe  # a text-only checkpoint
@@ -317,8 +319,8 @@ def _from_hf_decoder(source: nn.Module | str | os.PathLike) -> TransformerLM:
         config = family.config_from_hf(hf_config)
         state = {k: v.detach() for k, v in source.state_dict().items()}
         _refuse_quantised(state, type(source).__name__)
-        if hasattr(family, "text_checkpoint"):  # a vision-language checkpoint's text model
-            _, state = family.text_checkpoint(hf_config, state)
+        if hasattr(family, "checkpoint_state"):  # a family's own checkpoint naming
+            state = family.checkpoint_state(hf_config, state)
     else:  # the config first: an unsupported family or option fails before any tensor is read
         hf_config = read_hf_config(source)
         family = _family(hf_config.get("model_type"))
@@ -329,8 +331,8 @@ def _from_hf_decoder(source: nn.Module | str | os.PathLike) -> TransformerLM:
             source,
             quantised_experts=layer is not None and layer.experts.quantization is not None,
         )
-        if hasattr(family, "text_checkpoint"):  # a vision-language checkpoint's text model
-            _, state = family.text_checkpoint(hf_config, state)
+        if hasattr(family, "checkpoint_state"):  # a family's own checkpoint naming
+            state = family.checkpoint_state(hf_config, state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     moe_layers = [i for i in range(config.n_layers) if config.moe.is_moe_layer(i)]

@@ -61,7 +61,7 @@ STACKED_EXPERT_FAMILIES = {
 }
 #: families whose attention LoRA exports but whose experts do not (Llama 4 stacks them
 #: ``(E, D, 2I)``, the transpose of what PEFT's parameter wrapper is written for here)
-ATTENTION_ONLY = ("llama4_text",)
+ATTENTION_ONLY = ("llama4_text", "nemotron_h")  # Nemotron-H's experts: non-gated up_proj
 #: families with multi-head latent attention, whose projections PEFT names otherwise: their
 #: expert LoRA exports, their attention LoRA does not yet
 MLA_FAMILIES = ("deepseek_v2", "glm4_moe_lite")
@@ -77,6 +77,7 @@ HYBRID_MODULES = {
     "qwen3_5_moe": ("self_attn", "linear_attn", {}),
     "qwen3_5_moe_text": ("self_attn", "linear_attn", {}),
     "granitemoehybrid": ("self_attn", "mamba", {}),
+    "nemotron_h": ("mixer", "mixer", {}),  # attention and Mamba2 share the module name
 }
 _QWEN3_5_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 RECURRENT_PROJECTIONS = {
@@ -86,6 +87,8 @@ RECURRENT_PROJECTIONS = {
     "qwen3_5_moe_text": _QWEN3_5_PROJECTIONS,
     "granitemoehybrid": ("in_proj", "out_proj"),
 }
+#: families whose recurrent mixers PEFT refuses to adapt (its Mamba list: out_proj, conv1d)
+PEFT_REFUSES_RECURRENT = ("nemotron_h",)
 
 
 def _moekit_rows(family: str, model: Any, projection: str) -> tuple[str, slice]:
@@ -152,6 +155,12 @@ def _peft_targets(config: Any, family: str) -> tuple[list[str], list[str], dict[
             for name in (f"{stack}.gate_up_proj", f"{stack}.down_proj"):
                 parameters.append(name)
                 ranks[name] = config.rank_of(target)  # PEFT matches the parameter's key
+        elif target == "recurrent_mixers" and family in PEFT_REFUSES_RECURRENT:
+            raise ValueError(
+                f"PEFT refuses LoRA on {family!r}'s Mamba layers (out_proj and conv1d are on its "
+                "list of modules incompatible with Mamba models); export the merged model with "
+                "to_hf instead"
+            )
         elif target == "recurrent_mixers" and family in RECURRENT_PROJECTIONS:
             names = RECURRENT_PROJECTIONS[family]
             modules += [f"recurrent:{n}" for n in names]
@@ -245,6 +254,7 @@ def export_peft_adapter(
     peft_model = peft.get_peft_model(hf_model, lora_config)
     blocks: Any = model.blocks
     filled = 0
+    used: set[int] = set()
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             layer = re.search(r"layers\.(\d+)\.", name)
@@ -258,6 +268,7 @@ def export_peft_adapter(
                 A, B = _stacked_factors(bank.adapter, module.parameter_name)
                 _set_factors(module, A, B)
                 filled += 1
+                used.add(id(bank))
             elif isinstance(module, PeftLinear) and not isinstance(module, ParamWrapper):
                 parent, projection = name.rsplit(".", 2)[-2:]
                 rows = slice(None)
@@ -276,8 +287,21 @@ def export_peft_adapter(
                     B = interleave_heads(B, block.attn.head_dim)  # HF's row order
                 _set_factors(module, ours.lora_A, B)
                 filled += 1
+                used.add(id(ours))
     if not filled:
         raise ValueError("no adapter of this model has a place in the PEFT model")
+    adapted = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear)
+        or (isinstance(m, ExpertBank | QuantizedExpertBank) and isinstance(m.adapter, ExpertLoRA))
+    ]
+    lost = [name for name, m in model.named_modules() if name in adapted and id(m) not in used]
+    if lost:  # never a silently smaller adapter
+        raise ValueError(
+            f"the adapters of {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''} have no "
+            "place in the PEFT model; export the merged model with to_hf instead"
+        )
     directory = Path(directory)
     peft_model.save_pretrained(str(directory))
     return directory

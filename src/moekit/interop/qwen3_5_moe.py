@@ -64,6 +64,13 @@ def text_checkpoint(
     return hf, kept
 
 
+def checkpoint_state(hf: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text model's tensors (see :func:`text_checkpoint`); what ``from_hf`` calls."""
+    _, kept = text_checkpoint(hf, state)
+    assert kept is not None
+    return kept
+
+
 def _rows_joined(*parts: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 

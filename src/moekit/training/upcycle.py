@@ -75,7 +75,7 @@ def upcycle(
             src, dst = cast(Block, src_block).ffn, cast(Block, dst_block).ffn
             if isinstance(dst, MoE):
                 _fill_experts(cast(FeedForward, src), dst, granularity, noise_std, generator)
-            else:
+            elif dst is not None and src is not None:  # a dense FFN stays; no FFN: nothing
                 dst.load_state_dict(src.state_dict())
     unexpected_missing = [k for k in missing if ".ffn." not in k]
     if unexpected_missing:

@@ -21,6 +21,8 @@ from moekit.models.mixers import MIXER_CONFIGS, RecurrentMixerConfig
 from moekit.utils.validation import ConfigError
 
 ATTENTION = "attention"
+NONE = "none"  # a block without this sublayer (Nemotron-H's one-sublayer blocks)
+FFN = "ffn"
 
 
 @dataclass(kw_only=True)
@@ -28,20 +30,31 @@ class TokenMixerLayout:
     """Which token mixer each block runs.
 
     Args:
-        pattern: mixer names, one per block, repeated to the model's depth.
-        mixers: the recurrent mixers' configs by name (``"attention"`` is reserved for the
-            model's attention).
+        pattern: mixer names, one per block, repeated to the model's depth; ``"none"``: the
+            block has no token mixer (nor its norm).
+        mixers: the recurrent mixers' configs by name (``"attention"`` and ``"none"`` are
+            reserved).
+        channel: per block (repeated likewise) ``"ffn"`` (the dense FFN or MoE layer the
+            ``moe`` placement gives it) or ``"none"`` (no channel mixer, nor its norm: a
+            Mamba-only block as in Nemotron-H); ``None``: every block has one.
     """
 
     pattern: list[str]
     mixers: dict[str, RecurrentMixerConfig] = field(default_factory=dict)
+    channel: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.pattern:
             raise ValueError("token_mixers.pattern must name at least one mixer")
-        if ATTENTION in self.mixers:
-            raise ValueError("token_mixers.mixers cannot redefine 'attention' (model.attention)")
-        unknown = sorted({n for n in self.pattern if n != ATTENTION and n not in self.mixers})
+        for reserved in (ATTENTION, NONE):
+            if reserved in self.mixers:
+                raise ValueError(f"token_mixers.mixers cannot redefine {reserved!r}")
+        if self.channel is not None and (not self.channel or set(self.channel) - {FFN, NONE}):
+            raise ValueError(
+                f"token_mixers.channel must list 'ffn' or 'none' per block, got {self.channel}"
+            )
+        known = {ATTENTION, NONE}
+        unknown = sorted({n for n in self.pattern if n not in known and n not in self.mixers})
         if unknown:
             raise ValueError(
                 f"token_mixers.pattern names {unknown}, which are neither 'attention' nor keys "
@@ -58,9 +71,12 @@ class TokenMixerLayout:
         return self.pattern[index % len(self.pattern)]
 
     def mixer_of_layer(self, index: int) -> RecurrentMixerConfig | None:
-        """Block ``index``'s recurrent mixer config, or ``None`` for attention."""
+        """Block ``index``'s recurrent mixer config, or ``None`` (attention or no mixer)."""
         name = self.name_of_layer(index)
-        return None if name == ATTENTION else self.mixers[name]
+        return None if name in (ATTENTION, NONE) else self.mixers[name]
+
+    def has_channel_mixer(self, index: int) -> bool:
+        return self.channel is None or self.channel[index % len(self.channel)] == FFN
 
     def attention_layers(self, n_layers: int) -> list[int]:
         return [i for i in range(n_layers) if self.name_of_layer(i) == ATTENTION]
@@ -71,9 +87,11 @@ class TokenMixerLayout:
         from moekit.utils.serialization import config_from_dict
 
         options = dict(data)
-        unknown = sorted(set(options) - {"pattern", "mixers"})
+        unknown = sorted(set(options) - {"pattern", "mixers", "channel"})
         if unknown:
-            raise ConfigError(f"unknown {section} keys: {unknown} (known: mixers, pattern)")
+            raise ConfigError(
+                f"unknown {section} keys: {unknown} (known: channel, mixers, pattern)"
+            )
         mixers = {}
         for name, entry in (options.get("mixers") or {}).items():
             where = f"{section}.mixers.{name}"
@@ -90,6 +108,11 @@ class TokenMixerLayout:
                 )
             mixers[name] = config_from_dict(MIXER_CONFIGS[kind], entry, where)
         try:
-            return cls(pattern=list(options.get("pattern", [])), mixers=mixers)
+            channel = options.get("channel")
+            return cls(
+                pattern=list(options.get("pattern", [])),
+                mixers=mixers,
+                channel=None if channel is None else list(channel),
+            )
         except ValueError as error:
             raise ConfigError(str(error)) from None

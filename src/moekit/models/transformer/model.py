@@ -25,7 +25,8 @@ from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.models.mixers import RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig, KVCache
-from moekit.models.transformer.layout import TokenMixerLayout
+from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
+from moekit.models.transformer.layout import NONE as NONE_MIXER
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, TokenTableRouterConfig, is_causal
@@ -203,13 +204,24 @@ class TransformerConfig:
         """Block ``index``'s attention config (its sliding window resolved)."""
         return self.attention.of_layer(index)
 
-    def token_mixer_of_layer(self, index: int) -> AttentionConfig | RecurrentMixerConfig:
-        """Block ``index``'s token mixer: its attention config, or a recurrent mixer's."""
-        recurrent = None if self.token_mixers is None else self.token_mixers.mixer_of_layer(index)
+    def token_mixer_of_layer(self, index: int) -> AttentionConfig | RecurrentMixerConfig | None:
+        """Block ``index``'s token mixer: its attention config, a recurrent mixer's, or
+        ``None`` (a block without one)."""
+        if self.token_mixers is None:
+            return self.attention_of_layer(index)
+        name = self.token_mixers.name_of_layer(index)
+        if name == NONE_MIXER:
+            return None
+        recurrent = self.token_mixers.mixer_of_layer(index)
         return self.attention_of_layer(index) if recurrent is None else recurrent
 
     def is_attention_layer(self, index: int) -> bool:
-        return self.token_mixers is None or self.token_mixers.mixer_of_layer(index) is None
+        """Whether block ``index``'s token mixer is the model's attention."""
+        return self.token_mixers is None or self.token_mixers.name_of_layer(index) == ATTENTION
+
+    def has_channel_mixer(self, index: int) -> bool:
+        """Whether block ``index`` has its FFN or MoE sublayer (``token_mixers.channel``)."""
+        return self.token_mixers is None or self.token_mixers.has_channel_mixer(index)
 
     @property
     def kv_heads(self) -> int:
@@ -258,7 +270,7 @@ class Block(nn.Module):
 
     def __init__(
         self,
-        attention: AttentionConfig | RecurrentMixerConfig,
+        attention: AttentionConfig | RecurrentMixerConfig | None,
         *,
         d_model: int,
         ffn_hidden: int,
@@ -268,22 +280,26 @@ class Block(nn.Module):
         residual_multiplier: float = 1.0,
         norm: NormKind = NormKind.RMS,
         norm_position: NormPosition = NormPosition.PRE,
+        channel: bool = True,
     ) -> None:
         super().__init__()
         self.residual_multiplier = residual_multiplier
         self.post_norm = NormPosition(norm_position) is NormPosition.POST
-        self.attn_norm = build_norm(norm, d_model, norm_eps)
-        self.attn = (
-            attention.build(d_model=d_model, norm_eps=norm_eps)
-            if isinstance(attention, RecurrentMixerConfig)
-            else attention.build(d_model=d_model)
-        )
-        self.ffn_norm = build_norm(norm, d_model, norm_eps)
-        self.ffn: nn.Module = (
-            moe_config.build()
-            if moe_config is not None
-            else FeedForward(d_model, ffn_hidden, activation=activation)
-        )
+        # a missing sublayer (attention=None, channel=False) has no norm either
+        self.attn_norm = None if attention is None else build_norm(norm, d_model, norm_eps)
+        self.attn: nn.Module | None = None
+        if isinstance(attention, RecurrentMixerConfig):
+            self.attn = attention.build(d_model=d_model, norm_eps=norm_eps)
+        elif attention is not None:
+            self.attn = attention.build(d_model=d_model)
+        self.ffn_norm = build_norm(norm, d_model, norm_eps) if channel else None
+        self.ffn: nn.Module | None = None
+        if channel:
+            self.ffn = (
+                moe_config.build()
+                if moe_config is not None
+                else FeedForward(d_model, ffn_hidden, activation=activation)
+            )
 
     def forward(
         self,
@@ -298,30 +314,38 @@ class Block(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         m = self.residual_multiplier
-
-        def mix(h_BSD: torch.Tensor) -> torch.Tensor:
-            if getattr(self.attn, "recurrent", False):  # padding and segments, not a key mask
-                return self.attn(
-                    h_BSD, cache=cache, mask_BS=padding_mask, segment_ids_BS=segment_ids
+        attn, attn_norm = self.attn, self.attn_norm
+        if attn is not None and attn_norm is not None:
+            if self.post_norm:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
+                x_BSD = x_BSD + attn_norm(
+                    self._mix(attn, x_BSD, rope, cache, start, key_mask, padding_mask, segment_ids)
                 )
-            return self.attn(h_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask)
-
-        if self.post_norm:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
-            x_BSD = x_BSD + self.attn_norm(mix(x_BSD))
-            h_BSD = x_BSD
-        else:
-            attn = mix(self.attn_norm(x_BSD))
-            x_BSD = x_BSD + (attn if m == 1.0 else attn * m)
-            h_BSD = self.ffn_norm(x_BSD)
+            else:
+                out = self._mix(
+                    attn, attn_norm(x_BSD), rope, cache, start, key_mask, padding_mask, segment_ids
+                )
+                x_BSD = x_BSD + (out if m == 1.0 else out * m)
+        ffn, ffn_norm = self.ffn, self.ffn_norm
+        if ffn is None or ffn_norm is None:
+            return x_BSD, None
+        h_BSD = x_BSD if self.post_norm else ffn_norm(x_BSD)
         moe_out = None
-        if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h_BSD, padding_mask, token_ids)
+        if isinstance(ffn, MoE):
+            moe_out = ffn(h_BSD, padding_mask, token_ids)
             y = moe_out.output
         else:
-            y = self.ffn(h_BSD)
+            y = ffn(h_BSD)
         if self.post_norm:
-            y = self.ffn_norm(y)
+            y = ffn_norm(y)
         return x_BSD + (y if m == 1.0 else y * m), moe_out
+
+    @staticmethod
+    def _mix(attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids):
+        """The token mixer: attention takes positions and a key mask, a recurrent mixer the
+        padding mask and the segments of packed sequences."""
+        if getattr(attn, "recurrent", False):
+            return attn(h_BSD, cache=cache, mask_BS=padding_mask, segment_ids_BS=segment_ids)
+        return attn(h_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask)
 
 
 def host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -365,6 +389,7 @@ class TransformerLM(nn.Module):
                 residual_multiplier=config.residual_multiplier,
                 norm=config.norm,
                 norm_position=config.norm_position,
+                channel=config.has_channel_mixer(i),
             )
             for i in range(config.n_layers)
         )
@@ -561,7 +586,12 @@ class TransformerLM(nn.Module):
         fp32 model's cache, and under autocast saves re-casting it every step)."""
         length = max_len or self.config.max_seq_len
         return KVCache.for_layers(
-            [cast(Any, block).attn.cache_shapes(batch, length) for block in self.blocks],
+            [
+                ((batch, 0), (batch, 0))  # a block without a token mixer keeps no state
+                if cast(Any, block).attn is None
+                else cast(Any, block).attn.cache_shapes(batch, length)
+                for block in self.blocks
+            ],
             dtype=dtype or self.embed.weight.dtype,
             device=self.embed.weight.device,
             max_len=length,
