@@ -74,3 +74,19 @@ def test_eval_capacity_factor_is_used_in_eval():
     x = torch.randn(20, 8)
     assert moe.train()(x).stats.capacity == 10
     assert moe.eval()(x).stats.capacity == 30
+
+
+def test_the_reported_capacity_is_the_documented_formula_also_above_the_tokens():
+    """Issue 33: with a factor of at least E the statistic was clamped to T·k (E=1, k=1, 8
+    tokens, factor 1.25 reported 8); the formula max(min_capacity, ceil(f·T·k/E)) gives 10.
+    Which tokens drop does not change (none)."""
+    moe = make_moe(
+        num_experts=1,
+        top_k=1,
+        dispatch=moekit.DispatchConfig(mode="capacity", capacity_factor=1.25, min_capacity=0),
+    )
+    out = moe.train()(torch.randn(8, 8))
+    assert out.stats.capacity == 10
+    assert float(out.stats.dropped_fraction) == 0.0
+    huge = make_moe(dispatch=moekit.DispatchConfig(mode="capacity", capacity_factor=1e308))
+    assert huge.train()(torch.randn(8, 8)).stats.capacity == 2**62  # dropless, no overflow

@@ -119,6 +119,11 @@ def test_sizes_that_do_not_factor_are_named_before_any_collective(tmp_path, caps
     with pytest.raises(ValueError, match=r"parallel.ep=4 must divide the 6 experts"):
         ParallelConfig(ep=4).resolve(8, num_experts=6)
     assert ParallelConfig(ep=4).resolve(8, num_experts=4).efsdp == 2  # more ranks than experts
+    # issue 33: in one process, say it needs torchrun (not a dp_shard the user never set)
+    with pytest.raises(ValueError, match=r"need several processes.*torchrun --nproc-per-node 2"):
+        ParallelConfig(ep=2).resolve(1)
+    assert main(["train", "--expert-parallel", "2", "--set", "steps=1"]) == 2
+    assert "torchrun --nproc-per-node N (N a multiple of 2)" in capsys.readouterr().err
 
 
 def _children(pid: int) -> list[int]:

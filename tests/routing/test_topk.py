@@ -126,3 +126,23 @@ def test_bad_top_k(top_k):
 
 def test_gating_enum_accepts_strings():
     assert RouterConfig(gating="sigmoid_topk").gating is Gating.SIGMOID_TOPK
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["as-reported", "swapped"])
+def test_grouped_sigmoid_selection_in_bf16_picks_what_the_ungrouped_path_picks(swap):
+    """Issue 33: with float32=False and groups, selection ranked bf16 exp(logsigmoid) scores,
+    which tie for -0.5703 and -0.5625 (both -1.0156 in bf16 log space), so the tie-break, not
+    the logits, chose between experts 0 and 1. Either order, the larger logit must win."""
+    values = [-0.5703, -0.5625, 0.0957, 0.5508, 0.7422, -5.0]
+    if swap:
+        values[0], values[1] = values[1], values[0]
+    larger = 0 if swap else 1
+    for groups in (1, 2, 3):
+        router = RouterConfig(
+            gating="sigmoid_topk", num_groups=groups, topk_groups=groups, float32=False
+        ).build(d_model=6, num_experts=6, top_k=4)
+        with torch.no_grad():
+            router.weight_ED.copy_(torch.eye(6))
+        router = router.to(torch.bfloat16)
+        picked = router(torch.tensor([values], dtype=torch.bfloat16)).expert_idx_TK[0].tolist()
+        assert sorted(picked) == sorted([larger, 2, 3, 4]), (groups, picked)

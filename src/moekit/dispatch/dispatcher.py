@@ -21,7 +21,7 @@ import torch
 from moekit.dispatch.config import CapacityScope, DispatchMode, DropPriority
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.routing.result import RoutingResult
-from moekit.utils.capacity import capacity_for
+from moekit.utils.capacity import capacity_formula
 from moekit.utils.precision import autocast_off
 from moekit.utils.randomness import expert_row_keys, rows_named
 from moekit.utils.validation import check_fields
@@ -75,7 +75,7 @@ class DispatchConfig:
         if self.expert_capacity:
             return self.expert_capacity
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        return max(self.min_capacity, capacity_for(factor, num_tokens * top_k, num_experts))
+        return max(self.min_capacity, capacity_formula(factor, num_tokens * top_k, num_experts))
 
     def build(self, *, num_experts: int) -> Dispatcher:
         """The single-process dispatcher of this config for a layer of E experts."""

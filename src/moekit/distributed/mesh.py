@@ -60,6 +60,14 @@ class ParallelConfig:
 
     def resolve(self, world: int, num_experts: int = 0) -> ParallelDims:
         """The sizes for ``world`` ranks; raises naming the sizes that do not factor."""
+        launched = max(self.ep, self.dp_replicate, self.dp_shard)
+        if world == 1 and launched > 1:  # the user never set the sizes the checks below name
+            raise ValueError(
+                f"parallel.ep={self.ep}, dp_shard={self.dp_shard}, dp_replicate="
+                f"{self.dp_replicate} need several processes, but this is one: launch with "
+                f"torchrun --nproc-per-node N (N a multiple of {launched}), e.g. `torchrun "
+                f"--nproc-per-node {launched} -m moekit.cli.main train ...`"
+            )
         dp_shard = self.dp_shard
         if dp_shard == -1:
             if world % self.dp_replicate:

@@ -188,7 +188,13 @@ class TopKRouter(RouterBase):
             # selection by logit orders experts exactly like sigmoid, without underflow ties;
             # the selection bias and group scores are defined on the sigmoid scores
             plain = self.expert_bias_E is None and cfg.num_groups == 1
-            expert_idx_TK = self._choose(logits_TE.detach() if plain else scores_TE.detach())
+            # with a bias or groups, select on float32 scores whatever the router's dtype: bf16
+            # sigmoid scores tie where the logits do not (and pick another expert than the
+            # ungrouped path would)
+            choice_TE = (
+                logits_TE.detach() if plain else F.logsigmoid(logits_TE.detach().float()).exp()
+            )
+            expert_idx_TK = self._choose(choice_TE)
             if cfg.normalize_weights:
                 weights_TK = torch.softmax(log_scores_TE.gather(-1, expert_idx_TK), dim=-1)
             else:
