@@ -90,8 +90,6 @@ class MixtureOfAttentionHeads(nn.Module):
         self.bias_D = nn.Parameter(torch.zeros(d_model)) if moa.output_bias else None
         # off inside ``moekit.serving(model)``, as for MoE layers
         self.losses_enabled = True
-        # the router's weighted auxiliary loss of the last call, taken (and cleared) by the model
-        self.last_aux_loss: torch.Tensor | None = None
 
     def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
@@ -105,7 +103,22 @@ class MixtureOfAttentionHeads(nn.Module):
         start: int = 0,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``(B, S, D) -> (B, S, D)``, as ``Attention.forward``; the router's loss is in
+        :meth:`forward_with_loss`."""
+        return self.forward_with_loss(x_BSD, rope, cache, start, key_mask)[0]
+
+    def forward_with_loss(
+        self,
+        x_BSD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output and the router's weighted auxiliary loss (``None`` when losses are off):
+        the block adds it to the model's, through the return value."""
         B, S, D = x_BSD.shape
+        aux_loss = None
         G, Dh, K = self.n_kv_heads, self.head_dim, self.moa.top_k
         x_TD = x_BSD.reshape(-1, D)
         routing = self.router(x_TD)
@@ -115,7 +128,7 @@ class MixtureOfAttentionHeads(nn.Module):
                 real_T = key_mask[:, -S:].reshape(-1)
             losses = auxiliary_losses(routing, self.moa.aux_loss, token_mask_T=real_T)
             zero = routing.weights_TK.new_zeros(())
-            self.last_aux_loss = weighted_sum(losses, self.moa.aux_loss, start=zero)
+            aux_loss = weighted_sum(losses, self.moa.aux_loss, start=zero)
         plan = plan_dispatch(routing.expert_idx_TK, routing.weights_TK, self.moa.num_experts)
         counts_E = plan.kept_per_expert_E
         # queries: each assignment's token through its expert, back in slot order t*K + j
@@ -155,4 +168,4 @@ class MixtureOfAttentionHeads(nn.Module):
         y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_idx_M, y_MD.to(x_TD.dtype))
         if self.bias_D is not None:
             y_TD = y_TD + self.bias_D.to(y_TD.dtype)
-        return y_TD.view(B, S, D)
+        return y_TD.view(B, S, D), aux_loss

@@ -312,22 +312,23 @@ class Block(nn.Module):
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, MoEOutput | None]:
+    ) -> tuple[torch.Tensor, MoEOutput | None, torch.Tensor | None]:
+        """``(x, the MoE layer's output or None, the token mixer's auxiliary loss or None)``."""
         m = self.residual_multiplier
         attn, attn_norm = self.attn, self.attn_norm
+        mixer_loss = None
         if attn is not None and attn_norm is not None:
+            h_BSD = x_BSD if self.post_norm else attn_norm(x_BSD)
+            out, mixer_loss = self._mix(
+                attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids
+            )
             if self.post_norm:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
-                x_BSD = x_BSD + attn_norm(
-                    self._mix(attn, x_BSD, rope, cache, start, key_mask, padding_mask, segment_ids)
-                )
+                x_BSD = x_BSD + attn_norm(out)
             else:
-                out = self._mix(
-                    attn, attn_norm(x_BSD), rope, cache, start, key_mask, padding_mask, segment_ids
-                )
                 x_BSD = x_BSD + (out if m == 1.0 else out * m)
         ffn, ffn_norm = self.ffn, self.ffn_norm
         if ffn is None or ffn_norm is None:
-            return x_BSD, None
+            return x_BSD, None, mixer_loss
         h_BSD = x_BSD if self.post_norm else ffn_norm(x_BSD)
         moe_out = None
         if isinstance(ffn, MoE):
@@ -337,15 +338,21 @@ class Block(nn.Module):
             y = ffn(h_BSD)
         if self.post_norm:
             y = ffn_norm(y)
-        return x_BSD + (y if m == 1.0 else y * m), moe_out
+        return x_BSD + (y if m == 1.0 else y * m), moe_out, mixer_loss
 
     @staticmethod
     def _mix(attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids):
-        """The token mixer: attention takes positions and a key mask, a recurrent mixer the
-        padding mask and the segments of packed sequences."""
+        """The token mixer's output and auxiliary loss: attention takes positions and a key
+        mask, a recurrent mixer the padding mask and the segments of packed sequences; a mixer
+        with a router (a mixture of attention heads) returns its loss with its output."""
         if getattr(attn, "recurrent", False):
-            return attn(h_BSD, cache=cache, mask_BS=padding_mask, segment_ids_BS=segment_ids)
-        return attn(h_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask)
+            out = attn(h_BSD, cache=cache, mask_BS=padding_mask, segment_ids_BS=segment_ids)
+            return out, None
+        if hasattr(attn, "forward_with_loss"):
+            return attn.forward_with_loss(
+                h_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask
+            )
+        return attn(h_BSD, rope=rope, cache=cache, start=start, key_mask=key_mask), None
 
 
 def host_reads_are_free(tensor: torch.Tensor) -> bool:
@@ -487,7 +494,7 @@ class TransformerLM(nn.Module):
         moe_outputs: list[MoEOutput] = []
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            x, moe_out = block(
+            x, moe_out, mixer_loss = block(
                 x,
                 rope=rope,
                 cache=cache,
@@ -500,10 +507,8 @@ class TransformerLM(nn.Module):
             if moe_out is not None:
                 moe_outputs.append(moe_out)
                 aux_loss = aux_loss + moe_out.aux_loss
-            attention_loss = getattr(block.attn, "last_aux_loss", None)
-            if attention_loss is not None:  # a mixture of attention heads' router
-                aux_loss = aux_loss + attention_loss
-                cast(Any, block.attn).last_aux_loss = None
+            if mixer_loss is not None:  # a mixture of attention heads' router
+                aux_loss = aux_loss + mixer_loss
         if kv_cache is not None:
             kv_cache.length = start + tokens.shape[1]
         x = self.norm(x)

@@ -168,9 +168,11 @@ class VisionMoE(nn.Module):
         aux_loss = x.new_zeros(())
         moe_outputs: list[MoEOutput] = []
         for block in self.blocks:
-            x, moe_out = block(x)
+            x, moe_out, mixer_loss = block(x)
             if moe_out is not None:
                 moe_outputs.append(moe_out)
                 aux_loss = aux_loss + moe_out.aux_loss
+            if mixer_loss is not None:
+                aux_loss = aux_loss + mixer_loss
         logits = self.head(self.norm(x).mean(dim=1))
         return VisionOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
