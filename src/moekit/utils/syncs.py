@@ -80,7 +80,7 @@ class HostSyncCounter(TorchDispatchMode):
                 counter._record("tolist")
                 return counter._tolist(tensor)
 
-            torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+            torch.Tensor.tolist = tolist  # type: ignore[method-assign,assignment]
         return super().__enter__()
 
     def __exit__(self, *exc):
