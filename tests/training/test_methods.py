@@ -69,8 +69,15 @@ def test_router_phase_leaves_everything_else_unchanged(tmp_path, tiny_text):
 
 def test_em_is_refused_for_the_lm():
     # em is the classic mixtures' method (moekit.classic): not among the LM's
-    with pytest.raises(ValueError, match=r"method must be one of 'joint'.*got 'em'"):
+    with pytest.raises(
+        ValueError, match=r"method='em' \(expectation-maximisation\) trains classic"
+    ):
         load_train_config(None, ["method=em"])
+    # one enum for both (issue 31): the classic mixtures' and the language model's
+    from moekit.classic import TrainingMethod as Classic
+    from moekit.training import TrainingMethod as LM
+
+    assert Classic is LM
 
 
 def test_evolutionary_search_keeps_to_its_budget_and_trains_the_fittest(tmp_path, tiny_text):

@@ -18,27 +18,15 @@ Legend: N = samples, I = inputs, K = experts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 
 import torch
 from torch import nn
 
 from moekit.classic.mixture import ErrorFunction, MixtureOfLocalExperts
-from moekit.utils.schedule import AlternatingSchedule, drop_gradients
+from moekit.utils.schedule import AlternatingSchedule, TrainingMethod, drop_gradients
 from moekit.utils.validation import coerce
 
 __all__ = ["AlternatingSchedule", "TrainingMethod", "drop_gradients", "fit_mixture"]
-
-
-class TrainingMethod(str, Enum):
-    """How a classic mixture is trained (``fit_mixture``; ``em`` is ``HME.fit_em``)."""
-
-    JOINT = "joint"
-    GRADIENT = "gradient"
-    SEPARATE = "separate"
-    ALTERNATING = "alternating"
-    EM = "em"
-    EVOLUTIONARY = "evolutionary"
 
 
 def mixture_groups(model: MixtureOfLocalExperts) -> dict[str, list[nn.Parameter]]:

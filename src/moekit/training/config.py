@@ -231,6 +231,12 @@ class TrainConfig:
                 "expert LoRA and experts:<selection> presets run in one process or under plain "
                 "data parallelism, not with parallel.ep > 1"
             )
+        if self.method is TrainingMethod.EM:
+            raise ValueError(
+                "method='em' (expectation-maximisation) trains classic mixtures (moekit.classic); "
+                "a language model trains with joint, gradient, separate, alternating or "
+                "evolutionary"
+            )
         if self.method is TrainingMethod.EVOLUTIONARY and self.parallel.ep > 1:
             raise ValueError("method='evolutionary' runs in one process (parallel.ep=1)")
         if self.separate_expert_steps < 0:

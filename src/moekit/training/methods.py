@@ -11,12 +11,10 @@ mixtures (``moekit.classic.methods``) and is refused with the reason.
 
 from __future__ import annotations
 
-from enum import Enum
-
 from torch import nn
 
 from moekit.layers import MoE
-from moekit.utils.schedule import AlternatingSchedule, drop_gradients
+from moekit.utils.schedule import AlternatingSchedule, TrainingMethod, drop_gradients
 
 __all__ = [
     "AlternatingSchedule",
@@ -25,16 +23,6 @@ __all__ = [
     "frozen_groups",
     "lm_parameter_groups",
 ]
-
-
-class TrainingMethod(str, Enum):
-    """How the language model trains (``TrainConfig.method``)."""
-
-    JOINT = "joint"
-    GRADIENT = "gradient"
-    SEPARATE = "separate"
-    ALTERNATING = "alternating"
-    EVOLUTIONARY = "evolutionary"
 
 
 def lm_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -5,10 +5,24 @@ training methods (``moekit.training.methods``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from torch import nn
 
 from moekit.utils.validation import check_fields
+
+
+class TrainingMethod(str, Enum):
+    """How a mixture trains: the one list for the language model (``TrainConfig.method``) and
+    the classic mixtures (``fit_mixture``). ``em`` (expectation-maximisation) is the classic
+    mixtures' only: a language model refuses it."""
+
+    JOINT = "joint"
+    GRADIENT = "gradient"
+    SEPARATE = "separate"
+    ALTERNATING = "alternating"
+    EM = "em"
+    EVOLUTIONARY = "evolutionary"
 
 
 @dataclass(kw_only=True)
