@@ -75,9 +75,9 @@ def test_em_is_refused_for_the_lm():
         load_train_config(None, ["method=em"])
     # one enum for both (issue 31): the classic mixtures' and the language model's
     from moekit.classic import TrainingMethod as Classic
-    from moekit.training import TrainingMethod as LM
+    from moekit.training import TrainingMethod as LanguageModel
 
-    assert Classic is LM
+    assert Classic is LanguageModel
 
 
 def test_evolutionary_search_keeps_to_its_budget_and_trains_the_fittest(tmp_path, tiny_text):

@@ -56,9 +56,13 @@ def fit_mixture(
     """Train ``model`` (full batch) by ``method``; returns the error after each epoch.
 
     Args:
+        model: the mixture to train (in place).
+        x_NI: ``(N, I)`` inputs.
+        y: the targets (``(N, Q)`` for regression, ``(N,)`` class labels for classification).
         method: ``joint``/``gradient``, ``separate``, ``alternating`` or ``evolutionary``.
         error: the mixture's error (``cooperative`` or ``competitive``).
         epochs: gradient epochs (``separate``: half for the experts, half for the router).
+        learning_rate: Adam's step for the gradient methods.
         schedule: blocks for ``alternating`` (default 10 + 10).
         partition_N: ``separate``: each sample's expert (``0..K-1``); default k-means on x.
         budget: ``evolutionary``: loss evaluations allowed to CMA-ES.

@@ -106,8 +106,10 @@ class RouterBase(nn.Module):
 
     Args:
         config: the family's config (checked against ``num_experts`` and ``top_k``).
-        d_model: D. num_experts: E. top_k: K (what the layer was built with; a family may
-            route to another number per token, e.g. every expert, and sets ``self.top_k``).
+        d_model: D.
+        num_experts: E.
+        top_k: K (what the layer was built with; a family may route to another number per
+            token, e.g. every expert, and sets ``self.top_k``).
     """
 
     def __init__(self, config: Any, *, d_model: int, num_experts: int, top_k: int) -> None:
