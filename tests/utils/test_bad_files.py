@@ -12,6 +12,7 @@ import torch
 import moekit
 from moekit.cli.main import main
 from moekit.models.checkpoint import from_pretrained, save_pretrained
+from moekit.utils.capacity import CAPACITY_LIMIT
 from tests.builders import tiny_lm
 
 BAD_CONFIGS = {
@@ -86,7 +87,9 @@ def test_huge_capacity_factors_mean_dropless(factor):
         dispatch=moekit.DispatchConfig(mode="capacity", capacity_factor=factor),
     ).build()
     out = layer(torch.randn(6, 8))
-    assert out.stats.capacity == 12 and float(out.stats.dropped_fraction) == 0.0
+    # the documented formula, bounded so it never overflows int64 (issue 33: it was clamped
+    # to T·k = 12, which disagreed with the formula whenever the factor was at least E)
+    assert out.stats.capacity == CAPACITY_LIMIT and float(out.stats.dropped_fraction) == 0.0
     chooser = moekit.MoEConfig(
         d_model=8,
         num_experts=4,

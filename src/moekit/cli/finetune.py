@@ -113,8 +113,37 @@ def build_config(args: argparse.Namespace):
             raise ValueError("--expert-dropout needs a model with MoE layers")
         for layer in layers:
             layer["experts"]["dropout"] = args.expert_dropout
+    _balance_by_default(data["model"])
     apply_overrides(data, args.overrides)
     return config_from_dict(TrainConfig, data)
+
+
+#: the Switch loss weight a fine-tune gets when its source has no balancing at all: the Switch
+#: Transformer's alpha (and ST-MoE's fine-tuning setting), 1% of the loss at a uniform router
+FINETUNE_SWITCH_WEIGHT = 0.01
+
+
+def _balance_by_default(model: dict) -> None:
+    """MoE layers imported without any balancing (no auxiliary loss, no bias balancing) get the
+    Switch loss at ``FINETUNE_SWITCH_WEIGHT``, said on stderr: fine-tuning without it collapses
+    routing unnoticed (``--set model.moe.layer.aux_loss.switch=0`` turns it off)."""
+    import sys
+
+    for name in ("moe", "encoder_moe", "decoder_moe"):
+        layer = (model.get(name) or {}).get("layer")
+        if layer is None:
+            continue
+        aux, router = layer.get("aux_loss") or {}, layer.get("router") or {}
+        weights = [aux.get(k) or 0.0 for k in ("switch", "switch_sequence", "load", "importance")]
+        if any(weights) or router.get("bias_balancing"):
+            continue
+        layer["aux_loss"] = {**aux, "switch": FINETUNE_SWITCH_WEIGHT}
+        print(
+            f"fine-tuning with the Switch balancing loss at {FINETUNE_SWITCH_WEIGHT} in "
+            f"{name} (the source has none; --set model.{name}.layer.aux_loss.switch=0 turns "
+            "it off)",
+            file=sys.stderr,
+        )
 
 
 def _tokenizer_folder(folder: Path) -> str:

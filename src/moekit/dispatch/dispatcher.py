@@ -69,7 +69,9 @@ class DispatchConfig:
 
     def capacity(self, num_tokens: int, top_k: int, num_experts: int, training: bool) -> int | None:
         """``C = max(min_capacity, ceil(factor * T * K / E))`` (``expert_capacity`` when set),
-        or ``None`` when dropless; per sequence, ``T`` is the sequence length."""
+        or ``None`` when dropless; per sequence, ``T`` is the sequence length. Above ``T * K``
+        it drops nothing but is still reported as the formula gives it (up to
+        ``moekit.utils.capacity.CAPACITY_LIMIT``, so a huge factor cannot overflow)."""
         if self.mode is DispatchMode.DROPLESS:
             return None
         if self.expert_capacity:

@@ -336,6 +336,7 @@ def train(
         BiasUpdate(),
         Evaluation(),
         Metrics(on_record),
+        RoutingHealth(enabled=run.ctx.rank == 0),
         Progress(config.steps, run.start_step, desc=desc, enabled=progress),
         Checkpointing(),
         *(callbacks or []),
@@ -529,6 +530,51 @@ class Metrics(Callback):
         run.log.close()
 
 
+def worst_load(record: dict[str, Any]) -> tuple[float, int] | None:
+    """``(largest expert load × the equal share, most dead experts)`` over the record's MoE
+    layers, or ``None`` without statistics."""
+    loads = [m["load"] for m in record.get("moe", []) if "load" in m]
+    if not loads:
+        return None
+    return max(load["max"] for load in loads), max(int(load["dead"]) for load in loads)
+
+
+class RoutingHealth(Callback):
+    """Warns once per layer when its routing collapses, on record steps: half or more of its
+    experts dead (below 1% of an equal share) or one expert taking half or more of its
+    assignments (a load of at least ``E / 2`` times the equal share). The record gets
+    ``routing_collapse`` (the layers). Fine-tuning a Hub MoE without balancing ends there
+    unnoticed otherwise."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.warned: set[int] = set()
+
+    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
+        if not step.writes_record:
+            return
+        collapsed = []
+        for layer, moe in enumerate(step.record.get("moe", [])):
+            counts, load = moe.get("tokens_per_expert"), moe.get("load")
+            if not counts or load is None or len(counts) < 2:
+                continue
+            E = len(counts)
+            if load["dead"] >= E / 2 or load["max"] >= E / 2:
+                collapsed.append(layer)
+                if self.enabled and layer not in self.warned:
+                    self.warned.add(layer)
+                    print(
+                        f"warning: routing in MoE layer {layer} collapsed by step {step.done}: "
+                        f"{load['dead']} of {E} experts dead, the busiest at {load['max']:.1f}x "
+                        "the equal share (threshold: half the experts dead, or one taking half "
+                        "the assignments); raise model.moe.layer.aux_loss.switch",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        if collapsed:
+            step.record["routing_collapse"] = collapsed
+
+
 class Progress(Callback):
     """A progress bar in a terminal; outside one (a file, CI) a plain line at each evaluation
     and at most every 30 seconds otherwise, instead of hundreds of bar redraws."""
@@ -551,6 +597,9 @@ class Progress(Callback):
         if self.interactive:
             if record:
                 val = {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}
+                worst = worst_load(record)
+                if worst is not None:
+                    val |= {"load": f"{worst[0]:.1f}x", "dead": str(worst[1])}
                 self.bar.set_postfix(loss=f"{record['loss']:.3f}", **val)
             self.bar.update(1)
             return
@@ -558,8 +607,11 @@ class Progress(Callback):
         if self.enabled and record and due:
             self.last_line = time.monotonic()
             val_text = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            worst = worst_load(record)
+            load_text = "" if worst is None else f" load max {worst[0]:.2f}x dead {worst[1]}"
             print(
-                f"{self.desc}: step {step.done}/{self.total} loss {record['loss']:.4f}{val_text}",
+                f"{self.desc}: step {step.done}/{self.total} loss {record['loss']:.4f}"
+                f"{val_text}{load_text}",
                 file=sys.stderr,
                 flush=True,
             )
