@@ -173,10 +173,7 @@ class Dispatcher:
         """``(M, D)``: the rows through their experts. Here the experts are all local; a
         parallel dispatcher overrides this step with its exchange. ``row_names_M`` (int64, one
         per row: token position × E + expert) keys the experts' dropout when given."""
-        if row_names_M is None:  # no context to enter (torch.compile cannot trace ContextVar)
-            return experts(x_MD, plan.expert_rows_E)
-        with rows_named(row_names_M):
-            return experts(x_MD, plan.expert_rows_E)
+        return run_experts(experts, x_MD, plan.expert_rows_E, row_names_M)
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the processes that share this layer's load (here: itself)."""
@@ -185,6 +182,17 @@ class Dispatcher:
     def differentiable_global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed like :meth:`global_sum`, keeping its gradient (here: itself)."""
         return value
+
+
+def run_experts(
+    experts, x_MD: torch.Tensor, counts_E: torch.Tensor, row_names_M: torch.Tensor | None
+) -> torch.Tensor:
+    """``experts(x_MD, counts_E)``, with the rows' names (``row_names_M``: token position × E +
+    expert) keying the experts' dropout when given."""
+    if row_names_M is None:  # no context to enter (torch.compile cannot trace a ContextVar)
+        return experts(x_MD, counts_E)
+    with rows_named(row_names_M):
+        return experts(x_MD, counts_E)
 
 
 # How ``combine`` sums each token's rows: "bmm" (rows placed in (T, K, D) slot order, then one

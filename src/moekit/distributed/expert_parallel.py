@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 
 from moekit.dispatch.config import CapacityScope, DispatchMode
-from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
+from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher, run_experts
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
 from moekit.distributed.global_capacity import global_capacity_keep_mask
 from moekit.routing.result import RoutingResult
-from moekit.utils.randomness import rows_named
 
 
 @dataclass
@@ -194,10 +193,7 @@ class ExpertParallelDispatcher(Dispatcher):
         """The exchange: rows to their expert's rank, through the local bank, and back (the
         rows' names, when given, travel with them and key the experts' dropout)."""
         if self.world == 1:  # every expert is here (data parallelism only)
-            if row_names_M is None:
-                return experts(x_MD, plan.expert_rows_E)
-            with rows_named(row_names_M):
-                return experts(x_MD, plan.expert_rows_E)
+            return run_experts(experts, x_MD, plan.expert_rows_E, row_names_M)
         return self._through_local_experts(x_MD, plan.expert_rows_E, experts, row_names_M)
 
     def _through_local_experts(
@@ -228,8 +224,7 @@ class ExpertParallelDispatcher(Dispatcher):
             recv_names = row_names_M.new_empty(recv_MD.shape[0])
             dist.all_to_all_single(recv_names, row_names_M, out_splits, in_splits, group=self.group)
             recv_names = recv_names[order]
-        with rows_named(recv_names):
-            y_sorted = experts(recv_MD[order], recv_counts_RL.sum(dim=0))
+        y_sorted = run_experts(experts, recv_MD[order], recv_counts_RL.sum(dim=0), recv_names)
         y_MD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
         # 4. results travel back to the rows' home ranks, in their original order
         return _exchange(y_MD, in_splits, out_splits, self.group)

@@ -9,6 +9,7 @@ moekit names: ``embed``, ``blocks.{layer}.attn_norm`` / ``attn.{q,k,v,o}_proj`` 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -277,3 +278,25 @@ def moe_layer(config: Any, family: str) -> Any:
     if config.moe.layer is None:
         raise ValueError(f"{family} export needs MoE layers (the config's moe.layer is None)")
     return config.moe.layer
+
+
+def attention_and_recurrent_blocks(config: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A hybrid's ``(attention blocks, recurrent blocks)`` (key maps list each kind's)."""
+    blocks = range(config.n_layers)
+    attention = tuple(i for i in blocks if config.is_attention_layer(i))
+    recurrent = tuple(
+        i for i in blocks if i not in attention and config.token_mixer_of_layer(i) is not None
+    )
+    return attention, recurrent
+
+
+def time_step_limits(hf: dict[str, Any]) -> tuple[float, float]:
+    """Mamba2's ``time_step_limit`` ``(low, high)`` as ``Mamba2Config``'s ``(dt_min, dt_max)``
+    (``dt_max = 0``: no upper limit, for an infinite ``high``)."""
+    low, high = hf.get("time_step_limit") or (0.0, math.inf)
+    return float(low), 0.0 if math.isinf(high) else float(high)
+
+
+def time_step_limit_to_hf(mixer: Any) -> list[float]:
+    """``Mamba2Config``'s ``dt_min``/``dt_max`` as HF's ``time_step_limit``."""
+    return [mixer.dt_min, mixer.dt_max or math.inf]

@@ -8,10 +8,9 @@ positions unless ``position_embedding_type = "rope"`` (Granite-4.0-H is NoPE).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-from moekit.interop import granitemoe
+from moekit.interop import common, granitemoe
 from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.models.mixers import Mamba2Config
@@ -94,7 +93,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     heads = hf.get("mamba_n_heads", 128)
     inner = hf.get("mamba_expand", 2) * hf["hidden_size"]
     head_dim = hf.get("mamba_d_head", "auto")
-    low, high = hf.get("time_step_limit") or (0.0, math.inf)
+    dt_min, dt_max = common.time_step_limits(hf)
     mixer = Mamba2Config(
         n_heads=heads,
         head_dim=inner // heads if head_dim in ("auto", None) else head_dim,
@@ -103,8 +102,8 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         conv_width=hf.get("mamba_d_conv", 4),
         conv_bias=bool(hf.get("mamba_conv_bias", True)),
         bias=bool(hf.get("mamba_proj_bias", False)),
-        dt_min=float(low),
-        dt_max=0.0 if math.isinf(high) else float(high),
+        dt_min=dt_min,
+        dt_max=dt_max,
     )
     rotary = hf.get("position_embedding_type") == "rope"
     attention = dataclasses.replace(base.attention, rotary=rotary)
@@ -141,5 +140,5 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "mamba_chunk_size": mixer.chunk,
         "mamba_conv_bias": mixer.conv_bias,
         "mamba_proj_bias": mixer.bias,
-        "time_step_limit": [mixer.dt_min, mixer.dt_max or math.inf],
+        "time_step_limit": common.time_step_limit_to_hf(mixer),
     }

@@ -28,15 +28,9 @@ MODEL_TYPE = "lfm2_moe"
 CONV = "conv"  # the pattern's name for LFM2's short-convolution blocks
 
 
-def _blocks(config: TransformerConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(attention blocks, convolution blocks)."""
-    attention = tuple(i for i in range(config.n_layers) if config.is_attention_layer(i))
-    return attention, tuple(i for i in range(config.n_layers) if i not in attention)
-
-
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     layer, hf = "blocks.{layer}", "model.layers.{layer}"
-    attention, conv = _blocks(config)
+    attention, conv = common.attention_and_recurrent_blocks(config)
     entries: list[Entry] = [
         Rename("embed.weight", "model.embed_tokens.weight", layers="none"),
         Rename("norm.weight", "model.embedding_norm.weight", layers="none"),

@@ -12,7 +12,6 @@ moekit block has exactly the HF block's one norm and one sublayer. The Super siz
 
 from __future__ import annotations
 
-import math
 from typing import Any, cast
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
+from moekit.interop import common
 from moekit.interop.expressible import HFFields, any_value, check_hf_config, unset
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
@@ -223,7 +223,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     types = list(hf.get("layers_block_type") or hf.get("layer_types") or [])
     if not types:
         raise ValueError("a nemotron_h config.json must list layers_block_type")
-    low, high = hf.get("time_step_limit") or (0.0, math.inf)
+    dt_min, dt_max = common.time_step_limits(hf)
     mamba = Mamba2Config(
         n_heads=hf["mamba_num_heads"],
         head_dim=hf["mamba_head_dim"],
@@ -232,8 +232,8 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         conv_width=hf.get("conv_kernel", 4),
         conv_bias=bool(hf.get("use_conv_bias", True)),
         bias=bool(hf.get("mamba_proj_bias", False)),
-        dt_min=float(low),
-        dt_max=0.0 if math.isinf(high) else float(high),
+        dt_min=dt_min,
+        dt_max=dt_max,
     )
     pattern = [_TOKEN[t] for t in types]
     channel = [FFN if t in ("mlp", "moe") else NONE for t in types]
@@ -325,7 +325,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "conv_kernel": mamba.conv_width,
         "use_conv_bias": mamba.conv_bias,
         "mamba_proj_bias": mamba.bias,
-        "time_step_limit": [mamba.dt_min, mamba.dt_max or math.inf],
+        "time_step_limit": common.time_step_limit_to_hf(mamba),
         "n_routed_experts": moe.num_experts,
         "n_shared_experts": 0 if shared is None else 1,
         "moe_intermediate_size": moe.experts.hidden,

@@ -73,14 +73,9 @@ def _grouped_layout(mixer: GatedDeltaNetConfig):
     return qkvz_to_moekit, qkvz_to_hf, ba_to_moekit, ba_to_hf
 
 
-def _blocks(config: TransformerConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    attention = tuple(i for i in range(config.n_layers) if config.is_attention_layer(i))
-    return attention, tuple(i for i in range(config.n_layers) if i not in attention)
-
-
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     layer, hf = "blocks.{layer}", "model.layers.{layer}"
-    attention, linear = _blocks(config)
+    attention, linear = common.attention_and_recurrent_blocks(config)
     entries: list[Entry] = [
         Rename("embed.weight", "model.embed_tokens.weight", layers="none"),
         Rename("norm.weight", "model.norm.weight", _plus_one, _minus_one, layers="none"),

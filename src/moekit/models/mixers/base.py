@@ -45,6 +45,17 @@ class RecurrentMixer(nn.Module):
     #: what the presets and LoRA find token mixers by: "attention" or "recurrent"
     token_mixer: ClassVar[str] = "recurrent"
     recurrent: ClassVar[bool] = True
+    config: RecurrentMixerConfig
+    d_model: int
+
+    def cache_shapes(
+        self, batch: int, max_len: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str]]:
+        """The decoding cache's (convolution state, recurrent state) shapes; the recurrent
+        state is kept in float32 whatever the model's dtype. ``max_len`` does not matter: the
+        state has a fixed size."""
+        conv, recurrent = self.config.state_shapes(batch, self.d_model)
+        return conv, recurrent, ("float32",)
 
 
 class GatedRMSNorm(nn.Module):

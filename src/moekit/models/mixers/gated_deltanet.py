@@ -88,9 +88,11 @@ class GatedDeltaNet(RecurrentMixer):
     """``(B, S, D) -> (B, S, D)``; see the module docstring. ``use_loop`` runs the recurrence
     one position at a time (the reference) instead of in chunks."""
 
+    config: GatedDeltaNetConfig
+
     def __init__(self, config: GatedDeltaNetConfig, *, d_model: int, norm_eps: float) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.d_model = config, d_model
         c = config
         self.key_dim = c.n_key_heads * c.key_head_dim
         self.value_dim = c.n_value_heads * c.value_head_dim
@@ -104,13 +106,6 @@ class GatedDeltaNet(RecurrentMixer):
         self.norm = GatedRMSNorm(c.value_head_dim, norm_eps, norm_before_gate=True)
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.use_loop = False
-
-    def cache_shapes(
-        self, batch: int, max_len: int
-    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str]]:
-        """The decoding cache's (convolution state, float32 recurrent state) shapes."""
-        conv, recurrent = self.config.state_shapes(batch, 0)
-        return conv, recurrent, ("float32",)
 
     def forward(
         self,

@@ -91,9 +91,11 @@ class Mamba2(RecurrentMixer):
     """``(B, S, D) -> (B, S, D)``; see the module docstring. ``use_loop`` runs the recurrence
     one position at a time (the reference)."""
 
+    config: Mamba2Config
+
     def __init__(self, config: Mamba2Config, *, d_model: int, norm_eps: float) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.d_model = config, d_model
         c = config
         self.in_proj = nn.Linear(d_model, c.inner + c.conv_channels + c.n_heads, bias=c.bias)
         self.conv1d = nn.Conv1d(
@@ -108,13 +110,6 @@ class Mamba2(RecurrentMixer):
         )
         self.out_proj = nn.Linear(c.inner, d_model, bias=c.bias)
         self.use_loop = False
-
-    def cache_shapes(
-        self, batch: int, max_len: int
-    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str]]:
-        """The decoding cache's (convolution state, float32 recurrent state) shapes."""
-        conv, recurrent = self.config.state_shapes(batch, 0)
-        return conv, recurrent, ("float32",)
 
     def forward(
         self,

@@ -43,6 +43,8 @@ class ShortConvConfig(RecurrentMixerConfig):
 class ShortConv(RecurrentMixer):
     """``(B, S, D) -> (B, S, D)``; see the module docstring."""
 
+    config: ShortConvConfig
+
     def __init__(self, config: ShortConvConfig, *, d_model: int) -> None:
         super().__init__()
         self.config = config
@@ -51,10 +53,6 @@ class ShortConv(RecurrentMixer):
         self.conv = nn.Conv1d(d_model, d_model, config.conv_width, groups=d_model, bias=config.bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=config.bias)
         self.use_loop = False
-
-    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], ...]:
-        """The decoding cache's (convolution state, empty) shapes."""
-        return self.config.state_shapes(batch, self.d_model)
 
     def forward(
         self,
