@@ -112,3 +112,39 @@ def test_a_vision_language_qwen3_5_checkpoint_loads_its_text_model(tmp_path):
         ours = from_hf(tmp_path / "vl").eval()
     with torch.no_grad():
         assert (ours(TOKENS).logits - hf(input_ids=TOKENS).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_quantize_and_expert_offload_run_on_each_hybrid(name, tmp_path):
+    """Issue 31: `moekit quantize` and `generate --expert-budget` on every hybrid family (what
+    the two commands call: quantize_experts, load_offloaded), with cached decoding."""
+    from moekit.cli.quantize import default_group_size
+    from moekit.experts.quantized import QuantFormat, QuantizationConfig
+    from moekit.models import from_pretrained, generate, save_pretrained
+    from moekit.models.offload import load_offloaded
+    from moekit.training.quantize import quantize_experts
+
+    model = from_hf(FAMILIES[name]()).eval()
+    save_pretrained(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        want = model(TOKENS).logits
+        # offloaded experts, a budget of two experts' bytes: the same logits and decoding
+        offloaded = load_offloaded(tmp_path / "ckpt", budget=2 * _expert_bytes(model)).eval()
+        torch.testing.assert_close(offloaded(TOKENS).logits, want)
+        prompt = TOKENS[:1, :5]
+        greedy = dict(max_new_tokens=4, temperature=0.0)
+        assert torch.equal(generate(offloaded, prompt, **greedy), generate(model, prompt, **greedy))
+    group = default_group_size(model, "int8")
+    quantize_experts(model, QuantizationConfig(format=QuantFormat("int8"), group_size=group))
+    save_pretrained(model, tmp_path / "q8")
+    again = from_pretrained(tmp_path / "q8").eval()
+    with torch.no_grad():
+        got = again(TOKENS).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # int8 rounding only
+
+
+def _expert_bytes(model) -> int:
+    from moekit.layers.switches import moe_layers
+
+    bank = moe_layers(model)[0].experts
+    return (bank.w_in_EDH[0].numel() + bank.w_out_EHD[0].numel()) * bank.w_in_EDH.element_size()

@@ -51,7 +51,8 @@ def test_progress_outside_a_terminal_is_a_few_plain_lines(tmp_path, capsys):
     )
     train(config, progress=True)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # routing warnings (this tiny model's layers do collapse) are not progress lines
+    lines = [line for line in err.splitlines() if line.strip() and "warning:" not in line]
     # one line per evaluation (steps 6 and 12) and no progress-bar redraws
     assert lines == [line for line in lines if line.startswith("train: step ")]
     assert [line.split()[2] for line in lines] == ["6/12", "12/12"]

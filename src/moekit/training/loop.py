@@ -541,10 +541,11 @@ def worst_load(record: dict[str, Any]) -> tuple[float, int] | None:
 
 class RoutingHealth(Callback):
     """Warns once per layer when its routing collapses, on record steps: half or more of its
-    experts dead (below 1% of an equal share) or one expert taking half or more of its
-    assignments (a load of at least ``E / 2`` times the equal share). The record gets
+    experts dead (each below 1% of an equal share of the assignments). The record gets
     ``routing_collapse`` (the layers). Fine-tuning a Hub MoE without balancing ends there
-    unnoticed otherwise."""
+    unnoticed otherwise. (A busiest-expert threshold was tried and left out: with top-k an
+    expert chosen by every token is at ``E / k`` times the equal share, which tiny healthy
+    models reach early.)"""
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -559,15 +560,15 @@ class RoutingHealth(Callback):
             if not counts or load is None or len(counts) < 2:
                 continue
             E = len(counts)
-            if load["dead"] >= E / 2 or load["max"] >= E / 2:
+            if load["dead"] >= E / 2:
                 collapsed.append(layer)
                 if self.enabled and layer not in self.warned:
                     self.warned.add(layer)
                     print(
                         f"warning: routing in MoE layer {layer} collapsed by step {step.done}: "
                         f"{load['dead']} of {E} experts dead, the busiest at {load['max']:.1f}x "
-                        "the equal share (threshold: half the experts dead, or one taking half "
-                        "the assignments); raise model.moe.layer.aux_loss.switch",
+                        "the equal share (threshold: half the experts below 1% of an equal "
+                        "share); raise model.moe.layer.aux_loss.switch",
                         file=sys.stderr,
                         flush=True,
                     )
