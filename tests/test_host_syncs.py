@@ -32,6 +32,11 @@ def test_counter_sees_what_syncs():
         t.nonzero()
         t.tolist()
         torch.repeat_interleave(torch.tensor([1, 2]))
+        # issue 32: the counter missed these three, which all wait for a CUDA device
+        t.cpu()
+        torch.bincount(torch.tensor([0, 2, 2]))
+        u = t.clone()
+        u[u > 3] = 0.0
         t * 2  # no sync
     assert counter.kinds == {
         "item": 1,
@@ -39,7 +44,10 @@ def test_counter_sees_what_syncs():
         "nonzero": 1,
         "tolist": 1,
         "repeat_interleave without output_size": 1,
-        "torch.tensor from host values": 1,
+        "torch.tensor from host values": 3,  # torch.tensor([0, 2, 2]) and the assigned 0.0
+        "cpu": 1,
+        "bincount": 1,
+        "boolean-mask assignment": 1,
     }
 
 
@@ -126,6 +134,31 @@ def test_padded_training_forward_makes_no_host_sync(as_on_cuda):
     with HostSyncCounter() as counter:
         out = model(tokens, attention_mask=mask)
         (out.logits.sum() + out.aux_loss).backward()
+    assert counter.total == 0, counter.where
+
+
+def test_a_hybrid_trains_packed_and_decodes_without_host_syncs(as_on_cuda):
+    """Gated DeltaNet, Mamba2 and short convolutions (issue 31): a packed training forward and
+    backward, and a padded decode step, read nothing on the host."""
+    from tests.models.test_hybrid import hybrid_config
+
+    torch.manual_seed(0)
+    model = hybrid_config().build().train()
+    tokens = torch.randint(0, 64, (2, 12))
+    segments = torch.tensor([[1] * 5 + [2] * 7, [3] * 12])
+    model(tokens, segment_ids=segments)
+    with HostSyncCounter() as counter:
+        out = model(tokens, segment_ids=segments)
+        (out.logits.sum() + out.aux_loss).backward()
+    assert counter.total == 0, counter.where
+    model.eval()
+    cache = model.new_kv_cache(2, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    with torch.no_grad():
+        model(tokens[:, :6], attention_mask=mask, kv_cache=cache)
+        with HostSyncCounter() as counter:
+            model(tokens[:, 6:7], kv_cache=cache)
     assert counter.total == 0, counter.where
 
 
