@@ -97,3 +97,31 @@ def test_kernel_choice_on_cuda_follows_the_fast_path(
 def test_explicit_grouped_mm_on_cuda_refuses_1024_groups():
     with pytest.raises(ValueError, match="1024 groups"):
         resolve_kernel("grouped_mm", torch.bfloat16, 16, 16, device="cuda", num_groups=1024)
+
+
+def test_experts_without_rows_get_exactly_zero_weight_gradients_on_blackwell(monkeypatch):
+    """Issue 32: on Blackwell, grouped_mm leaves whatever was in memory as the weight gradient
+    of a group without rows (pytorch issue 172439); moekit zeroes those experts. Simulated on
+    the CPU: a grouped_mm that leaves garbage there, on a device said to be Blackwell."""
+    from moekit.experts import grouped_matmul as gm
+
+    if gm._grouped_mm is None:
+        pytest.skip("no grouped_mm in this torch")
+    real = gm._grouped_mm
+
+    def leaves_garbage(a, b, offs):
+        out = real(a, b, offs=offs)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1))
+        return torch.where((counts > 0).view(-1, 1, 1), out, float("nan"))
+
+    monkeypatch.setattr(gm, "_grouped_mm", leaves_garbage)
+    monkeypatch.setattr(gm, "weight_grad_by_loop", lambda x: False)
+    x, g = torch.randn(6, 8), torch.randn(6, 4)
+    counts = torch.tensor([3, 0, 3, 0])
+    kernel = GroupedMatmulKernel.GROUPED_MM
+    monkeypatch.setattr(gm, "empty_groups_keep_garbage", lambda device: False)
+    assert torch.isnan(grouped_mm_weight_grad(x, g, counts, kernel)[1]).all()  # the bug
+    monkeypatch.setattr(gm, "empty_groups_keep_garbage", lambda device: True)
+    got = grouped_mm_weight_grad(x, g, counts, kernel)
+    torch.testing.assert_close(got, _weight_grads(x, g, counts))
+    assert torch.equal(got[1], torch.zeros(8, 4)) and torch.equal(got[3], torch.zeros(8, 4))

@@ -176,12 +176,22 @@ def weight_grad_by_loop(x_MK: torch.Tensor) -> bool:
     return x_MK.device.type == "cpu"
 
 
+def empty_groups_keep_garbage(device: torch.device) -> bool:
+    """Whether ``grouped_mm``'s weight gradient leaves whatever was in memory for groups with
+    no rows: Blackwell (compute capability 10.x; pytorch issue 172439), where moekit zeroes
+    those experts' gradients itself."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
 def _weight_grad_impl(
     x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: str
 ) -> torch.Tensor:
     if kernel == GroupedMatmulKernel.GROUPED_MM.value and not weight_grad_by_loop(x_MK):
         assert _grouped_mm is not None
-        return _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
+        gw_EKN = _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
+        if empty_groups_keep_garbage(x_MK.device):  # an expert without tokens: exactly zero
+            gw_EKN = torch.where((counts_E > 0).view(-1, 1, 1), gw_EKN, 0.0)
+        return gw_EKN
     E = counts_E.shape[0]
     gw_EKN = x_MK.new_empty(E, x_MK.shape[1], g_MN.shape[1])
     start = 0
