@@ -52,8 +52,33 @@ from moekit.models.transformer.attention import AttentionConfig
 RESULTS: list[dict[str, Any]] = []
 START = time.time()
 
-# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) for MFU
+# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of the SXM parts, for MFU. The PCIe and
+# NVL parts of the same name run lower clocks and power: their peaks differ, so they are not
+# matched (MFU "n/a") rather than credited with the SXM figure.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
+_OTHER_VARIANTS = ("NVL", "PCIE")
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The SXM part's dense bf16 peak for ``device_name``, or ``None`` for an unknown part or a
+    PCIe/NVL variant (an "H200 NVL" is not an H200 SXM)."""
+    upper = device_name.upper()
+    if any(variant in upper for variant in _OTHER_VARIANTS):
+        return None
+    return next((v for key, v in PEAK_BF16_TFLOPS.items() if key in upper), None)
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """TF32 off inside, and the caller's setting back after (it leaked on for the later
+    sections, flattering fp32 figures)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
 
 LAYER_SHAPES = {  # name: (T, D, H, E, k)
     "qwen3-30b-a3b": (32768, 2048, 768, 128, 8),
@@ -212,17 +237,16 @@ def layer_case(
 
 def section_correct(device: torch.device, args: argparse.Namespace) -> None:
     fp32, bf16 = torch.float32, torch.bfloat16
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the fp32 cases
-    layer_case(device, "fp32", dtype=fp32)
-    layer_case(device, "bf16", dtype=bf16)
-    layer_case(device, "fp32 params under bf16 autocast", dtype=fp32, autocast=True)
-    layer_case(device, "bf16, 10 of 16 experts get no token", dtype=bf16, used=[0, 3, 5, 9, 12, 15])
-    layer_case(device, "bf16 with padding", dtype=bf16, pad=True)
-    layer_case(device, "bf16 capacity 0.5 (drops)", dtype=bf16, capacity=0.5)
-    layer_case(device, "fp32 with padding", dtype=fp32, pad=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with exact_fp32_matmuls():  # exact fp32 for the fp32 cases, restored afterwards
+        layer_case(device, "fp32", dtype=fp32)
+        layer_case(device, "bf16", dtype=bf16)
+        layer_case(device, "fp32 params under bf16 autocast", dtype=fp32, autocast=True)
+        layer_case(
+            device, "bf16, 10 of 16 experts get no token", dtype=bf16, used=[0, 3, 5, 9, 12, 15]
+        )
+        layer_case(device, "bf16 with padding", dtype=bf16, pad=True)
+        layer_case(device, "bf16 capacity 0.5 (drops)", dtype=bf16, capacity=0.5)
+        layer_case(device, "fp32 with padding", dtype=fp32, pad=True)
 
     # an LM: training through moekit's loop, then generation
     import tempfile
@@ -359,9 +383,10 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
             return run
 
         def fwd_only(fwd, x=x):
+            # the training forward (autograd on, activations kept for a backward), not an
+            # inference forward under no_grad, which skips that work and flattered the figure
             def run():
-                with torch.no_grad():
-                    fwd(x)
+                fwd(x.detach().requires_grad_(True))
 
             return run
 
@@ -386,7 +411,7 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
                 "fwd_bwd_tflops": round(3 * flops_fwd / train_ms[name] / 1e9, 1),
             }
         summary = "; ".join(
-            f"{n} fwd {r['fwd_ms']:.2f} ms ({r['fwd_tflops']} TF/s) "
+            f"{n} training fwd {r['fwd_ms']:.2f} ms ({r['fwd_tflops']} TF/s) "
             f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms ({r['fwd_bwd_tflops']} TF/s, "
             f"{train_ms[n] / train_ms['moekit']:.2f}x moekit)"
             for n, r in rows.items()
@@ -516,7 +541,7 @@ def section_train(device: torch.device, args: argparse.Namespace) -> None:
     flops = 3 * counts.flops_per_token * n_tokens
     tflops = flops / ms / 1e9
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peak = peak_bf16_tflops(name)
     mfu = f"{100 * tflops / peak:.1f}% of {peak:g}" if peak else "n/a"
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     report(

@@ -22,3 +22,37 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
     assert {"correct", "layer", "train", "decode"} <= sections
     assert not [r for r in results if r["status"] == "FAIL"]
     assert sum(r["status"] == "PASS" for r in results) >= 10
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_peaks_match_the_part_not_a_variant_of_its_name():
+    """Issue 32: an "H200 NVL" was credited with the H200 SXM's peak."""
+    bench = _bench()
+    assert bench.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_bf16_tflops("NVIDIA H200 NVL") is None
+    assert bench.peak_bf16_tflops("NVIDIA H100 PCIe") is None
+    assert bench.peak_bf16_tflops("cpu") is None
+
+
+def test_the_correctness_section_leaves_tf32_as_it_found_it():
+    """Issue 32: the section turned TF32 on for the sections after it."""
+    import torch
+
+    bench = _bench()
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for setting in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = setting
+            with bench.exact_fp32_matmuls():
+                assert torch.backends.cuda.matmul.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is setting
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
