@@ -148,3 +148,29 @@ def _expert_bytes(model) -> int:
 
     bank = moe_layers(model)[0].experts
     return (bank.w_in_EDH[0].numel() + bank.w_out_EHD[0].numel()) * bank.w_in_EDH.element_size()
+
+
+def test_a_family_finds_its_mixer_by_class_and_refuses_other_kinds(tmp_path):
+    """Export finds the recurrent mixer by its class, whatever the pattern calls it, and refuses
+    a hybrid whose blocks hold a mixer kind the family does not have, naming it."""
+    import dataclasses
+
+    from moekit.interop import to_hf
+    from moekit.models.transformer.layout import TokenMixerLayout
+    from tests.models.test_hybrid import hybrid_config
+
+    hf = FAMILIES["qwen3_next"]()
+    model = from_hf(hf).eval()
+    layout = model.config.token_mixers
+    renamed = TokenMixerLayout(
+        pattern=["deltanet" if n != "attention" else n for n in layout.pattern],
+        mixers={"deltanet": next(iter(layout.mixers.values()))},
+    )
+    model.config = dataclasses.replace(model.config, token_mixers=renamed)
+    to_hf(model, tmp_path / "renamed", "qwen3_next")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "renamed").eval()
+    with torch.no_grad():
+        assert (reloaded(TOKENS).logits - hf(TOKENS).logits).abs().max() <= 1e-5
+    mixed = hybrid_config().build()
+    with pytest.raises(ValueError, match=r"GatedDeltaNetConfig blocks only; this one has Mamba2"):
+        to_hf(mixed, tmp_path / "mixed", "qwen3_next")

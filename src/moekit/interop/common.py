@@ -300,3 +300,25 @@ def time_step_limits(hf: dict[str, Any]) -> tuple[float, float]:
 def time_step_limit_to_hf(mixer: Any) -> list[float]:
     """``Mamba2Config``'s ``dt_min``/``dt_max`` as HF's ``time_step_limit``."""
     return [mixer.dt_min, mixer.dt_max or math.inf]
+
+
+def recurrent_mixer(config: Any, kind: type, family: str) -> Any:
+    """The one recurrent token mixer config of ``kind`` a hybrid family's blocks use (found by
+    class, whatever the pattern calls it), or ``None`` for an attention-only model. A family has
+    one config for all its recurrent blocks: another kind, or two different configs, is refused
+    by name."""
+    layout = getattr(config, "token_mixers", None)
+    if layout is None:
+        return None
+    used = {layout.name_of_layer(i) for i in range(config.n_layers)}
+    mixers = [layout.mixers[n] for n in sorted(used) if n in layout.mixers]
+    foreign = sorted({type(m).__name__ for m in mixers if not isinstance(m, kind)})
+    if foreign:
+        raise ValueError(
+            f"a {family} model mixes attention with {kind.__name__} blocks only; this one has "
+            + ", ".join(foreign)
+        )
+    distinct = [m for i, m in enumerate(mixers) if m not in mixers[:i]]
+    if len(distinct) > 1:
+        raise ValueError(f"a {family} model has one {kind.__name__} for every recurrent block")
+    return distinct[0] if distinct else None

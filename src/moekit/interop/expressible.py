@@ -210,7 +210,9 @@ def function_fields(config: Any, prefix: str = "") -> dict[str, Any]:
         if name in _NOT_FUNCTION:
             continue
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if hasattr(value, "per_block"):  # a token-mixer layout: what each block runs, not names
+            out[name] = value.per_block(config.n_layers)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             out.update(function_fields(value, f"{name}."))
         else:
             out[name] = value.value if isinstance(value, enum.Enum) else value

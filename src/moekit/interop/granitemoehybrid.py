@@ -22,17 +22,11 @@ MAMBA = "linear_attention"  # the pattern's name for the Mamba2 blocks
 _MAMBA_TENSORS = ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight")
 
 
-def _mamba(config: TransformerConfig) -> Mamba2Config | None:
-    layout = config.token_mixers
-    mixer = None if layout is None else layout.mixers.get(MAMBA)
-    return mixer if isinstance(mixer, Mamba2Config) else None
-
-
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     maps = granitemoe.keymaps(config, shared=True)
     attention = tuple(i for i in range(config.n_layers) if config.is_attention_layer(i))
     mamba = tuple(i for i in range(config.n_layers) if i not in attention)
-    mixer = _mamba(config)
+    mixer = common.recurrent_mixer(config, Mamba2Config, "Granite-4.0-H")
     extra: list[Entry] = []
     if mixer is not None:
         names = [*_MAMBA_TENSORS, "out_proj.weight"]
@@ -118,10 +112,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     out = granitemoe.config_to_hf(config, shared=True)
-    layout = config.token_mixers
-    if layout is not None and any(not isinstance(m, Mamba2Config) for m in layout.mixers.values()):
-        raise ValueError("a Granite-4.0-H model mixes attention with Mamba2 only")
-    mixer = _mamba(config) or Mamba2Config()
+    mixer = common.recurrent_mixer(config, Mamba2Config, "Granite-4.0-H") or Mamba2Config()
     return {
         **out,
         "architectures": ["GraniteMoeHybridForCausalLM"],

@@ -52,7 +52,7 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
                 f"{layer}.attn.{ours}.weight", f"{hf}.self_attn.{theirs}.weight", layers=attention
             )
         )
-    mixer = _short_conv(config)
+    mixer = common.recurrent_mixer(config, ShortConvConfig, "LFM2-MoE")
     for part in ("in_proj", "conv", "out_proj"):
         names = ("weight", "bias") if mixer is not None and mixer.bias else ("weight",)
         for tensor in names:
@@ -72,12 +72,6 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         )
     experts = common.routed_experts(f"{ffn}.experts", names=("w1", "w3", "w2"))
     return {name: [*entries, *mapped] for name, mapped in experts.items()}
-
-
-def _short_conv(config: TransformerConfig) -> ShortConvConfig | None:
-    layout = config.token_mixers
-    mixer = None if layout is None else layout.mixers.get(CONV)
-    return mixer if isinstance(mixer, ShortConvConfig) else None
 
 
 def _layer_types(value: Any) -> bool:
@@ -149,17 +143,12 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe = common.moe_layer(config, "LFM2-MoE")
     router = cast(TopKRouterConfig, moe.router)
-    mixer = _short_conv(config) or ShortConvConfig()
+    mixer = common.recurrent_mixer(config, ShortConvConfig, "LFM2-MoE") or ShortConvConfig()
     attention = common.attention_to_hf(config)
     attention["norm_eps"] = attention.pop("rms_norm_eps")
     attention.pop("hidden_act", None)
     if config.attention.qk_norm is not QKNorm.HEAD:
         raise ValueError("an LFM2-MoE model has per-head RMSNorm on queries and keys")
-    layout = config.token_mixers
-    if layout is not None and any(
-        not isinstance(m, ShortConvConfig) for m in layout.mixers.values()
-    ):
-        raise ValueError("an LFM2-MoE model mixes attention with short convolutions only")
     return {
         **attention,
         "architectures": ["Lfm2MoeForCausalLM"],

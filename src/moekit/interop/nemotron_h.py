@@ -88,7 +88,7 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
                 layers=by.get("full_attention", ()),
             )
         )
-    mamba = _mamba(config)
+    mamba = common.recurrent_mixer(config, Mamba2Config, "Nemotron-H")
     if mamba is not None:
         names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight"]
         names += ["out_proj.weight"] + (["conv1d.bias"] if mamba.conv_bias else [])
@@ -143,12 +143,6 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         ],
     }
     return {name: [*entries, *mapped] for name, mapped in layouts.items()}
-
-
-def _mamba(config: TransformerConfig) -> Mamba2Config | None:
-    layout = config.token_mixers
-    mixer = None if layout is None else layout.mixers.get(MAMBA)
-    return mixer if isinstance(mixer, Mamba2Config) else None
 
 
 def _block_types(value: Any) -> bool:
@@ -301,7 +295,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
                 "and a channel mixer; a Nemotron-H block holds exactly one sublayer"
             )
     router = cast(TopKRouterConfig, moe.router)
-    mamba = _mamba(config) or Mamba2Config()
+    mamba = common.recurrent_mixer(config, Mamba2Config, "Nemotron-H") or Mamba2Config()
     shared = moe.shared_experts
     return {
         "architectures": ["NemotronHForCausalLM"],

@@ -81,7 +81,7 @@ def _rows_split(first: int, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     maps = qwen3_next.keymaps(config)
-    mixer = qwen3_next.gated_deltanet_of(config)
+    mixer = qwen3_next.gated_deltanet_of(config, "Qwen3.5-MoE")
     _, linear = common.attention_and_recurrent_blocks(config)
     out = {}
     for name, entries in maps.items():

@@ -42,10 +42,11 @@ def _minus_one(w: torch.Tensor) -> torch.Tensor:
     return w - 1.0
 
 
-def gated_deltanet_of(config: TransformerConfig) -> GatedDeltaNetConfig | None:
-    layout = config.token_mixers
-    mixer = None if layout is None else layout.mixers.get(LINEAR)
-    return mixer if isinstance(mixer, GatedDeltaNetConfig) else None
+def gated_deltanet_of(
+    config: TransformerConfig, family: str = "Qwen3-Next"
+) -> GatedDeltaNetConfig | None:
+    """The Gated DeltaNet config of the model's recurrent blocks (``None``: attention only)."""
+    return common.recurrent_mixer(config, GatedDeltaNetConfig, family)
 
 
 def _grouped_layout(mixer: GatedDeltaNetConfig):
@@ -227,11 +228,6 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     router = cast(TopKRouterConfig, moe.router)
     shared = moe.shared_experts
     mixer = gated_deltanet_of(config) or GatedDeltaNetConfig()
-    layout = config.token_mixers
-    if layout is not None and any(
-        not isinstance(m, GatedDeltaNetConfig) for m in layout.mixers.values()
-    ):
-        raise ValueError("a Qwen3-Next model mixes attention with Gated DeltaNet only")
     return {
         **common.attention_to_hf(config),
         "architectures": ["Qwen3NextForCausalLM"],

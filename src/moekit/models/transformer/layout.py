@@ -75,6 +75,18 @@ class TokenMixerLayout:
         name = self.name_of_layer(index)
         return None if name in (ATTENTION, NONE) else self.mixers[name]
 
+    def per_block(self, n_layers: int) -> tuple[tuple[Any, bool], ...]:
+        """What each of ``n_layers`` blocks runs, names aside: ``(its token mixer: "attention",
+        "none" or the recurrent mixer's config, whether it has a channel mixer)``. Two layouts
+        with equal ``per_block`` compute the same."""
+        return tuple(
+            (
+                self.mixers.get(self.name_of_layer(i), self.name_of_layer(i)),
+                self.has_channel_mixer(i),
+            )
+            for i in range(n_layers)
+        )
+
     def has_channel_mixer(self, index: int) -> bool:
         return self.channel is None or self.channel[index % len(self.channel)] == FFN
 
