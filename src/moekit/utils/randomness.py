@@ -95,6 +95,18 @@ def keyed_randomness_active() -> bool:
     return _ACTIVE.get() is not None
 
 
+def _draw_site(keys: _Keys, module: nn.Module, name: str) -> int:
+    """The hash of (seed, step, the module's place in the model, the draw's name)."""
+    site = keys.sites.get(id(module))
+    if site is None:
+        raise ValueError(
+            f"{type(module).__name__} draws randomness but is not part of the model given to "
+            "token_randomness()"
+        )
+    base = _mix_int(_mix_int(_mix_int(keys.seed & _MASK) ^ (keys.step & _MASK)) ^ site)
+    return _mix_int(base ^ zlib.crc32(name.encode()))
+
+
 def _bits(
     module: nn.Module, name: str, shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
@@ -108,14 +120,7 @@ def _bits(
             "rows; keyed randomness needs every layer to see whole rows"
         )
     per_row = T // keys.rows
-    site = keys.sites.get(id(module))
-    if site is None:
-        raise ValueError(
-            f"{type(module).__name__} draws randomness but is not part of the model given to "
-            "token_randomness()"
-        )
-    base = _mix_int(_mix_int(_mix_int(keys.seed & _MASK) ^ (keys.step & _MASK)) ^ site)
-    base = _mix_int(base ^ zlib.crc32(name.encode()))
+    base = _draw_site(keys, module, name)
     token_T = torch.arange(T, device=device, dtype=torch.int64) + keys.row_offset * per_row
     columns = math.prod(shape[1:])
     col_C = torch.arange(columns, device=device, dtype=torch.int64)
@@ -212,14 +217,7 @@ def dropout_rows(a_MH: torch.Tensor, p: float, module: nn.Module, name: str) -> 
         return nn.functional.dropout(a_MH, p, training=True)
     if keys_M.shape[0] != a_MH.shape[0]:
         raise ValueError(f"{keys_M.shape[0]} row names for {a_MH.shape[0]} rows")
-    site = active.sites.get(id(module))
-    if site is None:
-        raise ValueError(
-            f"{type(module).__name__} draws randomness but is not part of the model given to "
-            "token_randomness()"
-        )
-    base = _mix_int(_mix_int(_mix_int(active.seed & _MASK) ^ (active.step & _MASK)) ^ site)
-    base = _mix_int(base ^ zlib.crc32(name.encode()))
+    base = _draw_site(active, module, name)
     H = a_MH.shape[1]
     col_H = torch.arange(H, device=a_MH.device, dtype=torch.int64)
     h_M = _mix(_mix(keys_M & _MASK) ^ (keys_M >> 32) ^ base)
