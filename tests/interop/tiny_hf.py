@@ -53,19 +53,19 @@ FAMILIES = {
 }
 
 
-def qwen_or_olmoe(name):
+def qwen_or_olmoe(name, vocab_size=64, **options):
     """A tiny random Qwen2-MoE, Qwen3-MoE or OLMoE model (``FAMILIES``), eval mode."""
     config_cls, model_cls, extra = FAMILIES[name]
-    config = getattr(transformers, config_cls)(
-        vocab_size=64,
+    shape = dict(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         num_experts_per_tok=2,
-        **extra,
     )
+    config = getattr(transformers, config_cls)(**{**shape, **extra, **options})
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():

@@ -15,6 +15,7 @@ from moekit.cli import (
     demo,
     evaluate,
     example,
+    export_gguf,
     finetune,
     generate,
     inspect,
@@ -43,6 +44,7 @@ SUBCOMMANDS = {
     "prune": prune,
     "merge": merge,
     "quantize": quantize,
+    "export-gguf": export_gguf,
     "example": example,
     "classic": classic,
 }

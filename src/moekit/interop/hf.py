@@ -388,14 +388,10 @@ def _to_hf_seq2seq(model: EncoderDecoderLM, directory: str | os.PathLike, family
     return write_folder_atomically(directory, write)
 
 
-def to_hf(
-    model: TransformerLM | EncoderDecoderLM, directory: str | os.PathLike, family: str
-) -> Path:
-    """Write ``model`` as an HF checkpoint of ``family`` (per-expert layout, safetensors)."""
-    if isinstance(model, EncoderDecoderLM):
-        return _to_hf_seq2seq(model, directory, family)
-    if family in SEQ2SEQ_FAMILIES:
-        raise ValueError(f"{family!r} is an encoder–decoder family; this model is decoder-only")
+def hf_state(model: TransformerLM, family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``model`` as decoder family ``family``'s ``config.json`` dict and per-expert state dict
+    (CPU tensors), in memory; refused by name (``export_refusal``) where the family cannot
+    express the model."""
     fam = _family(family)
     config = fold_uniform_expert_counts(model.config)  # a uniformly pruned model is a family's
     problems = export_problems(config, fam.config_to_hf, fam.config_from_hf)
@@ -410,6 +406,18 @@ def to_hf(
         moe_layers=moe_layers,
         num_experts=config.moe.num_experts,
     )
+    return hf_config, state
+
+
+def to_hf(
+    model: TransformerLM | EncoderDecoderLM, directory: str | os.PathLike, family: str
+) -> Path:
+    """Write ``model`` as an HF checkpoint of ``family`` (per-expert layout, safetensors)."""
+    if isinstance(model, EncoderDecoderLM):
+        return _to_hf_seq2seq(model, directory, family)
+    if family in SEQ2SEQ_FAMILIES:
+        raise ValueError(f"{family!r} is an encoder–decoder family; this model is decoder-only")
+    hf_config, state = hf_state(model, family)
 
     def write(folder: Path) -> None:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
