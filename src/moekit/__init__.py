@@ -38,6 +38,12 @@ from moekit.routing import (
     TopKRouterConfig,
     TopPRouterConfig,
 )
+from moekit.routing.engine_routes import (
+    TokenRoutes,
+    batch_routes,
+    routes_from_sglang,
+    routes_from_vllm,
+)
 from moekit.routing.result import RoutingResult
 from moekit.routing.topk import TopKRouter
 from moekit.routing.trace import RoutingTrace
@@ -76,13 +82,17 @@ __all__ = [
     "SharedExperts",
     "SoftRouterConfig",
     "SparseMixerRouterConfig",
+    "TokenRoutes",
     "TokenTableRouterConfig",
     "TopKRouter",
     "TopKRouterConfig",
     "TopPRouterConfig",
+    "batch_routes",
     "collect_moe_outputs",
     "record_routing",
     "replay_routing",
+    "routes_from_sglang",
+    "routes_from_vllm",
     "serving",
     "set_statistics",
     "set_top_k",

@@ -32,6 +32,7 @@ from torch import nn
 
 from moekit.layers.moe import MoE, MoEOutput
 from moekit.layers.statistics import RoutingStats
+from moekit.routing.engine_routes import TokenRoutes
 from moekit.routing.result import RoutingResult
 from moekit.routing.topk import TopKRouter
 from moekit.routing.trace import RoutingTrace
@@ -131,24 +132,33 @@ def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
 
 
 @contextmanager
-def replay_routing(model: nn.Module, trace: RoutingTrace) -> Iterator[None]:
-    """Inside the block, every token-choice top-k router takes the trace's experts, call by
-    call in recorded order; combine weights come from the live router (gradients flow)."""
+def replay_routing(model: nn.Module, trace: RoutingTrace | TokenRoutes) -> Iterator[None]:
+    """Inside the block, every token-choice top-k router takes replayed experts; the combine
+    weights come from the live router's scores at those experts (gradients reach each one).
+
+    Args:
+        model: the model whose routers replay.
+        trace: a :class:`RoutingTrace` (moekit's own record, replayed call by call in recorded
+            order) or :class:`~moekit.routing.engine_routes.TokenRoutes` (an engine's routes,
+            ``(B, S, L, K)``, keyed by token position: the same routes under activation
+            checkpointing and any micro-batching; ``-1`` routes a token live). Run the
+            backward inside the block when activation checkpointing recomputes the forward.
+
+    Raises:
+        ValueError: a trace of other routers, or routes whose layer count, ``k``, expert ids or
+            token count do not fit the model (each named).
+    """
+    if isinstance(trace, TokenRoutes):
+        with _replay_token_routes(model, trace):
+            yield
+        return
     routers = moe_routers(model)
     if [int(m.num_experts) for _, m in routers] != trace.num_experts:
         raise ValueError(
             f"the trace was recorded on routers with {trace.num_experts} experts; this model's "
             f"have {[int(m.num_experts) for _, m in routers]} (a trace from another model?)"
         )
-    from moekit.routing.sparsemixer import SparseMixerRouter
-
-    topk: list[tuple[str, TopKRouter | SparseMixerRouter]] = []
-    for name, router in routers:
-        if not isinstance(router, TopKRouter | SparseMixerRouter):
-            raise ValueError(
-                f"{name} is a {type(router).__name__}; replay needs token-choice top-k routers"
-            )
-        topk.append((name, router))
+    topk = _replayable(routers)
     for r, (name, router) in enumerate(topk):
         calls = iter(trace.expert_idx[r])
 
@@ -159,6 +169,87 @@ def replay_routing(model: nn.Module, trace: RoutingTrace) -> Iterator[None]:
                 raise ValueError(f"{name} is called more often than the trace recorded") from None
 
         router.forced_routes = next_routes
+    try:
+        yield
+    finally:
+        for _, router in topk:
+            router.forced_routes = None
+
+
+def _replayable(routers: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    from moekit.routing.sparsemixer import SparseMixerRouter
+
+    for name, router in routers:
+        if not isinstance(router, TopKRouter | SparseMixerRouter):
+            raise ValueError(
+                f"{name} is a {type(router).__name__}; replay needs token-choice top-k routers"
+            )
+    return routers
+
+
+def _moe_block_indices(model: nn.Module, count: int) -> list[int] | None:
+    """Block index of each MoE layer, when the model says (a decoder's ``config``)."""
+    config = getattr(model, "config", None)
+    moe = getattr(config, "moe", None)
+    n_layers = getattr(config, "n_layers", None)
+    if moe is None or n_layers is None or not hasattr(moe, "is_moe_layer"):
+        return None
+    layers = [i for i in range(n_layers) if moe.is_moe_layer(i)]
+    return layers if len(layers) == count else None
+
+
+@contextmanager
+def _replay_token_routes(model: nn.Module, routes: TokenRoutes) -> Iterator[None]:
+    from moekit.routing.sparsemixer import SparseMixerRouter
+    from moekit.utils.randomness import active_rows
+
+    topk = _replayable(moe_routers(model))
+    if not topk:
+        raise ValueError("the model has no routers to replay")
+    L = routes.num_layers
+    blocks = _moe_block_indices(model, len(topk))
+    n_layers = getattr(getattr(model, "config", None), "n_layers", None)
+    if len(topk) == L:
+        layer_of = list(range(L))
+    elif blocks is not None and n_layers == L:
+        layer_of = blocks  # the engine's rows cover every layer; take the MoE layers'
+    else:
+        raise ValueError(
+            f"the routes have {L} layers; this model has {len(topk)} MoE layers"
+            + (f" of {n_layers} blocks" if n_layers is not None else "")
+            + ": routes from another model?"
+        )
+    ids = routes.expert_idx_BSLK
+    for (name, router), layer in zip(topk, layer_of, strict=True):
+        if routes.top_k != router.top_k:
+            raise ValueError(
+                f"the routes have k={routes.top_k} experts per token; {name} routes "
+                f"top_k={router.top_k}"
+            )
+        chosen = ids[:, :, layer]
+        top = int(chosen.max()) if chosen.numel() else -1
+        low = int(chosen.min()) if chosen.numel() else -1
+        if top >= router.num_experts or low < -1:
+            raise ValueError(
+                f"layer {layer} of the routes names expert {top if low >= -1 else low}; {name} has "
+                f"{router.num_experts} experts (ids 0..{router.num_experts - 1}, -1 = live)"
+            )
+        if isinstance(router, SparseMixerRouter) and bool((chosen < 0).any()):
+            raise ValueError(f"{name} is a SparseMixer router: every token needs replayed routes")
+    B, S = ids.shape[:2]
+    for (name, router), layer in zip(topk, layer_of, strict=True):
+
+        def routes_of_call(num_tokens: int, layer=layer, name=name) -> torch.Tensor:
+            place = active_rows()
+            offset, rows = (0, B) if place is None else place
+            if offset + rows > B or num_tokens != rows * S:
+                raise ValueError(
+                    f"{name} routes {num_tokens} tokens, but the replayed routes hold rows "
+                    f"{offset}..{offset + rows - 1} of {B} × {S} tokens: a token count mismatch"
+                )
+            return ids[offset : offset + rows, :, layer].reshape(rows * S, -1)
+
+        router.forced_routes = routes_of_call
     try:
         yield
     finally:

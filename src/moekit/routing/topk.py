@@ -230,7 +230,9 @@ class TopKRouter(RouterBase):
                 f"the replayed routes are {tuple(expert_idx_TK.shape)} but this call routes "
                 f"{scores_TE.shape[0]} tokens to top_k={self.top_k} experts"
             )
-        return expert_idx_TK
+        # a row with -1 (a token the engine did not route: the last one, padding) routes live
+        live_T1 = (expert_idx_TK < 0).any(dim=-1, keepdim=True)
+        return torch.where(live_T1, self._select(scores_TE), expert_idx_TK)
 
     def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Indices of the K chosen experts, ``(T, K)``: bias-shifted, group-limited top-K."""

@@ -95,6 +95,14 @@ def keyed_randomness_active() -> bool:
     return _ACTIVE.get() is not None
 
 
+def active_rows() -> tuple[int, int] | None:
+    """``(row_offset, rows)`` of the micro-batch inside :func:`token_randomness` (its place in
+    the step's global batch), or ``None`` outside it. Replayed engine routes
+    (``moekit.routing.engine_routes``) use it to pick a micro-batch's rows."""
+    keys = _ACTIVE.get()
+    return None if keys is None else (keys.row_offset, keys.rows)
+
+
 def _draw_site(keys: _Keys, module: nn.Module, name: str) -> int:
     """The hash of (seed, step, the module's place in the model, the draw's name)."""
     site = keys.sites.get(id(module))
