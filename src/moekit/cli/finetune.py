@@ -69,6 +69,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="also write the LoRA adapters in the PEFT format for the --from-hf model "
         "(peft.PeftModel.from_pretrained loads them); LoRA-only runs",
     )
+    parser.add_argument(
+        "--peft-layout",
+        default="peft",
+        choices=("peft", "peft-0.18", "per-expert"),
+        help="expert factors in --export-peft: 'peft' (PEFT 0.19.1 and later), 'peft-0.18' "
+        "(PEFT 0.18.0-0.19.0), 'per-expert' (each expert's projections, what vLLM serves)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -191,8 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
         if args.from_hf is None:
             raise ValueError("--export-peft needs --from-hf: PEFT adapters belong to an HF model")
-        export_peft_adapter(result.model, args.from_hf, args.export_peft)
-        print(f"wrote {args.export_peft} (PEFT LoRA adapter for {args.from_hf})")
+        export_peft_adapter(result.model, args.from_hf, args.export_peft, layout=args.peft_layout)
+        print(
+            f"wrote {args.export_peft} (PEFT LoRA adapter for {args.from_hf}, "
+            f"{args.peft_layout} layout)"
+        )
     if args.export_hf is not None:
         _export(result.model, args, config)
     print(f"run folder: {result.out_dir}")

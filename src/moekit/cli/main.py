@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Sequence
 
 from moekit.cli import (
+    adapter,
     classic,
     consolidate,
     convert,
@@ -45,6 +46,7 @@ SUBCOMMANDS = {
     "merge": merge,
     "quantize": quantize,
     "export-gguf": export_gguf,
+    "adapter": adapter,
     "example": example,
     "classic": classic,
 }

@@ -214,10 +214,31 @@ def _check_base_unchanged(model: torch.nn.Module, hf_model: torch.nn.Module) -> 
 
 
 def export_peft_adapter(
-    model: torch.nn.Module, hf_folder: str | os.PathLike, directory: str | os.PathLike
+    model: torch.nn.Module,
+    hf_folder: str | os.PathLike,
+    directory: str | os.PathLike,
+    *,
+    layout: str = "peft",
 ) -> Path:
-    """Write ``model``'s LoRA adapters as a PEFT adapter folder for the model in ``hf_folder``."""
+    """Write ``model``'s LoRA adapters as a PEFT adapter folder for the model in ``hf_folder``.
+
+    Args:
+        model: a moekit model with LoRA adapters, imported from ``hf_folder``.
+        hf_folder: the Hugging Face folder the model came from (unchanged base weights).
+        directory: the adapter folder to write.
+        layout: the expert factors' layout (``moekit.interop.adapter_layouts``): ``peft``
+            (PEFT 0.19.1 and later), ``peft-0.18`` (PEFT 0.18.0–0.19.0) or ``per-expert``
+            (each expert's projections as modules, what vLLM serves).
+    """
     import json
+
+    from moekit.interop.adapter_layouts import ExpertAdapterLayout
+
+    try:
+        wanted = ExpertAdapterLayout(layout)
+    except ValueError:
+        choices = ", ".join(x.value for x in ExpertAdapterLayout)
+        raise ValueError(f"layout must be one of {choices}, got {layout!r}") from None
 
     import peft
     import transformers
@@ -304,7 +325,25 @@ def export_peft_adapter(
         )
     directory = Path(directory)
     peft_model.save_pretrained(str(directory))
+    _relayout(directory, wanted, family)
     return directory
+
+
+def _relayout(directory: Path, wanted: Any, family: str) -> None:
+    """Rewrite the adapter PEFT just saved in ``wanted``'s expert layout (a no-op when the
+    installed PEFT writes that one, or there are no expert factors)."""
+    from moekit.interop.adapter_layouts import (
+        convert_adapter,
+        installed_peft_layout,
+        read_adapter,
+        write_adapter,
+    )
+
+    adapter = read_adapter(directory)
+    written = installed_peft_layout()
+    if wanted is written or not adapter.target_parameters:
+        return
+    write_adapter(convert_adapter(adapter, wanted, family=family, source=written), directory)
 
 
 def _set_factors(peft_layer: Any, A: torch.Tensor, B: torch.Tensor) -> None:
