@@ -115,15 +115,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     report = [s for s in (1, 2, 5, 10, 20, 50, 100) if s <= args.steps]
-    print("share of routes that differ from the rollout's, without replay (mean, min-max of "
-          f"{args.seeds} seeds)")
+    print(
+        "share of routes that differ from the rollout's, without replay (mean, min-max of "
+        f"{args.seeds} seeds)"
+    )
     for lr in args.lr:
         runs = [run(seed, lr, args.steps, report) for seed in range(args.seeds)]
         for step in report:
             sets = [r[step][0] for r in runs]
             tokens = [r[step][1] for r in runs]
+            mean_sets = 100 * statistics.mean(sets)
             print(
-                f"lr {lr:g} step {step:>3}: (token, layer) sets {100 * statistics.mean(sets):5.1f} % "
+                f"lr {lr:g} step {step:>3}: (token, layer) sets {mean_sets:5.1f} % "
                 f"({100 * min(sets):.1f}-{100 * max(sets):.1f}); tokens with any layer changed "
                 f"{100 * statistics.mean(tokens):5.1f} % ({100 * min(tokens):.1f}-"
                 f"{100 * max(tokens):.1f})"

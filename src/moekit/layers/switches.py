@@ -237,6 +237,8 @@ def _replay_token_routes(model: nn.Module, routes: TokenRoutes) -> Iterator[None
         if isinstance(router, SparseMixerRouter) and bool((chosen < 0).any()):
             raise ValueError(f"{name} is a SparseMixer router: every token needs replayed routes")
     B, S = ids.shape[:2]
+    # on the model's device once: no host-to-device copy per router call
+    ids = ids.to(next(iter(topk[0][1].parameters())).device)
     for (name, router), layer in zip(topk, layer_of, strict=True):
 
         def routes_of_call(num_tokens: int, layer=layer, name=name) -> torch.Tensor:

@@ -158,7 +158,9 @@ def batch_routes(sequences: Sequence[torch.Tensor], seq_len: int) -> TokenRoutes
     if not sequences:
         raise ValueError("batch_routes needs at least one sequence")
     shape = tuple(sequences[0].shape[1:])
-    out = torch.full((len(sequences), seq_len, *shape), -1, dtype=torch.int64)
+    out = torch.full(
+        (len(sequences), seq_len, *shape), -1, dtype=torch.int64, device=sequences[0].device
+    )
     for b, routes in enumerate(sequences):
         if tuple(routes.shape[1:]) != shape:
             raise ValueError(
