@@ -16,7 +16,8 @@ from moekit.interop.gguf_export import (
     gguf_problems,
 )
 from moekit.interop.hf import from_hf, hf_state
-from tests.interop.tiny_hf import mixtral, qwen_or_olmoe
+from tests.interop.tiny_families import deepseek_v2
+from tests.interop.tiny_hf import deepseek_v3, gpt_oss, mixtral, qwen_or_olmoe
 
 gguf = pytest.importorskip("gguf")
 
@@ -26,13 +27,22 @@ RUNNABLE = {
     "qwen2_moe": {"decoder_sparse_step": 1},
     "olmoe": {"num_key_value_heads": 4},
     "mixtral": {},
+    "deepseek_v3": {},
+    "deepseek_v2": {"n_group": 1, "topk_group": 1, "topk_method": "greedy"},
+    "gpt_oss": {},
+}
+BUILDERS = {
+    "mixtral": mixtral,
+    "deepseek_v3": deepseek_v3,
+    "deepseek_v2": deepseek_v2,
+    "gpt_oss": gpt_oss,
 }
 
 
 def tiny(family: str, **options):
     options = {**RUNNABLE[family], **options}
-    if family == "mixtral":
-        return from_hf(mixtral(vocab_size=256, **options)).eval()
+    if family in BUILDERS:
+        return from_hf(BUILDERS[family](vocab_size=256, **options)).eval()
     return from_hf(qwen_or_olmoe(family, vocab_size=256, **options)).eval()
 
 
@@ -70,7 +80,16 @@ def test_every_tensor_reads_back_as_its_source(tmp_path, family):
             experts.setdefault(f"blk.{layer}.ffn_{kind}_exps.weight", {})[e] = value
     for name, stacked in experts.items():
         expected[name] = torch.stack([stacked[e] for e in sorted(stacked)])
-    assert experts, "no expert tensors found"
+    if family == "gpt_oss":  # stacked (E, D, 2I), gate and up interleaved in the columns
+        for layer in range(2):
+            both = state[f"model.layers.{layer}.mlp.experts.gate_up_proj"].transpose(1, 2)
+            expected[f"blk.{layer}.ffn_gate_exps.weight"] = both[:, ::2]
+            expected[f"blk.{layer}.ffn_up_exps.weight"] = both[:, 1::2]
+            expected[f"blk.{layer}.ffn_down_exps.weight"] = state[
+                f"model.layers.{layer}.mlp.experts.down_proj"
+            ].transpose(1, 2)
+    else:
+        assert experts, "no expert tensors found"
     for name, want in expected.items():
         got, kind = tensors[name]
         assert kind == gguf.GGMLQuantizationType.F32
@@ -79,22 +98,34 @@ def test_every_tensor_reads_back_as_its_source(tmp_path, family):
     assert sum(int(np.prod(t.shape)) for t in reader.tensors) == sum(
         v.numel() for v in state.values()
     )
+    np.testing.assert_array_equal(
+        tensors["token_embd.weight"][0], state["model.embed_tokens.weight"].numpy()
+    )
+    arch = GGUF_ARCHS[family].name
+    assert field(reader, "general.architecture") == arch
+    assert field(reader, f"{arch}.expert_used_count") == 2
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert len(field(reader, "tokenizer.ggml.tokens")) == 256
+    if family.startswith("deepseek"):  # kv_b_proj split per head into k_b (transposed), v_b
+        heads, nope = hf_config["num_attention_heads"], hf_config["qk_nope_head_dim"]
+        kv_b = state["model.layers.1.self_attn.kv_b_proj.weight"].view(
+            heads, -1, 8 if family == "deepseek_v2" else 16
+        )
+        np.testing.assert_array_equal(
+            tensors["blk.1.attn_k_b.weight"][0], kv_b[:, :nope].transpose(1, 2).numpy()
+        )
+        np.testing.assert_array_equal(tensors["blk.1.attn_v_b.weight"][0], kv_b[:, nope:].numpy())
+        assert field(reader, f"{arch}.attention.head_count_kv") == 1
+        assert field(reader, f"{arch}.leading_dense_block_count") == 1
+        return
     q = state["model.layers.0.self_attn.q_proj.weight"]
     k = state["model.layers.0.self_attn.k_proj.weight"]
     if GGUF_ARCHS[family].rope_permute:  # llama's GPT-J pairs: rows permuted per head
         q, k = _permute_rope(q, n_head), _permute_rope(k, n_kv)
     np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"][0], q.numpy())
     np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"][0], k.numpy())
-    np.testing.assert_array_equal(
-        tensors["token_embd.weight"][0], state["model.embed_tokens.weight"].numpy()
-    )
-    assert field(reader, "general.architecture") == GGUF_ARCHS[family].name
-    arch = GGUF_ARCHS[family].name
     assert field(reader, f"{arch}.expert_count") == 4
-    assert field(reader, f"{arch}.expert_used_count") == 2
     assert field(reader, f"{arch}.block_count") == 2
-    assert field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert len(field(reader, "tokenizer.ggml.tokens")) == 256
 
 
 @pytest.mark.parametrize("file_type", ["f16", "bf16", "q8_0", "q4_0"])
@@ -143,6 +174,12 @@ def test_refusals_name_what_llama_cpp_cannot_run(tmp_path):
         export_gguf(
             tiny("qwen2_moe", decoder_sparse_step=2), tmp_path / "q.gguf", family="qwen2_moe"
         )
+    with pytest.raises(ValueError, match="group_limited_greedy"):
+        export_gguf(
+            tiny("deepseek_v2", n_group=4, topk_group=2, topk_method="group_limited_greedy"),
+            tmp_path / "d.gguf",
+            family="deepseek_v2",
+        )
     with pytest.raises(ValueError, match="family='gpt2'"):
         export_gguf(tiny("qwen3_moe"), tmp_path / "x.gguf", family="gpt2")
     assert gguf_problems("qwen3_moe", {"num_attention_heads": 4, "norm_topk_prob": False})
@@ -152,6 +189,8 @@ def test_refusals_name_what_llama_cpp_cannot_run(tmp_path):
 def test_auto_family_picks_one_that_runs():
     assert choose_family(tiny("qwen3_moe")) == "qwen3_moe"
     assert choose_family(tiny("qwen2_moe")) == "qwen2_moe"
+    assert choose_family(tiny("gpt_oss")) == "gpt_oss"
+    assert choose_family(tiny("deepseek_v3")) == "deepseek_v3"
 
 
 def _bpe_folder(folder):

@@ -70,10 +70,8 @@ def glm4_moe():
 FAMILIES = {"dots1": dots1, "glm4_moe": glm4_moe}
 
 
-def deepseek_v2():
-    return _build(
-        transformers.DeepseekV2Config,
-        transformers.DeepseekV2ForCausalLM,
+def deepseek_v2(**options):
+    shape = dict(
         num_key_value_heads=4,
         intermediate_size=48,
         moe_intermediate_size=16,
@@ -90,6 +88,9 @@ def deepseek_v2():
         qk_nope_head_dim=8,
         qk_rope_head_dim=4,
         v_head_dim=8,
+    )
+    return _build(
+        transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, **{**shape, **options}
     )
 
 

@@ -89,8 +89,8 @@ YARN = {
 
 def deepseek_v3(**extra):
     """A tiny random DeepSeek-V3 model, eval mode."""
+    extra = {"vocab_size": 64, **extra}
     config = transformers.DeepseekV3Config(
-        vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
         moe_intermediate_size=16,
@@ -121,9 +121,9 @@ def deepseek_v3(**extra):
     return model
 
 
-def gpt_oss():
+def gpt_oss(**options):
     """A tiny random GPT-OSS model, eval mode."""
-    config = transformers.GptOssConfig(
+    shape = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=16,
@@ -136,6 +136,7 @@ def gpt_oss():
         sliding_window=4,
         max_position_embeddings=128,
     )
+    config = transformers.GptOssConfig(**{**shape, **options})
     torch.manual_seed(0)
     model = transformers.GptOssForCausalLM(config).eval()
     with torch.no_grad():

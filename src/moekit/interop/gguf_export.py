@@ -17,9 +17,14 @@ library, ``pip install moekit[gguf]``):
   (``tokenizer.json``) with its merges and special tokens, or moekit's byte tokenizer as a BPE
   of the 256 byte symbols with no merges (the same ids).
 
+- DeepSeek's latent attention goes in as llama.cpp's absorbed form (``kv_b_proj`` split per
+  head into ``attn_k_b``, transposed, and ``attn_v_b``), GPT-OSS's interleaved gate/up
+  columns as separate ``ffn_gate_exps``/``ffn_up_exps`` (``_family_tensors``).
+
 What llama.cpp's graph hard-codes is checked, and a model that differs is refused by name:
 ``qwen3moe`` and ``llama`` renormalise the top-k weights and ``qwen2moe`` and ``olmoe`` do not;
-no architecture here reads a rope scaling or a sliding window from these families' files.
+``deepseek2`` scores expert groups by their two best experts; ``gpt-oss`` slides its window
+on even layers and clamps SwiGLU at 7; only ``deepseek2`` and ``gpt-oss`` read YaRN.
 
 Quantised types: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``
 (those the ``gguf`` package can quantise). K-quants (``q4_k`` …) need llama.cpp's own
@@ -51,15 +56,18 @@ class GGUFArch:
 
     Attributes:
         name: llama.cpp's architecture name (``general.architecture``).
-        norm_topk: whether llama.cpp's graph renormalises the top-k weights (hard-coded there).
+        norm_topk: whether llama.cpp's graph renormalises the top-k weights (hard-coded there);
+            ``None`` where the file says (``expert_weights_norm``) or the family fixes it.
         rope_permute: ``llama``'s GPT-J-style rotary pairs (permute q/k rows per head).
         pre_tokenizer: ``tokenizer.ggml.pre`` for a Hugging Face BPE tokenizer.
+        yarn: whether llama.cpp reads YaRN rope scaling for this architecture from the file.
     """
 
     name: str
-    norm_topk: bool
+    norm_topk: bool | None
     rope_permute: bool = False
     pre_tokenizer: str = "default"
+    yarn: bool = False
 
 
 # Hugging Face family -> llama.cpp architecture
@@ -68,7 +76,11 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "qwen2_moe": GGUFArch("qwen2moe", norm_topk=False, pre_tokenizer="qwen2"),
     "mixtral": GGUFArch("llama", norm_topk=True, rope_permute=True),
     "olmoe": GGUFArch("olmoe", norm_topk=False, pre_tokenizer="olmo"),
+    "deepseek_v3": GGUFArch("deepseek2", None, pre_tokenizer="deepseek-v3", yarn=True),
+    "deepseek_v2": GGUFArch("deepseek2", None, pre_tokenizer="deepseek-llm", yarn=True),
+    "gpt_oss": GGUFArch("gpt-oss", None, pre_tokenizer="gpt-4o", yarn=True),
 }
+DEEPSEEK = ("deepseek_v3", "deepseek_v2")
 
 # types the gguf package can write (name -> GGMLQuantizationType name)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
@@ -104,14 +116,14 @@ def gguf_problems(family: str, hf_config: dict[str, Any]) -> list[str]:
     arch = GGUF_ARCHS[family]
     problems = []
     norm = hf_config.get("norm_topk_prob", family == "mixtral")
-    if bool(norm) != arch.norm_topk:
+    if arch.norm_topk is not None and bool(norm) != arch.norm_topk:
         problems.append(
             f"norm_topk_prob={norm} (llama.cpp's {arch.name} "
             f"{'always renormalises' if arch.norm_topk else 'never renormalises'} the top-k "
             "weights)"
         )
     rope = _rope(hf_config)
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") not in (("default", "yarn") if arch.yarn else ("default",)):
         problems.append(f"rope_scaling={rope} (not written for {arch.name})")
     if hf_config.get("use_sliding_window") or (
         family in ("mixtral",) and hf_config.get("sliding_window")
@@ -126,12 +138,43 @@ def gguf_problems(family: str, hf_config: dict[str, Any]) -> list[str]:
         )
     if family == "olmoe" and hf_config.get("clip_qkv"):
         problems.append(f"clip_qkv={hf_config['clip_qkv']}")
+    problems += _deepseek_problems(hf_config) if family in DEEPSEEK else []
+    if family == "gpt_oss":
+        pattern = ["sliding_attention", "full_attention"] * (hf_config["num_hidden_layers"] // 2)
+        types = hf_config.get("layer_types")
+        if types is not None and list(types) != pattern[: len(types)]:
+            problems.append(
+                f"layer_types={types} (llama.cpp's gpt-oss slides the window on even layers)"
+            )
+        if float(hf_config.get("swiglu_limit", 7.0)) != 7.0:
+            problems.append(f"swiglu_limit={hf_config['swiglu_limit']} (llama.cpp's is 7.0)")
     heads, kv_heads = hf_config["num_attention_heads"], hf_config.get("num_key_value_heads")
     if family == "olmoe" and kv_heads not in (None, heads):
         problems.append(
             f"num_key_value_heads={kv_heads} with num_attention_heads={heads} (llama.cpp's olmoe "
             "normalises keys over d_model: multi-head attention only)"
         )
+    return problems
+
+
+def _deepseek_problems(hf: dict[str, Any]) -> list[str]:
+    """DeepSeek routing llama.cpp's deepseek2 graph does not compute."""
+    problems = []
+    method = hf.get("topk_method", "greedy")
+    groups = int(hf.get("n_group") or 1)
+    if groups > 1 and method != "noaux_tc":
+        problems.append(
+            f"topk_method={method!r} with n_group={groups} (llama.cpp scores a group by its "
+            "two best experts, DeepSeek-V3's noaux_tc; V2's group_limited_greedy takes the best "
+            "one)"
+        )
+    if hf.get(
+        "scoring_func", "sigmoid" if hf["model_type"] == "deepseek_v3" else "softmax"
+    ) not in (
+        "sigmoid",
+        "softmax",
+    ):
+        problems.append(f"scoring_func={hf['scoring_func']!r}")
     return problems
 
 
@@ -184,7 +227,7 @@ def gguf_tensors(
     names = gguf.get_tensor_name_map(arch_enum, int(hf_config["num_hidden_layers"]))
     n_head = int(hf_config["num_attention_heads"])
     n_kv = int(hf_config.get("num_key_value_heads") or n_head)
-    for key, value in _stack_experts(state).items():
+    for key, value in _family_tensors(family, hf_config, _stack_experts(state)):
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{key}: no GGUF name for it in llama.cpp's {arch.name} architecture")
@@ -196,6 +239,44 @@ def gguf_tensors(
         if key.endswith("shared_expert_gate.weight"):
             tensor = tensor.reshape(-1)  # llama.cpp reads it as a vector of d_model
         yield name, tensor
+
+
+def _family_tensors(
+    family: str, hf: dict[str, Any], state: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The Hugging Face tensors as llama.cpp's converter renames and splits them:
+
+    - DeepSeek: ``kv_b_proj`` ``(H·(nope+v), kv_rank)`` split per head into ``k_b_proj``
+      ``(H, kv_rank, nope)`` (transposed, for the absorbed-MLA product) and ``v_b_proj``
+      ``(H, v, kv_rank)``; ``e_score_correction_bias`` as a bias tensor;
+    - GPT-OSS: ``gate_up_proj`` ``(E, D, 2I)`` with gate and up interleaved in its columns
+      split into ``gate_proj``/``up_proj`` ``(E, I, D)``, ``down_proj`` ``(E, I, D)``
+      transposed, the biases split alike, ``sinks`` as a weight.
+    """
+    for key, value in state.items():
+        if family in DEEPSEEK and key.endswith("kv_b_proj.weight"):
+            heads, nope, v = hf["num_attention_heads"], hf["qk_nope_head_dim"], hf["v_head_dim"]
+            kv_b = value.view(heads, nope + v, value.shape[-1])
+            k_b, v_b = torch.split(kv_b, [nope, v], dim=1)
+            yield key.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2).contiguous()
+            yield key.replace("kv_b_proj", "v_b_proj"), v_b.contiguous()
+        elif family in DEEPSEEK and key.endswith("e_score_correction_bias"):
+            yield key.replace("e_score_correction_bias", "e_score_correction.bias"), value
+        elif family == "gpt_oss" and key.endswith("experts.gate_up_proj"):
+            both = value.transpose(-1, -2)  # (E, 2I, D), rows gate, up, gate, up, ...
+            yield key.replace("gate_up_proj", "gate_proj.weight"), both[:, ::2].contiguous()
+            yield key.replace("gate_up_proj", "up_proj.weight"), both[:, 1::2].contiguous()
+        elif family == "gpt_oss" and key.endswith("experts.gate_up_proj_bias"):
+            yield key.replace("gate_up_proj_bias", "gate_proj.bias"), value[..., ::2].contiguous()
+            yield key.replace("gate_up_proj_bias", "up_proj.bias"), value[..., 1::2].contiguous()
+        elif family == "gpt_oss" and key.endswith("experts.down_proj"):
+            yield key + ".weight", value.transpose(-1, -2).contiguous()
+        elif family == "gpt_oss" and key.endswith("experts.down_proj_bias"):
+            yield key.replace("down_proj_bias", "down_proj.bias"), value
+        elif family == "gpt_oss" and key.endswith("sinks"):
+            yield key + ".weight", value
+        else:
+            yield key, value
 
 
 def _tensor_type(name: str, tensor: torch.Tensor, file_type: str) -> tuple[np.ndarray, Any]:
@@ -231,26 +312,76 @@ def _write_metadata(writer: Any, family: str, hf: dict[str, Any], file_type: str
     writer.add_embedding_length(int(hf["hidden_size"]))
     writer.add_feed_forward_length(int(hf.get("intermediate_size") or 0))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(int(hf.get("num_key_value_heads") or n_head))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    if family not in DEEPSEEK:  # latent attention writes its own (_deepseek_metadata)
+        writer.add_head_count_kv(int(hf.get("num_key_value_heads") or n_head))
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(_rope(hf).get("rope_theta") or 10000.0))
     writer.add_layer_norm_rms_eps(float(hf.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(hf["vocab_size"]))
-    experts = int(hf.get("num_experts") or hf["num_local_experts"])
+    experts = int(hf.get("num_experts") or hf.get("n_routed_experts") or hf["num_local_experts"])
     writer.add_expert_count(experts)
     writer.add_expert_used_count(int(hf["num_experts_per_tok"]))
     if hf.get("moe_intermediate_size"):
         writer.add_expert_feed_forward_length(int(hf["moe_intermediate_size"]))
     if hf.get("shared_expert_intermediate_size"):
         writer.add_expert_shared_feed_forward_length(int(hf["shared_expert_intermediate_size"]))
-    if family == "mixtral":
+    if family in ("mixtral", "gpt_oss"):
         writer.add_expert_feed_forward_length(int(hf["intermediate_size"]))
+    rope = _rope(hf)
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+            ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+        ):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+    if family in DEEPSEEK:
+        _deepseek_metadata(writer, hf)
+    if family == "gpt_oss":
+        writer.add_sliding_window(int(hf["sliding_window"]))
     kinds = gguf.LlamaFileType
     writer.add_file_type(
         kinds.ALL_F32 if file_type == "f32" else kinds[f"MOSTLY_{file_type.upper()}"]
     )
+
+
+def _deepseek_metadata(writer: Any, hf: dict[str, Any]) -> None:
+    """deepseek2's keys: MLA written as multi-query attention over the latent (``head_count_kv``
+    1, keys of ``kv_rank + rope`` and values of ``kv_rank``, decompressed by ``k_b``/``v_b``),
+    the leading dense blocks, shared experts, groups, gating, scaling."""
+    gguf = _gguf()
+    rope = int(hf["qk_rope_head_dim"])
+    kv_rank = int(hf["kv_lora_rank"])
+    writer.add_head_count_kv(1)
+    writer.add_key_length(kv_rank + rope)
+    writer.add_value_length(kv_rank)
+    writer.add_rope_dimension_count(rope)
+    writer.add_key_length_mla(int(hf["qk_nope_head_dim"]) + rope)
+    writer.add_value_length_mla(int(hf["v_head_dim"]))
+    writer.add_kv_lora_rank(kv_rank)
+    writer.add_q_lora_rank(int(hf.get("q_lora_rank") or 0))  # 0: a plain q projection
+    writer.add_leading_dense_block_count(int(hf.get("first_k_dense_replace") or 0))
+    writer.add_expert_shared_count(int(hf.get("n_shared_experts") or 0))
+    if hf.get("routed_scaling_factor") is not None:
+        writer.add_expert_weights_scale(float(hf["routed_scaling_factor"]))
+    if hf.get("norm_topk_prob"):
+        writer.add_expert_weights_norm(True)
+    if int(hf.get("n_group") or 1) > 1:
+        writer.add_expert_group_count(int(hf["n_group"]))
+        writer.add_expert_group_used_count(int(hf["topk_group"]))
+    scoring = hf.get("scoring_func", "sigmoid" if hf["model_type"] == "deepseek_v3" else "softmax")
+    gating = gguf.ExpertGatingFuncType
+    writer.add_expert_gating_func(gating.SIGMOID if scoring == "sigmoid" else gating.SOFTMAX)
+    rope_params = _rope(hf)
+    if rope_params.get("rope_type") == "yarn" and rope_params.get("mscale_all_dim"):
+        # llama.cpp divides this by 0.1 again (its converter's legacy, kept for old files)
+        writer.add_rope_scaling_yarn_log_mul(0.1 * float(rope_params["mscale_all_dim"]))
 
 
 def _write_tokenizer(
@@ -353,7 +484,8 @@ def export_gguf(
         model: a moekit decoder-only model.
         path: the ``.gguf`` file to write.
         family: the Hugging Face family whose llama.cpp architecture to write
-            (one of ``GGUF_ARCHS``: qwen3_moe, qwen2_moe, mixtral, olmoe); ``"auto"``:
+            (one of ``GGUF_ARCHS``: qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3,
+            deepseek_v2, gpt_oss); ``"auto"``:
             :func:`choose_family`.
         file_type: one of ``GGUF_TYPES``.
         tokenizer_folder: a folder with the model's ``tokenizer.json``; ``None`` for moekit's
