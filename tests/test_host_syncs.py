@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moekit
 from moekit.experts import grouped_matmul
 from moekit.models.transformer import model as lm_model
 from moekit.training import loop
@@ -103,6 +104,25 @@ def test_training_step_makes_no_host_sync(tmp_path, as_on_cuda, overrides):
         loop.BiasUpdate().on_step_end(run, output)
     assert not output.writes_record
     assert counter.total == 0, counter.where
+    # a record step reads the values (that is where syncs belong)
+    with HostSyncCounter() as counter:
+        output = loop.train_step(run, 4)
+        loop.Metrics().on_step_end(run, output)
+    assert output.writes_record and counter.total > 0
+
+
+def test_expert_threshold_step_reads_only_the_variable_assignment_count(tmp_path, as_on_cuda):
+    """Expert-Threshold routing's tally and threshold update are in-graph; its only read is the
+    one every variable-k router makes (the number of assignments, to size the dispatch), once
+    per MoE layer per forward (forward and the global-batch balancing pre-pass: none here)."""
+    run = _run(tmp_path, "model.moe.layer.router.kind=expert_threshold")
+    loop.train_step(run, 0)
+    with HostSyncCounter() as counter:
+        output = loop.train_step(run, 1)
+        loop.BiasUpdate().on_step_end(run, output)
+    layers = sum(1 for m in run.model.modules() if isinstance(m, moekit.MoE))
+    assert set(counter.where) == {"item at dispatch/sort.py:111"}, counter.where
+    assert counter.total == layers
     # a record step reads the values (that is where syncs belong)
     with HostSyncCounter() as counter:
         output = loop.train_step(run, 4)

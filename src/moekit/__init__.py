@@ -18,6 +18,7 @@ from moekit.layers import (
     set_statistics,
     set_top_k,
     update_expert_bias,
+    update_expert_thresholds,
     without_statistics,
 )
 from moekit.losses.config import AuxLossConfig, BalanceScope
@@ -25,6 +26,7 @@ from moekit.routing import (
     BaseRouterConfig,
     DenseRouterConfig,
     ExpertChoiceRouterConfig,
+    ExpertThresholdRouterConfig,
     Gating,
     GroupScore,
     GShardRouterConfig,
@@ -63,6 +65,7 @@ __all__ = [
     "ExpertBank",
     "ExpertChoiceRouterConfig",
     "ExpertConfig",
+    "ExpertThresholdRouterConfig",
     "FeedForward",
     "GShardRouterConfig",
     "Gating",
@@ -97,5 +100,6 @@ __all__ = [
     "set_statistics",
     "set_top_k",
     "update_expert_bias",
+    "update_expert_thresholds",
     "without_statistics",
 ]

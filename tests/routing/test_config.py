@@ -24,6 +24,7 @@ FAMILY_EXAMPLES = {
     "top_p": dict(top_p=0.7),
     "sparsemixer": dict(jitter_eps=0.1),
     "token_table": dict(vocab_size=50, gating="sigmoid_topk"),
+    "expert_threshold": dict(capacity_factor=1.5, threshold_momentum=0.5),
 }
 
 

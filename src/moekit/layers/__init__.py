@@ -15,6 +15,7 @@ from moekit.layers.switches import (
     set_statistics,
     set_top_k,
     update_expert_bias,
+    update_expert_thresholds,
     without_statistics,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "set_statistics",
     "set_top_k",
     "update_expert_bias",
+    "update_expert_thresholds",
     "without_statistics",
 ]

@@ -279,6 +279,33 @@ def set_top_k(model: nn.Module, k: int) -> int:
     return len(routers)
 
 
+def update_expert_thresholds(model: nn.Module, group: Any = None) -> int:
+    """Fold the tallied expert-choice cuts of every Expert-Threshold router in ``model`` into
+    its thresholds (``moekit.routing.expert_threshold``); returns how many routers updated.
+
+    Args:
+        model: any module containing moekit routers.
+        group: a process group whose ranks saw different tokens: the tallies are summed over
+            it first, so every rank keeps the same thresholds (``None``: this process only,
+            or the whole world when ``torch.distributed`` is initialised).
+    """
+    from moekit.routing.expert_threshold import ExpertThresholdRouter
+
+    routers = [m for m in model.modules() if isinstance(m, ExpertThresholdRouter)]
+    if routers and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flat = torch.cat([torch.cat([r.cut_tally_E, r.cut_calls.view(1)]) for r in routers])
+        torch.distributed.all_reduce(flat, group=group)
+        offset = 0
+        for r in routers:
+            E = r.cut_tally_E.numel()
+            r.cut_tally_E.copy_(flat[offset : offset + E])
+            r.cut_calls.copy_(flat[offset + E])
+            offset += E + 1
+    for router in routers:
+        router.update_thresholds()
+    return len(routers)
+
+
 def update_expert_bias(model: nn.Module, rate: float | None = None) -> int:
     """Update every bias-balancing router in ``model``; returns how many routers were updated.
 

@@ -13,6 +13,7 @@ from moekit.routing.config import (
 )
 from moekit.routing.dense import DenseGateRouter, DenseRouterConfig
 from moekit.routing.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
+from moekit.routing.expert_threshold import ExpertThresholdRouter, ExpertThresholdRouterConfig
 from moekit.routing.gshard import GShardRouterConfig, GShardTop2Router, SecondExpertPolicy
 from moekit.routing.hashing import (
     HashRouter,
@@ -35,6 +36,8 @@ __all__ = [
     "DenseRouterConfig",
     "ExpertChoiceRouter",
     "ExpertChoiceRouterConfig",
+    "ExpertThresholdRouter",
+    "ExpertThresholdRouterConfig",
     "GShardRouterConfig",
     "GShardTop2Router",
     "GateOptions",

@@ -37,6 +37,7 @@ class RouterKind(str, Enum):
     TOP_P = "top_p"  # adaptive number of experts: smallest set with mass >= p (Huang et al.)
     SPARSEMIXER = "sparsemixer"  # sampled top-k with GRIN's gradient (Phi-3.5-MoE)
     TOKEN_TABLE = "token_table"  # experts from a token-id table, weights from a gate (DSV4)
+    EXPERT_THRESHOLD = "expert_threshold"  # causal expert choice: thresholds from past batches
 
 
 # every family config by kind, filled as the family modules are imported

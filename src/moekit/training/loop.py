@@ -41,6 +41,7 @@ from moekit.layers.switches import (
     global_batch_balance,
     serving,
     update_expert_bias,
+    update_expert_thresholds,
     without_statistics,
 )
 from moekit.models.checkpoint import read_config
@@ -473,11 +474,13 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
 
 
 class BiasUpdate(Callback):
-    """The auxiliary-loss-free bias update of every bias-balancing router (DeepSeek-V3),
-    after each optimizer step."""
+    """The routers' state updates after each optimizer step: the auxiliary-loss-free bias of
+    every bias-balancing router (DeepSeek-V3) and the thresholds of every Expert-Threshold
+    router (summed over the ranks first)."""
 
     def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
         update_expert_bias(run.model)
+        update_expert_thresholds(run.model)
 
 
 class Evaluation(Callback):
