@@ -15,10 +15,12 @@ from moekit.layers import (
     record_routing,
     replay_routing,
     serving,
+    set_compute_budget,
     set_statistics,
     set_top_k,
     update_expert_bias,
     update_expert_thresholds,
+    update_null_offsets,
     without_statistics,
 )
 from moekit.losses.config import AuxLossConfig, BalanceScope
@@ -97,9 +99,11 @@ __all__ = [
     "routes_from_sglang",
     "routes_from_vllm",
     "serving",
+    "set_compute_budget",
     "set_statistics",
     "set_top_k",
     "update_expert_bias",
     "update_expert_thresholds",
+    "update_null_offsets",
     "without_statistics",
 ]

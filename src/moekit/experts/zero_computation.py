@@ -29,14 +29,22 @@ class ZeroComputationConfig:
     experts, in this order: zero, copy, constant).
 
     Args:
-        zero: experts whose output is 0.
+        zero: experts whose output is 0 (null experts: a slot that picks one costs nothing).
         copy: experts whose output is the input (identity).
         constant: experts whose output mixes the input with a learned vector (MoE++).
+        target_experts_per_token: with zero experts and a top-k router, steer the average
+            number of *real* experts per token to this value in training (an offset on the zero
+            experts' selection scores, moved by ``offset_rate`` after each step;
+            ``moekit.routing.null_slots``); ``None``: no controller (the offset stays 0 until
+            ``moekit.set_compute_budget``).
+        offset_rate: the controller's step.
     """
 
     zero: int = 0
     copy: int = 0
     constant: int = 0
+    target_experts_per_token: float | None = None
+    offset_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -45,6 +53,17 @@ class ZeroComputationConfig:
                 "zero_computation: zero, copy and constant must be >= 0 with at least one expert, "
                 f"got {self.zero}, {self.copy}, {self.constant}"
             )
+        if self.target_experts_per_token is not None and self.zero < 1:
+            raise ValueError(
+                "zero_computation.target_experts_per_token steers the zero experts: needs zero >= 1"
+            )
+        if self.target_experts_per_token is not None and self.target_experts_per_token < 0:
+            raise ValueError(
+                "zero_computation.target_experts_per_token must be >= 0, got "
+                f"{self.target_experts_per_token}"
+            )
+        if self.offset_rate < 0:
+            raise ValueError(f"zero_computation.offset_rate must be >= 0, got {self.offset_rate}")
 
     @property
     def count(self) -> int:

@@ -12,10 +12,12 @@ from moekit.layers.switches import (
     record_routing,
     replay_routing,
     serving,
+    set_compute_budget,
     set_statistics,
     set_top_k,
     update_expert_bias,
     update_expert_thresholds,
+    update_null_offsets,
     without_statistics,
 )
 
@@ -35,9 +37,11 @@ __all__ = [
     "router_entropy",
     "routing_stats",
     "serving",
+    "set_compute_budget",
     "set_statistics",
     "set_top_k",
     "update_expert_bias",
     "update_expert_thresholds",
+    "update_null_offsets",
     "without_statistics",
 ]

@@ -80,6 +80,17 @@ class MoEConfig:
                 f"{self.router.kind.value!r}"
             )
 
+        target = getattr(self.zero_computation, "target_experts_per_token", None)
+        if target is not None and self.router.kind is not RouterKind.TOP_K:
+            raise ValueError(
+                "zero_computation.target_experts_per_token needs router kind 'top_k', not "
+                f"{self.router.kind.value!r}"
+            )
+        if target is not None and target > self.top_k:
+            raise ValueError(
+                f"zero_computation.target_experts_per_token must be <= top_k={self.top_k}, "
+                f"got {target}"
+            )
         if self.aux_loss.load > 0 and not getattr(self.router, "noisy_gating", False):
             raise ValueError("aux_loss.load > 0 needs router.noisy_gating=True (Shazeer et al.)")
         if self.aux_loss.load > 0 and self.top_k >= self.num_experts:
@@ -197,6 +208,15 @@ class MoE(nn.Module):
         self.d_model = d_model
         self.num_experts: int = int(cast(Any, experts).num_experts)  # the bank's (real) experts
         self.zero_computation = zero_computation
+        zero = 0 if zero_computation is None else int(cast(Any, zero_computation).config.zero)
+        if zero and hasattr(router, "add_null_slots"):  # elastic experts per token
+            cfg = cast(Any, zero_computation).config
+            router.add_null_slots(
+                first=self.num_experts,
+                count=zero,
+                target=cfg.target_experts_per_token,
+                rate=cfg.offset_rate,
+            )
         self.output_bias_D = nn.Parameter(torch.zeros(d_model)) if output_bias else None
         self.router = router
         self.experts = experts

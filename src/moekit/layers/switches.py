@@ -33,6 +33,7 @@ from torch import nn
 from moekit.layers.moe import MoE, MoEOutput
 from moekit.layers.statistics import RoutingStats
 from moekit.routing.engine_routes import TokenRoutes
+from moekit.routing.null_slots import NullSlots
 from moekit.routing.result import RoutingResult
 from moekit.routing.topk import TopKRouter
 from moekit.routing.trace import RoutingTrace
@@ -279,6 +280,19 @@ def set_top_k(model: nn.Module, k: int) -> int:
     return len(routers)
 
 
+def _sum_over_ranks(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Sum each tensor over ``group`` in place (one all-reduce; nothing without
+    ``torch.distributed``)."""
+    if not tensors or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def update_expert_thresholds(model: nn.Module, group: Any = None) -> int:
     """Fold the tallied expert-choice cuts of every Expert-Threshold router in ``model`` into
     its thresholds (``moekit.routing.expert_threshold``); returns how many routers updated.
@@ -292,18 +306,87 @@ def update_expert_thresholds(model: nn.Module, group: Any = None) -> int:
     from moekit.routing.expert_threshold import ExpertThresholdRouter
 
     routers = [m for m in model.modules() if isinstance(m, ExpertThresholdRouter)]
-    if routers and torch.distributed.is_available() and torch.distributed.is_initialized():
-        flat = torch.cat([torch.cat([r.cut_tally_E, r.cut_calls.view(1)]) for r in routers])
-        torch.distributed.all_reduce(flat, group=group)
-        offset = 0
-        for r in routers:
-            E = r.cut_tally_E.numel()
-            r.cut_tally_E.copy_(flat[offset : offset + E])
-            r.cut_calls.copy_(flat[offset + E])
-            offset += E + 1
+    _sum_over_ranks([t for r in routers for t in (r.cut_tally_E, r.cut_calls)], group)
     for router in routers:
         router.update_thresholds()
     return len(routers)
+
+
+def _null_slots(model: nn.Module) -> list[tuple[str, NullSlots]]:
+    return [
+        (name, router.null_slots)
+        for name, router in moe_routers(model)
+        if isinstance(router, TopKRouter) and router.null_slots is not None
+    ]
+
+
+def update_null_offsets(model: nn.Module, group: Any = None) -> int:
+    """One controller step of every router whose zero experts steer the real experts per
+    token to a target (``zero_computation.target_experts_per_token``); tallies summed over
+    ``group`` first (as :func:`update_expert_thresholds`). Returns how many routers stepped."""
+    slots = [s for _, s in _null_slots(model) if s.target is not None]
+    _sum_over_ranks([s.tally for s in slots], group)
+    for s in slots:
+        s.update()
+    return len(slots)
+
+
+@torch.no_grad()
+def set_compute_budget(
+    model: nn.Module, experts_per_token: float, tokens: torch.Tensor, **forward_kwargs: Any
+) -> list[float]:
+    """Set every zero-expert offset so that ``tokens`` (a calibration batch) use
+    ``experts_per_token`` real experts per token on average in each MoE layer: the elastic k
+    of a model trained with zero experts (``moekit.routing.null_slots``). Layers are set in
+    order, each on the inputs the earlier layers' new offsets give it (one forward per layer,
+    then a bisection on the offset). Returns each layer's achieved average.
+
+    Args:
+        model: a model whose top-k routers score zero experts (``MoEConfig.zero_computation``).
+        experts_per_token: the budget, in ``[0, k]``.
+        tokens: the calibration input (no padding: every position counts).
+        forward_kwargs: passed on as ``model(tokens, **forward_kwargs)``.
+    """
+    slots = _null_slots(model)
+    if not slots:
+        raise ValueError("the model has no zero experts (MoEConfig.zero_computation.zero)")
+    routers = {id(s): r for _, r in moe_routers(model) for s in [getattr(r, "null_slots", None)]}
+    achieved = []
+    for name, s in slots:
+        router: Any = routers[id(s)]
+        if not 0 <= experts_per_token <= router.top_k:
+            raise ValueError(
+                f"experts_per_token must be in [0, top_k={router.top_k}] for {name}, got "
+                f"{experts_per_token}"
+            )
+        seen: list[torch.Tensor] = []
+        handle = router.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0]))
+        try:
+            model(tokens, **forward_kwargs)
+        finally:
+            handle.remove()
+        x_TD = torch.cat(seen)
+
+        def real_per_token(offset: float, router=router, s=s, x_TD=x_TD) -> float:
+            s.offset.fill_(offset)
+            chosen = router._route(x_TD).expert_idx_TK
+            return float((chosen < s.first).sum()) / max(chosen.shape[0], 1)
+
+        low, high = -1.0, 1.0  # offsets beyond the scores' spread change nothing more
+        while real_per_token(low) < experts_per_token and low > -1e6:
+            low *= 2
+        while real_per_token(high) > experts_per_token and high < 1e6:
+            high *= 2
+        for _ in range(40):  # real experts per token falls as the offset rises
+            mid = (low + high) / 2
+            if real_per_token(mid) > experts_per_token:
+                low = mid
+            else:
+                high = mid
+        # the side nearer the budget (the average moves in steps of 1/T)
+        best = min((low, high), key=lambda o: abs(real_per_token(o) - experts_per_token))
+        achieved.append(real_per_token(best))
+    return achieved
 
 
 def update_expert_bias(model: nn.Module, rate: float | None = None) -> int:

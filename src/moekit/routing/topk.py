@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
+from moekit.routing.null_slots import NullSlots
 from moekit.routing.projection import (
     linear_logits,
     new_router_weight,
@@ -148,6 +149,18 @@ class TopKRouter(RouterBase):
             self.load_since_update_E = None
         # set by moekit.replay_routing: returns the recorded (T, K) experts of the next call
         self.forced_routes: Callable[[int], torch.Tensor] | None = None
+        # zero experts' selection offset (moekit.routing.null_slots), set by the MoE layer
+        self.null_slots: NullSlots | None = None
+
+    def add_null_slots(
+        self, *, first: int, count: int, target: float | None = None, rate: float = 1e-3
+    ) -> NullSlots:
+        """Give the ``count`` zero experts from index ``first`` a selection offset (elastic
+        experts per token); ``target``: real experts per token its controller aims at."""
+        self.null_slots = NullSlots(
+            first=first, count=count, num_choices=self.num_experts, target=target, rate=rate
+        )
+        return self.null_slots
 
     def forward(
         self,
@@ -157,7 +170,10 @@ class TopKRouter(RouterBase):
     ) -> RoutingResult:
         cfg = self.config
         with router_precision(x_TD.device, cfg.float32):
-            return self._route(x_TD)
+            result = self._route(x_TD)
+        if self.training and self.null_slots is not None and self.null_slots.target is not None:
+            self.null_slots.record(result.expert_idx_TK, token_mask_T)
+        return result
 
     def _route(self, x_TD: torch.Tensor) -> RoutingResult:
         cfg = self.config
@@ -237,6 +253,8 @@ class TopKRouter(RouterBase):
     def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Indices of the K chosen experts, ``(T, K)``: bias-shifted, group-limited top-K."""
         cfg = self.config
+        if self.null_slots is not None:
+            scores_TE = self.null_slots.shift(scores_TE)
         if self.expert_bias_E is not None:
             scores_TE = scores_TE + self.expert_bias_E.to(scores_TE.dtype)
         if cfg.num_groups > 1:

@@ -42,6 +42,7 @@ from moekit.layers.switches import (
     serving,
     update_expert_bias,
     update_expert_thresholds,
+    update_null_offsets,
     without_statistics,
 )
 from moekit.models.checkpoint import read_config
@@ -475,12 +476,13 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
 
 class BiasUpdate(Callback):
     """The routers' state updates after each optimizer step: the auxiliary-loss-free bias of
-    every bias-balancing router (DeepSeek-V3) and the thresholds of every Expert-Threshold
-    router (summed over the ranks first)."""
+    every bias-balancing router (DeepSeek-V3), the thresholds of every Expert-Threshold router
+    and the zero-expert offsets steered to a target (tallies summed over the ranks first)."""
 
     def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
         update_expert_bias(run.model)
         update_expert_thresholds(run.model)
+        update_null_offsets(run.model)
 
 
 class Evaluation(Callback):
