@@ -211,7 +211,7 @@ class MoE(nn.Module):
         zero = 0 if zero_computation is None else int(cast(Any, zero_computation).config.zero)
         if zero and hasattr(router, "add_null_slots"):  # elastic experts per token
             cfg = cast(Any, zero_computation).config
-            router.add_null_slots(
+            cast(Any, router).add_null_slots(
                 first=self.num_experts,
                 count=zero,
                 target=cfg.target_experts_per_token,
