@@ -26,6 +26,7 @@ from moekit.layers import (
 from moekit.losses.config import AuxLossConfig, BalanceScope
 from moekit.routing import (
     BaseRouterConfig,
+    CausalSoftRouterConfig,
     DenseRouterConfig,
     ExpertChoiceRouterConfig,
     ExpertThresholdRouterConfig,
@@ -60,6 +61,7 @@ __all__ = [
     "BalanceScope",
     "BaseRouterConfig",
     "CapacityScope",
+    "CausalSoftRouterConfig",
     "DenseRouterConfig",
     "DispatchConfig",
     "DispatchMode",

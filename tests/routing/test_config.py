@@ -25,6 +25,7 @@ FAMILY_EXAMPLES = {
     "sparsemixer": dict(jitter_eps=0.1),
     "token_table": dict(vocab_size=50, gating="sigmoid_topk"),
     "expert_threshold": dict(capacity_factor=1.5, threshold_momentum=0.5),
+    "causal_soft": dict(slots_per_expert=2),
 }
 
 
@@ -94,7 +95,7 @@ def test_train_config_picks_the_family_by_kind():
         )
 
 
-@pytest.mark.parametrize("kind", sorted(set(FAMILY_EXAMPLES) - {"soft"}))
+@pytest.mark.parametrize("kind", sorted(set(FAMILY_EXAMPLES) - {"soft", "causal_soft"}))
 def test_every_token_router_follows_the_router_protocol(kind):
     config = moekit.RouterConfig(kind=kind, **FAMILY_EXAMPLES[kind])
     router = config.build(d_model=8, num_experts=4, top_k=_top_k(kind))

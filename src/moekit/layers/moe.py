@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moekit.dispatch.dispatcher import DispatchConfig
-from moekit.dispatch.soft import soft_dispatch_and_combine
+from moekit.dispatch.soft import causal_soft_dispatch_and_combine, soft_dispatch_and_combine
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.experts.zero_computation import ZeroComputationConfig
@@ -72,6 +72,7 @@ class MoEConfig:
         self.router.validate_for(self.routed_choices, self.top_k)
         if self.zero_computation is not None and self.router.kind in (
             RouterKind.SOFT,
+            RouterKind.CAUSAL_SOFT,
             RouterKind.EXPERT_CHOICE,
             RouterKind.DENSE,
         ):
@@ -113,7 +114,9 @@ class MoEConfig:
                 "MoEConfig.d_model must be set to build a layer on its own (0 means the model's "
                 "width, filled in when the config sits in a model config)"
             )
-        layer_cls = SoftMoE if self.router.kind is RouterKind.SOFT else MoE
+        layer_cls = {RouterKind.SOFT: SoftMoE, RouterKind.CAUSAL_SOFT: CausalSoftMoE}.get(
+            self.router.kind, MoE
+        )
         return layer_cls(
             d_model=self.d_model,
             router=self.router.build(
@@ -331,6 +334,8 @@ class SoftMoE(MoE):
     slot and gets zero output.
     """
 
+    mix = staticmethod(soft_dispatch_and_combine)  # steps 2-4
+
     def forward(
         self,
         x: torch.Tensor,
@@ -347,7 +352,7 @@ class SoftMoE(MoE):
         mask_BS = None if padding_mask is None else padding_mask.reshape(-1, S)
         with router_precision(x.device, _router_float32(self.router)):
             routing = self.router(x_BSD, mask_BS)
-        y_BSD = soft_dispatch_and_combine(x_BSD, routing, self.experts, self.num_experts)
+        y_BSD = self.mix(x_BSD, routing, self.experts, self.num_experts)
         if mask_BS is not None:
             y_BSD = y_BSD * mask_BS.unsqueeze(-1).to(y_BSD.dtype)
         if self.shared_experts is not None:
@@ -355,6 +360,14 @@ class SoftMoE(MoE):
         stats = soft_routing_stats(routing, x_BSD, mask_BS) if self.statistics else None
         zero = x.new_zeros((), dtype=torch.float32)
         return MoEOutput(y_BSD.reshape(x.shape), zero, {}, stats, routing)
+
+
+class CausalSoftMoE(SoftMoE):
+    """Causal Soft MoE (``moekit.routing.causal_soft``): each token's slots mix the tokens up to
+    it; the other steps are Soft MoE's."""
+
+    mix = staticmethod(causal_soft_dispatch_and_combine)
+    decodes_with_cache = False  # its prefix sums are not kept between decoding steps
 
 
 def _soft_empty_output(layer: SoftMoE, x: torch.Tensor) -> MoEOutput:

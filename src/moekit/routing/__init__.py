@@ -2,6 +2,7 @@
 config beside it; ``config.py`` holds what they share)."""
 
 from moekit.routing.base_layers import BalancedAssignmentRouter, BaseRouterConfig
+from moekit.routing.causal_soft import CausalSoftMoERouter, CausalSoftRouterConfig
 from moekit.routing.config import (
     ROUTER_CONFIGS,
     GateOptions,
@@ -32,6 +33,8 @@ __all__ = [
     "ROUTER_CONFIGS",
     "BalancedAssignmentRouter",
     "BaseRouterConfig",
+    "CausalSoftMoERouter",
+    "CausalSoftRouterConfig",
     "DenseGateRouter",
     "DenseRouterConfig",
     "ExpertChoiceRouter",

@@ -38,6 +38,7 @@ class RouterKind(str, Enum):
     SPARSEMIXER = "sparsemixer"  # sampled top-k with GRIN's gradient (Phi-3.5-MoE)
     TOKEN_TABLE = "token_table"  # experts from a token-id table, weights from a gate (DSV4)
     EXPERT_THRESHOLD = "expert_threshold"  # causal expert choice: thresholds from past batches
+    CAUSAL_SOFT = "causal_soft"  # Soft MoE with slots mixed from past tokens only
 
 
 # every family config by kind, filled as the family modules are imported

@@ -589,6 +589,14 @@ class TransformerLM(nn.Module):
         """An empty cache for ``batch`` sequences of up to ``max_len`` positions (default
         ``max_seq_len``); ``dtype`` defaults to the parameters' (``torch.bfloat16`` halves an
         fp32 model's cache, and under autocast saves re-casting it every step)."""
+        stateless = [
+            n for n, m in self.named_modules() if not getattr(m, "decodes_with_cache", True)
+        ]
+        if stateless:
+            raise ValueError(
+                f"{stateless[0]} ({type(self.get_submodule(stateless[0])).__name__}) keeps no "
+                "decoding state for a KV cache: decode with generate(..., use_cache=False)"
+            )
         length = max_len or self.config.max_seq_len
         return KVCache.for_layers(
             [
