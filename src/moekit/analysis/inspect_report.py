@@ -126,6 +126,18 @@ def write_inspect_report(report: dict[str, Any], out_dir: str | Path, title: str
         parts.append("</ul>")
     if report.get("hot_set"):
         parts.extend(_hot_set_section(report["hot_set"]))
+    if report.get("counterfactual"):
+        parts.append(
+            "<h2>Counterfactual routing: each token's k-th expert swapped for the next-best"
+            "</h2><table><tr><th>layer</th><th>mean loss change (nats)</th>"
+            "<th>tokens that do better</th><th>their mean gain</th></tr>"
+        )
+        for c in report["counterfactual"]:
+            parts.append(
+                f"<tr><td>{html.escape(c['layer'])}</td><td>{c['mean_loss_change']:+.4f}</td>"
+                f"<td>{c['better_fraction']:.1%}</td><td>{c['mean_gain_when_better']:.4f}</td></tr>"
+            )
+        parts.append("</table>")
     if report.get("differences"):
         parts.append("<h2>Routing differences</h2><ul>")
         for d in report["differences"]:

@@ -46,6 +46,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="report the expert-cache hit rate batch-1 decoding would get with SIZE of experts "
         "in memory (64KB, 512MB, 2GB, 512MiB; repeatable; default: 10%%, 25%%, 50%% of them)",
     )
+    parser.add_argument(
+        "--counterfactual",
+        action="store_true",
+        help="per layer, the loss change if each token's k-th expert were swapped for the "
+        "router's (k+1)-th (one extra forward per layer and batch)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -94,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
             batches,
             per_sequence=args.compare_batching,
         )
+    if args.counterfactual:
+        from moekit.analysis.counterfactual import counterfactual_routing
+
+        report["counterfactual"] = counterfactual_routing(model, batches)
     path = write_inspect_report(report, args.out, f"moekit inspect: {args.model}")
     for layer in report["layers"]:
         load = layer["load_fraction_of_ideal"]
@@ -104,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
         )
     for line in hot_set_lines(report["hot_set"]) if "hot_set" in report else []:
         print(line)
+    for c in report.get("counterfactual", []):
+        print(
+            f"{c['layer']}: swapping the k-th expert for the next-best changes the loss by "
+            f"{c['mean_loss_change']:+.4f} nats/token; {c['better_fraction']:.1%} of tokens do "
+            f"better (by {c['mean_gain_when_better']:.4f})"
+        )
     for d in report.get("differences", []):
         print(f"{d['layer']}: {d['differing_fraction']:.2%} of tokens take other experts")
     print(f"wrote {path} and report.json")
