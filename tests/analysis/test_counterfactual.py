@@ -30,7 +30,7 @@ def test_the_report_equals_a_hand_built_swap():
     with torch.no_grad():
         for tokens in batches:
             seen = []
-            handle = router.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+            handle = router.register_forward_pre_hook(lambda _m, a, s=seen: s.append(a[0]))
             base = _losses(model, tokens)
             handle.remove()
             probs = torch.softmax(seen[0] @ router.weight_ED.t(), dim=-1)
