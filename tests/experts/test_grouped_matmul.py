@@ -83,7 +83,7 @@ def test_unavailable_kernel_is_an_error():
         ((8, 0), torch.bfloat16, 64, "loop"),  # Ampere: torch's fallback syncs per call
         ((9, 0), torch.float32, 64, "loop"),  # fp32: torch's fallback
         ((9, 0), torch.float16, 64, "loop"),
-        ((9, 0), torch.bfloat16, 1024, "loop"),  # CUTLASS takes fewer than 1024 groups
+        ((9, 0), torch.bfloat16, 1024, "grouped_mm"),  # in chunks of < 1024 groups
     ],
 )
 def test_kernel_choice_on_cuda_follows_the_fast_path(
@@ -94,9 +94,37 @@ def test_kernel_choice_on_cuda_follows_the_fast_path(
     assert chosen.value == expected
 
 
-def test_explicit_grouped_mm_on_cuda_refuses_1024_groups():
-    with pytest.raises(ValueError, match="1024 groups"):
-        resolve_kernel("grouped_mm", torch.bfloat16, 16, 16, device="cuda", num_groups=1024)
+def test_more_groups_than_one_call_takes_run_in_chunks_not_the_loop(monkeypatch):
+    """Issue 32: 1024 or more experts fell to the per-expert loop on CUDA (CUTLASS takes fewer
+    than 1024 groups per call). They now run as several grouped_mm calls without a host sync;
+    proved on the CPU with a limit of 3 groups per call, against the loop, with empty experts
+    at the chunk edges, forward and weight gradient."""
+    from moekit.experts import grouped_matmul as gm
+
+    if gm._grouped_mm is None:
+        pytest.skip("no grouped_mm in this torch")
+    calls = []
+    real = gm._grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["offs"].numel())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gm, "_grouped_mm", counting)
+    monkeypatch.setattr(gm, "max_groups_per_call", lambda device: 3)
+    monkeypatch.setattr(gm, "weight_grad_by_loop", lambda x: False)
+    counts = torch.tensor([2, 0, 3, 1, 0, 4, 2])  # 7 experts, some empty
+    x = torch.randn(int(counts.sum()), 16)
+    w = torch.randn(7, 16, 8)
+    g = torch.randn(int(counts.sum()), 8)
+    y = gm.grouped_mm_forward(x, w, counts, gm.GroupedMatmulKernel.GROUPED_MM)
+    gw = gm.grouped_mm_weight_grad(x, g, counts, gm.GroupedMatmulKernel.GROUPED_MM)
+    assert calls and max(calls) <= 3 and len(calls) == 2 * 3  # 3 chunks, forward and backward
+    y_loop = gm.grouped_mm_forward(x, w, counts, gm.GroupedMatmulKernel.LOOP)
+    gw_loop = gm.grouped_mm_weight_grad(x, g, counts, gm.GroupedMatmulKernel.LOOP)
+    torch.testing.assert_close(y, y_loop)
+    torch.testing.assert_close(gw, gw_loop)
+    assert resolve_kernel("grouped_mm", torch.bfloat16, 16, 16, device="cuda", num_groups=4096)
 
 
 def test_experts_without_rows_get_exactly_zero_weight_gradients_on_blackwell(monkeypatch):

@@ -15,7 +15,9 @@ zero-stride gradients).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +111,40 @@ def grouped_mm_supported(
     itemsize = dtype.itemsize
     if (k * itemsize) % 16 or (n * itemsize) % 16:
         return False
-    device = torch.device("cpu" if device is None else device)
-    too_many_groups = num_groups is not None and num_groups > MAX_CUDA_GROUPS
-    return not (device.type == "cuda" and too_many_groups)
+    del num_groups  # more groups than one call takes run in chunks (_chunked)
+    return True
+
+
+def max_groups_per_call(device: torch.device) -> int | None:
+    """The most groups one ``grouped_mm`` call takes on ``device`` (``None``: no limit): CUDA's
+    CUTLASS kernel takes fewer than 1024; more experts run as several calls
+    (:func:`_chunked`), not as the per-expert loop."""
+    return MAX_CUDA_GROUPS if device.type == "cuda" else None
+
+
+def _chunked(
+    call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    weights: torch.Tensor,
+    counts_E: torch.Tensor,
+    limit: int,
+) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Run ``call(weights[lo:hi], offs)`` for chunks of at most ``limit`` groups, without a host
+    sync: a chunk after the first takes the rows before it as one extra leading group (expert
+    ``lo - 1``'s weights; that group's result is discarded), so its offsets are a slice of the
+    device's cumulative counts. The price is that leading group's products: with 2 chunks
+    (1024 to 2045 experts) about half the rows once more. Returns ``(lo, hi, result, offs)``
+    per chunk, ``offs`` the chunk's int32 cumulative row ends, leading group included."""
+    ends_E = _offsets(counts_E)
+    E = counts_E.shape[0]
+    out = []
+    lo = 0
+    while lo < E:
+        first = max(lo - 1, 0)  # the leading group (rows before the chunk), if any
+        hi = min(E, first + limit)
+        offs = ends_E[first:hi]
+        out.append((lo, hi, call(weights[first:hi], offs), offs))
+        lo = hi
+    return out
 
 
 def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
@@ -152,7 +185,20 @@ def _grouped_mm_impl(
 ) -> torch.Tensor:
     if kernel == GroupedMatmulKernel.GROUPED_MM.value:
         assert _grouped_mm is not None  # resolve_kernel checked availability
-        return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
+        limit = max_groups_per_call(x_MK.device)
+        if limit is None or counts_E.shape[0] <= limit:
+            return _grouped_mm(x_MK, w_EKN, offs=_offsets(counts_E))
+        y_MN = x_MK.new_zeros(x_MK.shape[0], w_EKN.shape[-1])
+        rows_M = torch.arange(x_MK.shape[0], device=x_MK.device, dtype=torch.int32)
+
+        def forward(w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+            return cast(Callable, _grouped_mm)(x_MK, w, offs=offs)
+
+        for lo, _hi, y_chunk, offs in _chunked(forward, w_EKN, counts_E, limit):
+            first_row = offs[0] if lo > 0 else offs.new_zeros(())
+            inside_M = (rows_M >= first_row) & (rows_M < offs[-1])
+            y_MN = torch.where(inside_M.unsqueeze(1), y_chunk, y_MN)
+        return y_MN
     y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
     start = 0
     for e, count in enumerate(counts_E.tolist()):
@@ -188,7 +234,17 @@ def _weight_grad_impl(
 ) -> torch.Tensor:
     if kernel == GroupedMatmulKernel.GROUPED_MM.value and not weight_grad_by_loop(x_MK):
         assert _grouped_mm is not None
-        gw_EKN = _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
+        limit = max_groups_per_call(x_MK.device)
+        if limit is not None and counts_E.shape[0] > limit:
+            parts = _chunked(
+                lambda _w, offs: cast(Callable, _grouped_mm)(x_MK.t(), g_MN, offs=offs),
+                counts_E,  # unused by the call: only its chunk boundaries matter
+                counts_E,
+                limit,
+            )
+            gw_EKN = torch.cat([gw if lo == 0 else gw[1:] for lo, _hi, gw, _ in parts])
+        else:
+            gw_EKN = _grouped_mm(x_MK.t(), g_MN, offs=_offsets(counts_E))
         if empty_groups_keep_garbage(x_MK.device):  # an expert without tokens: exactly zero
             gw_EKN = torch.where((counts_E > 0).view(-1, 1, 1), gw_EKN, 0.0)
         return gw_EKN

@@ -279,41 +279,19 @@ class MoE(nn.Module):
 
         with router_precision(x.device, _router_float32(self.router)):
             routing = self.router(x_TD, ids_T, mask_T)  # 1
-        to_bank = routing
-        if self.zero_computation is not None:  # special slots skip the bank
-            real_TK = routing.expert_idx_TK < self.num_experts
-            if routing.assignment_mask_TK is not None:
-                real_TK = real_TK & routing.assignment_mask_TK
-            to_bank = dataclasses.replace(routing, assignment_mask_TK=real_TK)
-        plan = self.dispatcher.plan(to_bank, mask_T, seq_len, self.training)  # 2
+        plan = self.dispatcher.plan(self._bank_slots(routing), mask_T, seq_len, self.training)  # 2
         y_TD = self.dispatcher.run(x_TD, plan, self.experts)  # 3
         if self.zero_computation is not None:
-            special_TD = self.zero_computation(
-                x_TD, routing.expert_idx_TK, routing.weights_TK, self.num_experts
-            )
-            if mask_T is not None:
-                special_TD = special_TD * mask_T.unsqueeze(-1).to(special_TD.dtype)
-            y_TD = y_TD + special_TD.to(y_TD.dtype)
+            y_TD = y_TD + self._special_output(x_TD, routing, mask_T).to(y_TD.dtype)
         if self.shared_experts is not None:  # 4
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         if self.output_bias_D is not None:
             y_TD = y_TD + self.output_bias_D.to(y_TD.dtype)
 
         global_sum = self.dispatcher.global_sum  # 5
-        losses = {}
         if self.balance_tally is not None:  # the pre-pass of a global-batch step
             self.balance_tally.add(routing, mask_T)
-        if self.losses_enabled:
-            with router_precision(x.device, _router_float32(self.router)):
-                losses = auxiliary_losses(
-                    routing,
-                    self.aux_loss,
-                    token_mask_T=mask_T,
-                    sequence_length=seq_len,
-                    global_sum=global_sum,
-                    differentiable_global_sum=self.dispatcher.differentiable_global_sum,
-                    global_balance=self.global_balance,
-                )
+        losses = self._losses(routing, mask_T, seq_len) if self.losses_enabled else {}
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
         aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
@@ -323,6 +301,41 @@ class MoE(nn.Module):
         if self.training and record_load is not None and self.balance_tally is None:
             record_load(global_sum(plan.routed_per_expert_E.detach()))
         return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
+
+    def _bank_slots(self, routing: RoutingResult) -> RoutingResult:
+        """The routing the expert bank sees: zero-computation slots masked out."""
+        if self.zero_computation is None:
+            return routing
+        real_TK = routing.expert_idx_TK < self.num_experts
+        if routing.assignment_mask_TK is not None:
+            real_TK = real_TK & routing.assignment_mask_TK
+        return dataclasses.replace(routing, assignment_mask_TK=real_TK)
+
+    def _special_output(
+        self, x_TD: torch.Tensor, routing: RoutingResult, mask_T: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``(T, D)``: what the zero-computation slots add (padding: nothing)."""
+        special_TD = cast(Any, self.zero_computation)(
+            x_TD, routing.expert_idx_TK, routing.weights_TK, self.num_experts
+        )
+        if mask_T is not None:
+            special_TD = special_TD * mask_T.unsqueeze(-1).to(special_TD.dtype)
+        return special_TD
+
+    def _losses(
+        self, routing: RoutingResult, mask_T: torch.Tensor | None, seq_len: int | None
+    ) -> dict[str, torch.Tensor]:
+        """The configured auxiliary losses of this call (in the router's precision)."""
+        with router_precision(routing.logits_TE.device, _router_float32(self.router)):
+            return auxiliary_losses(
+                routing,
+                self.aux_loss,
+                token_mask_T=mask_T,
+                sequence_length=seq_len,
+                global_sum=self.dispatcher.global_sum,
+                differentiable_global_sum=self.dispatcher.differentiable_global_sum,
+                global_balance=self.global_balance,
+            )
 
 
 class SoftMoE(MoE):

@@ -412,6 +412,29 @@ class Attention(nn.Module):
         key_mask: ``(B, start+S)`` bool, ``True`` for real tokens; padding keys are hidden.
         """
         B, S, _ = x_BSD.shape
+        q, k, v, gate = self._project(x_BSD)
+        q, k = self._position(q, k, rope, start)
+        if cache is not None:
+            keys, values = cache
+            positions = torch.arange(start, start + S, device=keys.device)
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            k, v = keys.narrow(2, 0, start + S), values.narrow(2, 0, start + S)
+            # a cache kept in another dtype than the queries (new_kv_cache(dtype=...))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        mask, is_causal = self._mask(S, k.shape[2], start, key_mask, x_BSD.device)
+        out = self._attend(q, k, v, mask, is_causal, start)
+        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    def _project(
+        self, x_BSD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries ``(B, H, S, Dh)``, keys and values ``(B, G, S, Dh)`` (q/k-normed as
+        configured before rotation) and the output gate ``(B, S, H·Dh)`` or ``None``."""
+        B, S, _ = x_BSD.shape
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
         gate = None
         if self.output_gate:  # per head [query | gate]
@@ -423,8 +446,18 @@ class Attention(nn.Module):
         k = k.view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v, gate
+
+    def _position(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding (full or partial), the q/k norms applied after it, and Llama 4's
+        position-dependent query temperature."""
         if self.rotary and rope is not None:
             if self.rotary_dim == self.head_dim:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -439,57 +472,60 @@ class Attention(nn.Module):
         ):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.temperature_floor_scale:  # Llama 4: the queries' temperature grows with position
+            S = q.shape[2]
             positions = torch.arange(start, start + S, device=q.device, dtype=torch.float32)
             floors = torch.floor((positions + 1.0) / self.temperature_floor_scale)
             scales = torch.log1p(floors) * self.temperature_scale + 1.0
             q = (q * scales.view(1, 1, S, 1)).to(q.dtype)
-        if cache is not None:
-            keys, values = cache
-            positions = torch.arange(start, start + S, device=keys.device)
-            keys.index_copy_(2, positions, k.to(keys.dtype))
-            values.index_copy_(2, positions, v.to(values.dtype))
-            k, v = keys.narrow(2, 0, start + S), values.narrow(2, 0, start + S)
-            # a cache kept in another dtype than the queries (new_kv_cache(dtype=...))
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        L = k.shape[2]
+        return q, k
+
+    def _mask(
+        self, S: int, L: int, start: int, key_mask: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The ``(B|1, 1, S, L)`` bool mask of allowed keys, or ``None`` with ``is_causal``
+        when plain causal attention covers it (the fused kernels' fast path)."""
         if key_mask is None and not self.sliding_window and not self.chunk_size:
-            mask, is_causal = None, False
-            if self.causal and S > 1:
-                if L == S:
-                    is_causal = True
-                else:  # new queries after cached positions: query i sees keys <= start + i
-                    mask = allowed_keys(S, L, start, causal=True, device=x_BSD.device)
-        else:
-            mask, is_causal = (
-                allowed_keys(
-                    S,
-                    L,
-                    start,
-                    causal=self.causal,
-                    window=self.sliding_window,
-                    chunk=self.chunk_size,
-                    key_mask_BL=key_mask,
-                    device=x_BSD.device,
-                ),
-                False,
-            )
+            if not self.causal or S <= 1:
+                return None, False
+            if L == S:
+                return None, True
+            # new queries after cached positions: query i sees keys <= start + i
+            return allowed_keys(S, L, start, causal=True, device=device), False
+        mask = allowed_keys(
+            S,
+            L,
+            start,
+            causal=self.causal,
+            window=self.sliding_window,
+            chunk=self.chunk_size,
+            key_mask_BL=key_mask,
+            device=device,
+        )
+        return mask, False
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        start: int,
+    ) -> torch.Tensor:
+        """``(B, H, S, Dh)``: softmax attention (explicit with sinks, else SDPA)."""
+        S, L = q.shape[2], k.shape[2]
         if self.sinks is not None:
             if mask is None:
-                mask = allowed_keys(S, L, start, causal=self.causal, device=x_BSD.device)
-            out = self._masked_attention(q, k, v, mask)
-        else:
-            grouped = self.n_kv_heads != self.n_heads
-            if grouped and mask is not None and q.device.type == "cuda":
-                # CUDA's fused kernels take GQA only without a mask: repeat the key/value heads
-                # (a copy, far smaller than the math kernel's B*H*S*L scores)
-                groups = self.n_heads // self.n_kv_heads
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-                grouped = False
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped, scale=self.scale
-            )
-        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
-        if gate is not None:
-            out = out * torch.sigmoid(gate)
-        return self.o_proj(out)
+                mask = allowed_keys(S, L, start, causal=self.causal, device=q.device)
+            return self._masked_attention(q, k, v, mask)
+        grouped = self.n_kv_heads != self.n_heads
+        if grouped and mask is not None and q.device.type == "cuda":
+            # CUDA's fused kernels take GQA only without a mask: repeat the key/value heads
+            # (a copy, far smaller than the math kernel's B*H*S*L scores)
+            groups = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+            grouped = False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped, scale=self.scale
+        )
