@@ -186,3 +186,19 @@ def test_cuda_token_range_check_is_an_async_assert(as_on_cuda):
     model = tiny_lm()
     with pytest.raises(RuntimeError, match="token ids must be in"):
         model(torch.tensor([[1, 99]]))
+
+
+def test_the_loop_kernel_reads_the_group_sizes_once_per_layer_and_step():
+    """Issue 32: the fp32 path (the loop of matmuls, where grouped_mm is not fast) read the
+    group sizes six times per layer and step (two forward products, four backward); now once."""
+    from moekit.experts.fused_ffn import expert_ffn
+
+    counts = torch.tensor([3, 0, 2, 5])
+    x = torch.randn(10, 8, requires_grad=True)
+    w_in = torch.randn(4, 8, 12, requires_grad=True)
+    w_out = torch.randn(4, 6, 8, requires_grad=True)
+    with HostSyncCounter() as counter:
+        y = expert_ffn(x, counts, w_in, w_out, kernel="loop")
+        y.square().sum().backward()
+    assert counter.kinds["tolist"] == 1, counter.where
+    assert x.grad is not None and w_in.grad is not None and w_out.grad is not None

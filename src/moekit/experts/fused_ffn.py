@@ -22,6 +22,7 @@ from moekit.experts.grouped_matmul import (
     grouped_mm_forward,
     grouped_mm_weight_grad,
     resolve_kernel,
+    weight_grad_by_loop,
 )
 from moekit.utils.precision import autocast_off, autocast_operands
 
@@ -67,9 +68,10 @@ def _expert_ffn_forward(
     activation: Activation,
     kernel_in: GroupedMatmulKernel,
     kernel_out: GroupedMatmulKernel,
+    host_counts: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y_MD, h_MH, a_MH)``: the output, the pre-activation and the activation."""
-    h_MH = grouped_mm_forward(x_MD, w_in, counts_E, kernel_in)
+    h_MH = grouped_mm_forward(x_MD, w_in, counts_E, kernel_in, host_counts)
     expert_of_row = None
     if b_in is not None:
         expert_of_row = torch.repeat_interleave(
@@ -77,7 +79,7 @@ def _expert_ffn_forward(
         )
         h_MH += b_in[expert_of_row]
     a_MH = _activation_forward(activation, h_MH)
-    y_MD = grouped_mm_forward(a_MH, w_out, counts_E, kernel_out)
+    y_MD = grouped_mm_forward(a_MH, w_out, counts_E, kernel_out, host_counts)
     if b_out is not None:
         y_MD += b_out[expert_of_row]
     return y_MD, h_MH, a_MH
@@ -86,9 +88,22 @@ def _expert_ffn_forward(
 class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, counts_E, w_in, b_in, w_out, b_out, activation, kernel_in, kernel_out):  # type: ignore[override]
+        # the loop reads the group sizes on the host: once per layer per step, not per product
+        loops = GroupedMatmulKernel.LOOP in (kernel_in, kernel_out) or weight_grad_by_loop(x_MD)
+        host_counts = counts_E.tolist() if loops and not torch.compiler.is_compiling() else None
         y_MD, h_MH, a_MH = _expert_ffn_forward(
-            x_MD, counts_E, w_in, b_in, w_out, b_out, activation, kernel_in, kernel_out
+            x_MD,
+            counts_E,
+            w_in,
+            b_in,
+            w_out,
+            b_out,
+            activation,
+            kernel_in,
+            kernel_out,
+            host_counts,
         )
+        ctx.host_counts = host_counts
         ctx.save_for_backward(x_MD, counts_E, w_in, w_out, h_MH, a_MH)
         ctx.activation, ctx.kernel_in, ctx.kernel_out = activation, kernel_in, kernel_out
         ctx.has_bias = b_in is not None
@@ -101,18 +116,26 @@ class _ExpertFFN(torch.autograd.Function):
         need_x, _, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:6]
         grad_w_out = grad_b_out = grad_w_in = grad_b_in = grad_x = None
         if need_w_out:
-            grad_w_out = grouped_mm_weight_grad(a_MH, grad_y_MD, counts_E, ctx.kernel_out)
+            grad_w_out = grouped_mm_weight_grad(
+                a_MH, grad_y_MD, counts_E, ctx.kernel_out, ctx.host_counts
+            )
         if need_b_out:
             grad_b_out = _sum_rows_per_expert(grad_y_MD, counts_E)
-        grad_a_MH = grouped_mm_forward(grad_y_MD, w_out.transpose(1, 2), counts_E, ctx.kernel_out)
+        grad_a_MH = grouped_mm_forward(
+            grad_y_MD, w_out.transpose(1, 2), counts_E, ctx.kernel_out, ctx.host_counts
+        )
         grad_h_MH = activation_backward(ctx.activation, h_MH, grad_a_MH)
         del grad_a_MH
         if need_w_in:
-            grad_w_in = grouped_mm_weight_grad(x_MD, grad_h_MH, counts_E, ctx.kernel_in)
+            grad_w_in = grouped_mm_weight_grad(
+                x_MD, grad_h_MH, counts_E, ctx.kernel_in, ctx.host_counts
+            )
         if need_b_in:
             grad_b_in = _sum_rows_per_expert(grad_h_MH, counts_E)
         if need_x:
-            grad_x = grouped_mm_forward(grad_h_MH, w_in.transpose(1, 2), counts_E, ctx.kernel_in)
+            grad_x = grouped_mm_forward(
+                grad_h_MH, w_in.transpose(1, 2), counts_E, ctx.kernel_in, ctx.host_counts
+            )
         return grad_x, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 

@@ -153,15 +153,29 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_mm_forward(
-    x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
+    x_MK: torch.Tensor,
+    w_EKN: torch.Tensor,
+    counts_E: torch.Tensor,
+    kernel: GroupedMatmulKernel,
+    host_counts: list[int] | None = None,
 ) -> torch.Tensor:
-    """``y_MN`` with expert e's rows times ``w_EKN[e]`` (no autograd); ``kernel`` resolved."""
+    """``y_MN`` with expert e's rows times ``w_EKN[e]`` (no autograd); ``kernel`` resolved.
+    ``host_counts``: ``counts_E`` already read to the host, for the loop (which otherwise reads
+    them itself: a host sync on CUDA)."""
+    kernel = GroupedMatmulKernel(kernel)
+    looped = kernel is GroupedMatmulKernel.LOOP and host_counts is not None
+    if looped and not torch.compiler.is_compiling():
+        return _loop_mm(x_MK, w_EKN, cast(list, host_counts))
     op = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_impl
-    return op(x_MK, w_EKN, counts_E, GroupedMatmulKernel(kernel).value)
+    return op(x_MK, w_EKN, counts_E, kernel.value)
 
 
 def grouped_mm_weight_grad(
-    x_MK: torch.Tensor, g_MN: torch.Tensor, counts_E: torch.Tensor, kernel: GroupedMatmulKernel
+    x_MK: torch.Tensor,
+    g_MN: torch.Tensor,
+    counts_E: torch.Tensor,
+    kernel: GroupedMatmulKernel,
+    host_counts: list[int] | None = None,
 ) -> torch.Tensor:
     """``gw_EKN[e] = x[rows of e]^T @ g[rows of e]`` (zero for empty experts; no autograd).
 
@@ -169,8 +183,12 @@ def grouped_mm_weight_grad(
     left operand measured 5x slower than the loop of ``torch.mm`` here (torch 2.13, 64 experts of
     128 rows, 512x2048: 546 ms against 106 ms).
     """
+    kernel = GroupedMatmulKernel(kernel)
+    loops = kernel is GroupedMatmulKernel.LOOP or weight_grad_by_loop(x_MK)
+    if loops and host_counts is not None and not torch.compiler.is_compiling():
+        return _loop_weight_grad(x_MK, g_MN, host_counts)
     op = _weight_grad_op if torch.compiler.is_compiling() else _weight_grad_impl
-    return op(x_MK, g_MN, counts_E, GroupedMatmulKernel(kernel).value)
+    return op(x_MK, g_MN, counts_E, kernel.value)
 
 
 # Under torch.compile the kernels are custom operators: opaque, with shape-only fake versions
@@ -199,9 +217,13 @@ def _grouped_mm_impl(
             inside_M = (rows_M >= first_row) & (rows_M < offs[-1])
             y_MN = torch.where(inside_M.unsqueeze(1), y_chunk, y_MN)
         return y_MN
+    return _loop_mm(x_MK, w_EKN, counts_E.tolist())
+
+
+def _loop_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts: list[int]) -> torch.Tensor:
     y_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[-1])
     start = 0
-    for e, count in enumerate(counts_E.tolist()):
+    for e, count in enumerate(counts):
         if count:
             torch.mm(x_MK[start : start + count], w_EKN[e], out=y_MN[start : start + count])
         start += count
@@ -248,10 +270,13 @@ def _weight_grad_impl(
         if empty_groups_keep_garbage(x_MK.device):  # an expert without tokens: exactly zero
             gw_EKN = torch.where((counts_E > 0).view(-1, 1, 1), gw_EKN, 0.0)
         return gw_EKN
-    E = counts_E.shape[0]
-    gw_EKN = x_MK.new_empty(E, x_MK.shape[1], g_MN.shape[1])
+    return _loop_weight_grad(x_MK, g_MN, counts_E.tolist())
+
+
+def _loop_weight_grad(x_MK: torch.Tensor, g_MN: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    gw_EKN = x_MK.new_empty(len(counts), x_MK.shape[1], g_MN.shape[1])
     start = 0
-    for e, count in enumerate(counts_E.tolist()):
+    for e, count in enumerate(counts):
         if count:
             torch.mm(x_MK[start : start + count].t(), g_MN[start : start + count], out=gw_EKN[e])
         else:
