@@ -69,6 +69,10 @@ def test_bias_balancing_under_plain_ddp_follows_the_global_load():
     _assert_workers_pass(workers.ddp_bias_balancing, 2)
 
 
+def test_threshold_and_null_expert_tallies_are_summed_over_the_ranks():
+    _assert_workers_pass(workers.router_state_over_ranks, 2)
+
+
 def test_train_frees_its_ddp_wrapper_while_the_group_is_alive(tmp_path, tiny_text):
     _assert_workers_pass(
         workers.train_frees_its_ddp_wrapper, 2, str(tiny_text), str(tmp_path / "run")

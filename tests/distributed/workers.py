@@ -507,3 +507,54 @@ def mesh_bf16_step(rank: int, world: int, port: int) -> None:
     del fp32, bf16
     gc.collect()
     finish()
+
+
+def router_state_over_ranks(rank: int, world: int, port: int) -> None:
+    """Expert-Threshold cuts and null-expert tallies are summed over the ranks before their
+    update: every rank ends with the state one process gets from the tallies of all ranks."""
+    from moekit.experts.bank import ExpertConfig
+    from moekit.experts.zero_computation import ZeroComputationConfig
+    from moekit.layers import MoEConfig, update_expert_thresholds, update_null_offsets
+    from moekit.routing import ExpertThresholdRouterConfig
+
+    init(rank, world, port)
+    try:
+        torch.manual_seed(0)  # the same router on every rank
+        threshold = ExpertThresholdRouterConfig(capacity_factor=1.0).build(
+            d_model=8, num_experts=4, top_k=1
+        )
+        null_layer = MoEConfig(
+            d_model=8,
+            num_experts=4,
+            top_k=2,
+            experts=ExpertConfig(hidden=6),
+            zero_computation=ZeroComputationConfig(zero=4, target_experts_per_token=1.0),
+        ).build()
+        inputs = [
+            torch.randn(12, 8, generator=torch.Generator().manual_seed(r)) for r in range(world)
+        ]
+        with torch.no_grad():  # what all ranks route to real experts, before any update
+            real = sum(float((null_layer.router(x).expert_idx_TK < 4).sum()) for x in inputs) / (
+                12 * world
+            )
+        threshold.train()(inputs[rank])  # each rank tallies its own tokens
+        null_layer.train()(inputs[rank])
+        assert update_expert_thresholds(threshold) == 1
+        assert update_null_offsets(null_layer) == 1
+        # one process, all ranks' calls tallied
+        torch.manual_seed(0)
+        alone = ExpertThresholdRouterConfig(capacity_factor=1.0).build(
+            d_model=8, num_experts=4, top_k=1
+        )
+        alone.train()
+        for x in inputs:
+            alone(x)
+        alone.update_thresholds()
+        torch.testing.assert_close(threshold.threshold_E, alone.threshold_E)
+        expected = 1e-3 * (1.0 if real > 1.0 else -1.0 if real < 1.0 else 0.0)
+        assert abs(float(null_layer.router.null_slots.offset) - expected) < 1e-9
+        gathered = [torch.zeros(4) for _ in range(world)]
+        dist.all_gather(gathered, threshold.threshold_E)
+        assert all(torch.equal(g, gathered[0]) for g in gathered)
+    finally:
+        finish()
