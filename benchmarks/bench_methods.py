@@ -16,7 +16,7 @@ Switch loss at 0.01), its FFN in every layer an MoE of 8 experts:
 Reported per method (mean, min–max over seeds): final validation loss, training tokens/s (the
 runs go one after another, 2 threads, so the rates compare), the busiest expert's load as a
 multiple of the equal share and the dead experts (load < 1 % of it), averaged over layers from
-the last metrics line, and the share of tokens routed to no expert (expert threshold).
+the last metrics line.
 
     python benchmarks/bench_methods.py                       # ~20 minutes on 2 cores
     python benchmarks/bench_methods.py --steps 100 --seeds 1 # a quick look

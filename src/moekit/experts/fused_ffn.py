@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from moekit.experts import grouped_matmul
 from moekit.experts.activations import Activation, activation_backward, apply_activation
 from moekit.experts.grouped_matmul import (
     GroupedMatmulKernel,
     grouped_mm_forward,
     grouped_mm_weight_grad,
     resolve_kernel,
-    weight_grad_by_loop,
 )
 from moekit.utils.precision import autocast_off, autocast_operands
 
@@ -89,7 +89,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, counts_E, w_in, b_in, w_out, b_out, activation, kernel_in, kernel_out):  # type: ignore[override]
         # the loop reads the group sizes on the host: once per layer per step, not per product
-        loops = GroupedMatmulKernel.LOOP in (kernel_in, kernel_out) or weight_grad_by_loop(x_MD)
+        loops = GroupedMatmulKernel.LOOP in (kernel_in, kernel_out)
         host_counts = counts_E.tolist() if loops and not torch.compiler.is_compiling() else None
         y_MD, h_MH, a_MH = _expert_ffn_forward(
             x_MD,
@@ -113,6 +113,9 @@ class _ExpertFFN(torch.autograd.Function):
     def backward(ctx, grad_y_MD):  # type: ignore[override]
         x_MD, counts_E, w_in, w_out, h_MH, a_MH = ctx.saved_tensors
         grad_y_MD = grad_y_MD.contiguous()
+        loops = ctx.host_counts is None and grouped_matmul.weight_grad_by_loop(x_MD)
+        if loops and not torch.compiler.is_compiling():  # the weight gradients loop: read once
+            ctx.host_counts = counts_E.tolist()
         need_x, _, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:6]
         grad_w_out = grad_b_out = grad_w_in = grad_b_in = grad_x = None
         if need_w_out:

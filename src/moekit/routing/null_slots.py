@@ -56,11 +56,10 @@ class NullSlots(nn.Module):
         self.register_buffer("mask_E", mask_E, persistent=False)
         self._register_load_state_dict_pre_hook(self._zero_if_missing)
 
-    @staticmethod
-    def _zero_if_missing(state: dict[str, Any], prefix: str, *_args: Any) -> None:
+    def _zero_if_missing(self, state: dict[str, Any], prefix: str, *_args: Any) -> None:
         """Checkpoints from before the offset existed load with offset 0 (their behaviour)."""
-        state.setdefault(prefix + "offset", torch.zeros(()))
-        state.setdefault(prefix + "tally", torch.zeros(2))
+        state.setdefault(prefix + "offset", torch.zeros_like(self.offset))
+        state.setdefault(prefix + "tally", torch.zeros_like(self.tally))
 
     def shift(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Selection scores with the offset added to the zero experts' columns."""
