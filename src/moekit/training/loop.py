@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
-from moekit.analysis.inspect import load_summary
 from moekit.distributed.checkpoint import load_sharded
 from moekit.distributed.mesh import (
     clip_grad_norm_,
@@ -39,16 +31,23 @@ from moekit.distributed.mesh import (
 from moekit.distributed.runtime import setup_distributed
 from moekit.layers.switches import (
     global_batch_balance,
-    serving,
-    update_expert_bias,
-    update_expert_thresholds,
-    update_null_offsets,
     without_statistics,
 )
 from moekit.models.checkpoint import read_config
-from moekit.models.encoder_decoder.model import EncoderDecoderConfig, EncoderDecoderLM
+from moekit.models.encoder_decoder.model import EncoderDecoderConfig
 from moekit.models.sharded_checkpoint import is_sharded
-from moekit.models.transformer.model import TransformerConfig, TransformerLM
+from moekit.models.transformer.model import TransformerConfig
+from moekit.training.callbacks import (
+    BiasUpdate,
+    Callback,
+    Checkpointing,
+    Evaluation,
+    Metrics,
+    Progress,
+    RouterStateUpdate,
+    RoutingHealth,
+    worst_load,
+)
 from moekit.training.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -56,20 +55,18 @@ from moekit.training.checkpoint import (
     refuse_to_overwrite,
     remove_stale_staging,
     restore_param_groups,
-    rng_states,
-    save_sharded_training_checkpoint,
-    save_training_checkpoint,
 )
 from moekit.training.config import TrainConfig
 from moekit.training.finetune import load_streams, prepare_model
-from moekit.training.instruct import IGNORE_INDEX
 from moekit.training.methods import (
     TrainingMethod,
     drop_gradients,
     frozen_groups,
     lm_parameter_groups,
 )
+from moekit.training.objective import evaluate, model_loss, to_device
 from moekit.training.optim import build_optimizer, build_scheduler
+from moekit.training.run import MetricsLog, StepOutput, TrainingRun, TrainResult
 from moekit.training.tokenizer_files import RUN_TOKENIZER_DIR, copy_tokenizer
 from moekit.utils.allocator import retain_freed_memory
 from moekit.utils.device import (
@@ -80,228 +77,28 @@ from moekit.utils.device import (
     use_bf16,
 )
 from moekit.utils.randomness import token_randomness
-from moekit.utils.serialization import atomic_write_bytes, config_to_dict
 
-
-@dataclass
-class TrainResult:
-    """What a run produced."""
-
-    model: TransformerLM | EncoderDecoderLM
-    out_dir: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
-    wall_time: float = 0.0
-    train_time: float = 0.0
-    tokens: int = 0
-    search: Any = None  # method='evolutionary': the SearchResult of the router search
-    trainable: list[tuple[str, int, int]] = field(default_factory=list)  # (group, trained, all)
-
-    @property
-    def evals(self) -> list[tuple[int, float]]:
-        return [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-
-    @property
-    def final_val_loss(self) -> float:
-        return self.evals[-1][1]
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.train_time if self.train_time else 0.0
-
-
-@torch.no_grad()
-def _to_device(batch: tuple, device: torch.device) -> tuple:
-    """``(x, y, segment_ids or None)`` on ``device`` from a 2- or 3-tuple batch."""
-    x, y, *rest = batch
-    segments = rest[0] if rest else None
-    if device.type == "cuda":  # pinned host memory: the copies are truly asynchronous
-        x, y = x.pin_memory(), y.pin_memory()
-        segments = None if segments is None else segments.pin_memory()
-    segments = None if segments is None else segments.to(device, non_blocking=True)
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), segments
-
-
-def _token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the targets that are not ``IGNORE_INDEX`` (a batch with
-    none gives 0, not NaN)."""
-    total = F.cross_entropy(
-        logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    if reduction == "sum":
-        return total
-    return total / (y != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def model_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None
-) -> tuple[Any, torch.Tensor]:
-    """``(output, mean cross-entropy)`` of one batch: next-token prediction for a decoder-only
-    model; for an encoder–decoder, T5's prefix-LM split of the window
-    (``EncoderDecoderLM.split_window``)."""
-    split = getattr(model, "split_window", None)
-    if split is None:
-        out = model(x) if segments is None else model(x, segment_ids=segments)
-        return out, _token_loss(out.logits, y)
-    if segments is not None:
-        raise ValueError(
-            "packed instruction data (segment ids) trains decoder-only models; an encoder–decoder "
-            "reads plain text windows"
-        )
-    source, decoder_tokens, targets = split(x, y)
-    out = model(source, decoder_tokens=decoder_tokens)
-    return out, _token_loss(out.logits, targets)
-
-
-def evaluate(model: nn.Module, stream: Any, batches: int, batch_size: int, seq_len: int) -> float:
-    """Mean next-token cross-entropy (nats) over fixed validation windows (over the response
-    tokens only for instruction data)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    # no autograd graph, and no auxiliary losses or routing statistics: nothing reads them
-    with torch.no_grad(), serving(model):
-        for batch in stream.eval_batches(batches, batch_size, seq_len):
-            x, y, segments = _to_device(batch, device)
-            _, loss = model_loss(model, x, y, segments)
-            split = getattr(model, "split_window", None)
-            targets = y if split is None else split(x, y)[2]
-            n = int((targets != IGNORE_INDEX).sum())
-            total += loss.item() * n
-            count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def _moe_record(outputs) -> list[dict[str, Any]]:
-    records = []
-    for o in outputs:
-        record: dict[str, Any] = {
-            "losses": {k: round(float(v.detach()), 6) for k, v in o.losses.items()}
-        }
-        if o.stats is not None:  # statistics may be off (MoEConfig.statistics)
-            record["tokens_per_expert"] = o.stats.tokens_per_expert.tolist()
-            record["load"] = load_summary(o.stats.tokens_per_expert)  # x ideal; dead experts
-            record["dropped_fraction"] = round(float(o.stats.dropped_fraction), 6)
-            record["router_entropy"] = round(float(o.stats.router_entropy), 6)
-        records.append(record)
-    return records
-
-
-def _checkpoint(ctx, device, checkpoints, step, model, optimizer, scheduler, config_dict) -> None:
-    """One process: the single-process layout (``model.safetensors``). On a mesh: a sharded
-    checkpoint every rank writes its part of (it loads on any mesh, or in one process). Both
-    hold every rank's generator states."""
-    states = rng_states(ctx.rank, ctx.world, device)
-    if not ctx.enabled:
-        save_training_checkpoint(
-            checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict, states
-        )
-        return
-    # every rank writes its own shards (DCP); nothing is gathered to one rank
-    save_sharded_training_checkpoint(
-        checkpoints, step, model, optimizer, scheduler, config_dict, states
-    )
-
-
-class _MetricsLog:
-    """``metrics.jsonl`` (truncated to the resumed step) and, if installed, TensorBoard; only
-    the main process writes."""
-
-    def __init__(self, out_dir: Path, start_step: int, enabled: bool = True) -> None:
-        self.path = out_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tensorboard = None
-        kept = []
-        if self.path.is_file():
-            lines = self.path.read_text(errors="replace").splitlines()
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if number == len(lines):  # a line torn by a kill mid-write: drop it
-                        break
-                    raise ValueError(f"{self.path}:{number} is not valid JSON") from None
-                if record.get("step", 0) <= start_step:
-                    kept.append(record)
-        self.records = kept
-        if not enabled:
-            return
-        # rewritten atomically: a kill now leaves the old log or the new one, never half of it
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
-            for layer, moe in enumerate(record.get("moe", [])):
-                for name, value in moe.get("load", {}).items():  # per-layer load percentiles
-                    self.tensorboard.add_scalar(f"moe{layer}/load_{name}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-@dataclass
-class TrainingRun:
-    """What a run's step and callbacks share: the model, optimizer, data and where it writes."""
-
-    config: TrainConfig
-    model: TransformerLM | EncoderDecoderLM
-    step_model: torch.nn.Module  # the model, or its data-parallel wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    groups: dict[str, list[torch.nn.Parameter]]
-    ctx: Any  # moekit.distributed.runtime.DistributedContext
-    device: torch.device
-    train_stream: Any
-    val_stream: Any
-    out_dir: Path
-    start_step: int
-    last_step: int
-    log: _MetricsLog
-    result: TrainResult
-
-
-@dataclass
-class StepOutput:
-    """One optimizer step. The losses and the gradient norm stay on the device (reading them
-    is a host sync); callbacks read them on the steps that write a metrics line."""
-
-    done: int  # steps completed, counting this one
-    loss: torch.Tensor  # mean next-token cross-entropy over the micro-batches
-    aux_loss: torch.Tensor
-    grad_norm: torch.Tensor | None  # before clipping; None without clipping
-    lr: float
-    seconds: float  # this step's wall time (the device caught up on record steps)
-    tokens: int  # tokens trained on in this step, over every rank
-    moe_outputs: list[Any]
-    writes_record: bool
-    is_eval: bool
-    record: dict[str, Any] = field(default_factory=dict)  # filled by the callbacks
-
-
-class Callback:
-    """A hook of the training loop: called after every optimizer step and at the end."""
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        pass
-
-    def on_train_end(self, run: TrainingRun) -> None:
-        pass
+# the loop's public names (the callbacks, run types and objective live in their own modules;
+# these names keep working from here)
+__all__ = [
+    "BiasUpdate",
+    "Callback",
+    "Checkpointing",
+    "Evaluation",
+    "Metrics",
+    "Progress",
+    "RouterStateUpdate",
+    "RoutingHealth",
+    "StepOutput",
+    "TrainResult",
+    "TrainingRun",
+    "evaluate",
+    "micro_batch_row_offset",
+    "model_loss",
+    "train",
+    "train_step",
+    "worst_load",
+]
 
 
 def train(
@@ -335,7 +132,7 @@ def train(
     start_time = time.perf_counter()
     run = _set_up(config, resume=resume, stop_after=stop_after)
     hooks: list[Callback] = [
-        BiasUpdate(),
+        RouterStateUpdate(),
         Evaluation(),
         Metrics(on_record),
         RoutingHealth(enabled=run.ctx.rank == 0),
@@ -398,7 +195,7 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     writes_record = done % config.log_every == 0 or is_eval or done == run.last_step
     loss = torch.zeros((), device=run.device)
     aux = torch.zeros((), device=run.device)
-    batches = [_to_device(part, run.device) for part in _global_batch_parts(run, step)]
+    batches = [to_device(part, run.device) for part in _global_batch_parts(run, step)]
 
     def keyed(micro: int):  # the model's random draws: a function of step and token place
         return token_randomness(
@@ -474,176 +271,6 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     )
 
 
-class BiasUpdate(Callback):
-    """The routers' state updates after each optimizer step: the auxiliary-loss-free bias of
-    every bias-balancing router (DeepSeek-V3), the thresholds of every Expert-Threshold router
-    and the zero-expert offsets steered to a target (tallies summed over the ranks first)."""
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        update_expert_bias(run.model)
-        update_expert_thresholds(run.model)
-        update_null_offsets(run.model)
-
-
-class Evaluation(Callback):
-    """Validation loss every ``eval_every`` steps and at the end, into the step's record."""
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        if step.is_eval:
-            data = run.config.data
-            step.record["val_loss"] = evaluate(
-                run.model, run.val_stream, run.config.eval_batches, data.batch_size, data.seq_len
-            )
-
-
-class Metrics(Callback):
-    """A metrics line (``metrics.jsonl``, TensorBoard, ``on_record``) on record steps; the only
-    place the step's device values are read. Throughput is over the steps since the last line
-    (the device catches up on record steps only)."""
-
-    def __init__(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.on_record = on_record
-        self.window_seconds = 0.0
-        self.window_tokens = 0
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        self.window_seconds += step.seconds
-        self.window_tokens += step.tokens
-        if not step.writes_record:
-            return
-        loss = step.loss.item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} by step {step.done}")
-        record: dict[str, Any] = {
-            "step": step.done,
-            "loss": loss,
-            "aux_loss": step.aux_loss.item(),
-            "lr": step.lr,
-            "grad_norm": float("nan") if step.grad_norm is None else step.grad_norm.item(),
-            "tokens_per_second": self.window_tokens / self.window_seconds,
-            "moe": _moe_record(step.moe_outputs),
-            "train_seconds": run.result.train_time,  # training steps so far (no evaluation)
-        }
-        self.window_seconds, self.window_tokens = 0.0, 0
-        record.update(step.record)  # val_loss, and whatever earlier callbacks added
-        step.record = record
-        run.log.write(record)
-        if self.on_record is not None:
-            self.on_record(record)
-
-    def on_train_end(self, run: TrainingRun) -> None:
-        run.log.close()
-
-
-def worst_load(record: dict[str, Any]) -> tuple[float, int] | None:
-    """``(largest expert load × the equal share, most dead experts)`` over the record's MoE
-    layers, or ``None`` without statistics."""
-    loads = [m["load"] for m in record.get("moe", []) if "load" in m]
-    if not loads:
-        return None
-    return max(load["max"] for load in loads), max(int(load["dead"]) for load in loads)
-
-
-class RoutingHealth(Callback):
-    """Warns once per layer when its routing collapses, on record steps: half or more of its
-    experts dead (each below 1% of an equal share of the assignments). The record gets
-    ``routing_collapse`` (the layers). Fine-tuning a Hub MoE without balancing ends there
-    unnoticed otherwise. (A busiest-expert threshold was tried and left out: with top-k an
-    expert chosen by every token is at ``E / k`` times the equal share, which tiny healthy
-    models reach early.)"""
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.warned: set[int] = set()
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        if not step.writes_record:
-            return
-        collapsed = []
-        for layer, moe in enumerate(step.record.get("moe", [])):
-            counts, load = moe.get("tokens_per_expert"), moe.get("load")
-            if not counts or load is None or len(counts) < 2:
-                continue
-            E = len(counts)
-            if load["dead"] >= E / 2:
-                collapsed.append(layer)
-                if self.enabled and layer not in self.warned:
-                    self.warned.add(layer)
-                    print(
-                        f"warning: routing in MoE layer {layer} collapsed by step {step.done}: "
-                        f"{load['dead']} of {E} experts dead, the busiest at {load['max']:.1f}x "
-                        "the equal share (threshold: half the experts below 1% of an equal "
-                        "share); raise model.moe.layer.aux_loss.switch",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        if collapsed:
-            step.record["routing_collapse"] = collapsed
-
-
-class Progress(Callback):
-    """A progress bar in a terminal; outside one (a file, CI) a plain line at each evaluation
-    and at most every 30 seconds otherwise, instead of hundreds of bar redraws."""
-
-    def __init__(self, total: int, initial: int, *, desc: str, enabled: bool) -> None:
-        self.enabled, self.desc, self.total = enabled, desc, total
-        self.interactive = enabled and sys.stderr.isatty()
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            desc=desc,
-            disable=not self.interactive,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        self.last_line = time.monotonic()
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        record = step.record if step.writes_record else {}
-        if self.interactive:
-            if record:
-                val = {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}
-                worst = worst_load(record)
-                if worst is not None:
-                    val |= {"load": f"{worst[0]:.1f}x", "dead": str(worst[1])}
-                self.bar.set_postfix(loss=f"{record['loss']:.3f}", **val)
-            self.bar.update(1)
-            return
-        due = step.is_eval or time.monotonic() - self.last_line >= 30.0
-        if self.enabled and record and due:
-            self.last_line = time.monotonic()
-            val_text = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
-            worst = worst_load(record)
-            load_text = "" if worst is None else f" load max {worst[0]:.2f}x dead {worst[1]}"
-            print(
-                f"{self.desc}: step {step.done}/{self.total} loss {record['loss']:.4f}"
-                f"{val_text}{load_text}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def on_train_end(self, run: TrainingRun) -> None:
-        self.bar.close()
-
-
-class Checkpointing(Callback):
-    """A checkpoint every ``checkpoint_every`` steps and at the last step."""
-
-    def on_step_end(self, run: TrainingRun, step: StepOutput) -> None:
-        every = run.config.checkpoint_every
-        if (every and step.done % every == 0) or step.done == run.last_step:
-            _checkpoint(
-                run.ctx,
-                run.device,
-                run.out_dir / "checkpoints",
-                step.done,
-                run.model,
-                run.optimizer,
-                run.scheduler,
-                config_to_dict(run.config),
-            )
-
-
 def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> TrainingRun:
     """Device, process group, data, model (fine-tuning preparation, parallelism), optimizer,
     schedule and, when resuming, their state from the latest checkpoint."""
@@ -707,7 +334,7 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         out_dir.mkdir(parents=True, exist_ok=True)
         # the run folder holds its own copy of the tokenizer: commands run from anywhere
         copy_tokenizer(config.data.tokenizer, out_dir / RUN_TOKENIZER_DIR)
-    log = _MetricsLog(out_dir, start_step, enabled=ctx.is_main)
+    log = MetricsLog(out_dir, start_step, enabled=ctx.is_main)
     result = TrainResult(model=model, out_dir=out_dir, records=log.records, trainable=trainable)
     return TrainingRun(
         config=config,
