@@ -19,7 +19,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.mla import MLAConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing import Gating, GroupScore, RouterConfig, TopKRouterConfig
+from moekit.routing import Gating, GroupScore, TopKRouterConfig
 
 MODEL_TYPE = "deepseek_v3"
 
@@ -60,7 +60,7 @@ def moe_layer_from_hf(hf: dict[str, Any], family: str, v2: bool = False) -> MoEC
         num_experts=experts,
         top_k=hf["num_experts_per_tok"],
         experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
-        router=RouterConfig(
+        router=TopKRouterConfig(
             gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
             normalize_weights=bool(hf.get("norm_topk_prob", not v2)),
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
@@ -203,7 +203,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
                 num_experts=experts,
                 top_k=hf["num_experts_per_tok"],
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
-                router=RouterConfig(
+                router=TopKRouterConfig(
                     gating=Gating.SOFTMAX_TOPK if v2 else Gating.SIGMOID_TOPK,
                     normalize_weights=False if v2 else bool(hf.get("norm_topk_prob", True)),
                     routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),

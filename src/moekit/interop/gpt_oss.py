@@ -28,7 +28,7 @@ from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing import Gating, RouterConfig
+from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "gpt_oss"
 
@@ -182,7 +182,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
                     bias=True,
                     quantization=quantization,
                 ),
-                router=RouterConfig(gating=Gating.TOPK_SOFTMAX, bias=True),
+                router=TopKRouterConfig(gating=Gating.TOPK_SOFTMAX, bias=True),
                 aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.9) * k),
             ),
         ),

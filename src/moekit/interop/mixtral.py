@@ -18,7 +18,7 @@ from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing import Gating, RouterConfig
+from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "mixtral"
 
@@ -66,7 +66,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
                 num_experts=hf["num_local_experts"],
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["intermediate_size"]),
-                router=RouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
+                router=TopKRouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
                 # HF's router_aux_loss_coef multiplies a loss k times moekit's Switch loss
                 aux_loss=AuxLossConfig(switch=hf.get("router_aux_loss_coef", 0.02) * k),
             ),

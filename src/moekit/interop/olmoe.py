@@ -16,7 +16,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing import Gating, RouterConfig, TopKRouterConfig
+from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "olmoe"
 
@@ -53,7 +53,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
                 num_experts=hf["num_experts"],
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["intermediate_size"]),
-                router=RouterConfig(
+                router=TopKRouterConfig(
                     gating=Gating.SOFTMAX_TOPK,
                     normalize_weights=bool(hf.get("norm_topk_prob", False)),
                 ),

@@ -29,7 +29,7 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.transformer.attention import QKNorm
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.routing import Gating, RouterConfig, TopKRouterConfig
+from moekit.routing import Gating, TopKRouterConfig
 
 
 def keymaps(config: TransformerConfig, qwen3: bool) -> dict[str, list[Entry]]:
@@ -96,7 +96,7 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> Tran
                 num_experts=hf.get("num_experts") or hf["num_local_experts"],
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
-                router=RouterConfig(
+                router=TopKRouterConfig(
                     gating=Gating.SOFTMAX_TOPK,
                     normalize_weights=bool(hf.get("norm_topk_prob", False)),
                 ),
