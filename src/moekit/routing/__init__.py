@@ -5,6 +5,7 @@ from moekit.routing.base_layers import BalancedAssignmentRouter, BaseRouterConfi
 from moekit.routing.causal_soft import CausalSoftMoERouter, CausalSoftRouterConfig
 from moekit.routing.config import (
     ROUTER_CONFIGS,
+    GatedRouter,
     GateOptions,
     RouterBase,
     RouterConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "GShardRouterConfig",
     "GShardTop2Router",
     "GateOptions",
+    "GatedRouter",
     "Gating",
     "GroupScore",
     "HashRouter",

@@ -21,8 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 
 
@@ -105,14 +104,13 @@ class BaseRouterConfig(GateOptions, RouterOptions):
         return BalancedAssignmentRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class BalancedAssignmentRouter(RouterBase):
+class BalancedAssignmentRouter(GatedRouter):
     """``(T, D) -> RoutingResult`` with K = 1: balanced in training, greedy at inference."""
 
     def __init__(
         self, config: BaseRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(
         self,
@@ -120,7 +118,7 @@ class BalancedAssignmentRouter(RouterBase):
         token_ids_T: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
     ) -> RoutingResult:
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        logits_TE = self.gate_logits(x_TD)
         expert_T = logits_TE.argmax(dim=-1)  # inference, and padding (which is never dispatched)
         if self.training:
             # only real tokens share the balanced slots

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from moekit.routing.projection import linear_logits, new_router_weight
 from moekit.utils.validation import ConfigError, check_fields, coerce
 
 
@@ -132,6 +134,21 @@ class RouterBase(nn.Module):
             f"kind={self.config.kind.value}, d_model={self.d_model}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}"
         )
+
+
+class GatedRouter(RouterBase):
+    """A router with a learned linear gate ``x W^T (+ b)`` (its config's ``GateOptions``):
+    owns the parameters ``weight_ED`` ``(E, D)`` (``nn.Linear`` layout and initialisation) and
+    ``bias_E`` (or ``None``), and computes the logits (:meth:`gate_logits`). The families
+    with a plain gate build on it; their ``__init__`` adds only what is theirs."""
+
+    def __init__(self, config: Any, *, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
+        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
+
+    def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """``(T, D) -> (T, E)`` logits, in at least float32 when the config's ``float32``."""
+        return linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
 
 
 def is_causal(kind: RouterKind | str) -> bool:

@@ -17,8 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 from moekit.utils.capacity import capacity_for
 
@@ -47,7 +46,7 @@ class ExpertChoiceRouterConfig(GateOptions, RouterOptions):
         return ExpertChoiceRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class ExpertChoiceRouter(RouterBase):
+class ExpertChoiceRouter(GatedRouter):
     """``(T, D) -> RoutingResult``: K = E slots per token, masked to the experts that chose it."""
 
     def __init__(
@@ -55,7 +54,6 @@ class ExpertChoiceRouter(RouterBase):
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.top_k = num_experts
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def tokens_per_expert(self, num_tokens: int) -> int:
         """Tokens each expert picks from ``num_tokens``: ``ceil(c T / E)``, at most T."""
@@ -67,7 +65,7 @@ class ExpertChoiceRouter(RouterBase):
         token_ids_T: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
     ) -> RoutingResult:
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        logits_TE = self.gate_logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape
         # padding never competes for an expert's slots, nor counts toward their number

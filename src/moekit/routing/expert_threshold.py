@@ -32,8 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 
 
@@ -78,7 +77,7 @@ class ExpertThresholdRouterConfig(GateOptions, RouterOptions):
         return ExpertThresholdRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class ExpertThresholdRouter(RouterBase):
+class ExpertThresholdRouter(GatedRouter):
     """``(T, D) -> RoutingResult``: K = E slots per token, masked to the experts whose
     threshold the token's score reaches (on the batch the thresholds came from, that is
     expert choice's assignment).
@@ -97,7 +96,6 @@ class ExpertThresholdRouter(RouterBase):
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.top_k = num_experts
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
         self.warmup_top_k = config.warmup_top_k or max(1, round(config.capacity_factor))
         self.warmup_top_k = min(self.warmup_top_k, num_experts)
         self.register_buffer("threshold_E", torch.zeros(num_experts))
@@ -111,7 +109,7 @@ class ExpertThresholdRouter(RouterBase):
         token_ids_T: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
     ) -> RoutingResult:
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        logits_TE = self.gate_logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape
         scores_TE = probs_TE.detach()

@@ -13,8 +13,7 @@ from enum import Enum
 
 import torch
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 from moekit.utils.randomness import uniform_like
 
@@ -49,14 +48,13 @@ class GShardRouterConfig(GateOptions, RouterOptions):
         return GShardTop2Router(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class GShardTop2Router(RouterBase):
+class GShardTop2Router(GatedRouter):
     """``(T, D) -> RoutingResult`` with K = 2 and a mask on skipped second experts."""
 
     def __init__(
         self, config: GShardRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(
         self,
@@ -64,7 +62,7 @@ class GShardTop2Router(RouterBase):
         token_ids_T: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
     ) -> RoutingResult:
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        logits_TE = self.gate_logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         top = probs_TE.topk(2, dim=-1)
         weights_TK = top.values / top.values.sum(dim=-1, keepdim=True)

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
+from moekit.routing.config import GatedRouter, GateOptions, RouterBase, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 from moekit.routing.topk import Gating
 
@@ -164,7 +163,7 @@ class TokenTableRouterConfig(GateOptions, RouterOptions):
         return TokenTableRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class TokenTableRouter(RouterBase):
+class TokenTableRouter(GatedRouter):
     """``(T, D), token ids (T,) -> RoutingResult``: experts ``table_VK[id]``, weights from the
     gate ``weight_ED``. The table is a buffer (saved and loaded with the weights)."""
 
@@ -175,7 +174,6 @@ class TokenTableRouter(RouterBase):
         self, config: TokenTableRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
         generator = torch.Generator().manual_seed(config.hash_seed)
         table = torch.stack(
             [
@@ -194,9 +192,7 @@ class TokenTableRouter(RouterBase):
         if token_ids_T is None:
             raise ValueError("router kind 'token_table' routes by token id: pass token_ids")
         cfg = self.config
-        logits_TE = linear_logits(
-            x_TD.to(router_dtype(x_TD, cfg.float32)), self.weight_ED, self.bias_E, cfg.float32
-        )
+        logits_TE = self.gate_logits(x_TD)
         if cfg.gating is Gating.SQRT_SOFTPLUS_TOPK:
             scores_TE = F.softplus(logits_TE).sqrt()
         elif cfg.gating is Gating.SIGMOID_TOPK:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight, router_dtype
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
+from moekit.routing.projection import router_dtype
 from moekit.routing.result import RoutingResult
 from moekit.utils.randomness import exponential_like, jitter_like, uniform_like
 
@@ -118,7 +118,7 @@ def sparsemixer(
     return torch.cat(weights, dim=-1), torch.cat(chosen, dim=-1)
 
 
-class SparseMixerRouter(RouterBase):
+class SparseMixerRouter(GatedRouter):
     """SparseMixer router: ``(T, D) -> RoutingResult``; parameters ``weight_ED`` (and
     ``bias_E``)."""
 
@@ -126,7 +126,6 @@ class SparseMixerRouter(RouterBase):
         self, config: SparseMixerRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
         # set by moekit.replay_routing: returns the recorded (T, K) experts of the next call
         self.forced_routes: Callable[[int], torch.Tensor] | None = None
 
@@ -141,7 +140,7 @@ class SparseMixerRouter(RouterBase):
         if self.training and cfg.input_jitter_eps > 0:
             eps = cfg.input_jitter_eps
             x_TD = x_TD * jitter_like(x_TD, self, "jitter", eps)
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
+        logits_TE = self.gate_logits(x_TD)
         forced = None
         if self.forced_routes is not None:
             forced = self.forced_routes(logits_TE.shape[0]).to(logits_TE.device)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
-from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
 from moekit.routing.result import RoutingResult
 
 
@@ -43,14 +42,13 @@ class TopPRouterConfig(GateOptions, RouterOptions):
         return TopPRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class TopPRouter(RouterBase):
+class TopPRouter(GatedRouter):
     """``(T, D) -> RoutingResult`` with K = ``top_k`` slots, masked past each token's set."""
 
     def __init__(
         self, config: TopPRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
 
     def forward(
         self,
@@ -58,7 +56,7 @@ class TopPRouter(RouterBase):
         token_ids_T: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
     ) -> RoutingResult:
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, self.config.float32)
+        logits_TE = self.gate_logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         top = probs_TE.topk(self.top_k, dim=-1)
         mass_before_TK = top.values.detach().cumsum(dim=-1) - top.values.detach()

@@ -30,11 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.config import GateOptions, RouterBase, RouterKind, RouterOptions
+from moekit.routing.config import GatedRouter, GateOptions, RouterKind, RouterOptions
 from moekit.routing.null_slots import NullSlots
 from moekit.routing.projection import (
-    linear_logits,
-    new_router_weight,
     router_dtype,
     router_precision,
 )
@@ -121,7 +119,7 @@ class TopKRouterConfig(GateOptions, RouterOptions):
         return TopKRouter(self, d_model=d_model, num_experts=num_experts, top_k=top_k)
 
 
-class TopKRouter(RouterBase):
+class TopKRouter(GatedRouter):
     """Token-choice top-K router: ``(T, D) -> RoutingResult``.
 
     Parameters: ``weight_ED`` ``(E, D)`` (``nn.Linear`` layout and initialisation), optional
@@ -137,7 +135,6 @@ class TopKRouter(RouterBase):
         self, config: TopKRouterConfig, *, d_model: int, num_experts: int, top_k: int
     ) -> None:
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
-        self.weight_ED, self.bias_E = new_router_weight(d_model, num_experts, bias=config.bias)
         self.noise_weight_ED = (
             nn.Parameter(torch.zeros(num_experts, d_model)) if config.noisy_gating else None
         )
@@ -180,7 +177,7 @@ class TopKRouter(RouterBase):
         x_TD = x_TD.to(router_dtype(x_TD, cfg.float32))
         if self.training and cfg.jitter_eps > 0:
             x_TD = x_TD * jitter_like(x_TD, self, "jitter", cfg.jitter_eps)
-        logits_TE = linear_logits(x_TD, self.weight_ED, self.bias_E, cfg.float32)
+        logits_TE = self.gate_logits(x_TD)
         dtype = logits_TE.dtype
         clean_logits_TE = noise_std_TE = None
         if self.noise_weight_ED is not None and self.training:
