@@ -287,21 +287,67 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
             "the decoder-only TransformerLM)"
         )
     train_stream, val_stream = load_streams(config)  # fails before any model is built
+    model, trainable = _build_model(config, ctx, device, train_stream, resume)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.steps, config.optim)
+    out_dir = Path(config.out_dir)
+    start_step = _restore(config, ctx, device, model, optimizer, scheduler, resume)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # the run folder holds its own copy of the tokenizer: commands run from anywhere
+        copy_tokenizer(config.data.tokenizer, out_dir / RUN_TOKENIZER_DIR)
+    log = MetricsLog(out_dir, start_step, enabled=ctx.is_main)
+    result = TrainResult(model=model, out_dir=out_dir, records=log.records, trainable=trainable)
+    return TrainingRun(
+        config=config,
+        model=model,
+        step_model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        groups=lm_parameter_groups(model),
+        ctx=ctx,
+        device=device,
+        train_stream=train_stream,
+        val_stream=val_stream,
+        out_dir=out_dir,
+        start_step=start_step,
+        last_step=config.steps if stop_after is None else min(config.steps, stop_after),
+        log=log,
+        result=result,
+    )
+
+
+def _build_model(
+    config: TrainConfig, ctx: Any, device: torch.device, train_stream: Any, resume: bool
+) -> tuple[Any, list[tuple[str, int, int]]]:
+    """The seeded model, prepared for fine-tuning (starting weights, LoRA, preset: a resumed
+    run takes the checkpoint's weights instead), on ``device``, sharded over the mesh (FSDP2)
+    when there is one; with the trainable-parameter summary."""
     torch.manual_seed(config.seed)
     model = config.model.build()
     resuming = resume and latest_checkpoint(Path(config.out_dir) / "checkpoints") is not None
-    # fine-tuning: starting weights (a resumed run takes the checkpoint's), LoRA, preset
     trainable = prepare_model(model, config, train_stream, resuming=resuming)
     model.to(device)
-    step_model: torch.nn.Module = model
     if ctx.meshes is not None:  # FSDP2 over the data × expert mesh
         # bf16 parameters and fp32 gradient reduction where the device computes in bf16
         bf16 = use_bf16(config.bf16, device)
         parallelize(model, ctx.meshes, param_dtype=torch.bfloat16 if bf16 else None)
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.steps, config.optim)
-    out_dir = Path(config.out_dir)
-    checkpoints = out_dir / "checkpoints"
+    return model, trainable
+
+
+def _restore(
+    config: TrainConfig,
+    ctx: Any,
+    device: torch.device,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    resume: bool,
+) -> int:
+    """Resume: the latest checkpoint's model, optimizer and schedule (a sharded one resharded
+    onto this mesh, a single-process one on any layout); returns the step to start from. A
+    fresh run refuses a folder that holds checkpoints."""
+    checkpoints = Path(config.out_dir) / "checkpoints"
     start_step = 0
     if ctx.is_main:
         remove_stale_staging(checkpoints)  # left by a run killed while saving
@@ -330,26 +376,4 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         refuse_to_overwrite(checkpoints)
     if ctx.enabled:
         dist.barrier()  # every rank has read the checkpoint before rank 0 may write one
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # the run folder holds its own copy of the tokenizer: commands run from anywhere
-        copy_tokenizer(config.data.tokenizer, out_dir / RUN_TOKENIZER_DIR)
-    log = MetricsLog(out_dir, start_step, enabled=ctx.is_main)
-    result = TrainResult(model=model, out_dir=out_dir, records=log.records, trainable=trainable)
-    return TrainingRun(
-        config=config,
-        model=model,
-        step_model=step_model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        groups=lm_parameter_groups(model),
-        ctx=ctx,
-        device=device,
-        train_stream=train_stream,
-        val_stream=val_stream,
-        out_dir=out_dir,
-        start_step=start_step,
-        last_step=config.steps if stop_after is None else min(config.steps, stop_after),
-        log=log,
-        result=result,
-    )
+    return start_step
