@@ -370,3 +370,18 @@ def test_finetuned_qwen3_moe_runs_in_llama_cpp_with_moekits_greedy_tokens(tmp_pa
 
     assert prompt == resolve_tokenizer(str(run), model.config.vocab_size).encode("the cat sat")
     assert _greedy_llama(llm, prompt, 12) == _greedy_moekit(model, prompt, 12)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_run_in_llama_cpp_without_an_output_tensor(tmp_path):
+    model = tiny("qwen3_moe", tie_word_embeddings=True)
+    path = export_gguf(model, tmp_path / "m.gguf", family="qwen3_moe", file_type="f32")
+    _, tensors = read(path)
+    assert "output.weight" not in tensors  # llama.cpp falls back to token_embd
+    llm = _llama(path)
+    prompt = list(b"the cat")
+    llm.reset()
+    llm.eval(prompt)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt])).logits[0].numpy()
+    np.testing.assert_allclose(np.array(llm.scores[: len(prompt)]), want, atol=5e-4, rtol=0)
