@@ -14,7 +14,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from moekit.dispatch.dispatcher import DispatchConfig
+from moekit.dispatch.config import DispatchMode
+from moekit.dispatch.direct import direct_applies, direct_experts
+from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
 from moekit.dispatch.soft import causal_soft_dispatch_and_combine, soft_dispatch_and_combine
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
@@ -279,8 +281,14 @@ class MoE(nn.Module):
 
         with router_precision(x.device, _router_float32(self.router)):
             routing = self.router(x_TD, ids_T, mask_T)  # 1
-        plan = self.dispatcher.plan(self._bank_slots(routing), mask_T, seq_len, self.training)  # 2
-        y_TD = self.dispatcher.run(x_TD, plan, self.experts)  # 3
+        # 2-3: a decoding step's handful of tokens skips the dispatch (nothing reads its plan)
+        plan = None
+        if self._direct(x_TD, routing):
+            bank = cast(Any, self.experts)
+            y_TD = direct_experts(x_TD, routing, bank, self.num_experts, mask_T)
+        else:
+            plan = self.dispatcher.plan(self._bank_slots(routing), mask_T, seq_len, self.training)
+            y_TD = self.dispatcher.run(x_TD, plan, self.experts)
         if self.zero_computation is not None:
             y_TD = y_TD + self._special_output(x_TD, routing, mask_T).to(y_TD.dtype)
         if self.shared_experts is not None:  # 4
@@ -295,12 +303,26 @@ class MoE(nn.Module):
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
         aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
-        stats = routing_stats(routing, plan, mask_T, global_sum) if self.statistics else None
+        stats = None
+        if self.statistics and plan is not None:
+            stats = routing_stats(routing, plan, mask_T, global_sum)
         record_load = getattr(self.router, "record_load", None)
         # bias balancing, global under EP (the pre-pass must not count the step twice)
         if self.training and record_load is not None and self.balance_tally is None:
+            assert plan is not None  # training always dispatches
             record_load(global_sum(plan.routed_per_expert_E.detach()))
         return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
+
+    def _direct(self, x_TD: torch.Tensor, routing: RoutingResult) -> bool:
+        """Whether this call takes the direct expert path (``moekit.dispatch.direct``): nothing
+        reads a dispatch plan (evaluation, statistics off), the dispatch is this process's and
+        dropless, and the call is decoding-sized on the CPU."""
+        return (
+            not (self.statistics or self.training)
+            and type(self.dispatcher) is Dispatcher
+            and self.dispatch.mode is DispatchMode.DROPLESS
+            and direct_applies(x_TD, routing, self.experts)
+        )
 
     def _bank_slots(self, routing: RoutingResult) -> RoutingResult:
         """The routing the expert bank sees: zero-computation slots masked out."""
