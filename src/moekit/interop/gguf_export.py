@@ -46,6 +46,7 @@ import torch
 
 from moekit.interop.hf import hf_state
 from moekit.models.transformer.model import TransformerLM
+from moekit.utils.serialization import _with_user_mode
 
 logger = logging.getLogger(__name__)
 
@@ -530,11 +531,5 @@ def export_gguf(
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
-    os.chmod(path, 0o666 & ~_umask())
+    _with_user_mode(path, folder=False)  # the mode open() gives under the user's umask
     return path
-
-
-def _umask() -> int:
-    from moekit.utils.serialization import _umask as user_umask
-
-    return user_umask()

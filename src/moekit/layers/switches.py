@@ -312,9 +312,10 @@ def update_expert_thresholds(model: nn.Module, group: Any = None) -> int:
     return len(routers)
 
 
-def _null_slots(model: nn.Module) -> list[tuple[str, NullSlots]]:
+def _null_slots(model: nn.Module) -> list[tuple[str, TopKRouter, NullSlots]]:
+    """``(name, router, its zero-expert offset)`` of every router that has one."""
     return [
-        (name, router.null_slots)
+        (name, router, router.null_slots)
         for name, router in moe_routers(model)
         if isinstance(router, TopKRouter) and router.null_slots is not None
     ]
@@ -324,7 +325,7 @@ def update_null_offsets(model: nn.Module, group: Any = None) -> int:
     """One controller step of every router whose zero experts steer the real experts per
     token to a target (``zero_computation.target_experts_per_token``); tallies summed over
     ``group`` first (as :func:`update_expert_thresholds`). Returns how many routers stepped."""
-    slots = [s for _, s in _null_slots(model) if s.target is not None]
+    slots = [s for _, _, s in _null_slots(model) if s.target is not None]
     _sum_over_ranks([s.tally for s in slots], group)
     for s in slots:
         s.update()
@@ -350,10 +351,8 @@ def set_compute_budget(
     slots = _null_slots(model)
     if not slots:
         raise ValueError("the model has no zero experts (MoEConfig.zero_computation.zero)")
-    routers = {id(s): r for _, r in moe_routers(model) for s in [getattr(r, "null_slots", None)]}
     achieved = []
-    for name, s in slots:
-        router: Any = routers[id(s)]
+    for name, router, s in slots:
         if not 0 <= experts_per_token <= router.top_k:
             raise ValueError(
                 f"experts_per_token must be in [0, top_k={router.top_k}] for {name}, got "

@@ -160,10 +160,6 @@ class ExpertThresholdRouter(GatedRouter):
         self.cut_tally_E.zero_()
         self.cut_calls.zero_()
 
-    def expected_experts_per_token(self) -> float:
-        """``c``, what the thresholds aim at (a host read of nothing: the config's value)."""
-        return float(self.config.capacity_factor)
-
     def extra_repr(self) -> str:
         c, m = self.config.capacity_factor, self.config.threshold_momentum
         return f"{super().extra_repr()}, capacity_factor={c}, momentum={m}"
