@@ -14,11 +14,19 @@ its code). No part sees another's files.
    C's downstream task, or first through instruction tuning on B. Does the MoE gain more from
    the instruction stage?
 
+With ``--arch encoder-decoder`` both experiments run on the seeds' own architecture: a T5
+encoder–decoder and its Switch twin (8 experts of the dense FFN's width, top-1, so the same
+active parameters; an MoE every other block of both stacks, capacity factor 1.25, Switch's
+load-balancing loss 0.01), pre-trained with T5's prefix-LM objective on A, fine-tuned on B and
+C as sequence-to-sequence pairs (the prompt into the encoder, the response out of the decoder;
+``moekit.training.seq2seq``).
+
 Pre-training runs once (seed 0); every fine-tuning stage runs for ``--seeds`` seeds (data order
 and adapter initialisation). Medians and ranges over seeds, fp32, 2 threads.
 
     python benchmarks/bench_finetune.py                  # both experiments, 3 seeds (~25 min)
     python benchmarks/bench_finetune.py --quick          # a smoke run of both (~2 min)
+    python benchmarks/bench_finetune.py --arch encoder-decoder --out reports/finetune_t5
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ from pathlib import Path
 import torch
 
 from moekit.adapters.lora import LoRAConfig
+from moekit.dispatch.config import DispatchMode, DropPriority
+from moekit.dispatch.dispatcher import DispatchConfig
+from moekit.experts.bank import ExpertConfig
+from moekit.layers import MoEConfig
+from moekit.losses.config import AuxLossConfig
+from moekit.models.encoder_decoder import EncoderDecoderConfig
+from moekit.models.transformer.placement import MoEPlacementConfig
+from moekit.routing import Gating, TopKRouterConfig
 from moekit.analysis.plots import plot_val_loss
 from moekit.training.compare import moe_twin
 from moekit.training.config import FinetuneConfig, TrainConfig, load_train_config
@@ -106,8 +122,48 @@ def base_config(args, out: Path, data: Path, seed: int = 0) -> TrainConfig:
     )
 
 
+def encoder_decoder_config(args, out: Path, data: Path) -> TrainConfig:
+    """The dense T5 twin: 2 + 2 blocks of width 128, ReLU FFNs of 512, T5's relative
+    positions, tied embeddings."""
+    config = base_config(args, out, data)
+    model = EncoderDecoderConfig(
+        vocab_size=256,
+        d_model=128,
+        n_heads=4,
+        ffn_hidden=512,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        max_seq_len=256,
+    )
+    return dataclasses.replace(config, model=model)
+
+
+def switch_of(config: TrainConfig) -> TrainConfig:
+    """The Switch twin of a T5 config: 8 experts of the dense FFN's width, top-1 (the same
+    active parameters), every other block of each stack, capacity factor 1.25 (token priority,
+    causal in the decoder), Switch's load-balancing loss 0.01."""
+    model = config.model
+    assert isinstance(model, EncoderDecoderConfig)
+    layer = MoEConfig(
+        num_experts=8,
+        top_k=1,
+        experts=ExpertConfig(hidden=model.ffn_hidden, activation=model.activation),
+        router=TopKRouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=False),
+        dispatch=DispatchConfig(
+            mode=DispatchMode.CAPACITY, capacity_factor=1.25, drop_priority=DropPriority.TOKEN
+        ),
+        aux_loss=AuxLossConfig(switch=0.01),
+    )
+    placement = MoEPlacementConfig(layer=layer, every=2)
+    switch = dataclasses.replace(model, encoder_moe=placement, decoder_moe=placement)
+    return dataclasses.replace(config, model=switch)
+
+
 def moe_of(config: TrainConfig) -> TrainConfig:
-    """The MoE twin: 8 experts of width ffn_hidden/2, top-2, in every other block."""
+    """The MoE twin: 8 experts of width ffn_hidden/2, top-2, in every other block (the Switch
+    twin for an encoder–decoder)."""
+    if isinstance(config.model, EncoderDecoderConfig):
+        return switch_of(config)
     twin = moe_twin(config, 8, 2)
     placement = dataclasses.replace(twin.model.moe, every=2)
     return dataclasses.replace(twin, model=dataclasses.replace(twin.model, moe=placement))
@@ -119,7 +175,11 @@ def finetune_config(
     config = config_from_dict(TrainConfig, json.loads((source / TRAIN_CONFIG).read_text()))
     lora = None
     if preset == "lora":
-        targets = ["attention", "experts" if config.model.moe.layer is not None else "ffn"]
+        model = config.model
+        moe_layer = (
+            model.encoder_moe.layer if isinstance(model, EncoderDecoderConfig) else model.moe.layer
+        )
+        targets = ["attention", "experts" if moe_layer is not None else "ffn"]
         lora = LoRAConfig(rank=8, alpha=16.0, targets=targets)
     return dataclasses.replace(
         config,
@@ -251,6 +311,12 @@ def main() -> None:
     )
     parser.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
     parser.add_argument(
+        "--arch",
+        default="decoder",
+        choices=["decoder", "encoder-decoder"],
+        help="decoder-only LMs, or the seeds' T5 / Switch encoder–decoders",
+    )
+    parser.add_argument(
         "--experiments", nargs="+", default=["st", "instruction"], choices=["st", "instruction"]
     )
     args = parser.parse_args()
@@ -260,10 +326,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = write_parts(out / "data")
-    dense = base_config(args, out / "pre_dense", parts["A"])
+    if args.arch == "encoder-decoder":
+        dense = encoder_decoder_config(args, out / "pre_dense", parts["A"])
+    else:
+        dense = base_config(args, out / "pre_dense", parts["A"])
     moe = dataclasses.replace(moe_of(dense), out_dir=str(out / "pre_moe"))
     sources = {"dense": pretrain(dense, args.reuse), "moe": pretrain(moe, args.reuse)}
-    report = ["# Fine-tuning (benchmarks/bench_finetune.py)", "", "## ST-MoE table", ""]
+    report = [
+        f"# Fine-tuning (benchmarks/bench_finetune.py --arch {args.arch})",
+        "",
+        "## ST-MoE table",
+        "",
+    ]
     if "st" in args.experiments:
         report += st_moe_table(args, parts, out, sources["moe"])
     if "instruction" in args.experiments:

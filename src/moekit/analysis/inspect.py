@@ -300,7 +300,10 @@ def stream_with_hooks(
             if before_batch is not None:
                 before_batch(tokens)
             window = getattr(model, "forward_window", None)  # an encoder–decoder
-            if window is not None and segments is None:
+            if window is not None and segments is not None and segments.dtype == torch.bool:
+                # an encoder–decoder's instruction batch (source, targets, source mask)
+                model(tokens, decoder_tokens=model.shift_right(batch[1]), attention_mask=segments)
+            elif window is not None and segments is None:
                 window(tokens)
             elif segments is None:
                 model(tokens)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moekit.analysis.inspect import count_routing
-from moekit.models.encoder_decoder.model import EncoderDecoderLM
+from moekit.models.encoder_decoder.model import EncoderDecoderConfig, EncoderDecoderLM
 from moekit.models.transformer.model import TransformerLM
 from moekit.training.checkpoint import resolve_checkpoint
 from moekit.training.config import TrainConfig
@@ -30,13 +30,17 @@ from moekit.training.presets import (
 
 
 def load_streams(config: TrainConfig) -> tuple[Any, Any]:
-    """Train and validation streams: plain text, or packed instruction examples."""
+    """Train and validation streams: plain text, or instruction examples (packed rows for a
+    decoder-only model; source/target pairs for an encoder–decoder)."""
     data = config.data
     if not data.instruction:
         return load_corpus(data)
     from moekit.training.instruct import load_instructions
+    from moekit.training.seq2seq import load_seq2seq
 
     tokenizer = load_tokenizer(data.tokenizer)
+    if isinstance(config.model, EncoderDecoderConfig):
+        return load_seq2seq(data.path, tokenizer, data.seq_len, data.val_fraction)
     return load_instructions(data.path, tokenizer, data.seq_len, data.val_fraction, config.seed)
 
 

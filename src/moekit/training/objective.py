@@ -12,6 +12,7 @@ from torch import nn
 from moekit.analysis.inspect import load_summary
 from moekit.layers.switches import serving
 from moekit.training.instruct import IGNORE_INDEX
+from moekit.training.seq2seq import is_seq2seq_batch
 
 
 def to_device(batch: tuple, device: torch.device) -> tuple:
@@ -40,20 +41,34 @@ def model_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None
 ) -> tuple[Any, torch.Tensor]:
     """``(output, mean cross-entropy)`` of one batch: next-token prediction for a decoder-only
-    model; for an encoder–decoder, T5's prefix-LM split of the window
-    (``EncoderDecoderLM.split_window``)."""
-    split = getattr(model, "split_window", None)
-    if split is None:
+    model; for an encoder–decoder, either T5's prefix-LM split of a text window
+    (``EncoderDecoderLM.split_window``) or, when the third element is a bool source mask, an
+    instruction example read as source and targets (``moekit.training.seq2seq``)."""
+    source, decoder_tokens, targets, mask = encoder_decoder_inputs(model, x, y, segments)
+    if source is None:
         out = model(x) if segments is None else model(x, segment_ids=segments)
         return out, _token_loss(out.logits, y)
-    if segments is not None:
+    out = model(source, decoder_tokens=decoder_tokens, attention_mask=mask)
+    return out, _token_loss(out.logits, targets)
+
+
+def encoder_decoder_inputs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, third: torch.Tensor | None
+) -> tuple[Any, Any, torch.Tensor, Any]:
+    """``(encoder tokens, decoder tokens, targets, source mask)`` of a batch for an
+    encoder–decoder; ``(None, None, y, None)`` for a decoder-only model."""
+    split = getattr(model, "split_window", None)
+    if split is None:
+        return None, None, y, None
+    if is_seq2seq_batch(third):
+        return x, model.shift_right(y), y, third  # type: ignore[operator]
+    if third is not None:
         raise ValueError(
             "packed instruction data (segment ids) trains decoder-only models; an encoder–decoder "
-            "reads plain text windows"
+            "reads plain text windows or source/target examples (moekit.training.seq2seq)"
         )
     source, decoder_tokens, targets = split(x, y)
-    out = model(source, decoder_tokens=decoder_tokens)
-    return out, _token_loss(out.logits, targets)
+    return source, decoder_tokens, targets, None
 
 
 def evaluate(model: nn.Module, stream: Any, batches: int, batch_size: int, seq_len: int) -> float:
@@ -68,8 +83,7 @@ def evaluate(model: nn.Module, stream: Any, batches: int, batch_size: int, seq_l
         for batch in stream.eval_batches(batches, batch_size, seq_len):
             x, y, segments = to_device(batch, device)
             _, loss = model_loss(model, x, y, segments)
-            split = getattr(model, "split_window", None)
-            targets = y if split is None else split(x, y)[2]
+            targets = encoder_decoder_inputs(model, x, y, segments)[2]
             n = int((targets != IGNORE_INDEX).sum())
             total += loss.item() * n
             count += n
