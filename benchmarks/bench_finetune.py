@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from moekit.adapters.lora import LoRAConfig
+from moekit.analysis.plots import plot_val_loss
 from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.bank import ExpertConfig
@@ -51,7 +52,6 @@ from moekit.losses.config import AuxLossConfig
 from moekit.models.encoder_decoder import EncoderDecoderConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
-from moekit.analysis.plots import plot_val_loss
 from moekit.training.compare import moe_twin
 from moekit.training.config import FinetuneConfig, TrainConfig, load_train_config
 from moekit.training.data import DataConfig, standard_library_files

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, ShortConvConfig
+from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, MambaConfig, ShortConvConfig
 
 
 def mixers(d_model: int) -> dict:
@@ -26,6 +26,7 @@ def mixers(d_model: int) -> dict:
         ),
         "mamba2": Mamba2Config(n_heads=2 * heads, head_dim=64, state_dim=64, n_groups=1),
         "short_conv": ShortConvConfig(conv_width=3),
+        "mamba": MambaConfig(expand=2, state_dim=16),
     }
 
 
@@ -44,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", nargs="+", help="mixer kinds to time (default: all)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"CPU fp32, {torch.get_num_threads()} threads, d_model {args.d_model}, B {args.batch}")
     print(f"{'mixer':<16}{'S':>6}{'chunked ms':>12}{'loop ms':>10}{'speed-up':>10}{'max diff':>10}")
     for name, config in mixers(args.d_model).items():
+        if args.only and name not in args.only:
+            continue
         mixer = config.build(d_model=args.d_model, norm_eps=1e-6)
         for S in args.seq:
             x = torch.randn(args.batch, S, args.d_model)

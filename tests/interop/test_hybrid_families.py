@@ -16,7 +16,9 @@ from moekit.interop.peft_adapters import export_peft_adapter  # noqa: E402
 from moekit.training.presets import apply_selection, select_parameters  # noqa: E402
 from tests.interop.tiny_families import FAMILIES  # noqa: E402
 
-HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe", "granitemoehybrid", "nemotron_h"]
+HYBRIDS = ["lfm2_moe", "qwen3_next", "qwen3_5_moe", "granitemoehybrid", "nemotron_h", "jamba"]
+# issue 31's families: the hybrids and Gemma 4 (padding, quantize, expert offload)
+NEW_FAMILIES = [*HYBRIDS, "gemma4_text"]
 TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -64,18 +66,23 @@ def test_the_recurrent_mixers_preset_trains_them_alone(name):
 
 def _without_biases(name: str):
     """The family's tiny model without projection biases: with ``conv_bias`` transformers'
-    LFM2 lets padding leak into the first real tokens (its zeroed padding gets the in-projection
-    bias before the convolution; 1.4e-5 here), which moekit does not copy; the published
-    checkpoints have no biases."""
+    LFM2 (and with ``mamba_proj_bias`` its Jamba) lets padding leak into the first real tokens
+    (its zeroed padding gets the in-projection bias before the convolution; 1.4e-5 and 3e-4
+    here), which moekit does not copy; the published checkpoints have no such biases."""
     if name == "lfm2_moe":
         config = FAMILIES[name]().config
         config.conv_bias = False
         torch.manual_seed(0)
         return transformers.Lfm2MoeForCausalLM(config).eval()
+    if name == "jamba":  # the same leak through the Mamba in-projection's bias
+        config = FAMILIES[name]().config
+        config.mamba_proj_bias = False
+        torch.manual_seed(0)
+        return transformers.JambaForCausalLM(config).eval()
     return FAMILIES[name]()
 
 
-@pytest.mark.parametrize("name", HYBRIDS)
+@pytest.mark.parametrize("name", NEW_FAMILIES)
 def test_a_left_padded_batch_matches_transformers(name):
     hf = _without_biases(name)
     ours = from_hf(hf).eval()
@@ -114,7 +121,7 @@ def test_a_vision_language_qwen3_5_checkpoint_loads_its_text_model(tmp_path):
         assert (ours(TOKENS).logits - hf(input_ids=TOKENS).logits).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", HYBRIDS)
+@pytest.mark.parametrize("name", NEW_FAMILIES)
 def test_quantize_and_expert_offload_run_on_each_hybrid(name, tmp_path):
     """Issue 31: `moekit quantize` and `generate --expert-budget` on every hybrid family (what
     the two commands call: quantize_experts, load_offloaded), with cached decoding."""
@@ -174,3 +181,25 @@ def test_a_family_finds_its_mixer_by_class_and_refuses_other_kinds(tmp_path):
     mixed = hybrid_config().build()
     with pytest.raises(ValueError, match=r"GatedDeltaNetConfig blocks only; this one has Mamba2"):
         to_hf(mixed, tmp_path / "mixed", "qwen3_next")
+
+
+def test_a_multimodal_gemma4_checkpoint_loads_its_text_model(tmp_path):
+    """gemma-4-26B-A4B is published as a vision-language model (``gemma4``): the text model
+    loads with a warning naming what was left out, and computes what transformers' does."""
+    text = FAMILIES["gemma4_text"]().config.to_dict()
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+    torch.manual_seed(0)
+    hf = transformers.Gemma4ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "mm")
+    with pytest.warns(UserWarning, match=r"left out the vision embedder .*the vision tower"):
+        ours = from_hf(tmp_path / "mm").eval()
+    with torch.no_grad():
+        assert (ours(TOKENS).logits - hf(input_ids=TOKENS).logits).abs().max() <= 1e-5

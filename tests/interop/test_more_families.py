@@ -47,6 +47,8 @@ REFUSED = {
     "nemotron_h": ("moe_latent_size", 8),
     "glm4_moe_lite": ("mlp_layer_types", ["sparse", "dense", "sparse"]),
     "lfm2_moe": ("layer_types", ["conv", "sliding_attention", "conv", "full_attention"]),
+    "jamba": ("hidden_act", "gelu"),
+    "gemma4_text": ("hidden_size_per_layer_input", 8),
 }
 
 

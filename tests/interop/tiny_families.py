@@ -417,3 +417,68 @@ def nemotron_h():
 
 
 FAMILIES["nemotron_h"] = nemotron_h
+
+
+def jamba():
+    """Jamba: Mamba blocks (per-channel, per-state decay; RMSNorms on dt, B and C; conv and
+    projection biases) with NoPE attention every 4th block from block 1, a Mixtral-style MoE
+    with unnormalised top-k weights every other block, dense SwiGLU elsewhere."""
+    return _build(
+        transformers.JambaConfig,
+        transformers.JambaForCausalLM,
+        num_hidden_layers=6,
+        intermediate_size=24,
+        num_experts=6,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=4,
+        attn_layer_offset=1,
+        mamba_d_state=6,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=5,
+        mamba_conv_bias=True,
+        mamba_proj_bias=True,
+    )
+
+
+FAMILIES["jamba"] = jamba
+
+
+def gemma4():
+    """Gemma 4's MoE text model: sliding and global layers (global: wider heads, one key/value
+    head, keys as values, proportional rotary positions), a dense GeGLU-tanh FFN beside the MoE
+    with their five norms, the router's own norm and scales, layer scalars, soft-capped logits,
+    tied embeddings."""
+    model = _build(
+        transformers.Gemma4TextConfig,
+        transformers.Gemma4ForCausalLM,
+        num_hidden_layers=4,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        intermediate_size=24,
+        enable_moe_block=True,
+        num_experts=6,
+        top_k_experts=2,
+        moe_intermediate_size=12,
+        hidden_size_per_layer_input=0,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=3.0,
+        tie_word_embeddings=True,
+    )
+    with torch.no_grad():  # the scales that load from a checkpoint, not left at one
+        for name, tensor in model.state_dict().items():
+            if name.endswith(("layer_scalar", "router.scale", "per_expert_scale")):
+                tensor.copy_(1 + torch.randn_like(tensor) * 0.3)
+            # experts of a realistic scale: at transformers' init (std 0.02) the MoE branch's
+            # output is ~1e-3, and its post-norm scales float32 rounding up to ~1e-5
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensor.normal_(0, 0.3)
+    return model
+
+
+FAMILIES["gemma4_text"] = gemma4

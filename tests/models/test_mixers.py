@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, ShortConvConfig
+from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, MambaConfig, ShortConvConfig
 from moekit.models.mixers.conv import causal_conv, causal_conv_loop
 from moekit.models.mixers.recurrence import recurrence_chunked, recurrence_loop
+from moekit.models.mixers.selective_scan import selective_scan_chunked, selective_scan_loop
 
 B, S, H, K, V = 2, 11, 2, 3, 4
 
@@ -82,6 +83,65 @@ def test_a_packed_sequence_equals_its_sequences_run_apart():
         torch.testing.assert_close(packed[:1, lo:hi], alone)
 
 
+def _scan_inputs(dtype=torch.float64, seed: int = 0, D: int = 3, N: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, S, D, generator=g, dtype=dtype)
+    dt = torch.rand(B, S, D, generator=g, dtype=dtype) * 2  # large steps: strong decay
+    A = -torch.rand(D, N, generator=g, dtype=dtype) * 4
+    b = torch.randn(B, S, N, generator=g, dtype=dtype)
+    c = torch.randn(B, S, N, generator=g, dtype=dtype)
+    state = torch.randn(B, D, N, generator=g, dtype=dtype)
+    return u, dt, A, b, c, state
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_chunked_selective_scan_equals_the_loop_with_every_gradient(packed, chunk):
+    inputs = [t.requires_grad_() for t in _scan_inputs()]
+    u, dt, A, b, c, state = inputs
+    options = dict(
+        initial_state_BDN=state, mask_BS=MASK, segment_ids_BS=SEGMENTS if packed else None
+    )
+    want_y, want_s = selective_scan_loop(u, dt, A, b, c, **options)
+    got_y, got_s = selective_scan_chunked(u, dt, A, b, c, chunk=chunk, **options)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(want_y), torch.randn_like(want_s)
+    grads = [
+        torch.autograd.grad((y * weights[0]).sum() + (s * weights[1]).sum(), inputs)
+        for y, s in ((want_y, want_s), (got_y, got_s))
+    ]
+    for want, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_selective_scan_loop_is_the_recurrence_written_out():
+    """The reference itself against the definition for one channel and state element."""
+    u, dt, A, b, c, _ = _scan_inputs()
+    y, final = selective_scan_loop(u, dt, A, b, c)
+    h = torch.zeros(B, 3, 4, dtype=u.dtype)
+    for t in range(S):
+        for d in range(3):
+            for n in range(4):
+                decay = torch.exp(dt[:, t, d] * A[d, n])
+                h[:, d, n] = decay * h[:, d, n] + dt[:, t, d] * u[:, t, d] * b[:, t, n]
+        torch.testing.assert_close(y[:, t], (h * c[:, t, None, :]).sum(-1))
+    torch.testing.assert_close(final, h)
+
+
+def test_chunked_selective_scan_gradcheck():
+    tensors = [t[:1, :5].detach().clone().requires_grad_() for t in _scan_inputs()[:2]]
+    u, dt = tensors
+    _, _, A, b, c, state = (t.detach().clone().requires_grad_() for t in _scan_inputs())
+    b, c, state = b[:1, :5], c[:1, :5], state[:1]
+    assert torch.autograd.gradcheck(
+        lambda u, dt, A, b, c, s: selective_scan_chunked(
+            u, dt, A, b, c, initial_state_BDN=s, chunk=2
+        ),
+        (u, dt, A, b.detach().requires_grad_(), c.detach().requires_grad_(), state.detach()),
+    )
+
+
 def test_causal_conv_equals_its_loop_and_decodes():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, S, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -113,6 +173,7 @@ MIXERS = {
     ),
     "mamba2": Mamba2Config(n_heads=4, head_dim=6, state_dim=5, n_groups=2, chunk=4, dt_max=0.5),
     "short_conv": ShortConvConfig(conv_width=3, bias=True),
+    "mamba": MambaConfig(expand=2, state_dim=5, dt_rank=3, chunk=4, bias=True),
 }
 D = 16
 
@@ -180,3 +241,5 @@ def test_configs_refuse_bad_sizes_by_name():
         Mamba2Config(n_heads=4, n_groups=3)
     with pytest.raises(ValueError, match=r"short_conv\.conv_width must be >= 2"):
         ShortConvConfig(conv_width=1)
+    with pytest.raises(ValueError, match=r"mamba\.dt_rank must be >= 0"):
+        MambaConfig(dt_rank=-1)

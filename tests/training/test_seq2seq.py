@@ -90,6 +90,7 @@ def test_stream_batches_are_seeded_and_trimmed():
     a, b = stream.batch(3, 4, 16, seed=7), stream.batch(3, 4, 16, seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     source, targets, mask = a
+    assert source.shape == mask.shape
     assert mask[:, -1].any() and (targets[:, -1] != IGNORE_INDEX).any()  # no all-padding column
     assert len(stream) == sum(len(t) for _, t in _examples(12))
 

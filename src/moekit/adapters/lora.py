@@ -280,8 +280,9 @@ def _groups_of(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, nn.Modu
         mixer = getattr(type(module), "token_mixer", None)  # found by marker, not class
         if mixer is not None and getattr(type(module), "lora_on_linears", True):
             target = "attention" if mixer == "attention" else "recurrent_mixers"
+            excluded = getattr(type(module), "lora_excluded", ())
             for name, child in module.named_children():
-                if isinstance(child, nn.Linear):
+                if isinstance(child, nn.Linear) and name not in excluded:
                     found.setdefault(target, []).append((module, name, child))
                     found.setdefault(name, []).append((module, name, child))
         elif isinstance(module, MoE):

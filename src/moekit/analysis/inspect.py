@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -302,7 +302,8 @@ def stream_with_hooks(
             window = getattr(model, "forward_window", None)  # an encoder–decoder
             if window is not None and segments is not None and segments.dtype == torch.bool:
                 # an encoder–decoder's instruction batch (source, targets, source mask)
-                model(tokens, decoder_tokens=model.shift_right(batch[1]), attention_mask=segments)
+                decoder_tokens = cast(Any, model).shift_right(batch[1])
+                model(tokens, decoder_tokens=decoder_tokens, attention_mask=segments)
             elif window is not None and segments is None:
                 window(tokens)
             elif segments is None:

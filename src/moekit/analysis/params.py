@@ -67,13 +67,24 @@ class ArchSpec:
     # latent and rotary key), and the recurrent blocks' fixed state per sequence (elements)
     kv_cache_width: int = 0
     recurrent_state_elements: int = 0
+    # blocks whose attention is their own (a layout's attention entries: Gemma 4's global
+    # layers), outside attention_layers: their parameters and q/k norms, score and value widths
+    # (FLOPs) and cached elements per token, summed over those blocks
+    other_attention_params: int = 0
+    other_attention_widths: int = 0
+    other_kv_cache_width: int = 0
+    # what some blocks add: sandwich post-norms, a dense FFN beside the MoE with its norms,
+    # router input scales (Gemma 4); always active
+    extra_norms: int = 0
+    beside_ffn_params: int = 0
 
     def decoding_state_bytes(self, context: int, kv_bytes: float = 2.0) -> dict[str, float]:
         """Bytes of one sequence's decoding state at ``context`` positions: the KV cache (in
         ``kv_bytes`` per element) and the recurrent states (float32, whatever the context)."""
         attention_layers = self.n_layers if self.attention_layers is None else self.attention_layers
+        cached = attention_layers * self.kv_cache_width + self.other_kv_cache_width
         return {
-            "kv_cache": attention_layers * self.kv_cache_width * context * kv_bytes,
+            "kv_cache": cached * context * kv_bytes,
             "recurrent_state": self.recurrent_state_elements * 4.0,
         }
 
@@ -110,8 +121,8 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
     breakdown = {
         "embeddings": embeddings,
         "lm_head": lm_head,
-        "attention": attention_layers * spec.attention_per_layer,
-        "dense_ffn": spec.dense_ffn_layers * spec.dense_ffn_params,
+        "attention": attention_layers * spec.attention_per_layer + spec.other_attention_params,
+        "dense_ffn": spec.dense_ffn_layers * spec.dense_ffn_params + spec.beside_ffn_params,
         "routed_experts": spec.total_routed_experts * spec.expert_params,
         "shared_experts": spec.moe_layers * spec.shared_expert_params,
         # router parameters are proportional to the experts they score
@@ -124,20 +135,24 @@ def report(spec: ArchSpec, context: int = 4096) -> ParamReport:
             spec.n_layers * spec.norms_per_layer if spec.block_norms is None else spec.block_norms
         )
         + attention_layers * spec.attention_norms_per_layer
-        + spec.final_norm,
+        + spec.final_norm
+        + spec.extra_norms,
     }
     if spec.recurrent_mixer_params:
         breakdown["recurrent_mixers"] = spec.recurrent_mixer_params
     active_breakdown = dict(breakdown)
     active_breakdown["routed_experts"] = spec.moe_layers * spec.top_k * spec.expert_params
     if spec.attention_active_per_layer is not None:
-        active_breakdown["attention"] = attention_layers * spec.attention_active_per_layer
+        active_breakdown["attention"] = (
+            attention_layers * spec.attention_active_per_layer + spec.other_attention_params
+        )
     total = sum(breakdown.values())
     active = sum(active_breakdown.values())
     head_for_flops = spec.vocab_size * spec.d_model  # tied or not, the output matmul runs
     matmul_active = active - embeddings - lm_head - active_breakdown["norms"] + head_for_flops
     attention_flops = (
         2 * attention_layers * context * (spec.attention_qk_width + spec.attention_v_width)
+        + 2 * context * spec.other_attention_widths
         + spec.recurrent_state_flops
     )
     return ParamReport(
@@ -174,6 +189,73 @@ def _mla_attention(d: int, heads: int, mla) -> tuple[int, int, int]:
     return q_params + kv_params + heads * mla.v_head_dim * d, heads * q_head, heads * mla.v_head_dim
 
 
+def _gqa_attention_params(attn, d: int, hd: int) -> int:
+    """Projections (and biases, output gate, sinks) of grouped-query attention; with
+    ``values="keys"`` there is no value projection."""
+    q_width, kv_width = attn.n_heads * hd, attn.kv_heads * hd
+    projections = 1 if getattr(attn, "values", "projected") == "keys" else 2
+    params = 2 * d * q_width + projections * d * kv_width
+    params += (q_width + projections * kv_width) if attn.qkv_bias else 0
+    if attn.output_gate:  # the query projection also computes the gate
+        params += d * q_width + (q_width if attn.qkv_bias else 0)
+    return params + (d if attn.o_bias else 0) + (attn.n_heads if attn.sinks else 0)
+
+
+def _qk_norm_params(attn, hd: int) -> int:
+    return {
+        "none": 0,
+        "head": 2 * hd,
+        "head_after_rope": 2 * hd,
+        "weightless": 0,
+        "full": (attn.n_heads + attn.kv_heads) * hd,
+    }[attn.qk_norm]
+
+
+def _block_extras(config) -> dict[str, int]:
+    """The ``ArchSpec`` fields of blocks beyond the uniform formula: their own attention
+    configs, sandwich post-norms, a dense FFN beside the MoE (with its four norms and the
+    router's input scale)."""
+    from moekit.experts.activations import Activation
+
+    d = config.d_model
+    out = dict(
+        other_attention_params=0,
+        other_attention_widths=0,
+        other_kv_cache_width=0,
+        extra_norms=0,
+        beside_ffn_params=0,
+    )
+    layout = config.token_mixers
+    for i in range(config.n_layers):
+        variant = None if layout is None else layout.attention_variant_of_layer(i)
+        if variant is not None:
+            hd = variant.head_width(d)
+            out["other_attention_params"] += _gqa_attention_params(variant, d, hd)
+            out["extra_norms"] += _qk_norm_params(variant, hd)
+            out["other_attention_widths"] += 2 * variant.n_heads * hd
+            out["other_kv_cache_width"] += 2 * variant.kv_heads * hd
+    width = (2 if config.norm == "layer" else 1) * d
+    if config.norm_position == "sandwich":  # a post-norm per sublayer
+        sublayers = sum(
+            (config.token_mixer_of_layer(i) is not None) + config.has_channel_mixer(i)
+            for i in range(config.n_layers)
+        )
+        out["extra_norms"] += sublayers * width
+    layer = config.moe.layer
+    if layer is not None and config.moe.dense_beside:
+        moe_blocks = sum(
+            config.moe.is_moe_layer(i) and config.has_channel_mixer(i)
+            for i in range(config.n_layers)
+        )
+        gated = Activation(config.activation).is_gated
+        out["beside_ffn_params"] = moe_blocks * _ffn_params(d, config.ffn_hidden, gated)
+        # four branch norms replace the block's one pre-norm
+        out["extra_norms"] += moe_blocks * 3 * width
+    if layer is not None and getattr(layer.router, "input_norm", False):
+        out["extra_norms"] += d * sum(config.moe.is_moe_layer(i) for i in range(config.n_layers))
+    return out
+
+
 def spec_from_moekit(config) -> ArchSpec:
     """An ``ArchSpec`` for a moekit ``TransformerConfig``."""
     from moekit.experts.activations import Activation
@@ -196,16 +278,13 @@ def spec_from_moekit(config) -> ArchSpec:
             shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
             shared += d if s.gated else 0
         router = d + (1 if getattr(layer.router, "bias", False) else 0)  # per expert
+        router += 1 if getattr(layer.router, "expert_scales", False) else 0
         router += d if getattr(layer.router, "noisy_gating", False) else 0
         router *= layer.routed_choices  # zero-computation experts have router rows too
         if layer.zero_computation is not None:  # constant experts: a vector and a 2-way gate
             router += 3 * d * layer.zero_computation.constant
         shared += d if layer.output_bias else 0  # always applied
-    attention = 2 * d * q_width + 2 * d * kv_width
-    attention += (q_width + 2 * kv_width) if attn.qkv_bias else 0
-    if attn.output_gate:  # the query projection also computes the gate
-        attention += d * q_width + (q_width if attn.qkv_bias else 0)
-    attention += (d if attn.o_bias else 0) + (attn.n_heads if attn.sinks else 0)
+    attention = _gqa_attention_params(attn, d, hd)
     qk_width = v_width = q_width
     attention_active = None
     if attn.mla is not None:
@@ -231,13 +310,7 @@ def spec_from_moekit(config) -> ArchSpec:
             (config.token_mixer_of_layer(i) is not None) + config.has_channel_mixer(i)
             for i in range(config.n_layers)
         ),
-        attention_norms_per_layer={
-            "none": 0,
-            "head": 2 * hd,
-            "head_after_rope": 2 * hd,
-            "weightless": 0,
-            "full": q_width + kv_width,
-        }[attn.qk_norm],
+        attention_norms_per_layer=_qk_norm_params(attn, hd),
         final_norm=d * (2 if config.norm == "layer" else 1),
         dense_ffn_layers=sum(
             config.has_channel_mixer(i) and not config.moe.is_moe_layer(i)
@@ -259,14 +332,14 @@ def spec_from_moekit(config) -> ArchSpec:
             else 2 * kv_width
         ),
         **_recurrent_mixers(config),
+        **_block_extras(config),
     )
 
 
 def _recurrent_mixers(config) -> dict[str, Any]:
     """The hybrid fields of an ``ArchSpec``: attention blocks, the recurrent mixers' parameters
     (counted on a meta-device build, so exactly what the model stores) and state FLOPs per
-    token (Gated DeltaNet: decay, prediction, update and read-out, ``≈ 6 H K V``; Mamba2:
-    ``≈ 4 H N P``)."""
+    token (each mixer config's ``state_flops_per_token``)."""
     layout = getattr(config, "token_mixers", None)
     if layout is None:
         return {}
@@ -282,12 +355,13 @@ def _recurrent_mixers(config) -> dict[str, Any]:
         with torch.device("meta"):
             module = mixer.build(d_model=config.d_model, norm_eps=config.norm_eps)
         params += sum(p.numel() for p in module.parameters())
-        if mixer.kind == "gated_deltanet":
-            flops += 6 * mixer.n_value_heads * mixer.key_head_dim * mixer.value_head_dim
-        elif mixer.kind == "mamba2":
-            flops += 4 * mixer.n_heads * mixer.state_dim * mixer.head_dim
+        flops += mixer.state_flops_per_token(config.d_model)
     return {
-        "attention_layers": len(layout.attention_layers(config.n_layers)),
+        # blocks of the model's attention (a layout's own attention: _block_extras)
+        "attention_layers": sum(
+            layout.is_attention(i) and layout.attention_variant_of_layer(i) is None
+            for i in range(config.n_layers)
+        ),
         "recurrent_mixer_params": params,
         "recurrent_state_flops": flops,
         "recurrent_state_elements": state,

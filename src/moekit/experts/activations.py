@@ -22,12 +22,19 @@ class Activation(str, Enum):
     SILU = "silu"
     SWIGLU = "swiglu"
     GEGLU = "geglu"
+    # GeGLU with the tanh approximation of GELU (Gemma's gelu_pytorch_tanh)
+    GEGLU_TANH = "geglu_tanh"
     # GPT-OSS: gate clamped at 7, up clamped to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate)
     SWIGLU_OAI = "swiglu_oai"
 
     @property
     def is_gated(self) -> bool:
-        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI)
+        return self in (
+            Activation.SWIGLU,
+            Activation.GEGLU,
+            Activation.GEGLU_TANH,
+            Activation.SWIGLU_OAI,
+        )
 
 
 OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
@@ -84,11 +91,19 @@ def activation_backward(
         grad_a_NH.mul_(up)
         torch.ops.aten.silu_backward.grad_input(grad_a_NH, gate, grad_input=grad_gate)
     else:
-        torch.ops.aten.gelu.out(gate, out=grad_up)
+        approximate = gelu_approximation(activation)
+        torch.ops.aten.gelu.out(gate, approximate=approximate, out=grad_up)
         grad_up.mul_(grad_a_NH)
         grad_a_NH.mul_(up)
-        torch.ops.aten.gelu_backward.grad_input(grad_a_NH, gate, grad_input=grad_gate)
+        torch.ops.aten.gelu_backward.grad_input(
+            grad_a_NH, gate, approximate=approximate, grad_input=grad_gate
+        )
     return grad_h
+
+
+def gelu_approximation(activation: Activation) -> str:
+    """``"tanh"`` for ``geglu_tanh``, else ``"none"`` (the exact GELU)."""
+    return "tanh" if activation is Activation.GEGLU_TANH else "none"
 
 
 def _gated_backward_functional(
@@ -109,8 +124,9 @@ def _gated_backward_functional(
         grad_up = F.silu(gate) * grad_a_NH
         grad_gate = torch.ops.aten.silu_backward(grad_a_NH * up, gate)
     else:
-        grad_up = F.gelu(gate) * grad_a_NH
-        grad_gate = torch.ops.aten.gelu_backward(grad_a_NH * up, gate)
+        approximate = gelu_approximation(activation)
+        grad_up = F.gelu(gate, approximate=approximate) * grad_a_NH
+        grad_gate = torch.ops.aten.gelu_backward(grad_a_NH * up, gate, approximate=approximate)
     return torch.cat([grad_gate, grad_up], dim=-1)
 
 
@@ -149,4 +165,4 @@ def apply_activation(activation: Activation, h_NH: torch.Tensor) -> torch.Tensor
         return F.silu(gate) * up
     if activation is Activation.SWIGLU_OAI:
         return _swiglu_oai(gate, up)
-    return F.gelu(gate) * up
+    return F.gelu(gate, approximate=gelu_approximation(activation)) * up

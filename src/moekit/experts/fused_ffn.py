@@ -17,7 +17,12 @@ from __future__ import annotations
 import torch
 
 from moekit.experts import grouped_matmul
-from moekit.experts.activations import Activation, activation_backward, apply_activation
+from moekit.experts.activations import (
+    Activation,
+    activation_backward,
+    apply_activation,
+    gelu_approximation,
+)
 from moekit.experts.grouped_matmul import (
     GroupedMatmulKernel,
     grouped_mm_forward,
@@ -35,7 +40,7 @@ def _activation_forward(activation: Activation, h_MH: torch.Tensor) -> torch.Ten
         a = (
             torch.nn.functional.silu(gate)
             if activation is Activation.SWIGLU
-            else torch.nn.functional.gelu(gate)
+            else torch.nn.functional.gelu(gate, approximate=gelu_approximation(activation))
         )
         return a.mul_(up)
     if activation is Activation.RELU:

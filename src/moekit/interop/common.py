@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moekit.interop.keymap import Entry, Experts, Joined, Rename
+from moekit.models.mixers import RecurrentMixerConfig
 
 
 def backbone(
@@ -311,7 +312,9 @@ def recurrent_mixer(config: Any, kind: type, family: str) -> Any:
     if layout is None:
         return None
     used = {layout.name_of_layer(i) for i in range(config.n_layers)}
-    mixers = [layout.mixers[n] for n in sorted(used) if n in layout.mixers]
+    mixers = [  # the recurrent ones (attention variants are not this helper's)
+        m for n in sorted(used) if isinstance(m := layout.mixers.get(n), RecurrentMixerConfig)
+    ]
     foreign = sorted({type(m).__name__ for m in mixers if not isinstance(m, kind)})
     if foreign:
         raise ValueError(

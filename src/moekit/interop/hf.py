@@ -30,6 +30,7 @@ from moekit.interop import (
     dots1,
     ernie4_5_moe,
     flex_olmo,
+    gemma4,
     glm4_moe,
     glm4_moe_lite,
     gpt_oss,
@@ -37,6 +38,7 @@ from moekit.interop import (
     granitemoehybrid,
     granitemoeshared,
     hunyuan_v1_moe,
+    jamba,
     jetmoe,
     lfm2_moe,
     llama4,
@@ -92,9 +94,12 @@ FAMILIES: dict[str, ModuleType] = {
         glm4_moe_lite,
         granitemoehybrid,
         nemotron_h,
+        jamba,
+        gemma4,
     )
 }
 FAMILIES[qwen3_5_moe.TEXT_MODEL_TYPE] = qwen3_5_moe  # a text-only checkpoint
+FAMILIES[gemma4.MULTIMODAL_MODEL_TYPE] = gemma4  # its text model
 FAMILIES.update({t: dense_llama.family(t) for t in dense_llama.MODEL_TYPES})  # dense sources
 
 # One config parser per family, for converters and accounting alike (``moekit params``);

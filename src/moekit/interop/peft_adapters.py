@@ -51,6 +51,8 @@ STACKED_EXPERT_FAMILIES = {
         "mlp.experts",
     ),
     "lfm2_moe": "feed_forward.experts",
+    "jamba": "feed_forward.experts",
+    "gemma4_text": "experts",
     "qwen3_next": "mlp.experts",
     "glm4_moe_lite": "mlp.experts",
     "qwen3_5_moe": "mlp.experts",
@@ -77,6 +79,7 @@ HYBRID_MODULES = {
     "qwen3_5_moe": ("self_attn", "linear_attn", {}),
     "qwen3_5_moe_text": ("self_attn", "linear_attn", {}),
     "granitemoehybrid": ("self_attn", "mamba", {}),
+    "jamba": ("self_attn", "mamba", {}),
     "nemotron_h": ("mixer", "mixer", {}),  # attention and Mamba2 share the module name
 }
 _QWEN3_5_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -86,6 +89,7 @@ RECURRENT_PROJECTIONS = {
     "qwen3_5_moe": _QWEN3_5_PROJECTIONS,
     "qwen3_5_moe_text": _QWEN3_5_PROJECTIONS,
     "granitemoehybrid": ("in_proj", "out_proj"),
+    "jamba": ("in_proj", "x_proj", "out_proj"),
 }
 #: families whose recurrent mixers PEFT refuses to adapt (its Mamba list: out_proj, conv1d)
 PEFT_REFUSES_RECURRENT = ("nemotron_h",)
@@ -283,7 +287,7 @@ def export_peft_adapter(
                 continue
             block = blocks[int(layer.group(1))]
             if isinstance(module, ParamWrapper):
-                bank = block.ffn.experts
+                bank = getattr(block.ffn, "moe", block.ffn).experts  # dense beside: its MoE
                 assert isinstance(bank, ExpertBank | QuantizedExpertBank)
                 assert isinstance(bank.adapter, ExpertLoRA)
                 A, B = _stacked_factors(bank.adapter, module.parameter_name)

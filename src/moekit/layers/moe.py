@@ -263,6 +263,8 @@ class MoE(nn.Module):
         x: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        *,
+        route_on: torch.Tensor | None = None,
     ) -> MoEOutput:
         """Args:
         x: ``(..., D)`` floating-point input.
@@ -270,6 +272,8 @@ class MoE(nn.Module):
             dispatched (its routed output is zero), uses no capacity and is left out of the
             losses and statistics.
         token_ids: ``x.shape[:-1]`` integer token ids, for routers that route by id (hash).
+        route_on: what the router reads when it is not ``x`` (``x``'s shape; Gemma 4 routes
+            on the residual stream while its experts read a normalised copy).
         """
         check_layer_input(
             x, self.d_model, padding_mask, token_ids, self.check_finite, self._weight_device()
@@ -279,8 +283,9 @@ class MoE(nn.Module):
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         seq_len = x.shape[-2] if x.dim() >= 3 else None
 
+        router_in_TD = x_TD if route_on is None else route_on.reshape(-1, self.d_model)
         with router_precision(x.device, _router_float32(self.router)):
-            routing = self.router(x_TD, ids_T, mask_T)  # 1
+            routing = self.router(router_in_TD, ids_T, mask_T)  # 1
         # 2-3: a decoding step's handful of tokens skips the dispatch (nothing reads its plan)
         plan = None
         if self._direct(x_TD, routing):
@@ -376,10 +381,14 @@ class SoftMoE(MoE):
         x: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        *,
+        route_on: torch.Tensor | None = None,
     ) -> MoEOutput:
         check_layer_input(
             x, self.d_model, padding_mask, token_ids, self.check_finite, self._weight_device()
         )
+        if route_on is not None:
+            raise ValueError("Soft MoE mixes the tokens it dispatches; it has no route_on")
         if (x.dim() < 3 and x.numel() == 0) or (x.dim() >= 2 and x.shape[-2] == 0):
             return _soft_empty_output(self, x)
         S = x.shape[-2] if x.dim() >= 2 else 1

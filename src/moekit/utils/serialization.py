@@ -29,6 +29,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     """A nested dict of plain values (enums by value)."""
 
     def convert(value: Any) -> Any:
+        own = getattr(value, "to_config_dict", None)
+        if own is not None and not isinstance(value, type):  # a class with its own file form
+            return own()
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, Enum):

@@ -33,6 +33,11 @@ class RecurrentMixerConfig:
         """``(convolution state shape, recurrent state shape)`` for ``batch`` sequences."""
         raise NotImplementedError
 
+    def state_flops_per_token(self, d_model: int) -> int:
+        """FLOPs per token of the recurrent state's update and read-out, beyond the mixer's
+        projections (which the parameter count covers); 0 for a mixer without one."""
+        return 0
+
 
 class RecurrentMixer(nn.Module):
     """Marker base of the recurrent token mixers (``token_mixer`` names the sublayer for the

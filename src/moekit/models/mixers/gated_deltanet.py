@@ -83,6 +83,11 @@ class GatedDeltaNetConfig(RecurrentMixerConfig):
             self.value_head_dim,
         )
 
+    def state_flops_per_token(self, d_model: int) -> int:
+        """Decay, prediction, update and read-out of each head's ``(K, V)`` state:
+        ``≈ 6 Hv K V``."""
+        return 6 * self.n_value_heads * self.key_head_dim * self.value_head_dim
+
 
 class GatedDeltaNet(RecurrentMixer):
     """``(B, S, D) -> (B, S, D)``; see the module docstring. ``use_loop`` runs the recurrence

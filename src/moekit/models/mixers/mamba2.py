@@ -86,6 +86,10 @@ class Mamba2Config(RecurrentMixerConfig):
             self.head_dim,
         )
 
+    def state_flops_per_token(self, d_model: int) -> int:
+        """Decay, write and read-out of each head's ``(N, P)`` state: ``≈ 4 H N P``."""
+        return 4 * self.n_heads * self.state_dim * self.head_dim
+
 
 class Mamba2(RecurrentMixer):
     """``(B, S, D) -> (B, S, D)``; see the module docstring. ``use_loop`` runs the recurrence

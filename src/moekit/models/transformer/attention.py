@@ -34,6 +34,14 @@ class QKNorm(str, Enum):
     WEIGHTLESS = "weightless"
 
 
+class ValueSource(str, Enum):
+    """Where attention's values come from (``AttentionConfig.values``)."""
+
+    PROJECTED = "projected"
+    NORMED = "normed"
+    KEYS = "keys"
+
+
 @dataclass
 class KVCache:
     """Every layer's decoding state: keys and values ``(B, G, max_len, Dh)`` of an attention
@@ -121,6 +129,9 @@ class AttentionConfig:
         output_gate: each head's output is multiplied by ``sigmoid`` of a gate the query
             projection also computes (Qwen3-Next, Qwen3.5: ``q_proj`` gives ``[query | gate]``
             per head).
+        values: ``projected`` (``v_proj``), ``normed`` (``v_proj`` then an RMSNorm without
+            weight per head, Gemma 4) or ``keys`` (no ``v_proj``: the key projection's output,
+            RMS-normed without weight, is the value; Gemma 4's global layers).
         sliding_window: attend to this many positions at most (0: every earlier one).
         sliding_window_every: in a model, layer ``i`` uses the window when
             ``i % sliding_window_every == 0`` (GPT-OSS: 2, every even layer; 1: every layer).
@@ -152,6 +163,7 @@ class AttentionConfig:
     o_bias: bool = False
     sinks: bool = False
     output_gate: bool = False
+    values: ValueSource = ValueSource.PROJECTED
     sliding_window: int = 0
     sliding_window_every: int = 1
     mla: MLAConfig | None = None
@@ -211,6 +223,7 @@ class AttentionConfig:
                     ("o_bias", self.o_bias),
                     ("sinks", self.sinks),
                     ("output_gate", self.output_gate),
+                    ("values", self.values != ValueSource.PROJECTED),
                     ("sliding_window", self.sliding_window),
                     ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
                     ("scale", self.scale is not None),
@@ -233,6 +246,7 @@ class AttentionConfig:
                     ("o_bias", self.o_bias),
                     ("sinks", self.sinks),
                     ("output_gate", self.output_gate),
+                    ("values", self.values != ValueSource.PROJECTED),
                     ("sliding_window", self.sliding_window),
                     ("causal=false", not self.causal),
                     ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
@@ -350,7 +364,17 @@ class Attention(nn.Module):
         q_width = n_heads * head_dim * (2 if config.output_gate else 1)
         self.q_proj = nn.Linear(d_model, q_width, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.values = ValueSource(config.values)
+        self.v_proj = (
+            None
+            if self.values is ValueSource.KEYS
+            else nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        )
+        self.v_norm = (
+            None
+            if self.values is ValueSource.PROJECTED
+            else nn.RMSNorm(head_dim, eps=norm_eps, elementwise_affine=False)
+        )
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
         # GPT-OSS: a learned per-head logit that joins every softmax and takes some of its mass
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if config.sinks else None
@@ -436,6 +460,10 @@ class Attention(nn.Module):
         configured before rotation) and the output gate ``(B, S, H·Dh)`` or ``None``."""
         B, S, _ = x_BSD.shape
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        v = k if self.v_proj is None else self.v_proj(x_BSD)  # values = keys (Gemma 4)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         gate = None
         if self.output_gate:  # per head [query | gate]
             q, gate = q.view(B, S, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
@@ -446,8 +474,7 @@ class Attention(nn.Module):
         k = k.view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return q.transpose(1, 2), k.transpose(1, 2), v, gate
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate
 
     def _position(
         self,

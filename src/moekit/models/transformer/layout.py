@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moekit.models.mixers import MIXER_CONFIGS, RecurrentMixerConfig
+from moekit.models.transformer.attention import AttentionConfig
 from moekit.utils.validation import ConfigError
 
 ATTENTION = "attention"
+ATTENTION_KIND = "attention"  # the kind of a mixers entry that is another attention config
 NONE = "none"  # a block without this sublayer (Nemotron-H's one-sublayer blocks)
 FFN = "ffn"
 
@@ -32,15 +34,15 @@ class TokenMixerLayout:
     Args:
         pattern: mixer names, one per block, repeated to the model's depth; ``"none"``: the
             block has no token mixer (nor its norm).
-        mixers: the recurrent mixers' configs by name (``"attention"`` and ``"none"`` are
-            reserved).
+        mixers: the other mixers' configs by name: recurrent mixers, or attention configs
+            other than the model's (``"attention"`` and ``"none"`` are reserved).
         channel: per block (repeated likewise) ``"ffn"`` (the dense FFN or MoE layer the
             ``moe`` placement gives it) or ``"none"`` (no channel mixer, nor its norm: a
             Mamba-only block as in Nemotron-H); ``None``: every block has one.
     """
 
     pattern: list[str]
-    mixers: dict[str, RecurrentMixerConfig] = field(default_factory=dict)
+    mixers: dict[str, RecurrentMixerConfig | AttentionConfig] = field(default_factory=dict)
     channel: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -61,10 +63,11 @@ class TokenMixerLayout:
                 f"of token_mixers.mixers ({', '.join(sorted(self.mixers)) or 'none'})"
             )
         for name, config in self.mixers.items():
-            if not isinstance(config, RecurrentMixerConfig):
+            if not isinstance(config, RecurrentMixerConfig | AttentionConfig):
                 raise ValueError(
                     f"token_mixers.mixers.{name} must be a mixer config "
-                    f"({', '.join(sorted(MIXER_CONFIGS))}), got {type(config).__name__}"
+                    f"({', '.join(sorted([*MIXER_CONFIGS, ATTENTION_KIND]))}), got "
+                    f"{type(config).__name__}"
                 )
 
     def name_of_layer(self, index: int) -> str:
@@ -72,8 +75,18 @@ class TokenMixerLayout:
 
     def mixer_of_layer(self, index: int) -> RecurrentMixerConfig | None:
         """Block ``index``'s recurrent mixer config, or ``None`` (attention or no mixer)."""
+        mixer = self.mixers.get(self.name_of_layer(index))
+        return mixer if isinstance(mixer, RecurrentMixerConfig) else None
+
+    def attention_variant_of_layer(self, index: int) -> AttentionConfig | None:
+        """Block ``index``'s own attention config when it is not the model's, else ``None``."""
+        mixer = self.mixers.get(self.name_of_layer(index))
+        return mixer if isinstance(mixer, AttentionConfig) else None
+
+    def is_attention(self, index: int) -> bool:
+        """Whether block ``index`` runs softmax attention (the model's or its own)."""
         name = self.name_of_layer(index)
-        return None if name in (ATTENTION, NONE) else self.mixers[name]
+        return name == ATTENTION or isinstance(self.mixers.get(name), AttentionConfig)
 
     def per_block(self, n_layers: int) -> tuple[tuple[Any, bool], ...]:
         """What each of ``n_layers`` blocks runs, names aside: ``(its token mixer: "attention",
@@ -91,7 +104,22 @@ class TokenMixerLayout:
         return self.channel is None or self.channel[index % len(self.channel)] == FFN
 
     def attention_layers(self, n_layers: int) -> list[int]:
-        return [i for i in range(n_layers) if self.name_of_layer(i) == ATTENTION]
+        return [i for i in range(n_layers) if self.is_attention(i)]
+
+    def to_config_dict(self) -> dict[str, Any]:
+        """The file form: each attention entry says ``kind = "attention"`` (recurrent
+        configs carry their ``kind`` as a field)."""
+        from moekit.utils.serialization import config_to_dict
+
+        mixers = {}
+        for name, mixer in self.mixers.items():
+            entry = config_to_dict(mixer)
+            mixers[name] = (
+                {"kind": ATTENTION_KIND, **entry} if isinstance(mixer, AttentionConfig) else entry
+            )
+        out: dict[str, Any] = {"pattern": list(self.pattern), "mixers": mixers}
+        out["channel"] = None if self.channel is None else list(self.channel)
+        return out
 
     @classmethod
     def from_config_dict(cls, data: dict[str, Any], section: str = "token_mixers"):
@@ -104,7 +132,7 @@ class TokenMixerLayout:
             raise ConfigError(
                 f"unknown {section} keys: {unknown} (known: channel, mixers, pattern)"
             )
-        mixers = {}
+        mixers: dict[str, RecurrentMixerConfig | AttentionConfig] = {}
         for name, entry in (options.get("mixers") or {}).items():
             where = f"{section}.mixers.{name}"
             if not isinstance(entry, dict) or "kind" not in entry:
@@ -113,10 +141,13 @@ class TokenMixerLayout:
                 )
             entry = dict(entry)
             kind = entry.pop("kind")
+            if kind == ATTENTION_KIND:
+                mixers[name] = config_from_dict(AttentionConfig, entry, where)
+                continue
             if kind not in MIXER_CONFIGS:
                 raise ConfigError(
                     f"{where}.kind={kind!r} is not a mixer; choose one of "
-                    f"{', '.join(sorted(MIXER_CONFIGS))}"
+                    f"{', '.join(sorted([*MIXER_CONFIGS, ATTENTION_KIND]))}"
                 )
             mixers[name] = config_from_dict(MIXER_CONFIGS[kind], entry, where)
         try:

@@ -23,10 +23,11 @@ from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
+from moekit.layers.dense_beside import DenseBesideMoE
 from moekit.models.mixers import RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig, KVCache
-from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
 from moekit.models.transformer.layout import NONE as NONE_MIXER
+from moekit.models.transformer.layout import TokenMixerLayout
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, TokenTableRouterConfig, is_causal
@@ -44,10 +45,12 @@ class NormKind(str, Enum):
 
 class NormPosition(str, Enum):
     """Where each block normalises: before each sublayer (``pre``: ``x + f(norm(x))``, most
-    models) or after it (``post``: ``x + norm(f(x))``, OLMo-2 and FlexOlmo)."""
+    models), after it (``post``: ``x + norm(f(x))``, OLMo-2 and FlexOlmo) or both
+    (``sandwich``: ``x + norm'(f(norm(x)))``, Gemma 2-4)."""
 
     PRE = "pre"
     POST = "post"
+    SANDWICH = "sandwich"
 
 
 def build_norm(kind: NormKind, width: int, eps: float) -> nn.Module:
@@ -85,6 +88,9 @@ class TransformerConfig:
         token_mixers: which token mixer each block runs (``TokenMixerLayout``: attention or a
             recurrent mixer such as Gated DeltaNet, Mamba2 or a short convolution); ``None``:
             attention everywhere.
+        layer_scalars: each block's output (the whole residual stream) is multiplied by a
+            stored per-block scalar (Gemma 4's ``layer_scalar``, a buffer, not trained).
+        logit_softcap: logits become ``cap · tanh(logits / cap)`` (Gemma); 0: off.
     """
 
     vocab_size: int
@@ -104,6 +110,8 @@ class TransformerConfig:
     lm_head_bias: bool = False
     norm_position: NormPosition = NormPosition.PRE
     token_mixers: TokenMixerLayout | None = None
+    layer_scalars: bool = False
+    logit_softcap: float = 0.0
 
     #: keys of the flat layout, named by their new home in the error for an old config file
     moved_keys: ClassVar[dict[str, str]] = {
@@ -136,9 +144,12 @@ class TransformerConfig:
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         if not self.attention.causal:
             raise ValueError("attention.causal must be true in a causal language model")
         self.attention = self.attention.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
+        self._resolve_attention_variants()
         if self.attention.rotary and self.attention.mla is None and self.head_width % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_width}")
         rotated = self.attention.rotary_dim(self.d_model)
@@ -189,6 +200,19 @@ class TransformerConfig:
             ):
                 raise ValueError("the routers' vocab_size must equal the model's vocab_size")
 
+    def _resolve_attention_variants(self) -> None:
+        """The layout's own attention configs get their defaults filled in as ``attention``."""
+        layout = self.token_mixers
+        if layout is None:
+            return
+        mixers = dict(layout.mixers)
+        for name, mixer in layout.mixers.items():
+            if isinstance(mixer, AttentionConfig):
+                if not mixer.causal:
+                    raise ValueError(f"token_mixers.mixers.{name}.causal must be true")
+                mixers[name] = mixer.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
+        self.token_mixers = dataclasses.replace(layout, mixers=mixers)
+
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
         """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files)."""
@@ -212,12 +236,16 @@ class TransformerConfig:
         name = self.token_mixers.name_of_layer(index)
         if name == NONE_MIXER:
             return None
+        variant = self.token_mixers.attention_variant_of_layer(index)
+        if variant is not None:
+            return variant.of_layer(index)
         recurrent = self.token_mixers.mixer_of_layer(index)
         return self.attention_of_layer(index) if recurrent is None else recurrent
 
     def is_attention_layer(self, index: int) -> bool:
-        """Whether block ``index``'s token mixer is the model's attention."""
-        return self.token_mixers is None or self.token_mixers.name_of_layer(index) == ATTENTION
+        """Whether block ``index``'s token mixer is softmax attention (the model's
+        ``attention`` or a layout's own attention config)."""
+        return self.token_mixers is None or self.token_mixers.is_attention(index)
 
     def has_channel_mixer(self, index: int) -> bool:
         """Whether block ``index`` has its FFN or MoE sublayer (``token_mixers.channel``)."""
@@ -258,14 +286,21 @@ class LMOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: a token mixer (attention, or a recurrent mixer), then a dense
-    FFN or (with ``moe_config``) an MoE layer.
+    """A transformer block: a token mixer (attention, or a recurrent mixer), then a dense FFN,
+    an MoE layer (``moe_config``) or a dense FFN beside the MoE layer (``dense_beside``), each
+    sublayer normalised before (``pre``), after (``post``) or both (``sandwich``).
 
     Args:
         attention: the block's token mixer config: attention (``AttentionConfig.of_layer``) or
             a recurrent mixer (``moekit.models.mixers``); built as ``self.attn`` either way.
         d_model, ffn_hidden, activation, norm_eps: the stream and the dense FFN.
         moe_config: the MoE layer replacing the dense FFN, or ``None``.
+        residual_multiplier: scales each sublayer's output (Granite).
+        norm, norm_position: the norms' kind and place.
+        channel: whether the block has a channel mixer at all (Nemotron-H's one-sublayer
+            blocks have not).
+        dense_beside: with ``moe_config``, run the dense FFN beside the MoE layer (Gemma 4).
+        layer_scalar: a stored scalar multiplies the block's output (Gemma 4).
     """
 
     def __init__(
@@ -281,25 +316,43 @@ class Block(nn.Module):
         norm: NormKind = NormKind.RMS,
         norm_position: NormPosition = NormPosition.PRE,
         channel: bool = True,
+        dense_beside: bool = False,
+        layer_scalar: bool = False,
     ) -> None:
         super().__init__()
         self.residual_multiplier = residual_multiplier
-        self.post_norm = NormPosition(norm_position) is NormPosition.POST
+        position = NormPosition(norm_position)
+        self.post_norm = position is NormPosition.POST
+        sandwich = position is NormPosition.SANDWICH
+
+        def norm_of(present: bool) -> nn.Module | None:
+            return build_norm(norm, d_model, norm_eps) if present else None
+
         # a missing sublayer (attention=None, channel=False) has no norm either
-        self.attn_norm = None if attention is None else build_norm(norm, d_model, norm_eps)
+        self.attn_norm = norm_of(attention is not None)
+        self.attn_post_norm = norm_of(attention is not None and sandwich)
         self.attn: nn.Module | None = None
         if isinstance(attention, RecurrentMixerConfig):
             self.attn = attention.build(d_model=d_model, norm_eps=norm_eps)
         elif attention is not None:
             self.attn = attention.build(d_model=d_model)
-        self.ffn_norm = build_norm(norm, d_model, norm_eps) if channel else None
         self.ffn: nn.Module | None = None
         if channel:
-            self.ffn = (
-                moe_config.build()
-                if moe_config is not None
-                else FeedForward(d_model, ffn_hidden, activation=activation)
-            )
+            dense = FeedForward(d_model, ffn_hidden, activation=activation)
+            self.ffn = dense if moe_config is None else moe_config.build()
+            if moe_config is not None and dense_beside:
+                self.ffn = DenseBesideMoE(
+                    cast(MoE, self.ffn),
+                    d_model=d_model,
+                    ffn_hidden=ffn_hidden,
+                    activation=activation,
+                    norm_eps=norm_eps,
+                )
+        own_norm = getattr(self.ffn, "normalizes_input", False) and not self.post_norm
+        self.ffn_norm = norm_of(channel and not own_norm)
+        self.ffn_post_norm = norm_of(channel and sandwich)
+        self.layer_scalar: torch.Tensor | None
+        self.register_buffer("layer_scalar", torch.ones(1) if layer_scalar else None)
 
     def forward(
         self,
@@ -314,31 +367,42 @@ class Block(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None, torch.Tensor | None]:
         """``(x, the MoE layer's output or None, the token mixer's auxiliary loss or None)``."""
-        m = self.residual_multiplier
-        attn, attn_norm = self.attn, self.attn_norm
         mixer_loss = None
-        if attn is not None and attn_norm is not None:
-            h_BSD = x_BSD if self.post_norm else attn_norm(x_BSD)
+        if self.attn is not None and self.attn_norm is not None:
+            h_BSD = x_BSD if self.post_norm else self.attn_norm(x_BSD)
             out, mixer_loss = self._mix(
-                attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids
+                self.attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids
             )
-            if self.post_norm:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
-                x_BSD = x_BSD + attn_norm(out)
-            else:
-                x_BSD = x_BSD + (out if m == 1.0 else out * m)
-        ffn, ffn_norm = self.ffn, self.ffn_norm
-        if ffn is None or ffn_norm is None:
-            return x_BSD, None, mixer_loss
-        h_BSD = x_BSD if self.post_norm else ffn_norm(x_BSD)
+            x_BSD = self._residual(x_BSD, out, self.attn_norm, self.attn_post_norm)
         moe_out = None
-        if isinstance(ffn, MoE):
-            moe_out = ffn(h_BSD, padding_mask, token_ids)
-            y = moe_out.output
-        else:
-            y = ffn(h_BSD)
-        if self.post_norm:
-            y = ffn_norm(y)
-        return x_BSD + (y if m == 1.0 else y * m), moe_out, mixer_loss
+        if self.ffn is not None:
+            pre = self.ffn_norm is not None and not self.post_norm
+            h_BSD = self.ffn_norm(x_BSD) if pre else x_BSD  # type: ignore[misc]
+            if isinstance(self.ffn, MoE | DenseBesideMoE):
+                moe_out = self.ffn(h_BSD, padding_mask, token_ids)
+                y = moe_out.output
+            else:
+                y = self.ffn(h_BSD)
+            x_BSD = self._residual(x_BSD, y, self.ffn_norm, self.ffn_post_norm)
+        if self.layer_scalar is not None:
+            x_BSD = x_BSD * self.layer_scalar.to(x_BSD.dtype)
+        return x_BSD, moe_out, mixer_loss
+
+    def _residual(
+        self,
+        x_BSD: torch.Tensor,
+        out: torch.Tensor,
+        norm: nn.Module | None,
+        post_norm: nn.Module | None,
+    ) -> torch.Tensor:
+        """``x + m · out`` after the sublayer's post-norm (``post``: ``norm``; ``sandwich``:
+        ``post_norm``), ``m`` the residual multiplier."""
+        if self.post_norm and norm is not None:  # x + norm(f(x)) (OLMo-2, FlexOlmo)
+            out = norm(out)
+        elif post_norm is not None:
+            out = post_norm(out)
+        m = self.residual_multiplier
+        return x_BSD + (out if m == 1.0 else out * m)
 
     @staticmethod
     def _mix(attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids):
@@ -397,6 +461,8 @@ class TransformerLM(nn.Module):
                 norm=config.norm,
                 norm_position=config.norm_position,
                 channel=config.has_channel_mixer(i),
+                dense_beside=config.moe.dense_beside,
+                layer_scalar=config.layer_scalars,
             )
             for i in range(config.n_layers)
         )
@@ -406,25 +472,58 @@ class TransformerLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         )
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # one rotary table per distinct rotation among the attention blocks (a layout's own
+        # attention configs may rotate otherwise: Gemma 4's global layers)
+        specs = [self._rotation(config.attention)]
+        self.rope_table_of_block: list[int] = []
+        for i in range(config.n_layers):
+            mixer = config.token_mixer_of_layer(i)
+            spec = self._rotation(mixer) if isinstance(mixer, AttentionConfig) else specs[0]
+            if spec not in specs:
+                specs.append(spec)
+            self.rope_table_of_block.append(specs.index(spec))
+        self.rope_specs = specs
+        for j in range(len(specs)):
+            suffix = "" if j == 0 else f"_{j}"
+            self.register_buffer(f"rope_cos{suffix}", torch.empty(0), persistent=False)
+            self.register_buffer(f"rope_sin{suffix}", torch.empty(0), persistent=False)
         self.init_buffers()
         nn.init.normal_(self.embed.weight, std=0.02)
+
+    def _rotation(self, attention: AttentionConfig) -> tuple[Any, ...]:
+        """What a rotary table depends on: ``(rotated width, base, scaling)``."""
+        rotated = attention.rotary_dim(self.config.d_model)
+        return (rotated, attention.rope_theta, attention.rope_scaling)
 
     def init_buffers(self) -> None:
         """(Re)compute the buffers that are not saved (the rotary tables) on the embedding's
         device: after building on the meta device and ``to_empty``, as torchtitan does."""
-        config, attention = self.config, self.config.attention
-        rope_dim = attention.rotary_dim(config.d_model)
-        cos, sin = rotary_tables(
-            rope_dim, config.max_seq_len, attention.rope_theta, attention.rope_scaling
-        )
         device = self.embed.weight.device
-        if device.type == "meta":
-            cos, sin = cos.to("meta"), sin.to("meta")
-        else:
-            cos, sin = cos.to(device), sin.to(device)
-        self.rope_cos, self.rope_sin = cos, sin
+        for j, (rope_dim, theta, scaling) in enumerate(self.rope_specs):
+            cos, sin = rotary_tables(rope_dim, self.config.max_seq_len, theta, scaling)
+            suffix = "" if j == 0 else f"_{j}"
+            setattr(self, f"rope_cos{suffix}", cos.to(device))
+            setattr(self, f"rope_sin{suffix}", sin.to(device))
+
+    def _rotary(
+        self, start: int, S: int, positions_BS: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each rotary table's ``(cos, sin)`` for the new positions: ``(S, Dr)`` rows from
+        ``start``, or ``(B, 1, S, Dr)`` at each sequence's own ``positions_BS``."""
+        out = []
+        for j in range(len(self.rope_specs)):
+            suffix = "" if j == 0 else f"_{j}"
+            cos, sin = getattr(self, f"rope_cos{suffix}"), getattr(self, f"rope_sin{suffix}")
+            if positions_BS is None:
+                out.append((cos.narrow(0, start, S), sin.narrow(0, start, S)))
+            else:
+                out.append(
+                    (
+                        F.embedding(positions_BS, cos).unsqueeze(1),
+                        F.embedding(positions_BS, sin).unsqueeze(1),
+                    )
+                )
+        return out
 
     def forward(
         self,
@@ -464,23 +563,17 @@ class TransformerLM(nn.Module):
             )
         check_token_range(tokens, self.config.vocab_size)
         key_mask = self._key_mask(attention_mask, B, S, start, kv_cache)
-        cos, sin = self.rope_cos, self.rope_sin
-        if key_mask is None:
-            rope = (cos.narrow(0, start, S), sin.narrow(0, start, S))
-            new_mask = None
-        else:  # each sequence counts positions over its real tokens only
+        positions_BS = new_mask = None
+        if key_mask is not None:  # each sequence counts positions over its real tokens only
             positions_BS = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0).narrow(1, start, S)
-            rope = (
-                F.embedding(positions_BS, cos).unsqueeze(1),
-                F.embedding(positions_BS, sin).unsqueeze(1),
-            )
             new_mask = key_mask.narrow(1, start, S)
+        rope = self._rotary(start, S, positions_BS)
         return self._run_blocks(tokens, rope, key_mask, new_mask, kv_cache, start)
 
     def _run_blocks(
         self,
         tokens: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: list[tuple[torch.Tensor, torch.Tensor]],
         key_mask: torch.Tensor | None,
         new_mask: torch.Tensor | None,
         kv_cache: KVCache | None,
@@ -496,7 +589,7 @@ class TransformerLM(nn.Module):
             cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
             x, moe_out, mixer_loss = block(
                 x,
-                rope=rope,
+                rope=rope[self.rope_table_of_block[i]],
                 cache=cache,
                 start=start,
                 key_mask=key_mask,
@@ -515,6 +608,9 @@ class TransformerLM(nn.Module):
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
         return LMOutput(logits=logits, aux_loss=aux_loss, moe_outputs=moe_outputs)
 
     def _forward_packed(
@@ -544,12 +640,7 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"sequence of {seq_len} positions exceeds max_seq_len={self.config.max_seq_len}"
             )
-        positions_BS = index_S - segment_start_BS
-        cos, sin = self.rope_cos, self.rope_sin
-        rope = (
-            F.embedding(positions_BS, cos).unsqueeze(1),
-            F.embedding(positions_BS, sin).unsqueeze(1),
-        )
+        rope = self._rotary(0, seq_len, index_S - segment_start_BS)
         return self._run_blocks(
             tokens, rope, same_BSS.unsqueeze(1), segment_ids != 0, None, 0, segment_ids
         )

@@ -31,6 +31,9 @@ class MoEPlacementConfig:
             ``layer.router`` (DeepSeek-V4's hash layers: experts from a token-id table, weights
             from a learned gate).
         hash_router: the router of those blocks (a ``TokenTableRouterConfig``, or any router).
+        dense_beside: every MoE block also runs the model's dense FFN beside its MoE layer,
+            each branch with its own pre and post norms, the router reading the block's input
+            (Gemma 4; ``moekit.layers.dense_beside``).
 
     In config files ``layer.d_model`` follows the model's ``d_model`` and is left out
     (:func:`fill_layer_d_model`).
@@ -43,6 +46,7 @@ class MoEPlacementConfig:
     layers: list[int] | None = None
     hash_layers: int = 0
     hash_router: RouterOptions | None = None
+    dense_beside: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)

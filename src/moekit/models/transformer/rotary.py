@@ -66,13 +66,26 @@ def _llama3_inv_freq(head_dim: int, theta: float, scaling) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _proportional_inv_freq(head_dim: int, theta: float, scaling) -> torch.Tensor:
+    """The first ``int(rotated_fraction * head_dim / 2)`` frequencies ``θ^(-2i/head_dim)``,
+    then zeros (no rotation), all divided by ``factor`` (transformers' ``proportional``)."""
+    turning = int(scaling.rotated_fraction * head_dim // 2)
+    inv_freq = torch.zeros(head_dim // 2, dtype=torch.float32)
+    steps = torch.arange(0, 2 * turning, 2, dtype=torch.int64).to(torch.float32)
+    inv_freq[:turning] = 1.0 / theta ** (steps / head_dim)
+    return inv_freq / scaling.factor
+
+
 @dataclass(kw_only=True)
 class RopeScalingConfig:
     """Rotary context extension: YaRN (Peng et al. 2023; DeepSeek-V3, GPT-OSS) or Llama 3's
-    frequency-dependent interpolation (Llama 3.1, Llama 4).
+    frequency-dependent interpolation (Llama 3.1, Llama 4); or ``proportional`` positions
+    (Gemma 4's global layers): the whole head in the rotate-half layout, only the first
+    ``rotated_fraction`` of its frequency pairs turning (``θ^(-2i/head_dim)``, divided by
+    ``factor``), the rest with frequency 0.
 
     Args:
-        kind: ``yarn`` or ``llama3``.
+        kind: ``yarn``, ``llama3`` or ``proportional``.
         factor: context extension factor.
         original_max_position_embeddings: the pre-extension context.
         beta_fast, beta_slow: rotation counts bounding the interpolation ramp.
@@ -80,6 +93,7 @@ class RopeScalingConfig:
         attention_factor: explicit cos/sin scale (``None``: derived from the above).
         truncate: round the ramp bounds to whole dimensions.
         low_freq_factor, high_freq_factor: Llama 3's wavelength bounds (``original / factor``).
+        rotated_fraction: ``proportional``: the share of frequency pairs that rotate.
     """
 
     factor: float
@@ -93,11 +107,18 @@ class RopeScalingConfig:
     kind: str = "yarn"
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    rotated_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.kind not in ("yarn", "llama3"):
-            raise ValueError(f"rope_scaling.kind must be 'yarn' or 'llama3', got {self.kind!r}")
+        if self.kind not in ("yarn", "llama3", "proportional"):
+            raise ValueError(
+                f"rope_scaling.kind must be 'yarn', 'llama3' or 'proportional', got {self.kind!r}"
+            )
+        if not 0 <= self.rotated_fraction <= 1:
+            raise ValueError(
+                f"rope_scaling.rotated_fraction must be in [0, 1], got {self.rotated_fraction}"
+            )
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError("rope_scaling.high_freq_factor must exceed low_freq_factor")
         if self.factor <= 0 or self.original_max_position_embeddings < 1:
@@ -116,6 +137,8 @@ def rotary_tables(
         attention_factor = 1.0
     elif scaling.kind == "llama3":
         inv_freq, attention_factor = _llama3_inv_freq(head_dim, theta, scaling), 1.0
+    elif scaling.kind == "proportional":
+        inv_freq, attention_factor = _proportional_inv_freq(head_dim, theta, scaling), 1.0
     else:
         inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
