@@ -5,6 +5,7 @@ attention blocks only, the recurrent blocks' fixed state)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,24 @@ PUBLISHED = {
         1.56e9,
     ),
 }
+
+
+PUBLISHED["Jamba-v0.1"] = (lambda: transformers.JambaConfig(), 51.57e9, 12.11e9)  # 52B / 12B
+HF_CONFIGS = Path(__file__).parent / "hf_configs"
+
+
+class _File:
+    """A published config.json kept in ``hf_configs/`` (the text model of gemma-4-26B-A4B,
+    written from public copies of its config: 25.2B total, 3.8B active on its card)."""
+
+    def __init__(self, name: str) -> None:
+        self.data = json.loads((HF_CONFIGS / name).read_text())
+
+    def to_dict(self) -> dict:
+        return self.data
+
+
+PUBLISHED["gemma-4-26B-A4B"] = (lambda: _File("gemma-4-26b-a4b.json"), 25.23e9, 3.82e9)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -20,6 +20,7 @@ import torch
 
 from moekit.dispatch.config import CapacityScope, DispatchMode, DropPriority
 from moekit.dispatch.sort import DispatchPlan, plan_dispatch
+from moekit.experts.backends import fused_experts
 from moekit.routing.result import RoutingResult
 from moekit.utils.capacity import capacity_formula
 from moekit.utils.precision import autocast_off
@@ -147,6 +148,13 @@ class Dispatcher:
             ``(T, D)``; a token whose assignments were all dropped (or padding) gets zeros, so
             the caller's residual carries it unchanged.
         """
+        if type(self).compute is Dispatcher.compute:  # the experts are local
+            masked = x_TD
+            if plan.padding_T is not None:
+                masked = x_TD.masked_fill(plan.padding_T.unsqueeze(-1), 0.0)
+            fused = fused_experts(experts, masked, plan, weight_input=self.config.weight_input)
+            if fused is not None:  # the Triton kernels: gather to combine in two launches
+                return fused
         x_MD = self.dispatch(x_TD, plan)
         if self.config.weight_input:  # expert(w * x), summed unweighted (Llama 4)
             x_MD = x_MD * plan.weights_M.unsqueeze(-1).to(x_MD.dtype)

@@ -39,6 +39,9 @@ class GroupedMatmulKernel(str, Enum):
     AUTO = "auto"  # grouped_mm where it is fast and supported for the dtype and device
     GROUPED_MM = "grouped_mm"
     LOOP = "loop"
+    # the fused Triton kernels for the whole routed FFN (moekit.experts.backends); the grouped
+    # products of what they do not cover run as under auto
+    TRITON = "triton"
 
 
 def grouped_mm_available(
@@ -81,6 +84,8 @@ def resolve_kernel(
     """The kernel to run: ``auto`` becomes ``grouped_mm`` where :func:`grouped_mm_available`
     says so and ``loop`` elsewhere; an explicit ``grouped_mm`` that is not supported raises."""
     kernel = GroupedMatmulKernel(kernel)
+    if kernel is GroupedMatmulKernel.TRITON:  # the products the fused kernels do not cover
+        kernel = GroupedMatmulKernel.AUTO
     if kernel is GroupedMatmulKernel.LOOP:
         return kernel
     if kernel is GroupedMatmulKernel.AUTO:
