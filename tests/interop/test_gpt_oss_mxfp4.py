@@ -64,6 +64,14 @@ def _logits(model, tokens):
         return model.eval()(tokens).logits
 
 
+@pytest.fixture(autouse=True)
+def _dequantising_transformers(monkeypatch):
+    """transformers dequantises MXFP4 on the CPU unless Triton and the ``kernels`` package are
+    both installed, when it fetches its kernels from the Hub (no network here): dequantise."""
+    quantizer = pytest.importorskip("transformers.quantizers.quantizer_mxfp4")
+    monkeypatch.setattr(quantizer, "is_kernels_available", lambda *a, **k: False)
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_mxfp4_gpt_oss_imports_exports_and_matches_transformers(tmp_path):
     folder = _mxfp4_checkpoint(tmp_path / "gpt_oss_mxfp4")

@@ -29,7 +29,7 @@ from moekit.training import load_train_config
 from moekit.utils.serialization import config_from_dict, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUTER = TopKRouterConfig(input_norm=True, expert_scales=True)
+EPS = 1e-5  # the model's norm_eps
 
 
 def gemma_like(**overrides) -> TransformerConfig:
@@ -58,7 +58,8 @@ def gemma_like(**overrides) -> TransformerConfig:
                 num_experts=6,
                 top_k=2,
                 experts=ExpertConfig(hidden=12, activation=Activation.GEGLU_TANH),
-                router=ROUTER,
+                router=TopKRouterConfig(),
+                expert_scales=True,
             ),
             dense_beside=True,
         ),
@@ -76,7 +77,7 @@ def model():
     built = gemma_like().build().eval()
     with torch.no_grad():  # scales and norms away from their initial ones
         for name, tensor in built.state_dict().items():
-            if name.endswith(("layer_scalar", "input_scale_D", "expert_scale_E", "norm.weight")):
+            if name.endswith(("layer_scalar", "expert_scale_E", "norm.weight")):
                 tensor.copy_(1 + 0.3 * torch.randn_like(tensor))
     return built
 
@@ -110,10 +111,10 @@ def _reference(module: DenseBesideMoE, x_TD: torch.Tensor) -> torch.Tensor:
     rows = []
     for x in x_TD:
         dense = module.dense_out_norm(module.dense(module.dense_norm(x)))
-        r = x * torch.rsqrt(x.pow(2).mean() + ROUTER.input_norm_eps)
-        probs = torch.softmax(router.weight_ED @ (r * router.input_scale_D * D**-0.5), dim=-1)
+        r = x * torch.rsqrt(x.pow(2).mean() + EPS)
+        probs = torch.softmax(router.weight_ED @ (r * module.router_norm.weight * D**-0.5), -1)
         top = torch.topk(probs, 2)
-        weights = top.values / top.values.sum() * router.expert_scale_E[top.indices]
+        weights = top.values / top.values.sum() * moe.expert_scale_E[top.indices]
         h = module.moe_norm(x)
         routed = sum(
             w * (apply_activation(Activation.GEGLU_TANH, h @ bank.w_in_EDH[e]) @ bank.w_out_EHD[e])

@@ -213,8 +213,8 @@ def _qk_norm_params(attn, hd: int) -> int:
 
 def _block_extras(config) -> dict[str, int]:
     """The ``ArchSpec`` fields of blocks beyond the uniform formula: their own attention
-    configs, sandwich post-norms, a dense FFN beside the MoE (with its four norms and the
-    router's input scale)."""
+    configs, sandwich post-norms, a dense FFN beside the MoE (with its four branch norms and
+    the router's norm)."""
     from moekit.experts.activations import Activation
 
     d = config.d_model
@@ -249,10 +249,8 @@ def _block_extras(config) -> dict[str, int]:
         )
         gated = Activation(config.activation).is_gated
         out["beside_ffn_params"] = moe_blocks * _ffn_params(d, config.ffn_hidden, gated)
-        # four branch norms replace the block's one pre-norm
-        out["extra_norms"] += moe_blocks * 3 * width
-    if layer is not None and getattr(layer.router, "input_norm", False):
-        out["extra_norms"] += d * sum(config.moe.is_moe_layer(i) for i in range(config.n_layers))
+        # four branch norms and the router's norm replace the block's one pre-norm
+        out["extra_norms"] += moe_blocks * (3 * width + d)
     return out
 
 
@@ -278,7 +276,7 @@ def spec_from_moekit(config) -> ArchSpec:
             shared = _ffn_params(d, s.hidden, Activation(s.activation).is_gated, s.bias)
             shared += d if s.gated else 0
         router = d + (1 if getattr(layer.router, "bias", False) else 0)  # per expert
-        router += 1 if getattr(layer.router, "expert_scales", False) else 0
+        router += 1 if layer.expert_scales else 0
         router += d if getattr(layer.router, "noisy_gating", False) else 0
         router *= layer.routed_choices  # zero-computation experts have router rows too
         if layer.zero_computation is not None:  # constant experts: a vector and a 2-way gate

@@ -12,9 +12,9 @@ What the text model needs, each a moekit option:
   (``scale=1``); with ``attention_k_eq_v`` the global layers' values are their keys
   (``values="keys"``: no ``v_proj``);
 * a dense GeGLU-tanh FFN **beside** the MoE layer (``MoEPlacementConfig.dense_beside``), each
-  branch with its own norms; the router reads the block's input through its own RMS norm and
-  learned scale, and a learned per-expert scale multiplies the renormalised top-k weights
-  (``TopKRouterConfig.input_norm`` and ``expert_scales``);
+  branch with its own norms, the router reading the block's input through its own RMS norm and
+  learned scale (``DenseBesideMoE.router_norm``); a learned per-expert scale multiplies the
+  renormalised top-k weights (``MoEConfig.expert_scales``);
 * embeddings scaled by ``sqrt(hidden_size)``, logits soft-capped
   (``final_logit_softcapping``).
 
@@ -151,11 +151,10 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         ("moe_out_norm", "post_feedforward_layernorm_2"),
     ):
         entries.append(Rename(f"{layer}.ffn.{ours}.weight", f"{hf}.{theirs}.weight", layers="moe"))
-    router = f"{layer}.ffn.moe.router"
     entries += [
-        Rename(f"{router}.weight_ED", f"{hf}.router.proj.weight", layers="moe"),
-        Rename(f"{router}.input_scale_D", f"{hf}.router.scale", layers="moe"),
-        Rename(f"{router}.expert_scale_E", f"{hf}.router.per_expert_scale", layers="moe"),
+        Rename(f"{layer}.ffn.moe.router.weight_ED", f"{hf}.router.proj.weight", layers="moe"),
+        Rename(f"{layer}.ffn.router_norm.weight", f"{hf}.router.scale", layers="moe"),
+        Rename(f"{layer}.ffn.moe.expert_scale_E", f"{hf}.router.per_expert_scale", layers="moe"),
         *_gemma_experts(f"{hf}.experts"),
     ]
     if not config.tie_embeddings:
@@ -302,13 +301,8 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
                 experts=ExpertConfig(
                     hidden=hf["moe_intermediate_size"], activation=Activation.GEGLU_TANH
                 ),
-                router=TopKRouterConfig(
-                    gating=Gating.SOFTMAX_TOPK,
-                    normalize_weights=True,
-                    input_norm=True,
-                    input_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                    expert_scales=True,
-                ),
+                router=TopKRouterConfig(gating=Gating.SOFTMAX_TOPK, normalize_weights=True),
+                expert_scales=True,
             ),
             dense_beside=True,
         )

@@ -6,8 +6,8 @@ For the block's input ``x`` (the residual stream, not normalised)::
 
     y = post_dense(FFN(pre_dense(x))) + post_moe(MoE(pre_moe(x), routed on x))
 
-The MoE's router reads ``x`` itself (Gemma 4's router has its own RMS norm and scale:
-``TopKRouterConfig.input_norm``), its experts the normalised copy. The block adds its own norm
+The MoE's router reads ``router_norm(x) · D^-0.5`` (an RMS norm with its own learned scale:
+Gemma 4's router input), its experts the normalised copy ``pre_moe(x)``. The block adds its own norm
 after the sum (``NormPosition.SANDWICH``). This channel mixer normalises its own input, so its
 block has no pre-norm for it (``normalizes_input``).
 """
@@ -27,8 +27,9 @@ from moekit.layers.moe import MoE, MoEOutput
 
 class DenseBesideMoE(nn.Module):
     """``(B, S, D) -> MoEOutput`` whose ``output`` is the sum of both branches; see the module
-    docstring. Parameters: ``dense`` (a ``FeedForward``), ``moe`` (an ``MoE``) and four RMS
-    norms ``dense_norm``, ``dense_out_norm``, ``moe_norm``, ``moe_out_norm``."""
+    docstring. Parameters: ``dense`` (a ``FeedForward``), ``moe`` (an ``MoE``) and five RMS
+    norms ``dense_norm``, ``dense_out_norm``, ``moe_norm``, ``moe_out_norm`` and
+    ``router_norm``."""
 
     #: the block gives this channel mixer the residual stream, not a normalised copy
     normalizes_input: ClassVar[bool] = True
@@ -49,6 +50,8 @@ class DenseBesideMoE(nn.Module):
         self.dense_out_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.moe_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.moe_out_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.router_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.router_scale = d_model**-0.5
 
     def forward(
         self,
@@ -57,6 +60,7 @@ class DenseBesideMoE(nn.Module):
         token_ids: torch.Tensor | None = None,
     ) -> MoEOutput:
         dense = self.dense_out_norm(self.dense(self.dense_norm(x_BSD)))
-        routed = self.moe(self.moe_norm(x_BSD), padding_mask, token_ids, route_on=x_BSD)
+        route_on = self.router_norm(x_BSD) * self.router_scale
+        routed = self.moe(self.moe_norm(x_BSD), padding_mask, token_ids, route_on=route_on)
         y = dense + self.moe_out_norm(routed.output)
         return dataclasses.replace(routed, output=y)

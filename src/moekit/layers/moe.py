@@ -52,6 +52,8 @@ class MoEConfig:
         zero_computation: zero-computation experts (zero, copy, constant) the router may
             choose besides the ``num_experts`` real ones (MoE++, LongCat-Flash), or ``None``.
         output_bias: a learned bias added to the layer's output (JetMoE).
+        expert_scales: a learned scale per routed expert ``(E,)`` multiplies each chosen
+            expert's combine weight (Gemma 4's ``per_expert_scale``).
     """
 
     d_model: int = 0
@@ -66,6 +68,7 @@ class MoEConfig:
     statistics: bool = True
     zero_computation: ZeroComputationConfig | None = None
     output_bias: bool = False
+    expert_scales: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -140,6 +143,7 @@ class MoEConfig:
                 else self.zero_computation.build(d_model=self.d_model)
             ),
             output_bias=self.output_bias,
+            expert_scales=self.expert_scales,
         )
 
 
@@ -198,6 +202,7 @@ class MoE(nn.Module):
         statistics: bool = True,
         zero_computation: nn.Module | None = None,
         output_bias: bool = False,
+        expert_scales: bool = False,
     ) -> None:
         super().__init__()
         router_experts = int(cast(Any, router).num_experts)
@@ -223,6 +228,7 @@ class MoE(nn.Module):
                 rate=cfg.offset_rate,
             )
         self.output_bias_D = nn.Parameter(torch.zeros(d_model)) if output_bias else None
+        self.expert_scale_E = nn.Parameter(torch.ones(router_experts)) if expert_scales else None
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -286,6 +292,9 @@ class MoE(nn.Module):
         router_in_TD = x_TD if route_on is None else route_on.reshape(-1, self.d_model)
         with router_precision(x.device, _router_float32(self.router)):
             routing = self.router(router_in_TD, ids_T, mask_T)  # 1
+        if self.expert_scale_E is not None:  # Gemma 4: a learned scale per chosen expert
+            scale_TK = self.expert_scale_E.to(routing.weights_TK.dtype)[routing.expert_idx_TK]
+            routing = dataclasses.replace(routing, weights_TK=routing.weights_TK * scale_TK)
         # 2-3: a decoding step's handful of tokens skips the dispatch (nothing reads its plan)
         plan = None
         if self._direct(x_TD, routing):

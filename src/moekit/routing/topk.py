@@ -72,10 +72,6 @@ class TopKRouterConfig(GateOptions, RouterOptions):
         group_score: ``max`` or ``top2_sum``.
         bias_balancing: keep an expert bias for auxiliary-loss-free balancing (DeepSeek-V3).
         bias_update_rate: the fixed step ``u`` of ``b_i += u * sign(mean load - load_i)``.
-        input_norm: the router reads ``RMSNorm(x) · s · D^-0.5`` with a learned scale ``s``
-            ``(D,)`` (Gemma 4), an RMS norm without weight of epsilon ``input_norm_eps``.
-        expert_scales: a learned scale per expert ``(E,)`` multiplies each chosen expert's
-            final weight (Gemma 4's ``per_expert_scale``).
     """
 
     kind: RouterKind = field(default=RouterKind.TOP_K, init=False)
@@ -89,14 +85,9 @@ class TopKRouterConfig(GateOptions, RouterOptions):
     group_score: GroupScore = GroupScore.MAX
     bias_balancing: bool = False
     bias_update_rate: float = 1e-3
-    input_norm: bool = False
-    input_norm_eps: float = 1e-6
-    expert_scales: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.input_norm_eps > 0:
-            raise ValueError(f"input_norm_eps must be > 0, got {self.input_norm_eps}")
         if not 0.0 <= self.jitter_eps < 1.0:
             raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.routed_scaling_factor <= 0:
@@ -134,8 +125,7 @@ class TopKRouter(GatedRouter):
     Parameters: ``weight_ED`` ``(E, D)`` (``nn.Linear`` layout and initialisation), optional
     ``bias_E``, and under noisy gating ``noise_weight_ED`` (zero-initialised, as in Shazeer et al.).
     Buffers under bias balancing: ``expert_bias_E`` (selection only) and ``load_since_update_E``,
-    the tokens each expert received since the last :meth:`update_expert_bias`. With
-    ``input_norm`` the parameter ``input_scale_D``; with ``expert_scales``, ``expert_scale_E``.
+    the tokens each expert received since the last :meth:`update_expert_bias`.
     """
 
     expert_bias_E: torch.Tensor | None
@@ -147,10 +137,6 @@ class TopKRouter(GatedRouter):
         super().__init__(config, d_model=d_model, num_experts=num_experts, top_k=top_k)
         self.noise_weight_ED = (
             nn.Parameter(torch.zeros(num_experts, d_model)) if config.noisy_gating else None
-        )
-        self.input_scale_D = nn.Parameter(torch.ones(d_model)) if config.input_norm else None
-        self.expert_scale_E = (
-            nn.Parameter(torch.ones(num_experts)) if config.expert_scales else None
         )
         if config.bias_balancing:
             self.register_buffer("expert_bias_E", torch.zeros(num_experts))
@@ -189,9 +175,6 @@ class TopKRouter(GatedRouter):
     def _route(self, x_TD: torch.Tensor) -> RoutingResult:
         cfg = self.config
         x_TD = x_TD.to(router_dtype(x_TD, cfg.float32))
-        if self.input_scale_D is not None:  # Gemma 4: RMS norm, learned scale, D^-0.5
-            x_TD = F.rms_norm(x_TD, (x_TD.shape[-1],), eps=cfg.input_norm_eps)
-            x_TD = x_TD * self.input_scale_D.to(x_TD.dtype) * x_TD.shape[-1] ** -0.5
         if self.training and cfg.jitter_eps > 0:
             x_TD = x_TD * jitter_like(x_TD, self, "jitter", cfg.jitter_eps)
         logits_TE = self.gate_logits(x_TD)
@@ -240,8 +223,6 @@ class TopKRouter(GatedRouter):
                 weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             weights_TK = weights_TK * cfg.routed_scaling_factor
-        if self.expert_scale_E is not None:
-            weights_TK = weights_TK * self.expert_scale_E.to(weights_TK.dtype)[expert_idx_TK]
         return RoutingResult(
             expert_idx_TK=expert_idx_TK,
             weights_TK=weights_TK,

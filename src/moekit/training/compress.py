@@ -145,8 +145,16 @@ def _rebuilt(model: LM, counts: list[int]) -> LM:
     return new.to(next(model.parameters()).dtype)
 
 
+#: an MoE layer's own per-expert tensors (besides its router's and its bank's)
+LAYER_PER_EXPERT = ("expert_scale_E",)
+
+
 def _copy_non_moe(model: LM, new: LM, moe_names: list[str]) -> None:
-    prefixes = tuple(f"{n}.router." for n in moe_names) + tuple(f"{n}.experts." for n in moe_names)
+    prefixes = (
+        tuple(f"{n}.router." for n in moe_names)
+        + tuple(f"{n}.experts." for n in moe_names)
+        + tuple(f"{n}.{t}" for n in moe_names for t in LAYER_PER_EXPERT)
+    )
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     missing = new.load_state_dict(state, strict=False)
     left = [k for k in missing.missing_keys if not k.startswith(prefixes)]
@@ -175,7 +183,16 @@ def prune_experts(model: LM, kept: dict[str, list[int]]) -> LM:
         index = torch.tensor(kept[name], device=next(moe.parameters()).device)
         _copy_sliced(moe.router, new_layers[name].router, index)
         _copy_sliced(moe.experts, new_layers[name].experts, index)
+        copy_layer_per_expert(moe, new_layers[name], index)
     return new
+
+
+def copy_layer_per_expert(source: nn.Module, target: nn.Module, index: torch.Tensor) -> None:
+    """Rows ``index`` of an MoE layer's own per-expert tensors (``expert_scale_E``)."""
+    for name in LAYER_PER_EXPERT:
+        value = getattr(source, name, None)
+        if value is not None:
+            getattr(target, name).copy_(value.index_select(0, index))
 
 
 def _copy_sliced(source: nn.Module, target: nn.Module, index: torch.Tensor) -> None:

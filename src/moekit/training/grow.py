@@ -25,7 +25,13 @@ from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig
 from moekit.models.transformer.model import TransformerLM
-from moekit.training.compress import LM, _copy_non_moe, _copy_sliced, _moe_layers
+from moekit.training.compress import (
+    LM,
+    _copy_non_moe,
+    _copy_sliced,
+    _moe_layers,
+    copy_layer_per_expert,
+)
 
 
 def _check_growable(name: str, moe: MoE, factor: int) -> None:
@@ -77,6 +83,7 @@ def grow_experts(
         grown = new_layers[name]
         _copy_sliced(moe.router, grown.router, source)
         _copy_sliced(moe.experts, grown.experts, source)
+        copy_layer_per_expert(moe, grown, source)
         weight = cast(Any, grown.router).weight_ED
         copies = (torch.arange(weight.shape[0]) % factor != 0).to(device)
         scale = weight.std(dim=1, keepdim=True) * noise

@@ -70,8 +70,8 @@ def _proportional_inv_freq(head_dim: int, theta: float, scaling) -> torch.Tensor
     """The first ``int(rotated_fraction * head_dim / 2)`` frequencies ``θ^(-2i/head_dim)``,
     then zeros (no rotation), all divided by ``factor`` (transformers' ``proportional``)."""
     turning = int(scaling.rotated_fraction * head_dim // 2)
-    inv_freq = torch.zeros(head_dim // 2, dtype=torch.float32)
-    steps = torch.arange(0, 2 * turning, 2, dtype=torch.int64).to(torch.float32)
+    inv_freq = torch.zeros(head_dim // 2, dtype=torch.float32, device="cpu")
+    steps = torch.arange(0, 2 * turning, 2, dtype=torch.int64, device="cpu").to(torch.float32)
     inv_freq[:turning] = 1.0 / theta ** (steps / head_dim)
     return inv_freq / scaling.factor
 
@@ -141,7 +141,8 @@ def rotary_tables(
         inv_freq, attention_factor = _proportional_inv_freq(head_dim, theta, scaling), 1.0
     else:
         inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
