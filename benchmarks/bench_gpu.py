@@ -47,6 +47,8 @@ import torch
 
 import moekit
 from moekit.dispatch.reference import reference_moe_output
+from moekit.experts.grouped_matmul import GroupedMatmulKernel
+from moekit.experts.triton_moe import triton_available
 from moekit.models.transformer.attention import AttentionConfig
 
 RESULTS: list[dict[str, Any]] = []
@@ -371,6 +373,13 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
             impls: dict[str, tuple[torch.nn.Module, Callable]] = {
                 "moekit": (moe, lambda x, m=moe: m(x).output)
             }
+            fused_ok, why = triton_available(device)
+            if fused_ok and device.type == "cuda":  # the interpreter's times mean nothing
+                fused = copy.deepcopy(moe)
+                fused.experts.kernel = GroupedMatmulKernel.TRITON
+                impls["moekit triton"] = (fused, lambda x, m=fused: m(x).output)
+            else:
+                report("layer", f"{shape_name} moekit triton", "SKIP", why or "not on CUDA")
             dense = moekit.FeedForward(D, k * H, activation="swiglu")
             impls["dense floor"] = (dense, dense)
             if have_hf:
@@ -389,10 +398,10 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
         grad_y = torch.randn(T, D, device=device, dtype=dtype)
         with torch.no_grad():
             outputs = {name: fwd(x) for name, (_, fwd) in impls.items()}
-        agreement = {
+        agreement = {  # transformers' block and the Triton kernels against the PyTorch path
             name: round(rel_err(outputs[name], outputs["moekit"]), 4)
             for name in outputs
-            if name.startswith("hf")
+            if name.startswith("hf") or name == "moekit triton"
         }
         with torch.no_grad():  # the gate: the looped reference on the first tokens
             head = x[:GATE_TOKENS]
