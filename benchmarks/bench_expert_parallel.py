@@ -36,7 +36,8 @@ import torch.multiprocessing as mp
 import moekit
 from moekit.analysis.params import spec_from_moekit
 from moekit.analysis.plan import plan_expert_parallel
-from moekit.distributed import meter_traffic, parallelize_experts, wrap_data_parallel
+from moekit.distributed import meter_traffic
+from moekit.distributed.ddp import parallelize_experts, wrap_data_parallel
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
 from moekit.models.transformer.attention import AttentionConfig
 

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import moekit
-from moekit.distributed import (
+from moekit.distributed import meter_traffic
+from moekit.distributed.ddp import (
     from_pretrained_distributed,
     full_state_dict,
-    meter_traffic,
     parallelize_experts,
     reduce_load_tallies,
     save_pretrained_distributed,

@@ -27,6 +27,9 @@ from typing import Any, cast
 
 import torch
 
+from moekit.analysis.hot_set import HotSetTracker
+from moekit.layers import MoE
+from moekit.layers.switches import moe_layers, moe_routers, record_routing
 from moekit.routing.result import RoutingResult
 
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)
@@ -319,7 +322,6 @@ def stream_with_hooks(
 def count_routing(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tensor]:
     """``{MoE layer name: (E,) assignments routed to each expert}`` over ``batches`` of token
     ids (routing frequency, as ESFT and frequency pruning use it)."""
-    from moekit.layers import MoE
 
     counts: dict[str, torch.Tensor] = {}
 
@@ -340,7 +342,6 @@ def count_routing(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tenso
 def expert_bytes_per_layer(model: torch.nn.Module) -> list[int]:
     """Bytes of one routed expert (weights, biases; codes and scales when quantised) of each
     MoE layer, in module order."""
-    from moekit.layers import moe_layers
 
     sizes = []
     for layer in moe_layers(model):
@@ -367,8 +368,6 @@ def inspect_model(
     return :meth:`RoutingInspector.report`, with the hot-set measures
     (``moekit.analysis.hot_set``; cache hit rates at ``budgets_bytes``) under ``hot_set``.
     ``progress`` wraps the batch iterator (tqdm)."""
-    from moekit.analysis.hot_set import HotSetTracker
-    from moekit.layers.switches import moe_layers, moe_routers
 
     routers = [(name, r) for name, r in moe_routers(model) if not getattr(r, "soft", False)]
     if not routers:
@@ -448,7 +447,6 @@ def routing_differences(
     """Per router: the fraction of tokens whose set of chosen experts differs between
     ``model_a`` and ``model_b`` on the same batches (e.g. two checkpoints, fp32 against bf16).
     ``per_sequence``: ``model_b`` sees each sequence alone (batch composition)."""
-    from moekit.layers.switches import record_routing
 
     differ: list[int] = []
     total = 0

@@ -22,6 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from moekit.experts.activations import Activation
+from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
+from moekit.interop.hf import CONFIG_PARSERS, check_hf_integers  # as the converters
+from moekit.interop.switch_transformers import config_from_hf
+from moekit.models.encoder_decoder.model import EncoderDecoderConfig
+from moekit.models.transformer.model import TransformerConfig
 from moekit.utils.serialization import read_config_file
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -215,7 +223,6 @@ def _block_extras(config) -> dict[str, int]:
     """The ``ArchSpec`` fields of blocks beyond the uniform formula: their own attention
     configs, sandwich post-norms, a dense FFN beside the MoE (with its four branch norms and
     the router's norm)."""
-    from moekit.experts.activations import Activation
 
     d = config.d_model
     out = dict(
@@ -256,7 +263,6 @@ def _block_extras(config) -> dict[str, int]:
 
 def spec_from_moekit(config) -> ArchSpec:
     """An ``ArchSpec`` for a moekit ``TransformerConfig``."""
-    from moekit.experts.activations import Activation
 
     gated = Activation(config.activation).is_gated
     layer = config.moe.layer
@@ -341,7 +347,6 @@ def _recurrent_mixers(config) -> dict[str, Any]:
     layout = getattr(config, "token_mixers", None)
     if layout is None:
         return {}
-    import torch
 
     params = flops = state = 0
     for index in range(config.n_layers):
@@ -380,8 +385,6 @@ def _hf_config_dict(config: dict | str | os.PathLike) -> dict:
 def spec_from_hf_config(config: dict | str | os.PathLike) -> ArchSpec:
     """An ``ArchSpec`` from a Hugging Face ``config.json`` (a path, a folder or a dict)."""
     data = _hf_config_dict(config)
-    from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
-    from moekit.interop.hf import CONFIG_PARSERS, check_hf_integers  # as the converters
 
     model_type = data.get("model_type")
     if model_type not in CONFIG_PARSERS:
@@ -411,7 +414,6 @@ def seq2seq_report(config: Any, context: int = 4096, name: str = "moekit") -> Pa
     MoE layers where each stack's placement puts them; the shared embedding counted once.
     ``flops_per_token`` is for one encoder token plus one decoder token, attending over
     ``context`` positions in each attention."""
-    from moekit.experts.activations import Activation
 
     d, inner = config.d_model, config.n_heads * config.head_dim
     stacks = (
@@ -465,8 +467,6 @@ def seq2seq_report(config: Any, context: int = 4096, name: str = "moekit") -> Pa
 def count_parameters(source: Any, context: int = 4096) -> ParamReport:
     """Accounting for a moekit model or config (``TransformerConfig``, ``EncoderDecoderConfig``),
     or a Hugging Face config.json (path, folder or dict)."""
-    from moekit.models.encoder_decoder.model import EncoderDecoderConfig
-    from moekit.models.transformer.model import TransformerConfig
 
     config = getattr(source, "config", source)
     if isinstance(config, TransformerConfig):
@@ -475,8 +475,6 @@ def count_parameters(source: Any, context: int = 4096) -> ParamReport:
         return seq2seq_report(config, context)
     data = _hf_config_dict(source)
     if data.get("model_type") == "switch_transformers":
-        from moekit.interop.switch_transformers import config_from_hf
-
         try:
             parsed = config_from_hf(data, strict=False)
         except KeyError as e:

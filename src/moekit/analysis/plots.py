@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: matplotlib)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: matplotlib)
     except ImportError as e:
         raise ImportError("plots need matplotlib: pip install 'moekit[report]'") from e
     return plt
@@ -111,7 +113,6 @@ def plot_gate_partition(
 ) -> Path:
     """Which expert's gate wins where in a 2-D input space (``gates_of(points (M, 2)) -> (M,
     K)`` gate probabilities), with the data on top."""
-    import numpy as np
 
     plt = _pyplot()
     lo, hi = x_N2.min(axis=0), x_N2.max(axis=0)

@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
     if name not in _ESTIMATORS:
         raise AttributeError(f"module 'moekit.classic' has no attribute {name!r}")
     try:
-        from moekit.classic import estimators
+        from moekit.classic import estimators  # noqa: PLC0415 (needs scikit-learn, on first use)
     except ImportError as error:
         if error.name is None or not error.name.startswith("sklearn"):
             raise

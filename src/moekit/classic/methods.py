@@ -118,7 +118,7 @@ def fit_mixture(
 
 def kmeans_partition(x_NI: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """Each sample's k-means cluster (scikit-learn's ``KMeans``), ``(N,)`` long."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # noqa: PLC0415 (optional: sklearn)
 
     labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x_NI.detach().numpy())
     return torch.as_tensor(labels, dtype=torch.long)
@@ -146,7 +146,7 @@ def _fit_evolutionary(
 ) -> list[float]:
     """CMA-ES (Hansen's ``cma`` package) on the flat parameter vector (separable CMA-ES above
     200 parameters); one curve point per generation (the best error so far)."""
-    import cma
+    import cma  # noqa: PLC0415 (optional: cma)
 
     params = list(model.parameters())
     start = torch.nn.utils.parameters_to_vector(params).detach().double().numpy()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from moekit.distributed.mesh import (
@@ -85,7 +86,6 @@ def save_sharded(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    import torch.distributed.checkpoint as dcp
 
     state = _model_entries(model, full_local_experts=True)
     if optimizer is not None:
@@ -123,7 +123,6 @@ def load_sharded(
     """Load a sharded checkpoint into a (possibly parallelised) model and its optimizer, on
     whatever mesh it now runs (collective when distributed). The optimizer's state is created
     first (one zero step) so DCP has tensors to fill."""
-    import torch.distributed.checkpoint as dcp
 
     folder = Path(folder)
     slices = _expert_slices(model)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce
 
 from moekit.dispatch.config import CapacityScope, DispatchMode
 from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher, run_experts
@@ -238,6 +239,5 @@ class ExpertParallelDispatcher(Dispatcher):
         """An autograd all-reduce: every rank's loss on the global sum sends its gradient
         back to every rank's part (averaged with the other gradients, that is the gradient of
         the global loss)."""
-        from torch.distributed.nn.functional import all_reduce
 
         return all_reduce(value, group=self.count_group)

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from moekit.distributed.expert_parallel import ExpertParallelDispatcher
 from moekit.experts.bank import ExpertBank
@@ -111,7 +114,6 @@ class ParallelDims:
     def build_meshes(self, device_type: str = "cpu") -> Meshes:
         """The dense ``(dp_replicate, dp_shard)`` and sparse ``(dp_replicate, efsdp, ep)`` device
         meshes over every rank (collective: every rank must call)."""
-        from torch.distributed.device_mesh import init_device_mesh
 
         dense = init_device_mesh(
             device_type,
@@ -165,7 +167,6 @@ def parallelize(
     dtype (``torch.bfloat16`` on devices with bf16), gradients reduced in float32; the
     sharded master weights and the optimizer stay float32.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (
         MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -196,7 +197,6 @@ def parallelize(
         # experts (dim 0), which would leave some ranks empty (as torchtitan does)
         placement = None
         if dispatcher.local_experts < dims.efsdp:
-            from torch.distributed.tensor import Shard
 
             def placement(param: nn.Parameter) -> Shard:
                 return Shard(1)
@@ -335,7 +335,6 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` laid out as ``like`` (a DTensor: this rank's shard, no communication)."""
     if not hasattr(like, "device_mesh"):
         return full.to(like.device, like.dtype)
-    from torch.distributed.tensor import distribute_tensor
 
     mesh, placements = getattr(like, "device_mesh"), getattr(like, "placements")  # noqa: B009
     full = full.to(_local(like).device, like.dtype)

@@ -14,8 +14,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from moekit.distributed.expert_parallel import ExpertParallelDispatcher
 from moekit.distributed.mesh import ParallelConfig, _local, parallelize
+from moekit.layers import MoE
+from moekit.models.transformer.model import TransformerLM
 
 
 @dataclass
@@ -46,11 +50,6 @@ def simulate_rank(
 ) -> SimulatedRank:
     """Rank ``rank``'s parameters under ``parallel`` on ``world`` ranks, counted from the real
     sharding of ``model_config`` (a ``TransformerConfig``) built on the meta device."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from moekit.distributed.expert_parallel import ExpertParallelDispatcher
-    from moekit.layers import MoE
-    from moekit.models.transformer.model import TransformerLM
 
     if dist.is_initialized():
         raise RuntimeError("simulate_rank needs a process without a process group")

@@ -17,6 +17,7 @@ import torch
 
 from moekit.experts.bank import ExpertBank
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
+from moekit.utils.precision import autocast_operands
 
 logger = logging.getLogger(__name__)
 _reported: set[str] = set()
@@ -30,7 +31,11 @@ def _fall_back(reason: str) -> None:
 
 def fused_reason(experts: object, x_TD: torch.Tensor, weight_input: bool) -> str:
     """Why the fused Triton path cannot run this call ("" when it can)."""
-    from moekit.experts.triton_moe import TRITON_ACTIVATIONS, triton_available
+    # imports triton: only where a layer asks for the Triton kernels
+    from moekit.experts.triton_moe import (  # noqa: PLC0415 (optional: triton)
+        TRITON_ACTIVATIONS,
+        triton_available,
+    )
 
     if not isinstance(experts, ExpertBank):
         return f"the experts are a {type(experts).__name__}, not an ExpertBank"
@@ -61,8 +66,8 @@ def fused_experts(
     if reason:
         _fall_back(reason)
         return None
-    from moekit.experts.triton_moe import triton_moe
-    from moekit.utils.precision import autocast_operands
+
+    from moekit.experts.triton_moe import triton_moe  # noqa: PLC0415 (optional: triton)
 
     assert isinstance(experts, ExpertBank)
     x, w_in, w_out = autocast_operands(x_TD.device, x_TD, experts.w_in_EDH, experts.w_out_EHD)

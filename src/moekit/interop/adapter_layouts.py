@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight$")
@@ -72,7 +75,6 @@ class LoRAAdapter:
 
 def read_adapter(folder: str | os.PathLike) -> LoRAAdapter:
     """The adapter in ``folder`` (``adapter_config.json`` and ``adapter_model.safetensors``)."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -86,9 +88,6 @@ def read_adapter(folder: str | os.PathLike) -> LoRAAdapter:
 
 def write_adapter(adapter: LoRAAdapter, folder: str | os.PathLike) -> Path:
     """Write ``adapter`` as a PEFT adapter folder (replaced atomically)."""
-    from safetensors.torch import save_file
-
-    from moekit.utils.serialization import atomic_write_json, write_folder_atomically
 
     def write(staging: Path) -> None:
         tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
@@ -104,7 +103,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def installed_peft_layout() -> ExpertAdapterLayout:
     """The 3-D layout the installed ``peft`` writes."""
-    import peft
+    import peft  # noqa: PLC0415 (optional: peft)
 
     return layout_of_version(peft.__version__)
 
@@ -284,7 +283,7 @@ def convert_adapter(
 
 def _peft_version() -> str:
     try:
-        import peft
+        import peft  # noqa: PLC0415 (optional: peft)
 
         return str(peft.__version__)
     except ImportError:

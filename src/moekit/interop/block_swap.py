@@ -14,6 +14,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from moekit.interop.hf import from_hf
 from moekit.layers import MoE, MoEOutput
 
 
@@ -41,7 +42,6 @@ class MoEBlock(nn.Module):
 
 def swap_moe_blocks(hf_model: nn.Module) -> nn.Module:
     """Replace every HF sparse MoE block in ``hf_model`` (in place) and return it."""
-    from moekit.interop.hf import from_hf
 
     converted = from_hf(hf_model)
     if not hasattr(converted, "blocks"):

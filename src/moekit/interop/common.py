@@ -16,6 +16,8 @@ import torch
 
 from moekit.interop.keymap import Entry, Experts, Joined, Rename
 from moekit.models.mixers import RecurrentMixerConfig
+from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.transformer.rotary import RopeScalingConfig
 
 
 def backbone(
@@ -131,7 +133,6 @@ def partial_rotary_factor(hf: dict[str, Any]) -> float:
 def rope(hf: dict[str, Any], default: float = 10000.0, partial: bool = False) -> tuple[float, Any]:
     """``(rope_theta, RopeScalingConfig or None)``; default and YaRN rotary positions.
     ``partial``: the family rotates part of each head (else a partial factor is refused)."""
-    from moekit.models.transformer.rotary import RopeScalingConfig
 
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", default)))
@@ -233,7 +234,6 @@ def attention_fields(hf: dict[str, Any], **attention_options: Any) -> dict[str, 
     """The ``TransformerConfig`` keywords every Llama-style family reads the same way: the
     shape, the norms and an ``attention`` config (heads, rotary positions) to which
     ``attention_options`` (the family's biases, norms, windows, sinks, MLA) are added."""
-    from moekit.models.transformer.attention import AttentionConfig
 
     heads = hf["num_attention_heads"]
     partial = "partial_rotary_factor" in attention_options

@@ -5,6 +5,7 @@ as Mixtral or Qwen-MoE)."""
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 from moekit.experts.activations import Activation
@@ -99,7 +100,6 @@ def config_to_hf(config: TransformerConfig, model_type: str) -> dict[str, Any]:
 
 def family(model_type: str):
     """A family-module-like namespace for one of ``MODEL_TYPES``."""
-    from types import SimpleNamespace
 
     return SimpleNamespace(
         MODEL_TYPE=model_type,

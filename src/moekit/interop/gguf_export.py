@@ -93,7 +93,7 @@ _EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
 def _gguf() -> Any:
     try:
-        import gguf
+        import gguf  # noqa: PLC0415 (optional: gguf)
     except ImportError as e:
         raise ImportError("GGUF export needs the gguf package: pip install 'moekit[gguf]'") from e
     return gguf

@@ -11,6 +11,7 @@ from typing import Any
 
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
+from moekit.interop import common
 from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
@@ -91,7 +92,6 @@ HF_FIELDS = HFFields(
 
 def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig:
     """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
-    from moekit.interop import common
 
     check_hf_config(hf, "JetMoE", HF_FIELDS, strict)
     k, experts = hf.get("num_experts_per_tok", 2), hf.get("num_local_experts", 8)
@@ -134,7 +134,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    from moekit.interop import common
 
     moe = config.moe.layer
     moa = config.attention.moa

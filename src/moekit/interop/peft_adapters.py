@@ -18,6 +18,7 @@ projections) and ``experts`` can be exported; the base weights must be the sourc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -28,7 +29,16 @@ import torch
 from moekit.adapters.lora import ExpertLoRA, LoRALinear, lora_parameters
 from moekit.experts.bank import ExpertBank
 from moekit.experts.quantized import QuantizedExpertBank, quantization_error_bound
+from moekit.interop.adapter_layouts import (
+    ExpertAdapterLayout,
+    convert_adapter,
+    installed_peft_layout,
+    read_adapter,
+    write_adapter,
+)
 from moekit.interop.ernie4_5_moe import interleave_heads
+from moekit.interop.hf import from_hf
+from moekit.interop.qwen3_next import _grouped_layout, gated_deltanet_of
 
 #: families whose ``transformers`` models stack the routed experts as gate_up_proj ``(E, 2I, D)``
 #: and down_proj ``(E, D, I)``, with the module path of the stack
@@ -101,7 +111,6 @@ def _moekit_rows(family: str, model: Any, projection: str) -> tuple[str, slice]:
     ``in_proj_a``); a LoRA on the joined rows is the two LoRAs with ``A`` shared."""
     if not family.startswith("qwen3_5_moe") or projection == "out_proj":
         return projection, slice(None)
-    from moekit.interop.qwen3_next import gated_deltanet_of
 
     mixer = gated_deltanet_of(model.config)
     assert mixer is not None
@@ -120,7 +129,6 @@ def _hf_rows(family: str, model: Any, projection: str, B: torch.Tensor) -> torch
     its Gated DeltaNet projections by key head, moekit by kind)."""
     if family != "qwen3_next" or projection not in ("in_proj_qkvz", "in_proj_ba"):
         return B
-    from moekit.interop.qwen3_next import _grouped_layout, gated_deltanet_of
 
     mixer = gated_deltanet_of(model.config)
     assert mixer is not None
@@ -187,7 +195,6 @@ def _peft_targets(config: Any, family: str) -> tuple[list[str], list[str], dict[
 
 
 def _check_base_unchanged(model: torch.nn.Module, hf_model: torch.nn.Module) -> None:
-    from moekit.interop.hf import from_hf
 
     source = from_hf(hf_model).state_dict()
     adapters = set(lora_parameters(model))
@@ -234,9 +241,6 @@ def export_peft_adapter(
             (PEFT 0.19.1 and later), ``peft-0.18`` (PEFT 0.18.0–0.19.0) or ``per-expert``
             (each expert's projections as modules, what vLLM serves).
     """
-    import json
-
-    from moekit.interop.adapter_layouts import ExpertAdapterLayout
 
     try:
         wanted = ExpertAdapterLayout(layout)
@@ -244,10 +248,10 @@ def export_peft_adapter(
         choices = ", ".join(x.value for x in ExpertAdapterLayout)
         raise ValueError(f"layout must be one of {choices}, got {layout!r}") from None
 
-    import peft
-    import transformers
-    from peft.tuners.lora.layer import Linear as PeftLinear
-    from peft.tuners.lora.layer import ParamWrapper
+    import peft  # noqa: PLC0415 (optional: peft)
+    import transformers  # noqa: PLC0415 (optional: transformers)
+    from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: PLC0415 (optional: peft)
+    from peft.tuners.lora.layer import ParamWrapper  # noqa: PLC0415 (optional: peft)
 
     config = getattr(model, "lora_config", None)
     if config is None:
@@ -336,12 +340,6 @@ def export_peft_adapter(
 def _relayout(directory: Path, wanted: Any, family: str) -> None:
     """Rewrite the adapter PEFT just saved in ``wanted``'s expert layout (a no-op when the
     installed PEFT writes that one, or there are no expert factors)."""
-    from moekit.interop.adapter_layouts import (
-        convert_adapter,
-        installed_peft_layout,
-        read_adapter,
-        write_adapter,
-    )
 
     adapter = read_adapter(directory)
     written = installed_peft_layout()
@@ -384,9 +382,9 @@ def _export_switch(
     (``q``, ``k``, ``v``, ``o``) and each expert's ``wi``/``wo`` (``nn.Linear`` modules in
     ``transformers``, so per-expert ``lora_A``/``lora_B`` are slices of moekit's stacked
     adapters)."""
-    import peft
-    import transformers
-    from peft.tuners.lora.layer import Linear as PeftLinear
+    import peft  # noqa: PLC0415 (optional: peft)
+    import transformers  # noqa: PLC0415 (optional: transformers)
+    from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: PLC0415 (optional: peft)
 
     patterns = []
     for target in config.targets:

@@ -25,6 +25,8 @@ from moekit.dispatch.config import CapacityScope, DispatchMode, DropPriority
 from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
+from moekit.interop import expressible
+from moekit.interop import keymap as km
 from moekit.interop.expressible import (
     HFFields,
     any_value,
@@ -273,7 +275,6 @@ def config_to_hf(config: EncoderDecoderConfig) -> dict[str, Any]:
 def _not_function(name: str) -> bool:
     """Options that do not change a trained model's function (training-only, numerics, the
     cache length): the decoder-only families' list, applied to each stack."""
-    from moekit.interop import expressible
 
     as_decoder_only = name.replace("encoder_moe.", "moe.").replace("decoder_moe.", "moe.")
     return name == "max_seq_len" or as_decoder_only.startswith(expressible._NOT_FUNCTION)
@@ -354,7 +355,6 @@ def state_to_moekit(
 ) -> dict[str, torch.Tensor]:
     """The moekit state dict of an HF Switch Transformer state dict (every key used once; the
     tied copies of the shared embedding are checked and dropped)."""
-    from moekit.interop import keymap as km
 
     state = dict(state)
     shared = state.get("shared.weight")
@@ -372,6 +372,5 @@ def state_to_hf(
     config: EncoderDecoderConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The HF state dict (per-expert layout) of a moekit ``EncoderDecoderLM`` state dict."""
-    from moekit.interop import keymap as km
 
     return _translate(config, state, km.to_hf)

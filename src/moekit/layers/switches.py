@@ -32,11 +32,15 @@ from torch import nn
 
 from moekit.layers.moe import MoE, MoEOutput
 from moekit.layers.statistics import RoutingStats
+from moekit.losses.global_batch import BalanceTally
 from moekit.routing.engine_routes import TokenRoutes
+from moekit.routing.expert_threshold import ExpertThresholdRouter
 from moekit.routing.null_slots import NullSlots
 from moekit.routing.result import RoutingResult
+from moekit.routing.sparsemixer import SparseMixerRouter
 from moekit.routing.topk import TopKRouter
 from moekit.routing.trace import RoutingTrace
+from moekit.utils.randomness import active_rows
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -178,7 +182,6 @@ def replay_routing(model: nn.Module, trace: RoutingTrace | TokenRoutes) -> Itera
 
 
 def _replayable(routers: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    from moekit.routing.sparsemixer import SparseMixerRouter
 
     for name, router in routers:
         if not isinstance(router, TopKRouter | SparseMixerRouter):
@@ -201,8 +204,6 @@ def _moe_block_indices(model: nn.Module, count: int) -> list[int] | None:
 
 @contextmanager
 def _replay_token_routes(model: nn.Module, routes: TokenRoutes) -> Iterator[None]:
-    from moekit.routing.sparsemixer import SparseMixerRouter
-    from moekit.utils.randomness import active_rows
 
     topk = _replayable(moe_routers(model))
     if not topk:
@@ -303,7 +304,6 @@ def update_expert_thresholds(model: nn.Module, group: Any = None) -> int:
             it first, so every rank keeps the same thresholds (``None``: this process only,
             or the whole world when ``torch.distributed`` is initialised).
     """
-    from moekit.routing.expert_threshold import ExpertThresholdRouter
 
     routers = [m for m in model.modules() if isinstance(m, ExpertThresholdRouter)]
     _sum_over_ranks([t for r in routers for t in (r.cut_tally_E, r.cut_calls)], group)
@@ -479,7 +479,6 @@ def global_batch_balance(
     step (``moekit.losses.global_batch``). ``scale``: micro-batches × data-parallel ranks (the
     averaging the loop applies). Yields how many layers balance over the step.
     """
-    from moekit.losses.global_batch import BalanceTally
 
     layers = [m for m in moe_layers(model) if m.aux_loss.global_batch]
     if not layers:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
 SHARDED_DIR = "sharded"
 _EXPERT = re.compile(r"^(?P<base>.+)\.expert(?P<e>\d+)$")
@@ -38,7 +40,6 @@ def is_sharded(folder: str | os.PathLike) -> bool:
 
 
 def _metadata(folder: Path) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader
 
     try:
         return FileSystemReader(str(folder / SHARDED_DIR)).read_metadata().state_dict_metadata
@@ -67,7 +68,6 @@ def tensor_layout(folder: str | os.PathLike, prefix: str = "model.") -> dict[str
 
 
 def _load_keys(folder: Path, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
 
     dcp.load(template, checkpoint_id=str(folder / SHARDED_DIR), no_dist=True)
     return template

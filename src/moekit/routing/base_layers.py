@@ -32,7 +32,7 @@ def balanced_capacities(num_tokens: int, num_experts: int) -> list[int]:
 
 def exact_balanced_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
     """Expert per token maximising the total score with balanced loads (Hungarian method)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (optional: scipy)
 
     T, E = scores_TE.shape
     slots_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(balanced_capacities(T, E)))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moekit.routing.projection import linear_logits, new_router_weight
+from moekit.utils.serialization import config_from_dict
 from moekit.utils.validation import ConfigError, check_fields, coerce
 
 
@@ -83,7 +84,6 @@ class RouterOptions:
     def from_config_dict(cls, data: dict[str, Any], section: str = "router") -> RouterOptions:
         """The family config a dict describes (``kind`` picks the family); what
         ``config_from_dict`` calls for a router section."""
-        from moekit.utils.serialization import config_from_dict
 
         options = dict(data)
         kind = coerce(options.pop("kind", RouterKind.TOP_K), RouterKind, f"{section}.kind")

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+
+from moekit.utils.serialization import atomic_write_bytes
 
 
 @dataclass
@@ -29,7 +31,6 @@ class RoutingTrace:
 
     def save(self, path: str | os.PathLike) -> Path:
         """A safetensors file (``{router}.{call}.expert_idx`` / ``.weights``), atomically."""
-        from moekit.utils.serialization import atomic_write_bytes
 
         tensors = {}
         for r, (calls_idx, calls_w) in enumerate(zip(self.expert_idx, self.weights, strict=True)):
@@ -43,7 +44,6 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RoutingTrace:
-        from safetensors import safe_open
 
         try:
             tensors = load_file(str(path))

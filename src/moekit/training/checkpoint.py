@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moekit.models.checkpoint import from_pretrained, write_model_files
+from moekit.distributed.checkpoint import save_sharded
+from moekit.models.checkpoint import from_pretrained, write_model_config, write_model_files
 from moekit.utils.serialization import (
     add_checksums,
     atomic_write_bytes,
@@ -106,10 +108,6 @@ def save_sharded_training_checkpoint(
 ) -> Path:
     """Every rank writes its shards of the model and optimizer (DCP, ``sharded/``), rank 0 the
     config, trainer state and generator states; ``latest`` is switched last (collective)."""
-    import torch.distributed as dist
-
-    from moekit.distributed.checkpoint import save_sharded
-    from moekit.models.checkpoint import write_model_config
 
     checkpoints_dir = Path(checkpoints_dir)
     _, plain = _split_optimizer_state(
@@ -292,7 +290,6 @@ def rng_states(rank: int, world: int, device: torch.device | None) -> dict[str, 
     mine = rng_states_of_rank(rank, device)
     if world == 1:
         return mine
-    import torch.distributed as dist
 
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})

@@ -282,7 +282,7 @@ def merge_experts(
     whose router row the merged expert keeps) becomes one expert: hidden units aligned to the
     anchor's, weights averaged by routing frequency."""
     try:
-        from scipy.optimize import linear_sum_assignment
+        from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (optional: scipy)
     except ImportError:
         raise ImportError("merging needs scipy: pip install 'moekit[routing]'") from None
     layers = _moe_layers(model)

@@ -12,10 +12,13 @@ from typing import Any, ClassVar
 
 from moekit.adapters.lora import LoRAConfig
 from moekit.distributed.mesh import ParallelConfig
+from moekit.experts.bank import ExpertConfig
+from moekit.layers.moe import MoEConfig
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.training.data import ByteTokenizer, DataConfig
 from moekit.training.methods import AlternatingSchedule, TrainingMethod
+from moekit.training.presets import check_preset
 from moekit.utils.device import check_device_name
 from moekit.utils.serialization import config_from_dict, read_config_file
 from moekit.utils.validation import check_fields
@@ -148,8 +151,6 @@ class FinetuneConfig:
         if self.routing_batches < 1:
             raise ValueError(f"finetune.routing_batches must be >= 1, got {self.routing_batches}")
         if self.preset:
-            from moekit.training.presets import check_preset
-
             check_preset(self.preset)
 
 
@@ -321,8 +322,6 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
 def example_moe_layer(model: TransformerConfig) -> Any:
     """An MoE layer for ``model`` as ``--print-config`` shows it: 8 experts of half the dense
     FFN's width, top-2 (the demo's layer)."""
-    from moekit.experts.bank import ExpertConfig
-    from moekit.layers.moe import MoEConfig
 
     return MoEConfig(
         d_model=model.d_model,

@@ -149,7 +149,7 @@ class HFTokenizer:
 
     def __init__(self, folder: str) -> None:
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # noqa: PLC0415 (optional: transformers)
         except ImportError:
             raise ValueError(
                 "data.tokenizer needs transformers: pip install 'moekit[hf]'"

@@ -92,7 +92,7 @@ def search_router_config(
 ) -> SearchResult:
     """CMA-ES over ``config.evolution.space``: at most ``budget`` distinct short runs of
     ``evolution.steps`` steps each (fewer when the space is smaller); returns every trial."""
-    import cma
+    import cma  # noqa: PLC0415 (optional: cma)
 
     evolution = config.evolution
     space = evolution.choices()

@@ -15,18 +15,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.adapters.lora import add_lora, lora_parameters, merge_lora
 from moekit.analysis.inspect import count_routing
+from moekit.experts.quantized import QuantizedExpertBank
+from moekit.interop.expressible import function_fields
+from moekit.interop.hf import from_hf
+from moekit.models.checkpoint import from_pretrained
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig, EncoderDecoderLM
 from moekit.models.transformer.model import TransformerLM
 from moekit.training.checkpoint import resolve_checkpoint
 from moekit.training.config import TrainConfig
 from moekit.training.data import load_corpus, load_tokenizer
+from moekit.training.instruct import load_instructions
 from moekit.training.presets import (
     Selection,
     apply_selection,
     select_parameters,
     trainable_summary,
 )
+from moekit.training.seq2seq import load_seq2seq
 
 
 def load_streams(config: TrainConfig) -> tuple[Any, Any]:
@@ -35,8 +42,6 @@ def load_streams(config: TrainConfig) -> tuple[Any, Any]:
     data = config.data
     if not data.instruction:
         return load_corpus(data)
-    from moekit.training.instruct import load_instructions
-    from moekit.training.seq2seq import load_seq2seq
 
     tokenizer = load_tokenizer(data.tokenizer)
     if isinstance(config.model, EncoderDecoderConfig):
@@ -59,15 +64,10 @@ def is_hf_folder(path: Path) -> bool:
 def load_source(path: str) -> TransformerLM | EncoderDecoderLM:
     """The model to start from: a run folder's latest checkpoint, a moekit checkpoint folder,
     or a Hugging Face folder. Adapters of a fine-tuned source are merged in."""
-    from moekit.adapters.lora import lora_parameters, merge_lora
-    from moekit.experts.quantized import QuantizedExpertBank
 
     folder = Path(path)
     if is_hf_folder(folder):
-        from moekit.interop.hf import from_hf
-
         return from_hf(folder)
-    from moekit.models.checkpoint import from_pretrained
 
     model = from_pretrained(resolve_checkpoint(path))
     if not isinstance(model, TransformerLM | EncoderDecoderLM):
@@ -82,7 +82,6 @@ def load_source(path: str) -> TransformerLM | EncoderDecoderLM:
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights without adapter tensors (merged adapters are already in them)."""
-    from moekit.adapters.lora import lora_parameters
 
     adapters = set(lora_parameters(model))
     return {k: v for k, v in model.state_dict().items() if k not in adapters}
@@ -90,7 +89,6 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _config_differences(a: Any, b: Any) -> list[str]:
     """The options that change what the weights compute (not dropout, statistics, losses)."""
-    from moekit.interop.expressible import function_fields
 
     fa, fb = function_fields(a), function_fields(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
@@ -113,8 +111,6 @@ def prepare_model(
             )
         model.load_state_dict(base_state_dict(source), strict=True)
     if finetune.lora is not None:
-        from moekit.adapters.lora import add_lora, lora_parameters
-
         add_lora(model, finetune.lora)
     if finetune.preset or finetune.lora is not None:
         selection = Selection()

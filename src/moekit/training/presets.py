@@ -25,6 +25,7 @@ from moekit.experts.bank import ExpertBank
 from moekit.experts.dense import FeedForward
 from moekit.experts.quantized import QuantizedExpertBank
 from moekit.layers import MoE
+from moekit.models.encoder_decoder.relative_position import RelativePositionBias
 
 #: the groups every parameter belongs to exactly one of
 GROUPS = (
@@ -60,7 +61,6 @@ EXPERT_MASK = "moekit_expert_mask"
 
 def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """``group -> {name: parameter}`` for every parameter of ``model`` (each in one group)."""
-    from moekit.models.encoder_decoder.relative_position import RelativePositionBias
 
     owner: dict[int, str] = {}
 

@@ -96,7 +96,7 @@ class MetricsLog:
         # rewritten atomically: a kill now leaves the old log or the new one, never half of it
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: tensorboard)
 
             self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
 

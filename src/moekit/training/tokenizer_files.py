@@ -21,6 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
+from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.data import ByteTokenizer, HFTokenizer
 
 # the files a Hugging Face tokenizer may consist of (any that exist are copied)
@@ -77,7 +78,6 @@ def _run_folder_of(folder: Path) -> Path | None:
 def _model_folder(path: Path) -> Path | None:
     """``path`` itself when it is a model folder, else the latest checkpoint of a run folder
     (``checkpoints/latest`` is read as the checkpoint it names)."""
-    from moekit.training.checkpoint import latest_checkpoint
 
     if path.is_file() and path.name == "latest":  # the pointer file itself
         return latest_checkpoint(path.parent)

@@ -13,6 +13,7 @@ import re
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
@@ -88,7 +89,6 @@ def has_values(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s values can be read: not a fake or meta tensor (device-placement
     tests, shape propagation) and not traced by ``torch.compile``. Input checks that read
     values are skipped otherwise."""
-    from torch._subclasses.fake_tensor import is_fake
 
     return not (tensor.is_meta or is_fake(tensor) or torch.compiler.is_compiling())
 

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from tqdm import tqdm  # imported on use: the library imports nothing of it otherwise
+
 Item = TypeVar("Item")
 
 
@@ -25,7 +27,6 @@ def progress_bar(
     ``items`` unchanged otherwise."""
     if not (enabled and interactive()):
         return items
-    from tqdm import tqdm  # imported on use: the library imports nothing of it otherwise
 
     return tqdm(items, desc=desc, leave=False, total=total)
 
@@ -38,7 +39,7 @@ def quiet_third_party_bars() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 (optional: transformers)
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()

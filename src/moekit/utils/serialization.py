@@ -8,6 +8,7 @@ or other config dataclasses; they round-trip through :func:`config_to_dict` /
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from moekit.utils.config_docs import missing_required
 from moekit.utils.validation import ConfigError, coerce
@@ -209,15 +212,13 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path}:{error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
             ) from None
     elif suffix == ".toml":
-        import tomllib
-
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"{path}: not valid TOML: {error}") from None
     elif suffix in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # noqa: PLC0415 (optional: yaml)
         except ImportError:
             raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
         try:
@@ -244,7 +245,6 @@ CHECKSUMS_FILE = "checksums.json"
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes, read in 16 MiB chunks."""
-    import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -11,6 +11,7 @@ CUDA. ``torch.cuda.set_sync_debug_mode`` says the same on a real device.
 
 from __future__ import annotations
 
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -71,7 +72,6 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _record(self, kind: str) -> None:
-        import traceback
 
         self.kinds[kind] += 1
         frames = [f for f in traceback.extract_stack()[:-3] if "moekit" in f.filename]

@@ -22,6 +22,8 @@ from enum import Enum
 from functools import cache
 from typing import Any
 
+import torch
+
 
 class ConfigError(ValueError):
     """A config value of the wrong type or out of range; the message names the key."""
@@ -112,7 +114,6 @@ def check_layer_input(
     malformed: ``x`` must be a floating ``(..., d_model)`` tensor, ``padding_mask`` a bool
     tensor of shape ``x.shape[:-1]``, ``token_ids`` an integer tensor of that shape; with
     ``check_finite`` NaN/Inf in ``x`` are refused (one reduction)."""
-    import torch
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -28,9 +28,10 @@ from torch import nn
 from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
-from moekit.layers import MoE, MoEConfig, MoEOutput
+from moekit.layers import MoE, MoEConfig, MoEOutput, serving
 from moekit.models.encoder_decoder.attention import T5Attention, additive_mask
 from moekit.models.encoder_decoder.relative_position import RelativePositionBias
+from moekit.models.transformer.generate import _sample, filter_logits
 from moekit.models.transformer.model import LMOutput, check_token_range
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.routing import is_causal
@@ -466,8 +467,6 @@ def generate_seq2seq(
     ``(S,)``) with a KV cache; returns the decoder tokens ``(B, 1 + n)`` (or ``(1 + n,)``)
     starting with ``decoder_start_token_id``. Greedy at ``temperature=0``, else sampled after
     the ``top_k`` / ``top_p`` filters; a sequence that emits ``stop_token`` stops."""
-    from moekit.layers import serving
-    from moekit.models.transformer.generate import _sample, filter_logits
 
     if max_new_tokens < 0 or temperature < 0:
         raise ValueError("max_new_tokens and temperature must be >= 0")

@@ -19,6 +19,7 @@ from typing import Any
 
 from moekit.models.mixers import MIXER_CONFIGS, RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig
+from moekit.utils.serialization import config_from_dict, config_to_dict
 from moekit.utils.validation import ConfigError
 
 ATTENTION = "attention"
@@ -109,7 +110,6 @@ class TokenMixerLayout:
     def to_config_dict(self) -> dict[str, Any]:
         """The file form: each attention entry says ``kind = "attention"`` (recurrent
         configs carry their ``kind`` as a field)."""
-        from moekit.utils.serialization import config_to_dict
 
         mixers = {}
         for name, mixer in self.mixers.items():
@@ -124,7 +124,6 @@ class TokenMixerLayout:
     @classmethod
     def from_config_dict(cls, data: dict[str, Any], section: str = "token_mixers"):
         """Each ``mixers`` entry's ``kind`` picks its config class."""
-        from moekit.utils.serialization import config_from_dict
 
         options = dict(data)
         unknown = sorted(set(options) - {"pattern", "mixers", "channel"})

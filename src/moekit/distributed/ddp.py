@@ -31,6 +31,7 @@ from torch import nn
 from moekit.distributed.expert_parallel import ExpertParallelDispatcher
 from moekit.experts.bank import ExpertBank
 from moekit.layers import MoE
+from moekit.models.checkpoint import from_pretrained, save_pretrained
 
 
 def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
@@ -131,7 +132,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_pretrained_distributed(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Gather and write a single-process checkpoint (rank 0 writes; every rank must call)."""
-    from moekit.models.checkpoint import save_pretrained
 
     model = getattr(model, "module", model)
     state = full_state_dict(model)
@@ -145,7 +145,6 @@ def save_pretrained_distributed(model: nn.Module, directory: str | os.PathLike) 
 
 def from_pretrained_distributed(directory: str | os.PathLike, group=None) -> nn.Module:
     """Load a single-process checkpoint on every rank and keep this rank's experts."""
-    from moekit.models.checkpoint import from_pretrained
 
     return parallelize_experts(from_pretrained(directory), group)
 
