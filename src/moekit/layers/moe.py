@@ -289,12 +289,7 @@ class MoE(nn.Module):
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         seq_len = x.shape[-2] if x.dim() >= 3 else None
 
-        router_in_TD = x_TD if route_on is None else route_on.reshape(-1, self.d_model)
-        with router_precision(x.device, _router_float32(self.router)):
-            routing = self.router(router_in_TD, ids_T, mask_T)  # 1
-        if self.expert_scale_E is not None:  # Gemma 4: a learned scale per chosen expert
-            scale_TK = self.expert_scale_E.to(routing.weights_TK.dtype)[routing.expert_idx_TK]
-            routing = dataclasses.replace(routing, weights_TK=routing.weights_TK * scale_TK)
+        routing = self._route(x_TD, route_on, ids_T, mask_T)  # 1
         # 2-3: a decoding step's handful of tokens skips the dispatch (nothing reads its plan)
         plan = None
         if self._direct(x_TD, routing):
@@ -326,6 +321,24 @@ class MoE(nn.Module):
             assert plan is not None  # training always dispatches
             record_load(global_sum(plan.routed_per_expert_E.detach()))
         return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
+
+    def _route(
+        self,
+        x_TD: torch.Tensor,
+        route_on: torch.Tensor | None,
+        ids_T: torch.Tensor | None,
+        mask_T: torch.Tensor | None,
+    ) -> RoutingResult:
+        """The router's decision on ``x_TD`` (or on ``route_on``, what it reads instead), each
+        chosen expert's weight times its learned scale when the layer has ``expert_scales``
+        (Gemma 4)."""
+        inputs_TD = x_TD if route_on is None else route_on.reshape(-1, self.d_model)
+        with router_precision(x_TD.device, _router_float32(self.router)):
+            routing = self.router(inputs_TD, ids_T, mask_T)
+        if self.expert_scale_E is None:
+            return routing
+        scale_TK = self.expert_scale_E.to(routing.weights_TK.dtype)[routing.expert_idx_TK]
+        return dataclasses.replace(routing, weights_TK=routing.weights_TK * scale_TK)
 
     def _direct(self, x_TD: torch.Tensor, routing: RoutingResult) -> bool:
         """Whether this call takes the direct expert path (``moekit.dispatch.direct``): nothing
