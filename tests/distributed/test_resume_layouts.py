@@ -214,3 +214,47 @@ def test_a_hybrid_trains_on_the_mesh_as_in_one_process(tmp_path, tiny_text):
     _assert_same_run(mesh, one, exact=False, after=0)
     saved = json.loads((one / "checkpoints" / f"step_{STEPS:07d}" / "config.json").read_text())
     assert saved["config"]["token_mixers"]["pattern"] == ["deltanet", "attention", "mamba", "conv"]
+
+
+GEMMA_JAMBA_TOML = """
+[model]
+norm_position = "sandwich"
+layer_scalars = true
+logit_softcap = 30.0
+activation = "geglu_tanh"
+[model.moe]
+dense_beside = true
+[model.moe.layer]
+expert_scales = true
+[model.token_mixers]
+pattern = ["attention", "mamba", "global"]
+[model.token_mixers.mixers.global]
+kind = "attention"
+n_heads = 4
+n_kv_heads = 1
+head_dim = 16
+values = "keys"
+qk_norm = "head"
+[model.token_mixers.mixers.global.rope_scaling]
+kind = "proportional"
+factor = 1.0
+original_max_position_embeddings = 64
+rotated_fraction = 0.5
+[model.token_mixers.mixers.mamba]
+kind = "mamba"
+state_dim = 8
+chunk = 16
+"""
+
+
+def test_gemma_4_and_jamba_pieces_train_on_the_mesh_as_in_one_process(tmp_path, tiny_text):
+    """Issue 31: Gemma 4's blocks (sandwich norms, layer scalars, a global attention block of
+    its own shape, a dense FFN beside the MoE, expert scales) with Jamba's Mamba on 4 ranks
+    (expert parallel 2 × FSDP 4) log the losses and weights of one process."""
+    config = tmp_path / "gemma_jamba.toml"
+    config.write_text(GEMMA_JAMBA_TOML)
+    common = [*_common(tiny_text), "--config", str(config), "--set", "model.n_layers=3"]
+    mesh, one = tmp_path / "mesh", tmp_path / "one"
+    _train(4, [*common, "--out-dir", str(mesh), *MESH])
+    assert _train(1, [*common, "--out-dir", str(one), *ONE]) == 0
+    _assert_same_run(mesh, one, exact=False, after=0)
