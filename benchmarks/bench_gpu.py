@@ -377,7 +377,12 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
             if fused_ok and device.type == "cuda":  # the interpreter's times mean nothing
                 fused = copy.deepcopy(moe)
                 fused.experts.kernel = GroupedMatmulKernel.TRITON
-                impls["moekit triton"] = (fused, lambda x, m=fused: m(x).output)
+                try:  # a kernel that fails to compile costs its row, not the section
+                    probe = torch.randn(64, D, device=device, dtype=torch.bfloat16)
+                    fused.to(torch.bfloat16)(probe).output.float().sum().backward()
+                    impls["moekit triton"] = (fused, lambda x, m=fused: m(x).output)
+                except Exception as error:
+                    report("layer", f"{shape_name} moekit triton", "FAIL", repr(error)[:300])
             else:
                 report("layer", f"{shape_name} moekit triton", "SKIP", why or "not on CUDA")
             dense = moekit.FeedForward(D, k * H, activation="swiglu")
