@@ -10,6 +10,7 @@ moekit names: ``embed``, ``blocks.{layer}.attn_norm`` / ``attn.{q,k,v,o}_proj`` 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -88,10 +89,14 @@ def dense_ffn(
     ]
 
 
-def routed_experts(hf_experts: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
-    """Per-expert (checkpoint) and stacked (in-memory) layouts of a routed expert bank."""
+def routed_experts(
+    hf_experts: str,
+    names=("gate_proj", "up_proj", "down_proj"),
+    prefix: str = "blocks.{layer}.ffn.experts",
+) -> dict:
+    """Per-expert (checkpoint) and stacked (in-memory) layouts of a routed expert bank
+    (``prefix``: the moekit bank's name)."""
     gate, up, down = names
-    prefix = "blocks.{layer}.ffn.experts"
     return {
         "checkpoint": [
             Experts(
@@ -325,3 +330,26 @@ def recurrent_mixer(config: Any, kind: type, family: str) -> Any:
     if len(distinct) > 1:
         raise ValueError(f"a {family} model has one {kind.__name__} for every recurrent block")
     return distinct[0] if distinct else None
+
+
+def text_model_state(
+    state: dict[str, torch.Tensor], prefix: str, left_out: dict[str, str], family: str
+) -> dict[str, torch.Tensor]:
+    """The text model's tensors of a multimodal checkpoint: ``prefix`` (``model.language_model.``)
+    becomes ``model.``, the tensors under ``left_out``'s prefixes are dropped, and a warning
+    names what was left out with its parameter count."""
+    kept: dict[str, torch.Tensor] = {}
+    dropped: dict[str, int] = {}
+    for key, value in state.items():
+        part = next((p for p in left_out if key.startswith(p)), None)
+        if part is not None:
+            dropped[left_out[part]] = dropped.get(left_out[part], 0) + value.numel()
+            continue
+        kept["model." + key[len(prefix) :] if key.startswith(prefix) else key] = value
+    if dropped:
+        parts = [f"{what} ({n:,} parameters)" for what, n in dropped.items()]
+        warnings.warn(
+            f"loaded the text model of this {family} checkpoint; left out " + ", ".join(parts),
+            stacklevel=4,
+        )
+    return kept

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.interop import common
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
-from moekit.interop.keymap import Entry, Experts, Rename
+from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.models.transformer.attention import AttentionConfig, QKNorm, ValueSource
 from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
@@ -72,39 +71,7 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_state(hf: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The text model's tensors of a ``gemma4`` checkpoint, warning with what was left out."""
-    kept: dict[str, torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    for key, value in state.items():
-        prefix = next((p for p in _LEFT_OUT if key.startswith(p)), None)
-        if prefix is not None:
-            dropped[_LEFT_OUT[prefix]] = dropped.get(_LEFT_OUT[prefix], 0) + value.numel()
-            continue
-        kept["model." + key[len(_PREFIX) :] if key.startswith(_PREFIX) else key] = value
-    if dropped:
-        parts = [f"{what} ({n:,} parameters)" for what, n in dropped.items()]
-        warnings.warn(
-            "loaded the text model of this Gemma 4 checkpoint; left out " + ", ".join(parts),
-            stacklevel=3,
-        )
-    return kept
-
-
-def _gemma_experts(hf_experts: str) -> list[Entry]:
-    prefix = "blocks.{layer}.ffn.moe.experts"
-    return [
-        Experts(
-            f"{prefix}.w_in_EDH",
-            (f"{hf_experts}.gate_up_proj",),
-            join=lambda t: t.transpose(1, 2),
-            split=lambda w: (w.transpose(1, 2),),
-        ),
-        Experts(
-            f"{prefix}.w_out_EHD",
-            (f"{hf_experts}.down_proj",),
-            join=lambda t: t.transpose(1, 2),
-            split=lambda w: (w.transpose(1, 2),),
-        ),
-    ]
+    return common.text_model_state(state, _PREFIX, _LEFT_OUT, "Gemma 4")
 
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
@@ -155,7 +122,7 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         Rename(f"{layer}.ffn.moe.router.weight_ED", f"{hf}.router.proj.weight", layers="moe"),
         Rename(f"{layer}.ffn.router_norm.weight", f"{hf}.router.scale", layers="moe"),
         Rename(f"{layer}.ffn.moe.expert_scale_E", f"{hf}.router.per_expert_scale", layers="moe"),
-        *_gemma_experts(f"{hf}.experts"),
+        *common.routed_experts(f"{hf}.experts", prefix=f"{layer}.ffn.moe.experts")["stacked"],
     ]
     if not config.tie_embeddings:
         entries.append(Rename("lm_head.weight", "lm_head.weight", layers="none"))

@@ -13,7 +13,6 @@ tower (``model.visual.*``) and the multi-token-prediction head (``mtp.*``) are l
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from typing import Any, cast
 
@@ -47,21 +46,7 @@ def text_checkpoint(
         }
     if state is None:
         return hf, None
-    kept: dict[str, torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    for key, value in state.items():
-        prefix = next((p for p in _LEFT_OUT if key.startswith(p)), None)
-        if prefix is not None:
-            dropped[prefix] = dropped.get(prefix, 0) + value.numel()
-            continue
-        kept["model." + key[len(_PREFIX) :] if key.startswith(_PREFIX) else key] = value
-    if dropped:
-        parts = [f"{_LEFT_OUT[p]} ({n:,} parameters)" for p, n in dropped.items()]
-        warnings.warn(
-            "loaded the text model of this Qwen3.5-MoE checkpoint; left out " + " and ".join(parts),
-            stacklevel=3,
-        )
-    return hf, kept
+    return hf, common.text_model_state(state, _PREFIX, _LEFT_OUT, "Qwen3.5-MoE")
 
 
 def checkpoint_state(hf: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
