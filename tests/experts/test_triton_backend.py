@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.dispatch.dispatcher import DispatchConfig
-from moekit.experts import ExpertConfig
+from moekit.experts import ExpertConfig, triton_moe
 from moekit.experts.activations import Activation
 from moekit.experts.triton_moe import triton_available
 from moekit.layers import MoEConfig
@@ -70,10 +70,17 @@ def _compare(reference, fused, x, mask=None, rtol=1e-5, atol=1e-5):
     [Activation.SWIGLU, Activation.GEGLU_TANH, Activation.GELU, Activation.RELU2],
     ids=lambda a: a.value,
 )
-def test_fused_kernels_equal_the_pytorch_path_on_outputs_and_every_gradient(activation):
+def test_fused_kernels_equal_the_pytorch_path_on_outputs_and_every_gradient(
+    activation, monkeypatch
+):
+    calls = []
+    real = triton_moe.triton_moe
+    monkeypatch.setattr(triton_moe, "triton_moe", lambda *a: calls.append(1) or real(*a))
     reference, fused = _layers(activation)
     x = torch.randn(3, 7, 24, device=DEVICE)
-    _compare(reference, fused, x)
+    (y0, _, _), _ = _compare(reference, fused, x)
+    assert calls == [1]  # the fused kernels ran (not a silent fallback), once per forward
+    assert not torch.equal(y0, torch.zeros_like(y0))
 
 
 def test_with_capacity_drops_padding_and_an_empty_expert():

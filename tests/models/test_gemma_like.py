@@ -24,7 +24,7 @@ from moekit.models.transformer.layout import TokenMixerLayout
 from moekit.models.transformer.model import NormPosition
 from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.models.transformer.rotary import RopeScalingConfig, rotary_tables
-from moekit.routing import TopKRouterConfig
+from moekit.routing import SoftRouterConfig, TopKRouterConfig
 from moekit.training import load_train_config
 from moekit.utils.serialization import config_from_dict, config_to_dict
 
@@ -184,6 +184,13 @@ def test_refused_combinations_name_the_option():
                 mixers={"global": AttentionConfig(n_heads=4, causal=False)},
             )
         )
+    with pytest.raises(ValueError, match=r"moe\.dense_beside needs an MoE layer"):
+        MoEPlacementConfig(dense_beside=True)
+    with pytest.raises(ValueError, match=r"moe\.dense_beside routes on the block's input"):
+        soft = MoEConfig(
+            num_experts=4, top_k=1, experts=ExpertConfig(hidden=8), router=SoftRouterConfig()
+        )
+        MoEPlacementConfig(layer=soft, dense_beside=True)
     with pytest.raises(ValueError, match="rotated_fraction"):
         RopeScalingConfig(
             kind="proportional", factor=1.0, original_max_position_embeddings=8, rotated_fraction=2

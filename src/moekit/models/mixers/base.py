@@ -4,6 +4,7 @@ files), the marker the model, LoRA and the presets find mixers by, and the gated
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -93,3 +94,12 @@ class GatedRMSNorm(nn.Module):
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(‖x‖² + eps)`` over the last dimension (as the FLA kernels do)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def time_step_bias(width: int, dt_min: float = 0.001, dt_max: float = 0.1) -> torch.Tensor:
+    """``softplus^-1(dt)`` for ``width`` time steps drawn log-uniformly in ``[dt_min, dt_max]``:
+    the Mamba initialisation of the time step's bias (Gu & Dao 2023), shared by Mamba and
+    Mamba2."""
+    low, high = math.log(dt_min), math.log(dt_max)
+    dt = torch.exp(torch.rand(width) * (high - low) + low)
+    return dt + torch.log(-torch.expm1(-dt))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.mixers.base import RecurrentMixer, RecurrentMixerConfig
+from moekit.models.mixers.base import RecurrentMixer, RecurrentMixerConfig, time_step_bias
 from moekit.models.mixers.conv import causal_conv
 from moekit.models.mixers.recurrence import working_dtype
 from moekit.models.mixers.selective_scan import selective_scan_chunked, selective_scan_loop
@@ -98,9 +98,8 @@ class Mamba(RecurrentMixer):
         self.x_proj = nn.Linear(inner, rank + 2 * c.state_dim, bias=False)
         self.dt_proj = nn.Linear(rank, inner, bias=True)
         nn.init.uniform_(self.dt_proj.weight, -(rank**-0.5), rank**-0.5)
-        dt = torch.exp(torch.rand(inner) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
         with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            self.dt_proj.bias.copy_(time_step_bias(inner))
         A = torch.arange(1, c.state_dim + 1, dtype=torch.float32).expand(inner, -1)
         self.A_log = nn.Parameter(torch.log(A).contiguous())
         self.D = nn.Parameter(torch.ones(inner))

@@ -14,14 +14,18 @@ N = state width.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.mixers.base import GatedRMSNorm, RecurrentMixer, RecurrentMixerConfig
+from moekit.models.mixers.base import (
+    GatedRMSNorm,
+    RecurrentMixer,
+    RecurrentMixerConfig,
+    time_step_bias,
+)
 from moekit.models.mixers.conv import causal_conv
 from moekit.models.mixers.recurrence import (
     recurrence_chunked,
@@ -105,8 +109,7 @@ class Mamba2(RecurrentMixer):
         self.conv1d = nn.Conv1d(
             c.conv_channels, c.conv_channels, c.conv_width, groups=c.conv_channels, bias=c.conv_bias
         )
-        dt = torch.exp(torch.rand(c.n_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.dt_bias = nn.Parameter(time_step_bias(c.n_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, c.n_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(c.n_heads))
         self.norm = GatedRMSNorm(

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.layers import MoEConfig
-from moekit.routing import RouterOptions
+from moekit.routing import RouterKind, RouterOptions
 from moekit.utils.validation import check_fields
+
+_SOFT = (RouterKind.SOFT, RouterKind.CAUSAL_SOFT)  # routers that mix tokens into slots
 
 
 @dataclass(kw_only=True)
@@ -57,6 +59,14 @@ class MoEPlacementConfig:
             )
         if self.hash_router is not None and self.layer is not None:
             self.hash_router.validate_for(self.layer.num_experts, self.layer.top_k)
+        if self.dense_beside and self.layer is None:
+            raise ValueError("moe.dense_beside needs an MoE layer (moe.layer) to run beside")
+        if self.dense_beside and self.layer is not None and self.layer.router.kind in _SOFT:
+            raise ValueError(
+                f"moe.dense_beside routes on the block's input, which a Soft MoE router "
+                f"(moe.layer.router.kind={self.layer.router.kind.value!r}) cannot; use a "
+                "token-choice router"
+            )
         if self.layers is not None and (
             any(i < 0 for i in self.layers) or sorted(set(self.layers)) != list(self.layers)
         ):
