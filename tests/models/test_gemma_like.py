@@ -184,8 +184,6 @@ def test_refused_combinations_name_the_option():
                 mixers={"global": AttentionConfig(n_heads=4, causal=False)},
             )
         )
-    with pytest.raises(ValueError, match=r"moe\.dense_beside needs an MoE layer"):
-        MoEPlacementConfig(dense_beside=True)
     with pytest.raises(ValueError, match=r"moe\.dense_beside routes on the block's input"):
         soft = MoEConfig(
             num_experts=4, top_k=1, experts=ExpertConfig(hidden=8), router=SoftRouterConfig()

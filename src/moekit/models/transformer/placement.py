@@ -35,7 +35,8 @@ class MoEPlacementConfig:
         hash_router: the router of those blocks (a ``TokenTableRouterConfig``, or any router).
         dense_beside: every MoE block also runs the model's dense FFN beside its MoE layer,
             each branch with its own pre and post norms, the router reading the block's input
-            (Gemma 4; ``moekit.layers.dense_beside``).
+            (Gemma 4; ``moekit.layers.dense_beside``); without ``layer`` the blocks are dense
+            (the dense twin of such a model, as upcycling starts from).
 
     In config files ``layer.d_model`` follows the model's ``d_model`` and is left out
     (:func:`fill_layer_d_model`).
@@ -59,8 +60,6 @@ class MoEPlacementConfig:
             )
         if self.hash_router is not None and self.layer is not None:
             self.hash_router.validate_for(self.layer.num_experts, self.layer.top_k)
-        if self.dense_beside and self.layer is None:
-            raise ValueError("moe.dense_beside needs an MoE layer (moe.layer) to run beside")
         if self.dense_beside and self.layer is not None and self.layer.router.kind in _SOFT:
             raise ValueError(
                 f"moe.dense_beside routes on the block's input, which a Soft MoE router "
