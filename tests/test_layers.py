@@ -1,5 +1,7 @@
 """The MoE layer against the looped reference, plus its defining properties and input errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -182,6 +184,7 @@ def test_dispatch_config_builds_its_dispatcher():
 
 def test_attention_and_blocks_are_built_from_configs():
     from moekit.models import AttentionConfig, TransformerConfig
+    from moekit.models.transformer import TokenMixerLayout
     from moekit.models.transformer.attention import Attention
     from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention
 
@@ -189,36 +192,83 @@ def test_attention_and_blocks_are_built_from_configs():
         ValueError, match=r"n_heads=6 must be a multiple of attention\.n_kv_heads=4"
     ):
         AttentionConfig(n_heads=6, n_kv_heads=4, head_dim=8)
-    with pytest.raises(ValueError, match=r"mla .* has no o_bias, sinks, sliding_window option"):
-        AttentionConfig(n_heads=2, mla=MLAConfig(), o_bias=True, sinks=True, sliding_window=4)
+    # the attention mixers are siblings: no config holds another's options
+    with pytest.raises(TypeError, match="mla"):
+        AttentionConfig(n_heads=2, mla=MLAConfig(n_heads=2))  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="sinks"):
+        MLAConfig(n_heads=2, sinks=True)  # type: ignore[call-arg]
     attention = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sliding_window=3)
     module = attention.build(d_model=16)
     assert isinstance(module, Attention) and module.config is attention
+    full = AttentionConfig(n_heads=4, n_kv_heads=2)
     config = TransformerConfig(
         vocab_size=32,
         d_model=16,
         n_layers=2,
-        attention=AttentionConfig(
-            n_heads=4, n_kv_heads=2, sliding_window=3, sliding_window_every=2
+        attention=full,
+        token_mixers=TokenMixerLayout(
+            pattern=["sliding", "attention"],
+            mixers={"sliding": dataclasses.replace(full, sliding_window=3)},
         ),
         ffn_hidden=32,
     )
-    # block i's attention: its window from the config's every-n-th rule
+    # block i's attention: its own config from the layer pattern
     windows = [config.attention_of_layer(i).sliding_window for i in range(2)]
     model = config.build()
-    assert [b.attn.sliding_window for b in model.blocks] == windows
-    assert sorted(windows) == [0, 3]
-    # the defaults are resolved once, against the model's width and norm epsilon
+    assert [b.attn.sliding_window for b in model.blocks] == windows == [3, 0]
+    # the defaults are resolved once, against the model's width
     assert (config.attention.head_dim, config.attention.n_kv_heads) == (4, 2)
-    assert config.attention.norm_eps == config.norm_eps
+    assert model.blocks[0].attn.q_norm is None  # qk norms (when on) take the model's norm_eps
     mla = TransformerConfig(
         vocab_size=32,
         d_model=16,
         n_layers=1,
-        attention=AttentionConfig(n_heads=2, mla=MLAConfig(kv_lora_rank=8, qk_rope_head_dim=4)),
+        attention=MLAConfig(n_heads=2, kv_lora_rank=8, qk_rope_head_dim=4),
         ffn_hidden=32,
     ).build()
     assert isinstance(mla.blocks[0].attn, MultiHeadLatentAttention)
+
+
+def test_a_config_file_from_before_the_attention_siblings_loads_the_same_model():
+    from moekit.models import TransformerConfig
+    from moekit.models.transformer.mla import MLAConfig
+    from moekit.utils.serialization import config_from_dict, config_to_dict
+
+    old = {
+        "vocab_size": 32,
+        "d_model": 16,
+        "n_layers": 4,
+        "ffn_hidden": 32,
+        "norm_eps": 1e-5,
+        "attention": {
+            "n_heads": 4,
+            "rope_theta": 5e5,
+            "rotary": True,
+            "partial_rotary_factor": 0.5,
+            "sliding_window": 3,
+            "sliding_window_every": 2,
+            "norm_eps": 1e-5,
+            "qk_norm": "weightless",
+            "no_rope_layers": [3],
+            "temperature_floor_scale": 8,
+            "temperature_scale": 0.2,
+        },
+    }
+    config = config_from_dict(TransformerConfig, old)
+    layers = [config.attention_of_layer(i) for i in range(4)]
+    assert [a.sliding_window for a in layers] == [3, 0, 3, 0]
+    assert [a.rope is None for a in layers] == [False, False, False, True]
+    assert layers[0].rope.theta == 5e5 and layers[0].rope.partial_factor == 0.5
+    assert layers[3].query_temperature.floor_scale == 8 and layers[0].query_temperature is None
+    assert layers[3].qk_norm == "none" and layers[1].qk_norm == "weightless"
+    # and today's form round-trips
+    assert config_from_dict(TransformerConfig, config_to_dict(config)) == config
+    old_mla = {
+        **old,
+        "attention": {"n_heads": 2, "rope_theta": 1e4, "mla": {"kv_lora_rank": 8}},
+    }
+    mla = config_from_dict(TransformerConfig, old_mla).attention
+    assert isinstance(mla, MLAConfig) and (mla.n_heads, mla.kv_lora_rank) == (2, 8)
 
 
 def test_a_flat_attention_key_names_its_new_home():

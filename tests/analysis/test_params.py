@@ -166,7 +166,6 @@ def test_moekit_gpt_oss_style_counts_equal_the_built_model():
             o_bias=True,
             sinks=True,
             sliding_window=4,
-            sliding_window_every=2,
         ),
         ffn_hidden=8,
         activation="swiglu_oai",
@@ -191,15 +190,13 @@ def test_moekit_mla_counts_equal_the_built_model():
             vocab_size=50,
             d_model=16,
             n_layers=2,
-            attention=AttentionConfig(
+            attention=MLAConfig(
                 n_heads=4,
-                mla=MLAConfig(
-                    q_lora_rank=q_rank,
-                    kv_lora_rank=8,
-                    qk_nope_head_dim=4,
-                    qk_rope_head_dim=4,
-                    v_head_dim=6,
-                ),
+                q_lora_rank=q_rank,
+                kv_lora_rank=8,
+                qk_nope_head_dim=4,
+                qk_rope_head_dim=4,
+                v_head_dim=6,
             ),
             ffn_hidden=24,
         )

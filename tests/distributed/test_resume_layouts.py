@@ -235,7 +235,7 @@ n_kv_heads = 1
 head_dim = 16
 values = "keys"
 qk_norm = "head"
-[model.token_mixers.mixers.global.rope_scaling]
+[model.token_mixers.mixers.global.rope.scaling]
 kind = "proportional"
 factor = 1.0
 original_max_position_embeddings = 64

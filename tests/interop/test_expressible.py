@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from moekit.interop import from_hf, keymap, to_hf  # noqa: E402
 from moekit.interop.hf import FAMILIES  # noqa: E402
 from moekit.models import TransformerLM  # noqa: E402
+from moekit.models.transformer import AttentionConfig, RotaryConfig  # noqa: E402
 
 TINY = dict(
     vocab_size=64,
@@ -78,6 +79,14 @@ def _moekit_config(family: str, **changes):
         k: v for k, v in changes.items() if not k.startswith(("expert_", "router_", "attention_"))
     }
     top["attention"] = dataclasses.replace(config.attention, **attention_changes)
+    if config.token_mixers is not None:  # the blocks' own attention configs change alike
+        mixers = {
+            name: dataclasses.replace(mixer, **attention_changes)
+            if isinstance(mixer, AttentionConfig)
+            else mixer
+            for name, mixer in config.token_mixers.mixers.items()
+        }
+        top["token_mixers"] = dataclasses.replace(config.token_mixers, mixers=mixers)
     layer = config.moe.layer
     layer = dataclasses.replace(
         layer,
@@ -182,10 +191,10 @@ def _reloaded_logits_match(model: TransformerLM, family: str, folder) -> None:
 
 def test_gpt_oss_without_rope_scaling_reloads_with_the_same_logits(tmp_path):
     """transformers' GPT-OSS defaults to YaRN: export must write the default rope explicitly."""
-    config = _moekit_config("gpt_oss", attention_rope_scaling=None)
+    config = _moekit_config("gpt_oss", attention_rope=RotaryConfig(theta=1e4))
     torch.manual_seed(0)
     _reloaded_logits_match(TransformerLM(config), "gpt_oss", tmp_path / "gpt_oss")
-    assert from_hf(tmp_path / "gpt_oss").config.attention.rope_scaling is None
+    assert from_hf(tmp_path / "gpt_oss").config.attention.rope.scaling is None
 
 
 # Each change is expressible by some families and not by others; a drawn case applies 0-2.

@@ -16,7 +16,7 @@ def test_gpt_oss_round_trip(tmp_path):
     ours = from_hf(hf).eval()
     assert (
         ours.config.activation.value == "swiglu_oai"
-        and ours.config.attention.rope_scaling is not None
+        and ours.config.attention.rope.scaling is not None
     )
     assert [ours.config.window_of_layer(i) for i in range(2)] == [4, 0]
     tokens = torch.randint(0, 64, (2, 12))  # longer than the window

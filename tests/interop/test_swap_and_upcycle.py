@@ -75,7 +75,10 @@ def test_dense_sources_import_with_parity(model_type, tmp_path):
     ("family", "says"),
     [
         ("llama", "'llama' is a dense family and this model has MoE layers"),
-        ("deepseek_v3", "this one has no latent attention (attention.mla), no shared experts"),
+        (
+            "deepseek_v3",
+            "this one has no latent attention (attention.kind='mla'), no shared experts",
+        ),
     ],
 )
 def test_exports_a_family_cannot_take_are_refused_in_one_sentence(family, says, tmp_path):

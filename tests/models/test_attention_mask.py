@@ -30,11 +30,8 @@ VARIANTS = {
     ),
     "mla": dataclasses.replace(
         BASE,
-        attention=AttentionConfig(
-            n_heads=4,
-            mla=MLAConfig(
-                kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=0
-            ),
+        attention=MLAConfig(
+            n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8
         ),
     ),
 }

@@ -23,7 +23,7 @@ from moekit.models.transformer.attention import AttentionConfig, QKNorm, ValueSo
 from moekit.models.transformer.layout import TokenMixerLayout
 from moekit.models.transformer.model import NormPosition
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RopeScalingConfig, rotary_tables
+from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig, rotary_tables
 from moekit.routing import SoftRouterConfig, TopKRouterConfig
 from moekit.training import load_train_config
 from moekit.utils.serialization import config_from_dict, config_to_dict
@@ -42,7 +42,7 @@ def gemma_like(**overrides) -> TransformerConfig:
     )
     full = AttentionConfig(
         n_heads=4, n_kv_heads=1, head_dim=16, qk_norm=QKNorm.HEAD, values=ValueSource.KEYS,
-        scale=1.0, rope_theta=1e6, rope_scaling=proportional,
+        scale=1.0, rope=RotaryConfig(theta=1e6, scaling=proportional),
     )  # fmt: skip
     options = dict(
         vocab_size=64,
@@ -175,8 +175,6 @@ def test_the_config_round_trips_and_params_count_what_the_model_stores(model):
 
 
 def test_refused_combinations_name_the_option():
-    with pytest.raises(ValueError, match="values"):
-        AttentionConfig(n_heads=4, values=ValueSource.KEYS, mla=_mla())
     with pytest.raises(ValueError, match=r"token_mixers\.mixers\.global\.causal must be true"):
         gemma_like(
             token_mixers=TokenMixerLayout(
@@ -193,12 +191,6 @@ def test_refused_combinations_name_the_option():
         RopeScalingConfig(
             kind="proportional", factor=1.0, original_max_position_embeddings=8, rotated_fraction=2
         )
-
-
-def _mla():
-    from moekit.models.transformer.mla import MLAConfig
-
-    return MLAConfig(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 
 
 def test_the_example_trains_generates_and_evaluates(tmp_path, capsys):

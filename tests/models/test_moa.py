@@ -10,7 +10,7 @@ from moekit.models.transformer.rotary import apply_rotary, rotary_tables
 def _moa():
     torch.manual_seed(0)
     layer = MixtureOfAttentionHeads(
-        MoAConfig(num_experts=5, top_k=2), d_model=12, n_kv_heads=2, head_dim=4, causal=True
+        MoAConfig(num_experts=5, top_k=2, n_kv_heads=2, head_dim=4), d_model=12
     ).double()
     with torch.no_grad():
         layer.bias_D.normal_()
@@ -83,7 +83,6 @@ def test_the_attention_routers_balancing_loss_joins_the_model_loss():
     from moekit.layers import MoEConfig
     from moekit.losses.config import AuxLossConfig
     from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
-    from moekit.models.transformer.attention import AttentionConfig
 
     def model(moa_weight: float) -> TransformerLM:
         torch.manual_seed(0)
@@ -92,13 +91,12 @@ def test_the_attention_routers_balancing_loss_joins_the_model_loss():
                 vocab_size=32,
                 d_model=16,
                 n_layers=2,
-                attention=AttentionConfig(
-                    n_heads=4,
+                attention=MoAConfig(
+                    num_experts=4,
+                    top_k=2,
                     n_kv_heads=2,
                     head_dim=4,
-                    moa=MoAConfig(
-                        num_experts=4, top_k=2, aux_loss=AuxLossConfig(switch=moa_weight)
-                    ),
+                    aux_loss=AuxLossConfig(switch=moa_weight),
                 ),
                 ffn_hidden=24,
                 moe=MoEPlacementConfig(

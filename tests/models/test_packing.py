@@ -12,11 +12,11 @@ from tests.builders import placement
 @pytest.mark.parametrize("variant", ["gqa_window", "mla"])
 def test_each_packed_document_equals_the_document_alone(variant):
     torch.manual_seed(0)
-    extra = (
-        dict(n_kv_heads=1, sliding_window=4)
+    attention = (
+        AttentionConfig(n_heads=2, n_kv_heads=1, sliding_window=4)
         if variant == "gqa_window"
-        else dict(
-            mla=MLAConfig(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+        else MLAConfig(
+            n_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8
         )
     )
     model = TransformerLM(
@@ -24,7 +24,7 @@ def test_each_packed_document_equals_the_document_alone(variant):
             vocab_size=50,
             d_model=16,
             n_layers=2,
-            attention=AttentionConfig(n_heads=2, **extra),
+            attention=attention,
             ffn_hidden=32,
             moe=placement(16, num_experts=4, top_k=2, expert_hidden=8),
         )

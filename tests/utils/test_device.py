@@ -88,10 +88,10 @@ def _fake_cuda(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
 
 
 LM_VARIANTS = {
-    "dense": {},
-    "sinks_window": dict(sinks=True, sliding_window=3, o_bias=True),
-    "mla": dict(
-        mla=MLAConfig(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    "dense": AttentionConfig(n_heads=2),
+    "sinks_window": AttentionConfig(n_heads=2, sinks=True, sliding_window=3, o_bias=True),
+    "mla": MLAConfig(
+        n_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8
     ),
 }
 
@@ -102,7 +102,7 @@ def test_lm_forward_and_cached_decoding_stay_on_the_input_device(name):
         vocab_size=32,
         d_model=16,
         n_layers=2,
-        attention=AttentionConfig(n_heads=2, **LM_VARIANTS[name]),
+        attention=LM_VARIANTS[name],
         ffn_hidden=16,
         max_seq_len=32,
     )

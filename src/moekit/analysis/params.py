@@ -29,6 +29,9 @@ from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
 from moekit.interop.hf import CONFIG_PARSERS, check_hf_integers  # as the converters
 from moekit.interop.switch_transformers import config_from_hf
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig
+from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.transformer.mla import MLAConfig
+from moekit.models.transformer.moa import MoAConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.utils.serialization import read_config_file
 
@@ -184,7 +187,7 @@ def _ffn_params(d_model: int, hidden: int, gated: bool, bias: bool = False) -> i
     return d_model * width + hidden * d_model + ((width + d_model) if bias else 0)
 
 
-def _mla_attention(d: int, heads: int, mla) -> tuple[int, int, int]:
+def _mla_attention(d: int, heads: int, mla: MLAConfig) -> tuple[int, int, int]:
     """Parameters, query-key width and value width of multi-head latent attention."""
     q_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     q_rank = mla.q_lora_rank
@@ -235,6 +238,11 @@ def _block_extras(config) -> dict[str, int]:
     layout = config.token_mixers
     for i in range(config.n_layers):
         variant = None if layout is None else layout.attention_variant_of_layer(i)
+        if variant is not None and not isinstance(variant, AttentionConfig):
+            raise ValueError(
+                f"moekit params counts a block's own attention when it is softmax attention; "
+                f"block {i} has attention.kind={variant.kind!r}"
+            )
         if variant is not None:
             hd = variant.head_width(d)
             out["other_attention_params"] += _gqa_attention_params(variant, d, hd)
@@ -270,6 +278,7 @@ def spec_from_moekit(config) -> ArchSpec:
     attn = config.attention
     d, hd = config.d_model, config.head_width
     q_width, kv_width = attn.n_heads * hd, config.kv_heads * hd
+    kv_cache_width = 2 * kv_width
     shared = router = experts = num_experts = top_k = 0
     counts = None
     if layer is not None:
@@ -288,16 +297,19 @@ def spec_from_moekit(config) -> ArchSpec:
         if layer.zero_computation is not None:  # constant experts: a vector and a 2-way gate
             router += 3 * d * layer.zero_computation.constant
         shared += d if layer.output_bias else 0  # always applied
-    attention = _gqa_attention_params(attn, d, hd)
     qk_width = v_width = q_width
     attention_active = None
-    if attn.mla is not None:
-        attention, qk_width, v_width = _mla_attention(d, attn.n_heads, attn.mla)
-    if attn.moa is not None:  # shared keys/values; per-expert query and output projections
-        moa = attn.moa
-        shared_part = 2 * d * kv_width + moa.num_experts * d + (d if moa.output_bias else 0)
-        attention = shared_part + moa.num_experts * 2 * d * kv_width
-        attention_active = shared_part + moa.top_k * 2 * d * kv_width
+    attention_norms = 0
+    if isinstance(attn, MLAConfig):
+        attention, qk_width, v_width = _mla_attention(d, attn.n_heads, attn)
+        kv_cache_width = attn.kv_lora_rank + attn.qk_rope_head_dim
+    elif isinstance(attn, MoAConfig):  # shared keys/values; per-expert query and output
+        shared_part = 2 * d * kv_width + attn.num_experts * d + (d if attn.output_bias else 0)
+        attention = shared_part + attn.num_experts * 2 * d * kv_width
+        attention_active = shared_part + attn.top_k * 2 * d * kv_width
+    else:
+        attention = _gqa_attention_params(attn, d, hd)
+        attention_norms = _qk_norm_params(attn, hd)
     return ArchSpec(
         name="moekit",
         vocab_size=config.vocab_size,
@@ -314,7 +326,7 @@ def spec_from_moekit(config) -> ArchSpec:
             (config.token_mixer_of_layer(i) is not None) + config.has_channel_mixer(i)
             for i in range(config.n_layers)
         ),
-        attention_norms_per_layer=_qk_norm_params(attn, hd),
+        attention_norms_per_layer=attention_norms,
         final_norm=d * (2 if config.norm == "layer" else 1),
         dense_ffn_layers=sum(
             config.has_channel_mixer(i) and not config.moe.is_moe_layer(i)
@@ -330,11 +342,7 @@ def spec_from_moekit(config) -> ArchSpec:
         experts_per_layer=counts,
         lm_head_bias=config.lm_head_bias,
         attention_active_per_layer=attention_active,
-        kv_cache_width=(
-            attn.mla.kv_lora_rank + attn.mla.qk_rope_head_dim
-            if attn.mla is not None
-            else 2 * kv_width
-        ),
+        kv_cache_width=kv_cache_width,
         **_recurrent_mixers(config),
         **_block_extras(config),
     )

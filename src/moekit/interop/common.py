@@ -18,7 +18,7 @@ import torch
 from moekit.interop.keymap import Entry, Experts, Joined, Rename
 from moekit.models.mixers import RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.rotary import RopeScalingConfig
+from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig
 
 
 def backbone(
@@ -194,16 +194,29 @@ ATTENTION_HF_FIELDS = frozenset(
 )
 
 
-def rope_to_hf(config) -> dict[str, Any]:
-    """Rotary parameters written explicitly, so no family fills in its own default (GPT-OSS
-    defaults to YaRN when none are given)."""
+def softmax_attention(config: Any, family: str) -> AttentionConfig:
+    """``config.attention`` when it is softmax attention; a family that has no latent attention
+    or mixture of heads refuses the others by name."""
     attention = config.attention
-    scaling, theta = attention.rope_scaling, attention.rope_theta
-    partial = (
-        {}
-        if attention.partial_rotary_factor == 1.0
-        else {"partial_rotary_factor": attention.partial_rotary_factor}
-    )
+    if not isinstance(attention, AttentionConfig):
+        raise ValueError(
+            f"{family} export needs softmax attention (attention.kind='attention'), got "
+            f"attention.kind={attention.kind!r}"
+        )
+    return attention
+
+
+def rotated_share(attention: AttentionConfig) -> float:
+    """The share of each head that rotates (``partial_rotary_factor``; 1.0 without RoPE)."""
+    return 1.0 if attention.rope is None else attention.rope.partial_factor
+
+
+def rope_to_hf(config, rope: RotaryConfig | None = None) -> dict[str, Any]:
+    """Rotary parameters (``rope``, default the model attention's) written explicitly, so no
+    family fills in its own default (GPT-OSS defaults to YaRN when none are given)."""
+    rope = rope or config.attention.rope or RotaryConfig()
+    scaling, theta = rope.scaling, rope.theta
+    partial = {} if rope.partial_factor == 1.0 else {"partial_rotary_factor": rope.partial_factor}
     if scaling is None:
         params = {"rope_type": "default", "rope_theta": theta, **partial}
         return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params, **partial}
@@ -235,14 +248,21 @@ def rope_to_hf(config) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": params, "rope_parameters": params, **partial}
 
 
-def attention_fields(hf: dict[str, Any], **attention_options: Any) -> dict[str, Any]:
+def attention_fields(
+    hf: dict[str, Any],
+    *,
+    rotary: bool = True,
+    partial_factor: float | None = None,
+    **attention_options: Any,
+) -> dict[str, Any]:
     """The ``TransformerConfig`` keywords every Llama-style family reads the same way: the
     shape, the norms and an ``attention`` config (heads, rotary positions) to which
-    ``attention_options`` (the family's biases, norms, windows, sinks, MLA) are added."""
+    ``attention_options`` (the family's biases, norms, windows, sinks) are added.
+    ``rotary=False``: no positions (NoPE); ``partial_factor``: the share of each head the
+    family rotates (``None``: the whole head, and a ``partial_rotary_factor`` is refused)."""
 
     heads = hf["num_attention_heads"]
-    partial = "partial_rotary_factor" in attention_options
-    theta, scaling = rope(hf, partial=partial)
+    theta, scaling = rope(hf, partial=partial_factor is not None)
     return dict(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -251,8 +271,9 @@ def attention_fields(hf: dict[str, Any], **attention_options: Any) -> dict[str, 
             n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim"),  # None: d_model // n_heads, as transformers does
-            rope_theta=theta,
-            rope_scaling=scaling,
+            rope=RotaryConfig(theta=theta, scaling=scaling, partial_factor=partial_factor or 1.0)
+            if rotary
+            else None,
             **attention_options,
         ),
         max_seq_len=hf.get("max_position_embeddings", 4096),

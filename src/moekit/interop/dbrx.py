@@ -16,6 +16,7 @@ from moekit.layers import MoEConfig
 from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
+from moekit.models.transformer.rotary import RotaryConfig
 
 MODEL_TYPE = "dbrx"
 
@@ -47,7 +48,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         attention=AttentionConfig(
             n_heads=hf["n_heads"],
             n_kv_heads=attn.get("kv_n_heads", hf["n_heads"]),
-            rope_theta=float(attn.get("rope_theta", 500000.0)),
+            rope=RotaryConfig(theta=float(attn.get("rope_theta", 500000.0))),
         ),
         ffn_hidden=ffn["ffn_hidden_size"],
         activation=Activation.SWIGLU,

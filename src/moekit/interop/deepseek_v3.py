@@ -101,7 +101,7 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
         Rename(f"{attn}.kv_a_norm.weight", f"{hf}.kv_a_layernorm.weight"),
         Rename(f"{attn}.kv_b_proj.weight", f"{hf}.kv_b_proj.weight"),
     ]
-    if config.attention.mla is not None and config.attention.mla.q_lora_rank:
+    if isinstance(config.attention, MLAConfig) and config.attention.q_lora_rank:
         latent += [
             Rename(f"{attn}.q_a_proj.weight", f"{hf}.q_a_proj.weight"),
             Rename(f"{attn}.q_a_norm.weight", f"{hf}.q_a_layernorm.weight"),
@@ -182,16 +182,16 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
     if not hf.get("n_shared_experts"):
         raise ValueError(f"{family} import expects n_shared_experts >= 1")
     experts = hf.get("n_routed_experts") or hf["num_local_experts"]
-    fields = common.attention_fields(
-        {**hf, "head_dim": hf["qk_rope_head_dim"]},
-        mla=MLAConfig(
-            q_lora_rank=hf.get("q_lora_rank") or 0,
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            rope_interleave=bool(hf.get("rope_interleave", True)),
-        ),
+    fields = common.attention_fields({**hf, "head_dim": hf["qk_rope_head_dim"]})
+    fields["attention"] = MLAConfig(
+        n_heads=hf["num_attention_heads"],
+        rope=fields["attention"].rope,
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        rope_interleave=bool(hf.get("rope_interleave", True)),
     )
     return TransformerConfig(
         **fields,
@@ -223,11 +223,12 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    moe, mla = config.moe.layer, config.attention.mla
+    moe = config.moe.layer
+    mla = config.attention if isinstance(config.attention, MLAConfig) else None
     missing = [
         what
         for what, absent in (
-            ("latent attention (attention.mla)", mla is None),
+            ("latent attention (attention.kind='mla')", mla is None),
             ("MoE layers (moe.layer)", moe is None),
             (
                 "shared experts (moe.layer.shared_experts)",

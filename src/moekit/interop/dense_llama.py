@@ -25,7 +25,9 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     entries = [
-        *common.backbone(qkv_bias=config.attention.qkv_bias, tied=config.tie_embeddings),
+        *common.backbone(
+            qkv_bias=common.softmax_attention(config, "Llama").qkv_bias, tied=config.tie_embeddings
+        ),
         *common.dense_ffn("blocks.{layer}.ffn", "model.layers.{layer}.mlp", layers="dense"),
     ]
     return {"checkpoint": entries}

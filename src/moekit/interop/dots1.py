@@ -36,7 +36,7 @@ DEEPSEEK_MOE_FIELDS = frozenset(
 
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
-    bias = config.attention.qkv_bias
+    bias = common.softmax_attention(config, "dots1").qkv_bias
     base = [
         *common.backbone(qkv_bias=bias, o_bias=bias, qk_norm=True, tied=config.tie_embeddings),
         *deepseek_v3.moe_entries(config),
@@ -73,7 +73,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    attention = config.attention
+    attention = common.softmax_attention(config, "dots1")
     return {
         **common.attention_to_hf(config),
         **deepseek_v3.moe_layer_to_hf(config),

@@ -184,7 +184,7 @@ _NOT_FUNCTION = (
     "moe.layer.dispatch.eval_capacity_factor",
     "moe.layer.dispatch.min_capacity",
     "moe.layer.dispatch.drop_priority",
-    "attention.moa.aux_loss",  # training only
+    "attention.aux_loss",  # training only (a mixture of attention heads' router)
 )
 
 
@@ -198,9 +198,10 @@ def _every_layer_moe(config: Any) -> bool:
 def function_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     """The config's fields that change its function, flattened (``{"moe.layer.top_k": 2}``)."""
     out: dict[str, Any] = {}
-    # without a window, which layers would use one is moot
-    no_window = getattr(config, "sliding_window", None) == 0
-    skip = {"sliding_window_every"} if no_window else set()
+    kind = getattr(type(config), "kind", None)
+    if isinstance(kind, str):  # sibling configs chosen by class (attention mixers)
+        out[f"{prefix}kind"] = kind
+    skip = set()
     if _every_layer_moe(config):  # no dense FFN: its width is moot
         skip.add("ffn_hidden")
     for f in dataclasses.fields(config):
@@ -210,8 +211,11 @@ def function_fields(config: Any, prefix: str = "") -> dict[str, Any]:
         if name in _NOT_FUNCTION:
             continue
         value = getattr(config, f.name)
-        if hasattr(value, "per_block"):  # a token-mixer layout: what each block runs, not names
-            out[name] = value.per_block(config.n_layers)
+        if f.name == "token_mixers":  # what each block runs, however the layout names it
+            out[name] = tuple(
+                (config.token_mixer_of_layer(i), config.has_channel_mixer(i))
+                for i in range(config.n_layers)
+            )
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             out.update(function_fields(value, f"{name}."))
         else:

@@ -24,7 +24,7 @@ MODEL_TYPE = "flex_olmo"
 
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
-    bias = config.attention.qkv_bias
+    bias = common.softmax_attention(config, "FlexOlmo").qkv_bias
     mlp, hf = "model.layers.{layer}.mlp", "model.layers.{layer}"
     base = [
         entry
@@ -86,6 +86,6 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "num_experts_per_tok": moe.top_k,
         "norm_topk_prob": cast(TopKRouterConfig, moe.router).normalize_weights,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
-        "attention_bias": config.attention.qkv_bias,
+        "attention_bias": common.softmax_attention(config, "FlexOlmo").qkv_bias,
         "pad_token_id": None,  # transformers' default (100277) needs OLMo's vocabulary
     }

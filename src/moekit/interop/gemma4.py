@@ -41,7 +41,7 @@ from moekit.models.transformer.attention import AttentionConfig, QKNorm, ValueSo
 from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
 from moekit.models.transformer.model import NormPosition, TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RopeScalingConfig
+from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "gemma4_text"
@@ -95,13 +95,14 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     entries.append(
         Rename(f"{layer}.attn.v_proj.weight", f"{hf}.self_attn.v_proj.weight", layers=with_values)
     )
-    if config.attention.qkv_bias:
+    attention = common.softmax_attention(config, "Gemma 4")
+    if attention.qkv_bias:
         for name in ("q_proj", "k_proj"):
             entries.append(Rename(f"{layer}.attn.{name}.bias", f"{hf}.self_attn.{name}.bias"))
         entries.append(
             Rename(f"{layer}.attn.v_proj.bias", f"{hf}.self_attn.v_proj.bias", layers=with_values)
         )
-    if config.attention.o_bias:
+    if attention.o_bias:
         entries.append(Rename(f"{layer}.attn.o_proj.bias", f"{hf}.self_attn.o_proj.bias"))
     # dense blocks: the FFN and its pre-norm; MoE blocks: both branches and their norms
     entries += [
@@ -170,24 +171,25 @@ HF_FIELDS = HFFields(
 )
 
 
-def _rotary(params: dict[str, Any] | None, max_positions: int) -> tuple[float, Any]:
-    """``(rope_theta, RopeScalingConfig or None)`` of one layer type's rope parameters."""
+def _rotary(params: dict[str, Any] | None, max_positions: int) -> RotaryConfig:
+    """One layer type's rope parameters."""
     params = dict(params or {})
     theta = float(params.get("rope_theta", 10000.0))
     kind = params.get("rope_type", "default")
     if kind == "default" and params.get("partial_rotary_factor", 1.0) == 1.0:
-        return theta, None
+        return RotaryConfig(theta=theta)
     if kind not in ("default", "proportional"):
         raise ValueError(
             f"Gemma 4 rope_parameters rope_type={kind!r} is not supported (default and "
             "proportional are)"
         )
-    return theta, RopeScalingConfig(
+    scaling = RopeScalingConfig(
         kind="proportional",
         factor=float(params.get("factor", 1.0)),
         original_max_position_embeddings=max_positions,
         rotated_fraction=float(params.get("partial_rotary_factor", 1.0)),
     )
+    return RotaryConfig(theta=theta, scaling=scaling)
 
 
 def _global_shape(hf: dict[str, Any], types: list[str]) -> tuple[int, int]:
@@ -236,25 +238,21 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         qk_norm=QKNorm.HEAD,
         scale=1.0,
     )
-    theta, scaling = _rotary(rope.get(SLIDING_TYPE), max_positions)
     sliding = AttentionConfig(
         **base,
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim", 256),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        rope=_rotary(rope.get(SLIDING_TYPE), max_positions),
         values=ValueSource.NORMED,
         sliding_window=hf.get("sliding_window", 512),
     )
     head_dim, kv_heads = _global_shape(hf, types)
-    theta, scaling = _rotary(rope.get(FULL_TYPE), max_positions)
     keys_as_values = bool(hf.get("attention_k_eq_v", False))
     full = AttentionConfig(
         **base,
         n_kv_heads=kv_heads,
         head_dim=head_dim,
-        rope_theta=theta,
-        rope_scaling=scaling,
+        rope=_rotary(rope.get(FULL_TYPE), max_positions),
         values=ValueSource.KEYS if keys_as_values else ValueSource.NORMED,
     )
     pattern = [ATTENTION if t == SLIDING_TYPE else GLOBAL for t in types]
@@ -299,9 +297,11 @@ def _global_of(config: TransformerConfig) -> AttentionConfig | None:
     if layout is None:
         return None
     variants = {
-        layout.name_of_layer(i): layout.attention_variant_of_layer(i)
+        layout.name_of_layer(i): common.softmax_attention(
+            dataclasses.replace(config, attention=variant), "Gemma 4"
+        )
         for i in range(config.n_layers)
-        if layout.attention_variant_of_layer(i) is not None
+        if (variant := layout.attention_variant_of_layer(i)) is not None
     }
     if len(variants) > 1:
         raise ValueError(
@@ -311,13 +311,14 @@ def _global_of(config: TransformerConfig) -> AttentionConfig | None:
 
 
 def _rope_to_hf(attention: AttentionConfig) -> dict[str, Any]:
-    scaling = attention.rope_scaling
+    rope = attention.rope or RotaryConfig()
+    scaling = rope.scaling
     if scaling is None:
-        return {"rope_type": "default", "rope_theta": attention.rope_theta}
+        return {"rope_type": "default", "rope_theta": rope.theta}
     return {
         "rope_type": "proportional",
         "partial_rotary_factor": scaling.rotated_fraction,
-        "rope_theta": attention.rope_theta,
+        "rope_theta": rope.theta,
         **({} if scaling.factor == 1.0 else {"factor": scaling.factor}),
     }
 
@@ -326,7 +327,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     """The HF config; whether it expresses ``config`` is checked by the round trip in
     ``moekit.interop.expressible``."""
     moe = common.moe_layer(config, "Gemma 4")
-    sliding = config.attention
+    sliding = common.softmax_attention(config, "Gemma 4")
     full = _global_of(config) or dataclasses.replace(sliding, sliding_window=0)
     keys_as_values = full.values == ValueSource.KEYS
     types = [

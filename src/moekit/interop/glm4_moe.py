@@ -24,7 +24,7 @@ MODEL_TYPE = "glm4_moe"
 
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
-    attention = config.attention
+    attention = common.softmax_attention(config, "GLM-4.5")
     base = [
         *common.backbone(
             qkv_bias=attention.qkv_bias,
@@ -57,9 +57,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
             {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)},
             qk_norm=QKNorm.HEAD if hf.get("use_qk_norm") else QKNorm.NONE,
             qkv_bias=bool(hf.get("attention_bias", False)),
-            partial_rotary_factor=common.partial_rotary_factor(
-                {"partial_rotary_factor": 0.5, **hf}
-            ),
+            partial_factor=common.partial_rotary_factor({"partial_rotary_factor": 0.5, **hf}),
         ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
@@ -71,7 +69,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 
 
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
-    attention = config.attention
+    attention = common.softmax_attention(config, "GLM-4.5")
     out = {
         **common.attention_to_hf(config),
         **deepseek_v3.moe_layer_to_hf(config),
@@ -83,7 +81,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     # GLM's default is 0.5: write the factor even when the whole head rotates
     out["rope_parameters"] = {
         **out["rope_parameters"],
-        "partial_rotary_factor": attention.partial_rotary_factor,
+        "partial_rotary_factor": common.rotated_share(attention),
     }
-    out["partial_rotary_factor"] = attention.partial_rotary_factor
+    out["partial_rotary_factor"] = common.rotated_share(attention)
     return out

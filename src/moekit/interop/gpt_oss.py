@@ -14,6 +14,7 @@ export back to it; unquantised (bf16/fp32) checkpoints import as usual.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from moekit.interop.expressible import HFFields, any_value, check_hf_config, qua
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
@@ -120,16 +123,24 @@ def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     return {"stacked": entries}
 
 
-def _sliding_every(hf: dict[str, Any]) -> int:
-    layer_types = hf.get("layer_types") or []
-    even_sliding = [
-        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(layer_types))
+def _window_layout(hf: dict[str, Any], attention: AttentionConfig) -> TokenMixerLayout | None:
+    """``layer_types`` as a layer pattern: the ``sliding_attention`` blocks get the windowed
+    attention (transformers' default: the even blocks); ``None`` when every block has it."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)
     ]
-    if layer_types == even_sliding:
-        return 2
-    if layer_types and all(t == "sliding_attention" for t in layer_types):
-        return 1
-    raise ValueError(f"GPT-OSS layer_types {layer_types} are not supported (even layers sliding)")
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != n:
+        raise ValueError(
+            f"GPT-OSS layer_types must list 'sliding_attention' or 'full_attention' for each of "
+            f"the {n} layers, got {types}"
+        )
+    if all(t == "sliding_attention" for t in types):
+        return None
+    pattern = ["sliding" if t == "sliding_attention" else ATTENTION for t in types]
+    windowed = dataclasses.replace(attention, sliding_window=hf["sliding_window"])
+    return TokenMixerLayout(pattern=pattern, mixers={"sliding": windowed})
 
 
 HF_FIELDS = HFFields(
@@ -160,15 +171,15 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         if strict and quant_method(hf) == "mxfp4"
         else None
     )
+    fields = common.attention_fields(
+        {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}, qkv_bias=True, o_bias=True, sinks=True
+    )
+    layout = _window_layout(hf, fields["attention"]) if hf.get("sliding_window") else None
+    if hf.get("sliding_window") and layout is None:  # every block windowed
+        fields["attention"].sliding_window = hf["sliding_window"]
     return TransformerConfig(
-        **common.attention_fields(
-            {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)},
-            qkv_bias=True,
-            o_bias=True,
-            sinks=True,
-            sliding_window=hf.get("sliding_window") or 0,
-            sliding_window_every=_sliding_every(hf) if hf.get("sliding_window") else 1,
-        ),
+        **fields,
+        token_mixers=layout,
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU_OAI,
         moe=MoEPlacementConfig(
@@ -204,7 +215,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "num_experts_per_tok": moe.top_k,
         "experts_per_token": moe.top_k,
         "attention_bias": True,
-        "sliding_window": config.attention.sliding_window or None,
+        "sliding_window": max(map(config.window_of_layer, range(config.n_layers))) or None,
         "layer_types": layer_types,
         "swiglu_limit": 7.0,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,

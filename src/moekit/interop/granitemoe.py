@@ -35,7 +35,7 @@ def _t_split(w):
 
 
 def keymaps(config: TransformerConfig, shared: bool = False) -> dict[str, list[Entry]]:
-    bias = config.attention.qkv_bias
+    bias = common.softmax_attention(config, "GraniteMoE").qkv_bias
     moe, ours = "model.layers.{layer}.block_sparse_moe", "blocks.{layer}.ffn"
     base = common.backbone(qkv_bias=bias, o_bias=bias, tied=config.tie_embeddings)
     layer = config.moe.layer
@@ -140,8 +140,9 @@ def config_to_hf(config: TransformerConfig, shared: bool = False) -> dict[str, A
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
-        "attention_bias": config.attention.qkv_bias,
-        "attention_multiplier": config.attention.scale or config.head_width**-0.5,
+        "attention_bias": common.softmax_attention(config, "GraniteMoE").qkv_bias,
+        "attention_multiplier": common.softmax_attention(config, "GraniteMoE").scale
+        or config.head_width**-0.5,
         "embedding_multiplier": config.embedding_multiplier,
         "residual_multiplier": config.residual_multiplier,
         "logits_scaling": config.logits_scaling,

@@ -100,7 +100,9 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         dt_max=dt_max,
     )
     rotary = hf.get("position_embedding_type") == "rope"
-    attention = dataclasses.replace(base.attention, rotary=rotary)
+    attention = common.softmax_attention(base, "Granite-4.0-H")
+    if not rotary:
+        attention = dataclasses.replace(attention, rope=None)
     return dataclasses.replace(
         base,
         attention=attention,
@@ -117,7 +119,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         **out,
         "architectures": ["GraniteMoeHybridForCausalLM"],
         "model_type": MODEL_TYPE,
-        "position_embedding_type": "rope" if config.attention.rotary else None,
+        "position_embedding_type": "rope" if config.attention.rope is not None else None,
         "layer_types": [
             "full_attention" if config.is_attention_layer(i) else MAMBA
             for i in range(config.n_layers)

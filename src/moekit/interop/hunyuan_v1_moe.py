@@ -26,7 +26,7 @@ MODEL_TYPE = "hunyuan_v1_moe"
 
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
-    bias = config.attention.qkv_bias
+    bias = common.softmax_attention(config, "Hunyuan-MoE").qkv_bias
     layer, hf = "blocks.{layer}", "model.layers.{layer}"
     base = [
         *common.backbone(qkv_bias=bias, o_bias=bias, tied=config.tie_embeddings),
@@ -94,5 +94,5 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "intermediate_size": moe.experts.hidden,
         "num_experts": moe.num_experts,
         "moe_topk": moe.top_k,
-        "attention_bias": config.attention.qkv_bias,
+        "attention_bias": common.softmax_attention(config, "Hunyuan-MoE").qkv_bias,
     }

@@ -16,10 +16,10 @@ from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.moa import MoAConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
+from moekit.models.transformer.rotary import RotaryConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "jetmoe"
@@ -102,17 +102,13 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
-        attention=AttentionConfig(
-            n_heads=k * kv_heads,
+        attention=MoAConfig(
+            num_experts=experts,
+            top_k=k,
             n_kv_heads=kv_heads,
             head_dim=hf.get("kv_channels", 128),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            moa=MoAConfig(
-                num_experts=experts,
-                top_k=k,
-                aux_loss=AuxLossConfig(switch=hf.get("aux_loss_coef", 0.01) * k),
-            ),
+            rope=RotaryConfig(theta=theta, scaling=scaling),
+            aux_loss=AuxLossConfig(switch=hf.get("aux_loss_coef", 0.01) * k),
         ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
@@ -136,7 +132,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
 
     moe = config.moe.layer
-    moa = config.attention.moa
+    moa = config.attention if isinstance(config.attention, MoAConfig) else None
     if moe is None or moa is None:
         raise ValueError("JetMoE export needs MoE layers and a mixture of attention heads")
     if (moa.num_experts, moa.top_k) != (moe.num_experts, moe.top_k):

@@ -147,7 +147,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     attention = common.attention_to_hf(config)
     attention["norm_eps"] = attention.pop("rms_norm_eps")
     attention.pop("hidden_act", None)
-    if config.attention.qk_norm is not QKNorm.HEAD:
+    if common.softmax_attention(config, "LFM2-MoE").qk_norm is not QKNorm.HEAD:
         raise ValueError("an LFM2-MoE model has per-head RMSNorm on queries and keys")
     return {
         **attention,

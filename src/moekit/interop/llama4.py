@@ -15,6 +15,7 @@ stacked as ``gate_up_proj (E, D, 2H)`` and ``down_proj (E, H, D)`` (moekit's own
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from moekit.dispatch.dispatcher import DispatchConfig
@@ -27,7 +28,8 @@ from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.attention import QKNorm
+from moekit.models.transformer.attention import AttentionConfig, QKNorm, QueryTemperatureConfig
+from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
 from moekit.models.transformer.model import TransformerConfig
 from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
@@ -46,7 +48,7 @@ def _one(t):
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
     head_dim = config.head_width
     layer, hf = "blocks.{layer}", "model.layers.{layer}"
-    bias = config.attention.qkv_bias
+    bias = common.softmax_attention(config, "Llama 4").qkv_bias
     entries: list[Entry] = [
         e
         for e in common.backbone(qkv_bias=bias, o_bias=bias, tied=config.tie_embeddings)
@@ -118,18 +120,16 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         moe_layers = list(range(step - 1, n, step))
     k = hf.get("num_experts_per_tok", 1)
     bias = bool(hf.get("attention_bias", False))
-    tuning = bool(hf.get("attn_temperature_tuning", True))
+    fields = common.attention_fields(
+        {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)},
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=QKNorm.WEIGHTLESS if hf.get("use_qk_norm", True) else QKNorm.NONE,
+        chunk_size=hf.get("attention_chunk_size") or 0,
+    )
     return TransformerConfig(
-        **common.attention_fields(
-            {**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)},
-            qkv_bias=bias,
-            o_bias=bias,
-            qk_norm=QKNorm.WEIGHTLESS if hf.get("use_qk_norm", True) else QKNorm.NONE,
-            no_rope_layers=nope or None,
-            chunk_size=hf.get("attention_chunk_size") or 0,
-            temperature_floor_scale=int(hf.get("floor_scale", 8192)) if tuning and nope else 0,
-            temperature_scale=float(hf.get("attn_scale", 0.1)),
-        ),
+        **fields,
+        token_mixers=_nope_layout(hf, fields["attention"], nope),
         ffn_hidden=hf.get("intermediate_size_mlp", 16384),
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
@@ -148,10 +148,37 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     )
 
 
+def _nope_layout(
+    hf: dict[str, Any], attention: AttentionConfig, nope: list[int]
+) -> TokenMixerLayout | None:
+    """iRoPE as a layer pattern: the NoPE blocks get their own attention (no rotation, no
+    chunks, no query/key norm, the query temperature when tuned); ``None`` without them."""
+    if not nope:
+        return None
+    tuning = bool(hf.get("attn_temperature_tuning", True))
+    temperature = QueryTemperatureConfig(
+        floor_scale=int(hf.get("floor_scale", 8192)), scale=float(hf.get("attn_scale", 0.1))
+    )
+    nope_attention = dataclasses.replace(
+        attention,
+        rope=None,
+        chunk_size=0,
+        qk_norm=QKNorm.NONE,
+        query_temperature=temperature if tuning else None,
+    )
+    pattern = ["nope" if i in nope else ATTENTION for i in range(hf["num_hidden_layers"])]
+    return TokenMixerLayout(pattern=pattern, mixers={"nope": nope_attention})
+
+
 def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
     moe = common.moe_layer(config, "Llama 4")
-    attention = config.attention
-    nope = set(attention.no_rope_layers or [])
+    attention = common.softmax_attention(config, "Llama 4")
+    layers = [config.attention_of_layer(i) for i in range(config.n_layers)]
+    nope = {i for i, layer in enumerate(layers) if layer.rope is None}
+    temperature = next(
+        (t for layer in layers if (t := getattr(layer, "query_temperature", None)) is not None),
+        None,
+    )
     return {
         **common.attention_to_hf(config),
         "architectures": ["Llama4ForCausalLM"],
@@ -164,9 +191,9 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "use_qk_norm": attention.qk_norm is QKNorm.WEIGHTLESS,
         "no_rope_layers": [0 if i in nope else 1 for i in range(config.n_layers)],
         "attention_chunk_size": attention.chunk_size or None,
-        "attn_temperature_tuning": bool(attention.temperature_floor_scale),
-        "floor_scale": attention.temperature_floor_scale or 8192,
-        "attn_scale": attention.temperature_scale,
+        "attn_temperature_tuning": temperature is not None,
+        "floor_scale": 8192 if temperature is None else temperature.floor_scale,
+        "attn_scale": 0.1 if temperature is None else temperature.scale,
         "attention_bias": attention.qkv_bias,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
     }

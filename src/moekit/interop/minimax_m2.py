@@ -64,7 +64,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
             hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         )
     return TransformerConfig(
-        **common.attention_fields(hf, qk_norm=QKNorm.FULL, partial_rotary_factor=factor),
+        **common.attention_fields(hf, qk_norm=QKNorm.FULL, partial_factor=factor),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(

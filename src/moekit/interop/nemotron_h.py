@@ -241,7 +241,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
             n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim"),
-            rotary=False,
+            rope=None,
         ),
         ffn_hidden=hf["intermediate_size"],
         activation=Activation.RELU2,

@@ -25,7 +25,7 @@ MODEL_TYPE = "phimoe"
 
 
 def keymaps(config: TransformerConfig) -> dict[str, list[Entry]]:
-    bias = config.attention.qkv_bias
+    bias = common.softmax_attention(config, "PhiMoE").qkv_bias
     layer, hf = "blocks.{layer}", "model.layers.{layer}"
     base: list[Entry] = [
         *common.backbone(qkv_bias=bias, o_bias=bias, tied=config.tie_embeddings),
@@ -112,9 +112,9 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "router_aux_loss_coef": moe.aux_loss.switch / moe.top_k,
-        "attention_bias": config.attention.qkv_bias,
+        "attention_bias": common.softmax_attention(config, "PhiMoE").qkv_bias,
         "lm_head_bias": config.lm_head_bias,
-        "sliding_window": config.attention.sliding_window or None,
+        "sliding_window": common.softmax_attention(config, "PhiMoE").sliding_window or None,
         "router_jitter_noise": router.jitter_eps,
         "input_jitter_noise": router.input_jitter_eps,
     }

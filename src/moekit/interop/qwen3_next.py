@@ -196,7 +196,7 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         {"head_dim": 256, **hf},
         qk_norm=QKNorm.HEAD,
         output_gate=True,
-        partial_rotary_factor=common.partial_rotary_factor({"partial_rotary_factor": 0.25, **hf}),
+        partial_factor=common.partial_rotary_factor({"partial_rotary_factor": 0.25, **hf}),
     )
     return TransformerConfig(
         **fields,
@@ -232,7 +232,9 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         **common.attention_to_hf(config),
         "architectures": ["Qwen3NextForCausalLM"],
         "model_type": MODEL_TYPE,
-        "partial_rotary_factor": config.attention.partial_rotary_factor,
+        "partial_rotary_factor": common.rotated_share(
+            common.softmax_attention(config, "Qwen3-Next")
+        ),
         "intermediate_size": config.ffn_hidden,
         "moe_intermediate_size": moe.experts.hidden,
         "shared_expert_intermediate_size": 0 if shared is None else shared.hidden,

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.models.transformer.attention_base import SOFTMAX_KIND, AttentionMixerConfig
 from moekit.models.transformer.masks import allowed_keys
-from moekit.models.transformer.mla import MLAConfig
-from moekit.models.transformer.moa import MixtureOfAttentionHeads, MoAConfig
-from moekit.models.transformer.rotary import RopeScalingConfig, apply_rotary
+from moekit.models.transformer.rotary import RotaryConfig, apply_rotary
 from moekit.utils.validation import check_fields
 
 
@@ -101,9 +100,33 @@ class KVCache:
 
 
 @dataclass(kw_only=True)
-class AttentionConfig:
-    """A block's self-attention: grouped-query heads or multi-head latent attention (MLA), with
-    rotary positions, optional biases, query/key norms, a sliding window and attention sinks.
+class QueryTemperatureConfig:
+    """Queries scaled by ``1 + scale * log(1 + floor((position + 1) / floor_scale))`` (Llama 4's
+    attention temperature tuning on its NoPE blocks, arXiv:2501.19399).
+
+    Args:
+        floor_scale: positions per step of the temperature (Llama 4: 8192).
+        scale: the log term's weight.
+    """
+
+    floor_scale: int
+    scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_fields(self, "attention.query_temperature.")
+        if self.floor_scale < 1:
+            raise ValueError(
+                f"attention.query_temperature.floor_scale must be >= 1, got {self.floor_scale}"
+            )
+
+
+@dataclass(kw_only=True)
+class AttentionConfig(AttentionMixerConfig):
+    """Softmax self-attention: grouped-query heads with rotary positions, optional biases,
+    query/key norms, an output gate, a sliding window or chunks and attention sinks. Its
+    siblings are latent attention (``MLAConfig``, kind ``mla``) and a mixture of attention
+    heads (``MoAConfig``, kind ``moa``); a layer pattern (``TokenMixerLayout``) gives blocks
+    their own attention config (GPT-OSS's windowed layers, Llama 4's NoPE layers).
 
     Args:
         n_heads: query heads.
@@ -111,19 +134,13 @@ class AttentionConfig:
             ``None`` means ``n_heads``.
         head_dim: width of each head; ``None`` means ``d_model // n_heads``.
         causal: each position sees only earlier ones.
-        rotary: rotary positions (RoPE) on queries and keys.
-        rope_theta: the rotary base.
-        rope_scaling: YaRN scaling of the rotary positions, or ``None``.
-        partial_rotary_factor: rotate only the first ``int(head_dim * factor)`` dimensions of
-            each query and key head, the rest carry no position (GLM-4.5, MiniMax-M2, Phi;
-            1.0: the whole head).
+        rope: rotary positions on queries and keys (``RotaryConfig``: base, scaling, the
+            rotated share of each head); ``None``: no positions (NoPE).
         qkv_bias: biases on the query, key and value projections (Qwen2).
         qk_norm: RMSNorm of queries and keys: ``none``, ``head`` (per head before RoPE, Qwen3),
             ``full`` (over the whole projection, OLMoE) or ``head_after_rope`` (per head after
             the rotation, Hunyuan-MoE) or ``weightless`` (per head after the rotation, no
-            learned weight, rotary layers only: Llama 4).
-        norm_eps: the query/key norms' epsilon; ``None`` means the model's ``norm_eps``
-            (1e-6 for a stand-alone ``Attention``).
+            learned weight: Llama 4's rotary layers). Its epsilon is the model's ``norm_eps``.
         o_bias: a bias on the output projection (GPT-OSS).
         sinks: a learned per-head sink logit in every softmax (GPT-OSS).
         output_gate: each head's output is multiplied by ``sigmoid`` of a gate the query
@@ -133,53 +150,38 @@ class AttentionConfig:
             weight per head, Gemma 4) or ``keys`` (no ``v_proj``: the key projection's output,
             RMS-normed without weight, is the value; Gemma 4's global layers).
         sliding_window: attend to this many positions at most (0: every earlier one).
-        sliding_window_every: in a model, layer ``i`` uses the window when
-            ``i % sliding_window_every == 0`` (GPT-OSS: 2, every even layer; 1: every layer).
-        mla: multi-head latent attention (DeepSeek) instead of grouped-query attention.
-        moa: a mixture of attention heads (JetMoE; ``moekit.models.transformer.moa``) instead:
-            ``n_kv_heads`` shared key/value heads, ``n_heads = moa.top_k * n_kv_heads``.
+        chunk_size: attend only within chunks of this many positions (Llama 4's local
+            attention); 0: off.
+        query_temperature: position-dependent query scaling (Llama 4's NoPE blocks), or
+            ``None``.
         scale: the logits' scale; ``None`` means ``head_dim ** -0.5`` (Granite sets its own
             ``attention_multiplier``).
-        no_rope_layers: blocks whose attention has no rotary positions (NoPE; Llama 4's
-            iRoPE: every fourth block).
-        chunk_size: the rotary blocks attend only within chunks of this many positions (Llama
-            4's local attention; the NoPE blocks see every earlier position); 0: off.
-        temperature_floor_scale, temperature_scale: NoPE blocks scale their queries by
-            ``1 + temperature_scale * log(1 + floor((position + 1) / floor_scale))`` (Llama 4's
-            attention temperature tuning, arXiv:2501.19399); floor scale 0: off.
     """
+
+    kind: ClassVar[str] = SOFTMAX_KIND
 
     n_heads: int
     n_kv_heads: int | None = None
     head_dim: int | None = None
     causal: bool = True
-    rotary: bool = True
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScalingConfig | None = None
-    partial_rotary_factor: float = 1.0
+    rope: RotaryConfig | None = field(default_factory=RotaryConfig)
     qkv_bias: bool = False
     qk_norm: QKNorm = QKNorm.NONE
-    norm_eps: float | None = None
     o_bias: bool = False
     sinks: bool = False
     output_gate: bool = False
     values: ValueSource = ValueSource.PROJECTED
     sliding_window: int = 0
-    sliding_window_every: int = 1
-    mla: MLAConfig | None = None
-    moa: MoAConfig | None = None
-    scale: float | None = None
-    no_rope_layers: list[int] | None = None
     chunk_size: int = 0
-    temperature_floor_scale: int = 0
-    temperature_scale: float = 0.1
+    query_temperature: QueryTemperatureConfig | None = None
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "attention.")
-        if self.chunk_size < 0 or self.temperature_floor_scale < 0:
+        if self.chunk_size < 0 or self.sliding_window < 0:
             raise ValueError(
-                f"attention.chunk_size and attention.temperature_floor_scale must be >= 0, got "
-                f"{self.chunk_size} and {self.temperature_floor_scale}"
+                f"attention.chunk_size and attention.sliding_window must be >= 0, got "
+                f"{self.chunk_size} and {self.sliding_window}"
             )
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"attention.scale must be > 0 (or None), got {self.scale}")
@@ -190,82 +192,25 @@ class AttentionConfig:
                 f"attention.n_heads={self.n_heads} must be a multiple of "
                 f"attention.n_kv_heads={self.n_kv_heads}"
             )
-        if self.head_dim is not None and (
-            self.head_dim < 1 or (self.rotary and self.mla is None and self.head_dim % 2)
-        ):
-            raise ValueError(
-                f"attention.head_dim must be >= 1 (and even for rotary positions), got "
-                f"{self.head_dim}"
-            )
-        if not 0 < self.partial_rotary_factor <= 1:
-            raise ValueError(
-                f"attention.partial_rotary_factor must be in (0, 1], got "
-                f"{self.partial_rotary_factor}"
-            )
-        if self.sliding_window < 0 or self.sliding_window_every < 1:
-            raise ValueError(
-                "attention.sliding_window must be >= 0 and attention.sliding_window_every >= 1, "
-                f"got {self.sliding_window} and {self.sliding_window_every}"
-            )
-        if self.moa is not None:
-            kv = self.n_kv_heads or self.n_heads
-            if self.n_heads != self.moa.top_k * kv:
-                raise ValueError(
-                    f"attention.moa: n_heads={self.n_heads} must be moa.top_k={self.moa.top_k} "
-                    f"x n_kv_heads={kv}"
-                )
-            refused = [
-                name
-                for name, value in (
-                    ("mla", self.mla is not None),
-                    ("qkv_bias", self.qkv_bias),
-                    ("qk_norm", self.qk_norm != QKNorm.NONE),
-                    ("o_bias", self.o_bias),
-                    ("sinks", self.sinks),
-                    ("output_gate", self.output_gate),
-                    ("values", self.values != ValueSource.PROJECTED),
-                    ("sliding_window", self.sliding_window),
-                    ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
-                    ("scale", self.scale is not None),
-                    ("no_rope_layers", bool(self.no_rope_layers)),
-                    ("chunk_size", self.chunk_size),
-                    ("rotary=false", not self.rotary),
-                )
-                if value
-            ]
-            if refused:
-                raise ValueError(
-                    f"attention.moa (mixture of attention heads) has no {', '.join(refused)} option"
-                )
-        if self.mla is not None:
-            unsupported = [
-                name
-                for name, value in (
-                    ("qkv_bias", self.qkv_bias),
-                    ("qk_norm", self.qk_norm != QKNorm.NONE),
-                    ("o_bias", self.o_bias),
-                    ("sinks", self.sinks),
-                    ("output_gate", self.output_gate),
-                    ("values", self.values != ValueSource.PROJECTED),
-                    ("sliding_window", self.sliding_window),
-                    ("causal=false", not self.causal),
-                    ("partial_rotary_factor", self.partial_rotary_factor != 1.0),
-                    ("scale", self.scale is not None),
-                    ("no_rope_layers", bool(self.no_rope_layers)),
-                    ("chunk_size", self.chunk_size),
-                    ("temperature_floor_scale", self.temperature_floor_scale),
-                )
-                if value
-            ]
-            if unsupported:
-                raise ValueError(
-                    f"attention.mla (multi-head latent attention) has no {', '.join(unsupported)} "
-                    "option"
-                )
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"attention.head_dim must be >= 1, got {self.head_dim}")
+        if self.head_dim is not None and self.rope is not None:
+            self.check_rotated(self.head_dim)
 
-    def resolved(self, *, d_model: int, norm_eps: float) -> AttentionConfig:
-        """This config with its defaults filled in for a model of width ``d_model``:
-        ``n_kv_heads``, ``head_dim`` and ``norm_eps`` (when ``None``) get concrete values."""
+    def check_rotated(self, head_dim: int) -> None:
+        """Refuse a rotated part of each head that is odd or narrower than 2."""
+        if self.rope is None:
+            return
+        rotated = int(head_dim * self.rope.partial_factor)
+        if rotated < 2 or rotated % 2:
+            raise ValueError(
+                f"attention.rope.partial_factor={self.rope.partial_factor} rotates {rotated} of "
+                f"head_dim={head_dim} dimensions; it must be even and >= 2"
+            )
+
+    def resolved(self, *, d_model: int) -> AttentionConfig:
+        """This config with ``n_kv_heads`` and ``head_dim`` filled in for a model of width
+        ``d_model`` (when ``None``)."""
         head_dim = self.head_dim
         if head_dim is None:
             if d_model % self.n_heads:
@@ -274,26 +219,7 @@ class AttentionConfig:
                     "(or set attention.head_dim)"
                 )
             head_dim = d_model // self.n_heads
-        return dataclasses.replace(
-            self,
-            n_kv_heads=self.kv_heads,
-            head_dim=head_dim,
-            norm_eps=norm_eps if self.norm_eps is None else self.norm_eps,
-        )
-
-    def of_layer(self, index: int) -> AttentionConfig:
-        """Block ``index``'s attention: the window applies when ``index`` is a multiple of
-        ``sliding_window_every``."""
-        window = self.sliding_window if index % self.sliding_window_every == 0 else 0
-        layer = dataclasses.replace(self, sliding_window=window, sliding_window_every=1)
-        if self.no_rope_layers is None:
-            return layer
-        if index in self.no_rope_layers:  # NoPE: no rotation, no chunks, temperature tuning
-            norm = QKNorm.NONE if self.qk_norm is QKNorm.WEIGHTLESS else self.qk_norm
-            return dataclasses.replace(
-                layer, rotary=False, chunk_size=0, qk_norm=norm, no_rope_layers=None
-            )
-        return dataclasses.replace(layer, temperature_floor_scale=0, no_rope_layers=None)
+        return dataclasses.replace(self, n_kv_heads=self.kv_heads, head_dim=head_dim)
 
     @property
     def kv_heads(self) -> int:
@@ -305,34 +231,15 @@ class AttentionConfig:
         return self.head_dim or d_model // self.n_heads
 
     def rotary_dim(self, d_model: int) -> int:
-        """Width of the rotated part of each head (MLA's RoPE part, or the first
-        ``int(head_dim * partial_rotary_factor)`` dimensions)."""
-        if self.mla is not None:
-            return self.mla.qk_rope_head_dim
-        return int(self.head_width(d_model) * self.partial_rotary_factor)
+        """Width of the rotated part of each head (0 without rotary positions)."""
+        if self.rope is None:
+            return 0
+        return int(self.head_width(d_model) * self.rope.partial_factor)
 
-    @property
-    def rope_width(self) -> int | None:
-        """Width of the rotated part of a head when it is fixed by the config (MLA's RoPE part
-        or ``head_dim``), else ``None``."""
-        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
-
-    def build(self, *, d_model: int) -> nn.Module:
-        """The ``Attention`` of this config on a stream of width ``d_model`` (a
-        ``MultiHeadLatentAttention`` when ``mla`` is set)."""
-        if self.mla is not None:
-            return self.mla.build(
-                d_model=d_model, n_heads=self.n_heads, rope_scaling=self.rope_scaling
-            )
-        if self.moa is not None:
-            return MixtureOfAttentionHeads(
-                self.moa,
-                d_model=d_model,
-                n_kv_heads=self.kv_heads,
-                head_dim=self.head_width(d_model),
-                causal=self.causal,
-            )
-        return Attention(self, d_model=d_model)
+    def build(self, *, d_model: int, norm_eps: float = 1e-6) -> Attention:
+        """The ``Attention`` of this config on a stream of width ``d_model`` (``norm_eps``: the
+        query/key norms' epsilon)."""
+        return Attention(self, d_model=d_model, norm_eps=norm_eps)
 
 
 class Attention(nn.Module):
@@ -342,24 +249,17 @@ class Attention(nn.Module):
     #: the marker presets and LoRA find token mixers by (moekit.models.mixers.base)
     token_mixer: ClassVar[str] = "attention"
 
-    def __init__(self, config: AttentionConfig, *, d_model: int) -> None:
+    def __init__(self, config: AttentionConfig, *, d_model: int, norm_eps: float = 1e-6) -> None:
         super().__init__()
-        if config.mla is not None:
-            raise ValueError("an AttentionConfig with mla builds MultiHeadLatentAttention")
         n_heads, n_kv_heads = config.n_heads, config.kv_heads
         head_dim = config.head_width(d_model)
-        norm_eps = 1e-6 if config.norm_eps is None else config.norm_eps
         qkv_bias, o_bias, qk_norm = config.qkv_bias, config.o_bias, config.qk_norm
         self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.causal, self.rotary = config.causal, config.rotary
+        self.causal, self.rotary = config.causal, config.rope is not None
         self.scale = head_dim**-0.5 if config.scale is None else config.scale
         self.rotary_dim = config.rotary_dim(d_model)
-        if self.rotary and (self.rotary_dim < 2 or self.rotary_dim % 2):
-            raise ValueError(
-                f"the rotated part of each head (head_dim * partial_rotary_factor = "
-                f"{self.rotary_dim}) must be even and >= 2"
-            )
+        config.check_rotated(head_dim)
         self.output_gate = config.output_gate
         q_width = n_heads * head_dim * (2 if config.output_gate else 1)
         self.q_proj = nn.Linear(d_model, q_width, bias=qkv_bias)
@@ -380,8 +280,7 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if config.sinks else None
         self.sliding_window = config.sliding_window  # 0: attend to every earlier position
         self.chunk_size = config.chunk_size  # 0: no chunks
-        self.temperature_floor_scale = config.temperature_floor_scale
-        self.temperature_scale = config.temperature_scale
+        self.query_temperature = config.query_temperature
         # RMSNorm on queries and keys before RoPE: per head (Qwen3) or over the whole
         # projection (OLMoE)
         self.qk_norm = qk_norm = QKNorm(qk_norm)
@@ -498,11 +397,12 @@ class Attention(nn.Module):
             and self.qk_norm in ("head_after_rope", "weightless")
         ):
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.temperature_floor_scale:  # Llama 4: the queries' temperature grows with position
+        temperature = self.query_temperature
+        if temperature is not None:  # Llama 4: the queries' temperature grows with position
             S = q.shape[2]
             positions = torch.arange(start, start + S, device=q.device, dtype=torch.float32)
-            floors = torch.floor((positions + 1.0) / self.temperature_floor_scale)
-            scales = torch.log1p(floors) * self.temperature_scale + 1.0
+            floors = torch.floor((positions + 1.0) / temperature.floor_scale)
+            scales = torch.log1p(floors) * temperature.scale + 1.0
             q = (q * scales.view(1, 1, S, 1)).to(q.dtype)
         return q, k
 

@@ -19,11 +19,18 @@ from typing import Any
 
 from moekit.models.mixers import MIXER_CONFIGS, RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.transformer.attention_base import AttentionMixerConfig
+from moekit.models.transformer.mla import MLAConfig
+from moekit.models.transformer.moa import MoAConfig
 from moekit.utils.serialization import config_from_dict, config_to_dict
 from moekit.utils.validation import ConfigError
 
+#: any attention mixer's config (the siblings of ``attention_base.AttentionMixerConfig``)
+AnyAttentionConfig = AttentionConfig | MLAConfig | MoAConfig
+#: any token mixer's config
+TokenMixerConfig = AnyAttentionConfig | RecurrentMixerConfig
+
 ATTENTION = "attention"
-ATTENTION_KIND = "attention"  # the kind of a mixers entry that is another attention config
 NONE = "none"  # a block without this sublayer (Nemotron-H's one-sublayer blocks)
 FFN = "ffn"
 
@@ -43,7 +50,7 @@ class TokenMixerLayout:
     """
 
     pattern: list[str]
-    mixers: dict[str, RecurrentMixerConfig | AttentionConfig] = field(default_factory=dict)
+    mixers: dict[str, TokenMixerConfig] = field(default_factory=dict)
     channel: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -64,10 +71,9 @@ class TokenMixerLayout:
                 f"of token_mixers.mixers ({', '.join(sorted(self.mixers)) or 'none'})"
             )
         for name, config in self.mixers.items():
-            if not isinstance(config, RecurrentMixerConfig | AttentionConfig):
+            if not isinstance(config, RecurrentMixerConfig | AttentionMixerConfig):
                 raise ValueError(
-                    f"token_mixers.mixers.{name} must be a mixer config "
-                    f"({', '.join(sorted([*MIXER_CONFIGS, ATTENTION_KIND]))}), got "
+                    f"token_mixers.mixers.{name} must be a mixer config ({_kinds()}), got "
                     f"{type(config).__name__}"
                 )
 
@@ -79,27 +85,15 @@ class TokenMixerLayout:
         mixer = self.mixers.get(self.name_of_layer(index))
         return mixer if isinstance(mixer, RecurrentMixerConfig) else None
 
-    def attention_variant_of_layer(self, index: int) -> AttentionConfig | None:
+    def attention_variant_of_layer(self, index: int) -> AnyAttentionConfig | None:
         """Block ``index``'s own attention config when it is not the model's, else ``None``."""
         mixer = self.mixers.get(self.name_of_layer(index))
-        return mixer if isinstance(mixer, AttentionConfig) else None
+        return mixer if isinstance(mixer, AttentionMixerConfig) else None  # type: ignore[return-value]
 
     def is_attention(self, index: int) -> bool:
-        """Whether block ``index`` runs softmax attention (the model's or its own)."""
+        """Whether block ``index`` runs an attention mixer (the model's or its own)."""
         name = self.name_of_layer(index)
-        return name == ATTENTION or isinstance(self.mixers.get(name), AttentionConfig)
-
-    def per_block(self, n_layers: int) -> tuple[tuple[Any, bool], ...]:
-        """What each of ``n_layers`` blocks runs, names aside: ``(its token mixer: "attention",
-        "none" or the recurrent mixer's config, whether it has a channel mixer)``. Two layouts
-        with equal ``per_block`` compute the same."""
-        return tuple(
-            (
-                self.mixers.get(self.name_of_layer(i), self.name_of_layer(i)),
-                self.has_channel_mixer(i),
-            )
-            for i in range(n_layers)
-        )
+        return name == ATTENTION or isinstance(self.mixers.get(name), AttentionMixerConfig)
 
     def has_channel_mixer(self, index: int) -> bool:
         return self.channel is None or self.channel[index % len(self.channel)] == FFN
@@ -108,15 +102,9 @@ class TokenMixerLayout:
         return [i for i in range(n_layers) if self.is_attention(i)]
 
     def to_config_dict(self) -> dict[str, Any]:
-        """The file form: each attention entry says ``kind = "attention"`` (recurrent
-        configs carry their ``kind`` as a field)."""
+        """The file form: every entry names its ``kind``."""
 
-        mixers = {}
-        for name, mixer in self.mixers.items():
-            entry = config_to_dict(mixer)
-            mixers[name] = (
-                {"kind": ATTENTION_KIND, **entry} if isinstance(mixer, AttentionConfig) else entry
-            )
+        mixers = {name: config_to_dict(mixer) for name, mixer in self.mixers.items()}
         out: dict[str, Any] = {"pattern": list(self.pattern), "mixers": mixers}
         out["channel"] = None if self.channel is None else list(self.channel)
         return out
@@ -131,23 +119,18 @@ class TokenMixerLayout:
             raise ConfigError(
                 f"unknown {section} keys: {unknown} (known: channel, mixers, pattern)"
             )
-        mixers: dict[str, RecurrentMixerConfig | AttentionConfig] = {}
+        mixers: dict[str, TokenMixerConfig] = {}
         for name, entry in (options.get("mixers") or {}).items():
             where = f"{section}.mixers.{name}"
             if not isinstance(entry, dict) or "kind" not in entry:
-                raise ConfigError(
-                    f"{where} must be a section with a kind ({', '.join(sorted(MIXER_CONFIGS))})"
-                )
+                raise ConfigError(f"{where} must be a section with a kind ({_kinds()})")
+            if entry["kind"] in AttentionMixerConfig.registry:
+                mixers[name] = AttentionMixerConfig.from_config_dict(entry, where)
+                continue
             entry = dict(entry)
             kind = entry.pop("kind")
-            if kind == ATTENTION_KIND:
-                mixers[name] = config_from_dict(AttentionConfig, entry, where)
-                continue
             if kind not in MIXER_CONFIGS:
-                raise ConfigError(
-                    f"{where}.kind={kind!r} is not a mixer; choose one of "
-                    f"{', '.join(sorted([*MIXER_CONFIGS, ATTENTION_KIND]))}"
-                )
+                raise ConfigError(f"{where}.kind={kind!r} is not a mixer; choose one of {_kinds()}")
             mixers[name] = config_from_dict(MIXER_CONFIGS[kind], entry, where)
         try:
             channel = options.get("channel")
@@ -158,3 +141,8 @@ class TokenMixerLayout:
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def _kinds() -> str:
+    """Every token mixer's ``kind``, for messages."""
+    return ", ".join(sorted([*MIXER_CONFIGS, *AttentionMixerConfig.registry]))

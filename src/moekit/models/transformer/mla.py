@@ -13,29 +13,44 @@ Attention scale ``(N + R)^-0.5``, times ``mscale^2`` under YaRN with ``mscale_al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.models.transformer.attention_base import AttentionMixerConfig
 from moekit.models.transformer.masks import allowed_keys
-from moekit.models.transformer.rotary import RopeScalingConfig, apply_rotary, yarn_mscale
+from moekit.models.transformer.rotary import (
+    RopeScalingConfig,
+    RotaryConfig,
+    apply_rotary,
+    yarn_mscale,
+)
 from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
-class MLAConfig:
-    """Shape of multi-head latent attention.
+class MLAConfig(AttentionMixerConfig):
+    """Multi-head latent attention (kind ``mla``, a sibling of ``AttentionConfig``; always
+    causal).
 
     Args:
+        n_heads: H.
+        rope: the rotary positions of the R-wide RoPE part (base and scaling; YaRN's
+            ``mscale_all_dim`` also scales the softmax).
         q_lora_rank: query latent width Q (0 for a direct query projection).
         kv_lora_rank: key/value latent width C.
         qk_nope_head_dim: N; qk_rope_head_dim: R; v_head_dim: V.
         rope_interleave: RoPE dimensions stored as interleaved pairs (DeepSeek checkpoints).
     """
 
+    kind: ClassVar[str] = "mla"
+    causal: ClassVar[bool] = True
+
+    n_heads: int
+    rope: RotaryConfig = field(default_factory=RotaryConfig)
     q_lora_rank: int = 0
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -44,23 +59,43 @@ class MLAConfig:
     rope_interleave: bool = True
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        check_fields(self, "attention.")
+        names = ("n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in names:
             if getattr(self, name) < 1:
-                raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"attention.{name} must be >= 1, got {getattr(self, name)}")
         if self.q_lora_rank < 0 or self.qk_rope_head_dim % 2:
-            raise ValueError("mla.q_lora_rank must be >= 0 and mla.qk_rope_head_dim even")
+            raise ValueError(
+                "attention.q_lora_rank must be >= 0 and attention.qk_rope_head_dim even"
+            )
+        if self.rope.partial_factor != 1.0:
+            raise ValueError(
+                "attention.rope.partial_factor: latent attention rotates its qk_rope_head_dim"
+            )
 
-    def build(
-        self, *, d_model: int, n_heads: int, rope_scaling: RopeScalingConfig | None = None
-    ) -> MultiHeadLatentAttention:
-        """The ``MultiHeadLatentAttention`` of ``n_heads`` heads on a stream of width
-        ``d_model``, its softmax scale adjusted for YaRN ``rope_scaling``."""
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads
+
+    def head_width(self, d_model: int) -> int:
+        """A query/key head's width: ``N + R``."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def rotary_dim(self, d_model: int) -> int:
+        return self.qk_rope_head_dim
+
+    def resolved(self, *, d_model: int) -> MLAConfig:
+        return self
+
+    def build(self, *, d_model: int, norm_eps: float = 1e-6) -> MultiHeadLatentAttention:
+        """The ``MultiHeadLatentAttention`` on a stream of width ``d_model``, its softmax scale
+        adjusted for YaRN scaling (its latent norms keep DeepSeek's 1e-6: ``norm_eps`` is
+        unused)."""
         return MultiHeadLatentAttention(
             self,
             d_model=d_model,
-            n_heads=n_heads,
-            softmax_scale=mla_softmax_scale(self, rope_scaling),
+            n_heads=self.n_heads,
+            softmax_scale=mla_softmax_scale(self, self.rope.scaling),
         )
 
 

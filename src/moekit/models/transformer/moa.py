@@ -17,6 +17,7 @@ slots as query heads grouped onto the G key/value heads.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -28,38 +29,84 @@ from moekit.dispatch.sort import plan_dispatch
 from moekit.experts.grouped_linear import grouped_linear
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
+from moekit.models.transformer.attention_base import AttentionMixerConfig
 from moekit.models.transformer.masks import allowed_keys
-from moekit.models.transformer.rotary import apply_rotary
+from moekit.models.transformer.rotary import RotaryConfig, apply_rotary
 from moekit.routing.topk import Gating, TopKRouterConfig
 from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
-class MoAConfig:
-    """Mixture of attention heads (``AttentionConfig.moa``): ``num_experts`` query/output
-    projection pairs, ``top_k`` of them per token; ``AttentionConfig.n_kv_heads`` heads of
-    ``head_dim`` are shared, and ``n_heads`` must be ``top_k * n_kv_heads``.
+class MoAConfig(AttentionMixerConfig):
+    """A mixture of attention heads (kind ``moa``, a sibling of ``AttentionConfig``):
+    ``num_experts`` query/output projection pairs, ``top_k`` of them per token, over
+    ``n_kv_heads`` shared key/value heads of ``head_dim``; ``n_heads`` is ``top_k *
+    n_kv_heads``.
 
     Args:
         num_experts: E.
         top_k: K.
+        n_kv_heads: G, the shared key/value heads.
+        head_dim: Dh; ``None`` means ``d_model // n_heads``.
+        causal: each position sees only earlier ones.
+        rope: the rotary positions (the whole head rotates).
         output_bias: a learned bias added to the attention output (JetMoE).
         aux_loss: the balancing losses of the attention router (Switch loss, z-loss, ...),
             added to the model's ``aux_loss`` like an MoE layer's.
     """
 
+    kind: ClassVar[str] = "moa"
+
     num_experts: int
     top_k: int
+    n_kv_heads: int
+    head_dim: int | None = None
+    causal: bool = True
+    rope: RotaryConfig = field(default_factory=RotaryConfig)
     output_bias: bool = True
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
 
     def __post_init__(self) -> None:
-        check_fields(self, "attention.moa.")
+        check_fields(self, "attention.")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
-                f"attention.moa.top_k must be in [1, num_experts={self.num_experts}], got "
-                f"{self.top_k}"
+                f"attention.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
             )
+        if self.n_kv_heads < 1:
+            raise ValueError(f"attention.n_kv_heads must be >= 1, got {self.n_kv_heads}")
+        if self.rope.partial_factor != 1.0:
+            raise ValueError("attention.rope.partial_factor: a mixture of heads rotates all")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"attention.head_dim must be even and >= 2, got {self.head_dim}")
+
+    @property
+    def n_heads(self) -> int:
+        """Query heads per token: ``top_k * n_kv_heads``."""
+        return self.top_k * self.n_kv_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads
+
+    def head_width(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def rotary_dim(self, d_model: int) -> int:
+        return self.head_width(d_model)
+
+    def resolved(self, *, d_model: int) -> MoAConfig:
+        """This config with ``head_dim`` filled in for a model of width ``d_model``."""
+        if self.head_dim is None and d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={d_model} must be divisible by n_heads={self.n_heads} (top_k x "
+                "n_kv_heads), or set attention.head_dim"
+            )
+        return dataclasses.replace(self, head_dim=self.head_width(d_model))
+
+    def build(self, *, d_model: int, norm_eps: float = 1e-6) -> MixtureOfAttentionHeads:
+        """The ``MixtureOfAttentionHeads`` on a stream of width ``d_model`` (it has no norm:
+        ``norm_eps`` is unused)."""
+        return MixtureOfAttentionHeads(self, d_model=d_model)
 
 
 class MixtureOfAttentionHeads(nn.Module):
@@ -71,12 +118,11 @@ class MixtureOfAttentionHeads(nn.Module):
     #: LoRA adapts no linear of it (its expert projections are stacked tensors)
     lora_on_linears: ClassVar[bool] = False
 
-    def __init__(
-        self, moa: MoAConfig, *, d_model: int, n_kv_heads: int, head_dim: int, causal: bool
-    ) -> None:
+    def __init__(self, moa: MoAConfig, *, d_model: int) -> None:
         super().__init__()
         self.moa = moa
-        self.n_kv_heads, self.head_dim, self.causal = n_kv_heads, head_dim, causal
+        n_kv_heads, head_dim = moa.n_kv_heads, moa.head_width(d_model)
+        self.n_kv_heads, self.head_dim, self.causal = n_kv_heads, head_dim, moa.causal
         self.rotary = True
         width = n_kv_heads * head_dim
         E, K = moa.num_experts, moa.top_k

@@ -24,10 +24,10 @@ from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.layers.dense_beside import DenseBesideMoE
-from moekit.models.mixers import RecurrentMixerConfig
 from moekit.models.transformer.attention import AttentionConfig, KVCache
 from moekit.models.transformer.layout import NONE as NONE_MIXER
-from moekit.models.transformer.layout import TokenMixerLayout
+from moekit.models.transformer.layout import AnyAttentionConfig, TokenMixerConfig, TokenMixerLayout
+from moekit.models.transformer.legacy import upgrade_model_dict
 from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
 from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, TokenTableRouterConfig, is_causal
@@ -68,8 +68,9 @@ class TransformerConfig:
         vocab_size: tokens in the vocabulary.
         d_model: model width.
         n_layers: blocks.
-        attention: every block's attention (heads, grouped-query or latent attention, biases,
-            norms, sliding window, sinks, rotary positions); see ``AttentionConfig``.
+        attention: every attention block's mixer: softmax attention (``AttentionConfig``),
+            latent attention (``MLAConfig``) or a mixture of attention heads (``MoAConfig``);
+            ``token_mixers`` gives blocks other mixers (their own attention, a recurrent one).
         ffn_hidden: hidden width of the dense FFNs.
         activation: FFN and expert activation.
         max_seq_len: longest sequence (rotary table size, cache size).
@@ -96,7 +97,7 @@ class TransformerConfig:
     vocab_size: int
     d_model: int
     n_layers: int
-    attention: AttentionConfig
+    attention: AnyAttentionConfig
     ffn_hidden: int
     activation: Activation = Activation.SWIGLU
     max_seq_len: int = 1024
@@ -148,16 +149,13 @@ class TransformerConfig:
             raise ValueError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         if not self.attention.causal:
             raise ValueError("attention.causal must be true in a causal language model")
-        self.attention = self.attention.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
-        self._resolve_attention_variants()
-        if self.attention.rotary and self.attention.mla is None and self.head_width % 2:
-            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_width}")
-        rotated = self.attention.rotary_dim(self.d_model)
-        if self.attention.rotary and self.attention.mla is None and (rotated < 2 or rotated % 2):
+        if not isinstance(self.attention, AnyAttentionConfig):
             raise ValueError(
-                f"attention.partial_rotary_factor={self.attention.partial_rotary_factor} rotates "
-                f"{rotated} of head_dim={self.head_width} dimensions; it must be even and >= 2"
+                "attention must be an attention mixer config (AttentionConfig, MLAConfig or "
+                f"MoAConfig), got {type(self.attention).__name__}"
             )
+        self.attention = self.attention.resolved(d_model=self.d_model)
+        self._resolve_attention_variants()
         placed = self.moe.layers
         if placed and placed[-1] >= self.n_layers:
             raise ValueError(f"moe.layers names blocks beyond the model's {self.n_layers}")
@@ -207,15 +205,17 @@ class TransformerConfig:
             return
         mixers = dict(layout.mixers)
         for name, mixer in layout.mixers.items():
-            if isinstance(mixer, AttentionConfig):
+            if isinstance(mixer, AnyAttentionConfig):
                 if not mixer.causal:
                     raise ValueError(f"token_mixers.mixers.{name}.causal must be true")
-                mixers[name] = mixer.resolved(d_model=self.d_model, norm_eps=self.norm_eps)
+                mixers[name] = mixer.resolved(d_model=self.d_model)
         self.token_mixers = dataclasses.replace(layout, mixers=mixers)
 
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files)."""
+        """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files); a
+        file from before attention's layer options moved to ``token_mixers`` is upgraded."""
+        data = upgrade_model_dict(data)
         if "moe" not in data:
             return data
         return {**data, "moe": fill_layer_d_model(data["moe"], data.get("d_model"))}
@@ -224,21 +224,19 @@ class TransformerConfig:
         """The ``TransformerLM`` of this config (randomly initialised)."""
         return TransformerLM(self)
 
-    def attention_of_layer(self, index: int) -> AttentionConfig:
-        """Block ``index``'s attention config (its sliding window resolved)."""
-        return self.attention.of_layer(index)
+    def attention_of_layer(self, index: int) -> AnyAttentionConfig:
+        """Block ``index``'s attention config: its own (``token_mixers``) or the model's."""
+        layout = self.token_mixers
+        variant = None if layout is None else layout.attention_variant_of_layer(index)
+        return self.attention if variant is None else variant
 
-    def token_mixer_of_layer(self, index: int) -> AttentionConfig | RecurrentMixerConfig | None:
+    def token_mixer_of_layer(self, index: int) -> TokenMixerConfig | None:
         """Block ``index``'s token mixer: its attention config, a recurrent mixer's, or
         ``None`` (a block without one)."""
         if self.token_mixers is None:
-            return self.attention_of_layer(index)
-        name = self.token_mixers.name_of_layer(index)
-        if name == NONE_MIXER:
+            return self.attention
+        if self.token_mixers.name_of_layer(index) == NONE_MIXER:
             return None
-        variant = self.token_mixers.attention_variant_of_layer(index)
-        if variant is not None:
-            return variant.of_layer(index)
         recurrent = self.token_mixers.mixer_of_layer(index)
         return self.attention_of_layer(index) if recurrent is None else recurrent
 
@@ -267,7 +265,8 @@ class TransformerConfig:
 
     def window_of_layer(self, index: int) -> int:
         """The sliding window of block ``index`` (0 for full attention)."""
-        return self.attention.of_layer(index).sliding_window
+        mixer = self.token_mixer_of_layer(index)
+        return mixer.sliding_window if isinstance(mixer, AttentionConfig) else 0
 
 
 @dataclass
@@ -291,8 +290,8 @@ class Block(nn.Module):
     sublayer normalised before (``pre``), after (``post``) or both (``sandwich``).
 
     Args:
-        attention: the block's token mixer config: attention (``AttentionConfig.of_layer``) or
-            a recurrent mixer (``moekit.models.mixers``); built as ``self.attn`` either way.
+        attention: the block's token mixer config: an attention mixer's or a recurrent
+            mixer's (``moekit.models.mixers``), or ``None``; built as ``self.attn`` either way.
         d_model, ffn_hidden, activation, norm_eps: the stream and the dense FFN.
         moe_config: the MoE layer replacing the dense FFN, or ``None``.
         residual_multiplier: scales each sublayer's output (Granite).
@@ -305,7 +304,7 @@ class Block(nn.Module):
 
     def __init__(
         self,
-        attention: AttentionConfig | RecurrentMixerConfig | None,
+        attention: TokenMixerConfig | None,
         *,
         d_model: int,
         ffn_hidden: int,
@@ -332,10 +331,8 @@ class Block(nn.Module):
         self.attn_norm = norm_of(attention is not None)
         self.attn_post_norm = norm_of(attention is not None and sandwich)
         self.attn: nn.Module | None = None
-        if isinstance(attention, RecurrentMixerConfig):
+        if attention is not None:
             self.attn = attention.build(d_model=d_model, norm_eps=norm_eps)
-        elif attention is not None:
-            self.attn = attention.build(d_model=d_model)
         self.ffn: nn.Module | None = None
         if channel:
             dense = FeedForward(d_model, ffn_hidden, activation=activation)
@@ -473,15 +470,15 @@ class TransformerLM(nn.Module):
             else nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         )
         # one rotary table per distinct rotation among the attention blocks (a layout's own
-        # attention configs may rotate otherwise: Gemma 4's global layers)
-        specs = [self._rotation(config.attention)]
+        # attention configs may rotate otherwise: Gemma 4's global layers); -1: no positions
+        specs: list[tuple[Any, ...]] = []
         self.rope_table_of_block: list[int] = []
-        for i in range(config.n_layers):
-            mixer = config.token_mixer_of_layer(i)
-            spec = self._rotation(mixer) if isinstance(mixer, AttentionConfig) else specs[0]
-            if spec not in specs:
+        for mixer in [config.attention, *map(config.token_mixer_of_layer, range(config.n_layers))]:
+            spec = self._rotation(mixer)
+            if spec is not None and spec not in specs:
                 specs.append(spec)
-            self.rope_table_of_block.append(specs.index(spec))
+            self.rope_table_of_block.append(-1 if spec is None else specs.index(spec))
+        del self.rope_table_of_block[0]  # the model's attention, listed first for table 0
         self.rope_specs = specs
         for j in range(len(specs)):
             suffix = "" if j == 0 else f"_{j}"
@@ -490,10 +487,13 @@ class TransformerLM(nn.Module):
         self.init_buffers()
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def _rotation(self, attention: AttentionConfig) -> tuple[Any, ...]:
-        """What a rotary table depends on: ``(rotated width, base, scaling)``."""
-        rotated = attention.rotary_dim(self.config.d_model)
-        return (rotated, attention.rope_theta, attention.rope_scaling)
+    def _rotation(self, mixer: TokenMixerConfig | None) -> tuple[Any, ...] | None:
+        """What a rotary table depends on: ``(rotated width, base, scaling)``; ``None`` for a
+        mixer without rotary positions."""
+        if not isinstance(mixer, AnyAttentionConfig) or mixer.rope is None:
+            return None
+        rotated = mixer.rotary_dim(self.config.d_model)
+        return (rotated, mixer.rope.theta, mixer.rope.scaling)
 
     def init_buffers(self) -> None:
         """(Re)compute the buffers that are not saved (the rotary tables) on the embedding's
@@ -587,9 +587,10 @@ class TransformerLM(nn.Module):
         moe_outputs: list[MoEOutput] = []
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
+            table = self.rope_table_of_block[i]
             x, moe_out, mixer_loss = block(
                 x,
-                rope=rope[self.rope_table_of_block[i]],
+                rope=None if table < 0 else rope[table],
                 cache=cache,
                 start=start,
                 key_mask=key_mask,

@@ -127,6 +127,31 @@ class RopeScalingConfig:
             )
 
 
+@dataclass(kw_only=True)
+class RotaryConfig:
+    """Rotary positions of an attention mixer (RoPE, Su et al. 2021).
+
+    Args:
+        theta: the rotary base.
+        scaling: context extension (``RopeScalingConfig``: YaRN, Llama 3, proportional), or
+            ``None``.
+        partial_factor: rotate only the first ``int(head_dim * partial_factor)`` dimensions of
+            each query and key head, the rest carry no position (GLM-4.5, MiniMax-M2, Phi;
+            1.0: the whole head).
+    """
+
+    theta: float = 10000.0
+    scaling: RopeScalingConfig | None = None
+    partial_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "rope.")
+        if not self.theta > 0:
+            raise ValueError(f"rope.theta must be > 0, got {self.theta}")
+        if not 0 < self.partial_factor <= 1:
+            raise ValueError(f"rope.partial_factor must be in (0, 1], got {self.partial_factor}")
+
+
 def rotary_tables(
     head_dim: int, max_positions: int, theta: float, scaling=None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,7 +141,7 @@ class VisionMoE(nn.Module):
                     n_kv_heads=config.n_heads,
                     head_dim=head_dim,
                     causal=False,
-                    rotary=False,
+                    rope=None,
                 ),
                 d_model=d,
                 ffn_hidden=config.ffn_hidden,
