@@ -18,6 +18,7 @@ from moekit.dispatch.config import DispatchMode
 from moekit.dispatch.direct import direct_applies, direct_experts
 from moekit.dispatch.dispatcher import DispatchConfig, Dispatcher
 from moekit.dispatch.soft import causal_soft_dispatch_and_combine, soft_dispatch_and_combine
+from moekit.dispatch.sort import DispatchPlan
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.experts.zero_computation import ZeroComputationConfig
@@ -290,7 +291,28 @@ class MoE(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 3 else None
 
         routing = self._route(x_TD, route_on, ids_T, mask_T)  # 1
-        # 2-3: a decoding step's handful of tokens skips the dispatch (nothing reads its plan)
+        y_TD, plan = self._experts_output(x_TD, routing, mask_T, seq_len)  # 2-4
+        aux_loss, losses, inner = self._losses_of_call(routing, mask_T, seq_len)  # 5
+        stats = None
+        if self.statistics and plan is not None:
+            stats = routing_stats(routing, plan, mask_T, self.dispatcher.global_sum)
+        record_load = getattr(self.router, "record_load", None)
+        # bias balancing, global under EP (the pre-pass must not count the step twice)
+        if self.training and record_load is not None and self.balance_tally is None:
+            assert plan is not None  # training always dispatches
+            record_load(self.dispatcher.global_sum(plan.routed_per_expert_E.detach()))
+        return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
+
+    def _experts_output(
+        self,
+        x_TD: torch.Tensor,
+        routing: RoutingResult,
+        mask_T: torch.Tensor | None,
+        seq_len: int | None,
+    ) -> tuple[torch.Tensor, DispatchPlan | None]:
+        """``(T, D)``: the routed experts' combined output (a decoding step's handful of tokens
+        skips the dispatch: nothing reads its plan), plus the zero-computation slots, shared
+        experts and output bias; and the dispatch plan (``None`` on the direct path)."""
         plan = None
         if self._direct(x_TD, routing):
             bank = cast(Any, self.experts)
@@ -300,27 +322,24 @@ class MoE(nn.Module):
             y_TD = self.dispatcher.run(x_TD, plan, self.experts)
         if self.zero_computation is not None:
             y_TD = y_TD + self._special_output(x_TD, routing, mask_T).to(y_TD.dtype)
-        if self.shared_experts is not None:  # 4
+        if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         if self.output_bias_D is not None:
             y_TD = y_TD + self.output_bias_D.to(y_TD.dtype)
+        return y_TD, plan
 
-        global_sum = self.dispatcher.global_sum  # 5
+    def _losses_of_call(
+        self, routing: RoutingResult, mask_T: torch.Tensor | None, seq_len: int | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[MoEOutput]]:
+        """``(weighted auxiliary loss, each configured loss, nested layers' outputs)``; the
+        global-batch pre-pass tallies the routing instead."""
         if self.balance_tally is not None:  # the pre-pass of a global-batch step
             self.balance_tally.add(routing, mask_T)
         losses = self._losses(routing, mask_T, seq_len) if self.losses_enabled else {}
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
         aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
-        stats = None
-        if self.statistics and plan is not None:
-            stats = routing_stats(routing, plan, mask_T, global_sum)
-        record_load = getattr(self.router, "record_load", None)
-        # bias balancing, global under EP (the pre-pass must not count the step twice)
-        if self.training and record_load is not None and self.balance_tally is None:
-            assert plan is not None  # training always dispatches
-            record_load(global_sum(plan.routed_per_expert_E.detach()))
-        return MoEOutput(y_TD.view(x.shape), aux_loss, losses, stats, routing, inner)
+        return aux_loss, losses, inner
 
     def _route(
         self,
