@@ -36,7 +36,6 @@ def build(moe: bool) -> TransformerLM:
             max_seq_len=256,
             moe=MoEPlacementConfig(
                 layer=MoEConfig(
-                    d_model=128,
                     num_experts=8,
                     top_k=2,
                     experts=ExpertConfig(hidden=256),

@@ -46,12 +46,11 @@ def layer_table(tokens: int, experts: int, rounds: int, with_hf: bool) -> None:
     D, H, k = 512, 1024, 2
     torch.manual_seed(0)
     moe = moekit.MoEConfig(
-        d_model=D,
         num_experts=experts,
         top_k=k,
         experts=moekit.ExpertConfig(hidden=H, activation="swiglu"),
         statistics=False,
-    ).build()
+    ).build(d_model=D)
     moe.losses_enabled = False
     modules: dict[str, tuple[torch.nn.Module, Callable]] = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -39,7 +39,6 @@ def build(d_model: int, ffn_hidden: int, experts: int = 0) -> TransformerLM:
     layer = None
     if experts:
         layer = MoEConfig(
-            d_model=d_model,
             num_experts=experts,
             top_k=2,
             experts=ExpertConfig(hidden=ffn_hidden),

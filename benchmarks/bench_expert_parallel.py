@@ -46,7 +46,6 @@ SEQ_LEN = 128
 
 def lm_config() -> TransformerConfig:
     layer = moekit.MoEConfig(
-        d_model=256,
         num_experts=8,
         top_k=2,
         experts=moekit.ExpertConfig(hidden=512),

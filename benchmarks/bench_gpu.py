@@ -167,14 +167,13 @@ def build_layer(E: int, k: int, D: int, H: int, *, capacity: float | None = None
         else moekit.DispatchConfig()
     )
     return moekit.MoEConfig(
-        d_model=D,
         num_experts=E,
         top_k=k,
         experts=moekit.ExpertConfig(hidden=H, activation="swiglu"),
         dispatch=dispatch,
         aux_loss=moekit.AuxLossConfig(switch=0.01, z_loss=0.001),
         statistics=False,
-    ).build()
+    ).build(d_model=D)
 
 
 # ------------------------------------------------------------------------------- correct
@@ -520,7 +519,6 @@ def lm_config(tiny: bool):
     else:  # ~1.2B active (3.7B total) parameters
         d, layers, heads, kv, E, k, H, vocab, seq = 2048, 24, 16, 4, 16, 4, 1408, 32000, 2048
     moe = moekit.MoEConfig(
-        d_model=d,
         num_experts=E,
         top_k=k,
         experts=moekit.ExpertConfig(hidden=H, activation="swiglu"),

@@ -47,12 +47,11 @@ def build(impl: str, num_experts: int, seed: int = 0, dtype: torch.dtype = torch
 def _build_fp32(impl: str, num_experts: int, seed: int):
     torch.manual_seed(seed)
     moe = moekit.MoEConfig(
-        d_model=D_MODEL,
         num_experts=num_experts,
         top_k=TOP_K,
         experts=moekit.ExpertConfig(hidden=HIDDEN, activation="swiglu"),
         aux_loss=moekit.AuxLossConfig(switch=0.0),
-    ).build()
+    ).build(d_model=D_MODEL)
     if impl == "moekit":
         return moe, lambda x: moe(x).output
     if impl == "dense":

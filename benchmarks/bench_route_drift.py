@@ -33,9 +33,7 @@ from moekit.training.data import ByteTokenizer, calibration_batches
 
 def tiny_policy(seed: int) -> TransformerLM:
     torch.manual_seed(seed)
-    layer = moekit.MoEConfig(
-        d_model=64, num_experts=8, top_k=2, experts=moekit.ExpertConfig(hidden=64)
-    )
+    layer = moekit.MoEConfig(num_experts=8, top_k=2, experts=moekit.ExpertConfig(hidden=64))
     config = TransformerConfig(
         vocab_size=256,
         d_model=64,

@@ -43,12 +43,11 @@ def build(name: str) -> moekit.MoE:
     torch.manual_seed(0)
     options, top_k = ROUTERS[name]
     return moekit.MoEConfig(
-        d_model=D_MODEL,
         num_experts=EXPERTS,
         top_k=top_k,
         experts=moekit.ExpertConfig(hidden=HIDDEN),
         router=moekit.RouterConfig(**options),
-    ).build()
+    ).build(d_model=D_MODEL)
 
 
 def step(moe: moekit.MoE, x: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:

@@ -58,7 +58,6 @@ def config(method: str) -> VisionMoEConfig:
             "soft": moekit.RouterConfig(kind="soft", slots_per_expert=PATCHES // EXPERTS),
         }[method]
         layer = moekit.MoEConfig(
-            d_model=D_MODEL,
             num_experts=EXPERTS,
             top_k=1,
             experts=moekit.ExpertConfig(hidden=EXPERT_HIDDEN, activation="gelu"),
@@ -71,7 +70,6 @@ def config(method: str) -> VisionMoEConfig:
         patch_size=2,
         channels=1,
         num_classes=10,
-        d_model=D_MODEL,
         n_layers=4,
         n_heads=4,
         ffn_hidden=EXPERT_HIDDEN,

@@ -46,12 +46,11 @@ def import_revision(revision: str, root: Path):
 def layer(mk, experts: int):
     torch.manual_seed(0)
     return mk.MoEConfig(
-        d_model=512,
         num_experts=experts,
         top_k=2,
         experts=mk.ExpertConfig(hidden=1024),
         aux_loss=mk.AuxLossConfig(switch=0.0),
-    ).build()
+    ).build(d_model=512)
 
 
 def step(moe, x: torch.Tensor) -> float:

@@ -51,10 +51,8 @@ def make_moe(
     **kwargs,
 ) -> moekit.MoE:
     experts = kwargs.pop("experts", moekit.ExpertConfig(hidden=hidden))
-    cfg = moekit.MoEConfig(
-        d_model=d_model, num_experts=num_experts, top_k=top_k, experts=experts, **kwargs
-    )
-    return cfg.build()
+    cfg = moekit.MoEConfig(num_experts=num_experts, top_k=top_k, experts=experts, **kwargs)
+    return cfg.build(d_model=d_model)
 
 
 def placement(
@@ -69,12 +67,11 @@ def placement(
     activation: str = "swiglu",
     **layer,
 ) -> MoEPlacementConfig:
-    """A tiny model's MoE placement: one ``MoEConfig`` of width ``d_model`` (``layer``: its other
-    options) in every ``every``-th block after ``first_dense`` dense ones."""
+    """A tiny model's MoE placement: one ``MoEConfig`` (``layer``: its other options) in every
+    ``every``-th block after ``first_dense`` dense ones (``d_model``, the model's width, is
+    the model config's: kept for the callers' readability)."""
     experts = moekit.ExpertConfig(hidden=expert_hidden, activation=activation, bias=expert_bias)
-    config = moekit.MoEConfig(
-        d_model=d_model, num_experts=num_experts, top_k=top_k, experts=experts, **layer
-    )
+    config = moekit.MoEConfig(num_experts=num_experts, top_k=top_k, experts=experts, **layer)
     return MoEPlacementConfig(layer=config, every=every, first_dense=first_dense)
 
 

@@ -25,14 +25,13 @@ def test_layer_compiles_to_one_graph_and_equals_eager():
     """Top-k, dropless, no padding, statistics off: no graph break (fullgraph=True)."""
     torch.manual_seed(0)
     moe = moekit.MoEConfig(
-        d_model=16,
         num_experts=4,
         top_k=2,
         experts=moekit.ExpertConfig(hidden=16),
         router=moekit.RouterConfig(gating="sigmoid_topk", bias_balancing=True),
         aux_loss=moekit.AuxLossConfig(switch=0.01, z_loss=0.001),
         statistics=False,
-    ).build()
+    ).build(d_model=16)
     x = torch.randn(3, 8, 16)
     eager = moe(x)
     grads = torch.autograd.grad(eager.output.sum() + eager.aux_loss, [*moe.parameters()])

@@ -55,9 +55,9 @@ def test_counter_sees_what_syncs():
 def test_layer_with_statistics_makes_no_host_sync():
     import moekit
 
-    layer = moekit.MoEConfig(
-        d_model=16, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16)
-    ).build()
+    layer = moekit.MoEConfig(num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16)).build(
+        d_model=16
+    )
     x = torch.randn(32, 16)
     layer(x)
     with HostSyncCounter() as counter:

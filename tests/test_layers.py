@@ -154,12 +154,16 @@ def test_any_leading_dims_and_bf16():
     assert out.routing.logits_TE.dtype == torch.float32  # router computed in float32
 
 
-def test_an_moe_lm_is_declared_without_repeating_d_model():
-    """Inside a model config the MoE layer's width is the model's: MoEConfig(d_model=0, the
-    default) there; on its own a layer needs its width."""
+def test_an_moe_layers_width_is_given_at_build_time():
+    """``MoEConfig.build(*, d_model)`` like every other component: a model passes its own width;
+    the old ``MoEConfig(d_model=...)`` still builds, with a ``DeprecationWarning``; an old file's
+    ``moe.layer.d_model`` is read when it equals the model's and refused by name otherwise."""
     from moekit.models import MoEPlacementConfig, TransformerConfig
+    from moekit.utils.serialization import config_from_dict
+    from moekit.utils.validation import ConfigError
 
     layer = moekit.MoEConfig(num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16))
+    assert "d_model" not in {f.name for f in dataclasses.fields(layer)}
     config = TransformerConfig(
         vocab_size=32,
         d_model=24,
@@ -168,11 +172,28 @@ def test_an_moe_lm_is_declared_without_repeating_d_model():
         ffn_hidden=48,
         moe=MoEPlacementConfig(layer=layer),
     )
-    assert config.moe.layer.d_model == 24
     model = config.build()
     assert model.blocks[0].ffn.d_model == 24
-    with pytest.raises(ValueError, match="d_model must be set"):
+    assert layer.build(d_model=12).d_model == 12
+    with pytest.raises(ValueError, match=r"MoEConfig\.build needs d_model"):
         layer.build()
+    with pytest.warns(DeprecationWarning, match=r"build\(d_model=\.\.\.\)"):
+        old = moekit.MoEConfig(
+            d_model=8, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16)
+        )
+    assert old.build().d_model == 8
+    data = {
+        "vocab_size": 32,
+        "d_model": 24,
+        "n_layers": 2,
+        "ffn_hidden": 48,
+        "attention": {"n_heads": 2},
+        "moe": {"layer": {"d_model": 24, "num_experts": 4, "top_k": 2, "experts": {"hidden": 8}}},
+    }
+    assert config_from_dict(TransformerConfig, data).moe.layer.num_experts == 4
+    data["moe"]["layer"]["d_model"] = 16
+    with pytest.raises(ConfigError, match=r"moe\.layer\.d_model=16 differs from the model's"):
+        config_from_dict(TransformerConfig, data)
 
 
 def test_dispatch_config_builds_its_dispatcher():

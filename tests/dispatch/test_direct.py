@@ -11,10 +11,8 @@ from moekit.experts.zero_computation import ZeroComputationConfig
 def _layer(**kw):
     torch.manual_seed(0)
     return (
-        moekit.MoEConfig(
-            d_model=16, num_experts=6, top_k=2, experts=moekit.ExpertConfig(hidden=12), **kw
-        )
-        .build()
+        moekit.MoEConfig(num_experts=6, top_k=2, experts=moekit.ExpertConfig(hidden=12), **kw)
+        .build(d_model=16)
         .eval()
     )
 

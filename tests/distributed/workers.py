@@ -63,7 +63,6 @@ def layer_equivalence(
         )
     )
     ref = moekit.MoEConfig(
-        d_model=D,
         num_experts=8,
         top_k=2,
         dispatch=dispatch,
@@ -71,7 +70,7 @@ def layer_equivalence(
         router=moekit.RouterConfig(bias_balancing=True),
         shared_experts=moekit.SharedExpertConfig(hidden=8),
         aux_loss=moekit.AuxLossConfig(switch=0.1, z_loss=0.01),
-    ).build()
+    ).build(d_model=D)
     if zero_tokens:  # every token picks experts 0 and 1: all other ranks receive nothing
         with torch.no_grad():
             ref.router.weight_ED.zero_()
@@ -196,13 +195,12 @@ def ddp_bias_balancing(rank: int, world: int, port: int) -> None:
     init(rank, world, port)
     torch.manual_seed(0)
     config = moekit.MoEConfig(
-        d_model=D,
         num_experts=4,
         top_k=1,
         experts=moekit.ExpertConfig(hidden=8),
         router=moekit.RouterConfig(bias_balancing=True, bias_update_rate=0.1),
     )
-    ref = config.build()
+    ref = config.build(d_model=D)
     ddp_layer = copy.deepcopy(ref)
     wrapped = wrap_data_parallel(ddp_layer)
     # rank r sends its tokens to expert r only: each rank alone sees a very different load
@@ -524,12 +522,11 @@ def router_state_over_ranks(rank: int, world: int, port: int) -> None:
             d_model=8, num_experts=4, top_k=1
         )
         null_layer = MoEConfig(
-            d_model=8,
             num_experts=4,
             top_k=2,
             experts=ExpertConfig(hidden=6),
             zero_computation=ZeroComputationConfig(zero=4, target_experts_per_token=1.0),
-        ).build()
+        ).build(d_model=8)
         inputs = [
             torch.randn(12, 8, generator=torch.Generator().manual_seed(r)) for r in range(world)
         ]

@@ -39,9 +39,9 @@ def grouped_mm_dtypes(monkeypatch):
 
 def _layer(**overrides) -> moekit.MoE:
     torch.manual_seed(0)
-    options = dict(d_model=32, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=48))
+    options = dict(num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=48))
     options.update(overrides)
-    return moekit.MoEConfig(**options).build()
+    return moekit.MoEConfig(**options).build(d_model=32)
 
 
 def test_experts_run_in_bf16_under_autocast_with_fp32_master_gradients(grouped_mm_dtypes):
@@ -95,12 +95,11 @@ def test_router_float32_false_follows_autocast():
 def test_soft_moe_under_autocast(grouped_mm_dtypes):
     torch.manual_seed(0)
     layer = moekit.MoEConfig(
-        d_model=32,
         num_experts=4,
         top_k=1,
         router=moekit.RouterConfig(kind="soft", slots_per_expert=2),
         experts=moekit.ExpertConfig(hidden=32),
-    ).build()
+    ).build(d_model=32)
     x = torch.randn(2, 8, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)

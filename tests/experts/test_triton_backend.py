@@ -30,18 +30,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _layers(activation=Activation.SWIGLU, dispatch=None, **expert_options):
     """The same MoE layer twice: PyTorch path and Triton kernels, equal weights."""
     config = MoEConfig(
-        d_model=24,
         num_experts=6,
         top_k=2,
         experts=ExpertConfig(hidden=20, activation=activation, **expert_options),
         dispatch=dispatch or DispatchConfig(),
     )
     torch.manual_seed(0)
-    reference = config.build().to(DEVICE)
+    reference = config.build(d_model=24).to(DEVICE)
     fused_config = dataclasses.replace(
         config, experts=dataclasses.replace(config.experts, kernel="triton")
     )
-    fused = fused_config.build().to(DEVICE)
+    fused = fused_config.build(d_model=24).to(DEVICE)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
 

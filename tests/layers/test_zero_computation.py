@@ -15,13 +15,12 @@ from moekit.routing import Gating, TokenTableRouterConfig, TopKRouterConfig
 def _layer(**kw):
     torch.manual_seed(0)
     layer = MoEConfig(
-        d_model=8,
         num_experts=4,
         top_k=3,
         experts=ExpertConfig(hidden=6),
         zero_computation=ZeroComputationConfig(zero=1, copy=2, constant=2),
         **kw,
-    ).build()
+    ).build(d_model=8)
     with torch.no_grad():  # a non-trivial constant gate
         layer.zero_computation.gate_C2D.normal_()
     return layer.double()
@@ -194,14 +193,13 @@ def test_router_weight_on_the_expert_input_matches_a_loop():
     torch.manual_seed(0)
     layer = (
         MoEConfig(
-            d_model=8,
             num_experts=4,
             top_k=2,
             experts=ExpertConfig(hidden=6),
             router=TopKRouterConfig(gating=Gating.SIGMOID_TOPK, normalize_weights=False),
             dispatch=DispatchConfig(weight_input=True),
         )
-        .build()
+        .build(d_model=8)
         .double()
     )
     x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)

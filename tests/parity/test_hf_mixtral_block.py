@@ -21,12 +21,11 @@ def test_matches_mixtral_block_outputs_and_gradients(experts_implementation):
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe = moekit.MoEConfig(
-        d_model=d,
         num_experts=E,
         top_k=k,
         experts=moekit.ExpertConfig(hidden=h),
         aux_loss=moekit.AuxLossConfig(switch=0.0),
-    ).build()
+    ).build(d_model=d)
     with torch.no_grad():
         moe.router.weight_ED.copy_(block.gate.weight)
         moe.experts.w_in_EDH.copy_(block.experts.gate_up_proj.transpose(1, 2))

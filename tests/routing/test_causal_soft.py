@@ -16,12 +16,11 @@ from tests.builders import assert_grads_close, loss_and_grads, tiny_lm
 def _layer(P=2):
     torch.manual_seed(0)
     return MoEConfig(
-        d_model=8,
         num_experts=3,
         top_k=1,
         experts=ExpertConfig(hidden=6),
         router=CausalSoftRouterConfig(slots_per_expert=P),
-    ).build()
+    ).build(d_model=8)
 
 
 def reference(layer, x_BSD):

@@ -15,12 +15,11 @@ from tests.builders import tiny_lm
 def _layer(**zero):
     torch.manual_seed(0)
     return MoEConfig(
-        d_model=8,
         num_experts=4,
         top_k=2,
         experts=ExpertConfig(hidden=6),
         zero_computation=ZeroComputationConfig(zero=4, **zero),
-    ).build()
+    ).build(d_model=8)
 
 
 def _real_per_token(layer, x):
@@ -94,7 +93,6 @@ def test_a_target_needs_zero_experts_a_top_k_router_and_at_most_k():
         _layer(target_experts_per_token=3.0)
     with pytest.raises(ValueError, match="needs router kind 'top_k'"):
         MoEConfig(
-            d_model=8,
             num_experts=4,
             top_k=2,
             experts=ExpertConfig(hidden=6),

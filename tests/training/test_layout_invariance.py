@@ -85,8 +85,8 @@ def test_a_routers_draws_depend_on_the_token_not_on_the_split(router):
     keyed randomness; outside it the router draws from torch's generator as before."""
     torch.manual_seed(0)
     moe = moekit.MoEConfig(
-        d_model=8, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=8), router=router
-    ).build()
+        num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=8), router=router
+    ).build(d_model=8)
     moe.train()
     x = torch.randn(8, 5, 8)
 
@@ -114,9 +114,9 @@ def test_expert_dropout_depends_on_the_token_and_expert_not_on_the_split():
     same whether its row was computed with 8 rows or 4 + 4, and differs between layers."""
     torch.manual_seed(0)
     config = moekit.MoEConfig(
-        d_model=8, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16, dropout=0.5)
+        num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=16, dropout=0.5)
     )
-    moe = config.build()
+    moe = config.build(d_model=8)
     moe.train()
     x = torch.randn(8, 5, 8)
 

@@ -71,51 +71,46 @@ def test_params_names_the_hugging_face_key(tmp_path, capsys, value, message):
 @pytest.mark.parametrize("value", [4.0, 1e20, True])
 def test_non_integer_expert_counts_are_refused(value):
     with pytest.raises(ValueError, match="num_experts must be an integer"):
-        moekit.MoEConfig(
-            d_model=8, num_experts=value, top_k=2, experts=moekit.ExpertConfig(hidden=8)
-        )
+        moekit.MoEConfig(num_experts=value, top_k=2, experts=moekit.ExpertConfig(hidden=8))
 
 
 @pytest.mark.parametrize("factor", [1e20, 1e308])
 def test_huge_capacity_factors_mean_dropless(factor):
     torch.manual_seed(0)
     layer = moekit.MoEConfig(
-        d_model=8,
         num_experts=4,
         top_k=2,
         experts=moekit.ExpertConfig(hidden=8),
         dispatch=moekit.DispatchConfig(mode="capacity", capacity_factor=factor),
-    ).build()
+    ).build(d_model=8)
     out = layer(torch.randn(6, 8))
     # the documented formula, bounded so it never overflows int64 (issue 33: it was clamped
     # to T·k = 12, which disagreed with the formula whenever the factor was at least E)
     assert out.stats.capacity == CAPACITY_LIMIT and float(out.stats.dropped_fraction) == 0.0
     chooser = moekit.MoEConfig(
-        d_model=8,
         num_experts=4,
         top_k=1,
         experts=moekit.ExpertConfig(hidden=8),
         router=moekit.ExpertChoiceRouterConfig(capacity_factor=factor),
-    ).build()
+    ).build(d_model=8)
     assert chooser(torch.randn(6, 8)).output.shape == (6, 8)
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8), (0, 8)])
 def test_soft_moe_on_an_empty_batch_returns_an_empty_output(shape):
     layer = moekit.MoEConfig(
-        d_model=8,
         num_experts=4,
         top_k=1,
         experts=moekit.ExpertConfig(hidden=8),
         router=moekit.SoftRouterConfig(),
-    ).build()
+    ).build(d_model=8)
     assert layer(torch.randn(*shape)).output.shape == shape
 
 
 def test_an_input_on_another_device_is_refused_naming_both():
-    layer = moekit.MoEConfig(
-        d_model=8, num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=8)
-    ).build()
+    layer = moekit.MoEConfig(num_experts=4, top_k=2, experts=moekit.ExpertConfig(hidden=8)).build(
+        d_model=8
+    )
     with pytest.raises(ValueError, match="x is on meta but the layer's weights are on cpu"):
         layer(torch.empty(3, 8, device="meta"))
 

@@ -94,8 +94,8 @@ def test_bf16_autocast_experts_run_in_bf16_on_cuda():
     import moekit
 
     layer = (
-        moekit.MoEConfig(d_model=64, num_experts=8, top_k=2, experts=moekit.ExpertConfig(hidden=64))
-        .build()
+        moekit.MoEConfig(num_experts=8, top_k=2, experts=moekit.ExpertConfig(hidden=64))
+        .build(d_model=64)
         .cuda()
     )
     x = torch.randn(128, 64, device="cuda", requires_grad=True)

@@ -76,7 +76,6 @@ def test_direct_construction_refuses_non_finite_numbers():
 def test_load_loss_with_every_expert_chosen_is_refused_when_built():
     with pytest.raises(ValueError, match=r"aux_loss\.load > 0 needs top_k < num_experts"):
         moekit.MoEConfig(
-            d_model=8,
             num_experts=2,
             top_k=2,
             experts=moekit.ExpertConfig(hidden=8),
@@ -133,7 +132,7 @@ def test_cli_shows_a_traceback_only_for_bugs(monkeypatch, capsys):
 
 def test_the_moe_layer_is_one_nested_section_whose_width_follows_the_model():
     """One spelling: the layer's options live under ``moe.layer`` (the flat keys of earlier,
-    unreleased versions are refused by name), and its ``d_model`` follows the model's."""
+    unreleased versions are refused by name), and its width is the model's."""
     from moekit.training.config import load_train_config
     from moekit.utils.serialization import config_from_dict, config_to_dict
 
@@ -143,27 +142,35 @@ def test_the_moe_layer_is_one_nested_section_whose_width_follows_the_model():
     ).model
     layer = model.moe.layer
     assert (layer.num_experts, layer.top_k, layer.experts.hidden) == (4, 1, 8)
-    assert layer.experts.bias and model.moe.every == 2 and layer.d_model == model.d_model
+    assert layer.experts.bias and model.moe.every == 2 and layer.d_model is None
     data = config_to_dict(model)
+    assert "d_model" not in data["moe"]["layer"]
     assert config_from_dict(TransformerConfig, data) == model
-    data["d_model"] = 96  # moe.layer.d_model follows the model's
-    data["moe"]["layer"].pop("d_model")
-    assert config_from_dict(TransformerConfig, data).moe.layer.d_model == 96
+    data["d_model"] = 96  # the MoE layer is built at the model's width
+    data["attention"]["head_dim"] = None
+    built = config_from_dict(TransformerConfig, data).build()
+    assert built.blocks[1].ffn.d_model == 96
     with pytest.raises(ConfigError, match=r"unknown MoEPlacementConfig keys: model\.moe\.top_k"):
         load_train_config(None, [*MOE, "model.moe.top_k=1"])
 
 
 def test_a_layer_of_another_width_is_refused():
-    with pytest.raises(
-        ValueError, match=r"moe\.layer\.d_model=8 must equal the model's d_model=16"
-    ):
+    from moekit.utils.serialization import config_from_dict, config_to_dict
+
+    data = config_to_dict(
         TransformerConfig(
             vocab_size=32,
             d_model=16,
             n_layers=1,
             attention=AttentionConfig(n_heads=2),
             ffn_hidden=16,
-            moe=placement(8),
+            moe=placement(16),
         )
+    )
+    data["moe"]["layer"]["d_model"] = 8  # an old file's key, now the model's
+    with pytest.raises(
+        ConfigError, match=r"moe\.layer\.d_model=8 differs from the model's d_model=16"
+    ):
+        config_from_dict(TransformerConfig, data)
     with pytest.raises(ValueError, match=r"moe\.every must be >= 1"):
         MoEPlacementConfig(every=0)

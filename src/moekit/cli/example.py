@@ -70,12 +70,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     d, E, k, h = args.d_model, args.experts, args.top_k, args.expert_hidden
     moe = moekit.MoEConfig(
-        d_model=d,
         num_experts=E,
         top_k=k,
         experts=moekit.ExpertConfig(hidden=h, activation=Activation.SWIGLU),
         aux_loss=moekit.AuxLossConfig(switch=0.01),
-    ).build()
+    ).build(d_model=d)
     dense = moekit.FeedForward(
         d, k * h, activation=Activation.SWIGLU
     )  # same active parameters per token

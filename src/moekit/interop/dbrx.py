@@ -56,7 +56,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["d_model"],
                 num_experts=ffn["moe_num_experts"],
                 top_k=ffn["moe_top_k"],
                 experts=ExpertConfig(hidden=ffn["ffn_hidden_size"]),

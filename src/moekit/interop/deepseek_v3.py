@@ -56,7 +56,6 @@ def moe_layer_from_hf(hf: dict[str, Any], family: str, v2: bool = False) -> MoEC
     experts = hf.get("n_routed_experts") or hf["num_local_experts"]
     shared = (hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"]
     return MoEConfig(
-        d_model=hf["hidden_size"],
         num_experts=experts,
         top_k=hf["num_experts_per_tok"],
         experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),
@@ -199,7 +198,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True, v2: bool = False) ->
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=experts,
                 top_k=hf["num_experts_per_tok"],
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),

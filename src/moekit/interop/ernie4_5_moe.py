@@ -132,7 +132,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf.get("moe_num_experts", 64),
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),

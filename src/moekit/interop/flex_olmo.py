@@ -61,7 +61,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         norm_position=NormPosition.POST,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf.get("num_experts", 7),
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["intermediate_size"]),

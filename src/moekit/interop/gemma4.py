@@ -260,7 +260,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     if hf.get("enable_moe_block", False):
         moe = MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf["num_experts"],
                 top_k=hf["top_k_experts"],
                 experts=ExpertConfig(

@@ -184,7 +184,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         activation=Activation.SWIGLU_OAI,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf["num_local_experts"],
                 top_k=k,
                 experts=ExpertConfig(

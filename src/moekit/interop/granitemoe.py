@@ -115,7 +115,6 @@ def config_from_hf(
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf.get("num_local_experts", 8),
                 top_k=k,
                 experts=ExpertConfig(hidden=width),

@@ -73,7 +73,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf.get("num_experts", 1),
                 top_k=hf.get("moe_topk", 1),
                 experts=ExpertConfig(hidden=width),

@@ -148,7 +148,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
     if experts > 1:
         k = hf.get("num_experts_per_tok", 2)
         layer = MoEConfig(
-            d_model=hf["hidden_size"],
             num_experts=experts,
             top_k=k,
             experts=ExpertConfig(hidden=hidden),

@@ -117,7 +117,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=experts,
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["intermediate_size"]),

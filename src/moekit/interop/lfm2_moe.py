@@ -122,7 +122,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf["num_experts"],
                 top_k=hf["num_experts_per_tok"],
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),

@@ -250,7 +250,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf["n_routed_experts"],
                 top_k=k,
                 experts=ExpertConfig(

@@ -49,7 +49,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf["num_experts"],
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["intermediate_size"]),

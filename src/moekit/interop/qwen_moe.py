@@ -92,7 +92,6 @@ def config_from_hf(hf: dict[str, Any], qwen3: bool, strict: bool = True) -> Tran
         activation=Activation.SWIGLU,
         moe=MoEPlacementConfig(
             layer=MoEConfig(
-                d_model=hf["hidden_size"],
                 num_experts=hf.get("num_experts") or hf["num_local_experts"],
                 top_k=k,
                 experts=ExpertConfig(hidden=hf["moe_intermediate_size"]),

@@ -175,7 +175,6 @@ def config_from_hf(hf: dict[str, Any], strict: bool = True) -> EncoderDecoderCon
     check_hf_config(hf, "Switch Transformer", HF_FIELDS, strict)
     d_ff = hf.get("d_ff", 2048)
     layer = MoEConfig(
-        d_model=hf["d_model"],
         num_experts=hf.get("num_experts", 8),
         top_k=1,
         experts=ExpertConfig(hidden=d_ff, activation=Activation.RELU),

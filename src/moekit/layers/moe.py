@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from typing import Any, cast
 
 import torch
@@ -37,9 +38,12 @@ from moekit.utils.validation import check_fields, check_layer_input
 class MoEConfig:
     """Everything that builds an :class:`MoE` layer.
 
+    The layer's width is context, given at build time: ``build(d_model=...)`` (a model passes
+    its own).
+
     Args:
-        d_model: model width D; 0 inside a model config (``MoEPlacementConfig.layer``) means
-            "the model's", filled in by the model config.
+        d_model: deprecated; pass it to ``build(d_model=...)`` instead (kept so that
+            ``MoEConfig( ...).build(d_model=D)`` still works, with a ``DeprecationWarning``).
         num_experts: routed experts E.
         top_k: experts per token K (1 <= K <= E).
         experts: routed expert shape (hidden width, activation, bias).
@@ -57,7 +61,7 @@ class MoEConfig:
             expert's combine weight (Gemma 4's ``per_expert_scale``).
     """
 
-    d_model: int = 0
+    d_model: InitVar[int | None] = None
     num_experts: int
     top_k: int
     experts: ExpertConfig
@@ -71,10 +75,16 @@ class MoEConfig:
     output_bias: bool = False
     expert_scales: bool = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, d_model: int | None) -> None:
         check_fields(self)
-        if self.d_model < 0:
-            raise ValueError(f"d_model must be >= 1 (or 0: the model's), got {self.d_model}")
+        if d_model is not None:
+            warnings.warn(
+                "MoEConfig(d_model=...) is deprecated: pass the width to build(d_model=...); "
+                "inside a model config leave it out (the model's is used)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        self._legacy_d_model = d_model
         self.router.validate_for(self.routed_choices, self.top_k)
         if self.zero_computation is not None and self.router.kind in (
             RouterKind.SOFT,
@@ -113,27 +123,24 @@ class MoEConfig:
         extra = 0 if self.zero_computation is None else self.zero_computation.count
         return self.num_experts + extra
 
-    def build(self) -> MoE:
-        """An :class:`MoE` layer (a :class:`SoftMoE` for ``router.kind='soft'``)."""
-        if self.d_model < 1:
-            raise ValueError(
-                "MoEConfig.d_model must be set to build a layer on its own (0 means the model's "
-                "width, filled in when the config sits in a model config)"
-            )
+    def build(self, *, d_model: int | None = None) -> MoE:
+        """An :class:`MoE` layer on a stream of width ``d_model`` (a :class:`SoftMoE` for
+        ``router.kind='soft'``)."""
+        d_model = d_model or getattr(self, "_legacy_d_model", None)
+        if d_model is None or d_model < 1:
+            raise ValueError(f"MoEConfig.build needs d_model >= 1, got {d_model}")
         layer_cls = {RouterKind.SOFT: SoftMoE, RouterKind.CAUSAL_SOFT: CausalSoftMoE}.get(
             self.router.kind, MoE
         )
         return layer_cls(
-            d_model=self.d_model,
+            d_model=d_model,
             router=self.router.build(
-                d_model=self.d_model, num_experts=self.routed_choices, top_k=self.top_k
+                d_model=d_model, num_experts=self.routed_choices, top_k=self.top_k
             ),
-            experts=self.experts.build(num_experts=self.num_experts, d_model=self.d_model),
+            experts=self.experts.build(num_experts=self.num_experts, d_model=d_model),
             dispatch=self.dispatch,
             shared_experts=(
-                None
-                if self.shared_experts is None
-                else self.shared_experts.build(d_model=self.d_model)
+                None if self.shared_experts is None else self.shared_experts.build(d_model=d_model)
             ),
             aux_loss=self.aux_loss,
             check_finite=self.check_finite,
@@ -141,11 +148,19 @@ class MoEConfig:
             zero_computation=(
                 None
                 if self.zero_computation is None
-                else self.zero_computation.build(d_model=self.d_model)
+                else self.zero_computation.build(d_model=d_model)
             ),
             output_bias=self.output_bias,
             expert_scales=self.expert_scales,
         )
+
+
+# the deprecated keyword reads back as what was given (None: the config has no width of its own;
+# ``dataclasses.replace`` carries it over)
+MoEConfig.d_model = property(  # type: ignore[attr-defined]
+    lambda self: self._legacy_d_model,
+    doc="Deprecated: the width given as MoEConfig(d_model=...), else None.",
+)
 
 
 @dataclass

@@ -42,7 +42,6 @@ def moe_twin(
             f"positive multiple of top_k={top_k}"
         )
     layer = MoEConfig(
-        d_model=model.d_model,
         num_experts=num_experts,
         top_k=top_k,
         experts=ExpertConfig(hidden=routed // top_k, activation=model.activation),

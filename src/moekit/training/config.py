@@ -324,7 +324,6 @@ def example_moe_layer(model: TransformerConfig) -> Any:
     FFN's width, top-2 (the demo's layer)."""
 
     return MoEConfig(
-        d_model=model.d_model,
         num_experts=8,
         top_k=2,
         experts=ExpertConfig(hidden=max(1, model.ffn_hidden // 2)),

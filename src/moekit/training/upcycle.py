@@ -57,7 +57,6 @@ def upcycle(
             f"num_experts={num_experts}"
         )
     layer = MoEConfig(
-        d_model=config.d_model,
         num_experts=num_experts,
         top_k=top_k,
         experts=ExpertConfig(hidden=config.ffn_hidden // granularity, activation=config.activation),

@@ -17,7 +17,6 @@ second half (:meth:`EncoderDecoderLM.split_window`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,7 +32,7 @@ from moekit.models.encoder_decoder.attention import T5Attention, additive_mask
 from moekit.models.encoder_decoder.relative_position import RelativePositionBias
 from moekit.models.transformer.generate import _sample, filter_logits
 from moekit.models.transformer.model import LMOutput, check_token_range
-from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
+from moekit.models.transformer.placement import MoEPlacementConfig, drop_layer_d_model
 from moekit.routing import is_causal
 from moekit.utils.validation import check_fields
 
@@ -128,23 +127,18 @@ class EncoderDecoderConfig:
             layer = placement.layer
             if layer is None:
                 continue
-            if layer.d_model == 0:  # the layer's width follows the model's
-                layer = dataclasses.replace(layer, d_model=self.d_model)
-                placement = dataclasses.replace(placement, layer=layer)
-                setattr(self, name, placement)
-            if layer.d_model != self.d_model:
-                raise ValueError(f"{name}.layer.d_model must equal d_model={self.d_model}")
             if placement.layers and placement.layers[-1] >= layers:
                 raise ValueError(f"{name}.layers names blocks beyond the {layers} of the stack")
         _check_decoder_is_causal(self.decoder_moe.layer)
 
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Each stack's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files)."""
+        """A file with each stack's MoE layer width (``moe.layer.d_model``, now the model's) is
+        read as it meant."""
         out = dict(data)
         for name in ("encoder_moe", "decoder_moe"):
             if name in out:
-                out[name] = fill_layer_d_model(out[name], data.get("d_model"))
+                out[name] = drop_layer_d_model(out[name], data.get("d_model"), name)
         return out
 
     def build(self) -> EncoderDecoderLM:
@@ -163,7 +157,7 @@ class _FFNSublayer(nn.Module):
         super().__init__()
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn: nn.Module = (
-            moe_config.build()
+            moe_config.build(d_model=config.d_model)
             if moe_config is not None
             else FeedForward(config.d_model, config.ffn_hidden, activation=config.activation)
         )

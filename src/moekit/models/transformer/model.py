@@ -28,7 +28,7 @@ from moekit.models.transformer.attention import AttentionConfig, KVCache
 from moekit.models.transformer.layout import NONE as NONE_MIXER
 from moekit.models.transformer.layout import AnyAttentionConfig, TokenMixerConfig, TokenMixerLayout
 from moekit.models.transformer.legacy import upgrade_model_dict
-from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
+from moekit.models.transformer.placement import MoEPlacementConfig, drop_layer_d_model
 from moekit.models.transformer.rotary import rotary_tables
 from moekit.routing import RandomStaticRouterConfig, TokenTableRouterConfig, is_causal
 from moekit.utils.device import has_values
@@ -162,18 +162,11 @@ class TransformerConfig:
         layer = self.moe.layer
         if layer is None:
             return
-        if layer.d_model == 0:  # the layer's width follows the model's
-            layer = dataclasses.replace(layer, d_model=self.d_model)
-            self.moe = dataclasses.replace(self.moe, layer=layer)
         counts = self.moe.experts_per_layer
         if counts is not None and len(counts) != len(self.moe.moe_layer_indices(self.n_layers)):
             raise ValueError(
                 f"moe.experts_per_layer has {len(counts)} entries for "
                 f"{len(self.moe.moe_layer_indices(self.n_layers))} MoE layers"
-            )
-        if layer.d_model != self.d_model:
-            raise ValueError(
-                f"moe.layer.d_model={layer.d_model} must equal the model's d_model={self.d_model}"
             )
         dispatch = layer.dispatch
         if (
@@ -213,12 +206,12 @@ class TransformerConfig:
 
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files); a
-        file from before attention's layer options moved to ``token_mixers`` is upgraded."""
+        """A file from before attention's layer options moved to ``token_mixers``, or with the
+        MoE layer's width (``moe.layer.d_model``, now the model's), is read as it meant."""
         data = upgrade_model_dict(data)
         if "moe" not in data:
             return data
-        return {**data, "moe": fill_layer_d_model(data["moe"], data.get("d_model"))}
+        return {**data, "moe": drop_layer_d_model(data["moe"], data.get("d_model"))}
 
     def build(self) -> TransformerLM:
         """The ``TransformerLM`` of this config (randomly initialised)."""
@@ -336,7 +329,7 @@ class Block(nn.Module):
         self.ffn: nn.Module | None = None
         if channel:
             dense = FeedForward(d_model, ffn_hidden, activation=activation)
-            self.ffn = dense if moe_config is None else moe_config.build()
+            self.ffn = dense if moe_config is None else moe_config.build(d_model=d_model)
             if moe_config is not None and dense_beside:
                 self.ffn = DenseBesideMoE(
                     cast(MoE, self.ffn),

@@ -8,7 +8,7 @@ from typing import Any
 
 from moekit.layers import MoEConfig
 from moekit.routing import RouterKind, RouterOptions
-from moekit.utils.validation import check_fields
+from moekit.utils.validation import ConfigError, check_fields
 
 _SOFT = (RouterKind.SOFT, RouterKind.CAUSAL_SOFT)  # routers that mix tokens into slots
 
@@ -18,7 +18,7 @@ class MoEPlacementConfig:
     """Which FFNs of a model are MoE layers, and the MoE layer each of them becomes.
 
     Args:
-        layer: the MoE layer of every MoE block; its ``d_model`` must be the model's. ``None``
+        layer: the MoE layer of every MoE block (built at the model's width). ``None``
             makes every FFN dense (the baseline). In a causal LM its dispatch must be dropless
             or capacity with ``drop_priority='token'`` (the only order in which no token's
             capacity depends on later tokens).
@@ -37,9 +37,6 @@ class MoEPlacementConfig:
             each branch with its own pre and post norms, the router reading the block's input
             (Gemma 4; ``moekit.layers.dense_beside``); without ``layer`` the blocks are dense
             (the dense twin of such a model, as upcycling starts from).
-
-    In config files ``layer.d_model`` follows the model's ``d_model`` and is left out
-    (:func:`fill_layer_d_model`).
     """
 
     layer: MoEConfig | None = None
@@ -120,10 +117,17 @@ class MoEPlacementConfig:
         )
 
 
-def fill_layer_d_model(moe: Any, d_model: Any) -> Any:
-    """The ``moe`` section of a model config dict with ``moe.layer.d_model`` set to the model's
-    ``d_model``: in files (and ``--set``) the MoE layer's width follows the model's and is not
-    repeated."""
+def drop_layer_d_model(moe: Any, d_model: Any, section: str = "moe") -> Any:
+    """The ``moe`` section of a model config dict without ``layer.d_model``, which files written
+    before ``MoEConfig.build(*, d_model)`` carry: the layer is built at the model's width, so
+    the key must equal the model's ``d_model`` (else a ``ConfigError`` naming both)."""
     if not isinstance(moe, dict) or not isinstance(moe.get("layer"), dict):
         return moe
-    return {**moe, "layer": {**moe["layer"], "d_model": d_model}}
+    layer = dict(moe["layer"])
+    width = layer.pop("d_model", None)
+    if width not in (None, 0, d_model):
+        raise ConfigError(
+            f"{section}.layer.d_model={width} differs from the model's d_model={d_model}; the MoE "
+            "layer is built at the model's width: leave the key out"
+        )
+    return {**moe, "layer": layer}

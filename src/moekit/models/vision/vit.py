@@ -10,7 +10,6 @@ causal masking or rotary positions); the class logits come from the mean of the 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +21,14 @@ from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig, MoEOutput
 from moekit.models.transformer.attention import AttentionConfig
 from moekit.models.transformer.model import Block
-from moekit.models.transformer.placement import MoEPlacementConfig, fill_layer_d_model
+from moekit.models.transformer.placement import MoEPlacementConfig, drop_layer_d_model
 from moekit.utils.validation import check_fields
 
 
-def vmoe_placement(d_model: int, activation: Activation = Activation.GELU) -> MoEPlacementConfig:
+def vmoe_placement(activation: Activation = Activation.GELU) -> MoEPlacementConfig:
     """V-MoE's default (Riquelme et al. 2021): 8 experts, top-2, in every other block."""
     return MoEPlacementConfig(
         layer=MoEConfig(
-            d_model=d_model,
             num_experts=8,
             top_k=2,
             experts=ExpertConfig(hidden=128, activation=activation),
@@ -70,16 +68,7 @@ class VisionMoEConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.moe is None:
-            self.moe = vmoe_placement(self.d_model, self.activation)
-        if self.moe.layer is not None and self.moe.layer.d_model == 0:  # follows the model's
-            self.moe = dataclasses.replace(
-                self.moe, layer=dataclasses.replace(self.moe.layer, d_model=self.d_model)
-            )
-        if self.moe.layer is not None and self.moe.layer.d_model != self.d_model:
-            raise ValueError(
-                f"moe.layer.d_model={self.moe.layer.d_model} must equal the model's "
-                f"d_model={self.d_model}"
-            )
+            self.moe = vmoe_placement(self.activation)
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide image_size={self.image_size}"
@@ -95,10 +84,11 @@ class VisionMoEConfig:
 
     @classmethod
     def prepare_config_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A config dict's ``moe.layer.d_model`` follows ``d_model`` (not repeated in files)."""
+        """A file with the MoE layer's width (``moe.layer.d_model``, now the model's) is read as
+        it meant."""
         if not isinstance(data.get("moe"), dict):
             return data
-        return {**data, "moe": fill_layer_d_model(data["moe"], data.get("d_model", 128))}
+        return {**data, "moe": drop_layer_d_model(data["moe"], data.get("d_model", 128))}
 
     @property
     def placement(self) -> MoEPlacementConfig:
