@@ -11,13 +11,23 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from moekit.models.mixers.kernels import MixerKernel
+
 
 @dataclass(kw_only=True)
 class RecurrentMixerConfig:
     """Base of the recurrent token mixers' configs; each subclass sets ``kind`` and builds its
-    mixer with ``build(*, d_model, norm_eps)``."""
+    mixer with ``build(*, d_model, norm_eps)``.
+
+    Args:
+        kernel: ``torch`` (the PyTorch forms, the reference) or ``library``: the field's CUDA
+            kernels where installed and applicable (``moekit.models.mixers.kernels``:
+            flash-linear-attention, mamba-ssm, causal-conv1d), the PyTorch form otherwise with
+            a logged reason.
+    """
 
     kind: str = field(default="", init=False)
+    kernel: MixerKernel = MixerKernel.TORCH
     registry: ClassVar[dict[str, type[RecurrentMixerConfig]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

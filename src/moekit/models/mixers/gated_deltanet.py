@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.models.mixers import kernels
 from moekit.models.mixers.base import (
     GatedRMSNorm,
     RecurrentMixer,
     RecurrentMixerConfig,
     l2_normalize,
 )
-from moekit.models.mixers.conv import causal_conv
 from moekit.models.mixers.recurrence import (
-    recurrence_chunked,
     recurrence_loop,
     working_dtype,
 )
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -57,6 +57,7 @@ class GatedDeltaNetConfig(RecurrentMixerConfig):
     chunk: int = 64
 
     def __post_init__(self) -> None:
+        check_fields(self, f"{self.kind}.")
         for name in ("n_key_heads", "n_value_heads", "key_head_dim", "value_head_dim", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gated_deltanet.{name} must be >= 1, got {getattr(self, name)}")
@@ -130,9 +131,10 @@ class GatedDeltaNet(RecurrentMixer):
             [self.key_dim * 2 + self.value_dim, self.value_dim], -1
         )
         b, a = self.in_proj_ba(x_BSD).chunk(2, dim=-1)
-        qkv, new_conv_state = causal_conv(
+        qkv, new_conv_state = kernels.conv(
             qkv,
             self.conv1d.weight.squeeze(1),
+            kernel=c.kernel,
             state_BCW=conv_state,
             mask_BS=mask_BS,
             segment_ids_BS=segment_ids_BS,
@@ -152,7 +154,9 @@ class GatedDeltaNet(RecurrentMixer):
         run = recurrence_loop if self.use_loop or (cache is not None and S == 1) else None
         options = dict(initial_state_BHKV=state, mask_BS=mask_BS, segment_ids_BS=segment_ids_BS)
         if run is None:
-            o, new_state = recurrence_chunked(q, k, v, g, beta, chunk=c.chunk, **options)
+            o, new_state = kernels.gated_delta_rule(
+                q, k, v, g, beta, kernel=c.kernel, chunk=c.chunk, **options
+            )
         else:
             o, new_state = run(q, k, v, g, beta, **options)
         if cache is not None:

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.models.mixers import kernels
 from moekit.models.mixers.base import RecurrentMixer, RecurrentMixerConfig, time_step_bias
-from moekit.models.mixers.conv import causal_conv
 from moekit.models.mixers.recurrence import working_dtype
 from moekit.models.mixers.selective_scan import selective_scan_chunked, selective_scan_loop
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,7 @@ class MambaConfig(RecurrentMixerConfig):
     chunk: int = 32
 
     def __post_init__(self) -> None:
+        check_fields(self, f"{self.kind}.")
         for name in ("expand", "state_dim", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mamba.{name} must be >= 1, got {getattr(self, name)}")
@@ -129,10 +131,11 @@ class Mamba(RecurrentMixer):
             x_BSD = x_BSD * keep
         x, z = self.in_proj(x_BSD).chunk(2, dim=-1)
         conv_state, state = (None, None) if cache is None else cache
-        x, new_conv_state = causal_conv(
+        x, new_conv_state = kernels.conv(
             x,
             self.conv1d.weight.squeeze(1),
             self.conv1d.bias,
+            kernel=c.kernel,
             state_BCW=conv_state,
             mask_BS=mask_BS,
             segment_ids_BS=segment_ids_BS,

@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.models.mixers import kernels
 from moekit.models.mixers.base import (
     GatedRMSNorm,
     RecurrentMixer,
     RecurrentMixerConfig,
     time_step_bias,
 )
-from moekit.models.mixers.conv import causal_conv
 from moekit.models.mixers.recurrence import (
-    recurrence_chunked,
     recurrence_loop,
     working_dtype,
 )
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -63,6 +63,7 @@ class Mamba2Config(RecurrentMixerConfig):
     chunk: int = 64
 
     def __post_init__(self) -> None:
+        check_fields(self, f"{self.kind}.")
         for name in ("n_heads", "head_dim", "state_dim", "n_groups", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mamba2.{name} must be >= 1, got {getattr(self, name)}")
@@ -133,10 +134,11 @@ class Mamba2(RecurrentMixer):
             x_BSD = x_BSD * mask_BS.unsqueeze(-1).to(x_BSD.dtype)
         z, xbc, dt = self.in_proj(x_BSD).split([c.inner, c.conv_channels, c.n_heads], dim=-1)
         conv_state, state = (None, None) if cache is None else cache
-        xbc, new_conv_state = causal_conv(
+        xbc, new_conv_state = kernels.conv(
             xbc,
             self.conv1d.weight.squeeze(1),
             self.conv1d.bias,
+            kernel=c.kernel,
             state_BCW=conv_state,
             mask_BS=mask_BS,
             segment_ids_BS=segment_ids_BS,
@@ -152,13 +154,24 @@ class Mamba2(RecurrentMixer):
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
         if c.dt_min > 0.0 or c.dt_max > 0.0:
             dt = dt.clamp(min=c.dt_min, max=c.dt_max if c.dt_max > 0.0 else None)
-        g = dt * -torch.exp(self.A_log.to(work))
-        v = x.to(work) * dt.unsqueeze(-1)
-        options = dict(initial_state_BHKV=state, mask_BS=mask_BS, segment_ids_BS=segment_ids_BS)
+        A = -torch.exp(self.A_log.to(work))
         if self.use_loop or (cache is not None and S == 1):
-            y, new_state = recurrence_loop(cc, b, v, g, **options)
+            g, v = dt * A, x.to(work) * dt.unsqueeze(-1)
+            options = dict(mask_BS=mask_BS, segment_ids_BS=segment_ids_BS)
+            y, new_state = recurrence_loop(cc, b, v, g, initial_state_BHKV=state, **options)
         else:
-            y, new_state = recurrence_chunked(cc, b, v, g, chunk=c.chunk, **options)
+            y, new_state = kernels.mamba_scan(
+                x,
+                dt,
+                A,
+                b,
+                cc,
+                kernel=c.kernel,
+                chunk=c.chunk,
+                initial_state_BHNP=state,
+                mask_BS=mask_BS,
+                segment_ids_BS=segment_ids_BS,
+            )
         if cache is not None:
             cache[0].copy_(new_conv_state)
             cache[1].copy_(new_state)

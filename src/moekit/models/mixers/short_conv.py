@@ -8,12 +8,15 @@ Legend: B = batch, S = positions, D = d_model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
+from moekit.models.mixers import kernels
 from moekit.models.mixers.base import RecurrentMixer, RecurrentMixerConfig
-from moekit.models.mixers.conv import causal_conv, causal_conv_loop
+from moekit.models.mixers.conv import causal_conv_loop
+from moekit.utils.validation import check_fields
 
 
 @dataclass(kw_only=True)
@@ -30,6 +33,7 @@ class ShortConvConfig(RecurrentMixerConfig):
     bias: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, f"{self.kind}.")
         if self.conv_width < 2:
             raise ValueError(f"short_conv.conv_width must be >= 2, got {self.conv_width}")
 
@@ -65,8 +69,8 @@ class ShortConv(RecurrentMixer):
         if mask_BS is not None:
             x_BSD = x_BSD * mask_BS.unsqueeze(-1).to(x_BSD.dtype)
         b, c, x = self.in_proj(x_BSD).chunk(3, dim=-1)
-        conv = causal_conv_loop if self.use_loop else causal_conv
-        y, new_state = conv(
+        conv = partial(kernels.conv, kernel=self.config.kernel)
+        y, new_state = (causal_conv_loop if self.use_loop else conv)(
             b * x,
             self.conv.weight.squeeze(1),
             self.conv.bias,
