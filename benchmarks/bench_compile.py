@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 
 
 def build(moe: bool) -> TransformerLM:

@@ -32,7 +32,7 @@ from moekit.analysis.params import count_parameters
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, generate
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 
 
 def build(d_model: int, ffn_hidden: int, experts: int = 0) -> TransformerLM:

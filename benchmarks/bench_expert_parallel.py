@@ -39,7 +39,7 @@ from moekit.analysis.plan import plan_expert_parallel
 from moekit.distributed import meter_traffic
 from moekit.distributed.ddp import parallelize_experts, wrap_data_parallel
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 
 SEQ_LEN = 128
 

@@ -49,8 +49,8 @@ from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.encoder_decoder import EncoderDecoderConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 from moekit.training.compare import moe_twin
 from moekit.training.config import FinetuneConfig, TrainConfig, load_train_config

@@ -49,7 +49,7 @@ import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
 from moekit.experts.triton_moe import triton_available
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 
 RESULTS: list[dict[str, Any]] = []
 START = time.time()

@@ -17,7 +17,7 @@ from moekit.analysis.plan import plan_expert_parallel
 from moekit.distributed import meter_traffic
 from moekit.distributed.mesh import ParallelConfig, finish_expert_gradients, parallelize
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 
 dist.init_process_group("gloo")
 torch.set_num_threads(1)

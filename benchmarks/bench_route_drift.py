@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import moekit
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.training.data import ByteTokenizer, calibration_batches
 
 

@@ -7,7 +7,7 @@ import torch
 import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.models import MoEPlacementConfig
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 
 # Router families other than plain top-k: (RouterConfig options, top_k) for tiny layers.
 KINDS = {

@@ -127,3 +127,15 @@ def test_lazy_upward_imports_are_decisions():
         f"the code): {sorted(upward - ALLOWED_LAZY_UPWARD)}; no longer needed: "
         f"{sorted(ALLOWED_LAZY_UPWARD - upward)}"
     )
+
+
+def test_every_model_builds_from_the_common_parts():
+    """The encoder–decoder, the ViT, the shared parts and the recurrent mixers import nothing
+    from the decoder-only model's package: what they share lives in ``models/common``."""
+    for package in ("encoder_decoder", "vision", "common", "mixers"):
+        for path in (SRC / "models" / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    assert not node.module.startswith("moekit.models.transformer"), (
+                        f"{path.relative_to(SRC)} imports {node.module}"
+                    )

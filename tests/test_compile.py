@@ -9,7 +9,7 @@ import moekit
 from moekit.experts.activations import Activation, activation_backward
 from moekit.experts.activations import _gated_backward_functional as functional_backward
 from moekit.models import TransformerConfig, TransformerLM, generate
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from tests.builders import placement
 
 

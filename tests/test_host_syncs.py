@@ -10,7 +10,7 @@ import torch
 
 import moekit
 from moekit.experts import grouped_matmul
-from moekit.models.transformer import model as lm_model
+from moekit.models.common import block as lm_model
 from moekit.training import loop
 from moekit.training.config import load_train_config
 from moekit.training.optim import build_optimizer, build_scheduler

@@ -7,7 +7,7 @@ import torch
 
 import moekit
 from moekit.experts.grouped_matmul import grouped_mm_available
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from tests.builders import (
     assert_layer_matches_reference,
     loss_and_grads,
@@ -205,9 +205,9 @@ def test_dispatch_config_builds_its_dispatcher():
 
 def test_attention_and_blocks_are_built_from_configs():
     from moekit.models import AttentionConfig, TransformerConfig
+    from moekit.models.common.attention import Attention
+    from moekit.models.common.mla import MLAConfig, MultiHeadLatentAttention
     from moekit.models.transformer import TokenMixerLayout
-    from moekit.models.transformer.attention import Attention
-    from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention
 
     with pytest.raises(
         ValueError, match=r"n_heads=6 must be a multiple of attention\.n_kv_heads=4"
@@ -252,7 +252,7 @@ def test_attention_and_blocks_are_built_from_configs():
 
 def test_a_config_file_from_before_the_attention_siblings_loads_the_same_model():
     from moekit.models import TransformerConfig
-    from moekit.models.transformer.mla import MLAConfig
+    from moekit.models.common.mla import MLAConfig
     from moekit.utils.serialization import config_from_dict, config_to_dict
 
     old = {

@@ -9,7 +9,7 @@ import torch
 from moekit.analysis.inspect import RoutingInspector, inspect_model, mutual_information
 from moekit.cli.main import main
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from moekit.routing.result import RoutingResult
 from moekit.training import load_train_config, train
 from tests.builders import TINY_MOE, placement

@@ -10,7 +10,7 @@ import moekit
 from moekit.analysis.params import count_parameters
 from moekit.cli.main import main
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM, save_pretrained
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from tests.builders import placement
 
 CONFIGS = Path(__file__).parent / "hf_configs"
@@ -183,7 +183,7 @@ def test_moekit_gpt_oss_style_counts_equal_the_built_model():
 
 
 def test_moekit_mla_counts_equal_the_built_model():
-    from moekit.models.transformer.mla import MLAConfig
+    from moekit.models.common.mla import MLAConfig
 
     for q_rank in (0, 12):
         cfg = TransformerConfig(

@@ -23,7 +23,7 @@ from moekit.distributed.ddp import (
     wrap_data_parallel,
 )
 from moekit.models import TransformerConfig, TransformerLM, from_pretrained
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from tests.builders import TINY_MOE, placement
 
 D = 16

@@ -135,8 +135,8 @@ def test_what_the_kernels_do_not_cover_falls_back_with_a_logged_reason(caplog):
 
 def test_a_language_model_trains_the_same_with_either_backend():
     from moekit.models import TransformerConfig
-    from moekit.models.transformer.attention import AttentionConfig
-    from moekit.models.transformer.placement import MoEPlacementConfig
+    from moekit.models.common.attention import AttentionConfig
+    from moekit.models.common.placement import MoEPlacementConfig
 
     def lm(kernel: str):
         layer = MoEConfig(num_experts=4, top_k=2, experts=ExpertConfig(hidden=16, kernel=kernel))

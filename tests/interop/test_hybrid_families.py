@@ -163,7 +163,7 @@ def test_a_family_finds_its_mixer_by_class_and_refuses_other_kinds(tmp_path):
     import dataclasses
 
     from moekit.interop import to_hf
-    from moekit.models.transformer.layout import TokenMixerLayout
+    from moekit.models.common.layout import TokenMixerLayout
     from tests.models.test_hybrid import hybrid_config
 
     hf = FAMILIES["qwen3_next"]()

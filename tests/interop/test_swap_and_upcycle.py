@@ -84,8 +84,8 @@ def test_dense_sources_import_with_parity(model_type, tmp_path):
 def test_exports_a_family_cannot_take_are_refused_in_one_sentence(family, says, tmp_path):
     torch.manual_seed(0)
     from moekit.models import TransformerConfig
-    from moekit.models.transformer.attention import AttentionConfig
-    from moekit.models.transformer.placement import MoEPlacementConfig
+    from moekit.models.common.attention import AttentionConfig
+    from moekit.models.common.placement import MoEPlacementConfig
 
     model = TransformerConfig(
         vocab_size=64,

@@ -119,7 +119,7 @@ def test_token_table_routing_uses_the_table_and_learned_weights():
 def test_zero_computation_in_a_language_model_and_its_accounting():
     from moekit.analysis.params import count_parameters
     from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
-    from moekit.models.transformer.attention import AttentionConfig
+    from moekit.models.common.attention import AttentionConfig
 
     config = TransformerConfig(
         vocab_size=32,
@@ -144,7 +144,7 @@ def test_zero_computation_in_a_language_model_and_its_accounting():
 
 def test_hash_layers_route_the_first_blocks_by_the_token_table():
     from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
-    from moekit.models.transformer.attention import AttentionConfig
+    from moekit.models.common.attention import AttentionConfig
     from moekit.routing.hashing import TokenTableRouter
     from moekit.routing.topk import TopKRouter
     from moekit.utils.serialization import config_from_dict, config_to_dict

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM, generate
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.mla import MLAConfig
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.mla import MLAConfig
 from tests.builders import placement
 
 BASE = TransformerConfig(

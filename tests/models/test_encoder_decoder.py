@@ -14,14 +14,14 @@ from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models.checkpoint import from_pretrained, save_pretrained
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.common.t5_attention import T5Attention
 from moekit.models.encoder_decoder import (
     EncoderDecoderConfig,
     EncoderDecoderLM,
     generate_seq2seq,
     relative_position_bucket,
 )
-from moekit.models.encoder_decoder.attention import T5Attention
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 

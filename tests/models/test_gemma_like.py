@@ -19,11 +19,11 @@ from moekit.experts.activations import Activation, apply_activation
 from moekit.layers import MoEConfig
 from moekit.layers.dense_beside import DenseBesideMoE
 from moekit.models import TransformerConfig
-from moekit.models.transformer.attention import AttentionConfig, QKNorm, ValueSource
-from moekit.models.transformer.layout import TokenMixerLayout
-from moekit.models.transformer.model import NormPosition
-from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig, rotary_tables
+from moekit.models.common.attention import AttentionConfig, QKNorm, ValueSource
+from moekit.models.common.block import NormPosition
+from moekit.models.common.layout import TokenMixerLayout
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.common.rotary import RopeScalingConfig, RotaryConfig, rotary_tables
 from moekit.routing import SoftRouterConfig, TopKRouterConfig
 from moekit.training import load_train_config
 from moekit.utils.serialization import config_from_dict, config_to_dict

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import textwrap
 
+import pytest
 import torch
 
 from moekit.experts.bank import ExpertConfig
@@ -68,3 +69,23 @@ def test_no_module_attribute_carries_a_loss():
         for attribute, value in vars(module).items():
             if isinstance(value, torch.Tensor) and not attribute.startswith("_"):
                 assert value.grad_fn is None, (name, attribute)
+
+
+def test_t5_attention_is_a_sibling_the_decoder_refuses_by_name():
+    from moekit.models.common.t5_attention import T5Attention, T5AttentionConfig
+    from moekit.models.transformer import TokenMixerLayout
+
+    config = T5AttentionConfig(n_heads=2, head_dim=4)
+    assert AttentionMixerConfig.registry["t5"] is T5AttentionConfig
+    assert isinstance(config.build(d_model=8), T5Attention)
+    with pytest.raises(ValueError, match=r"kind='t5' needs its model's positions"):
+        TransformerConfig(
+            vocab_size=16,
+            d_model=8,
+            n_layers=2,
+            attention=AttentionConfig(n_heads=2),
+            ffn_hidden=16,
+            token_mixers=TokenMixerLayout(pattern=["attention", "t5"], mixers={"t5": config}),
+        )
+    with pytest.raises(ValueError, match=r"attention must be .*\(AttentionConfig\)"):
+        TransformerConfig(vocab_size=16, d_model=8, n_layers=1, attention=config, ffn_hidden=16)

@@ -14,11 +14,11 @@ from moekit.cli.main import main
 from moekit.experts import ExpertConfig
 from moekit.layers import MoEConfig
 from moekit.models import TransformerConfig
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.layout import TokenMixerLayout
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, ShortConvConfig
 from moekit.models.mixers.base import RecurrentMixer
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.layout import TokenMixerLayout
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.utils.serialization import config_from_dict, config_to_dict
 from moekit.utils.validation import ConfigError
 

@@ -3,8 +3,8 @@ gradients in float64, with the KV cache and padding."""
 
 import torch
 
-from moekit.models.transformer.moa import MixtureOfAttentionHeads, MoAConfig
-from moekit.models.transformer.rotary import apply_rotary, rotary_tables
+from moekit.models.common.moa import MixtureOfAttentionHeads, MoAConfig
+from moekit.models.common.rotary import apply_rotary, rotary_tables
 
 
 def _moa():

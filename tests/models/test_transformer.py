@@ -10,7 +10,7 @@ from moekit.models import (
     generate,
     save_pretrained,
 )
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from moekit.models.transformer.generate import filter_logits
 from tests.builders import placement
 

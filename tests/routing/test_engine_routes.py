@@ -162,7 +162,7 @@ def test_replay_survives_activation_checkpointing_and_micro_batches():
         apply_activation_checkpointing,
     )
 
-    from moekit.models.transformer.model import Block
+    from moekit.models.common.block import Block
 
     tokens = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(2))
     reference = tiny_lm(n_layers=2, vocab_size=40)

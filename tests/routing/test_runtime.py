@@ -5,7 +5,7 @@ import torch
 
 import moekit
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from tests.builders import placement
 
 

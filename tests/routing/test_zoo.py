@@ -9,7 +9,7 @@ import torch
 import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from moekit.routing.base_layers import (
     exact_balanced_assignment,
     sinkhorn_balanced_assignment,

@@ -6,7 +6,7 @@ import torch
 from moekit.analysis.inspect import count_routing
 from moekit.experts.shared import SharedExpertConfig
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from moekit.training.config import OptimConfig
 from moekit.training.optim import build_optimizer
 from moekit.training.presets import (

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from moekit.training import load_train_config, train
 from moekit.training.data import DataConfig, load_corpus
 from moekit.training.loop import evaluate

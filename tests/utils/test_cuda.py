@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from tests.builders import placement
 
 pytestmark = [

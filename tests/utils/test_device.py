@@ -18,8 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import moekit
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.mla import MLAConfig
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.mla import MLAConfig
 from moekit.utils import device as device_mod
 from moekit.utils.device import autocast, distributed_backend, resolve_device
 

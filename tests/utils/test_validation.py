@@ -10,7 +10,7 @@ import moekit
 from moekit.cli.main import main
 from moekit.models import MoEPlacementConfig, TransformerConfig, TransformerLM
 from moekit.models.checkpoint import from_pretrained, save_pretrained
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
 from moekit.training.config import OptimConfig, load_train_config
 from moekit.utils.validation import ConfigError
 from tests.builders import placement

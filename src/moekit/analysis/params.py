@@ -28,10 +28,10 @@ from moekit.experts.activations import Activation
 from moekit.interop.dense_llama import MODEL_TYPES as DENSE_MODEL_TYPES
 from moekit.interop.hf import CONFIG_PARSERS, check_hf_integers  # as the converters
 from moekit.interop.switch_transformers import config_from_hf
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.mla import MLAConfig
+from moekit.models.common.moa import MoAConfig
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.mla import MLAConfig
-from moekit.models.transformer.moa import MoAConfig
 from moekit.models.transformer.model import TransformerConfig
 from moekit.utils.serialization import read_config_file
 

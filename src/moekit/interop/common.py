@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from moekit.interop.keymap import Entry, Experts, Joined, Rename
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.rotary import RopeScalingConfig, RotaryConfig
 from moekit.models.mixers import RecurrentMixerConfig
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig
 
 
 def backbone(

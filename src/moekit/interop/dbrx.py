@@ -13,10 +13,10 @@ from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.layers import MoEConfig
-from moekit.models.transformer.attention import AttentionConfig
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.common.rotary import RotaryConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RotaryConfig
 
 MODEL_TYPE = "dbrx"
 

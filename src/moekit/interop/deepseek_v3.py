@@ -16,9 +16,9 @@ from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.mla import MLAConfig
+from moekit.models.common.mla import MLAConfig
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, GroupScore, TopKRouterConfig
 
 MODEL_TYPE = "deepseek_v3"

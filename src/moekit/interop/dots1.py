@@ -13,9 +13,9 @@ from moekit.experts.activations import Activation
 from moekit.interop import common, deepseek_v3
 from moekit.interop.expressible import HFFields, all_full_attention, any_value, check_hf_config
 from moekit.interop.keymap import Entry
-from moekit.models.transformer.attention import QKNorm
+from moekit.models.common.attention import QKNorm
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 
 MODEL_TYPE = "dots1"
 

@@ -37,11 +37,12 @@ from moekit.interop import common
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
-from moekit.models.transformer.attention import AttentionConfig, QKNorm, ValueSource
-from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
-from moekit.models.transformer.model import NormPosition, TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig
+from moekit.models.common.attention import AttentionConfig, QKNorm, ValueSource
+from moekit.models.common.block import NormPosition
+from moekit.models.common.layout import ATTENTION, TokenMixerLayout
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.common.rotary import RopeScalingConfig, RotaryConfig
+from moekit.models.transformer.model import TransformerConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "gemma4_text"

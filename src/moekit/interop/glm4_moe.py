@@ -16,9 +16,9 @@ from moekit.interop import common, deepseek_v3
 from moekit.interop.dots1 import DEEPSEEK_MOE_FIELDS
 from moekit.interop.expressible import HFFields, any_value, check_hf_config
 from moekit.interop.keymap import Entry
-from moekit.models.transformer.attention import QKNorm
+from moekit.models.common.attention import QKNorm
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 
 MODEL_TYPE = "glm4_moe"
 

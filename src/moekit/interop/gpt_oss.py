@@ -27,10 +27,10 @@ from moekit.interop.expressible import HFFields, any_value, check_hf_config, qua
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.layout import ATTENTION, TokenMixerLayout
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "gpt_oss"

@@ -19,8 +19,8 @@ from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Joined, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "granitemoe"

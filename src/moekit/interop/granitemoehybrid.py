@@ -13,8 +13,8 @@ from typing import Any
 from moekit.interop import common, granitemoe
 from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Rename
+from moekit.models.common.layout import ATTENTION, TokenMixerLayout
 from moekit.models.mixers import Mamba2Config
-from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
 from moekit.models.transformer.model import TransformerConfig
 
 MODEL_TYPE = "granitemoehybrid"

@@ -1,6 +1,6 @@
 """JetMoE (``jetmoe``) <-> moekit: a **mixture of attention heads** (MoA: each token's top-k
 attention experts own its query and output projections over shared keys and values,
-``moekit.models.transformer.moa``) and an MoE FFN in every block, both routed top-k on the logits
+``moekit.models.common.moa``) and an MoE FFN in every block, both routed top-k on the logits
 then softmax over those k, both with a shared output bias. Experts are stored stacked
 (``input_linear (E, out, in)``, ``output_linear``), routers as ``router.layer``.
 """
@@ -16,10 +16,10 @@ from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.moa import MoAConfig
+from moekit.models.common.moa import MoAConfig
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.common.rotary import RotaryConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RotaryConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "jetmoe"

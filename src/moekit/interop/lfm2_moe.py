@@ -17,11 +17,11 @@ from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.common.attention import QKNorm
+from moekit.models.common.layout import ATTENTION, TokenMixerLayout
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.mixers import ShortConvConfig
-from moekit.models.transformer.attention import QKNorm
-from moekit.models.transformer.layout import ATTENTION, TokenMixerLayout
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "lfm2_moe"

@@ -24,11 +24,11 @@ from moekit.interop.expressible import HFFields, any_value, check_hf_config, uns
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.layout import ATTENTION, FFN, NONE, TokenMixerLayout
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.mixers import Mamba2Config
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.layout import ATTENTION, FFN, NONE, TokenMixerLayout
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, GroupScore, TopKRouterConfig
 
 MODEL_TYPE = "nemotron_h"

@@ -17,8 +17,9 @@ from moekit.interop.expressible import HFFields, check_hf_config
 from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.model import NormKind, TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
+from moekit.models.common.block import NormKind
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.transformer.model import TransformerConfig
 from moekit.routing import SparseMixerRouterConfig
 
 MODEL_TYPE = "phimoe"

@@ -26,9 +26,9 @@ from moekit.interop.expressible import (
 from moekit.interop.keymap import Entry, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
-from moekit.models.transformer.attention import QKNorm
+from moekit.models.common.attention import QKNorm
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 

@@ -36,8 +36,8 @@ from moekit.interop.expressible import (
 from moekit.interop.keymap import Entry, Experts, Rename
 from moekit.layers import MoEConfig
 from moekit.losses.config import AuxLossConfig
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.routing import Gating, TopKRouterConfig
 
 MODEL_TYPE = "switch_transformers"

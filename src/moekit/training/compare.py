@@ -16,8 +16,8 @@ from moekit.dispatch.dispatcher import DispatchConfig
 from moekit.experts.bank import ExpertConfig
 from moekit.experts.shared import SharedExpertConfig
 from moekit.layers import MoEConfig
+from moekit.models.common.placement import MoEPlacementConfig
 from moekit.models.transformer.model import TransformerConfig
-from moekit.models.transformer.placement import MoEPlacementConfig
 from moekit.training.config import TrainConfig
 from moekit.training.loop import TrainResult
 

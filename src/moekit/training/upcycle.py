@@ -19,8 +19,9 @@ import torch
 from moekit.experts.bank import ExpertBank, ExpertConfig
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig
-from moekit.models.transformer.model import Block, TransformerLM
-from moekit.models.transformer.placement import MoEPlacementConfig
+from moekit.models.common.block import Block
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.transformer.model import TransformerLM
 from moekit.routing import Gating, RouterOptions, TopKRouterConfig
 
 

@@ -28,11 +28,11 @@ from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput, serving
-from moekit.models.encoder_decoder.attention import T5Attention, additive_mask
+from moekit.models.common.block import LMOutput, check_token_range
+from moekit.models.common.placement import MoEPlacementConfig, drop_layer_d_model
+from moekit.models.common.sampling import filter_logits, sample_tokens
+from moekit.models.common.t5_attention import T5AttentionConfig, additive_mask
 from moekit.models.encoder_decoder.relative_position import RelativePositionBias
-from moekit.models.transformer.generate import _sample, filter_logits
-from moekit.models.transformer.model import LMOutput, check_token_range
-from moekit.models.transformer.placement import MoEPlacementConfig, drop_layer_d_model
 from moekit.routing import is_causal
 from moekit.utils.validation import check_fields
 
@@ -179,9 +179,8 @@ class EncoderBlock(_FFNSublayer):
         super().__init__(config, moe_config)
         assert config.head_dim is not None
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.attn = T5Attention(
-            d_model=config.d_model, n_heads=config.n_heads, head_dim=config.head_dim
-        )
+        attention = T5AttentionConfig(n_heads=config.n_heads, head_dim=config.head_dim)
+        self.attn = attention.build(d_model=config.d_model)
 
     def forward(
         self,
@@ -200,11 +199,14 @@ class DecoderBlock(_FFNSublayer):
     def __init__(self, config: EncoderDecoderConfig, moe_config: MoEConfig | None) -> None:
         super().__init__(config, moe_config)
         assert config.head_dim is not None
-        shape = dict(d_model=config.d_model, n_heads=config.n_heads, head_dim=config.head_dim)
+        self_attention = T5AttentionConfig(
+            n_heads=config.n_heads, head_dim=config.head_dim, causal=True
+        )
+        cross_attention = T5AttentionConfig(n_heads=config.n_heads, head_dim=config.head_dim)
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.attn = T5Attention(**shape)
+        self.attn = self_attention.build(d_model=config.d_model)
         self.cross_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.cross_attn = T5Attention(**shape)
+        self.cross_attn = cross_attention.build(d_model=config.d_model)
 
     def forward(
         self,
@@ -481,7 +483,7 @@ def generate_seq2seq(
                 next_token = logits.argmax(dim=-1)
             else:
                 logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-                next_token = _sample(logits.softmax(-1), generator)
+                next_token = sample_tokens(logits.softmax(-1), generator)
             if stop_token is not None:
                 next_token = next_token.masked_fill(finished, stop_token)
                 finished |= next_token == stop_token

@@ -1,6 +1,6 @@
 """Decoder-only MoE transformer language model."""
 
-from moekit.models.transformer.attention import (
+from moekit.models.common.attention import (
     Attention,
     AttentionConfig,
     KVCache,
@@ -8,14 +8,14 @@ from moekit.models.transformer.attention import (
     QueryTemperatureConfig,
     ValueSource,
 )
-from moekit.models.transformer.attention_base import AttentionMixerConfig
+from moekit.models.common.attention_base import AttentionMixerConfig
+from moekit.models.common.layout import AnyAttentionConfig, TokenMixerLayout
+from moekit.models.common.mla import MLAConfig, MultiHeadLatentAttention
+from moekit.models.common.moa import MixtureOfAttentionHeads, MoAConfig
+from moekit.models.common.placement import MoEPlacementConfig
+from moekit.models.common.rotary import RopeScalingConfig, RotaryConfig
 from moekit.models.transformer.generate import filter_logits, generate
-from moekit.models.transformer.layout import AnyAttentionConfig, TokenMixerLayout
-from moekit.models.transformer.mla import MLAConfig, MultiHeadLatentAttention
-from moekit.models.transformer.moa import MixtureOfAttentionHeads, MoAConfig
 from moekit.models.transformer.model import Block, LMOutput, TransformerConfig, TransformerLM
-from moekit.models.transformer.placement import MoEPlacementConfig
-from moekit.models.transformer.rotary import RopeScalingConfig, RotaryConfig
 
 __all__ = [
     "AnyAttentionConfig",

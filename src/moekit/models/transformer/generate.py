@@ -5,28 +5,8 @@ from __future__ import annotations
 import torch
 
 from moekit.layers import serving
+from moekit.models.common.sampling import filter_logits, sample_tokens
 from moekit.models.transformer.model import TransformerLM
-
-
-def filter_logits(
-    logits_BV: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """Set to ``-inf`` every logit outside the top-k and outside the smallest top-p nucleus."""
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-    if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # keep a token if the mass before it is below p (so the nucleus reaches p)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    return logits_BV
 
 
 def left_pad(
@@ -43,15 +23,6 @@ def left_pad(
         tokens[i, S - len(row) :] = row
         mask[i, S - len(row) :] = True
     return tokens, mask
-
-
-def _sample(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row; drawn on the generator's device when it differs from the model's
-    (a CPU generator with a CUDA model: correct, at the cost of a copy per token)."""
-    if generator is None or generator.device == probs_BV.device:
-        return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
-    drawn = torch.multinomial(probs_BV.to(generator.device), 1, generator=generator)
-    return drawn.squeeze(1).to(probs_BV.device)
 
 
 @torch.no_grad()
@@ -125,7 +96,7 @@ def generate(
                 next_token = logits.argmax(dim=-1)
             else:
                 logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-                next_token = _sample(logits.softmax(-1), generator)
+                next_token = sample_tokens(logits.softmax(-1), generator)
             if stop_token is not None:
                 next_token = next_token.masked_fill(finished, stop_token)
                 finished |= next_token == stop_token

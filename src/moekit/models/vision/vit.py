@@ -19,9 +19,9 @@ from torch import nn
 from moekit.experts.activations import Activation
 from moekit.experts.bank import ExpertConfig
 from moekit.layers import MoEConfig, MoEOutput
-from moekit.models.transformer.attention import AttentionConfig
-from moekit.models.transformer.model import Block
-from moekit.models.transformer.placement import MoEPlacementConfig, drop_layer_d_model
+from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.block import Block
+from moekit.models.common.placement import MoEPlacementConfig, drop_layer_d_model
 from moekit.utils.validation import check_fields
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.models.transformer.attention_base import SOFTMAX_KIND, upgrade_attention_dict
+from moekit.models.common.attention_base import SOFTMAX_KIND, upgrade_attention_dict
 from moekit.utils.validation import ConfigError
 
 
