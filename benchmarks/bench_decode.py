@@ -12,11 +12,15 @@ and the floor: the bytes of weights one token must read (active weights, fp32) d
 memory bandwidth measured here (a large tensor copy, read + write bytes). The GEMV-only ceiling
 times nothing but one row times each active weight matrix (``torch.mm``): what fp32 matrix-vector
 products reach here, before attention, norms, routing or Python. Also ``transformers``'
-``generate`` on the MoE exported as Mixtral. Models alternate within each round; medians of
-rounds.
+``generate`` on the MoE exported as Mixtral. ``--compile-step`` adds the MoE and its
+same-active twin decoding with a fixed-shape cache and the step compiled once
+(``generate(..., compile_step=True)``: ``torch.compile``; CUDA graphs on CUDA), warmed up
+before timing. Models alternate within each round; medians of rounds.
 
     python benchmarks/bench_decode.py
     python benchmarks/bench_decode.py --d-model 512 --rounds 3 --tokens 32
+    python benchmarks/bench_decode.py --d-model 512 --batch 1 --rounds 3 --tokens 32 --no-hf \
+        --compile-step
 """
 
 from __future__ import annotations
@@ -89,12 +93,25 @@ def gemv_ceiling_tokens_per_s(model: TransformerLM, top_k: int = 2, rounds: int 
     return 1.0 / statistics.median(times)
 
 
-def tokens_per_s(model, batch: int, new_tokens: int) -> float:
+def tokens_per_s(model, batch: int, new_tokens: int, compile_step: bool = False) -> float:
     prompt = [torch.randint(0, 256, (16,)) for _ in range(batch)]
     start = time.perf_counter()
     with torch.no_grad():
-        generate(model, prompt if batch > 1 else prompt[0], new_tokens, temperature=0.0)
+        generate(
+            model,
+            prompt if batch > 1 else prompt[0],
+            new_tokens,
+            temperature=0.0,
+            compile_step=compile_step,
+        )
     return batch * new_tokens / (time.perf_counter() - start)
+
+
+class Compiled:
+    """A model whose ``generate`` runs the compiled fixed-shape step (a row of the table)."""
+
+    def __init__(self, model: TransformerLM) -> None:
+        self.model = model
 
 
 def hf_tokens_per_s(hf_model, batch: int, new_tokens: int) -> float:
@@ -115,16 +132,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    parser.add_argument(
+        "--compile-step", action="store_true", help="add the compiled fixed-shape step's rows"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bandwidth = bandwidth_bytes_per_s()
     print(f"memory bandwidth (copy): {bandwidth / 1e9:.1f} GB/s; fp32, {args.threads} threads")
     for d in args.d_model:
-        models = {
+        models: dict[str, TransformerLM | Compiled] = {
             "moe": build(d, 2 * d, experts=8),
             "dense (same active)": build(d, 4 * d),
             "dense (same total)": build(d, 16 * d),
         }
+        if args.compile_step:
+            for name in ("moe", "dense (same active)"):
+                compiled = Compiled(models[name])  # type: ignore[arg-type]
+                for batch in args.batch:  # compile (once per batch shape) before timing
+                    tokens_per_s(compiled.model, batch, 4, compile_step=True)
+                models[f"{name}, compiled step"] = compiled
         hf = None
         if not args.no_hf:
             import transformers
@@ -132,9 +158,9 @@ def main() -> None:
             from moekit.interop.hf import to_hf
 
             with tempfile.TemporaryDirectory() as folder:
-                to_hf(models["moe"], folder, "mixtral")
+                to_hf(models["moe"], folder, "mixtral")  # type: ignore[arg-type]
                 hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-        report = count_parameters(models["moe"])
+        report = count_parameters(models["moe"])  # type: ignore[arg-type]
         active_bytes = (report.active - report.breakdown["embeddings"]) * 4
         floor = bandwidth / active_bytes
         for batch in args.batch:
@@ -143,7 +169,11 @@ def main() -> None:
                 rates["transformers (Mixtral export)"] = []
             for _ in range(args.rounds):
                 for name, model in models.items():
-                    rates[name].append(tokens_per_s(model, batch, args.tokens))
+                    if isinstance(model, Compiled):
+                        rate = tokens_per_s(model.model, batch, args.tokens, compile_step=True)
+                    else:
+                        rate = tokens_per_s(model, batch, args.tokens)
+                    rates[name].append(rate)
                 if hf is not None:
                     rates["transformers (Mixtral export)"].append(
                         hf_tokens_per_s(hf, batch, args.tokens)
@@ -159,7 +189,7 @@ def main() -> None:
                 )
                 print(f"  {name:32s} {rate:9.1f}   moe / this = {ratio:.2f}")
             if batch == 1:
-                ceiling = gemv_ceiling_tokens_per_s(models["moe"])
+                ceiling = gemv_ceiling_tokens_per_s(models["moe"])  # type: ignore[arg-type]
                 print(
                     f"  weight-traffic floor             {floor:9.1f}   moe / floor = "
                     f"{medians['moe'] / floor:.2f}, same-active dense / floor = "

@@ -6,6 +6,12 @@ expert runs on its token as two matrix-vector products on views of the stacked w
 of a weight), read from the host: free on the CPU, where this path is taken, and a device sync
 elsewhere, where it is not. The bound ``DIRECT_MAX_ASSIGNMENTS`` keeps it to decoding-sized
 calls; its result equals the dispatch's (tested).
+
+Inside ``torch.compile`` (a compiled decoding step): on the CPU this path stays eager (a graph
+break; reading the host is free there, and gathering the chosen experts' weights would copy
+them every token); elsewhere nothing may be read on the host, so the chosen experts' weights
+are gathered and run as batched matrix products (:func:`direct_experts_gathered`: fixed
+shapes, capturable as a CUDA graph).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import torch
 
+from moekit.experts.activations import apply_activation
 from moekit.experts.bank import ExpertBank
 from moekit.routing.result import RoutingResult
 
@@ -22,9 +29,10 @@ DIRECT_MAX_ASSIGNMENTS = 16  # token-expert assignments per call
 
 def direct_applies(x_TD: torch.Tensor, routing: RoutingResult, experts: Any) -> bool:
     """Whether the direct path serves this call: a plain expert bank (no adapter, no dropout in
-    training) on the CPU, at most ``DIRECT_MAX_ASSIGNMENTS`` assignments."""
+    training) on the CPU or inside ``torch.compile``, at most ``DIRECT_MAX_ASSIGNMENTS``
+    assignments."""
     return (
-        x_TD.device.type == "cpu"
+        (x_TD.device.type == "cpu" or torch.compiler.is_compiling())
         and routing.expert_idx_TK.numel() <= DIRECT_MAX_ASSIGNMENTS
         and type(experts) is ExpertBank
         and experts.adapter is None
@@ -48,7 +56,36 @@ def direct_experts(
     if token_mask_T is not None:
         used_TK = used_TK & token_mask_T.unsqueeze(-1)
     weights_TK = routing.weights_TK.to(x_TD.dtype)
+    if torch.compiler.is_compiling() and x_TD.device.type != "cpu":
+        return direct_experts_gathered(x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
+    return _on_views(y_TD, x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
+
+
+@torch.compiler.disable
+def _on_views(y_TD, x_TD, expert_idx_TK, weights_TK, used_TK, experts: ExpertBank):
+    """Each used slot's expert on its token, on views of the stacked weights (host reads)."""
     for t, j in used_TK.nonzero().tolist():  # at most DIRECT_MAX_ASSIGNMENTS pairs
-        e = int(routing.expert_idx_TK[t, j])
+        e = int(expert_idx_TK[t, j])
         y_TD[t] += weights_TK[t, j] * experts.forward_one(e, x_TD[t : t + 1])[0]
     return y_TD
+
+
+def direct_experts_gathered(
+    x_TD: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    used_TK: torch.Tensor,
+    experts: ExpertBank,
+) -> torch.Tensor:
+    """:func:`direct_experts` without host reads: each slot's expert weights gathered
+    ``(T, K, D, H)`` and applied as batched products (fixed shapes: capturable)."""
+    idx_TK = expert_idx_TK.clamp(0, experts.num_experts - 1)  # unused slots: any expert, weight 0
+    h_TKH = torch.einsum("td,tkdh->tkh", x_TD, experts.w_in_EDH[idx_TK].to(x_TD.dtype))
+    if experts.b_in_EH is not None:
+        h_TKH = h_TKH + experts.b_in_EH[idx_TK].to(x_TD.dtype)
+    a_TKH = apply_activation(experts.activation, h_TKH)
+    y_TKD = torch.einsum("tkh,tkhd->tkd", a_TKH, experts.w_out_EHD[idx_TK].to(x_TD.dtype))
+    if experts.b_out_ED is not None:
+        y_TKD = y_TKD + experts.b_out_ED[idx_TK].to(x_TD.dtype)
+    scale_TK = torch.where(used_TK, weights_TK, torch.zeros_like(weights_TK))
+    return (y_TKD * scale_TK.unsqueeze(-1)).sum(dim=1)

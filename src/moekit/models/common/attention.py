@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.models.common.attention_base import SOFTMAX_KIND, AttentionMixerConfig
+from moekit.models.common.cache import Start, append, new_positions
 from moekit.models.common.masks import allowed_keys
 from moekit.models.common.rotary import RotaryConfig, apply_rotary
 from moekit.utils.validation import check_fields
@@ -56,6 +57,9 @@ class KVCache:
     # (B, max_len) bool, which cached positions are real tokens (None: all of them)
     key_mask: torch.Tensor | None = None
     capacity: int = 0  # max_len when the first layer's state does not show it (0: it does)
+    # fixed-shape decoding: the next slot to write, a 0-dim long tensor on the device (None:
+    # ``length`` on the host; ``TransformerLM.new_kv_cache(..., fixed_shapes=True)``)
+    slot: torch.Tensor | None = None
 
     @classmethod
     def empty(
@@ -322,7 +326,7 @@ class Attention(nn.Module):
         x_BSD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start: int = 0,
+        start: Start = 0,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
@@ -331,20 +335,17 @@ class Attention(nn.Module):
             ``(B, 1, S, Dh)`` when each sequence has its own positions (padding).
         cache: this layer's ``(keys, values)`` buffers ``(B, G, max_len, Dh)``; the new keys
             and values are written at ``start`` and attention covers ``0 .. start+S-1``.
-        start: position of the first new token.
-        key_mask: ``(B, start+S)`` bool, ``True`` for real tokens; padding keys are hidden.
+        start: slot of the first new token: an ``int``, or a 0-dim device tensor for
+            fixed-shape decoding (every cache slot is read, the later ones masked:
+            ``moekit.models.common.cache``).
+        key_mask: ``(B, start+S)`` (or ``(B, max_len)`` with a tensor ``start``) bool,
+            ``True`` for real tokens; padding keys are hidden.
         """
         B, S, _ = x_BSD.shape
         q, k, v, gate = self._project(x_BSD)
         q, k = self._position(q, k, rope, start)
-        if cache is not None:
-            keys, values = cache
-            positions = torch.arange(start, start + S, device=keys.device)
-            keys.index_copy_(2, positions, k.to(keys.dtype))
-            values.index_copy_(2, positions, v.to(values.dtype))
-            k, v = keys.narrow(2, 0, start + S), values.narrow(2, 0, start + S)
-            # a cache kept in another dtype than the queries (new_kv_cache(dtype=...))
-            k, v = k.to(q.dtype), v.to(q.dtype)
+        if cache is not None:  # (a cache kept in another dtype reads back in the queries')
+            k, v = append(cache, (k.to(q.dtype), v.to(q.dtype)), start)
         mask, is_causal = self._mask(S, k.shape[2], start, key_mask, x_BSD.device)
         out = self._attend(q, k, v, mask, is_causal, start)
         out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
@@ -380,7 +381,7 @@ class Attention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int,
+        start: Start,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary embedding (full or partial), the q/k norms applied after it, and Llama 4's
         position-dependent query temperature."""
@@ -400,18 +401,19 @@ class Attention(nn.Module):
         temperature = self.query_temperature
         if temperature is not None:  # Llama 4: the queries' temperature grows with position
             S = q.shape[2]
-            positions = torch.arange(start, start + S, device=q.device, dtype=torch.float32)
+            positions = new_positions(start, S, q.device).to(torch.float32)
             floors = torch.floor((positions + 1.0) / temperature.floor_scale)
             scales = torch.log1p(floors) * temperature.scale + 1.0
             q = (q * scales.view(1, 1, S, 1)).to(q.dtype)
         return q, k
 
     def _mask(
-        self, S: int, L: int, start: int, key_mask: torch.Tensor | None, device: torch.device
+        self, S: int, L: int, start: Start, key_mask: torch.Tensor | None, device: torch.device
     ) -> tuple[torch.Tensor | None, bool]:
         """The ``(B|1, 1, S, L)`` bool mask of allowed keys, or ``None`` with ``is_causal``
         when plain causal attention covers it (the fused kernels' fast path)."""
-        if key_mask is None and not self.sliding_window and not self.chunk_size:
+        fixed = not isinstance(start, int)  # fixed shapes: the mask hides unwritten slots
+        if key_mask is None and not self.sliding_window and not self.chunk_size and not fixed:
             if not self.causal or S <= 1:
                 return None, False
             if L == S:
@@ -437,7 +439,7 @@ class Attention(nn.Module):
         v: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
-        start: int,
+        start: Start,
     ) -> torch.Tensor:
         """``(B, H, S, Dh)``: softmax attention (explicit with sinks, else SDPA)."""
         S, L = q.shape[2], k.shape[2]

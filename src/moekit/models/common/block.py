@@ -17,6 +17,7 @@ from torch import nn
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.layers.dense_beside import DenseBesideMoE
+from moekit.models.common.cache import Start
 from moekit.models.common.layout import TokenMixerConfig
 from moekit.utils.device import has_values
 
@@ -134,7 +135,7 @@ class Block(nn.Module):
         *,
         rope=None,
         cache=None,
-        start: int = 0,
+        start: Start = 0,
         key_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
@@ -201,9 +202,10 @@ def host_reads_are_free(tensor: torch.Tensor) -> bool:
 def check_token_range(tokens: torch.Tensor, vocab_size: int) -> None:
     """Refuse token ids outside ``[0, vocab_size)``: a ``ValueError`` on the CPU; on an
     accelerator an asynchronous device assert (reading the values would stall the host every
-    forward and every decode step). Skipped for fake, meta and traced tensors."""
-    if not tokens.numel() or not has_values(tokens):
-        return
+    forward and every decode step). Skipped for fake, meta and traced tensors, and inside
+    ``torch.compile``."""
+    if torch.compiler.is_compiling() or not tokens.numel() or not has_values(tokens):
+        return  # (a compiled decoding step's tokens are the model's own)
     message = f"token ids must be in [0, vocab_size={vocab_size})"
     if host_reads_are_free(tokens):
         if tokens.min() < 0 or tokens.max() >= vocab_size:

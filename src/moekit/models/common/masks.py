@@ -11,7 +11,7 @@ import torch
 def allowed_keys(
     S: int,
     L: int,
-    start: int,
+    start: int | torch.Tensor,
     *,
     causal: bool,
     window: int = 0,
@@ -21,7 +21,8 @@ def allowed_keys(
 ) -> torch.Tensor:
     """Which keys each query may attend to: ``(S, L)``, or ``(B, 1, S, L)`` with a key mask.
 
-    Queries are positions ``start .. start+S-1`` of the ``L`` keys; ``window`` keeps the last
+    Queries are positions ``start .. start+S-1`` of the ``L`` keys (``start`` may be a 0-dim
+    device tensor: fixed-shape decoding); ``window`` keeps the last
     ``window`` keys of each query (0: all); ``chunk`` keeps the keys in the query's chunk of
     ``chunk`` positions (0: off); ``key_mask_BL`` (``True`` = real token) hides
     padding keys, or, shaped ``(B, 1, S, L)``, says per query which keys it may see (packed
@@ -29,7 +30,7 @@ def allowed_keys(
     it is allowed to see itself instead (no real query ever sees a padding key, so real
     outputs are unchanged).
     """
-    query_S1 = torch.arange(start, start + S, device=device).unsqueeze(1)
+    query_S1 = (torch.arange(S, device=device) + start).unsqueeze(1)
     key_1L = torch.arange(L, device=device).unsqueeze(0)
     allowed = key_1L <= query_S1 if causal else torch.ones(S, L, dtype=torch.bool, device=device)
     if window:

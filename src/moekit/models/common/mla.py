@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.models.common.attention_base import AttentionMixerConfig
+from moekit.models.common.cache import Start, append
 from moekit.models.common.masks import allowed_keys
 from moekit.models.common.rotary import (
     RopeScalingConfig,
@@ -146,7 +147,9 @@ class MultiHeadLatentAttention(nn.Module):
             self.config.qk_rope_head_dim,
         )
 
-    def forward(self, x_BSD, rope=None, cache=None, start: int = 0, key_mask=None) -> torch.Tensor:
+    def forward(
+        self, x_BSD, rope=None, cache=None, start: Start = 0, key_mask=None
+    ) -> torch.Tensor:
         """``(B, S, D) -> (B, S, D)``; arguments as for ``Attention.forward``."""
         c, H = self.config, self.n_heads
         B, S, _ = x_BSD.shape
@@ -164,18 +167,14 @@ class MultiHeadLatentAttention(nn.Module):
             q_rot, k_rot = _deinterleave(q_rot), _deinterleave(k_rot)
         q_rot, k_rot = apply_rotary(q_rot, *rope), apply_rotary(k_rot, *rope)
         if cache is not None:
-            latents, rot_keys = cache
-            positions = torch.arange(start, start + S, device=latents.device)
-            latents.index_copy_(2, positions, latent.to(latents.dtype))
-            rot_keys.index_copy_(2, positions, k_rot.to(rot_keys.dtype))
-            latent, k_rot = latents.narrow(2, 0, start + S), rot_keys.narrow(2, 0, start + S)
+            latent, k_rot = append(cache, (latent, k_rot), start)
         L = latent.shape[2]
         kv = self.kv_b_proj(latent.squeeze(1)).view(B, L, H, -1).transpose(1, 2)
         k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_pass, k_rot.expand(-1, H, -1, -1)], dim=-1)
         q = torch.cat([q_pass, q_rot], dim=-1)
         mask, is_causal = None, False
-        if key_mask is not None or (S > 1 and L != S):
+        if key_mask is not None or (S > 1 and L != S) or not isinstance(start, int):
             mask = allowed_keys(S, L, start, causal=True, key_mask_BL=key_mask, device=q.device)
         elif S > 1:
             is_causal = True

@@ -30,6 +30,7 @@ from moekit.experts.grouped_linear import grouped_linear
 from moekit.losses.auxiliary import auxiliary_losses, weighted_sum
 from moekit.losses.config import AuxLossConfig
 from moekit.models.common.attention_base import AttentionMixerConfig
+from moekit.models.common.cache import Start, append
 from moekit.models.common.masks import allowed_keys
 from moekit.models.common.rotary import RotaryConfig, apply_rotary
 from moekit.routing.topk import Gating, TopKRouterConfig
@@ -146,7 +147,7 @@ class MixtureOfAttentionHeads(nn.Module):
         x_BSD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start: int = 0,
+        start: Start = 0,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(B, S, D) -> (B, S, D)``, as ``Attention.forward``; the router's loss is in
@@ -158,7 +159,7 @@ class MixtureOfAttentionHeads(nn.Module):
         x_BSD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start: int = 0,
+        start: Start = 0,
         key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output and the router's weighted auxiliary loss (``None`` when losses are off):
@@ -188,15 +189,10 @@ class MixtureOfAttentionHeads(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            keys, values = cache
-            positions = torch.arange(start, start + S, device=keys.device)
-            keys.index_copy_(2, positions, k.to(keys.dtype))
-            values.index_copy_(2, positions, v.to(values.dtype))
-            k = keys.narrow(2, 0, start + S).to(q.dtype)
-            v = values.narrow(2, 0, start + S).to(q.dtype)
+            k, v = append(cache, (k.to(q.dtype), v.to(q.dtype)), start)
         L = k.shape[2]
         mask = None
-        if key_mask is not None or (self.causal and S > 1):
+        if key_mask is not None or (self.causal and S > 1) or not isinstance(start, int):
             mask = allowed_keys(
                 S, L, start, causal=self.causal, key_mask_BL=key_mask, device=x_BSD.device
             )

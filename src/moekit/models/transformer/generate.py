@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from moekit.layers import serving
+from moekit.models.common.attention import KVCache
 from moekit.models.common.sampling import filter_logits, sample_tokens
 from moekit.models.transformer.model import TransformerLM
 
@@ -38,6 +42,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
+    compile_step: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Extend ``prompt`` by up to ``max_new_tokens`` tokens.
 
@@ -54,6 +59,8 @@ def generate(
         use_cache: reuse keys/values (False recomputes the whole prefix each step).
         generator: random generator for sampling (best on the model's device).
         attention_mask: ``(B, S)`` bool, ``True`` for real prompt tokens (left padding).
+        compile_step: decode with a fixed-shape cache and the step compiled once
+            (:func:`decode_step`: ``torch.compile``, CUDA graphs on CUDA).
 
     Returns:
         ``(B, S + n)`` (or ``(S + n,)``) token ids, ``n <= max_new_tokens``; a list for a list.
@@ -82,16 +89,19 @@ def generate(
         else torch.full((len(tokens),), tokens.shape[1], device=tokens.device)
     )
     steps = min(max_new_tokens, model.config.max_seq_len - tokens.shape[1])
-    cache = model.new_kv_cache(tokens.shape[0]) if use_cache else None
+    cache = model.new_kv_cache(tokens.shape[0], fixed_shapes=compile_step) if use_cache else None
+    step = None if cache is None or not compile_step else decode_step(model, cache, compile=True)
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     next_input, next_mask = tokens, mask
     with serving(model):  # no auxiliary losses or statistics while generating
-        for _ in range(steps):
-            if use_cache:
-                out = model(next_input, attention_mask=next_mask, kv_cache=cache)
+        for i in range(steps):
+            if step is not None and i > 0:  # after the prompt: the compiled fixed-shape step
+                logits = step(next_input)
+            elif use_cache:
+                logits = model(next_input, attention_mask=next_mask, kv_cache=cache).logits
             else:
-                out = model(tokens, attention_mask=mask)
-            logits = out.logits[:, -1].float()
+                logits = model(tokens, attention_mask=mask).logits
+            logits = logits[:, -1].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1)
             else:
@@ -102,7 +112,7 @@ def generate(
                 finished |= next_token == stop_token
             tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
             next_input = next_token.unsqueeze(1)
-            if mask is not None:
+            if mask is not None and step is None:
                 next_mask = torch.ones_like(next_input, dtype=torch.bool)
                 mask = torch.cat([mask, next_mask], dim=1)
             if stop_token is not None and finished.all():
@@ -110,3 +120,37 @@ def generate(
     if as_list:
         return [row[int(pad) :] for row, pad in zip(tokens, pad_width, strict=True)]
     return tokens.squeeze(0) if squeeze else tokens
+
+
+def decode_step(
+    model: TransformerLM,
+    cache: KVCache,
+    *,
+    compile: bool = False,
+    backend: Any = None,
+    fullgraph: bool | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One decoding step ``tokens (B, 1) -> logits (B, 1, V)`` on a fixed-shape ``cache``
+    (``model.new_kv_cache(..., fixed_shapes=True)``): every step has the same shapes, keeps
+    positions and lengths on the device and reads nothing on the host, so ``compile=True``
+    compiles it once (``torch.compile``; on CUDA ``fullgraph`` and mode ``reduce-overhead``: a
+    CUDA graph replayed each step; on the CPU the direct expert path stays eager, a graph
+    break, ``moekit.dispatch.direct``). The caller stops before ``cache.max_len``
+    positions."""
+    if cache.slot is None:
+        raise ValueError(
+            "decode_step needs a fixed-shape cache: new_kv_cache(..., fixed_shapes=True)"
+        )
+
+    def step(tokens_B1: torch.Tensor) -> torch.Tensor:
+        return model(tokens_B1, kv_cache=cache).logits
+
+    if not compile:
+        return step
+    cuda = model.embed.weight.device.type == "cuda"
+    options: dict = {"fullgraph": fullgraph if fullgraph is not None else cuda, "dynamic": False}
+    if backend is not None:
+        options["backend"] = backend
+    elif cuda:
+        options["mode"] = "reduce-overhead"
+    return torch.compile(step, **options)

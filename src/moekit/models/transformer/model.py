@@ -31,6 +31,7 @@ from moekit.models.common.block import (
     build_norm,
     check_token_range,
 )
+from moekit.models.common.cache import Start, new_positions
 from moekit.models.common.layout import NONE as NONE_MIXER
 from moekit.models.common.layout import AnyAttentionConfig, TokenMixerConfig, TokenMixerLayout
 from moekit.models.common.legacy import upgrade_model_dict
@@ -321,7 +322,7 @@ class TransformerLM(nn.Module):
             setattr(self, f"rope_sin{suffix}", sin.to(device))
 
     def _rotary(
-        self, start: int, S: int, positions_BS: torch.Tensor | None
+        self, start: Start, S: int, positions_BS: torch.Tensor | None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each rotary table's ``(cos, sin)`` for the new positions: ``(S, Dr)`` rows from
         ``start``, or ``(B, 1, S, Dr)`` at each sequence's own ``positions_BS``."""
@@ -330,6 +331,7 @@ class TransformerLM(nn.Module):
             suffix = "" if j == 0 else f"_{j}"
             cos, sin = getattr(self, f"rope_cos{suffix}"), getattr(self, f"rope_sin{suffix}")
             if positions_BS is None:
+                assert isinstance(start, int)  # a fixed-shape cache always has positions_BS
                 out.append((cos.narrow(0, start, S), sin.narrow(0, start, S)))
             else:
                 out.append(
@@ -369,19 +371,14 @@ class TransformerLM(nn.Module):
                 f"{tokens.dtype}"
             )
         B, S = tokens.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
-        if start + S > min(limit, self.config.max_seq_len):
-            raise ValueError(
-                f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}"
-                + ("" if kv_cache is None else f" or the cache length {kv_cache.max_len}")
-            )
+        start = self._start(kv_cache, S)
         check_token_range(tokens, self.config.vocab_size)
         key_mask = self._key_mask(attention_mask, B, S, start, kv_cache)
         positions_BS = new_mask = None
         if key_mask is not None:  # each sequence counts positions over its real tokens only
-            positions_BS = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0).narrow(1, start, S)
-            new_mask = key_mask.narrow(1, start, S)
+            slots = new_positions(start, S, key_mask.device)
+            positions_BS = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0).index_select(1, slots)
+            new_mask = key_mask.index_select(1, slots)
         rope = self._rotary(start, S, positions_BS)
         return self._run_blocks(tokens, rope, key_mask, new_mask, kv_cache, start)
 
@@ -392,7 +389,7 @@ class TransformerLM(nn.Module):
         key_mask: torch.Tensor | None,
         new_mask: torch.Tensor | None,
         kv_cache: KVCache | None,
-        start: int,
+        start: Start,
         segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         x = self.embed(tokens)
@@ -418,8 +415,10 @@ class TransformerLM(nn.Module):
                 aux_loss = aux_loss + moe_out.aux_loss
             if mixer_loss is not None:  # a mixture of attention heads' router
                 aux_loss = aux_loss + mixer_loss
-        if kv_cache is not None:
+        if kv_cache is not None and isinstance(start, int):
             kv_cache.length = start + tokens.shape[1]
+        elif kv_cache is not None and kv_cache.slot is not None:  # on the device, in place
+            kv_cache.slot.add_(tokens.shape[1])
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.logits_scaling != 1.0:
@@ -461,11 +460,26 @@ class TransformerLM(nn.Module):
             tokens, rope, same_BSS.unsqueeze(1), segment_ids != 0, None, 0, segment_ids
         )
 
+    def _start(self, kv_cache: KVCache | None, S: int) -> Start:
+        """The slot of the first new token: the cache's device ``slot`` for fixed-shape
+        decoding (its length is the caller's to check), else the host ``length``, checked."""
+        if kv_cache is not None and kv_cache.slot is not None:
+            return kv_cache.slot
+        start = 0 if kv_cache is None else kv_cache.length
+        limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
+        if start + S > min(limit, self.config.max_seq_len):
+            raise ValueError(
+                f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}"
+                + ("" if kv_cache is None else f" or the cache length {kv_cache.max_len}")
+            )
+        return start
+
     @staticmethod
     def _key_mask(
-        mask: torch.Tensor | None, B: int, S: int, start: int, kv_cache: KVCache | None
+        mask: torch.Tensor | None, B: int, S: int, start: Start, kv_cache: KVCache | None
     ) -> torch.Tensor | None:
-        """The ``(B, start + S)`` bool mask of real tokens so far, or ``None`` (no padding)."""
+        """The ``(B, start + S)`` bool mask of real tokens so far (``(B, max_len)`` with a
+        fixed-shape cache), or ``None`` (no padding)."""
         cached = None if kv_cache is None else kv_cache.key_mask
         if mask is None and cached is None:
             return None
@@ -473,7 +487,8 @@ class TransformerLM(nn.Module):
             mask = torch.ones(B, S, dtype=torch.bool, device=cached.device)  # type: ignore[union-attr]
         if mask.dtype not in (torch.bool, torch.int64, torch.int32, torch.uint8):
             raise TypeError(f"attention_mask must be bool or 0/1 integers, got {mask.dtype}")
-        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] not in (S, start + S):
+        widths = (S,) if not isinstance(start, int) else (S, start + S)
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] not in widths:
             raise ValueError(
                 f"attention_mask must have shape (batch={B}, {S}) or (batch={B}, cached + new="
                 f"{start + S}), got {tuple(mask.shape)}"
@@ -485,17 +500,28 @@ class TransformerLM(nn.Module):
             kv_cache.key_mask = torch.ones(
                 B, kv_cache.max_len, dtype=torch.bool, device=mask.device
             )
-        first = start + S - mask.shape[1]  # the mask covers either the new or all positions
-        positions = torch.arange(first, start + S, device=mask.device)
+        # the mask covers either the new or all positions
+        positions = new_positions(start + S - mask.shape[1], mask.shape[1], mask.device)
         kv_cache.key_mask.index_copy_(1, positions, mask)
+        if not isinstance(start, int):
+            return kv_cache.key_mask
         return kv_cache.key_mask.narrow(1, 0, start + S)
 
     def new_kv_cache(
-        self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
+        self,
+        batch: int,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        fixed_shapes: bool = False,
     ) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``max_len`` positions (default
         ``max_seq_len``); ``dtype`` defaults to the parameters' (``torch.bfloat16`` halves an
-        fp32 model's cache, and under autocast saves re-casting it every step)."""
+        fp32 model's cache, and under autocast saves re-casting it every step).
+        ``fixed_shapes``: the next slot is kept on the device (``KVCache.slot``) and attention
+        reads every slot under a mask, so each decoding step has the same shapes and reads
+        nothing on the host (``torch.compile`` / CUDA graphs); the caller keeps within
+        ``max_len``."""
         stateless = [
             n for n, m in self.named_modules() if not getattr(m, "decodes_with_cache", True)
         ]
@@ -505,7 +531,7 @@ class TransformerLM(nn.Module):
                 "decoding state for a KV cache: decode with generate(..., use_cache=False)"
             )
         length = max_len or self.config.max_seq_len
-        return KVCache.for_layers(
+        cache = KVCache.for_layers(
             [
                 ((batch, 0), (batch, 0))  # a block without a token mixer keeps no state
                 if cast(Any, block).attn is None
@@ -516,3 +542,8 @@ class TransformerLM(nn.Module):
             device=self.embed.weight.device,
             max_len=length,
         )
+        if fixed_shapes:
+            device = self.embed.weight.device
+            cache.slot = torch.zeros((), dtype=torch.long, device=device)
+            cache.key_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        return cache
