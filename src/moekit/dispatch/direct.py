@@ -63,10 +63,23 @@ def direct_experts(
 
 @torch.compiler.disable
 def _on_views(y_TD, x_TD, expert_idx_TK, weights_TK, used_TK, experts: ExpertBank):
-    """Each used slot's expert on its token, on views of the stacked weights (host reads)."""
-    for t, j in used_TK.nonzero().tolist():  # at most DIRECT_MAX_ASSIGNMENTS pairs
-        e = int(expert_idx_TK[t, j])
-        y_TD[t] += weights_TK[t, j] * experts.forward_one(e, x_TD[t : t + 1])[0]
+    """Each used slot's expert on its token, on views of the stacked weights (host reads, one
+    per tensor): ``y_t += w · act(x_t W_in[e] + b_in[e]) W_out[e] (+ w · b_out[e])``, the
+    router weight folded into the second product (``addmm_``'s ``alpha``)."""
+    chosen, weights, used = expert_idx_TK.tolist(), weights_TK.tolist(), used_TK.tolist()
+    b_in, b_out = experts.b_in_EH, experts.b_out_ED
+    for t, row in enumerate(chosen):  # at most DIRECT_MAX_ASSIGNMENTS slots in all
+        x_1D, y_1D = x_TD[t : t + 1], y_TD[t : t + 1]
+        for j, e in enumerate(row):
+            if not used[t][j]:
+                continue
+            h_1H = x_1D @ experts.w_in_EDH[e]
+            if b_in is not None:
+                h_1H = h_1H + b_in[e]
+            a_1H = apply_activation(experts.activation, h_1H)
+            y_1D.addmm_(a_1H, experts.w_out_EHD[e], alpha=weights[t][j])
+            if b_out is not None:
+                y_1D.add_(b_out[e], alpha=weights[t][j])
     return y_TD
 
 
