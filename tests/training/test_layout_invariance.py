@@ -184,3 +184,38 @@ def test_a_resume_restores_the_optimizers_hyperparameters_and_refuses_other_grou
     one_group = torch.optim.AdamW(params, lr=0.5)
     with pytest.raises(ValueError, match="2 parameter groups, this run's 1"):
         restore_param_groups(one_group, saved.state_dict()["param_groups"])
+
+
+def test_optimizer_moments_follow_their_parameters_by_name_on_resume():
+    """A checkpoint's optimizer state names its parameters: resumed by a model that registers
+    them in another order (a refactor of a block), each parameter gets its own moments; a
+    state from before the names loads by position as before; other parameters are refused."""
+    from moekit.training.checkpoint import align_optimizer_state, parameter_names
+    from tests.builders import tiny_lm
+
+    model = tiny_lm()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in model.named_parameters() if p.dim() > 1]},
+            {"params": [p for n, p in model.named_parameters() if p.dim() <= 1]},
+        ]
+    )
+    model(torch.randint(0, 40, (2, 6))).logits.square().mean().backward()
+    optimizer.step()
+    saved = {**optimizer.state_dict(), "param_names": parameter_names(model, optimizer)}
+    moments = {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+    # the same parameters, each group in reverse order (as a reordered model would give)
+    other = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in model.named_parameters() if p.dim() > 1][::-1]},
+            {"params": [p for n, p in model.named_parameters() if p.dim() <= 1][::-1]},
+        ]
+    )
+    other.load_state_dict(align_optimizer_state(saved, parameter_names(model, other)))
+    for name, param in model.named_parameters():
+        assert torch.equal(other.state[param]["exp_avg"], moments[name]), name
+    legacy = {k: v for k, v in saved.items() if k != "param_names"}
+    assert align_optimizer_state(legacy, parameter_names(model, other)) is legacy
+    fewer = [group[1:] for group in parameter_names(model, other)]
+    with pytest.raises(ValueError, match="other parameters than this model's"):
+        align_optimizer_state(saved, fewer)

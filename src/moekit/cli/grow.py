@@ -36,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from moekit.training.checkpoint import (
         OPTIMIZER_FILE,
         STATE_FILE,
+        align_optimizer_state,
         latest_checkpoint,
         load_training_checkpoint,
+        parameter_names,
         refuse_to_overwrite,
         restore_param_groups,
         save_training_checkpoint,
@@ -68,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     model = config.model.build()
     model.load_state_dict(model_state)
     optimizer = build_optimizer(model, config.optim, fused=False)
-    optimizer.load_state_dict(optimizer_state)
+    optimizer.load_state_dict(
+        align_optimizer_state(optimizer_state, parameter_names(model, optimizer))
+    )
     grown, sources = grow_experts(model, args.factor, noise=args.noise, seed=config.seed)
     grown_config = dataclasses.replace(
         config, model=grow_config(config.model, args.factor), out_dir=str(destination)
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler,
         config_to_dict(grown_config),
         rng,
+        param_names=parameter_names(grown, new_optimizer),
     )
     atomic_write_bytes(destination / "config.toml", printed_config(grown_config).encode())
     copy_tokenizer(find_tokenizer_folder(args.run), destination / RUN_TOKENIZER_DIR)

@@ -55,7 +55,43 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any
         if name.startswith("state."):
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": plain["param_groups"]}
+    joined = {"state": state, "param_groups": plain["param_groups"]}
+    if "param_names" in plain:
+        joined["param_names"] = plain["param_names"]
+    return joined
+
+
+def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Each optimizer group's parameters by name, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def align_optimizer_state(state: dict, current: list[list[str]]) -> dict:
+    """``state`` (an optimizer state dict saved with ``param_names``) keyed in the order of an
+    optimizer whose groups hold the parameters ``current`` names: each parameter's moments go
+    to the parameter of the same name, whatever order the model registers its parameters in
+    now. A state saved without names (older checkpoints) is returned as it is (positional, as
+    before); names that differ are refused, naming them."""
+    saved = state.get("param_names")
+    if saved is None:
+        return state
+    if [sorted(g) for g in saved] != [sorted(g) for g in current]:
+        missing = sorted(set().union(*map(set, saved)) - set().union(*map(set, current)))
+        extra = sorted(set().union(*map(set, current)) - set().union(*map(set, saved)))
+        raise ValueError(
+            "the checkpoint's optimizer holds other parameters than this model's (missing here: "
+            f"{missing[:3] or 'none'}; new here: {extra[:3] or 'none'}; or a parameter moved "
+            "between weight-decay groups)"
+        )
+    index = {name: i for i, name in enumerate(name for group in current for name in group)}
+    saved_names = [name for group in saved for name in group]
+    entries = {index[saved_names[int(k)]]: v for k, v in state["state"].items()}
+    groups = [
+        {**group, "params": [index[name] for name in names]}
+        for group, names in zip(state["param_groups"], current, strict=True)
+    ]
+    return {"state": entries, "param_groups": groups, "param_names": current}
 
 
 def save_training_checkpoint(
@@ -66,16 +102,21 @@ def save_training_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_config: dict[str, Any],
     rng_states: dict[str, torch.Tensor] | None = None,
+    param_names: list[list[str]] | None = None,
 ) -> Path:
     """Write ``step_<step>`` under ``checkpoints_dir`` and point ``latest`` at it.
 
     ``model`` and ``optimizer_state`` are in the single-process layout (under expert
     parallelism the caller gathers them first), so checkpoints reshard freely.
     ``rng_states``: every rank's generator states (:func:`rng_states`); default: this
-    process's.
+    process's. ``param_names``: each optimizer group's parameter names
+    (:func:`parameter_names`), saved so that a resume maps moments by name
+    (:func:`align_optimizer_state`).
     """
     checkpoints_dir = Path(checkpoints_dir)
     tensors, plain = _split_optimizer_state(optimizer_state)
+    if param_names is not None:
+        plain["param_names"] = param_names
     tensors.update(rng_states if rng_states is not None else rng_states_of_rank(0, None))
 
     def write(folder: Path) -> None:

@@ -49,8 +49,10 @@ from moekit.training.callbacks import (
     worst_load,
 )
 from moekit.training.checkpoint import (
+    align_optimizer_state,
     latest_checkpoint,
     load_training_checkpoint,
+    parameter_names,
     read_trainer_state,
     refuse_to_overwrite,
     remove_stale_staging,
@@ -364,6 +366,7 @@ def _restore(
         model_state, optimizer_state, trainer_state = load_training_checkpoint(
             folder, config.model, rank=ctx.rank, device=device
         )
+        optimizer_state = align_optimizer_state(optimizer_state, parameter_names(model, optimizer))
         if ctx.meshes is None:
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optimizer_state)

@@ -15,6 +15,7 @@ import torch
 from moekit.models.encoder_decoder.model import EncoderDecoderLM
 from moekit.models.transformer.model import TransformerLM
 from moekit.training.checkpoint import (
+    parameter_names,
     rng_states,
     save_sharded_training_checkpoint,
     save_training_checkpoint,
@@ -59,7 +60,14 @@ def save_run_checkpoint(
     states = rng_states(ctx.rank, ctx.world, device)
     if not ctx.enabled:
         save_training_checkpoint(
-            checkpoints, step, model, optimizer.state_dict(), scheduler, config_dict, states
+            checkpoints,
+            step,
+            model,
+            optimizer.state_dict(),
+            scheduler,
+            config_dict,
+            states,
+            param_names=parameter_names(model, optimizer),
         )
         return
     # every rank writes its own shards (DCP); nothing is gathered to one rank
