@@ -139,3 +139,42 @@ def test_every_model_builds_from_the_common_parts():
                     assert not node.module.startswith("moekit.models.transformer"), (
                         f"{path.relative_to(SRC)} imports {node.module}"
                     )
+
+
+def test_the_encoder_decoder_and_the_vit_blocks_are_the_common_block():
+    """Their blocks are ``models.common.block.Block``s; the encoder–decoder's parameters keep
+    the order its earlier checkpoints' optimizer state was saved in (``ffn`` before ``attn``)."""
+    import moekit
+    from moekit.models.common.block import Block
+    from moekit.models.common.placement import MoEPlacementConfig
+    from moekit.models.encoder_decoder import EncoderDecoderConfig
+    from moekit.models.vision import VisionMoEConfig
+
+    layer = moekit.MoEConfig(num_experts=4, top_k=1, experts=moekit.ExpertConfig(hidden=8))
+    model = EncoderDecoderConfig(
+        vocab_size=32,
+        d_model=16,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        n_heads=2,
+        head_dim=8,
+        ffn_hidden=32,
+        decoder_moe=MoEPlacementConfig(layer=layer),
+    ).build()
+    for stack in (model.encoder, model.decoder):
+        assert all(isinstance(block, Block) for block in stack.blocks)
+    names = [
+        n.split(".")[3] for n, _ in model.named_parameters() if n.startswith("decoder.blocks.0")
+    ]
+    assert list(dict.fromkeys(names)) == [
+        "ffn_norm",
+        "ffn",
+        "attn_norm",
+        "attn",
+        "cross_norm",
+        "cross_attn",
+    ]
+    vit = VisionMoEConfig(
+        image_size=8, patch_size=4, num_classes=3, d_model=16, n_layers=2, n_heads=2
+    ).build()
+    assert all(isinstance(block, Block) for block in vit.blocks)

@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torch import nn
+
 from moekit.utils.serialization import config_from_dict, config_to_dict
 from moekit.utils.validation import ConfigError
 
@@ -35,6 +37,10 @@ class AttentionMixerConfig:
         kind = cls.__dict__.get("kind")
         if isinstance(kind, str) and kind:
             AttentionMixerConfig.registry[kind] = cls
+
+    def build(self, *, d_model: int, norm_eps: float = 1e-6) -> nn.Module:
+        """The mixer on a stream of width ``d_model`` (``norm_eps``: its norms' epsilon)."""
+        raise NotImplementedError
 
     def to_config_dict(self) -> dict[str, Any]:
         """The file form: ``kind`` first, then the fields."""

@@ -17,6 +17,7 @@ from torch import nn
 from moekit.experts.dense import FeedForward
 from moekit.layers import MoE, MoEConfig, MoEOutput
 from moekit.layers.dense_beside import DenseBesideMoE
+from moekit.models.common.attention_base import AttentionMixerConfig
 from moekit.models.common.cache import Start
 from moekit.models.common.layout import TokenMixerConfig
 from moekit.utils.device import has_values
@@ -82,7 +83,7 @@ class Block(nn.Module):
 
     def __init__(
         self,
-        attention: TokenMixerConfig | None,
+        attention: TokenMixerConfig | AttentionMixerConfig | None,
         *,
         d_model: int,
         ffn_hidden: int,
@@ -149,19 +150,39 @@ class Block(nn.Module):
                 self.attn, h_BSD, rope, cache, start, key_mask, padding_mask, segment_ids
             )
             x_BSD = self._residual(x_BSD, out, self.attn_norm, self.attn_post_norm)
-        moe_out = None
-        if self.ffn is not None:
-            pre = self.ffn_norm is not None and not self.post_norm
-            h_BSD = self.ffn_norm(x_BSD) if pre else x_BSD  # type: ignore[misc]
-            if isinstance(self.ffn, MoE | DenseBesideMoE):
-                moe_out = self.ffn(h_BSD, padding_mask, token_ids)
-                y = moe_out.output
-            else:
-                y = self.ffn(h_BSD)
-            x_BSD = self._residual(x_BSD, y, self.ffn_norm, self.ffn_post_norm)
+        x_BSD, moe_out = self.mix_channels(x_BSD, padding_mask, token_ids)
         if self.layer_scalar is not None:
             x_BSD = x_BSD * self.layer_scalar.to(x_BSD.dtype)
         return x_BSD, moe_out, mixer_loss
+
+    def mix_channels(
+        self,
+        x_BSD: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MoEOutput | None]:
+        """The channel-mixer sublayer: ``(x + ffn(norm(x)), the MoE layer's output or None)``
+        (or the block's post/sandwich norms)."""
+        if self.ffn is None:
+            return x_BSD, None
+        moe_out = None
+        pre = self.ffn_norm is not None and not self.post_norm
+        h_BSD = self.ffn_norm(x_BSD) if pre else x_BSD  # type: ignore[misc]
+        if isinstance(self.ffn, MoE | DenseBesideMoE):
+            moe_out = self.ffn(h_BSD, padding_mask, token_ids)
+            y = moe_out.output
+        else:
+            y = self.ffn(h_BSD)
+        return self._residual(x_BSD, y, self.ffn_norm, self.ffn_post_norm), moe_out
+
+    def keep_registration_order(self, names: list[str]) -> None:
+        """Register this block's submodules in ``names``' order (then the rest): the order
+        ``parameters()`` lists them in, which optimizer checkpoints saved before they named
+        their parameters map moments by."""
+        modules = self._modules
+        ordered = {name: modules[name] for name in names}
+        ordered.update((name, module) for name, module in modules.items() if name not in ordered)
+        self._modules = ordered  # type: ignore[assignment]
 
     def _residual(
         self,

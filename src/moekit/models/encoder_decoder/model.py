@@ -26,9 +26,8 @@ from torch import nn
 
 from moekit.dispatch.config import DispatchMode, DropPriority
 from moekit.experts.activations import Activation
-from moekit.experts.dense import FeedForward
-from moekit.layers import MoE, MoEConfig, MoEOutput, serving
-from moekit.models.common.block import LMOutput, check_token_range
+from moekit.layers import MoEConfig, MoEOutput, serving
+from moekit.models.common.block import Block, LMOutput, NormKind, build_norm, check_token_range
 from moekit.models.common.placement import MoEPlacementConfig, drop_layer_d_model
 from moekit.models.common.sampling import filter_logits, sample_tokens
 from moekit.models.common.t5_attention import T5AttentionConfig, additive_mask
@@ -150,65 +149,56 @@ class EncoderDecoderConfig:
         return self.encoder_moe.layer is not None or self.decoder_moe.layer is not None
 
 
-class _FFNSublayer(nn.Module):
-    """``x + ffn(norm(x))`` with a dense FFN or an MoE layer."""
+def _block_parts(config: EncoderDecoderConfig, moe_config: MoEConfig | None) -> dict[str, Any]:
+    """The common ``Block``'s arguments for a T5 block: pre-norm RMS norms, the dense FFN or
+    the MoE layer."""
+    return dict(
+        d_model=config.d_model,
+        ffn_hidden=config.ffn_hidden,
+        activation=config.activation,
+        norm_eps=config.norm_eps,
+        moe_config=moe_config,
+    )
+
+
+class EncoderBlock(Block):
+    """The common block with T5's bidirectional attention (its position bias from the stack),
+    then the FFN (dense or MoE)."""
 
     def __init__(self, config: EncoderDecoderConfig, moe_config: MoEConfig | None) -> None:
-        super().__init__()
-        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.ffn: nn.Module = (
-            moe_config.build(d_model=config.d_model)
-            if moe_config is not None
-            else FeedForward(config.d_model, config.ffn_hidden, activation=config.activation)
-        )
-
-    def feed_forward(
-        self, x_BSD: torch.Tensor, padding_mask: torch.Tensor | None, token_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, MoEOutput | None]:
-        h_BSD = self.ffn_norm(x_BSD)
-        if isinstance(self.ffn, MoE):
-            out = self.ffn(h_BSD, padding_mask, token_ids)
-            return x_BSD + out.output, out
-        return x_BSD + self.ffn(h_BSD), None
-
-
-class EncoderBlock(_FFNSublayer):
-    """Bidirectional self-attention, then the FFN (dense or MoE)."""
-
-    def __init__(self, config: EncoderDecoderConfig, moe_config: MoEConfig | None) -> None:
-        super().__init__(config, moe_config)
         assert config.head_dim is not None
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         attention = T5AttentionConfig(n_heads=config.n_heads, head_dim=config.head_dim)
-        self.attn = attention.build(d_model=config.d_model)
+        super().__init__(attention, **_block_parts(config, moe_config))
+        self.keep_registration_order(["ffn_norm", "ffn", "attn_norm", "attn"])
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         x_BSD: torch.Tensor,
         bias: torch.Tensor,
         padding_mask: torch.Tensor | None,
         token_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), bias)
-        return self.feed_forward(x_BSD, padding_mask, token_ids)
+        attn, norm = cast(Any, self.attn), cast(nn.Module, self.attn_norm)
+        x_BSD = x_BSD + attn(norm(x_BSD), bias)
+        return self.mix_channels(x_BSD, padding_mask, token_ids)
 
 
-class DecoderBlock(_FFNSublayer):
-    """Causal self-attention, attention over the encoder output, then the FFN."""
+class DecoderBlock(Block):
+    """The common block with T5's causal self-attention, a third sublayer attending to the
+    encoder output (cross-attention), then the FFN."""
 
     def __init__(self, config: EncoderDecoderConfig, moe_config: MoEConfig | None) -> None:
-        super().__init__(config, moe_config)
         assert config.head_dim is not None
-        self_attention = T5AttentionConfig(
-            n_heads=config.n_heads, head_dim=config.head_dim, causal=True
-        )
-        cross_attention = T5AttentionConfig(n_heads=config.n_heads, head_dim=config.head_dim)
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.attn = self_attention.build(d_model=config.d_model)
-        self.cross_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        heads, width = config.n_heads, config.head_dim
+        self_attention = T5AttentionConfig(n_heads=heads, head_dim=width, causal=True)
+        super().__init__(self_attention, **_block_parts(config, moe_config))
+        self.cross_norm = build_norm(NormKind.RMS, config.d_model, config.norm_eps)
+        cross_attention = T5AttentionConfig(n_heads=heads, head_dim=width)
         self.cross_attn = cross_attention.build(d_model=config.d_model)
+        order = ["ffn_norm", "ffn", "attn_norm", "attn", "cross_norm", "cross_attn"]
+        self.keep_registration_order(order)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         x_BTD: torch.Tensor,
         bias: torch.Tensor,
@@ -218,9 +208,10 @@ class DecoderBlock(_FFNSublayer):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), bias, cache=cache, start=start)
+        attn, norm = cast(Any, self.attn), cast(nn.Module, self.attn_norm)
+        x_BTD = x_BTD + attn(norm(x_BTD), bias, cache=cache, start=start)
         x_BTD = x_BTD + self.cross_attn(self.cross_norm(x_BTD), memory_bias, keys_values=memory_kv)
-        return self.feed_forward(x_BTD, None, token_ids)
+        return self.mix_channels(x_BTD, None, token_ids)
 
 
 class Stack(nn.Module):
