@@ -103,12 +103,32 @@ def test_params_counts_what_the_model_stores(model):
     assert report.flops_per_token > 2 * report.active_non_embedding
 
 
-def test_the_hybrid_example_trains_generates_and_evaluates(tmp_path, capsys):
+def test_the_hybrid_example_trains_generates_and_evaluates(tmp_path, capsys, monkeypatch):
     run = tmp_path / "hybrid"
     config = ROOT / "examples" / "hybrid.toml"
     args = ["train", "--config", str(config), "--set", "steps=3", "--set", "eval_batches=1"]
     assert main([*args, "--out-dir", str(run), "--quiet"]) == 0
     assert main(["generate", str(run), "--prompt", "The", "--max-new-tokens", "5"]) == 0
+    capsys.readouterr()
+    greedy = [
+        "generate",
+        str(run),
+        "--prompt",
+        "The",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
+    assert main(greedy) == 0
+    expected = capsys.readouterr().out
+    real_compile = torch.compile  # the graph without code generation (CPU test speed)
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **o: real_compile(fn, **{**o, "backend": "eager"})
+    )
+    torch._dynamo.reset()
+    assert main([*greedy, "--compile-step"]) == 0
+    assert capsys.readouterr().out == expected
     assert main(["eval", str(run), "--batches", "1"]) == 0
     assert main(["params", str(run)]) == 0
     assert "recurrent_mixers" in capsys.readouterr().out

@@ -62,6 +62,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="which cached expert leaves first under --expert-budget",
     )
     parser.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="decode with a fixed-shape cache and the step compiled once (torch.compile; a CUDA "
+        "graph per step on CUDA; compiling takes a while and gains little on a CPU)",
+    )
+    parser.add_argument(
         "--prefetch",
         action="store_true",
         help="under --expert-budget, read the next layer's experts ahead as its router predicts "
@@ -143,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(model, EncoderDecoderLM):  # the prompt is the encoder's input
         from moekit.models.encoder_decoder import generate_seq2seq
 
+        if args.compile_step:
+            raise ValueError(
+                "--compile-step is for decoder-only models (this is an encoder-decoder)"
+            )
+
         decoded = generate_seq2seq(
             model, prompt, args.max_new_tokens, generator=generator, **sampling
         )
@@ -168,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
                 min(args.max_new_tokens, room),
                 stop_token=stop,
                 generator=generator,
+                compile_step=args.compile_step,
                 **sampling,
             ),
         )
