@@ -729,6 +729,43 @@ def section_decode(device: torch.device, args: argparse.Namespace) -> None:
             tokens_per_second=rate,
             syncs=syncs["n"],
         )
+        compiled_step_row(device, args, batch, new, dtype, run_ours, run_hf, prompt, ours)
+
+
+def compiled_step_row(device, args, batch, new, dtype, run_ours, run_hf, prompt, ours) -> None:
+    """moekit's fixed-shape decoding with the step compiled once (a CUDA graph per step),
+    gated on greedy tokens equal to the plain path's, against the plain path and transformers
+    in the same run; CUDA only (the CPU's figures are bench_decode.py --compile-step's). A
+    step that fails to compile costs this row, not the section."""
+    from moekit.models.transformer.generate import generate
+
+    where = f"compiled step, batch {batch}, {new} new tokens, {dtype}"
+    if device.type != "cuda":
+        report("decode", where, "SKIP", "CUDA only (CPU: bench_decode.py --compile-step)")
+        return
+
+    def run_compiled(prompt=prompt):
+        return generate(ours, prompt, new, compile_step=True)
+
+    try:
+        with torch.no_grad():
+            same = torch.equal(run_compiled(), run_ours())  # compiles, then the gate
+            ms = alternate(
+                {"compiled": run_compiled, "moekit": run_ours, "hf": run_hf}, device, 1, 3
+            )
+    except Exception as error:  # a failed compilation costs its row
+        report("decode", where, "FAIL", f"{type(error).__name__}: {error}"[:300])
+        return
+    rate = {name: batch * new / t * 1e3 for name, t in ms.items()}
+    report(
+        "decode",
+        where,
+        "PASS" if same else "FAIL",
+        f"compiled {rate['compiled']:,.0f} tok/s = {rate['compiled'] / rate['moekit']:.2f}x "
+        f"the plain path, {rate['compiled'] / rate['hf']:.2f}x transformers; greedy tokens "
+        f"equal to the plain path's: {same}",
+        tokens_per_second=rate,
+    )
 
 
 # ------------------------------------------------------------------------------- profile
