@@ -44,6 +44,14 @@ class _File:
 
 
 PUBLISHED["gemma-4-26B-A4B"] = (lambda: _File("gemma-4-26b-a4b.json"), 25.23e9, 3.82e9)
+# NVIDIA-Nemotron-3-Nano-30B-A3B's published config.json (its hybrid_override_pattern form),
+# written from public copies of it: 31.6B total, 3.6B active with the embeddings (3.2B without)
+# on its card; transformers' own count of the same config is 31,577,937,344
+PUBLISHED["Nemotron-3-Nano-30B-A3B"] = (
+    lambda: _File("nemotron-3-nano-30b-a3b.json"),
+    31.578e9,
+    3.58e9,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -68,3 +76,11 @@ def test_plan_reports_the_decoding_state_of_a_hybrid(tmp_path, capsys):
     assert main(["plan", str(path), "--ep", "8", "--decode-context", "32768"]) == 0
     out = capsys.readouterr().out
     assert "KV cache 0.75 GiB (bf16), recurrent states 75.4 MiB" in out
+
+
+def test_nemotron_3_nano_counts_exactly_what_transformers_builds():
+    data = json.loads((HF_CONFIGS / "nemotron-3-nano-30b-a3b.json").read_text())
+    report = count_parameters(HF_CONFIGS / "nemotron-3-nano-30b-a3b.json")
+    assert report.total == 31_577_937_344  # transformers' count on the meta device
+    assert report.active_non_embedding == pytest.approx(3.23e9, rel=2e-3)
+    assert data["hybrid_override_pattern"].count("E") == 23

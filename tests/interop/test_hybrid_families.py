@@ -203,3 +203,38 @@ def test_a_multimodal_gemma4_checkpoint_loads_its_text_model(tmp_path):
         ours = from_hf(tmp_path / "mm").eval()
     with torch.no_grad():
         assert (ours(TOKENS).logits - hf(input_ids=TOKENS).logits).abs().max() <= 1e-5
+
+
+def test_a_published_nemotron_h_config_json_imports_with_its_layer_pattern():
+    """The Hub's Nemotron-3 config.json gives its layers as ``hybrid_override_pattern`` and
+    carries keys transformers does not read (``norm_eps``, ``rope_theta``): the import takes
+    the pattern as transformers does and computes the same logits."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from moekit.interop.nemotron_h import config_from_hf
+
+    published = Path(__file__).parents[1] / "analysis" / "hf_configs"
+    data = json.loads((published / "nemotron-3-nano-30b-a3b.json").read_text())
+    data.pop("torch_dtype")  # compare in fp32
+    data.update(
+        hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+        n_routed_experts=8, num_experts_per_tok=2, mamba_num_heads=4, mamba_head_dim=8,
+        ssm_state_size=8, n_groups=2, vocab_size=64, hybrid_override_pattern="ME*-M",
+        num_hidden_layers=5,
+    )  # fmt: skip
+    config = config_from_hf(data)  # strict: every key classified
+    assert [config.token_mixer_of_layer(i) is None for i in range(5)] == [
+        False, True, False, True, False
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.NemotronHConfig(**data))
+    hf = hf.eval()
+    ours = from_hf(hf).eval()
+    assert ours.config == config
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert (ours(tokens).logits - hf(tokens).logits).abs().max() <= 1e-5

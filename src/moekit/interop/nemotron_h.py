@@ -34,6 +34,9 @@ from moekit.routing import Gating, GroupScore, TopKRouterConfig
 MODEL_TYPE = "nemotron_h"
 MAMBA = "linear_attention"
 _TOKEN = {MAMBA: MAMBA, "full_attention": ATTENTION, "mlp": NONE, "moe": NONE}
+# the published checkpoints' ``hybrid_override_pattern``, one character a layer (transformers
+# reads it into ``layers_block_type`` the same way)
+_PATTERN = {"M": MAMBA, "E": "moe", "*": "full_attention", "-": "mlp"}
 
 
 def _t(w: torch.Tensor) -> torch.Tensor:
@@ -149,6 +152,25 @@ def _block_types(value: Any) -> bool:
     return value is None or all(t in _TOKEN for t in value)
 
 
+def _pattern(value: Any) -> bool:
+    """one of M, E, * or - per layer"""
+    return value is None or (isinstance(value, str) and all(c in _PATTERN for c in value))
+
+
+def layer_types(hf: dict[str, Any]) -> list[str]:
+    """Each layer's type: ``layers_block_type`` (what ``transformers`` writes) or the published
+    configs' ``hybrid_override_pattern`` (``M`` Mamba2, ``E`` MoE, ``*`` attention, ``-`` MLP)."""
+    types = list(hf.get("layers_block_type") or hf.get("layer_types") or [])
+    pattern = hf.get("hybrid_override_pattern")
+    if not types and isinstance(pattern, str):
+        types = [_PATTERN[c] for c in pattern]
+    if not types:
+        raise ValueError(
+            "a nemotron_h config.json must list layers_block_type (or hybrid_override_pattern)"
+        )
+    return types
+
+
 HF_FIELDS = HFFields(
     mapped=frozenset(
         {
@@ -156,6 +178,7 @@ HF_FIELDS = HFFields(
             "hidden_size",
             "num_hidden_layers",
             "layers_block_type",
+            "hybrid_override_pattern",
             "tie_word_embeddings",
             "num_attention_heads",
             "num_key_value_heads",
@@ -185,6 +208,8 @@ HF_FIELDS = HFFields(
     ),
     fixed={
         "layers_block_type": (_block_types,),
+        "hybrid_override_pattern": (_pattern,),
+        "mtp_hybrid_override_pattern": (any_value,),
         "mlp_hidden_act": ("relu2",),
         "mamba_hidden_act": ("silu",),
         "attention_bias": (False,),
@@ -206,6 +231,10 @@ HF_FIELDS = HFFields(
         "mamba_chunk_size": (any_value,),
         "chunk_size": (any_value,),
         "attention_dropout": (any_value,),
+        # in the published config.json, not read by transformers: its norms use
+        # layer_norm_epsilon, and its attention has no rotary positions
+        "norm_eps": (any_value,),
+        "rope_theta": (any_value,),
         "hidden_dropout": (any_value,),
     },
 )
@@ -214,9 +243,7 @@ HF_FIELDS = HFFields(
 def config_from_hf(hf: dict[str, Any], strict: bool = True) -> TransformerConfig:
     """The moekit config of an HF ``config.json`` (``strict=False``: accounting only)."""
     check_hf_config(hf, "Nemotron-H (nemotron_h)", HF_FIELDS, strict)
-    types = list(hf.get("layers_block_type") or hf.get("layer_types") or [])
-    if not types:
-        raise ValueError("a nemotron_h config.json must list layers_block_type")
+    types = layer_types(hf)
     dt_min, dt_max = common.time_step_limits(hf)
     mamba = Mamba2Config(
         n_heads=hf["mamba_num_heads"],
