@@ -49,7 +49,6 @@ def direct_experts(
 ) -> torch.Tensor:
     """``(T, D)``: ``Σ_j w[t, j] · expert_{e[t, j]}(x_t)`` over each token's used slots with a
     real expert (``< num_experts``), padding excluded; what the dispatcher computes dropless."""
-    y_TD = torch.zeros_like(x_TD)
     used_TK = routing.expert_idx_TK < num_experts
     if routing.assignment_mask_TK is not None:
         used_TK = used_TK & routing.assignment_mask_TK
@@ -58,14 +57,15 @@ def direct_experts(
     weights_TK = routing.weights_TK.to(x_TD.dtype)
     if torch.compiler.is_compiling() and x_TD.device.type != "cpu":
         return direct_experts_gathered(x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
-    return _on_views(y_TD, x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
+    return _on_views(x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
 
 
 @torch.compiler.disable
-def _on_views(y_TD, x_TD, expert_idx_TK, weights_TK, used_TK, experts: ExpertBank):
+def _on_views(x_TD, expert_idx_TK, weights_TK, used_TK, experts: ExpertBank) -> torch.Tensor:
     """Each used slot's expert on its token, on views of the stacked weights (host reads, one
     per tensor): ``y_t += w · act(x_t W_in[e] + b_in[e]) W_out[e] (+ w · b_out[e])``, the
     router weight folded into the second product (``addmm_``'s ``alpha``)."""
+    y_TD = torch.zeros_like(x_TD)
     chosen, weights, used = expert_idx_TK.tolist(), weights_TK.tolist(), used_TK.tolist()
     b_in, b_out = experts.b_in_EH, experts.b_out_ED
     for t, row in enumerate(chosen):  # at most DIRECT_MAX_ASSIGNMENTS slots in all

@@ -185,8 +185,10 @@ def conv(
     """:func:`causal_conv` (same arguments and results), through ``causal-conv1d``'s
     ``causal_conv1d_fn`` when ``kernel`` is ``library`` and it applies (a training call: no
     cached state)."""
-    library = None if state_BCW is not None else _library("causal_conv", x_BSC, kernel, None)
-    if library is None or segment_ids_BS is not None:
+    library = (
+        None if state_BCW is not None else _library("causal_conv", x_BSC, kernel, segment_ids_BS)
+    )
+    if library is None:
         return causal_conv(
             x_BSC,
             weight_CW,
