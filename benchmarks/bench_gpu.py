@@ -613,40 +613,63 @@ def section_train(device: torch.device, args: argparse.Namespace) -> None:
 
 def train_mfu(device, args, config, seq: int, batch: int, flops_per_token: float, peak) -> None:
     """The same model through ``moekit train`` itself (its loop, callbacks, bf16 recipe and
-    metrics steps on the embedded corpus): the MFU a user gets, not a bare step's."""
+    metrics steps on the embedded corpus): the MFU a user gets, not a bare step's. Where bf16 is
+    on, with bf16 working weights (the default) and with autocast casting the fp32 weights every
+    forward (``working_weights=fp32``), alternating (the better of two runs each)."""
     import dataclasses
     import tempfile
 
     from moekit.training import load_train_config, train
 
     steps = 3 if args.tiny else 20
-    with tempfile.TemporaryDirectory() as out_dir:
-        base = load_train_config(
-            None,
-            [
-                f"steps={steps}",
-                f"eval_every={steps}",
-                "eval_batches=1",
-                f"log_every={steps}",
-                f"data.seq_len={seq}",
-                f"data.batch_size={batch}",
-                f"device={device}",
-                f"out_dir={out_dir}",
-            ],
+    bf16 = device.type == "cuda" or args.cpu_bf16
+
+    def run(working_weights: str) -> float:
+        with tempfile.TemporaryDirectory() as out_dir:
+            base = load_train_config(
+                None,
+                [
+                    f"steps={steps}",
+                    f"eval_every={steps}",
+                    "eval_batches=1",
+                    f"log_every={steps}",
+                    f"data.seq_len={seq}",
+                    f"data.batch_size={batch}",
+                    f"device={device}",
+                    f"bf16={str(bf16).lower()}",
+                    f"working_weights={working_weights}",
+                    f"out_dir={out_dir}",
+                ],
+            )
+            result = train(dataclasses.replace(base, model=config), progress=False)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result.tokens_per_second
+
+    modes = ["bf16", "fp32"] if bf16 else ["auto"]
+    rates = {mode: 0.0 for mode in modes}
+    for _ in range(1 if args.tiny else 2):
+        for mode in modes:
+            rates[mode] = max(rates[mode], run(mode))
+    for mode, rate in rates.items():
+        tflops = 3 * flops_per_token * rate / 1e12
+        mfu = f"{100 * tflops / peak:.1f}% of {peak:g}" if peak else "n/a"
+        label = {
+            "bf16": "bf16 working weights (default)",
+            "fp32": "autocast of fp32 weights",
+            "auto": "fp32",
+        }[mode]
+        report(
+            "train",
+            f"moekit train, {steps} steps, {label}",
+            "INFO",
+            f"{rate:,.0f} tokens/s, {tflops:.1f} TFLOP/s, MFU {mfu} (the loop's time, "
+            "evaluation and checkpoints excluded)",
+            tokens_per_s=rate,
+            tflops=tflops,
         )
-        result = train(dataclasses.replace(base, model=config), progress=False)
-    rate = result.tokens_per_second
-    tflops = 3 * flops_per_token * rate / 1e12
-    mfu = f"{100 * tflops / peak:.1f}% of {peak:g}" if peak else "n/a"
-    report(
-        "train",
-        f"moekit train, {steps} steps",
-        "INFO",
-        f"{rate:,.0f} tokens/s, {tflops:.1f} TFLOP/s, MFU {mfu} (the loop's time, evaluation "
-        "and checkpoints excluded)",
-        tokens_per_s=rate,
-        tflops=tflops,
-    )
+    if bf16:
+        print(f"  working weights / autocast: {rates['bf16'] / rates['fp32']:.3f}x tokens/s")
 
 
 # -------------------------------------------------------------------------------- decode

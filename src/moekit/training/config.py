@@ -177,6 +177,12 @@ class TrainConfig:
             ``false`` or ``"auto"`` (the default: on for CUDA devices that support bf16, off
             elsewhere). On a CPU without native bf16 it warns: bf16 is much slower than fp32
             there.
+        working_weights: ``bf16``: the step computes with bf16 copies of the matrix weights kept
+            between steps, the fp32 parameters their masters in the optimizer (no per-step cast
+            of every weight and gradient; the same numbers as autocast:
+            ``moekit.training.working_weights``); ``fp32``: autocast casts the fp32 weights in
+            every forward; ``auto`` (the default): ``bf16`` wherever bf16 is on (under a mesh
+            FSDP2 keeps bf16 working parameters either way).
         tf32: on CUDA, fp32 matrix products use TF32 tensor cores
             (``torch.set_float32_matmul_precision("high")``).
         retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
@@ -206,6 +212,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool | str = "auto"
+    working_weights: str = "auto"
     tf32: bool = True
     retain_freed_memory: bool = True
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -223,6 +230,10 @@ class TrainConfig:
         check_device_name(self.device)
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
+        if self.working_weights not in ("auto", "bf16", "fp32"):
+            raise ValueError(
+                f"working_weights must be 'auto', 'bf16' or 'fp32', got {self.working_weights!r}"
+            )
         finetune = self.finetune
         if self.parallel.ep > 1 and (
             (finetune.lora is not None and "experts" in finetune.lora.targets)

@@ -70,6 +70,7 @@ from moekit.training.objective import evaluate, model_loss, to_device
 from moekit.training.optim import build_optimizer, build_scheduler
 from moekit.training.run import MetricsLog, StepOutput, TrainingRun, TrainResult
 from moekit.training.tokenizer_files import RUN_TOKENIZER_DIR, copy_tokenizer
+from moekit.training.working_weights import WorkingWeights
 from moekit.utils.allocator import retain_freed_memory
 from moekit.utils.device import (
     autocast,
@@ -221,12 +222,15 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
     )
     # routing statistics feed only the metrics line: skip their work on the other steps
     statistics = contextlib.nullcontext() if writes_record else without_statistics(run.model)
-    with statistics, balance:
+    weights = run.working_weights
+    with weights.swapped() if weights else contextlib.nullcontext(), statistics, balance:
         for micro, (x, y, segments) in enumerate(batches):
             with keyed(micro):  # backward too: activation checkpointing recomputes the draws
                 with autocast(run.device, use_bf16(config.bf16, run.device)):
                     out, ce = model_loss(run.step_model, x, y, segments)
                 ((ce + out.aux_loss) / optim.grad_accum).backward()
+            if weights:
+                weights.move_gradients()
             loss += ce.detach() / optim.grad_accum
             aux += out.aux_loss.detach() / optim.grad_accum
     for group in frozen_groups(
@@ -247,6 +251,8 @@ def train_step(run: TrainingRun, step: int) -> StepOutput:
         grad_norm = clip_grad_norm_(run.model, optim.grad_clip, meshes)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
+    if weights:
+        weights.refresh()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if writes_record and run.ctx.enabled:  # the global batch's losses, as one process logs
@@ -316,7 +322,27 @@ def _set_up(config: TrainConfig, *, resume: bool, stop_after: int | None) -> Tra
         last_step=config.steps if stop_after is None else min(config.steps, stop_after),
         log=log,
         result=result,
+        working_weights=_working_weights(config, ctx, device, model),
     )
+
+
+def _working_weights(
+    config: TrainConfig, ctx: Any, device: torch.device, model: torch.nn.Module
+) -> WorkingWeights | None:
+    """bf16 working copies of the matrix weights (built after a resume loaded the masters)
+    when ``config.working_weights`` asks for them: ``auto`` wherever the step runs under bf16
+    autocast in one process (under a mesh FSDP2's ``param_dtype`` keeps bf16 working
+    parameters already)."""
+    bf16 = use_bf16(config.bf16, device)
+    if config.working_weights == "bf16" and not bf16:
+        raise ValueError(
+            f"working_weights='bf16' computes with bf16 copies under bf16 autocast, but bf16 is "
+            f"off on {device} (bf16={config.bf16!r}): set bf16=true or working_weights='auto'"
+        )
+    if config.working_weights == "fp32" or not bf16 or ctx.meshes is not None:
+        return None
+    weights = WorkingWeights(model)
+    return weights if len(weights) else None
 
 
 def _build_model(

@@ -21,6 +21,7 @@ from moekit.training.checkpoint import (
     save_training_checkpoint,
 )
 from moekit.training.config import TrainConfig
+from moekit.training.working_weights import WorkingWeights
 from moekit.utils.serialization import atomic_write_bytes
 
 
@@ -146,6 +147,8 @@ class TrainingRun:
     last_step: int
     log: MetricsLog
     result: TrainResult
+    # bf16 copies of the matrix weights the step computes with (one process, bf16 on)
+    working_weights: WorkingWeights | None = None
 
 
 @dataclass
