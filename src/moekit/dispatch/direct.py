@@ -49,38 +49,71 @@ def direct_experts(
 ) -> torch.Tensor:
     """``(T, D)``: ``Σ_j w[t, j] · expert_{e[t, j]}(x_t)`` over each token's used slots with a
     real expert (``< num_experts``), padding excluded; what the dispatcher computes dropless."""
-    used_TK = routing.expert_idx_TK < num_experts
-    if routing.assignment_mask_TK is not None:
-        used_TK = used_TK & routing.assignment_mask_TK
-    if token_mask_T is not None:
-        used_TK = used_TK & token_mask_T.unsqueeze(-1)
     weights_TK = routing.weights_TK.to(x_TD.dtype)
-    if torch.compiler.is_compiling() and x_TD.device.type != "cpu":
-        return direct_experts_gathered(x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
-    return _on_views(x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts)
+    if torch.compiler.is_compiling():
+        real_TK = routing.expert_idx_TK < num_experts
+        if routing.assignment_mask_TK is not None:
+            real_TK = real_TK & routing.assignment_mask_TK
+        if token_mask_T is not None:
+            real_TK = real_TK & token_mask_T.unsqueeze(-1)
+        if x_TD.device.type != "cpu":
+            return direct_experts_gathered(
+                x_TD, routing.expert_idx_TK, weights_TK, real_TK, experts
+            )
+        return _on_views_outside_graphs(
+            x_TD, routing.expert_idx_TK, weights_TK, real_TK, experts, num_experts
+        )
+    # eager: the masks go to the host with the indices (no mask arithmetic on tensors)
+    used_TK = routing.assignment_mask_TK
+    if token_mask_T is not None:
+        token_TK = token_mask_T.unsqueeze(-1).expand_as(routing.expert_idx_TK)
+        used_TK = token_TK if used_TK is None else used_TK & token_TK
+    return _on_views(x_TD, routing.expert_idx_TK, weights_TK, used_TK, experts, num_experts)
 
 
-@torch.compiler.disable
-def _on_views(x_TD, expert_idx_TK, weights_TK, used_TK, experts: ExpertBank) -> torch.Tensor:
+def _on_views(
+    x_TD: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    used_TK: torch.Tensor | None,
+    experts: ExpertBank,
+    num_experts: int,
+) -> torch.Tensor:
     """Each used slot's expert on its token, on views of the stacked weights (host reads, one
     per tensor): ``y_t += w · act(x_t W_in[e] + b_in[e]) W_out[e] (+ w · b_out[e])``, the
-    router weight folded into the second product (``addmm_``'s ``alpha``)."""
+    router weight folded into the second product (``addmm_``'s ``alpha``). A slot is used when
+    its expert is real (``< num_experts``) and ``used_TK`` (``None``: every slot) allows it."""
     y_TD = torch.zeros_like(x_TD)
-    chosen, weights, used = expert_idx_TK.tolist(), weights_TK.tolist(), used_TK.tolist()
+    chosen, weights = expert_idx_TK.tolist(), weights_TK.tolist()
+    used = None if used_TK is None else used_TK.tolist()
     b_in, b_out = experts.b_in_EH, experts.b_out_ED
+    w_in, w_out, activation = experts.w_in_EDH, experts.w_out_EHD, experts.activation
+    single = len(chosen) == 1  # batch-1 decoding: the token's row is the whole tensor
     for t, row in enumerate(chosen):  # at most DIRECT_MAX_ASSIGNMENTS slots in all
-        x_1D, y_1D = x_TD[t : t + 1], y_TD[t : t + 1]
+        x_1D, y_1D = (x_TD, y_TD) if single else (x_TD[t : t + 1], y_TD[t : t + 1])
         for j, e in enumerate(row):
-            if not used[t][j]:
+            if e >= num_experts or (used is not None and not used[t][j]):
                 continue
-            h_1H = x_1D @ experts.w_in_EDH[e]
+            h_1H = torch.mm(x_1D, w_in[e])
             if b_in is not None:
                 h_1H = h_1H + b_in[e]
-            a_1H = apply_activation(experts.activation, h_1H)
-            y_1D.addmm_(a_1H, experts.w_out_EHD[e], alpha=weights[t][j])
+            y_1D.addmm_(apply_activation(activation, h_1H), w_out[e], alpha=weights[t][j])
             if b_out is not None:
                 y_1D.add_(b_out[e], alpha=weights[t][j])
     return y_TD
+
+
+@torch.compiler.disable
+def _on_views_outside_graphs(
+    x_TD: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    used_TK: torch.Tensor,
+    experts: ExpertBank,
+    num_experts: int,
+) -> torch.Tensor:
+    """:func:`_on_views` as a graph break inside a compiled CPU step (it reads the host)."""
+    return _on_views(x_TD, expert_idx_TK, weights_TK, used_TK, experts, num_experts)
 
 
 def direct_experts_gathered(

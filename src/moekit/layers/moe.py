@@ -33,6 +33,8 @@ from moekit.routing.result import RoutingResult
 from moekit.routing.soft import SoftRoutingResult
 from moekit.utils.validation import check_fields, check_layer_input
 
+_UNKNOWN = object()  # the weights' device, not looked up yet
+
 
 @dataclass(kw_only=True)
 class MoEConfig:
@@ -269,10 +271,19 @@ class MoE(nn.Module):
         self.dispatcher.config = config
 
     def _weight_device(self) -> torch.device | None:
-        """Where the layer's tensors are (``None`` for a layer without any)."""
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            return tensor.device
-        return None
+        """Where the layer's tensors are (``None`` for a layer without any); looked up once
+        after each move (``_apply``: ``to``, ``cuda``, ``to_empty``), not on every call."""
+        cached = self.__dict__.get("_device_of_weights", _UNKNOWN)
+        if cached is _UNKNOWN:
+            cached = next(
+                (t.device for t in itertools.chain(self.parameters(), self.buffers())), None
+            )
+            self.__dict__["_device_of_weights"] = cached
+        return cast(torch.device | None, cached)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoE:
+        self.__dict__.pop("_device_of_weights", None)  # moved: look the device up again
+        return super()._apply(fn, recurse)
 
     @property
     def top_k(self) -> int:
@@ -353,7 +364,8 @@ class MoE(nn.Module):
         losses = self._losses(routing, mask_T, seq_len) if self.losses_enabled else {}
         inner: list[MoEOutput] = getattr(self.experts, "take_inner_outputs", list)()
         aux_loss = weighted_sum(losses, self.aux_loss, start=routing.weights_TK.new_zeros(()))
-        aux_loss = aux_loss + sum((out.aux_loss for out in inner), start=aux_loss.new_zeros(()))
+        if inner:  # hierarchical MoE: the nested layers' losses too
+            aux_loss = aux_loss + sum(out.aux_loss for out in inner)
         return aux_loss, losses, inner
 
     def _route(
