@@ -215,8 +215,11 @@ class TopKRouter(GatedRouter):
         else:
             probs_TE = torch.softmax(logits_TE, dim=-1)
             scores_TE = probs_TE if cfg.gating is Gating.SOFTMAX_TOPK else logits_TE
-            expert_idx_TK = self._choose(scores_TE.detach())
-            weights_TK = scores_TE.gather(-1, expert_idx_TK)
+            if self._selects_plain_top_k():  # the chosen scores come with the choice
+                weights_TK, expert_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+            else:
+                expert_idx_TK = self._choose(scores_TE.detach())
+                weights_TK = scores_TE.gather(-1, expert_idx_TK)
             if cfg.gating is Gating.TOPK_SOFTMAX:
                 weights_TK = torch.softmax(weights_TK, dim=-1)
             elif cfg.normalize_weights:
@@ -230,6 +233,16 @@ class TopKRouter(GatedRouter):
             probs_TE=probs_TE,
             clean_logits_TE=clean_logits_TE,
             noise_std_TE=noise_std_TE,
+        )
+
+    def _selects_plain_top_k(self) -> bool:
+        """Whether the choice is the top K of the scores themselves: no selection bias, null
+        slots, groups or replayed routes (the top-K values are then the chosen scores)."""
+        return (
+            self.forced_routes is None
+            and self.null_slots is None
+            and self.expert_bias_E is None
+            and self.config.num_groups == 1
         )
 
     def _choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
