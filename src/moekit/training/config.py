@@ -183,6 +183,9 @@ class TrainConfig:
             ``moekit.training.working_weights``); ``fp32``: autocast casts the fp32 weights in
             every forward; ``auto`` (the default): ``bf16`` wherever bf16 is on (under a mesh
             FSDP2 keeps bf16 working parameters either way).
+        compile: ``dense``: ``torch.compile`` each block's token mixer and dense feed-forward
+            (in place; the MoE layers stay eager: ``moekit.models.common.compile``); ``eager``
+            (the default): everything eager.
         tf32: on CUDA, fp32 matrix products use TF32 tensor cores
             (``torch.set_float32_matmul_precision("high")``).
         retain_freed_memory: keep freed CPU memory in the process (faster MoE steps; see
@@ -213,6 +216,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool | str = "auto"
     working_weights: str = "auto"
+    compile: str = "eager"
     tf32: bool = True
     retain_freed_memory: bool = True
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -230,6 +234,8 @@ class TrainConfig:
         check_device_name(self.device)
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
+        if self.compile not in ("eager", "dense"):
+            raise ValueError(f"compile must be 'eager' or 'dense', got {self.compile!r}")
         if self.working_weights not in ("auto", "bf16", "fp32"):
             raise ValueError(
                 f"working_weights must be 'auto', 'bf16' or 'fp32', got {self.working_weights!r}"

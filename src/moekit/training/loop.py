@@ -34,6 +34,7 @@ from moekit.layers.switches import (
     without_statistics,
 )
 from moekit.models.checkpoint import read_config
+from moekit.models.common.compile import compile_dense_parts
 from moekit.models.encoder_decoder.model import EncoderDecoderConfig
 from moekit.models.sharded_checkpoint import is_sharded
 from moekit.models.transformer.model import TransformerConfig
@@ -356,6 +357,8 @@ def _build_model(
     resuming = resume and latest_checkpoint(Path(config.out_dir) / "checkpoints") is not None
     trainable = prepare_model(model, config, train_stream, resuming=resuming)
     model.to(device)
+    if config.compile == "dense":  # before sharding, as torchtitan orders them
+        compile_dense_parts(model)
     if ctx.meshes is not None:  # FSDP2 over the data × expert mesh
         # bf16 parameters and fp32 gradient reduction where the device computes in bf16
         bf16 = use_bf16(config.bf16, device)
