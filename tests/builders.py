@@ -8,6 +8,8 @@ import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.models import MoEPlacementConfig
 from moekit.models.common.attention import AttentionConfig
+from moekit.models.common.layout import TokenMixerLayout
+from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, ShortConvConfig
 
 # Router families other than plain top-k: (RouterConfig options, top_k) for tiny layers.
 KINDS = {
@@ -20,6 +22,22 @@ KINDS = {
     "base": (dict(kind="base"), 1),
     "top_p": (dict(kind="top_p", top_p=0.6), 3),
 }
+
+
+def hybrid_mixers() -> TokenMixerLayout:
+    """A four-block layer pattern of every recurrent token mixer and softmax attention (width
+    16: Gated DeltaNet, Mamba2, a short convolution, attention)."""
+    return TokenMixerLayout(
+        pattern=["linear", "ssm", "conv", "attention"],
+        mixers={
+            "linear": GatedDeltaNetConfig(
+                n_key_heads=2, n_value_heads=2, key_head_dim=8, value_head_dim=8, chunk=4
+            ),
+            "ssm": Mamba2Config(n_heads=4, head_dim=8, state_dim=8, chunk=4),
+            "conv": ShortConvConfig(),
+        },
+    )
+
 
 # Training overrides for a run of a few seconds on the embedded corpus.
 TINY = [

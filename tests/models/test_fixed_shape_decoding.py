@@ -11,9 +11,9 @@ from moekit.models.common.attention import AttentionConfig, QKNorm, QueryTempera
 from moekit.models.common.layout import TokenMixerLayout
 from moekit.models.common.mla import MLAConfig
 from moekit.models.common.moa import MoAConfig
-from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, ShortConvConfig
 from moekit.models.transformer import MoEPlacementConfig, TransformerConfig, TransformerLM
 from moekit.models.transformer.generate import decode_step, generate
+from tests.builders import hybrid_mixers
 
 GQA = AttentionConfig(n_heads=4, n_kv_heads=2, qk_norm=QKNorm.HEAD, sinks=True, sliding_window=4)
 VARIANTS = {
@@ -38,16 +38,7 @@ VARIANTS = {
     "hybrid": dict(
         attention=AttentionConfig(n_heads=4, n_kv_heads=1),
         n_layers=4,
-        token_mixers=TokenMixerLayout(
-            pattern=["linear", "ssm", "conv", "attention"],
-            mixers={
-                "linear": GatedDeltaNetConfig(
-                    n_key_heads=2, n_value_heads=2, key_head_dim=8, value_head_dim=8, chunk=4
-                ),
-                "ssm": Mamba2Config(n_heads=4, head_dim=8, state_dim=8, chunk=4),
-                "conv": ShortConvConfig(),
-            },
-        ),
+        token_mixers=hybrid_mixers(),
     ),
 }
 

@@ -11,13 +11,11 @@ import torch
 
 import moekit
 from moekit.models.common.attention import AttentionConfig
-from moekit.models.common.layout import TokenMixerLayout
 from moekit.models.common.mla import MLAConfig
-from moekit.models.mixers import GatedDeltaNetConfig, Mamba2Config, ShortConvConfig
 from moekit.models.transformer import MoEPlacementConfig, TransformerConfig, TransformerLM
 from moekit.training import load_train_config, train
 from moekit.training.working_weights import WorkingWeights, matrix_weights
-from tests.builders import TINY_MOE
+from tests.builders import TINY_MOE, hybrid_mixers
 
 VARIANTS = {
     "moe_shared_bias": dict(
@@ -34,16 +32,7 @@ VARIANTS = {
     "hybrid": dict(
         attention=AttentionConfig(n_heads=4, n_kv_heads=1),
         n_layers=4,
-        token_mixers=TokenMixerLayout(
-            pattern=["linear", "ssm", "conv", "attention"],
-            mixers={
-                "linear": GatedDeltaNetConfig(
-                    n_key_heads=2, n_value_heads=2, key_head_dim=8, value_head_dim=8, chunk=4
-                ),
-                "ssm": Mamba2Config(n_heads=4, head_dim=8, state_dim=8, chunk=4),
-                "conv": ShortConvConfig(),
-            },
-        ),
+        token_mixers=hybrid_mixers(),
     ),
 }
 
