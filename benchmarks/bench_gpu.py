@@ -48,6 +48,7 @@ import torch
 import moekit
 from moekit.dispatch.reference import reference_moe_output
 from moekit.experts.grouped_matmul import GroupedMatmulKernel
+from moekit.experts.liger_moe import liger_available
 from moekit.experts.triton_moe import triton_available
 from moekit.models.common.attention import AttentionConfig
 
@@ -372,18 +373,22 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
             impls: dict[str, tuple[torch.nn.Module, Callable]] = {
                 "moekit": (moe, lambda x, m=moe: m(x).output)
             }
-            fused_ok, why = triton_available(device)
-            if fused_ok and device.type == "cuda":  # the interpreter's times mean nothing
+            for kernel in (GroupedMatmulKernel.TRITON, GroupedMatmulKernel.LIGER):
+                row = f"moekit {kernel.value}"
+                fused_ok, why = triton_available(device)
+                if fused_ok and kernel is GroupedMatmulKernel.LIGER:
+                    fused_ok, why = liger_available()
+                if not (fused_ok and device.type == "cuda"):  # interpreted times mean nothing
+                    report("layer", f"{shape_name} {row}", "SKIP", why or "not on CUDA")
+                    continue
                 fused = copy.deepcopy(moe)
-                fused.experts.kernel = GroupedMatmulKernel.TRITON
+                fused.experts.kernel = kernel
                 try:  # a kernel that fails to compile costs its row, not the section
                     probe = torch.randn(64, D, device=device, dtype=torch.bfloat16)
                     fused.to(torch.bfloat16)(probe).output.float().sum().backward()
-                    impls["moekit triton"] = (fused, lambda x, m=fused: m(x).output)
+                    impls[row] = (fused, lambda x, m=fused: m(x).output)
                 except Exception as error:
-                    report("layer", f"{shape_name} moekit triton", "FAIL", repr(error)[:300])
-            else:
-                report("layer", f"{shape_name} moekit triton", "SKIP", why or "not on CUDA")
+                    report("layer", f"{shape_name} {row}", "FAIL", repr(error)[:300])
             dense = moekit.FeedForward(D, k * H, activation="swiglu")
             impls["dense floor"] = (dense, dense)
             if have_hf:
@@ -402,10 +407,10 @@ def section_layer(device: torch.device, args: argparse.Namespace) -> None:
         grad_y = torch.randn(T, D, device=device, dtype=dtype)
         with torch.no_grad():
             outputs = {name: fwd(x) for name, (_, fwd) in impls.items()}
-        agreement = {  # transformers' block and the Triton kernels against the PyTorch path
+        agreement = {  # transformers' block and the fused kernels against the PyTorch path
             name: round(rel_err(outputs[name], outputs["moekit"]), 4)
             for name in outputs
-            if name.startswith("hf") or name == "moekit triton"
+            if name.startswith("hf") or name in ("moekit triton", "moekit liger")
         }
         with torch.no_grad():  # the gate: the looped reference on the first tokens
             head = x[:GATE_TOKENS]

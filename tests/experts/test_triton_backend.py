@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _layers(activation=Activation.SWIGLU, dispatch=None, **expert_options):
-    """The same MoE layer twice: PyTorch path and Triton kernels, equal weights."""
+def _layers(activation=Activation.SWIGLU, dispatch=None, kernel="triton", **expert_options):
+    """The same MoE layer twice: PyTorch path and the fused ``kernel``, equal weights."""
     config = MoEConfig(
         num_experts=6,
         top_k=2,
@@ -38,7 +38,7 @@ def _layers(activation=Activation.SWIGLU, dispatch=None, **expert_options):
     torch.manual_seed(0)
     reference = config.build(d_model=24).to(DEVICE)
     fused_config = dataclasses.replace(
-        config, experts=dataclasses.replace(config.experts, kernel="triton")
+        config, experts=dataclasses.replace(config.experts, kernel=kernel)
     )
     fused = fused_config.build(d_model=24).to(DEVICE)
     fused.load_state_dict(reference.state_dict())

@@ -52,7 +52,9 @@ class ExpertConfig:
         hidden: expert hidden width H (the gated activations use ``2H`` columns in ``w_in``).
         activation: ``relu``, ``gelu``, ``silu``, ``swiglu`` or ``geglu``.
         bias: add a bias after each projection.
-        kernel: grouped-matmul kernel, ``auto``, ``grouped_mm`` or ``loop``.
+        kernel: the experts' kernels: ``auto``, ``grouped_mm`` or ``loop`` (the PyTorch path),
+            ``triton`` (moekit's fused kernels) or ``liger`` (Liger-Kernel's fused MoE):
+            ``moekit.experts.backends``.
         dropout: dropout on each expert's hidden activations while training ("expert dropout",
             Fedus et al. 2021, Switch Transformers' fine-tuning recipe); 0 keeps the fused path.
         quantization: store the experts' weights quantised (int8, int4 or mxfp4; frozen,

@@ -42,6 +42,11 @@ class GroupedMatmulKernel(str, Enum):
     # the fused Triton kernels for the whole routed FFN (moekit.experts.backends); the grouped
     # products of what they do not cover run as under auto
     TRITON = "triton"
+    # Liger-Kernel's fused MoE (moekit.experts.liger_moe), the same way
+    LIGER = "liger"
+
+
+_FUSED = (GroupedMatmulKernel.TRITON, GroupedMatmulKernel.LIGER)
 
 
 def grouped_mm_available(
@@ -84,7 +89,7 @@ def resolve_kernel(
     """The kernel to run: ``auto`` becomes ``grouped_mm`` where :func:`grouped_mm_available`
     says so and ``loop`` elsewhere; an explicit ``grouped_mm`` that is not supported raises."""
     kernel = GroupedMatmulKernel(kernel)
-    if kernel is GroupedMatmulKernel.TRITON:  # the products the fused kernels do not cover
+    if kernel in _FUSED:  # the products the fused kernels do not cover
         kernel = GroupedMatmulKernel.AUTO
     if kernel is GroupedMatmulKernel.LOOP:
         return kernel
