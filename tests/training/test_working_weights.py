@@ -191,3 +191,31 @@ def test_working_weights_option_is_checked(tmp_path, tiny_text):
     config = _train_config(tmp_path, "off", tiny_text, "bf16=false", "working_weights=bf16")
     with pytest.raises(ValueError, match=r"working_weights='bf16' .* bf16 is off"):
         train(config, progress=False)
+
+
+def test_the_encoder_decoder_with_working_weights_gives_autocasts_numbers():
+    from moekit.models.encoder_decoder import EncoderDecoderLM
+    from tests.models.test_encoder_decoder import tiny
+
+    torch.manual_seed(0)
+    reference = EncoderDecoderLM(tiny())
+    model = EncoderDecoderLM(tiny())
+    model.load_state_dict(reference.state_dict())
+    weights = WorkingWeights(model)
+    assert len(weights) > 0
+    vocab = reference.config.vocab_size
+    tokens, decoder = torch.randint(0, vocab, (2, 7)), torch.randint(0, vocab, (2, 5))
+    logits = []
+    for m, swap in ((reference, contextlib.nullcontext()), (model, weights.swapped())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with swap, torch.autocast("cpu"):
+                out = m(tokens, decoder_tokens=decoder)
+                (out.logits.float().square().mean() + out.aux_loss).backward()
+        logits.append(out.logits.detach())
+    weights.move_gradients()
+    assert torch.equal(logits[0], logits[1])
+    for (n, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), n
