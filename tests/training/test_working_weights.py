@@ -219,3 +219,39 @@ def test_the_encoder_decoder_with_working_weights_gives_autocasts_numbers():
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
             assert torch.equal(p.grad, q.grad), n
+
+
+def test_a_masters_gradient_hook_applies_as_under_autocast():
+    """The ``experts:<selection>`` presets mask expert gradients with a hook on the master:
+    with working copies the gradient reaches the master outside autograd, and the hook must
+    still apply (else the frozen experts would train)."""
+    reference, model = _model("moe_shared_bias"), _model("moe_shared_bias")
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(-1, 1, 1)
+    for m in (reference, model):
+        m.blocks[0].ffn.experts.w_in_EDH.register_hook(lambda g: g * keep)
+    weights = WorkingWeights(model)
+    _micro_batch_step(reference, _batches())
+    _micro_batch_step(model, _batches(), weights)
+    got = model.blocks[0].ffn.experts.w_in_EDH.grad
+    assert torch.equal(got, reference.blocks[0].ffn.experts.w_in_EDH.grad)
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and got[0].abs().sum() > 0
+
+
+def test_moekit_train_with_an_expert_preset_and_working_weights_keeps_frozen_experts(
+    tmp_path, tiny_text
+):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = [
+            train(
+                _train_config(
+                    tmp_path, name, tiny_text, f"working_weights={name}",
+                    "finetune.preset=experts:0,1",
+                ),
+                progress=False,
+            )
+            for name in ("fp32", "bf16")
+        ]  # fmt: skip
+    a, b = (run.model.state_dict() for run in runs)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

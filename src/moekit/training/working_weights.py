@@ -113,13 +113,21 @@ class WorkingWeights:
     def move_gradients(self) -> None:
         """Add the working copies' gradients into the masters' (fp32) gradients and free them:
         one multi-tensor pass for the masters that have a gradient, one for those that get their
-        first."""
+        first. A master's gradient hooks (``Tensor.register_hook``: the expert masks of the
+        ``experts:<selection>`` fine-tuning presets) see its fp32 gradient, as under
+        autocast."""
         adding: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         starting: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for slot in self._trainable:
             grad = slot.working.grad
             if grad is None:
                 continue
+            hooks = slot.master._backward_hooks
+            if hooks:  # what autograd would have called on the master's own gradient
+                grad = grad.to(slot.master.dtype)
+                for hook in hooks.values():
+                    changed = hook(grad)
+                    grad = grad if changed is None else changed
             if slot.master.grad is None:
                 slot.master.grad = torch.empty_like(slot.master)
                 starting[0].append(slot.master.grad)
