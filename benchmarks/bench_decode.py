@@ -21,6 +21,11 @@ before timing. Models alternate within each round; medians of rounds.
     python benchmarks/bench_decode.py --d-model 512 --rounds 3 --tokens 32
     python benchmarks/bench_decode.py --d-model 512 --batch 1 --rounds 3 --tokens 32 --no-hf \
         --compile-step
+    python benchmarks/bench_decode.py --d-model 512 --layer-overhead   # µs per layer call
+
+``--layer-overhead`` times only what an MoE layer's batch-1 call costs beyond arithmetic: the
+layer with experts of hidden width 8 (routing, the direct expert path, bookkeeping) against a
+dense FFN of hidden width 16, alternating, under ``moekit.serving`` and ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -124,6 +129,35 @@ def hf_tokens_per_s(hf_model, batch: int, new_tokens: int) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+def layer_overhead_us(d_model: int, rounds: int, calls: int = 3000) -> tuple[float, float]:
+    """Median µs per batch-1 call of an MoE layer with negligible experts and of a dense FFN
+    of negligible width (see the module docstring)."""
+    from moekit.experts.dense import FeedForward
+    from moekit.layers import serving
+
+    torch.manual_seed(0)
+    layer = MoEConfig(
+        num_experts=8, top_k=2, experts=ExpertConfig(hidden=8), statistics=False
+    ).build(d_model=d_model)
+    dense = FeedForward(d_model, 16, activation="swiglu")
+    x = torch.randn(1, 1, d_model)
+
+    def per_call(module: torch.nn.Module) -> float:
+        for _ in range(200):
+            module(x)
+        start = time.perf_counter()
+        for _ in range(calls):
+            module(x)
+        return (time.perf_counter() - start) / calls * 1e6
+
+    times: dict[str, list[float]] = {"moe": [], "dense": []}
+    with torch.no_grad(), serving(layer):
+        for _ in range(rounds):
+            times["moe"].append(per_call(layer.eval()))
+            times["dense"].append(per_call(dense))
+    return statistics.median(times["moe"]), statistics.median(times["dense"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-model", type=int, nargs="+", default=[512, 1024])
@@ -135,8 +169,20 @@ def main() -> None:
     parser.add_argument(
         "--compile-step", action="store_true", help="add the compiled fixed-shape step's rows"
     )
+    parser.add_argument(
+        "--layer-overhead", action="store_true", help="only the layer call's overhead (µs)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layer_overhead:
+        for d in args.d_model:
+            moe_us, dense_us = layer_overhead_us(d, args.rounds)
+            print(
+                f"d_model {d}, batch 1, medians of {args.rounds} rounds: MoE layer call "
+                f"{moe_us:.1f} µs, dense FFN call {dense_us:.1f} µs, difference "
+                f"{moe_us - dense_us:.1f} µs"
+            )
+        return
     bandwidth = bandwidth_bytes_per_s()
     print(f"memory bandwidth (copy): {bandwidth / 1e9:.1f} GB/s; fp32, {args.threads} threads")
     for d in args.d_model:
