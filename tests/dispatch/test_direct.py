@@ -1,6 +1,7 @@
 """The direct expert path of decoding-sized calls equals the sort-and-group dispatch (outputs),
 with padding and zero-computation experts, and is taken only where nothing reads a plan."""
 
+import pytest
 import torch
 
 import moekit
@@ -63,3 +64,17 @@ def test_large_calls_and_training_keep_the_dispatch():
     layer.train()
     layer.statistics = False
     assert not layer._direct(torch.randn(1, 16), layer.router(torch.randn(1, 16)))
+
+
+def test_the_layer_finds_its_weights_again_after_a_move_or_an_assigning_load():
+    """The layer keeps its weights' device between calls (a cheap input check); a move
+    (``to``) and a ``load_state_dict(assign=True)`` make it look again."""
+    x = torch.randn(2, 3, 16)
+    moved, loaded = _layer(), _layer()
+    for layer in (moved, loaded):
+        layer(x)  # the device is looked up and kept
+    moved.to("meta")
+    loaded.load_state_dict(_layer().to("meta").state_dict(), assign=True)
+    for layer in (moved, loaded):
+        with pytest.raises(ValueError, match="x is on cpu but the layer's weights are on meta"):
+            layer(x)

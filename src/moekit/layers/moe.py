@@ -285,6 +285,10 @@ class MoE(nn.Module):
         self.__dict__.pop("_device_of_weights", None)  # moved: look the device up again
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_device_of_weights", None)  # load_state_dict(assign=True) may move
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def top_k(self) -> int:
         """Expert slots per token in the routing result (E for dense and expert choice); the
