@@ -56,3 +56,21 @@ def test_the_correctness_section_leaves_tf32_as_it_found_it():
             assert torch.backends.cuda.matmul.allow_tf32 is setting
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_the_train_section_times_moekit_train_with_and_without_working_weights(tmp_path, capsys):
+    """Under bf16 the section runs `moekit train` both ways (the rows a GPU run reports)."""
+    import warnings
+
+    bench = _bench()
+    out = tmp_path / "gpu.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 warns
+        code = bench.main(
+            ["--tiny", "--device", "cpu", "--cpu-bf16", "--sections", "train", "--json", str(out)]
+        )
+    assert code == 0
+    names = [r["name"] for r in json.loads(out.read_text())["results"] if r["section"] == "train"]
+    assert any("bf16 working weights (default)" in n for n in names)
+    assert any("autocast of fp32 weights" in n for n in names)
+    assert "working weights / autocast:" in capsys.readouterr().out
