@@ -6,6 +6,7 @@ deterministic mode, and the logged fallback."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 
 import pytest
@@ -82,11 +83,17 @@ def test_fused_kernels_equal_the_pytorch_path_on_outputs_and_every_gradient(
     assert not torch.equal(y0, torch.zeros_like(y0))
 
 
-def test_with_capacity_drops_padding_and_an_empty_expert():
+FUSED_KERNELS = ["triton"]
+if importlib.util.find_spec("liger_kernel") is not None:
+    FUSED_KERNELS.append("liger")  # Liger-Kernel's fused MoE behind the same seam
+
+
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+def test_with_capacity_drops_padding_and_an_empty_expert(kernel):
     dispatch = DispatchConfig(
         mode=DispatchMode.CAPACITY, capacity_factor=0.5, drop_priority=DropPriority.TOKEN
     )
-    reference, fused = _layers(dispatch=dispatch)
+    reference, fused = _layers(dispatch=dispatch, kernel=kernel)
     with torch.no_grad():  # expert 5 gets no token: its logits far below the rest
         fused.router.weight_ED[5] = reference.router.weight_ED[5] = 0.0
         fused.router.weight_ED[5, 0] = reference.router.weight_ED[5, 0] = -1e4
