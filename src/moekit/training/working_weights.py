@@ -93,11 +93,6 @@ class WorkingWeights:
     def __len__(self) -> int:
         return len(self._slots)
 
-    @property
-    def numel(self) -> int:
-        """Elements held in working copies."""
-        return sum(slot.working.numel() for slot in self._slots)
-
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """The model computes with the working copies inside this block (forward and backward:
